@@ -1,0 +1,122 @@
+"""Batches, outputs and functional model calls: the plumbing shared by the reweighter and the engines."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "Inputs",
+    "as_logits",
+    "batch_size",
+    "to_device",
+    "split_batch",
+    "call_model",
+    "unwrap_model",
+]
+
+Inputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+
+def as_logits(outputs: Any) -> Tensor:
+    """The logits tensor of a model's outputs: a tensor, an object with ``.logits``, or a mapping with ``"logits"``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        "outputs must be a Tensor, an object with a .logits tensor, or a mapping with a 'logits' key; "
+        f"got {type(outputs).__name__}"
+    )
+
+
+def _tensors(inputs: Inputs) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return [v for v in inputs.values() if isinstance(v, Tensor)]
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str):
+        return [v for v in inputs if isinstance(v, Tensor)]
+    raise TypeError(
+        f"inputs must be a Tensor, a tuple/list of tensors or a dict of tensors, got {type(inputs).__name__}"
+    )
+
+
+def batch_size(inputs: Inputs) -> int:
+    """The common leading dimension of every tensor in ``inputs``.
+
+    Raises:
+        ValueError: if the inputs hold no tensor, a 0-d tensor, or tensors with different batch sizes.
+    """
+    tensors = _tensors(inputs)
+    if not tensors:
+        raise ValueError("inputs hold no tensor")
+    sizes = {t.shape[0] if t.ndim else None for t in tensors}
+    if None in sizes:
+        raise ValueError("inputs must have a leading batch dimension; got a 0-d tensor")
+    if len(sizes) != 1:
+        raise ValueError(f"input tensors disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``obj`` (tensor, tuple, list, mapping) to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def split_batch(batch: Any) -> tuple[Inputs, Tensor]:
+    """``(inputs, targets)`` from a meta batch: a pair, or a mapping with a ``"labels"`` key (Hugging Face style).
+
+    Raises:
+        TypeError: for any other batch layout.
+    """
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "meta batches must be (inputs, targets) pairs or mappings with a 'labels' key; "
+        f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, Sequence) else "")
+    )
+
+
+def call_model(model: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs) -> Tensor:
+    """Logits of ``model`` run statelessly with ``tensors`` replacing its parameters and buffers.
+
+    Buffers are always cloned, so BatchNorm running statistics of ``model`` are never touched.
+    """
+    state = {name: b.clone() for name, b in model.named_buffers()}
+    state.update(tensors)
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, state, args=(), kwargs=dict(inputs))
+    elif isinstance(inputs, Tensor):
+        out = functional_call(model, state, args=(inputs,))
+    else:
+        out = functional_call(model, state, args=tuple(inputs))
+    return as_logits(out)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module behind DataParallel / DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,27 @@
+"""The reference engine: a differentiable (``create_graph``) look-ahead, reverse-over-reverse."""
+
+from __future__ import annotations
+
+import torch
+
+from .._batch import call_model
+from ..virtual_step import apply_virtual_step
+from .base import MetaGradient, MetaProblem, detached_params, register_engine, weighted_train_gradient
+
+__all__ = ["reverse_meta_gradient"]
+
+
+@register_engine("reverse", description="create_graph look-ahead and second-order backward (the reference)")
+def reverse_meta_gradient(problem: MetaProblem) -> MetaGradient:
+    """Meta-gradient by differentiating through the virtual step, as Meta-Weight-Net's code does.
+
+    Exact; costs a second-order backward and keeps the look-ahead graph in memory.
+    """
+    with torch.enable_grad():
+        weights = problem.weights.detach().requires_grad_()
+        grads = weighted_train_gradient(problem, weights, create_graph=True)
+        theta_hat = apply_virtual_step(detached_params(problem), grads, problem.step)
+        logits = call_model(problem.model, theta_hat, problem.meta_inputs)
+        meta_loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
+        (coefficients,) = torch.autograd.grad(meta_loss, weights)
+    return MetaGradient(coefficients, meta_loss.detach())

@@ -1,0 +1,477 @@
+"""``MetaReweighter``: Algorithm 1 of the MetaInfoNet paper as a plug-in for any training loop.
+
+Data flows one way: batch -> per-sample loss -> weighting net -> look-ahead (engine) -> meta loss ->
+net update -> weights. The user's model, buffers, gradients, optimizer state and global RNG are never
+modified; the look-ahead is a stateless ``torch.func.functional_call`` with cloned buffers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ._batch import Inputs, as_logits, batch_size, split_batch, to_device, unwrap_model
+from ._rng import isolated_rng
+from .engines import MetaGradient, MetaProblem, get_engine, list_engines
+from .losses import PerSampleLoss, cross_entropy
+from .meta_stream import MetaBatchStream
+from .nets import WeightingOutput, create_weighting_net, list_weighting_nets
+from .virtual_step import plan_virtual_step
+
+__all__ = ["MetaReweighter", "NonFiniteLossError"]
+
+_STATE_VERSION = 1
+_AUTO_ENGINE_ORDER = ("forward", "reverse")
+_NORMALIZATIONS = ("sum", "none")
+_VIRTUAL_STEPS = ("sgd", "optimizer")
+_ON_NONFINITE = ("raise", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A per-sample loss, the meta loss or the meta-gradient was NaN or infinite."""
+
+
+def _default_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3, weight_decay=5e-4)
+
+
+def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+class MetaReweighter:
+    """Learns per-sample loss weights from a clean meta set (Algorithm 1 of MetaInfoNet).
+
+    Each :meth:`step` takes the batch the user just forwarded, updates the weighting net on one meta
+    batch at the looked-ahead parameters (every ``interval`` calls), and returns detached weights of
+    shape ``(batch,)`` such that ``(weights * per_sample_loss).mean()`` is the reweighted training loss.
+
+    Args:
+        model: the classifier; any ``nn.Module`` (DDP / ``torch.compile`` wrappers are unwrapped).
+        optimizer: the classifier's optimizer; its param groups' current ``lr`` drive the look-ahead.
+        meta_loader: re-iterable of clean ``(inputs, targets)`` batches (or dicts with ``"labels"``),
+            cycled forever and moved to the model's device.
+        net: ``"lossnet"``, ``"logitnet"``, ``"metainfonet"``, ``"l2rw"`` (non-parametric) or an
+            ``nn.Module`` following the interface in :mod:`reweight.nets` (default: ``"lossnet"``).
+        net_kwargs: keyword arguments of the named net, e.g. ``{"kl_weight": 0.1}`` (default: ``None``).
+        interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
+            call (default: ``1``).
+        engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``
+            uses ``"forward"`` and falls back to ``"reverse"``, with one warning, if the model has an
+            operator without forward-mode support (default: ``"auto"``).
+        normalization: ``"sum"`` divides the raw weights by their sum, with the delta guard of Algorithm 1
+            line 6 computed without a host sync, then multiplies by the batch size so that uniform weights
+            give the plain mean loss; ``"none"`` returns raw weights (default: ``"sum"``).
+        virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code; or ``"optimizer"``, which
+            mirrors ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``;
+            the reference's choice, and users report equal accuracy either way).
+        lookahead_lr: learning rate of the look-ahead instead of each group's current ``lr``; useful
+            under warmup (lr 0 gives a zero meta-gradient) or with Adam-sized lrs (default: ``None``).
+        meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net
+            (default: Adam, lr 1e-3, weight decay 5e-4, as the paper).
+        loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
+            class indices or soft targets).
+        meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
+        num_classes: number of classes; inferred from the first outputs when ``None`` (default: ``None``).
+        on_nonfinite: ``"raise"`` a :class:`NonFiniteLossError` when a loss or meta-gradient is not
+            finite, or ``"skip"`` that meta update (weights then come from the current net and samples
+            with a non-finite loss get weight 0) (default: ``"raise"``).
+        seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout,
+            MetaInfoNet's sampling); drawn from torch's global RNG when ``None`` (default: ``None``).
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if an argument has a wrong value (the message names it and the allowed values).
+
+    Example:
+        >>> model = nn.Linear(4, 3)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> meta = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> reweighter = MetaReweighter(model, opt, meta, net="lossnet", seed=0)
+        >>> x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+        >>> logits = model(x)
+        >>> reweighter.step(x, y, logits).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta_loader: Iterable[Any],
+        *,
+        net: str | nn.Module = "lossnet",
+        net_kwargs: dict[str, Any] | None = None,
+        interval: int = 1,
+        engine: str = "auto",
+        normalization: Literal["sum", "none"] = "sum",
+        virtual_step: Literal["sgd", "optimizer"] = "sgd",
+        lookahead_lr: float | None = None,
+        meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        loss_fn: PerSampleLoss = cross_entropy,
+        meta_loss_fn: PerSampleLoss | None = None,
+        num_classes: int | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(net, str):
+            _choice("net", net, [*list_weighting_nets(), "l2rw"])
+        elif not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a registered name or an nn.Module, got {type(net).__name__}")
+        if net_kwargs is not None and not isinstance(net, str):
+            raise ValueError("net_kwargs applies to a named net only; configure your own module directly")
+        if isinstance(interval, bool) or not isinstance(interval, int):
+            raise TypeError(f"interval must be an int, got {type(interval).__name__}")
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        if net == "l2rw" and interval != 1:
+            raise ValueError("interval must be 1 for net='l2rw': its weights come from each batch's meta-gradient")
+        _choice("engine", engine, ["auto", *list_engines()])
+        _choice("normalization", normalization, _NORMALIZATIONS)
+        _choice("virtual_step", virtual_step, _VIRTUAL_STEPS)
+        _choice("on_nonfinite", on_nonfinite, _ON_NONFINITE)
+        if lookahead_lr is not None and not (isinstance(lookahead_lr, int | float) and lookahead_lr > 0):
+            raise ValueError(f"lookahead_lr must be a positive number or None, got {lookahead_lr!r}")
+        if virtual_step == "optimizer" and not isinstance(optimizer, torch.optim.SGD):
+            raise ValueError(f"virtual_step='optimizer' mirrors torch.optim.SGD only, got {type(optimizer).__name__}")
+        for name, fn in (("loss_fn", loss_fn), ("meta_loss_fn", meta_loss_fn), ("meta_optimizer", meta_optimizer)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+            raise TypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+
+        self.model = model
+        self.module = unwrap_model(model)
+        self.optimizer = optimizer
+        self._optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in self._optimized for p in self.module.parameters()):
+            raise ValueError("optimizer holds none of the model's parameters")
+        self.interval = interval
+        self.normalization = normalization
+        self.virtual_step = virtual_step
+        self.lookahead_lr = None if lookahead_lr is None else float(lookahead_lr)
+        self.loss_fn = loss_fn
+        self.meta_loss_fn = meta_loss_fn if meta_loss_fn is not None else loss_fn
+        self.on_nonfinite = on_nonfinite
+        self.engine = engine
+        self._engine_name = _AUTO_ENGINE_ORDER[0] if engine == "auto" else engine
+        self._reuse_outputs = not isinstance(model, nn.parallel.DistributedDataParallel)
+        self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
+        self._net_spec = net
+        self._net_kwargs = dict(net_kwargs or {})
+        self.net: nn.Module | None = None
+        self.meta_optimizer: torch.optim.Optimizer | None = None
+        self.num_classes = num_classes
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self._generator = torch.Generator().manual_seed(seed)
+        self._init_seed = self._draw_seed()  # the named net's initialisation, whenever it is built
+        self._step_count = 0
+        self._meta_stream = MetaBatchStream(meta_loader, self._draw_seed)
+        self.last_meta_loss: Tensor | None = None
+        self.last_update_skipped = False
+        if isinstance(net, nn.Module) or net == "lossnet" or num_classes is not None:
+            self._build_net(num_classes)
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (where meta batches and the weighting net live)."""
+        for t in self.module.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def step_count(self) -> int:
+        """Number of completed :meth:`step` calls."""
+        return self._step_count
+
+    @property
+    def engine_name(self) -> str:
+        """The engine in use (after any automatic fallback)."""
+        return self._engine_name
+
+    def _net_dtype(self) -> torch.dtype:
+        dtypes = [p.dtype for p in self.module.parameters() if p.is_floating_point()]
+        return torch.float64 if torch.float64 in dtypes else torch.float32
+
+    def _draw_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self._generator))
+
+    def _build_net(self, num_classes: int | None) -> None:
+        if self._net_spec == "l2rw":
+            return
+        if isinstance(self._net_spec, nn.Module):
+            net = self._net_spec
+        else:
+            with isolated_rng(self._init_seed, torch.device("cpu")):
+                net = create_weighting_net(self._net_spec, num_classes or 1, **self._net_kwargs)
+        self.net = net.to(device=self.device, dtype=self._net_dtype())
+        self.meta_optimizer = self._meta_optimizer_factory(self.net.parameters())
+        if not isinstance(self.meta_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"meta_optimizer must return a torch.optim.Optimizer, got {type(self.meta_optimizer).__name__}"
+            )
+
+    def _requires_logits(self) -> bool:
+        if self._net_spec == "l2rw":
+            return False
+        if isinstance(self._net_spec, nn.Module):
+            return bool(getattr(self._net_spec, "requires_logits", False))
+        return self._net_spec != "lossnet"
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_batch(self, inputs: Inputs, targets: Tensor, logits: Tensor) -> int:
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
+        if logits.ndim == 0 or targets.ndim == 0:
+            raise ValueError("outputs and targets must have a leading batch dimension")
+        n = logits.shape[0]
+        if n == 0:
+            raise ValueError("the batch is empty")
+        n_inputs = batch_size(inputs)
+        if not n_inputs == targets.shape[0] == n:
+            raise ValueError(f"batch sizes disagree: inputs {n_inputs}, targets {targets.shape[0]}, outputs {n}")
+        if self._requires_logits() and (logits.ndim != 2 or not logits.is_floating_point() or logits.shape[1] < 2):
+            raise ValueError(
+                f"net {self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__!r} "
+                f"needs class logits of shape (batch, num_classes >= 2); got outputs of shape {tuple(logits.shape)}"
+            )
+        if self.num_classes is not None and self._requires_logits() and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the weighting net was built for {self.num_classes} classes, outputs have {logits.shape[1]}"
+            )
+        return n
+
+    def _check_losses(self, losses: Tensor, n: int, what: str) -> None:
+        if not isinstance(losses, Tensor) or losses.shape != (n,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"{what} must return per-sample losses of shape ({n},), got {shape}")
+
+    def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
+        inputs, targets = split_batch(self._meta_stream.next())
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        if not isinstance(targets, Tensor) or targets.ndim == 0:
+            raise ValueError("meta batch targets must be a tensor with a batch dimension")
+        m = batch_size(inputs)
+        if m != targets.shape[0] or m == 0:
+            raise ValueError(f"meta batch is empty or inconsistent: inputs {m}, targets {targets.shape[0]}")
+        return inputs, targets
+
+    # ------------------------------------------------------------------ the step
+
+    def _normalize(self, raw: Tensor) -> Tensor:
+        if self.normalization == "none":
+            return raw
+        total = raw.sum()
+        return raw * (raw.shape[0] / (total + (total == 0).to(raw.dtype)))
+
+    def _raw_weights(self, losses: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        assert self.net is not None
+        out = self.net(losses, logits, targets)
+        raw, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)
+        if raw.ndim == 2 and raw.shape[1] == 1:
+            raw = raw.squeeze(1)
+        if raw.shape != losses.shape:
+            raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
+        return raw, penalty
+
+    def _lookahead_params(self) -> dict[str, Tensor]:
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad and id(p) in self._optimized}
+
+    def _meta_gradient(self, problem: MetaProblem) -> MetaGradient:
+        with sdpa_kernel([SDPBackend.MATH]):
+            try:
+                return get_engine(self._engine_name)(problem)
+            except NotImplementedError as err:
+                if self.engine != "auto" or self._engine_name == _AUTO_ENGINE_ORDER[-1]:
+                    raise
+                fallback = _AUTO_ENGINE_ORDER[_AUTO_ENGINE_ORDER.index(self._engine_name) + 1]
+                warnings.warn(
+                    f"engine {self._engine_name!r} is not supported by this model ({str(err).splitlines()[0]}); "
+                    f"falling back to {fallback!r} for the rest of training",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._engine_name = fallback
+                return self._meta_gradient(problem)
+
+    def _problem(self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor) -> MetaProblem:
+        self._optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        params = self._lookahead_params()
+        meta_inputs, meta_targets = self._next_meta_batch()
+        reuse = self._reuse_outputs and logits.requires_grad
+        return MetaProblem(
+            model=self.module,
+            params=params,
+            step=plan_virtual_step(params, self.optimizer, self.virtual_step, self.lookahead_lr),
+            inputs=inputs,
+            targets=targets,
+            weights=weights.detach().to(logits.dtype),
+            meta_inputs=meta_inputs,
+            meta_targets=meta_targets,
+            loss_fn=self.loss_fn,
+            meta_loss_fn=self.meta_loss_fn,
+            train_logits=logits if reuse else None,
+        )
+
+    def _finite_or_skip(self, ok: bool, what: str) -> bool:
+        if ok:
+            return True
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"{what} is not finite (NaN or inf); pass on_nonfinite='skip' to skip such meta updates"
+            )
+        return False
+
+    def _meta_update(
+        self, inputs: Inputs, targets: Tensor, logits: Tensor, net_inputs: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[bool, Tensor | None]:
+        """One meta update, mutating only the weighting net and its optimizer.
+
+        Returns whether it was applied (``False`` when skipped on a non-finite value), and L2RW's weights.
+        """
+        if self.net is None:  # L2RW: meta-gradient at zero weights, clamped and normalised
+            zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
+            grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros))
+            if not self._finite_or_skip(bool(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
+                return False, None
+            self.last_meta_loss = grad.meta_loss
+            return True, self._normalize(torch.clamp(-grad.coefficients, min=0))
+        assert self.meta_optimizer is not None
+        self.net.train()
+        with torch.enable_grad():
+            raw, penalty = self._raw_weights(*net_inputs)
+            weights = self._normalize(raw)
+            grad = self._meta_gradient(self._problem(inputs, targets, logits, weights))
+            finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
+            if not self._finite_or_skip(bool(finite), "the meta loss or meta-gradient"):
+                return False, None
+            surrogate = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
+            if penalty is not None:
+                surrogate = surrogate + penalty
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            surrogate.backward()
+        self.meta_optimizer.step()
+        self.last_meta_loss = grad.meta_loss
+        return True, None
+
+    def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
+        """Meta-update the weighting net (every ``interval`` calls) and return this batch's weights.
+
+        Args:
+            inputs: the batch given to the model: a tensor, a tuple of tensors or a dict of tensors.
+            targets: class indices ``(batch,)``, soft targets ``(batch, K)``, or whatever ``loss_fn`` takes.
+            outputs: the model's outputs on ``inputs`` (a tensor, or an object/dict with ``logits``);
+                reused, never recomputed, for the real update.
+
+        Returns:
+            Detached weights of shape ``(batch,)``: use ``(weights * per_sample_loss).mean()``.
+
+        Raises:
+            ValueError: on inconsistent batch sizes, labels out of range, an empty batch or meta loader,
+                or outputs that are not logits when the net needs them.
+            NonFiniteLossError: on a non-finite loss or meta-gradient with ``on_nonfinite="raise"``.
+        """
+        logits = as_logits(outputs)
+        n = self._check_batch(inputs, targets, logits)
+        with torch.no_grad():
+            losses = self.loss_fn(logits.detach(), targets)
+        self._check_losses(losses, n, "loss_fn")
+        finite = torch.isfinite(losses)
+        all_finite = self._finite_or_skip(bool(finite.all()), "a per-sample training loss")
+        if self.net is None and self._net_spec != "l2rw":
+            self.num_classes = logits.shape[1] if logits.ndim == 2 else 1
+            self._build_net(self.num_classes)
+        losses = torch.where(finite, losses, torch.zeros_like(losses))
+        net_inputs = (losses, logits.detach(), targets)
+        update = self._step_count % self.interval == 0
+        applied, weights = False, None
+        with isolated_rng(self._draw_seed(), self.device):
+            if update and all_finite:
+                applied, weights = self._meta_update(inputs, targets, logits, net_inputs)
+            if weights is None:
+                weights = self._current_weights(net_inputs, finite)
+        self.last_update_skipped = update and not applied
+        self._step_count += 1
+        return weights.detach()
+
+    @torch.no_grad()
+    def _current_weights(self, net_inputs: tuple[Tensor, ...], finite: Tensor) -> Tensor:
+        if self.net is None:  # L2RW with a skipped update: uniform over finite samples
+            return self._normalize(finite.to(torch.get_default_dtype()))
+        self.net.eval()
+        raw, _ = self._raw_weights(*net_inputs)
+        return self._normalize(raw * finite.to(raw.dtype))
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume: net, meta optimizer, step count, RNG and meta-stream position."""
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step_count,
+            "num_classes": self.num_classes,
+            "engine": self._engine_name,
+            "net": {} if self.net is None else self.net.state_dict(),
+            "meta_optimizer": {} if self.meta_optimizer is None else self.meta_optimizer.state_dict(),
+            "rng": self._generator.get_state(),
+            "meta_stream": self._meta_stream.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; validates everything before changing anything.
+
+        Raises:
+            ValueError: on a missing key, a newer version, or a net that does not match.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream"} - set(
+            state
+        )
+        if missing:
+            raise ValueError(f"reweighter state is missing keys: {sorted(missing)}")
+        if state["version"] > _STATE_VERSION:
+            raise ValueError(f"reweighter state version {state['version']} is newer than supported ({_STATE_VERSION})")
+        if self.net is None and self._net_spec != "l2rw" and state["num_classes"] is not None:
+            self.num_classes = state["num_classes"]
+            self._build_net(self.num_classes)
+        if self.net is not None:
+            expected = {k: v.shape for k, v in self.net.state_dict().items()}
+            got = {k: getattr(v, "shape", None) for k, v in state["net"].items()}
+            if expected != got:
+                raise ValueError("the saved weighting net does not match this reweighter's net (keys or shapes differ)")
+        if state["engine"] not in list_engines():
+            raise ValueError(f"unknown engine {state['engine']!r} in the saved state; registered: {list_engines()}")
+        self._engine_name = state["engine"]
+        if self.net is not None:
+            self.net.load_state_dict(state["net"])
+            assert self.meta_optimizer is not None
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self._generator.set_state(state["rng"])
+        self._meta_stream.load_state_dict(state["meta_stream"])
+        self._step_count = int(state["step"])
+
+    def __repr__(self) -> str:
+        net = self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__
+        return (
+            f"{type(self).__name__}(net={net!r}, engine={self._engine_name!r}, interval={self.interval}, "
+            f"normalization={self.normalization!r}, virtual_step={self.virtual_step!r}, step={self._step_count})"
+        )

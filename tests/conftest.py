@@ -1,0 +1,75 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU-pool-Linear: BatchNorm in train mode makes per-sample losses depend on the batch."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = nn.functional.avg_pool2d(h, 2)
+        return self.fc(h.flatten(1))
+
+
+def make_cnn(dtype=torch.float64, seed: int = 0, num_classes: int = 3) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN(num_classes).to(dtype)
+
+
+def make_batch(n: int, dtype=torch.float64, seed: int = 1, num_classes: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 8, 8, generator=g, dtype=dtype), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Bit-exact copies of parameters, buffers, grads and optimizer state."""
+    snap = {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
+        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
+    }
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        snap["opt"] = {
+            "state": {
+                k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()} for k, s in state["state"].items()
+            },
+            "groups": [dict(g) for g in state["param_groups"]],
+        }
+    return snap
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for section in a:
+        if section == "opt":
+            assert a["opt"]["groups"] == b["opt"]["groups"]
+            assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
+            for k in a["opt"]["state"]:
+                for n, t in a["opt"]["state"][k].items():
+                    u = b["opt"]["state"][k][n]
+                    assert torch.equal(t, u) if torch.is_tensor(t) else t == u, (k, n)
+            continue
+        assert a[section].keys() == b[section].keys(), section
+        for k, v in a[section].items():
+            w = b[section][k]
+            if v is None or w is None:
+                assert v is None and w is None, (section, k)
+            else:
+                assert torch.equal(v, w), (section, k)
+
+
+@pytest.fixture
+def cnn64():
+    return make_cnn(torch.float64)

@@ -1,0 +1,21 @@
+import pytest
+import torch
+from conftest import make_batch, make_cnn
+
+from reweight import MetaReweighter
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_net_changes_exactly_on_every_kth_call(interval):
+    model = make_cnn(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reweighter = MetaReweighter(model, opt, [make_batch(6, torch.float32, seed=2)], net="lossnet", interval=interval)
+    x, y = make_batch(8, torch.float32)
+    changed = []
+    for _ in range(10):
+        before = [p.detach().clone() for p in reweighter.net.parameters()]
+        weights = reweighter.step(x, y, model(x))
+        assert weights.shape == (8,)
+        changed.append(any(not torch.equal(b, p) for b, p in zip(before, reweighter.net.parameters())))
+    assert changed == [i % interval == 0 for i in range(10)]
+    assert reweighter.step_count == 10

@@ -1,0 +1,191 @@
+"""The weighting net's gradient from one meta step against an independent reference.
+
+The reference copies the model, writes its forward by hand with explicit tensors, takes a manual SGD
+look-ahead with ``create_graph=True`` and differentiates the meta loss with plain autograd.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reweight import MetaInfoNet, MetaReweighter
+from reweight.virtual_step import apply_virtual_step, plan_virtual_step
+
+from conftest import make_batch, make_cnn
+
+ENGINES = ["forward", "reverse"]
+LR_CONV, LR_REST = 0.3, 0.1
+
+
+def manual_forward(p: dict, model, x):
+    """SmallCNN's forward with the parameters in ``p``; BatchNorm in train mode on cloned statistics."""
+    h = F.conv2d(x, p["conv.weight"], p["conv.bias"], padding=1)
+    h = F.batch_norm(
+        h, model.bn.running_mean.clone(), model.bn.running_var.clone(), p["bn.weight"], p["bn.bias"], training=True
+    )
+    h = F.avg_pool2d(torch.relu(h), 2)
+    return F.linear(h.flatten(1), p["fc.weight"], p["fc.bias"])
+
+
+class FixedNoiseMetaInfoNet(MetaInfoNet):
+    def __init__(self, noise, **kwargs):
+        super().__init__(**kwargs)
+        self.noise = noise
+
+    def sample_noise(self, mu):
+        return self.noise.to(mu.dtype)
+
+
+def make_net(kind: str, n: int):
+    torch.manual_seed(5)
+    if kind == "metainfonet":
+        return FixedNoiseMetaInfoNet(torch.randn(n, 16), num_classes=3, kl_weight=0.1)
+    if kind == "logitnet":
+        from reweight import LogitNet
+
+        return LogitNet(3)
+    from reweight import LossNet
+
+    return LossNet()
+
+
+def reference_net_grad(model, net, x, y, xm, ym, lrs):
+    model = copy.deepcopy(model)
+    net = copy.deepcopy(net).train()
+    theta = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    logits = manual_forward(theta, model, x)
+    losses = F.cross_entropy(logits, y, reduction="none")
+    out = net(losses.detach(), logits.detach(), y)
+    raw, penalty = (out.weights, out.penalty) if isinstance(out, tuple) else (out, None)
+    w = raw * (len(y) / raw.sum())
+    grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
+    theta_hat = {k: t - lrs[k] * g for (k, t), g in zip(theta.items(), grads)}
+    meta_loss = F.cross_entropy(manual_forward(theta_hat, model, xm), ym)
+    if penalty is not None:
+        meta_loss = meta_loss + penalty
+    return torch.autograd.grad(meta_loss, list(net.parameters()))
+
+
+def two_group_sgd(model):
+    conv = [model.conv.weight, model.conv.bias]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("conv")]
+    return torch.optim.SGD([{"params": conv, "lr": LR_CONV}, {"params": rest, "lr": LR_REST}], lr=0.05)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["lossnet", "logitnet", "metainfonet"])
+def test_net_gradient_matches_reference(kind, engine):
+    model = make_cnn(torch.float64)
+    x, y = make_batch(12, seed=1)
+    xm, ym = make_batch(10, seed=2)
+    net = make_net(kind, 12).double()
+    lrs = {k: LR_CONV if k.startswith("conv") else LR_REST for k, _ in model.named_parameters()}
+    expected = reference_net_grad(model, net, x, y, xm, ym, lrs)
+
+    opt = two_group_sgd(model)
+    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, seed=0)
+    # plain SGD as the meta optimizer so the applied update reveals the gradient exactly
+    before = [p.detach().clone() for p in net.parameters()]
+    reweighter.step(x, y, model(x))
+    got = [p.grad for p in net.parameters()]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-12)
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_l2rw_weights_match_reference(engine):
+    model = make_cnn(torch.float64)
+    x, y = make_batch(12, seed=1)
+    xm, ym = make_batch(10, seed=2)
+    lrs = {k: LR_CONV if k.startswith("conv") else LR_REST for k, _ in model.named_parameters()}
+    ref = copy.deepcopy(model)
+    theta = {k: v.detach().clone().requires_grad_() for k, v in ref.named_parameters()}
+    eps = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    losses = F.cross_entropy(manual_forward(theta, ref, x), y, reduction="none")
+    grads = torch.autograd.grad((eps * losses).sum(), list(theta.values()), create_graph=True)
+    theta_hat = {k: t - lrs[k] * g for (k, t), g in zip(theta.items(), grads)}
+    (g_eps,) = torch.autograd.grad(F.cross_entropy(manual_forward(theta_hat, ref, xm), ym), eps)
+    w = torch.clamp(-g_eps, min=0)
+    expected = w / w.sum() * 12
+
+    reweighter = MetaReweighter(model, two_group_sgd(model), [(xm, ym)], net="l2rw", engine=engine, seed=0)
+    got = reweighter.step(x, y, model(x))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
+    assert (got == 0).any() and (got > 0).any()  # the clamp is active on this batch
+
+
+@pytest.mark.parametrize("nesterov,dampening", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_optimizer_mirror_equals_real_sgd_step(nesterov, dampening):
+    """theta_hat under virtual_step='optimizer' is exactly what torch.optim.SGD would do with that gradient."""
+    model = make_cnn(torch.float64)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, dampening=dampening
+    )
+    x, y = make_batch(8)
+    for _ in range(2):  # once without and once with a momentum buffer
+        params = dict(model.named_parameters())
+        grads = {k: torch.randn_like(p) for k, p in params.items()}
+        plan = plan_virtual_step(params, opt, mode="optimizer")
+        predicted = apply_virtual_step({k: p.detach() for k, p in params.items()}, grads, plan)
+        shadow = copy.deepcopy(model)
+        shadow_opt = torch.optim.SGD(
+            shadow.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, dampening=dampening
+        )
+        shadow_opt.load_state_dict(opt.state_dict())
+        for k, p in shadow.named_parameters():
+            p.grad = grads[k].clone()
+        shadow_opt.step()
+        for k, p in shadow.named_parameters():
+            torch.testing.assert_close(predicted[k], p.detach(), rtol=1e-12, atol=1e-14)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_momentum_mirror_gradient_matches_reference(engine):
+    """With virtual_step='optimizer' the look-ahead follows SGD's momentum buffer and weight decay."""
+    model = make_cnn(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    x0, y0 = make_batch(8, seed=3)
+    F.cross_entropy(model(x0), y0).backward()
+    opt.step()
+    opt.zero_grad()
+    x, y = make_batch(12, seed=1)
+    xm, ym = make_batch(10, seed=2)
+    net = make_net("lossnet", 12).double()
+
+    ref_model, ref_net = copy.deepcopy(model), copy.deepcopy(net)
+    theta = {k: v.detach().clone().requires_grad_() for k, v in ref_model.named_parameters()}
+    losses = F.cross_entropy(manual_forward(theta, ref_model, x), y, reduction="none")
+    raw = ref_net(losses.detach())
+    w = raw * (12 / raw.sum())
+    grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
+    theta_hat = {}
+    for (k, t), g, p in zip(theta.items(), grads, model.parameters()):
+        buf = opt.state[p]["momentum_buffer"]
+        G = g + 1e-2 * t
+        theta_hat[k] = t - 0.1 * (G + 0.9 * (0.9 * buf + G))
+    expected = torch.autograd.grad(
+        F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), list(ref_net.parameters())
+    )
+
+    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", seed=0)
+    reweighter.step(x, y, model(x))
+    for e, p in zip(expected, net.parameters()):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-12)
+
+
+def test_lookahead_lr_overrides_group_lr():
+    model = make_cnn(torch.float64)
+    x, y = make_batch(12, seed=1)
+    xm, ym = make_batch(10, seed=2)
+    net = make_net("lossnet", 12).double()
+    expected = reference_net_grad(model, net, x, y, xm, ym, {k: 0.5 for k, _ in model.named_parameters()})
+    reweighter = MetaReweighter(model, two_group_sgd(model), [(xm, ym)], net=net, lookahead_lr=0.5, seed=0)
+    reweighter.step(x, y, model(x))
+    for e, p in zip(expected, net.parameters()):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-12)

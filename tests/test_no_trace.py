@@ -1,0 +1,44 @@
+"""A meta step leaves no trace on the user's objects: parameters, buffers, grads, optimizer state, RNG."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same, make_batch, make_cnn, snapshot
+from torch import nn
+
+from reweight import MetaReweighter
+
+
+class DropoutCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = make_cnn(torch.float32)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.drop(self.body(x))
+
+
+@pytest.mark.parametrize("engine", ["forward", "reverse"])
+@pytest.mark.parametrize("net", ["lossnet", "logitnet", "metainfonet", "l2rw"])
+@pytest.mark.parametrize("virtual_step", ["sgd", "optimizer"])
+def test_step_leaves_model_optimizer_and_rng_untouched(engine, net, virtual_step):
+    torch.manual_seed(0)
+    model = DropoutCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x0, y0 = make_batch(8, dtype=torch.float32, seed=3)
+    F.cross_entropy(model(x0), y0).backward()
+    opt.step()  # momentum buffers exist, and .grad holds stale values
+    meta = [make_batch(6, dtype=torch.float32, seed=4)]
+    reweighter = MetaReweighter(model, opt, meta, net=net, engine=engine, virtual_step=virtual_step, seed=0)
+    x, y = make_batch(8, dtype=torch.float32, seed=5)
+    logits = model(x)
+    before = snapshot(model, opt)
+    rng = torch.get_rng_state()
+    for _ in range(3):
+        weights = reweighter.step(x, y, logits)
+    assert_same(before, snapshot(model, opt))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert weights.shape == (8,) and not weights.requires_grad
+    # the caller's graph is still usable for the real update
+    (weights * F.cross_entropy(logits, y, reduction="none")).mean().backward()
