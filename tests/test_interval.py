@@ -1,8 +1,9 @@
 import pytest
 import torch
-from conftest import make_batch, make_cnn
 
 from reweight import MetaReweighter
+
+from conftest import make_batch, make_cnn
 
 
 @pytest.mark.parametrize("interval", [1, 3])

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same, make_batch, make_cnn, snapshot
 from torch import nn
 
 from reweight import MetaReweighter
+
+from conftest import assert_same, make_batch, make_cnn, snapshot
 
 
 class DropoutCNN(nn.Module):

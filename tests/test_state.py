@@ -54,7 +54,10 @@ def test_resume_is_exact(net):
     model, opt, rw = build(0, net)
     first = train(model, opt, rw, batches[:N])
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rw": rw.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rw": rw.state_dict(), "rng": torch.get_rng_state()},
+        buffer,
+    )
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
 

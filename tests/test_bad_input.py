@@ -1,0 +1,199 @@
+"""Bad input raises an error naming the problem and leaves the model (and the weighting net) untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from reweight import MetaReweighter, NonFiniteLossError
+
+from conftest import assert_same, make_batch, make_cnn, snapshot
+
+
+@pytest.fixture
+def setup():
+    model = make_cnn(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    meta = [make_batch(6, torch.float32, seed=2)]
+    x, y = make_batch(8, torch.float32)
+    return model, opt, meta, x, y
+
+
+def net_state(rw):
+    return [p.detach().clone() for p in rw.net.parameters()] if rw.net is not None else []
+
+
+def check_untouched(model, opt, rw, before, net_before, steps_before):
+    assert_same(before, snapshot(model, opt))
+    assert all(torch.equal(a, b) for a, b in zip(net_before, net_state(rw)))
+    assert rw.step_count == steps_before
+
+
+class EmptyIterable:
+    def __iter__(self):
+        return iter(())
+
+
+def test_empty_meta_loader(setup):
+    model, opt, _, x, y = setup
+    with pytest.raises(ValueError, match="meta_loader is empty"):
+        MetaReweighter(model, opt, [])
+    with pytest.raises(ValueError, match="meta_loader is empty"):
+        MetaReweighter(model, opt, DataLoader(TensorDataset(torch.zeros(0, 2, 8, 8), torch.zeros(0).long())))
+    rw = MetaReweighter(model, opt, EmptyIterable())  # not Sized: found out at the first step
+    logits = model(x)
+    before, net_before = snapshot(model, opt), net_state(rw)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        rw.step(x, y, logits)
+    check_untouched(model, opt, rw, before, net_before, 0)
+
+
+def test_one_shot_iterator_refused(setup):
+    model, opt, meta, *_ = setup
+    with pytest.raises(TypeError, match="re-iterable"):
+        MetaReweighter(model, opt, iter(meta))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x, y, z: (x[:7], y, z), "batch sizes disagree"),
+        (lambda x, y, z: (x, y[:7], z), "batch sizes disagree"),
+        (lambda x, y, z: (x, y, z[:7]), "batch sizes disagree"),
+        (lambda x, y, z: (x, torch.full_like(y, 3), z), r"labels must lie in \[0, 3\)"),
+        (lambda x, y, z: (x, y - 1, z), r"labels must lie in \[0, 3\)"),
+        (lambda x, y, z: (x[:0], y[:0], z[:0]), "empty"),
+        (lambda x, y, z: (x, y.float(), z), "class indices"),
+    ],
+)
+@pytest.mark.parametrize("net", ["lossnet", "metainfonet"])
+def test_bad_training_batch(setup, make, match, net):
+    model, opt, meta, x, y = setup
+    rw = MetaReweighter(model, opt, meta, net=net, num_classes=3)
+    logits = model(x)
+    before, net_before = snapshot(model, opt), net_state(rw)
+    with pytest.raises(ValueError, match=match):
+        rw.step(*make(x, y, logits))
+    check_untouched(model, opt, rw, before, net_before, 0)
+
+
+def test_bad_meta_batch_labels(setup):
+    model, opt, _, x, y = setup
+    xm, ym = make_batch(6, torch.float32, seed=2)
+    rw = MetaReweighter(model, opt, [(xm, ym + 5)], net="lossnet")
+    logits = model(x)
+    before, net_before = snapshot(model, opt), net_state(rw)
+    with pytest.raises(ValueError, match="labels must lie"):
+        rw.step(x, y, logits)
+    check_untouched(model, opt, rw, before, net_before, 0)
+
+
+def test_bad_meta_batch_layout(setup):
+    model, opt, _, x, y = setup
+    rw = MetaReweighter(model, opt, [(torch.zeros(6, 2, 8, 8), torch.zeros(6).long(), torch.zeros(6))])
+    with pytest.raises(TypeError, match="meta batches must be"):
+        rw.step(x, y, model(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_losses_raise_by_default(setup, bad):
+    model, opt, meta, x, y = setup
+    rw = MetaReweighter(model, opt, meta, net="lossnet")
+    logits = model(x).detach().clone()
+    logits[2, 0] = bad
+    before, net_before = snapshot(model, opt), net_state(rw)
+    with pytest.raises(NonFiniteLossError, match="not finite"):
+        rw.step(x, y, logits)
+    check_untouched(model, opt, rw, before, net_before, 0)
+
+
+def test_nonfinite_losses_skip_option(setup):
+    model, opt, meta, x, y = setup
+    rw = MetaReweighter(model, opt, meta, net="lossnet", on_nonfinite="skip")
+    logits = model(x).detach().clone()
+    logits[2, :] = float("nan")
+    before, net_before = snapshot(model, opt), net_state(rw)
+    weights = rw.step(x, y, logits)
+    assert rw.last_update_skipped
+    assert weights[2] == 0 and torch.isfinite(weights).all() and (weights[[0, 1, 3]] > 0).all()
+    check_untouched(model, opt, rw, before, net_before, 1)
+
+
+def test_nonfinite_meta_loss(setup):
+    model, opt, _, x, y = setup
+    xm, ym = make_batch(6, torch.float32, seed=2)
+    xm[0] = float("nan")
+    rw = MetaReweighter(model, opt, [(xm, ym)], net="lossnet")
+    logits = model(x)
+    before, net_before = snapshot(model, opt), net_state(rw)
+    with pytest.raises(NonFiniteLossError):
+        rw.step(x, y, logits)
+    check_untouched(model, opt, rw, before, net_before, 0)
+    rw.on_nonfinite = "skip"
+    rw.step(x, y, logits)
+    assert rw.last_update_skipped and all(torch.equal(a, b) for a, b in zip(net_before, net_state(rw)))
+
+
+def test_net_needing_logits_refuses_non_logits():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def mse(out, t):
+        return F.mse_loss(out.squeeze(-1), t, reduction="none")
+
+    meta = [(torch.randn(5, 4), torch.randn(5))]
+    x, t = torch.randn(6, 4), torch.randn(6)
+    rw = MetaReweighter(model, opt, meta, net="logitnet", loss_fn=mse)
+    with pytest.raises(ValueError, match="needs class logits"):
+        rw.step(x, t, model(x))
+    # LossNet works for any per-sample loss, regression included
+    rw = MetaReweighter(model, opt, meta, net="lossnet", loss_fn=mse)
+    assert rw.step(x, t, model(x)).shape == (6,)
+
+
+def test_wrong_loss_shape_and_outputs_type(setup):
+    model, opt, meta, x, y = setup
+    rw = MetaReweighter(model, opt, meta, loss_fn=lambda z, t: F.cross_entropy(z, t))
+    with pytest.raises(ValueError, match=r"per-sample losses of shape \(8,\)"):
+        rw.step(x, y, model(x))
+    rw = MetaReweighter(model, opt, meta)
+    with pytest.raises(TypeError, match="outputs must be"):
+        rw.step(x, y, [1, 2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"net": "nonet"}, ValueError, "net must be one of .*'lossnet'"),
+        ({"net": 3}, TypeError, "net must be"),
+        ({"interval": 0}, ValueError, "interval must be >= 1"),
+        ({"interval": 2.0}, TypeError, "interval must be an int"),
+        ({"net": "l2rw", "interval": 2}, ValueError, "interval must be 1 for net='l2rw'"),
+        ({"engine": "magic"}, ValueError, "engine must be one of"),
+        ({"normalization": "softmax"}, ValueError, "normalization must be one of"),
+        ({"virtual_step": "adam"}, ValueError, "virtual_step must be one of"),
+        ({"lookahead_lr": -1.0}, ValueError, "lookahead_lr"),
+        ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite"),
+        ({"num_classes": 0}, ValueError, "num_classes"),
+        ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
+        ({"net": "metainfonet", "net_kwargs": {"kl_weight": -1}, "num_classes": 3}, ValueError, "kl_weight"),
+        ({"net_kwargs": {"hidden": 0}}, ValueError, "hidden"),
+    ],
+)
+def test_constructor_validation(setup, kwargs, error, match):
+    model, opt, meta, *_ = setup
+    with pytest.raises(error, match=match):
+        MetaReweighter(model, opt, meta, **kwargs)
+
+
+def test_constructor_type_checks(setup):
+    model, opt, meta, *_ = setup
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        MetaReweighter("model", opt, meta)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        MetaReweighter(model, "sgd", meta)
+    with pytest.raises(ValueError, match="optimizer holds none"):
+        MetaReweighter(model, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), meta)
+    with pytest.raises(ValueError, match="mirrors torch.optim.SGD only"):
+        MetaReweighter(model, torch.optim.Adam(model.parameters()), meta, virtual_step="optimizer")
