@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._batch import Inputs, as_logits, batch_size, split_batch, to_device, unwrap_model
 from ._rng import isolated_rng
+from .distributed import data_parallel_group
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
@@ -168,7 +169,8 @@ class MetaReweighter:
         self.on_nonfinite = on_nonfinite
         self.engine = engine
         self._engine_name = _AUTO_ENGINE_ORDER[0] if engine == "auto" else engine
-        self._reuse_outputs = not isinstance(model, nn.parallel.DistributedDataParallel)
+        self._group = data_parallel_group(model)
+        self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
         self._net_spec = net
         self._net_kwargs = dict(net_kwargs or {})
@@ -181,7 +183,7 @@ class MetaReweighter:
         self._generator = torch.Generator().manual_seed(seed)
         self._init_seed = self._draw_seed()  # the named net's initialisation, whenever it is built
         self._step_count = 0
-        self._meta_stream = MetaBatchStream(meta_loader, self._draw_seed)
+        self._meta_stream = MetaBatchStream(meta_loader, self._draw_rank_seed)
         self.last_meta_loss: Tensor | None = None
         self.last_update_skipped = False
         if isinstance(net, nn.Module) or net == "lossnet" or num_classes is not None:
@@ -213,6 +215,10 @@ class MetaReweighter:
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self._generator))
 
+    def _draw_rank_seed(self) -> int:
+        """A seed that differs across data-parallel ranks (each rank draws its own meta batches)."""
+        return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
+
     def _build_net(self, num_classes: int | None) -> None:
         if self._net_spec == "l2rw":
             return
@@ -222,6 +228,7 @@ class MetaReweighter:
             with isolated_rng(self._init_seed, torch.device("cpu")):
                 net = create_weighting_net(self._net_spec, num_classes or 1, **self._net_kwargs)
         self.net = net.to(device=self.device, dtype=self._net_dtype())
+        self._group.broadcast_([*self.net.parameters(), *self.net.buffers()])
         self.meta_optimizer = self._meta_optimizer_factory(self.net.parameters())
         if not isinstance(self.meta_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -279,12 +286,13 @@ class MetaReweighter:
     def _normalize(self, raw: Tensor) -> Tensor:
         if self.normalization == "none":
             return raw
-        total = raw.sum()
-        return raw * (raw.shape[0] / (total + (total == 0).to(raw.dtype)))
+        total = self._group.sum_differentiable(raw.sum())
+        return raw * (raw.shape[0] * self._group.world_size / (total + (total == 0).to(raw.dtype)))
 
     def _raw_weights(self, losses: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
         assert self.net is not None
-        out = self.net(losses, logits, targets)
+        with torch.autocast(self.device.type, enabled=False):  # the net and its update stay in its dtype
+            out = self.net(losses, logits, targets)
         raw, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)
         if raw.ndim == 2 and raw.shape[1] == 1:
             raw = raw.squeeze(1)
@@ -329,6 +337,7 @@ class MetaReweighter:
             loss_fn=self.loss_fn,
             meta_loss_fn=self.meta_loss_fn,
             train_logits=logits if reuse else None,
+            group=self._group,
         )
 
     def _finite_or_skip(self, ok: bool, what: str) -> bool:
@@ -364,10 +373,11 @@ class MetaReweighter:
             if not self._finite_or_skip(bool(finite), "the meta loss or meta-gradient"):
                 return False, None
             surrogate = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
-            if penalty is not None:
-                surrogate = surrogate + penalty
+            if penalty is not None:  # each rank holds 1/world of the global batch's penalty
+                surrogate = surrogate + penalty / self._group.world_size
             self.meta_optimizer.zero_grad(set_to_none=True)
             surrogate.backward()
+        self._group.sum_grads_(self.net.parameters())
         self.meta_optimizer.step()
         self.last_meta_loss = grad.meta_loss
         return True, None
@@ -403,7 +413,7 @@ class MetaReweighter:
         net_inputs = (losses, logits.detach(), targets)
         update = self._step_count % self.interval == 0
         applied, weights = False, None
-        with isolated_rng(self._draw_seed(), self.device):
+        with isolated_rng(self._draw_rank_seed(), self.device):
             if update and all_finite:
                 applied, weights = self._meta_update(inputs, targets, logits, net_inputs)
             if weights is None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .._batch import Inputs, call_model
 from .._registry import Registry
+from ..distributed import DataParallelGroup
 from ..losses import PerSampleLoss
 from ..virtual_step import VirtualStep, apply_virtual_step
 
@@ -45,6 +46,7 @@ class MetaProblem(NamedTuple):
         loss_fn, meta_loss_fn: per-sample losses for the training and the meta batch.
         train_logits: the caller's logits of ``inputs`` with their autograd graph, when they may be reused
             for first-order gradients (saves one forward), else ``None``.
+        group: data-parallel ranks; the look-ahead and ``v`` are those of the global batch.
     """
 
     model: nn.Module
@@ -58,6 +60,12 @@ class MetaProblem(NamedTuple):
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
     train_logits: Tensor | None = None
+    group: DataParallelGroup = DataParallelGroup()
+
+    @property
+    def global_batch_size(self) -> int:
+        """Size of the batch over all data-parallel ranks (equal shards assumed)."""
+        return self.weights.shape[0] * self.group.world_size
 
 
 class MetaGradient(NamedTuple):
@@ -130,9 +138,12 @@ def meta_loss_and_gradient(problem: MetaProblem, theta_hat: Mapping[str, Tensor]
 
 def lookahead(problem: MetaProblem) -> tuple[Tensor, dict[str, Tensor]]:
     """First-order part shared by the linearised engines: ``theta_hat`` at ``problem.weights``, then
-    ``(meta_loss, tangent)`` with ``tangent_p = scale_p * v_p``, so that ``c_i = -<tangent, g_i> / n``."""
+    ``(meta_loss, tangent)`` with ``tangent_p = scale_p * v_p``, so that
+    ``c_i = -<tangent, g_i> / problem.global_batch_size``. Under data parallelism the weighted gradient
+    and ``v`` are averaged over ranks: those of the concatenated batches."""
     with torch.enable_grad():
-        grads = weighted_train_gradient(problem, problem.weights)
+        grads = problem.group.mean(weighted_train_gradient(problem, problem.weights))
         theta_hat = apply_virtual_step(detached_params(problem), grads, problem.step)
         meta_loss, v = meta_loss_and_gradient(problem, theta_hat)
+    v = problem.group.mean(v)
     return meta_loss, {k: problem.step.scale[k] * v[k] for k in v}

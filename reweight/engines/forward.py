@@ -37,4 +37,4 @@ def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
         jvp = fwAD.unpack_dual(losses).tangent
     if jvp is None:  # no look-ahead parameter influences the losses
         jvp = torch.zeros_like(problem.weights)
-    return MetaGradient(-jvp / problem.weights.shape[0], meta_loss)
+    return MetaGradient(-jvp / problem.global_batch_size, meta_loss)

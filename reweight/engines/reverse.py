@@ -15,8 +15,11 @@ __all__ = ["reverse_meta_gradient"]
 def reverse_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient by differentiating through the virtual step, as Meta-Weight-Net's code does.
 
-    Exact; costs a second-order backward and keeps the look-ahead graph in memory.
+    Exact; costs a second-order backward and keeps the look-ahead graph in memory. Single process only:
+    under data parallelism use a linearised engine (``"forward"``).
     """
+    if problem.group.active:
+        raise ValueError("engine 'reverse' does not support data-parallel training; use engine='forward'")
     with torch.enable_grad():
         weights = problem.weights.detach().requires_grad_()
         grads = weighted_train_gradient(problem, weights, create_graph=True)

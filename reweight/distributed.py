@@ -1,0 +1,88 @@
+"""Data-parallel ranks as the meta step sees them: a no-op for one process, all-reduces under DDP.
+
+Under ``DistributedDataParallel`` every rank reweights its own shard of the global batch. The
+look-ahead must be the one of the global batch and every rank must keep an identical weighting net:
+
+- the weighted training gradient and the meta gradient ``v`` are averaged across ranks, so
+  ``theta_hat`` and ``v`` are those of the concatenated batches;
+- weight normalisation divides by the global sum of raw weights (a differentiable all-reduce);
+- the weighting net's gradients are summed across ranks (each rank holds its samples' share);
+- the net's initial parameters are broadcast from rank 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DataParallelGroup", "data_parallel_group"]
+
+
+class DataParallelGroup:
+    """The process group of a DDP-wrapped model; every method is a no-op when ``world_size == 1``."""
+
+    def __init__(self, process_group: object | None = None) -> None:
+        self.process_group = process_group
+        if process_group is None:
+            self.world_size, self.rank = 1, 0
+        else:
+            import torch.distributed as dist
+
+            self.world_size = dist.get_world_size(process_group)
+            self.rank = dist.get_rank(process_group)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Average each tensor across ranks (returns new tensors; not differentiable)."""
+        if not self.active:
+            return dict(tensors)
+        import torch.distributed as dist
+
+        out = {}
+        for name, t in tensors.items():
+            t = t.detach().clone()
+            dist.all_reduce(t, group=self.process_group)
+            out[name] = t / self.world_size
+        return out
+
+    def sum_differentiable(self, t: Tensor) -> Tensor:
+        """Sum of ``t`` over ranks, differentiable (the gradient is summed back)."""
+        if not self.active:
+            return t
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, group=self.process_group)
+
+    def sum_grads_(self, params: Iterable[nn.Parameter]) -> None:
+        """Sum ``.grad`` of ``params`` across ranks, in place."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.process_group)
+
+    def broadcast_(self, tensors: Iterable[Tensor]) -> None:
+        """Copy rank 0's values into ``tensors`` on every rank, in place."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+        with torch.no_grad():
+            for t in tensors:
+                dist.broadcast(t, src=src, group=self.process_group)
+
+
+def data_parallel_group(model: nn.Module) -> DataParallelGroup:
+    """The ranks of ``model`` if it is wrapped in ``DistributedDataParallel``, else a single process."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return DataParallelGroup(model.process_group)
+    return DataParallelGroup(None)
