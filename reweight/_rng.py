@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["isolated_rng"]
+__all__ = ["isolated_rng", "replayable_rng"]
 
 
 @contextmanager
@@ -29,3 +29,21 @@ def isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
         with module.device(index):
             module.manual_seed(seed)
         yield
+
+
+@contextmanager
+def replayable_rng(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yield a function that rewinds the CPU (and ``device``'s) RNG to its state at entry.
+
+    Two forwards separated by a rewind draw the same dropout masks.
+    """
+    cpu_state = torch.get_rng_state()
+    module = None if device.type == "cpu" else torch.get_device_module(device.type)
+    device_state = None if module is None else module.get_rng_state(device)
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu_state)
+        if module is not None:
+            module.set_rng_state(device_state, device)
+
+    yield rewind

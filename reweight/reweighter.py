@@ -19,6 +19,7 @@ from ._batch import Inputs, as_logits, batch_size, split_batch, to_device, unwra
 from ._rng import isolated_rng
 from .distributed import data_parallel_group
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines
+from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
 from .nets import WeightingOutput, create_weighting_net, list_weighting_nets
@@ -27,7 +28,7 @@ from .virtual_step import plan_virtual_step
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
 
 _STATE_VERSION = 1
-_AUTO_ENGINE_ORDER = ("forward", "reverse")
+_AUTO_ENGINES = {"full": ("forward", "reverse"), "head": ("linear_head",)}
 _NORMALIZATIONS = ("sum", "none")
 _VIRTUAL_STEPS = ("sgd", "optimizer")
 _ON_NONFINITE = ("raise", "skip")
@@ -66,7 +67,11 @@ class MetaReweighter:
             call (default: ``1``).
         engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``
             uses ``"forward"`` and falls back to ``"reverse"``, with one warning, if the model has an
-            operator without forward-mode support (default: ``"auto"``).
+            operator without forward-mode support; with ``lookahead="head"`` it uses the closed form
+            ``"linear_head"`` (default: ``"auto"``).
+        lookahead: parameters moved by the look-ahead, the others held fixed: ``"full"``, ``"head"``
+            (the final ``nn.Linear``; its input is captured by a forward hook, removed by
+            :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
         normalization: ``"sum"`` divides the raw weights by their sum, with the delta guard of Algorithm 1
             line 6 computed without a host sync, then multiplies by the batch size so that uniform weights
             give the plain mean loss; ``"none"`` returns raw weights (default: ``"sum"``).
@@ -112,6 +117,7 @@ class MetaReweighter:
         net_kwargs: dict[str, Any] | None = None,
         interval: int = 1,
         engine: str = "auto",
+        lookahead: LookaheadSpec = "full",
         normalization: Literal["sum", "none"] = "sum",
         virtual_step: Literal["sgd", "optimizer"] = "sgd",
         lookahead_lr: float | None = None,
@@ -160,6 +166,15 @@ class MetaReweighter:
         self._optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(p) in self._optimized for p in self.module.parameters()):
             raise ValueError("optimizer holds none of the model's parameters")
+        self._lookahead_names = lookahead_parameter_names(self.module, lookahead)
+        if not self._lookahead_params():
+            raise ValueError("lookahead selects no parameter that the optimizer trains (requires_grad and in a group)")
+        head_mode = isinstance(lookahead, str) and lookahead == "head"
+        if engine == "linear_head" and not head_mode:
+            raise ValueError("engine='linear_head' needs lookahead='head'")
+        self._auto_engines = _AUTO_ENGINES["head" if head_mode else "full"]
+        self._head = HeadCapture(self.module) if head_mode else None
+        self._head_checked = False
         self.interval = interval
         self.normalization = normalization
         self.virtual_step = virtual_step
@@ -168,7 +183,7 @@ class MetaReweighter:
         self.meta_loss_fn = meta_loss_fn if meta_loss_fn is not None else loss_fn
         self.on_nonfinite = on_nonfinite
         self.engine = engine
-        self._engine_name = _AUTO_ENGINE_ORDER[0] if engine == "auto" else engine
+        self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model)
         self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
@@ -301,16 +316,20 @@ class MetaReweighter:
         return raw, penalty
 
     def _lookahead_params(self) -> dict[str, Tensor]:
-        return {name: p for name, p in self.module.named_parameters() if p.requires_grad and id(p) in self._optimized}
+        return {
+            name: p
+            for name, p in self.module.named_parameters()
+            if name in self._lookahead_names and p.requires_grad and id(p) in self._optimized
+        }
 
     def _meta_gradient(self, problem: MetaProblem) -> MetaGradient:
         with sdpa_kernel([SDPBackend.MATH]):
             try:
                 return get_engine(self._engine_name)(problem)
             except NotImplementedError as err:
-                if self.engine != "auto" or self._engine_name == _AUTO_ENGINE_ORDER[-1]:
+                if self.engine != "auto" or self._engine_name == self._auto_engines[-1]:
                     raise
-                fallback = _AUTO_ENGINE_ORDER[_AUTO_ENGINE_ORDER.index(self._engine_name) + 1]
+                fallback = self._auto_engines[self._auto_engines.index(self._engine_name) + 1]
                 warnings.warn(
                     f"engine {self._engine_name!r} is not supported by this model ({str(err).splitlines()[0]}); "
                     f"falling back to {fallback!r} for the rest of training",
@@ -320,7 +339,27 @@ class MetaReweighter:
                 self._engine_name = fallback
                 return self._meta_gradient(problem)
 
+    def _head_features(self, logits: Tensor) -> Tensor:
+        """The training batch's input to the final Linear, from the caller's forward (checked once)."""
+        assert self._head is not None
+        features = self._head.features
+        if features is None or features.shape[0] != logits.shape[0]:
+            raise ValueError("lookahead='head': call step() right after the model's forward on this batch")
+        if not self._head_checked:
+            with torch.no_grad():
+                recomputed = self._head.module(features)
+            if recomputed.shape != logits.shape or not torch.allclose(
+                recomputed, logits.detach(), rtol=1e-3, atol=1e-4
+            ):
+                raise ValueError(
+                    f"lookahead='head' needs the model's outputs to be those of its final Linear layer "
+                    f"({self._head.name!r}); pass a list of parameter patterns or a submodule instead"
+                )
+            self._head_checked = True
+        return features.detach()
+
     def _problem(self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor) -> MetaProblem:
+        head_features = self._head_features(logits) if self._head is not None else None
         self._optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         params = self._lookahead_params()
         meta_inputs, meta_targets = self._next_meta_batch()
@@ -338,6 +377,8 @@ class MetaReweighter:
             meta_loss_fn=self.meta_loss_fn,
             train_logits=logits if reuse else None,
             group=self._group,
+            head=self._head,
+            head_features=head_features,
         )
 
     def _finite_or_skip(self, ok: bool, what: str) -> bool:
@@ -478,6 +519,11 @@ class MetaReweighter:
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])
         self._step_count = int(state["step"])
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hook that ``lookahead="head"`` placed on the model's final Linear layer."""
+        if self._head is not None:
+            self._head.remove()
 
     def __repr__(self) -> str:
         net = self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__

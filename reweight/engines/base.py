@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .._batch import Inputs, call_model
 from .._registry import Registry
 from ..distributed import DataParallelGroup
+from ..lookahead import HeadCapture
 from ..losses import PerSampleLoss
 from ..virtual_step import VirtualStep, apply_virtual_step
 
@@ -47,6 +48,8 @@ class MetaProblem(NamedTuple):
         train_logits: the caller's logits of ``inputs`` with their autograd graph, when they may be reused
             for first-order gradients (saves one forward), else ``None``.
         group: data-parallel ranks; the look-ahead and ``v`` are those of the global batch.
+        head, head_features: with ``lookahead="head"``, the hook on the final Linear layer and the
+            training batch's inputs to it from the caller's forward.
     """
 
     model: nn.Module
@@ -61,6 +64,8 @@ class MetaProblem(NamedTuple):
     meta_loss_fn: PerSampleLoss
     train_logits: Tensor | None = None
     group: DataParallelGroup = DataParallelGroup()
+    head: HeadCapture | None = None
+    head_features: Tensor | None = None
 
     @property
     def global_batch_size(self) -> int:

@@ -1,0 +1,64 @@
+"""The look-ahead through the ``higher`` library's differentiable optimizer (optional extra).
+
+Exact and equivalent to ``reverse``; offered for users who already build on ``higher``. The virtual
+step is a throwaway ``torch.optim.SGD`` with one group per look-ahead parameter at its ``scale``; the
+weight-independent ``offset`` of a mirrored momentum step is added to the gradient via ``grad_callback``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._batch import as_logits
+from .base import MetaGradient, MetaProblem, register_engine
+
+__all__ = ["higher_meta_gradient"]
+
+
+def _import_higher():
+    try:
+        import higher
+    except ImportError as err:  # pragma: no cover - exercised without the extra
+        raise ImportError('engine="higher" needs the higher package: pip install "reweight[higher]"') from err
+    return higher
+
+
+def _call(module, inputs):
+    if isinstance(inputs, dict):
+        return as_logits(module(**inputs))
+    if isinstance(inputs, torch.Tensor):
+        return as_logits(module(inputs))
+    return as_logits(module(*inputs))
+
+
+@register_engine("higher", description="exact: higher's differentiable SGD (optional extra)")
+def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
+    """Meta-gradient by unrolling one differentiable SGD step with ``higher.innerloop_ctx``."""
+    higher = _import_higher()
+    if problem.group.active:
+        raise ValueError("engine 'higher' does not support data-parallel training; use engine='forward'")
+    model = problem.model
+    order = list(model.parameters())
+    index = {id(p): i for i, p in enumerate(order)}
+    names = [k for k in problem.params if problem.step.scale[k] != 0]
+    groups = [{"params": [problem.params[k]], "lr": problem.step.scale[k]} for k in names]
+    if not groups:
+        return MetaGradient(torch.zeros_like(problem.weights), problem.weights.new_zeros(()))
+    extra = {
+        index[id(problem.params[k])]: problem.step.offset[k] / problem.step.scale[k]
+        for k in names
+        if k in problem.step.offset
+    }
+
+    def add_offsets(grads):
+        return [g + extra[i] if i in extra and g is not None else g for i, g in enumerate(grads)]
+
+    with torch.enable_grad():
+        weights = problem.weights.detach().requires_grad_()
+        throwaway = torch.optim.SGD(groups, lr=0.0)
+        with higher.innerloop_ctx(model, throwaway, copy_initial_weights=True) as (fmodel, diffopt):
+            losses = problem.loss_fn(_call(fmodel, problem.inputs), problem.targets)
+            diffopt.step((weights * losses).mean(), grad_callback=add_offsets)
+            meta_loss = problem.meta_loss_fn(_call(fmodel, problem.meta_inputs), problem.meta_targets).mean()
+            (coefficients,) = torch.autograd.grad(meta_loss, weights)
+    return MetaGradient(coefficients, meta_loss.detach())

@@ -1,0 +1,94 @@
+"""Which parameters the look-ahead moves: all of them, the final Linear head, name patterns, or a submodule.
+
+Restricting the virtual update holds the other parameters fixed in the look-ahead (as Fast Sample
+Reweighting and FaMUS do): the meta-gradient is then that of the restricted problem, and much cheaper.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["LookaheadSpec", "find_head", "lookahead_parameter_names", "HeadCapture"]
+
+LookaheadSpec = str | Sequence[str] | nn.Module
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head: ``model.get_classifier()`` (timm) if it is a Linear, else the last ``nn.Linear``.
+
+    Raises:
+        ValueError: if the model has no ``nn.Linear``.
+    """
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        for name, module in model.named_modules():
+            if module is head and isinstance(module, nn.Linear):
+                return name, module
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("lookahead='head' needs a final nn.Linear layer; the model has none")
+    return linears[-1]
+
+
+def lookahead_parameter_names(model: nn.Module, spec: LookaheadSpec) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the parameters the look-ahead moves.
+
+    Args:
+        model: the bare module.
+        spec: ``"full"``, ``"head"``, a list of ``fnmatch`` patterns (``["layer4.*", "fc.*"]``), or a
+            submodule of ``model``.
+
+    Raises:
+        ValueError: for an unknown string, patterns matching nothing, or a module that is not a submodule.
+        TypeError: for any other kind of ``spec``.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if isinstance(spec, str):
+        if spec == "full":
+            return set(names)
+        if spec == "head":
+            return lookahead_parameter_names(model, find_head(model)[1])
+        raise ValueError(f"lookahead must be 'full', 'head', a list of name patterns or a submodule; got {spec!r}")
+    if isinstance(spec, nn.Module):
+        for prefix, module in model.named_modules():
+            if module is spec:
+                prefix = f"{prefix}." if prefix else ""
+                return {prefix + n for n, _ in module.named_parameters()}
+        raise ValueError(f"lookahead module {type(spec).__name__} is not a submodule of the model")
+    if isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec):
+        chosen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in spec)}
+        if not chosen:
+            raise ValueError(f"lookahead patterns {list(spec)} match no parameter; parameters are e.g. {names[:5]}")
+        return chosen
+    raise TypeError(f"lookahead must be a string, a list of strings or an nn.Module, got {type(spec).__name__}")
+
+
+class HeadCapture:
+    """Keeps the input of the model's final Linear from the latest forward (a removable forward hook).
+
+    The linear-head engine needs the training batch's penultimate features from the user's own forward,
+    so that the look-ahead costs no extra forward of the training batch. The hook stores a reference,
+    not a copy, and never changes the forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.name, self.module = find_head(model)
+        prefix = f"{self.name}." if self.name else ""
+        self.weight_name, self.bias_name = (
+            prefix + "weight",
+            (prefix + "bias" if self.module.bias is not None else None),
+        )
+        self.features: Tensor | None = None
+        self._handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.features = inputs[0]
+
+    def remove(self) -> None:
+        """Remove the hook from the model."""
+        self._handle.remove()
