@@ -7,7 +7,8 @@ look-ahead must be the one of the global batch and every rank must keep an ident
   ``theta_hat`` and ``v`` are those of the concatenated batches;
 - weight normalisation divides by the global sum of raw weights (a differentiable all-reduce);
 - the weighting net's gradients are summed across ranks (each rank holds its samples' share);
-- the net's initial parameters are broadcast from rank 0.
+- the net's initial parameters are broadcast from rank 0;
+- the decision to skip (or raise on) a non-finite loss or meta-gradient is taken jointly.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ class DataParallelGroup:
             dist.all_reduce(t, group=self.process_group)
             out[name] = t / self.world_size
         return out
+
+    def all_(self, flag: Tensor) -> bool:
+        """Whether ``flag`` holds on every rank (one host sync), so that all ranks take the same branch.
+
+        A rank that skipped a meta update (or raised) while another ran it would leave the collectives
+        of the two mismatched and hang; every data-dependent decision of the step goes through here.
+        """
+        if not self.active:
+            return bool(flag)
+        import torch.distributed as dist
+
+        t = flag.detach().to(dtype=torch.int32, copy=True).reshape(())  # on the model's device, as NCCL needs
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.process_group)
+        return bool(t)
 
     def sum_differentiable(self, t: Tensor) -> Tensor:
         """Sum of ``t`` over ranks, differentiable (the gradient is summed back)."""

@@ -400,7 +400,7 @@ class MetaReweighter:
         if self.net is None:  # L2RW: meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
             grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros))
-            if not self._finite_or_skip(bool(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
+            if not self._finite_or_skip(self._group.all_(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
                 return False, None
             self.last_meta_loss = grad.meta_loss
             return True, self._normalize(torch.clamp(-grad.coefficients, min=0))
@@ -411,7 +411,7 @@ class MetaReweighter:
             weights = self._normalize(raw)
             grad = self._meta_gradient(self._problem(inputs, targets, logits, weights))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
-            if not self._finite_or_skip(bool(finite), "the meta loss or meta-gradient"):
+            if not self._finite_or_skip(self._group.all_(finite), "the meta loss or meta-gradient"):
                 return False, None
             surrogate = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
             if penalty is not None:  # each rank holds 1/world of the global batch's penalty
@@ -446,7 +446,7 @@ class MetaReweighter:
             losses = self.loss_fn(logits.detach(), targets)
         self._check_losses(losses, n, "loss_fn")
         finite = torch.isfinite(losses)
-        all_finite = self._finite_or_skip(bool(finite.all()), "a per-sample training loss")
+        all_finite = self._finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss")
         if self.net is None and self._net_spec != "l2rw":
             self.num_classes = logits.shape[1] if logits.ndim == 2 else 1
             self._build_net(self.num_classes)

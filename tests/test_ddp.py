@@ -1,0 +1,179 @@
+"""Data-parallel training: two CPU processes on gloo reproduce a single process on the concatenated batches.
+
+Each rank trains a DDP-wrapped model on its shard of every global batch and draws meta batches from its
+own shard of the meta set. After a few steps the weighting nets must be bit-identical across ranks, and
+the model must match one process that trains on the concatenated batches with the concatenated meta
+batches. The model has no BatchNorm: per-shard batch statistics differ from the global batch's, so a
+BatchNorm model is not expected to match (see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaInfoNet, MetaReweighter, NonFiniteLossError
+
+WORLD, SHARD, META_SHARD, STEPS, FEATURES, CLASSES = 2, 6, 5, 5, 6, 3
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+class ZeroNoiseMetaInfoNet(MetaInfoNet):
+    """MetaInfoNet without sampling noise, so its KL penalty's share can be compared across world sizes."""
+
+    def sample_noise(self, mu: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(mu)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+
+
+def _shard(kind: str, index: int, rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100_000 * (kind == "meta") + 100 * index + rank)
+    x = torch.randn(size, FEATURES, generator=g)
+    return x, torch.randint(0, CLASSES, (size,), generator=g)
+
+
+def _batch(kind: str, index: int, rank: int | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s shard, or (``rank=None``) the concatenation of every rank's shard."""
+    if rank is not None:
+        return _shard(kind, index, rank, size)
+    shards = [_shard(kind, index, r, size) for r in range(WORLD)]
+    return torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "lossnet": {"net": "lossnet", "meta_sgd": True},  # SGD, not Adam, sees the scale of the net's gradient
+    "metainfonet": {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9},
+    "logitnet": {"net": "logitnet", "interval": 2, "normalization": "none", "lookahead_lr": 0.05},
+    "l2rw": {"net": "l2rw"},
+}
+
+
+def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """Train for ``STEPS`` steps as rank ``rank`` of a DDP group, or (``rank=None``) as one process on all data."""
+    config = dict(config)
+    momentum = config.pop("momentum", 0.0)
+    meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
+    meta_lr = 50.0 if meta_opt is torch.optim.SGD else 0.05
+    if config["net"] == "metainfonet-zero-noise":
+        torch.manual_seed(1)
+        config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0)
+    model = _model()
+    wrapped = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
+    meta = [_batch("meta", k, rank, META_SHARD) for k in range(3)]
+    rw = MetaReweighter(
+        wrapped, opt, meta, seed=0, meta_optimizer=lambda p: meta_opt(p, lr=meta_lr), num_classes=CLASSES, **config
+    )
+    weights = []
+    for t in range(STEPS):
+        x, y = _batch("train", t, rank, SHARD)
+        logits = wrapped(x)
+        w = rw.step(x, y, logits)
+        weights.append(w)
+        opt.zero_grad()
+        (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+        opt.step()
+    net = {} if rw.net is None else {k: v.clone() for k, v in rw.net.state_dict().items()}
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "net": net, "weights": torch.cat(weights)}
+
+
+def _nonfinite_agreement(rank: int) -> dict[str, Any]:
+    """Only rank 0 sees a NaN loss: every rank must take the same decision (no hang, identical nets)."""
+    out: dict[str, Any] = {}
+    for mode in ("skip", "raise"):
+        model = _model()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        meta = [_batch("meta", 0, rank, META_SHARD)]
+        rw = MetaReweighter(wrapped, opt, meta, net="lossnet", seed=0, on_nonfinite=mode)
+        x, y = _batch("train", 0, rank, SHARD)
+        logits = wrapped(x).detach()
+        if rank == 0:
+            logits[1, 0] = float("nan")
+        try:
+            w = rw.step(x, y, logits)
+            out[mode] = {"skipped": rw.last_update_skipped, "weights": w, "net": rw.net.state_dict()}
+        except NonFiniteLossError:
+            out[mode] = "raised"
+    return out
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+    )
+    try:
+        results = {name: _train(config, rank) for name, config in CONFIGS.items()}
+        results["nonfinite"] = _nonfinite_agreement(rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Any]]:
+    """Run the 2-process group once for every test of this module; returns each rank's results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        context = mp.start_processes(_worker, args=(init_file, tmp), nprocs=WORLD, join=False, start_method="spawn")
+        deadline = time.monotonic() + 240
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    p.kill()
+                pytest.fail("the DDP workers did not finish within 240 s (a collective mismatch hangs)")
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_nets_bit_identical_across_ranks(ranks, name):
+    a, b = ranks[0][name], ranks[1][name]
+    assert a["net"].keys() == b["net"].keys()
+    for key in a["net"]:
+        assert torch.equal(a["net"][key], b["net"][key]), key
+    for key in a["model"]:  # DDP keeps the model identical too
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
+    torch.set_num_threads(1)
+    single = _train(CONFIGS[name], rank=None)
+    ddp = ranks[0][name]
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-5, msg=f"model {key}")
+    for key, value in single["net"].items():
+        torch.testing.assert_close(ddp["net"][key], value, rtol=0, atol=1e-5, msg=f"net {key}")
+    # the weights each rank returned are the global batch's weights, shard by shard
+    per_step = [torch.cat([r[name]["weights"].view(STEPS, SHARD)[t] for r in ranks]) for t in range(STEPS)]
+    torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
+    # the run is not trivial: the weights vary within the batches
+    assert single["weights"].std() > 1e-3
+
+
+def test_nonfinite_decision_is_global(ranks):
+    """A NaN loss on one rank only: every rank skips (or raises) together instead of deadlocking."""
+    a, b = ranks[0]["nonfinite"], ranks[1]["nonfinite"]
+    assert a["raise"] == b["raise"] == "raised"
+    assert a["skip"]["skipped"] and b["skip"]["skipped"]
+    for key in a["skip"]["net"]:
+        assert torch.equal(a["skip"]["net"][key], b["skip"]["net"][key])
+    assert a["skip"]["weights"][1] == 0 and torch.isfinite(a["skip"]["weights"]).all()
+    assert torch.isfinite(b["skip"]["weights"]).all()
