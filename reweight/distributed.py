@@ -14,6 +14,7 @@ look-ahead must be the one of the global batch and every rank must keep an ident
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,9 +70,7 @@ class DataParallelGroup:
         """Sum of ``t`` over ranks, differentiable (the gradient is summed back)."""
         if not self.active:
             return t
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(t, group=self.process_group)
+        return _AllReduceSum.apply(t, self.process_group)
 
     def sum_grads_(self, params: Iterable[nn.Parameter]) -> None:
         """Sum ``.grad`` of ``params`` across ranks, in place."""
@@ -94,6 +93,26 @@ class DataParallelGroup:
         with torch.no_grad():
             for t in tensors:
                 dist.broadcast(t, src=src, group=self.process_group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the backward sums the incoming gradients over ranks as well.
+
+    (``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: object | None) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 def data_parallel_group(model: nn.Module) -> DataParallelGroup:
