@@ -403,7 +403,7 @@ class MetaReweighter:
             if not self._finite_or_skip(self._group.all_(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
                 return False, None
             self.last_meta_loss = grad.meta_loss
-            return True, self._normalize(torch.clamp(-grad.coefficients, min=0))
+            return True, self._normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()))
         assert self.meta_optimizer is not None
         self.net.train()
         with torch.enable_grad():
