@@ -1,0 +1,319 @@
+"""Hugging Face Transformers: a ``Trainer`` whose ``compute_loss`` learns per-sample weights.
+
+``ReweightTrainer`` (or ``ReweightTrainerMixin`` on top of another ``Trainer`` subclass) takes a clean
+``meta_dataset`` and, for every training micro-batch, forwards the batch through the (possibly wrapped or
+compiled) model once, asks a :class:`~reweight.MetaReweighter` for the weights (its look-ahead runs on the
+unwrapped module), and returns ``(weights * per_sample_loss).mean()``. With all weights 1 that is exactly the
+Trainer's own loss: cross-entropy for sequence classification, the mean over valid (``!= -100``) shifted
+tokens for causal LMs, label smoothing included.
+
+* Gradient accumulation: the loss is a per-micro-batch mean and the Trainer divides it by the accumulation
+  steps (``loss_is_scaled_for_ga = False``, ``model_accepts_loss_kwargs = False``), so accumulating two
+  equal micro-batches gives the gradient of the double batch. For causal LMs each micro-batch is normalised
+  by its own token count.
+* Evaluation (``prediction_step``, or any call under ``no_grad`` or in eval mode) runs no meta step and
+  returns the unweighted loss.
+* Checkpoints: the reweighter's state is written to ``checkpoint-*/reweighter.pt`` and restored by
+  ``train(resume_from_checkpoint=...)``.
+* Logs: ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max`` and ``reweight/meta_loss``,
+  averaged over the steps since the last log, join the Trainer's training logs.
+* Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
+  lrs are small; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule.
+
+Example:
+    >>> from reweight.integrations.transformers import ReweightTrainer
+    >>> # trainer = ReweightTrainer(model=model, args=args, train_dataset=noisy, meta_dataset=clean,
+    >>> #                           reweight_kwargs={"net": "lossnet"}, lookahead_lr=0.1)
+    >>> # trainer.train()
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import losses as _losses
+from .._batch import as_logits, unwrap_model
+from ..reweighter import MetaReweighter
+from . import require
+
+_transformers = require("transformers", "transformers")
+from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
+
+__all__ = [
+    "ReweightTrainer",
+    "ReweightTrainerMixin",
+    "REWEIGHTER_STATE_NAME",
+    "TASKS",
+    "per_sample_loss",
+]
+
+REWEIGHTER_STATE_NAME = "reweighter.pt"
+TASKS = ("auto", "sequence_classification", "causal_lm", "token_classification")
+_LABEL_KEYS = ("labels", "label", "label_ids")
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def per_sample_loss(task: str, label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample loss of a Hugging Face task whose batch mean is the Trainer's own loss.
+
+    Args:
+        task: ``"sequence_classification"`` (cross-entropy), ``"causal_lm"`` (shifted token losses summed per
+            sequence over the batch's valid tokens) or ``"token_classification"`` (the same, unshifted).
+        label_smoothing: the Trainer's ``label_smoothing_factor`` (default: ``0.0``).
+
+    Raises:
+        ValueError: on an unknown task.
+    """
+    if task == "sequence_classification":
+        return lambda logits, labels: _losses.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if task == "causal_lm":
+        return lambda logits, labels: _losses.causal_lm_loss(logits, labels, label_smoothing=label_smoothing)
+    if task == "token_classification":
+        return lambda logits, labels: _losses.sequence_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    raise ValueError(f"task must be one of {TASKS[1:]}, got {task!r}")
+
+
+def _infer_task(module: nn.Module) -> str:
+    name = type(module).__name__
+    if name.endswith(_CAUSAL_SUFFIXES):
+        return "causal_lm"
+    if name.endswith("ForTokenClassification"):
+        return "token_classification"
+    return "sequence_classification"
+
+
+class _MetaLoader:
+    """Re-iterable meta batches: the collated meta dataset, keeping only the model's inputs and ``labels``."""
+
+    def __init__(self, loader: Iterable[Any], keep: set[str] | None) -> None:
+        self.loader, self.keep = loader, keep
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if isinstance(batch, Mapping):
+                batch = dict(batch)
+                for key in ("label", "label_ids"):
+                    if key in batch and "labels" not in batch:
+                        batch["labels"] = batch.pop(key)
+                if self.keep is not None:
+                    batch = {k: v for k, v in batch.items() if k in self.keep}
+            yield batch
+
+
+class _ReweightCheckpoints(TrainerCallback):
+    """Writes the reweighter's state into each checkpoint folder."""
+
+    def __init__(self, trainer: ReweightTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Save ``reweighter.pt`` beside the checkpoint just written."""
+        if not args.should_save or self.trainer.reweighter is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.trainer.reweighter.state_dict(), os.path.join(folder, REWEIGHTER_STATE_NAME))
+
+
+class ReweightTrainerMixin:
+    """Mixin for a ``transformers.Trainer`` subclass: the meta step inside ``compute_loss``.
+
+    Args:
+        meta_dataset: clean meta samples, collated with the Trainer's ``data_collator`` (default: ``None``).
+        meta_loader: instead of ``meta_dataset``, a re-iterable of ready meta batches (dicts with ``labels``)
+            (default: ``None``).
+        meta_batch_size: batch size of the meta loader built from ``meta_dataset``
+            (default: ``per_device_train_batch_size``).
+        task: ``"auto"`` (from the model class: ``*ForCausalLM`` is causal LM, ``*ForTokenClassification`` token
+            classification, anything else sequence classification) or one of :data:`TASKS` (default: ``"auto"``).
+        loss_fn: per-sample loss ``(logits, labels) -> (batch,)`` replacing the task's (default: ``None``).
+        lookahead_lr: fixed look-ahead learning rate (warmup, AdamW lrs); ``None`` follows the schedule
+            (default: ``None``).
+        reweight_kwargs: further keyword arguments of :class:`~reweight.MetaReweighter`, e.g. ``net``,
+            ``interval``, ``seed`` (default: ``None``).
+        *args, **kwargs: the Trainer's own arguments.
+
+    Raises:
+        ValueError: if neither or both of ``meta_dataset`` and ``meta_loader`` are given, on an unknown task, or
+            with a ``compute_loss_func`` (the weighted loss replaces it).
+        TypeError: if ``reweight_kwargs`` holds an argument that the Trainer supplies.
+    """
+
+    loss_is_scaled_for_ga: bool | None = False
+
+    def __init__(
+        self,
+        *args: Any,
+        meta_dataset: Dataset | None = None,
+        meta_loader: Iterable[Any] | None = None,
+        meta_batch_size: int | None = None,
+        task: str = "auto",
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        lookahead_lr: float | None = None,
+        reweight_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if (meta_dataset is None) == (meta_loader is None):
+            raise ValueError("pass exactly one of meta_dataset and meta_loader")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if meta_batch_size is not None and (isinstance(meta_batch_size, bool) or meta_batch_size < 1):
+            raise ValueError(f"meta_batch_size must be a positive int, got {meta_batch_size!r}")
+        reweight_kwargs = dict(reweight_kwargs or {})
+        taken = {"model", "optimizer", "meta_loader", "lookahead_lr"} & set(reweight_kwargs)
+        if taken:
+            raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the Trainer supplies them")
+        super().__init__(*args, **kwargs)
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError("compute_loss_func is not supported: pass loss_fn, a per-sample loss, instead")
+        self.model_accepts_loss_kwargs = False  # never let the Trainer assume the loss is pre-scaled
+        self.meta_dataset, self._meta_loader_arg = meta_dataset, meta_loader
+        self.meta_batch_size = meta_batch_size
+        self.task = _infer_task(unwrap_model(self.model)) if task == "auto" else task
+        smoothing = float(self.args.label_smoothing_factor or 0.0)
+        self.per_sample_loss = loss_fn or per_sample_loss(self.task, smoothing)
+        self.meta_loss_fn = reweight_kwargs.pop("meta_loss_fn", None) or loss_fn or per_sample_loss(self.task)
+        self.lookahead_lr = lookahead_lr
+        self.reweight_kwargs = reweight_kwargs
+        self.reweighter: MetaReweighter | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._weight_stats: dict[str, list[float]] = {}
+        self.add_callback(_ReweightCheckpoints(self))
+
+    # ------------------------------------------------------------------ reweighter
+
+    def get_meta_dataloader(self) -> Iterable[Any]:
+        """The meta loader: ``meta_loader`` as given, or ``meta_dataset`` shuffled and collated like training."""
+        if self._meta_loader_arg is not None:
+            loader: Iterable[Any] = self._meta_loader_arg
+        else:
+            loader = DataLoader(
+                self.meta_dataset,
+                batch_size=self.meta_batch_size or self.args.per_device_train_batch_size,
+                shuffle=True,
+                collate_fn=self.data_collator,
+            )
+        keep = None
+        if self.args.remove_unused_columns:
+            forward = inspect.signature(unwrap_model(self.model).forward).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward.values()):
+                keep = set(forward) | {"labels"}
+        return _MetaLoader(loader, keep)
+
+    def _build_reweighter(self, model: nn.Module) -> MetaReweighter:
+        bare = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        target = model if unwrap_model(model) is bare else bare  # the core unwraps DDP/compile itself
+        optimizer = self.optimizer
+        inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+        reweighter = MetaReweighter(
+            target,
+            optimizer,
+            self.get_meta_dataloader(),
+            lookahead_lr=self.lookahead_lr,
+            loss_fn=self.per_sample_loss,
+            meta_loss_fn=self.meta_loss_fn,
+            **self.reweight_kwargs,
+        )
+        if self._pending_state is not None:
+            reweighter.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return reweighter
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """The weighted loss ``(weights * per_sample_loss).mean()``; unweighted, with no meta step, in evaluation.
+
+        ``num_items_in_batch`` is accepted and ignored: the loss is a per-micro-batch mean that the Trainer
+        divides by the gradient-accumulation steps.
+
+        Raises:
+            ValueError: if the batch has no ``labels``.
+        """
+        inputs = dict(inputs)
+        labels = None
+        for key in _LABEL_KEYS:
+            if key in inputs:
+                labels = inputs.pop(key)
+                break
+        if labels is None:
+            raise ValueError(f"ReweightTrainer needs labels in each batch (one of {_LABEL_KEYS}); got {sorted(inputs)}")
+        outputs = model(**inputs)
+        logits = as_logits(outputs)
+        losses = self.per_sample_loss(logits, labels)
+        if model.training and torch.is_grad_enabled() and self.optimizer is not None:
+            if self.reweighter is None:
+                self.reweighter = self._build_reweighter(model)
+            weights = self.reweighter.step(inputs, labels, outputs)
+            loss = (weights.to(losses.dtype) * losses).mean()
+            self._record(weights)
+        else:
+            loss = losses.mean()
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ logs and checkpoints
+
+    def _record(self, weights: Tensor) -> None:
+        w = weights.detach().float()
+        stats = {"weight_std": w.std(unbiased=False), "weight_min": w.min(), "weight_max": w.max()}
+        meta_loss = self.reweighter.last_meta_loss if self.reweighter is not None else None
+        if meta_loss is not None:
+            stats["meta_loss"] = meta_loss.float()
+        for key, value in stats.items():
+            self._weight_stats.setdefault(key, []).append(float(value))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's ``log``, with the weight statistics since the last training log added."""
+        if "loss" in logs and self._weight_stats:
+            for key, values in self._weight_stats.items():
+                logs[f"reweight/{key}"] = sum(values) / len(values)
+            self._weight_stats = {}
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``; on resume, also restores the reweighter from ``checkpoint-*/reweighter.pt``."""
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)
+        if isinstance(path, str):
+            file = os.path.join(path, REWEIGHTER_STATE_NAME)
+            if os.path.isfile(file):
+                state = torch.load(file, map_location="cpu", weights_only=True)
+                if self.reweighter is not None:
+                    self.reweighter.load_state_dict(state)
+                else:
+                    self._pending_state = state
+            else:
+                warnings.warn(
+                    f"{path} has no {REWEIGHTER_STATE_NAME}: the weighting net starts afresh", RuntimeWarning, 2
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+
+class ReweightTrainer(ReweightTrainerMixin, Trainer):
+    """``transformers.Trainer`` with meta sample reweighting; see :class:`ReweightTrainerMixin` for the arguments.
+
+    Example:
+        >>> # trainer = ReweightTrainer(model=model, args=args, train_dataset=noisy, meta_dataset=clean)
+    """

@@ -1,0 +1,280 @@
+"""ReweightTrainer: a real transformers.Trainer, tiny config-built models, offline, on the CPU."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not os.environ.get("CI"):  # CI installs the extra (".[test]") and must run these tests, never skip them
+    pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from reweight import LossNet  # noqa: E402
+from reweight.integrations.transformers import REWEIGHTER_STATE_NAME, ReweightTrainer, per_sample_loss  # noqa: E402
+
+VOCAB, CLASSES, LENGTH = 40, 3, 8
+
+
+def bert(attn: str = "sdpa", seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=CLASSES,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    config._attn_implementation = attn
+    return BertForSequenceClassification(config)
+
+
+def llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def text_dataset(n: int, seed: int, lm: bool = False) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (LENGTH,), generator=g)
+        mask = torch.ones(LENGTH, dtype=torch.long)
+        if lm:
+            cut = int(torch.randint(3, LENGTH + 1, (), generator=g))  # unequal token counts
+            mask[cut:] = 0
+            labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+            rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        else:
+            rows.append(
+                {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, CLASSES, (), generator=g)}
+            )
+    return rows
+
+
+class Recorder(TrainerCallback):
+    """Model gradients just before the optimizer step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None})
+
+
+class RecordingTrainer(ReweightTrainer):
+    """Keeps each training micro-batch and its weights."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches = []
+        self.models_seen = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        self.models_seen.append(model)
+        calls = self.reweighter.step_count if self.reweighter is not None else 0
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
+        if self.reweighter is not None and self.reweighter.step_count > calls:
+            self.batches.append(({k: v.clone() for k, v in inputs.items()}, self.last_weights.clone()))
+        return out
+
+    def _record(self, weights):
+        self.last_weights = weights
+        super()._record(weights)
+
+
+def recorded(trainer) -> list[dict[str, torch.Tensor]]:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Recorder)).grads
+
+
+def make_trainer(tmp_path, model, train, meta, *, cls=RecordingTrainer, batch=4, accumulation=1, steps=1, **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        save_strategy=kw.pop("save_strategy", "no"),
+        save_steps=kw.pop("save_steps", 1),
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        **kw.pop("args", {}),
+    )
+    reweight_kwargs = kw.pop("reweight_kwargs", {"seed": 0})
+    return cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        meta_dataset=meta,
+        reweight_kwargs=reweight_kwargs,
+        callbacks=[Recorder()],
+        **kw,
+    )
+
+
+def hand_gradient(model, batches, loss_fn, total: int) -> dict[str, torch.Tensor]:
+    """grad of sum over micro-batches of sum_i w_i * l_i, divided by the double batch size."""
+    model = copy.deepcopy(model)
+    model.zero_grad()
+    for inputs, weights in batches:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        losses = loss_fn(model(**inputs).logits, labels)
+        ((weights * losses).sum() / total).backward()
+    return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_unit_weights_reproduce_the_models_own_loss():
+    model = bert("eager")
+    batch = {k: torch.stack([r[k] for r in text_dataset(6, 1)]) for k in ("input_ids", "attention_mask", "labels")}
+    labels = batch.pop("labels")
+    own = model(**batch, labels=labels).loss
+    torch.testing.assert_close(per_sample_loss("sequence_classification")(model(**batch).logits, labels).mean(), own)
+
+    lm = llama()
+    rows = text_dataset(5, 2, lm=True)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+    labels = batch.pop("labels")
+    own = lm(**batch, labels=labels).loss
+    torch.testing.assert_close(per_sample_loss("causal_lm")(lm(**batch).logits, labels).mean(), own)
+
+
+def test_gradient_is_the_hand_computed_weighted_gradient_and_the_net_learns(tmp_path):
+    model = bert("sdpa")
+    net = LossNet(hidden=8)
+    net_before = copy.deepcopy(net.state_dict())
+    initial = copy.deepcopy(model)
+    trainer = make_trainer(
+        tmp_path, model, text_dataset(8, 1), text_dataset(6, 2), reweight_kwargs={"net": net, "seed": 0}
+    )
+    trainer.train()
+    assert len(trainer.batches) == 1
+    weights, grads = trainer.batches[0][1], recorded(trainer)[0]
+    assert not torch.allclose(weights, torch.ones_like(weights))
+    want = hand_gradient(initial, trainer.batches, per_sample_loss("sequence_classification"), total=4)
+    assert_grads_close(grads, want)
+    assert any(not torch.equal(net_before[k], v) for k, v in trainer.reweighter.net.state_dict().items())
+    logged = [log for log in trainer.state.log_history if "reweight/weight_std" in log]
+    assert logged and logged[0]["reweight/weight_std"] > 0 and "reweight/meta_loss" in logged[0]
+
+
+def test_gradient_accumulation_two_gives_the_gradient_of_one_double_batch(tmp_path):
+    model = bert("eager")
+    initial = copy.deepcopy(model)
+    trainer = make_trainer(tmp_path, model, text_dataset(8, 1), text_dataset(6, 2), batch=4, accumulation=2)
+    trainer.train()
+    assert len(trainer.batches) == 2  # two meta steps, one optimizer step
+    grads = recorded(trainer)
+    assert len(grads) == 1
+    # the double batch's loss: mean over its 8 samples of w_i * l_i (Trainer's GA scaling, not twice that)
+    want = hand_gradient(initial, trainer.batches, per_sample_loss("sequence_classification"), total=8)
+    assert_grads_close(grads[0], want)
+
+
+def test_causal_lm_with_sdpa_weights_token_sums_over_valid_tokens(tmp_path):
+    model = llama()
+    initial = copy.deepcopy(model)
+    trainer = make_trainer(tmp_path, model, text_dataset(4, 3, lm=True), text_dataset(4, 4, lm=True), batch=4)
+    assert trainer.task == "causal_lm"
+    trainer.train()
+    inputs, grads = trainer.batches[0][0], recorded(trainer)[0]
+    tokens = int((inputs["labels"][:, 1:] != -100).sum())
+    sums = lambda logits, labels: per_sample_loss("causal_lm")(logits, labels) * tokens / labels.shape[0]  # noqa: E731
+    assert_grads_close(grads, hand_gradient(initial, trainer.batches, sums, total=tokens))
+
+
+def test_evaluation_runs_no_meta_step(tmp_path):
+    model = bert("eager")
+    eval_rows = text_dataset(6, 5)
+    trainer = make_trainer(tmp_path, model, text_dataset(8, 1), text_dataset(6, 2), eval_dataset=eval_rows, batch=6)
+    trainer.train()
+    steps = trainer.reweighter.step_count
+    net = copy.deepcopy(trainer.reweighter.net.state_dict())
+    metrics = trainer.evaluate()
+    assert trainer.reweighter.step_count == steps
+    assert all(torch.equal(v, trainer.reweighter.net.state_dict()[k]) for k, v in net.items())
+    batch = {k: torch.stack([r[k] for r in eval_rows]) for k in ("input_ids", "attention_mask", "labels")}
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        plain = model.eval()(**batch, labels=labels).loss
+    assert metrics["eval_loss"] == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_reweighter_state_survives_checkpoint_and_resume(tmp_path):
+    train, meta = text_dataset(16, 1), text_dataset(6, 2)
+    full = make_trainer(tmp_path / "a", bert("eager"), train, meta, steps=3, save_strategy="steps")
+    full.train()
+    assert os.path.isfile(tmp_path / "a" / "checkpoint-1" / REWEIGHTER_STATE_NAME)
+
+    resumed = make_trainer(tmp_path / "a", bert("eager", seed=5), train, meta, steps=3, save_strategy="steps")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.reweighter.step_count == full.reweighter.step_count == 3
+    for k, v in full.reweighter.net.state_dict().items():
+        torch.testing.assert_close(resumed.reweighter.net.state_dict()[k], v)
+    assert resumed.reweighter.state_dict()["meta_stream"] == full.reweighter.state_dict()["meta_stream"]
+
+    fresh = make_trainer(tmp_path / "b", bert("eager"), train, meta, steps=1, reweight_kwargs={"seed": 1})
+    fresh.train()
+    assert any(
+        not torch.equal(fresh.reweighter.net.state_dict()[k], v) for k, v in full.reweighter.net.state_dict().items()
+    )
+
+
+def test_compiled_model_forwards_through_the_wrapper_and_meta_steps_on_the_bare_module(tmp_path):
+    model = bert("eager")
+    initial = copy.deepcopy(model)
+    compile_args = {"torch_compile": True, "torch_compile_backend": "eager"}
+    trainer = make_trainer(tmp_path, model, text_dataset(8, 1), text_dataset(6, 2), args=compile_args)
+    trainer.train()
+    assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in trainer.models_seen)
+    assert trainer.reweighter.module is model  # the look-ahead runs on the bare module
+    grads = recorded(trainer)[0]
+    assert_grads_close(grads, hand_gradient(initial, trainer.batches, per_sample_loss("sequence_classification"), 4))
+
+
+def test_missing_transformers_names_the_extra():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "try:\n    import reweight.integrations.transformers\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "reweight[transformers]"' in out
