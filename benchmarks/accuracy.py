@@ -1,0 +1,393 @@
+"""Accuracy benchmark at CPU scale: the paper's comparisons on mnist1d and sklearn digits.
+
+Methods: Standard, Fine-tune, L2RW, LossNet, LogitNet, MetaInfoNet, all on ONE schedule (same model,
+optimizer, learning-rate schedule, epochs, batches and data per seed). Settings: Flip-1 / Flip-2 20% and 40%,
+Uniform 40% and 60%, long tail with imbalance 10 / 50 / 100.
+
+Per run: "best" = test accuracy at the epoch with the best accuracy on the clean meta set (never the test
+set), "last" = mean test accuracy over the last 10% of epochs, and the AUROC of the weights (mean over the
+last 10% of epochs) separating clean from corrupted training samples. Each run is cached as JSON under
+``benchmarks/results/<dataset>/<setting>/<method>/seed<k>.json``; an existing file with the same config is
+not re-run, so an interrupted sweep resumes.
+
+    python benchmarks/accuracy.py --datasets mnist1d --seeds 0 1 2          # run (resumes)
+    python benchmarks/accuracy.py --report > tables.md                       # render cached results
+    python benchmarks/accuracy.py --lambda-sweep --datasets mnist1d --settings flip1-40
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.data import flip1_noise, flip2_noise, load_dataset, long_tail, meta_split, uniform_noise
+from reweight.diagnostics import WeightRecorder
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("standard", "finetune", "l2rw", "lossnet", "logitnet", "metainfonet")
+SETTINGS = ("flip1-20", "flip1-40", "flip2-20", "flip2-40", "uniform-40", "uniform-60", "lt-10", "lt-50", "lt-100")
+DATASETS = ("mnist1d", "digits")
+LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+NAMES = {
+    "standard": "Standard",
+    "finetune": "Fine-tune",
+    "l2rw": "L2RW",
+    "lossnet": "LossNet",
+    "logitnet": "LogitNet",
+    "metainfonet": "MetaInfoNet",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One schedule shared by every method on a dataset."""
+
+    num_samples: int = 4000  # mnist1d only (80% train, 20% test)
+    epochs: int = 30
+    batch_size: int = 100
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.6, 0.8)  # lr /10 at these fractions of the epochs (paper: 80, 100 of 120)
+    meta_per_class_noise: int = 20
+    meta_per_class_lt: int = 10
+    meta_batch_size: int = 100
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.005
+
+
+CONFIGS = {
+    "mnist1d": Config(),
+    "digits": Config(epochs=40, batch_size=50, meta_per_class_noise=10, meta_per_class_lt=5),
+}
+
+
+def make_model(dataset: str) -> nn.Module:
+    if dataset == "mnist1d":  # small 1-D CNN, input (batch, 1, 40)
+        return nn.Sequential(
+            nn.Conv1d(1, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(32, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(32, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 10, 10),
+        )
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(dataset: str, num_samples: int):
+    return load_dataset(dataset, num_samples=num_samples) if dataset == "mnist1d" else load_dataset(dataset)
+
+
+def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
+    """Train (observed labels), clean meta and test tensors, plus the corrupted mask of the training set."""
+    ds = _dataset(dataset, cfg.num_samples)
+    kind, amount = setting.split("-")
+    per_class = cfg.meta_per_class_lt if kind == "lt" else cfg.meta_per_class_noise
+    split = meta_split(ds.y_train, per_class, num_classes=ds.num_classes, seed=seed)
+    train, meta = split.train, split.meta
+    y_true = ds.y_train[train]
+    corrupted = np.zeros(len(train), dtype=bool)
+    y_obs = y_true
+    if kind == "lt":
+        keep = long_tail(y_true, float(amount), num_classes=ds.num_classes, seed=seed).indices
+        train, y_true, y_obs, corrupted = train[keep], y_true[keep], y_true[keep], corrupted[keep]
+    else:
+        noise = {"flip1": flip1_noise, "flip2": flip2_noise, "uniform": uniform_noise}[kind]
+        n = noise(y_true, int(amount) / 100, num_classes=ds.num_classes, seed=seed)
+        y_obs, corrupted = n.labels, n.corrupted
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return {
+        "x": t(ds.x_train[train]),
+        "y": t(y_obs),
+        "corrupted": corrupted,
+        "xm": t(ds.x_train[meta]),
+        "ym": t(ds.y_train[meta]),
+        "xt": t(ds.x_test),
+        "yt": t(ds.y_test),
+    }
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def train_run(dataset: str, setting: str, method: str, seed: int, cfg: Config, net_kwargs: dict | None = None) -> dict:
+    """Train one method on one setting and seed; returns the per-epoch curves and summary figures."""
+    d = make_data(dataset, setting, seed, cfg)
+    torch.manual_seed(seed)
+    model = make_model(dataset)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(f * cfg.epochs) for f in cfg.milestones], 0.1)
+    g = torch.Generator().manual_seed(seed)
+    meta_ds = torch.utils.data.TensorDataset(d["xm"], d["ym"])
+    meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
+    reweight = method not in ("standard", "finetune")
+    rw = None
+    if reweight:
+        rw = MetaReweighter(model, opt, meta_loader, net=method, net_kwargs=net_kwargs, num_classes=10, seed=seed)
+    rec = WeightRecorder()
+    n = len(d["y"])
+    tail = max(1, math.ceil(0.1 * cfg.epochs))
+    test_acc, meta_acc = [], []
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            xb, yb = d["x"][idx], d["y"][idx]
+            logits = model(xb)
+            losses = F.cross_entropy(logits, yb, reduction="none")
+            w = rw.step(xb, yb, logits) if rw is not None else torch.ones_like(losses)
+            if rw is not None and epoch >= cfg.epochs - tail:
+                rec.record(idx, losses.detach(), w, epoch)
+            opt.zero_grad()
+            (w * losses).mean().backward()
+            opt.step()
+        sched.step()
+        test_acc.append(accuracy(model, d["xt"], d["yt"]))
+        meta_acc.append(accuracy(model, d["xm"], d["ym"]))
+    out = {"test_acc": test_acc, "meta_acc": meta_acc}
+    best_epoch = int(np.argmax(meta_acc))  # first epoch with the highest clean-meta accuracy
+    out["best_epoch"] = best_epoch
+    out["best"] = test_acc[best_epoch]
+    out["last"] = float(np.mean(test_acc[-tail:]))
+    if method == "finetune":  # fine-tune the final standard model on the clean meta set
+        out["standard"] = dict(out)
+        ft = torch.optim.SGD(model.parameters(), lr=cfg.finetune_lr, momentum=cfg.momentum)
+        ft_acc = []
+        for _ in range(cfg.finetune_epochs):
+            for xb, yb in meta_loader:
+                ft.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                ft.step()
+            ft_acc.append(accuracy(model, d["xt"], d["yt"]))
+        out["finetune_test_acc"] = ft_acc
+        out["best"] = out["last"] = ft_acc[-1]  # the meta set is used for training; no selection possible
+        del out["best_epoch"]
+    if rw is not None and d["corrupted"].any():
+        out.update(rec.summary(d["corrupted"]))
+    elif rw is not None:
+        out.update(rec.summary())
+    out["n_train"] = n
+    out["n_corrupted"] = int(d["corrupted"].sum())
+    return out
+
+
+def versions() -> dict:
+    import mnist1d
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "mnist1d": getattr(mnist1d, "__version__", "unknown"),
+    }
+
+
+def result_path(root: Path, dataset: str, setting: str, method: str, seed: int, tag: str = "") -> Path:
+    return root / dataset / setting / (method + tag) / f"seed{seed}.json"
+
+
+def run_cached(
+    root: Path, dataset: str, setting: str, method: str, seed: int, cfg: Config, net_kwargs: dict | None = None
+) -> dict:
+    tag = "" if net_kwargs is None else "_" + "_".join(f"{k}={v}" for k, v in sorted(net_kwargs.items()))
+    path = result_path(root, dataset, setting, method, seed, tag)
+    key = {"dataset": dataset, "setting": setting, "method": method, "seed": seed, "net_kwargs": net_kwargs}
+    key["config"] = dataclasses.asdict(cfg)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == json.loads(json.dumps(key)):
+            return cached
+    t0 = time.time()
+    # Standard and Fine-tune share their first phase: one training run writes both cells.
+    res = train_run(dataset, setting, "finetune" if method == "standard" else method, seed, cfg, net_kwargs)
+    seconds = round(time.time() - t0, 1)
+    outputs = {method: res}
+    if "standard" in res:
+        outputs = {"standard": res.pop("standard"), "finetune": res}
+    for m, r in outputs.items():
+        k = dict(key, method=m)
+        _write(
+            result_path(root, dataset, setting, m, seed, tag),
+            {"key": k, "result": r, "seconds": seconds, "versions": versions()},
+        )
+    return json.loads(path.read_text())
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _load(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/*/seed*.json"))]
+
+
+def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    v = [x * scale for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return "–"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (n=1)"
+    return f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1):.{digits}f}" + ("" if len(v) >= 3 else f" (n={len(v)})")
+
+
+def _milestones(cfg: Config) -> str:
+    return ", ".join(str(round(f * cfg.epochs)) for f in cfg.milestones)
+
+
+def report(root: Path, datasets=DATASETS, settings=SETTINGS, methods=METHODS) -> str:
+    runs = _load(root)
+    cell: dict[tuple, list[dict]] = {}
+    for r in runs:
+        k = r["key"]
+        m = k["method"] if k["net_kwargs"] is None else None
+        if m is None:
+            continue
+        cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
+    lines = []
+    for ds in datasets:
+        if not any(key[0] == ds for key in cell):
+            continue
+        cfg = CONFIGS[ds]
+        lines.append(f"### {ds}: test accuracy (%), mean ± std over seeds, best / last\n")
+        lines.append(
+            f"Schedule (all methods): {cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {cfg.lr} momentum "
+            f"{cfg.momentum} wd {cfg.weight_decay}, lr /10 at epochs {_milestones(cfg)}; "
+            f"meta set {cfg.meta_per_class_noise}/class (noise) or {cfg.meta_per_class_lt}/class (long tail).\n"
+        )
+        present = [s for s in settings if any((ds, s, m) in cell for m in methods)]
+        lines.append("| method | " + " | ".join(present) + " |")
+        lines.append("| --- |" + " --- |" * len(present))
+        for which in ("best", "last"):
+            for m in methods:
+                row = []
+                for s in present:
+                    rs = cell.get((ds, s, m), [])
+                    row.append(_ms([r["result"][which] for r in rs]))
+                lines.append(f"| {NAMES[m]} ({which}) | " + " | ".join(row) + " |")
+        lines.append("")
+        noisy = [s for s in present if not s.startswith("lt")]
+        if noisy:
+            lines.append(f"### {ds}: AUROC of the weights, clean vs corrupted (last 10% of epochs), mean ± std\n")
+            lines.append("| method | " + " | ".join(noisy) + " |")
+            lines.append("| --- |" + " --- |" * len(noisy))
+            for m in ("l2rw", "lossnet", "logitnet", "metainfonet"):
+                row = [_ms([r["result"].get("auroc") for r in cell.get((ds, s, m), [])], 1.0, 3) for s in noisy]
+                lines.append(f"| {NAMES[m]} | " + " | ".join(row) + " |")
+            lines.append("")
+        seeds = sorted({r["key"]["seed"] for key, rs in cell.items() if key[0] == ds for r in rs})
+        lines.append(f"Seeds present: {seeds}.\n")
+        missing = [
+            f"{s}/{m}/seed{k}"
+            for s in settings
+            for m in methods
+            for k in seeds
+            if not any(r["key"]["seed"] == k for r in cell.get((ds, s, m), []))
+        ]
+        if missing:
+            lines.append(f"Missing cells ({len(missing)}): " + ", ".join(missing) + "\n")
+    return "\n".join(lines)
+
+
+def lambda_report(root: Path, dataset: str, setting: str) -> str:
+    runs = [r for r in _load(root) if r["key"]["net_kwargs"] and r["key"]["dataset"] == dataset]
+    runs = [r for r in runs if r["key"]["setting"] == setting]
+    by: dict[float, list[dict]] = {}
+    for r in runs:
+        by.setdefault(float(r["key"]["net_kwargs"]["kl_weight"]), []).append(r)
+    lines = [f"### MetaInfoNet lambda (kl_weight) sweep, {dataset} {setting}\n"]
+    lines.append("| lambda | best meta acc (%) | test best (%) | test last (%) | AUROC |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    score = {}
+    for lam in sorted(by):
+        rs = by[lam]
+        meta_best = [max(r["result"]["meta_acc"]) for r in rs]
+        score[lam] = float(np.mean(meta_best))
+        lines.append(
+            f"| {lam:g} | {_ms(meta_best)} | {_ms([r['result']['best'] for r in rs])} | "
+            f"{_ms([r['result']['last'] for r in rs])} | {_ms([r['result'].get('auroc') for r in rs], 1.0, 3)} |"
+        )
+    if score:
+        chosen = max(sorted(score), key=lambda k: score[k])  # ties: the smallest lambda
+        lines.append(f"\nChosen by the mean best meta-set accuracy (never the test set): lambda = {chosen:g}.\n")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--results", type=Path, default=RESULTS, help="cache folder (default: benchmarks/results)")
+    p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
+    p.add_argument("--lambda-sweep", action="store_true", help="MetaInfoNet over kl_weight in the paper's grid")
+    p.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
+    p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
+    args = p.parse_args(argv)
+    if args.report:
+        print(report(args.results, args.datasets, args.settings, args.methods))
+        if args.lambda_sweep:
+            for ds in args.datasets:
+                for s in args.settings:
+                    print(lambda_report(args.results, ds, s))
+        return 0
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    jobs = []
+    for ds in args.datasets:
+        cfg = CONFIGS[ds]
+        if args.epochs is not None:
+            cfg = dataclasses.replace(cfg, epochs=args.epochs)
+        if args.num_samples is not None:
+            cfg = dataclasses.replace(cfg, num_samples=args.num_samples)
+        for seed in args.seeds:
+            for s in args.settings:
+                if args.lambda_sweep:
+                    jobs += [(ds, s, "metainfonet", seed, cfg, {"kl_weight": lam}) for lam in args.lambdas]
+                else:
+                    jobs += [(ds, s, m, seed, cfg, None) for m in args.methods]
+    bar = tqdm(jobs, desc="runs", file=sys.stderr)
+    for ds, s, m, seed, cfg, kw in bar:
+        bar.set_postfix_str(f"{ds} {s} {m} seed{seed}" + (f" {kw}" if kw else ""))
+        r = run_cached(args.results, ds, s, m, seed, cfg, kw)["result"]
+        bar.write(
+            f"{ds} {s} {m} seed{seed} {kw or ''}: best {r['best']:.3f} last {r['last']:.3f} "
+            f"auroc {r.get('auroc', float('nan')):.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Tiny-scale smoke runs of the demo (examples/noisy_labels.py) and the benchmark (benchmarks/accuracy.py)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(relpath: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return _load("examples/noisy_labels.py", "_demo_noisy_labels")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("benchmarks/accuracy.py", "_bench_accuracy")
+
+
+def test_demo_runs_and_writes_its_figures(demo, tmp_path, capsys):
+    table = demo.main(epochs=2, num_samples=600, out=str(tmp_path))
+    assert set(table) == {"Standard", "LossNet", "MetaInfoNet"}
+    for row in table.values():
+        assert 0.0 <= row["final"] <= 1.0 and 0.0 <= row["last"] <= 1.0
+    assert 0.0 <= table["MetaInfoNet"]["auroc"] <= 1.0
+    for name in ("weights_clean_vs_corrupted.png", "test_accuracy.png", "weight_vs_loss.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    lines = (tmp_path / "lowest_weights_metainfonet.csv").read_text().splitlines()
+    assert lines[0] == "index,weight,loss" and len(lines) == 201
+    assert "| MetaInfoNet |" in capsys.readouterr().out
+
+
+def test_benchmark_caches_resumes_and_reports(bench, tmp_path, monkeypatch):
+    args = ["--datasets", "mnist1d", "--settings", "flip1-40", "lt-10", "--seeds", "0"]
+    args += ["--epochs", "1", "--num-samples", "600", "--results", str(tmp_path)]
+    assert bench.main(args) == 0
+    files = sorted(tmp_path.glob("mnist1d/*/*/seed0.json"))
+    assert len(files) == 2 * len(bench.METHODS)
+    run = json.loads((tmp_path / "mnist1d" / "flip1-40" / "metainfonet" / "seed0.json").read_text())
+    assert run["key"]["config"]["epochs"] == 1 and len(run["result"]["test_acc"]) == 1
+    assert 0.0 <= run["result"]["auroc"] <= 1.0 and run["result"]["n_corrupted"] > 0
+
+    def fail(*a, **k):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(bench, "train_run", fail)
+    assert bench.main(args) == 0  # resumes: everything is cached
+
+    text = bench.report(tmp_path, ["mnist1d"])
+    assert "| MetaInfoNet (best) |" in text and "| Fine-tune (last) |" in text and "AUROC" in text
+    assert "Missing cells" in text  # the other settings were not run
+
+
+def test_benchmark_lambda_sweep_reports_a_choice(bench, tmp_path):
+    args = ["--lambda-sweep", "--lambdas", "0", "1", "--datasets", "mnist1d", "--settings", "flip1-40"]
+    args += ["--seeds", "0", "--epochs", "1", "--num-samples", "600", "--results", str(tmp_path)]
+    assert bench.main(args) == 0
+    text = bench.lambda_report(tmp_path, "mnist1d", "flip1-40")
+    assert "| 0 |" in text and "| 1 |" in text and "lambda =" in text
