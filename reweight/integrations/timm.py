@@ -1,0 +1,218 @@
+"""timm: a ``ClassificationTask`` for timm's ``train.py`` that learns per-sample loss weights.
+
+timm's ``train.py`` routes every training forward through its task, ``task(input, target)``, and saves the
+task's own state in checkpoints (``get_task_state`` / ``load_task_state``). Replacing the task is the hook::
+
+    task = ReweightClassificationTask(model, meta_loader, criterion=train_loss_fn, net="lossnet")
+    optimizer = create_optimizer_v2(model, ...)
+    task.bind_optimizer(optimizer)          # the optimizer is created after the task in train.py
+    saver = CheckpointSaver(model, optimizer, task=task, ...)
+
+* The criterion that ``train.py`` picked (cross-entropy, label smoothing, soft targets from mixup / cutmix,
+  BCE) becomes its per-sample twin (:func:`per_sample_criterion`), so all weights 1 give timm's own loss.
+* Meta batches come from ``meta_loader``: clean, unmixed, hard labels; do not pass them through ``Mixup``.
+  With mixup, each weight lands on a mixed pair; ``lossnet`` takes only the loss, the other nets see the
+  soft targets.
+* In eval mode or under ``no_grad`` the task returns timm's loss and runs no meta step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import losses as _losses
+from .._batch import unwrap_model
+from ..reweighter import MetaReweighter
+from . import require
+
+_timm = require("timm", "timm")
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.task import ClassificationTask  # noqa: E402
+
+__all__ = ["ReweightClassificationTask", "per_sample_criterion", "TASK_STATE_KEY"]
+
+TASK_STATE_KEY = "reweighter"
+_SUPPORTED = "nn.CrossEntropyLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, BinaryCrossEntropy"
+
+
+def _torch_cross_entropy(logits: Tensor, targets: Tensor, *, criterion: nn.CrossEntropyLoss) -> Tensor:
+    if targets.ndim == 2:  # nn.CrossEntropyLoss also takes class probabilities
+        _losses.check_class_targets(logits, targets)
+    return F.cross_entropy(
+        logits,
+        targets,
+        weight=criterion.weight,
+        ignore_index=criterion.ignore_index,
+        reduction="none",
+        label_smoothing=criterion.label_smoothing,
+    )
+
+
+def per_sample_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample twin ``(logits, targets) -> (batch,)`` of a timm training criterion.
+
+    The batch mean of the result equals ``criterion(logits, targets)`` (for ``nn.CrossEntropyLoss`` without
+    class weights; with them, timm's weighted mean normalises by the weights' sum instead).
+
+    Args:
+        criterion: ``nn.CrossEntropyLoss``, ``LabelSmoothingCrossEntropy``, ``SoftTargetCrossEntropy`` or
+            ``BinaryCrossEntropy``, as created by ``timm.loss.create_classification_loss``.
+
+    Raises:
+        ValueError: for any other criterion; pass ``loss_fn`` to the task instead.
+    """
+    if isinstance(criterion, LabelSmoothingCrossEntropy):
+        return partial(_losses.label_smoothing_cross_entropy, smoothing=criterion.smoothing)
+    if isinstance(criterion, SoftTargetCrossEntropy):
+        return _losses.soft_target_cross_entropy
+    if isinstance(criterion, BinaryCrossEntropy):
+        return partial(
+            _losses.binary_cross_entropy,
+            smoothing=criterion.smoothing,
+            target_threshold=criterion.target_threshold,
+            weight=criterion.weight,
+            pos_weight=criterion.pos_weight,
+            sum_classes=criterion.sum_classes,
+            smooth_dense=criterion.smooth_dense,
+        )
+    if isinstance(criterion, nn.CrossEntropyLoss):
+        return partial(_torch_cross_entropy, criterion=criterion)
+    raise ValueError(
+        f"no per-sample version of {type(criterion).__name__}; supported: {_SUPPORTED}. "
+        "Pass loss_fn=(logits, targets) -> (batch,) losses instead"
+    )
+
+
+def _meta_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The clean meta loss: the criterion's family on hard labels, without smoothing."""
+    if isinstance(criterion, BinaryCrossEntropy):
+        return partial(_losses.binary_cross_entropy, weight=criterion.weight, pos_weight=criterion.pos_weight)
+    return _losses.cross_entropy
+
+
+class ReweightClassificationTask(ClassificationTask):
+    """timm ``ClassificationTask`` whose training forward returns the reweighted loss.
+
+    The weighting net and its optimizer live in a :class:`~reweight.MetaReweighter` that is not a submodule:
+    they stay out of ``task.parameters()``, the model's ``state_dict`` and DDP, and are checkpointed through
+    ``get_task_state`` under the key ``"reweighter"``.
+
+    Args:
+        model: the timm model (may later be compiled or DDP-wrapped by the task).
+        meta_loader: re-iterable of clean ``(images, labels)`` batches, not mixed.
+        criterion: timm's training criterion; created from ``criterion_kwargs`` when ``None`` (default: ``None``).
+        criterion_kwargs: arguments of ``timm.loss.create_classification_loss`` (default: ``None``).
+        optimizer: the model's optimizer; may be bound later with :meth:`bind_optimizer` (default: ``None``).
+        loss_fn: per-sample training loss replacing :func:`per_sample_criterion` (default: ``None``).
+        meta_loss_fn: per-sample meta loss (default: cross-entropy, or BCE for a BCE criterion).
+        device, dtype, verbose: as in ``ClassificationTask``.
+        **reweight_kwargs: further arguments of :class:`~reweight.MetaReweighter` (``net``, ``interval``,
+            ``lookahead_lr``, ``seed``, ...).
+
+    Raises:
+        ValueError: if the criterion has no per-sample version and no ``loss_fn`` is given.
+        TypeError: if ``reweight_kwargs`` sets an argument that the task supplies.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        meta_loader: Iterable[Any],
+        criterion: nn.Module | Callable[..., Tensor] | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        meta_loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = True,
+        **reweight_kwargs: Any,
+    ) -> None:
+        taken = {"model", "optimizer", "meta_loader", "loss_fn", "meta_loss_fn"} & set(reweight_kwargs)
+        if taken:
+            raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the task supplies them")
+        super().__init__(
+            model, criterion, criterion_kwargs=criterion_kwargs, device=device, dtype=dtype, verbose=verbose
+        )
+        self.loss_fn = loss_fn or per_sample_criterion(self.criterion)
+        self.meta_loss_fn = meta_loss_fn or _meta_criterion(self.criterion)
+        self.meta_loader = meta_loader
+        self.reweight_kwargs = reweight_kwargs
+        self.optimizer = optimizer
+        self.reweighter: MetaReweighter | None = None
+        self.last_weights: Tensor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> ReweightClassificationTask:
+        """Give the task the model's optimizer (its param groups' lr drive the look-ahead); returns ``self``."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self.reweighter is not None:  # rebuilt on the next training forward, keeping its state
+            self._pending_state = self.reweighter.state_dict()
+        self.optimizer = optimizer
+        self.reweighter = None
+        return self
+
+    def _get_reweighter(self) -> MetaReweighter:
+        if self.reweighter is None:
+            if self.optimizer is None:
+                raise RuntimeError("call task.bind_optimizer(optimizer) before training")
+            self.reweighter = MetaReweighter(
+                self.trainable_module,
+                self.optimizer,
+                self.meta_loader,
+                loss_fn=self.loss_fn,
+                meta_loss_fn=self.meta_loss_fn,
+                **self.reweight_kwargs,
+            )
+            if self._pending_state is not None:
+                self.reweighter.load_state_dict(self._pending_state)
+                self._pending_state = None
+        return self.reweighter
+
+    def forward(self, input: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise."""
+        output = self.trainable_module(input)
+        if not (unwrap_model(self.trainable_module).training and torch.is_grad_enabled()):
+            return {"loss": self.criterion(output, target), "output": output}
+        weights = self._get_reweighter().step(input, target, output)
+        losses = self.loss_fn(output, target)
+        self.last_weights = weights
+        return {"loss": (weights.to(losses.dtype) * losses).mean(), "output": output}
+
+    def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
+        """``{"reweighter": state}`` for the training checkpoint (nothing for the EMA model)."""
+        if ema:
+            return {}
+        state = self.reweighter.state_dict() if self.reweighter is not None else self._pending_state
+        return {} if state is None else {TASK_STATE_KEY: state}
+
+    def load_task_state(
+        self,
+        state: dict[str, Any] | None,
+        strict: bool = True,
+        module: nn.Module | None = None,
+        ema: bool = False,
+    ) -> None:
+        """Restore the reweighter from ``get_task_state``'s dict (applied when the reweighter is built).
+
+        Raises:
+            KeyError: with ``strict`` when a non-EMA state has no ``"reweighter"`` entry.
+        """
+        if ema or state is None:
+            return
+        if TASK_STATE_KEY not in state:
+            if strict:
+                raise KeyError(f"task state has no {TASK_STATE_KEY!r} entry; keys: {sorted(state)}")
+            return
+        if self.reweighter is not None:
+            self.reweighter.load_state_dict(state[TASK_STATE_KEY])
+        else:
+            self._pending_state = state[TASK_STATE_KEY]
