@@ -1,0 +1,136 @@
+"""PyTorch Lightning: a ``Callback`` that owns the reweighter, for a ``LightningModule`` with automatic optimisation.
+
+The weighting net and its optimizer live in the callback, not in the ``LightningModule``: they stay out of
+``configure_optimizers``, the module's ``state_dict`` and DDP's parameters, and are saved in Lightning
+checkpoints through the callback's ``state_dict`` (key ``"MetaReweightCallback"``). In ``training_step``::
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        weights = reweight_step(self, x, y, logits)                  # added line
+        return (weights * F.cross_entropy(logits, y, reduction="none")).mean()
+
+    trainer = L.Trainer(callbacks=[MetaReweightCallback(meta_loader, net="lossnet")])
+
+The look-ahead calls the module's ``forward`` (or ``getattr(module, model_attr)``) statelessly on the meta
+batches. ``accumulate_grad_batches`` works as usual: Lightning divides the returned loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._batch import Inputs, as_logits
+from ..reweighter import MetaReweighter
+from . import require
+
+_lightning = require("lightning", "lightning")
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+
+__all__ = ["MetaReweightCallback", "reweight_step"]
+
+
+class MetaReweightCallback(Callback):
+    """Builds a :class:`~reweight.MetaReweighter` on the model and optimizer when training starts.
+
+    Args:
+        meta_loader: re-iterable of clean ``(inputs, targets)`` batches (or dicts with ``labels``).
+        model_attr: attribute of the ``LightningModule`` holding the network to look ahead with; ``None`` uses
+            the module's own ``forward`` (default: ``None``).
+        optimizer_index: which of ``trainer.optimizers`` trains that network (default: ``0``).
+        **reweight_kwargs: arguments of :class:`~reweight.MetaReweighter` (``net``, ``interval``,
+            ``lookahead_lr``, ``loss_fn``, ``seed``, ...).
+
+    Raises:
+        TypeError: if ``reweight_kwargs`` sets ``model``, ``optimizer`` or ``meta_loader``.
+    """
+
+    def __init__(
+        self,
+        meta_loader: Iterable[Any],
+        *,
+        model_attr: str | None = None,
+        optimizer_index: int = 0,
+        **reweight_kwargs: Any,
+    ) -> None:
+        taken = {"model", "optimizer", "meta_loader"} & set(reweight_kwargs)
+        if taken:
+            raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the callback supplies them")
+        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
+            raise ValueError(f"optimizer_index must be a non-negative int, got {optimizer_index!r}")
+        self.meta_loader = meta_loader
+        self.model_attr = model_attr
+        self.optimizer_index = optimizer_index
+        self.reweight_kwargs = reweight_kwargs
+        self.reweighter: MetaReweighter | None = None
+        self.last_weights: Tensor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def _network(self, pl_module: LightningModule) -> nn.Module:
+        if self.model_attr is None:
+            return pl_module
+        network = getattr(pl_module, self.model_attr, None)
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"model_attr={self.model_attr!r} is not an nn.Module attribute of the LightningModule")
+        return network
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build the reweighter on the network and the real optimizer (restoring checkpointed state)."""
+        if len(trainer.optimizers) <= self.optimizer_index:
+            raise ValueError(f"optimizer_index {self.optimizer_index} but the trainer has {len(trainer.optimizers)}")
+        self.reweighter = MetaReweighter(
+            self._network(pl_module), trainer.optimizers[self.optimizer_index], self.meta_loader, **self.reweight_kwargs
+        )
+        if self._pending_state is not None:
+            self.reweighter.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
+        """Weights for this batch (see :meth:`reweight.MetaReweighter.step`); ones, with no meta step, outside training.
+
+        Raises:
+            RuntimeError: if called in training before the trainer started (no optimizer yet).
+        """
+        if self.reweighter is None or not (self.reweighter.module.training and torch.is_grad_enabled()):
+            if self.reweighter is None and torch.is_grad_enabled():
+                raise RuntimeError("MetaReweightCallback.step called before training started")
+            logits = as_logits(outputs)
+            return torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
+        weights = self.reweighter.step(inputs, targets, outputs)
+        self.last_weights = weights
+        return weights
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reweighter's state (empty before training started)."""
+        if self.reweighter is not None:
+            return self.reweighter.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the reweighter now, or when training starts."""
+        if not state_dict:
+            return
+        if self.reweighter is not None:
+            self.reweighter.load_state_dict(state_dict)
+        else:
+            self._pending_state = state_dict
+
+
+def reweight_step(pl_module: LightningModule, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
+    """Weights for this batch from the trainer's :class:`MetaReweightCallback`; call it in ``training_step``.
+
+    Args:
+        pl_module: the ``LightningModule`` (``self`` in ``training_step``).
+        inputs, targets, outputs: the batch and the module's outputs on it.
+
+    Raises:
+        RuntimeError: if the trainer has no ``MetaReweightCallback``.
+    """
+    callbacks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, MetaReweightCallback)]
+    if len(callbacks) != 1:
+        raise RuntimeError(f"the trainer needs exactly one MetaReweightCallback, found {len(callbacks)}")
+    return callbacks[0].step(inputs, targets, outputs)
