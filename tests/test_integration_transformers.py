@@ -278,3 +278,12 @@ def test_missing_transformers_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "reweight[transformers]"' in out
+
+
+def test_integrations_package_imports_no_framework():
+    code = (
+        "import sys, reweight, reweight.integrations; heavy = {'transformers', 'timm', 'lightning', 'torchvision'};"
+        " print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
