@@ -1,0 +1,78 @@
+"""Models and synthetic batches for the benchmarks: ResNet-32 (CIFAR style) and a small text transformer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet32(nn.Module):
+    """ResNet-32 for 32x32 inputs (He et al. 2016): 3 stages of 5 basic blocks, 16/32/64 channels."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for cout, stride in [(16, 1), (32, 2), (64, 2)]:
+            for i in range(5):
+                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        h = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class TextTransformer(nn.Module):
+    """Token embedding + learned positions, 2 pre-norm encoder layers (SDPA), mean pooling, Linear head."""
+
+    def __init__(self, vocab: int = 1000, seq: int = 32, d: int = 128, num_classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        layer = nn.TransformerEncoderLayer(
+            d, nhead=4, dim_feedforward=256, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, tokens):
+        h = self.encoder(self.embed(tokens) + self.pos)
+        return self.head(self.norm(h).mean(1))
+
+
+def make_problem(name: str, batch: int, meta_batch: int, seed: int = 0):
+    """``(model, train batch, meta batch, num_classes)`` with synthetic data."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "resnet32":
+        model, k = ResNet32(10), 10
+        x, xm = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(meta_batch, 3, 32, 32, generator=g)
+    elif name == "transformer":
+        model, k = TextTransformer(), 4
+        x, xm = torch.randint(0, 1000, (batch, 32), generator=g), torch.randint(0, 1000, (meta_batch, 32), generator=g)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose resnet32 or transformer")
+    y, ym = torch.randint(0, k, (batch,), generator=g), torch.randint(0, k, (meta_batch,), generator=g)
+    return model, (x, y), (xm, ym), k

@@ -1,0 +1,263 @@
+"""Cost of a reweighted training step relative to a plain one, per engine, look-ahead and interval.
+
+Every timing is a ratio measured in one process: each repeat times a plain step and then the variant's
+step(s) on identical copies of the model, and the table reports the median of the per-repeat ratios,
+so machine load that drifts during the run cancels out. Peak memory is measured per variant in a fresh
+subprocess as the growth of the resident set (``ru_maxrss``) over the RSS after setup.
+
+    python benchmarks/step_cost.py --model resnet32 transformer --repeats 7 --memory --markdown docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import make_problem  # noqa: E402
+
+from reweight import MetaReweighter  # noqa: E402
+
+LR = 0.1
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # "plain", "reference", "floor" or "reweight"
+    engine: str = "-"
+    lookahead: str = "-"
+    interval: int = 1
+    meta_batch: int = 100
+
+
+def variants() -> list[Variant]:
+    out = [Variant("plain", "plain"), Variant("reference flow (MW-Net code)", "reference", engine="reverse*")]
+    for meta in (100, 25):
+        out.append(Variant(f"head floor (plain + no-grad meta fwd), m={meta}", "floor", meta_batch=meta))
+    for lookahead, engines in [
+        ("full", ["forward", "reverse", "finite_difference", "higher"]),
+        ("head", ["linear_head", "forward", "reverse", "finite_difference", "higher"]),
+    ]:
+        for engine in engines:
+            for interval in (1, 10):
+                out.append(Variant(f"{engine}/{lookahead}/k={interval}", "reweight", engine, lookahead, interval))
+    out.append(Variant("linear_head/head/k=1, m=25", "reweight", "linear_head", "head", 1, 25))
+    out.append(Variant("forward/full/k=1, m=25", "reweight", "forward", "full", 1, 25))
+    return out
+
+
+class Setup:
+    """A model, its optimizer and batches; ``plain_step`` and the variant's step act on their own copies."""
+
+    def __init__(self, model_name: str, meta_batch: int) -> None:
+        self.model, (self.x, self.y), (self.xm, self.ym), self.k = make_problem(model_name, 100, meta_batch)
+        self.model.train()
+
+    def fresh(self):
+        model = copy.deepcopy(self.model)
+        return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+
+
+def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
+    model, opt = setup.fresh()
+    x, y, xm, ym = setup.x, setup.y, setup.xm, setup.ym
+
+    def weighted_update(weights):
+        loss = (weights * F.cross_entropy(logits_holder[0], y, reduction="none")).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    logits_holder: list[torch.Tensor] = []
+
+    if variant.kind == "plain":
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    if variant.kind == "floor":
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                buffers = {k: b.clone() for k, b in model.named_buffers()}
+                functional_call(model, buffers, (xm,))
+
+        return step
+
+    if variant.kind == "reference":
+        vnet = torch.nn.Sequential(
+            torch.nn.Linear(1, 100), torch.nn.ReLU(), torch.nn.Linear(100, 1), torch.nn.Sigmoid()
+        )
+        vopt = torch.optim.Adam(vnet.parameters(), lr=1e-3, weight_decay=1e-4)
+
+        def step():
+            meta_model = copy.deepcopy(setup.model)  # the reference builds a new network every step
+            meta_model.load_state_dict(model.state_dict())
+            params = dict(meta_model.named_parameters())
+            cost = F.cross_entropy(meta_model(x), y, reduction="none")
+            w = vnet(cost.detach().unsqueeze(1)).squeeze(1)
+            grads = torch.autograd.grad((cost * w).sum() / len(cost), list(params.values()), create_graph=True)
+            fast = {k: p - LR * g for (k, p), g in zip(params.items(), grads)}
+            fast.update({k: b for k, b in meta_model.named_buffers()})
+            meta_loss = F.cross_entropy(functional_call(meta_model, fast, (xm,)), ym)
+            vopt.zero_grad()
+            meta_loss.backward()
+            vopt.step()
+            logits = model(x)  # the third forward
+            cost = F.cross_entropy(logits, y, reduction="none")
+            with torch.no_grad():
+                w = vnet(cost.unsqueeze(1)).squeeze(1)
+                w = w / (w.sum() + (w.sum() == 0).float())
+            loss = (cost * w).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    reweighter = MetaReweighter(
+        model,
+        opt,
+        [(xm, ym)],
+        net="lossnet",
+        engine=variant.engine,
+        lookahead=variant.lookahead,
+        interval=variant.interval,
+        seed=0,
+    )
+
+    def step():
+        logits_holder[:] = [model(x)]
+        weighted_update(reweighter.step(x, y, logits_holder[0]))
+
+    return step
+
+
+def timed(fn: Callable[[], None], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def time_variant(setup: Setup, variant: Variant, repeats: int) -> dict:
+    plain = make_step(setup, Variant("plain", "plain"))
+    step = make_step(setup, variant)
+    calls = variant.interval  # an interval-k variant is timed over k consecutive steps (amortised)
+    plain(), step()  # warm-up: allocator, oneDNN primitives, lazy imports
+    ratios, plain_times, times = [], [], []
+    for _ in range(repeats):
+        p = timed(plain, 1)
+        t = timed(step, calls)
+        plain_times.append(p)
+        times.append(t)
+        ratios.append(t / p)
+    return {
+        "plain_ms": 1e3 * statistics.median(plain_times),
+        "step_ms": 1e3 * statistics.median(times),
+        "ratio": statistics.median(ratios),
+    }
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure_memory(model_name: str, variant: Variant) -> float:
+    """Peak RSS growth (MiB) over 3 steps of ``variant``; run in a fresh process."""
+    setup = Setup(model_name, variant.meta_batch)
+    step = make_step(setup, variant)
+    before = rss_mb()
+    for _ in range(max(3, variant.interval)):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def memory_in_subprocess(model_name: str, variant: Variant) -> float:
+    cmd = [sys.executable, __file__, "--model", model_name, "--memory-of", json.dumps(asdict(variant))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def render(model_name: str, rows: list[dict]) -> str:
+    lines = [
+        f"### {model_name}",
+        "",
+        "| variant | engine | look-ahead | k | meta batch | step (ms) | x plain | peak mem (MiB) | x plain mem |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    plain_mem = next((r.get("mem") for r in rows if r["kind"] == "plain"), None)
+    for r in rows:
+        mem = "-" if r.get("mem") is None else f"{r['mem']:.0f}"
+        mem_ratio = "-" if r.get("mem") is None or not plain_mem else f"{r['mem'] / plain_mem:.2f}"
+        lines.append(
+            f"| {r['name']} | {r['engine']} | {r['lookahead']} | {r['interval']} | {r['meta_batch']} | "
+            f"{r['step_ms']:.0f} | {r['ratio']:.2f} | {mem} | {mem_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["resnet32", "transformer"], choices=["resnet32", "transformer"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
+    parser.add_argument("--only", nargs="*", default=None, help="substrings selecting variants by name")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw rows as JSON")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_of:
+        print(measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
+        return
+
+    selected = [v for v in variants() if args.only is None or any(s in v.name for s in args.only + ["plain"])]
+    tables, raw = [], {}
+    for model_name in args.model:
+        rows = []
+        setups: dict[int, Setup] = {}
+        for variant in tqdm(selected, desc=model_name):
+            setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
+            row = {**asdict(variant), **time_variant(setup, variant, args.repeats)}
+            if args.memory:
+                row["mem"] = memory_in_subprocess(model_name, variant)
+            rows.append(row)
+            tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")
+        raw[model_name] = rows
+        tables.append(render(model_name, rows))
+    text = "\n\n".join(tables)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1))
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
