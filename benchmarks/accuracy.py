@@ -195,14 +195,15 @@ def train_run(dataset: str, setting: str, method: str, seed: int, cfg: Config, n
 
 
 def versions() -> dict:
-    import mnist1d
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "mnist1d": getattr(mnist1d, "__version__", "unknown"),
-    }
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for pkg in ("mnist1d", "scikit-learn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "not installed"
+    return out
 
 
 def result_path(root: Path, dataset: str, setting: str, method: str, seed: int, tag: str = "") -> Path:
