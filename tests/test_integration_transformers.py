@@ -112,26 +112,26 @@ def recorded(trainer) -> list[dict[str, torch.Tensor]]:
 
 
 def make_trainer(tmp_path, model, train, meta, *, cls=RecordingTrainer, batch=4, accumulation=1, steps=1, **kw):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        per_device_eval_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=steps,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        report_to="none",
-        use_cpu=True,
-        save_strategy=kw.pop("save_strategy", "no"),
-        save_steps=kw.pop("save_steps", 1),
-        logging_steps=1,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        **kw.pop("args", {}),
-    )
+    options = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
+        "max_steps": steps,
+        "learning_rate": 0.05,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": kw.pop("save_strategy", "no"),
+        "save_steps": kw.pop("save_steps", 1),
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    args = TrainingArguments(**{**options, **kw.pop("args", {})})
     reweight_kwargs = kw.pop("reweight_kwargs", {"seed": 0})
     return cls(
         model=model,
@@ -219,6 +219,21 @@ def test_causal_lm_with_sdpa_weights_token_sums_over_valid_tokens(tmp_path):
     tokens = int((inputs["labels"][:, 1:] != -100).sum())
     sums = lambda logits, labels: per_sample_loss("causal_lm")(logits, labels) * tokens / labels.shape[0]  # noqa: E731
     assert_grads_close(grads, hand_gradient(initial, trainer.batches, sums, total=tokens))
+
+
+@pytest.mark.parametrize("lookahead_lr", [None, 0.5])
+def test_warmup_from_lr_zero_needs_a_lookahead_lr(tmp_path, lookahead_lr):
+    args = {"lr_scheduler_type": "linear", "warmup_steps": 5}  # the first step's lr is 0
+    meta = [dict(row, idx=torch.tensor(i)) for i, row in enumerate(text_dataset(6, 2))]  # an unused column
+    trainer = make_trainer(tmp_path, bert("eager"), text_dataset(8, 1), meta, args=args, lookahead_lr=lookahead_lr)
+    assert set(next(iter(trainer.get_meta_dataloader()))) == {"input_ids", "attention_mask", "labels"}
+    trainer.train()
+    assert trainer.lr_scheduler.get_last_lr()[0] > 0
+    net_grads = torch.cat([p.grad.flatten() for p in trainer.reweighter.net.parameters()])
+    if lookahead_lr is None:  # zero look-ahead step: no meta-gradient reaches the net
+        assert torch.count_nonzero(net_grads) == 0
+    else:
+        assert torch.count_nonzero(net_grads) > 0
 
 
 def test_evaluation_runs_no_meta_step(tmp_path):

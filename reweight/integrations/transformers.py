@@ -206,10 +206,10 @@ class ReweightTrainerMixin:
                 collate_fn=self.data_collator,
             )
         keep = None
-        if self.args.remove_unused_columns:
+        if self.args.remove_unused_columns:  # as the Trainer does for training batches: named forward arguments
             forward = inspect.signature(unwrap_model(self.model).forward).parameters
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward.values()):
-                keep = set(forward) | {"labels"}
+            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            keep = {name for name, p in forward.items() if p.kind in named} | {"labels"}
         return _MetaLoader(loader, keep)
 
     def _build_reweighter(self, model: nn.Module) -> MetaReweighter:
