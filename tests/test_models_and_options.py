@@ -1,0 +1,212 @@
+"""Unmodified models of every shape (tuple inputs, tied weights, frozen parameters, soft targets, HF-style
+outputs), user-defined nets, schedulers and the loss scale promised by the returned weights."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaReweighter, WeightingOutput
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 8), nn.Linear(3, 8), nn.Linear(8, 3)
+
+    def forward(self, x, z):
+        return self.out(torch.tanh(self.a(x) + self.b(z)))
+
+
+class TiedNet(nn.Module):
+    """Encoder and decoder share one weight matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 6, bias=False)
+        self.dec = nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+def net_grads(model, inputs, targets, meta, engine, **kwargs):
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    rw = MetaReweighter(model, opt, [meta], net="lossnet", engine=engine, seed=0, **kwargs)
+    out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    weights = rw.step(inputs, targets, out)
+    return [p.grad.clone() for p in rw.net.parameters()], weights, model
+
+
+def finite_difference_reference(model, x, y, meta, frozen=()):
+    """Independent check of one net gradient entry: perturb the net's last bias, redo the look-ahead by hand."""
+    xm, ym = meta
+    torch.manual_seed(0)
+
+    def meta_loss_for(bias_shift):
+        m = copy.deepcopy(model)
+        rw = MetaReweighter(m, torch.optim.SGD(m.parameters(), lr=0.5), [meta], net="lossnet", seed=0)
+        net = rw.net
+        with torch.no_grad():
+            net.mlp[2].bias += bias_shift
+        losses = F.cross_entropy(m(x), y, reduction="none")
+        raw = net(losses.detach())
+        w = raw * (len(y) / raw.sum())
+        params = [p for n, p in m.named_parameters() if n not in frozen]
+        grads = torch.autograd.grad((w * losses).mean(), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.5 * g
+            return F.cross_entropy(m(xm), ym)
+
+    h = 1e-6
+    return (meta_loss_for(h) - meta_loss_for(-h)) / (2 * h)
+
+
+@pytest.mark.parametrize("engine", ["forward", "reverse"])
+def test_tied_weights(engine):
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    meta = (torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    grads, _, trained = net_grads(model, x, y, meta, engine)
+    expected = finite_difference_reference(model, x, y, meta)
+    torch.testing.assert_close(grads[-1].squeeze(), expected.to(grads[-1].dtype), rtol=1e-5, atol=1e-10)
+    assert trained.dec.weight is trained.enc.weight
+
+
+@pytest.mark.parametrize("engine", ["forward", "reverse"])
+def test_frozen_parameters_are_held_fixed(engine):
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    model.head.bias.requires_grad_(False)
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    meta = (torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    grads, _, _ = net_grads(model, x, y, meta, engine)
+    expected = finite_difference_reference(model, x, y, meta, frozen=("head.bias",))
+    torch.testing.assert_close(grads[-1].squeeze(), expected.to(grads[-1].dtype), rtol=1e-5, atol=1e-10)
+
+
+def test_tuple_inputs_agree_across_engines():
+    torch.manual_seed(0)
+    model = TwoInputNet().double()
+    inputs = (torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64))
+    y = torch.randint(0, 3, (10,))
+    meta = ((torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)), torch.randint(0, 3, (8,)))
+    forward, _, _ = net_grads(model, inputs, y, meta, "forward")
+    reverse, _, _ = net_grads(model, inputs, y, meta, "reverse")
+    for a, b in zip(forward, reverse):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("net", ["lossnet", "logitnet", "metainfonet"])
+def test_soft_targets_and_model_output_objects(net):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]  # meta batches keep hard labels
+    rw = MetaReweighter(model, opt, meta, net=net)
+    x = torch.randn(7, 5)
+    soft = torch.softmax(torch.randn(7, 4), dim=1)
+    weights = rw.step(x, soft, SimpleNamespace(logits=model(x)))
+    assert weights.shape == (7,) and torch.isfinite(weights).all()
+    weights = rw.step(x, soft, {"logits": model(x)})
+    assert weights.shape == (7,)
+
+
+def test_returned_weights_give_algorithm_1_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    rw = MetaReweighter(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    )
+    x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    logits = model(x)
+    weights = rw.step(x, y, logits)
+    losses = F.cross_entropy(logits, y, reduction="none").detach()
+    with torch.no_grad():
+        raw = rw.net.eval()(losses)
+    torch.testing.assert_close((weights * losses).mean(), (raw * losses).sum() / raw.sum())
+    torch.testing.assert_close(weights.sum(), torch.tensor(9.0))
+    rw_none = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), [(x, y)], normalization="none")
+    w = rw_none.step(x, y, logits)
+    with torch.no_grad():
+        torch.testing.assert_close(w, rw_none.net.eval()(losses))
+
+
+class ZeroAtStartNet(nn.Module):
+    """A user-defined net: weights from loss and logits, plus a penalty on its own scale parameter."""
+
+    requires_logits = True
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.proj = nn.Linear(3, 1)
+
+    def forward(self, loss, logits, targets):
+        w = torch.sigmoid(self.proj(logits).squeeze(-1) - self.scale * loss)
+        return WeightingOutput(w, 0.1 * self.scale.square())
+
+
+def test_user_defined_net_with_penalty():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    user_net = ZeroAtStartNet()
+    rw = MetaReweighter(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        [(torch.randn(6, 5), torch.randint(0, 3, (6,)))],
+        net=user_net,
+    )
+    assert rw.net is user_net
+    x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    rw.step(x, y, model(x))
+    assert user_net.scale.grad is not None and user_net.scale.item() != 0.5
+    with pytest.raises(ValueError, match="needs class logits"):
+        rw.step(x, y, model(x)[:, :1])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_lookahead_follows_scheduler_lr():
+    """The look-ahead reads each group's lr at every step: changing it changes the meta-gradient exactly
+    as building the reweighter with that lr would."""
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    meta = (torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    expected, _, _ = net_grads(model, x, y, meta, "forward", lookahead_lr=0.05)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    rw = MetaReweighter(m, opt, [meta], net="lossnet", seed=0)
+    scheduler.step()  # lr 0.5 -> 0.05
+    rw.step(x, y, m(x))
+    for a, b in zip(expected, rw.net.parameters()):
+        torch.testing.assert_close(b.grad, a, rtol=1e-9, atol=1e-14)
+
+
+def test_default_meta_optimizer_is_adam_as_the_paper():
+    model = nn.Linear(5, 3)
+    rw = MetaReweighter(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    )
+    assert isinstance(rw.meta_optimizer, torch.optim.Adam)
+    group = rw.meta_optimizer.param_groups[0]
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 5e-4
+
+
+def test_meta_loader_cycles_forever():
+    model = nn.Linear(5, 3)
+    meta = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(3)]
+    rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, seed=0)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    for _ in range(7):
+        rw.step(x, y, model(x))
+    assert rw.state_dict()["meta_stream"]["epoch"] == 2 and rw.state_dict()["meta_stream"]["position"] == 1
