@@ -68,7 +68,8 @@ def train_step(task, optimizer, x, y, mixup=None):
     out = task(x, y)
     optimizer.zero_grad()
     out["loss"].backward()
-    grads = {k: p.grad.clone() for k, p in task.trainable_module.named_parameters() if p.grad is not None}
+    bare = timm.utils.unwrap_model(task.trainable_module)
+    grads = {k: p.grad.clone() for k, p in bare.named_parameters() if p.grad is not None}
     optimizer.step()
     return x, y, grads
 
@@ -117,6 +118,19 @@ def test_gradient_is_the_hand_computed_weighted_gradient(name):
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
     assert any(not torch.equal(net_before[k], v) for k, v in task.reweighter.net.state_dict().items())
     assert not any(p is q for p in task.parameters() for q in task.reweighter.net.parameters())
+
+
+def test_compiled_task_forwards_through_the_compiled_model_and_looks_ahead_on_the_bare_one():
+    m, task, optimizer = make_task()
+    initial = copy.deepcopy(m)
+    task.compile(backend="eager")
+    x, y, grads = train_step(task, optimizer, *images(8, 1))
+    assert isinstance(task.trainable_module, torch._dynamo.eval_frame.OptimizedModule)
+    assert task.reweighter.module is m
+    initial.train()
+    (task.last_weights * torch.nn.functional.cross_entropy(initial(x), y, reduction="none")).mean().backward()
+    for k, p in initial.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_evaluation_runs_no_meta_step():

@@ -18,6 +18,7 @@ batches. ``accumulate_grad_batches`` works as usual: Lightning divides the retur
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,6 +81,13 @@ class MetaReweightCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the reweighter on the network and the real optimizer (restoring checkpointed state)."""
+        if trainer.world_size > 1:
+            warnings.warn(
+                "MetaReweightCallback under a multi-process strategy: the reweighter sees the bare module, not "
+                "Lightning's DDP wrapper, so each rank keeps its own weighting net (no all-reduce of its gradients)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if len(trainer.optimizers) <= self.optimizer_index:
             raise ValueError(f"optimizer_index {self.optimizer_index} but the trainer has {len(trainer.optimizers)}")
         self.reweighter = MetaReweighter(
