@@ -69,18 +69,26 @@ class MetaBatchStream:
         return batch
 
     def next(self) -> Any:
-        """The next meta batch, starting a new pass when the current one is exhausted."""
-        if self._iterator is None:
-            if self.epoch_seed is None:
-                self._start_pass(self._draw_seed())
-            else:  # restored from a state dict
-                self._start_pass(self.epoch_seed, skip=self.position)
+        """The next meta batch, starting a new pass when the current one is exhausted.
+
+        An error raised by the loader propagates unchanged; the next call replays the pass up to the
+        batch that failed and tries it again (a restarted loader, as after a resume).
+        """
         try:
-            return self._pull()
-        except StopIteration:
-            self.epoch += 1
-            self._start_pass(self._draw_seed())
-            return self._pull()
+            if self._iterator is None:
+                if self.epoch_seed is None:
+                    self._start_pass(self._draw_seed())
+                else:  # restored from a state dict, or after a loader error
+                    self._start_pass(self.epoch_seed, skip=self.position)
+            try:
+                return self._pull()
+            except StopIteration:
+                self.epoch += 1
+                self._start_pass(self._draw_seed())
+                return self._pull()
+        except BaseException:
+            self._iterator = None  # a failed iterator (a finished generator, a dead worker) is not reused
+            raise
 
     def state_dict(self) -> dict[str, int | None]:
         return {"epoch": self.epoch, "position": self.position, "epoch_seed": self.epoch_seed}

@@ -469,7 +469,8 @@ class MetaReweighter:
             return self._normalize(finite.to(torch.get_default_dtype()))
         self.net.eval()
         raw, _ = self._raw_weights(*net_inputs)
-        return self._normalize(raw * finite.to(raw.dtype))
+        keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
+        return self._normalize(torch.where(keep, raw, torch.zeros_like(raw)))
 
     # ------------------------------------------------------------------ state
 
