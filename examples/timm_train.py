@@ -60,10 +60,14 @@ def main() -> None:
     parser.add_argument("--net", default="lossnet")
     parser.add_argument("--mixup", action="store_true", help="Mixup/CutMix with soft targets")
     parser.add_argument("--smoothing", type=float, default=0.0)
+    parser.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     train, meta, test, clean = digits(args.noise, meta_per_class=10, seed=0)
+    if args.limit is not None:
+        train = TensorDataset(*(t[: args.limit] for t in train.tensors))
+        clean = clean[: args.limit]
     model = timm.create_model(args.model, pretrained=False, num_classes=10)
     mixup = None
     if args.mixup:

@@ -183,3 +183,11 @@ def test_missing_timm_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "reweight[timm]"' in out
+
+
+def test_example_runs_offline_with_mixup():
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "timm_train.py")
+    args = [sys.executable, example, "--epochs", "1", "--limit", "128", "--mixup", "--smoothing", "0.1"]
+    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test accuracy" in out.stdout and "reweighter at step 2" in out.stdout

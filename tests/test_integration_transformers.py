@@ -302,3 +302,11 @@ def test_integrations_package_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_example_runs_offline():
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_text_classification.py")
+    args = [sys.executable, example, "--train-size", "64", "--meta-size", "12", "--epochs", "1"]
+    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test accuracy" in out.stdout and "mean weight: clean samples" in out.stdout
