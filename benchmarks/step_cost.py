@@ -188,36 +188,43 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure_memory(model_name: str, variant: Variant) -> float:
-    """Peak RSS growth (MiB) over 3 steps of ``variant``; run in a fresh process."""
+def measure_memory(model_name: str, variant: Variant) -> tuple[float, float]:
+    """Peak RSS growth over the RSS after setup, and the process's total peak RSS (MiB), over
+    ``max(3, interval)`` steps of ``variant``; run in a fresh process."""
     setup = Setup(model_name, variant.meta_batch)
     step = make_step(setup, variant)
     before = rss_mb()
     for _ in range(max(3, variant.interval)):
         step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak - before, peak
 
 
-def memory_in_subprocess(model_name: str, variant: Variant) -> float:
+def memory_in_subprocess(model_name: str, variant: Variant) -> tuple[float, float]:
     cmd = [sys.executable, __file__, "--model", model_name, "--memory-of", json.dumps(asdict(variant))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    growth, peak = out.strip().splitlines()[-1].split()
+    return float(growth), float(peak)
 
 
 def render(model_name: str, rows: list[dict]) -> str:
     lines = [
         f"### {model_name}",
         "",
-        "| variant | engine | look-ahead | k | meta batch | step (ms) | x plain | peak mem (MiB) | x plain mem |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | engine | look-ahead | k | meta | step ms | x plain | step MiB | x plain | peak MiB | x plain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    plain_mem = next((r.get("mem") for r in rows if r["kind"] == "plain"), None)
+    plain = next((r for r in rows if r["kind"] == "plain"), {})
+
+    def cells(r: dict, key: str) -> str:
+        if r.get(key) is None or not plain.get(key):
+            return "- | -"
+        return f"{r[key]:.0f} | {r[key] / plain[key]:.2f}"
+
     for r in rows:
-        mem = "-" if r.get("mem") is None else f"{r['mem']:.0f}"
-        mem_ratio = "-" if r.get("mem") is None or not plain_mem else f"{r['mem'] / plain_mem:.2f}"
         lines.append(
             f"| {r['name']} | {r['engine']} | {r['lookahead']} | {r['interval']} | {r['meta_batch']} | "
-            f"{r['step_ms']:.0f} | {r['ratio']:.2f} | {mem} | {mem_ratio} |"
+            f"{r['step_ms']:.0f} | {r['ratio']:.2f} | {cells(r, 'mem')} | {cells(r, 'peak_rss')} |"
         )
     return "\n".join(lines)
 
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.memory_of:
-        print(measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
+        print(*measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
         return
 
     selected = [v for v in variants() if args.only is None or any(s in v.name for s in args.only + ["plain"])]
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
             row = {**asdict(variant), **time_variant(setup, variant, args.repeats)}
             if args.memory:
-                row["mem"] = memory_in_subprocess(model_name, variant)
+                row["mem"], row["peak_rss"] = memory_in_subprocess(model_name, variant)
             rows.append(row)
             tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")
         raw[model_name] = rows
