@@ -310,3 +310,17 @@ def test_example_runs_offline():
     out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test accuracy" in out.stdout and "mean weight: clean samples" in out.stdout
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    rows = text_dataset(4, 1)
+    with pytest.raises(ValueError, match="exactly one"):
+        make_trainer(tmp_path, bert("eager"), rows, None)
+    with pytest.raises(ValueError, match="task"):
+        make_trainer(tmp_path, bert("eager"), rows, rows, task="regression")
+    with pytest.raises(TypeError, match="loss_fn"):
+        make_trainer(tmp_path, bert("eager"), rows, rows, reweight_kwargs={"loss_fn": None})
+    with pytest.raises(ValueError, match="labels"):
+        make_trainer(tmp_path, bert("eager"), rows, rows).compute_loss(
+            bert("eager"), {"input_ids": rows[0]["input_ids"]}
+        )

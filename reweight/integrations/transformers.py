@@ -142,13 +142,15 @@ class ReweightTrainerMixin:
         lookahead_lr: fixed look-ahead learning rate (warmup, AdamW lrs); ``None`` follows the schedule
             (default: ``None``).
         reweight_kwargs: further keyword arguments of :class:`~reweight.MetaReweighter`, e.g. ``net``,
-            ``interval``, ``seed`` (default: ``None``).
+            ``interval``, ``seed``, ``meta_loss_fn`` (whose default is the task's loss without smoothing)
+            (default: ``None``).
         *args, **kwargs: the Trainer's own arguments.
 
     Raises:
-        ValueError: if neither or both of ``meta_dataset`` and ``meta_loader`` are given, on an unknown task, or
-            with a ``compute_loss_func`` (the weighted loss replaces it).
-        TypeError: if ``reweight_kwargs`` holds an argument that the Trainer supplies.
+        ValueError: if neither or both of ``meta_dataset`` and ``meta_loader`` are given, on an unknown task, a
+            ``meta_batch_size`` below 1, or with a ``compute_loss_func`` (the weighted loss replaces it).
+        TypeError: if ``meta_batch_size`` is not an int, or ``reweight_kwargs`` sets an argument that the Trainer
+            or this mixin supplies (``model``, ``optimizer``, ``meta_loader``, ``lookahead_lr``, ``loss_fn``).
     """
 
     loss_is_scaled_for_ga: bool | None = False
@@ -169,10 +171,13 @@ class ReweightTrainerMixin:
             raise ValueError("pass exactly one of meta_dataset and meta_loader")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if meta_batch_size is not None and (isinstance(meta_batch_size, bool) or meta_batch_size < 1):
-            raise ValueError(f"meta_batch_size must be a positive int, got {meta_batch_size!r}")
+        if meta_batch_size is not None:
+            if isinstance(meta_batch_size, bool) or not isinstance(meta_batch_size, int):
+                raise TypeError(f"meta_batch_size must be an int or None, got {type(meta_batch_size).__name__}")
+            if meta_batch_size < 1:
+                raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
         reweight_kwargs = dict(reweight_kwargs or {})
-        taken = {"model", "optimizer", "meta_loader", "lookahead_lr"} & set(reweight_kwargs)
+        taken = {"model", "optimizer", "meta_loader", "lookahead_lr", "loss_fn"} & set(reweight_kwargs)
         if taken:
             raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the Trainer supplies them")
         super().__init__(*args, **kwargs)
