@@ -157,6 +157,65 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
     return step
 
 
+def components(setup: Setup) -> dict[str, Callable[[], None]]:
+    """The passes an exact meta step is made of, each runnable alone (for the cost accounting)."""
+    model = copy.deepcopy(setup.model)
+    x, y, xm, ym = setup.x, setup.y, setup.xm, setup.ym
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    tangent = {k: 1e-3 * torch.randn_like(p) for k, p in params.items()}
+
+    def buffers():
+        return {k: b.clone() for k, b in model.named_buffers()}
+
+    def plain():
+        loss = F.cross_entropy(model(x), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def forward_no_grad():
+        with torch.no_grad():
+            functional_call(model, buffers(), (x,))
+
+    def forward_and_weighted_gradient():  # the user's forward, then grad of mean(w * L) with retain_graph
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        torch.autograd.grad(losses.mean(), list(model.parameters()), retain_graph=True)
+
+    def meta_forward_backward():
+        leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
+        loss = F.cross_entropy(functional_call(model, {**leaves, **buffers()}, (xm,)), ym)
+        torch.autograd.grad(loss, list(leaves.values()))
+
+    def jvp() -> torch.Tensor:
+        import torch.autograd.forward_ad as fwAD
+
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
+            losses = F.cross_entropy(functional_call(model, {**duals, **buffers()}, (x,)), y, reduction="none")
+            return fwAD.unpack_dual(losses).tangent
+
+    return {
+        "plain step (forward + backward)": plain,
+        "no-grad forward of the batch": forward_no_grad,
+        "forward + weighted gradient (retain_graph)": forward_and_weighted_gradient,
+        "meta forward + backward at theta_hat": meta_forward_backward,
+        "JVP of the per-sample losses": jvp,
+    }
+
+
+def time_components(setup: Setup, repeats: int) -> dict[str, float]:
+    """Median cost of each pass relative to an interleaved plain step."""
+    parts = components(setup)
+    plain = parts["plain step (forward + backward)"]
+    for fn in parts.values():
+        fn()
+    ratios: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            p = timed(plain, 1)
+            ratios[name].append(timed(fn, 1) / p)
+    return {name: statistics.median(r) for name, r in ratios.items()}
+
+
 def timed(fn: Callable[[], None], calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -237,11 +296,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown")
+    parser.add_argument("--components", action="store_true", help="time each pass of a meta step instead")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_of:
         print(*measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
+        return
+
+    if args.components:
+        for model_name in args.model:
+            print(f"### {model_name}: cost of each pass, x a plain step (median of {args.repeats})\n")
+            print("| pass | x plain step |\n| --- | --- |")
+            for name, ratio in time_components(Setup(model_name, 100), args.repeats).items():
+                print(f"| {name} | {ratio:.2f} |")
+            print()
         return
 
     selected = [v for v in variants() if args.only is None or any(s in v.name for s in args.only + ["plain"])]
