@@ -22,6 +22,7 @@ from .engines import MetaGradient, MetaProblem, get_engine, list_engines
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
+from .monitor import CollapseMonitor
 from .nets import WeightingOutput, create_weighting_net, list_weighting_nets
 from .virtual_step import plan_virtual_step
 
@@ -89,6 +90,10 @@ class MetaReweighter:
         on_nonfinite: ``"raise"`` a :class:`NonFiniteLossError` when a loss or meta-gradient is not
             finite, or ``"skip"`` that meta update (weights then come from the current net and samples
             with a non-finite loss get weight 0) (default: ``"raise"``).
+        collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
+            every returned weight of a batch falls below it (with ``"sum"``: all zero) or the weights become
+            constant over a batch; checked every 50 steps, tunable through ``collapse_monitor``; ``None``
+            disables it (default: ``1e-3``).
         seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout,
             MetaInfoNet's sampling); drawn from torch's global RNG when ``None`` (default: ``None``).
 
@@ -126,6 +131,7 @@ class MetaReweighter:
         meta_loss_fn: PerSampleLoss | None = None,
         num_classes: int | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        collapse_threshold: float | None = 1e-3,
         seed: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -159,6 +165,7 @@ class MetaReweighter:
             raise TypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        monitor = None if collapse_threshold is None else CollapseMonitor(threshold=collapse_threshold)
 
         self.model = model
         self.module = unwrap_model(model)
@@ -182,6 +189,7 @@ class MetaReweighter:
         self.loss_fn = loss_fn
         self.meta_loss_fn = meta_loss_fn if meta_loss_fn is not None else loss_fn
         self.on_nonfinite = on_nonfinite
+        self.collapse_monitor = monitor
         self.engine = engine
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model)
@@ -460,6 +468,8 @@ class MetaReweighter:
             if weights is None:
                 weights = self._current_weights(net_inputs, finite)
         self.last_update_skipped = update and not applied
+        if self.collapse_monitor is not None:
+            self.collapse_monitor.observe(self._step_count, weights, losses)
         self._step_count += 1
         return weights.detach()
 

@@ -127,6 +127,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight over the CPU with other tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     """Run the 2-process group once for every test of this module; returns each rank's results."""
@@ -154,7 +163,6 @@ def test_nets_bit_identical_across_ranks(ranks, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
-    torch.set_num_threads(1)
     single = _train(CONFIGS[name], rank=None)
     ddp = ranks[0][name]
     for key, value in single["model"].items():

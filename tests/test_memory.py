@@ -74,6 +74,7 @@ def test_no_graph_or_batch_kept_alive_after_a_step(net, engine):
     assert all(r() is None for r in refs), "the reweighter keeps a reference to the batch, its outputs or weights"
 
 
+@pytest.mark.filterwarnings("ignore::reweight.monitor.WeightCollapseWarning")  # L2RW on random labels
 @pytest.mark.parametrize("net, interval", [("lossnet", 1), ("metainfonet", 3), ("l2rw", 1)])
 def test_live_tensor_count_is_constant_over_steps(net, interval):
     model, opt, rw, data = _setup(net, interval=interval)
@@ -85,6 +86,7 @@ def test_live_tensor_count_is_constant_over_steps(net, interval):
     assert _live_tensors() == before
 
 
+@pytest.mark.filterwarnings("ignore::reweight.monitor.WeightCollapseWarning")  # random labels: uniform weights
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set size from /proc")
 def test_resident_memory_is_flat_over_a_long_run():
     """1,500 steps of a 64-sample batch: an autograd graph kept per step would add about 50 MiB."""

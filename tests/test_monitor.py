@@ -1,0 +1,131 @@
+"""Weight-collapse guard: one warning naming the step, on all-low or constant weights, checked every k steps."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.monitor import CollapseMonitor, WeightCollapseWarning
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight over the CPU with other tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ScaledNet(nn.Module):
+    """Raw weights ``scale * f(loss)``, held fixed: zero (``scale=0``), constant (``vary=False``) or varying."""
+
+    def __init__(self, scale: float = 1.0, vary: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.unused = nn.Parameter(torch.zeros(()))  # the meta optimizer needs a parameter
+        self.vary = vary
+
+    def forward(self, loss, logits, targets):
+        base = torch.sigmoid(loss) if self.vary else torch.ones_like(loss)
+        return self.scale * base + 0 * self.unused
+
+
+def _run(net, steps: int, monitor: CollapseMonitor | None = None, **kwargs) -> tuple[MetaReweighter, list]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    meta = [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g))]
+    rw = MetaReweighter(model, opt, meta, net=net, seed=0, **kwargs)
+    if monitor is not None:
+        rw.collapse_monitor = monitor
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            logits = model(x)
+            weights = rw.step(x, y, logits)
+            opt.zero_grad()
+            (weights * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+            opt.step()
+    return rw, [w for w in caught if issubclass(w.category, WeightCollapseWarning)]
+
+
+@pytest.mark.parametrize("normalization", ["sum", "none"])
+def test_all_zero_weights_warn_once_naming_the_step(normalization):
+    rw, caught = _run(ScaledNet(scale=0.0), 30, CollapseMonitor(every=5, patience=2), normalization=normalization)
+    assert len(caught) == 1  # once, although every later check is positive too
+    message = str(caught[0].message)
+    assert "at step 5:" in message and "below 0.001" in message  # checks on steps 0 and 5
+    assert "meta learning rate" in message and "normalization='sum'" in message and "meta set" in message
+    assert rw.collapse_monitor.fired_at == 5
+
+
+def test_low_weights_warn_with_normalization_none_only_below_the_threshold():
+    _, caught = _run(
+        ScaledNet(scale=1e-4), 4, CollapseMonitor(threshold=1e-3, every=1, patience=1), normalization="none"
+    )
+    assert len(caught) == 1 and "below 0.001" in str(caught[0].message)
+    _, caught = _run(
+        ScaledNet(scale=1e-4), 4, CollapseMonitor(threshold=1e-5, every=1, patience=1), normalization="none"
+    )
+    assert not caught
+    # the same net under "sum": mean weight 1, nothing collapsed
+    _, caught = _run(ScaledNet(scale=1e-4), 4, CollapseMonitor(threshold=1e-3, every=1, patience=1))
+    assert not caught
+
+
+def test_constant_weights_warn():
+    _, caught = _run(ScaledNet(vary=False), 3, CollapseMonitor(every=1, patience=2))
+    assert len(caught) == 1 and "constant" in str(caught[0].message) and "at step 1:" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("net", ["lossnet", "logitnet", "metainfonet"])
+def test_healthy_training_does_not_warn(net):
+    _, caught = _run(net, 20, CollapseMonitor(every=1, patience=1), num_classes=3)
+    assert not caught
+
+
+def test_checks_only_every_k_steps():
+    monitor = CollapseMonitor(every=10)
+    calls = []
+    reason = monitor._reason
+    monitor._reason = lambda w, losses: calls.append(1) or reason(w, losses)
+    _run("lossnet", 35, monitor)
+    assert len(calls) == 4  # steps 0, 10, 20, 30: one host sync each
+
+
+def test_a_passing_check_resets_the_patience():
+    monitor = CollapseMonitor(every=1, patience=2)
+    low, ok, losses = torch.zeros(3), torch.tensor([0.5, 1.0, 1.5]), torch.tensor([1.0, 2.0, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, w in enumerate([low, ok, low, ok, ok]):
+            monitor.observe(step, w, losses)
+    with pytest.warns(WeightCollapseWarning, match="at step 6"):
+        monitor.observe(5, low, losses)
+        monitor.observe(6, low, losses)
+    monitor.reset()
+    assert monitor.fired_at is None
+
+
+def test_disabled_and_validation():
+    rw, caught = _run(ScaledNet(scale=0.0), 3, collapse_threshold=None)
+    assert rw.collapse_monitor is None and not caught
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [(torch.randn(6, 4), torch.randint(0, 3, (6,)))]
+    with pytest.raises(ValueError, match="threshold"):
+        MetaReweighter(model, opt, meta, collapse_threshold=-1.0)
+    with pytest.raises(TypeError, match="threshold"):
+        MetaReweighter(model, opt, meta, collapse_threshold="high")
+    with pytest.raises(ValueError, match="every"):
+        CollapseMonitor(every=0)
+    with pytest.raises(TypeError, match="patience"):
+        CollapseMonitor(patience=1.5)
