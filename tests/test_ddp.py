@@ -61,6 +61,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "metainfonet": {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9},
     "logitnet": {"net": "logitnet", "interval": 2, "normalization": "none", "lookahead_lr": 0.05},
     "l2rw": {"net": "l2rw"},
+    "linear_head": {"net": "lossnet", "lookahead": "head", "meta_sgd": True},
+    "finite_difference": {"net": "lossnet", "engine": "finite_difference", "meta_sgd": True},
 }
 
 
