@@ -209,16 +209,19 @@ def test_gradient_accumulation_two_gives_the_gradient_of_one_double_batch(tmp_pa
     assert_grads_close(grads[0], want)
 
 
-def test_causal_lm_with_sdpa_weights_token_sums_over_valid_tokens(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_causal_lm_with_sdpa_weights_token_sums_over_all_accumulated_tokens(tmp_path, accumulation):
     model = llama()
     initial = copy.deepcopy(model)
-    trainer = make_trainer(tmp_path, model, text_dataset(4, 3, lm=True), text_dataset(4, 4, lm=True), batch=4)
+    train, meta = text_dataset(4, 3, lm=True), text_dataset(4, 4, lm=True)
+    trainer = make_trainer(tmp_path, model, train, meta, batch=4 // accumulation, accumulation=accumulation)
     assert trainer.task == "causal_lm"
     trainer.train()
-    inputs, grads = trainer.batches[0][0], recorded(trainer)[0]
-    tokens = int((inputs["labels"][:, 1:] != -100).sum())
-    sums = lambda logits, labels: per_sample_loss("causal_lm")(logits, labels) * tokens / labels.shape[0]  # noqa: E731
-    assert_grads_close(grads, hand_gradient(initial, trainer.batches, sums, total=tokens))
+    assert len(trainer.batches) == accumulation
+    tokens = sum(int((inputs["labels"][:, 1:] != -100).sum()) for inputs, _ in trainer.batches)
+    sums = per_sample_loss("causal_lm", reduction="sum")
+    # HF's own loss: sum of token losses over the valid tokens of all micro-batches (not a mean of means)
+    assert_grads_close(recorded(trainer)[0], hand_gradient(initial, trainer.batches, sums, total=tokens))
 
 
 @pytest.mark.parametrize("lookahead_lr", [None, 0.5])

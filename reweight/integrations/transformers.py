@@ -7,10 +7,11 @@ unwrapped module), and returns ``(weights * per_sample_loss).mean()``. With all 
 Trainer's own loss: cross-entropy for sequence classification, the mean over valid (``!= -100``) shifted
 tokens for causal LMs, label smoothing included.
 
-* Gradient accumulation: the loss is a per-micro-batch mean and the Trainer divides it by the accumulation
-  steps (``loss_is_scaled_for_ga = False``, ``model_accepts_loss_kwargs = False``), so accumulating two
-  equal micro-batches gives the gradient of the double batch. For causal LMs each micro-batch is normalised
-  by its own token count.
+* Gradient accumulation: for sequence classification the loss is a per-micro-batch mean and the Trainer
+  divides it by the accumulation steps (``loss_is_scaled_for_ga = False``, ``model_accepts_loss_kwargs =
+  False``), so accumulating two equal micro-batches gives the gradient of the double batch. For causal LM
+  and token classification the weighted token sums are divided by the valid tokens of all accumulated
+  micro-batches (``loss_is_scaled_for_ga = True``), exactly as the Trainer's own loss.
 * Evaluation (``prediction_step``, or any call under ``no_grad`` or in eval mode) runs no meta step and
   returns the unweighted loss.
 * Checkpoints: the reweighter's state is written to ``checkpoint-*/reweighter.pt`` and restored by
@@ -33,6 +34,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,26 +61,31 @@ __all__ = [
 REWEIGHTER_STATE_NAME = "reweighter.pt"
 TASKS = ("auto", "sequence_classification", "causal_lm", "token_classification")
 _LABEL_KEYS = ("labels", "label", "label_ids")
+_TOKEN_TASKS = ("causal_lm", "token_classification")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def per_sample_loss(task: str, label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+def per_sample_loss(
+    task: str, label_smoothing: float = 0.0, reduction: str = "token_mean"
+) -> Callable[[Tensor, Tensor], Tensor]:
     """The per-sample loss of a Hugging Face task whose batch mean is the Trainer's own loss.
 
     Args:
         task: ``"sequence_classification"`` (cross-entropy), ``"causal_lm"`` (shifted token losses summed per
             sequence over the batch's valid tokens) or ``"token_classification"`` (the same, unshifted).
         label_smoothing: the Trainer's ``label_smoothing_factor`` (default: ``0.0``).
+        reduction: for the token tasks, as in :func:`reweight.losses.sequence_cross_entropy`; ``"sum"`` gives
+            each sequence's token-loss sum (default: ``"token_mean"``).
 
     Raises:
         ValueError: on an unknown task.
     """
     if task == "sequence_classification":
-        return lambda logits, labels: _losses.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return partial(_losses.cross_entropy, label_smoothing=label_smoothing)
     if task == "causal_lm":
-        return lambda logits, labels: _losses.causal_lm_loss(logits, labels, label_smoothing=label_smoothing)
+        return partial(_losses.causal_lm_loss, label_smoothing=label_smoothing, reduction=reduction)
     if task == "token_classification":
-        return lambda logits, labels: _losses.sequence_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return partial(_losses.sequence_cross_entropy, label_smoothing=label_smoothing, reduction=reduction)
     raise ValueError(f"task must be one of {TASKS[1:]}, got {task!r}")
 
 
@@ -189,6 +196,11 @@ class ReweightTrainerMixin:
         self.task = _infer_task(unwrap_model(self.model)) if task == "auto" else task
         smoothing = float(self.args.label_smoothing_factor or 0.0)
         self.per_sample_loss = loss_fn or per_sample_loss(self.task, smoothing)
+        # token tasks: normalise by the valid tokens of all accumulated micro-batches, as the Trainer does
+        self._token_sums = (
+            None if loss_fn or self.task not in _TOKEN_TASKS else per_sample_loss(self.task, smoothing, "sum")
+        )
+        self.loss_is_scaled_for_ga = self._token_sums is not None
         self.meta_loss_fn = reweight_kwargs.pop("meta_loss_fn", None) or loss_fn or per_sample_loss(self.task)
         self.lookahead_lr = lookahead_lr
         self.reweight_kwargs = reweight_kwargs
@@ -240,6 +252,22 @@ class ReweightTrainerMixin:
 
     # ------------------------------------------------------------------ the loss
 
+    def get_batch_samples(self, epoch_iterator: Iterator[Any], num_batches: int, device: Any) -> tuple[list, Any]:
+        """The Trainer's accumulated micro-batches and, for token tasks, their valid-token count (local to
+        this process; under data parallelism each rank normalises by its own tokens)."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        if self._token_sums is None:
+            return batch_samples, num_items
+        count = 0
+        for batch in batch_samples:
+            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+            if not isinstance(labels, Tensor):
+                return batch_samples, None
+            if self.task == "causal_lm":
+                labels = _losses.shift_causal_labels(labels)
+            count += int((labels != -100).sum())
+        return batch_samples, torch.tensor(max(count, 1), device=device)
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -250,8 +278,10 @@ class ReweightTrainerMixin:
     ) -> Tensor | tuple[Tensor, Any]:
         """The weighted loss ``(weights * per_sample_loss).mean()``; unweighted, with no meta step, in evaluation.
 
-        ``num_items_in_batch`` is accepted and ignored: the loss is a per-micro-batch mean that the Trainer
-        divides by the gradient-accumulation steps.
+        Sequence classification (or a custom ``loss_fn``): the loss is the micro-batch's weighted mean and the
+        Trainer divides it by the gradient-accumulation steps. Token tasks: ``sum_i w_i * token_sum_i /
+        num_items_in_batch``, the valid tokens of all accumulated micro-batches (counted by
+        :meth:`get_batch_samples`), so that unit weights give the Trainer's own loss under accumulation too.
 
         Raises:
             ValueError: if the batch has no ``labels``.
@@ -270,9 +300,15 @@ class ReweightTrainerMixin:
         if model.training and torch.is_grad_enabled() and self.optimizer is not None:
             if self.reweighter is None:
                 self.reweighter = self._build_reweighter(model)
-            weights = self.reweighter.step(inputs, labels, outputs)
-            loss = (weights.to(losses.dtype) * losses).mean()
+            weights = self.reweighter.step(inputs, labels, outputs).to(losses.dtype)
             self._record(weights)
+            if self._token_sums is None:
+                loss = (weights * losses).mean()
+            elif num_items_in_batch is not None:
+                loss = (weights * self._token_sums(logits, labels)).sum() / num_items_in_batch
+            else:  # no count from the Trainer: this micro-batch's token mean, scaled for accumulation here
+                steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                loss = (weights * losses).mean() / steps
         else:
             loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
