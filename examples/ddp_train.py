@@ -1,6 +1,6 @@
 """Data-parallel reweighting with DistributedDataParallel: two CPU processes on the gloo backend.
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py
+    torchrun --nproc_per_node=2 examples/ddp_train.py [--epochs 20]
 
 (``python examples/ddp_train.py`` runs the same script as a single process.) Each rank trains on its
 shard of every batch (``DistributedSampler``) and draws meta batches from its own shard of the clean
@@ -11,6 +11,7 @@ net. Pass the same ``seed`` on every rank. Data: sklearn's handwritten digits, 4
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 from reweight import MetaReweighter
 
-NOISE, EPOCHS, BATCH, SEED = 0.4, 20, 64, 0
+NOISE, BATCH, SEED = 0.4, 64, 0
 
 
 def digits_with_noisy_labels() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
@@ -40,6 +41,9 @@ def digits_with_noisy_labels() -> tuple[TensorDataset, TensorDataset, TensorData
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Data-parallel reweighting on digits with 40% noisy labels")
+    parser.add_argument("--epochs", type=int, default=20)
+    epochs = parser.parse_args().epochs
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -60,7 +64,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     reweighter = MetaReweighter(model, optimizer, meta_loader, net="metainfonet", seed=SEED)  # the same seed everywhere
 
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
@@ -81,7 +85,7 @@ def main() -> None:
         x, y = test_set.tensors
         with torch.no_grad():
             accuracy = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
-        print(f"world size {world}: test accuracy {accuracy:.3f} after {EPOCHS} epochs with 40% noisy labels")
+        print(f"world size {world}: test accuracy {accuracy:.3f} after {epochs} epochs with 40% noisy labels")
         print(f"weighting net identical on all ranks (checksum {checksum.item():.6f})")
     if distributed:
         dist.destroy_process_group()

@@ -10,6 +10,8 @@ BatchNorm model is not expected to match (see docs/distributed.md).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -187,3 +189,15 @@ def test_nonfinite_decision_is_global(ranks):
         assert torch.equal(a["skip"]["net"][key], b["skip"]["net"][key])
     assert a["skip"]["weights"][1] == 0 and torch.isfinite(a["skip"]["weights"]).all()
     assert torch.isfinite(b["skip"]["weights"]).all()
+
+
+def test_example_launches_with_torchrun():
+    """examples/ddp_train.py under ``torchrun --standalone --nproc_per_node=2`` (one epoch)."""
+    pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(root / "examples" / "ddp_train.py"), "--epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2" in out.stdout and "weighting net identical on all ranks" in out.stdout
