@@ -121,7 +121,7 @@ def _nonfinite_agreement(rank: int) -> dict[str, Any]:
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
     )
     try:
         results = {name: _train(config, rank) for name, config in CONFIGS.items()}
