@@ -8,6 +8,7 @@ Example:
 
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines, register_engine
 from .losses import cross_entropy
+from .monitor import CollapseMonitor, WeightCollapseWarning
 from .nets import (
     LogitNet,
     LossNet,
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MetaReweighter",
     "NonFiniteLossError",
+    "CollapseMonitor",
+    "WeightCollapseWarning",
     "LossNet",
     "LogitNet",
     "MetaInfoNet",

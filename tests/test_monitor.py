@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reweight import MetaReweighter
-from reweight.monitor import CollapseMonitor, WeightCollapseWarning
+from reweight import CollapseMonitor, MetaReweighter, WeightCollapseWarning
 
 
 @pytest.fixture(autouse=True)
