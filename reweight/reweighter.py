@@ -447,7 +447,20 @@ class MetaReweighter:
             ValueError: on inconsistent batch sizes, labels out of range, an empty batch or meta loader,
                 or outputs that are not logits when the net needs them.
             NonFiniteLossError: on a non-finite loss or meta-gradient with ``on_nonfinite="raise"``.
+
+        A step that raises leaves everything as it was: the model, the weighting net and its optimizer,
+        the step count, the reweighter's RNG and the meta stream's position.
         """
+        rng, stream = self._generator.get_state(), self._meta_stream.state_dict()
+        try:
+            return self._step(inputs, targets, outputs)
+        except BaseException:
+            self._generator.set_state(rng)
+            if self._meta_stream.state_dict() != stream:
+                self._meta_stream.load_state_dict(stream)  # the next call replays the pass up to here
+            raise
+
+    def _step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         logits = as_logits(outputs)
         n = self._check_batch(inputs, targets, logits)
         with torch.no_grad():

@@ -96,3 +96,47 @@ def test_state_dict_round_trip_and_validation():
         other.load_state_dict({"version": 1})
     with pytest.raises(ValueError, match="newer"):
         other.load_state_dict({**other.state_dict(), "version": 99})
+
+
+class FlakyLoader:
+    """Yields the given batches; the first attempt to produce batch ``fail_at`` raises."""
+
+    def __init__(self, batches, fail_at):
+        self.batches, self.fail_at, self.failed = batches, fail_at, False
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.fail_at and not self.failed:
+                self.failed = True
+                raise OSError("transient read error")
+            yield batch
+
+
+def test_failed_step_rolls_back_rng_and_meta_stream():
+    g = torch.Generator().manual_seed(5)
+    meta = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    batches = [(torch.randn(10, 6, generator=g), torch.randint(0, 4, (10,), generator=g)) for _ in range(5)]
+
+    def run(loader):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, net="metainfonet", seed=7)
+        weights = []
+        for x, y in batches:
+            logits = model(x)
+            try:
+                weights.append(rw.step(x, y, logits))
+            except OSError:
+                weights.append(rw.step(x, y, logits))  # the retry must behave as if nothing had happened
+        return weights, rw
+
+    clean, rw_clean = run(meta)
+    flaky, rw_flaky = run(FlakyLoader(meta, fail_at=1))
+    assert rw_flaky._meta_stream._loader.failed
+    for a, b in zip(clean, flaky):
+        assert torch.equal(a, b)
+    for a, b in zip(rw_clean.net.parameters(), rw_flaky.net.parameters()):
+        assert torch.equal(a, b)
