@@ -12,7 +12,8 @@ not re-run, so an interrupted sweep resumes.
 
     python benchmarks/accuracy.py --datasets mnist1d --seeds 0 1 2          # run (resumes)
     python benchmarks/accuracy.py --report > tables.md                       # render cached results
-    python benchmarks/accuracy.py --lambda-sweep --datasets mnist1d --settings flip1-40
+    python benchmarks/accuracy.py --lambda-sweep --datasets mnist1d --settings flip1-40          # run the sweep
+    python benchmarks/accuracy.py --lambda-sweep --report --datasets mnist1d --settings flip1-40 # its table
 """
 
 from __future__ import annotations
@@ -318,21 +319,25 @@ def report(root: Path, datasets=DATASETS, settings=SETTINGS, methods=METHODS) ->
     return "\n".join(lines)
 
 
-def lambda_report(root: Path, dataset: str, setting: str) -> str:
+def _lambda_scores(root: Path, dataset: str, setting: str) -> tuple[dict[float, list[dict]], dict[float, float]]:
     runs = [r for r in _load(root) if r["key"]["net_kwargs"] and r["key"]["dataset"] == dataset]
-    runs = [r for r in runs if r["key"]["setting"] == setting]
     by: dict[float, list[dict]] = {}
     for r in runs:
-        by.setdefault(float(r["key"]["net_kwargs"]["kl_weight"]), []).append(r)
+        if r["key"]["setting"] == setting:
+            by.setdefault(float(r["key"]["net_kwargs"]["kl_weight"]), []).append(r)
+    return by, {lam: float(np.mean([max(r["result"]["meta_acc"]) for r in rs])) for lam, rs in by.items()}
+
+
+def lambda_report(root: Path, dataset: str, setting: str) -> str:
+    """Markdown table of the MetaInfoNet ``kl_weight`` sweep on one setting, and the value the meta set picks."""
+    by, score = _lambda_scores(root, dataset, setting)
     lines = [f"### MetaInfoNet lambda (kl_weight) sweep, {dataset} {setting}\n"]
     lines.append("| lambda | best meta acc (%) | meta acc, last 10% (%) | test best (%) | test last (%) | AUROC |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
-    score = {}
     for lam in sorted(by):
         rs = by[lam]
         meta_best = [max(r["result"]["meta_acc"]) for r in rs]
         tail = [np.mean(r["result"]["meta_acc"][-max(1, math.ceil(0.1 * len(r["result"]["meta_acc"]))) :]) for r in rs]
-        score[lam] = float(np.mean(meta_best))
         lines.append(
             f"| {lam:g} | {_ms(meta_best)} | {_ms(tail)} | {_ms([r['result']['best'] for r in rs])} | "
             f"{_ms([r['result']['last'] for r in rs])} | {_ms([r['result'].get('auroc') for r in rs], 1.0, 3)} |"
@@ -344,6 +349,22 @@ def lambda_report(root: Path, dataset: str, setting: str) -> str:
             f"\nChosen by the mean best meta-set accuracy (never the test set), seeds {seeds}: lambda = {chosen:g}.\n"
         )
     return "\n".join(lines)
+
+
+def lambda_choice(root: Path, dataset: str, settings: list[str]) -> str:
+    """The lambda with the highest meta-set score averaged over ``settings`` (lambdas measured in all of them)."""
+    scores = [_lambda_scores(root, dataset, s)[1] for s in settings]
+    scores = [sc for sc in scores if sc]
+    if not scores:
+        return ""
+    common = sorted(set.intersection(*(set(sc) for sc in scores)))
+    avg = {lam: float(np.mean([sc[lam] for sc in scores])) for lam in common}
+    chosen = max(common, key=lambda k: avg[k])
+    row = ", ".join(f"{lam:g}: {100 * avg[lam]:.2f}" for lam in common)
+    return (
+        f"Mean best meta-set accuracy (%) averaged over {len(scores)} setting(s): {row}. "
+        f"Chosen over all of them: lambda = {chosen:g}.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,11 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
     args = p.parse_args(argv)
     if args.report:
-        print(report(args.results, args.datasets, args.settings, args.methods))
-        if args.lambda_sweep:
-            for ds in args.datasets:
-                for s in args.settings:
+        if not args.lambda_sweep:
+            print(report(args.results, args.datasets, args.settings, args.methods))
+            return 0
+        for ds in args.datasets:
+            for s in args.settings:
+                if _lambda_scores(args.results, ds, s)[0]:
                     print(lambda_report(args.results, ds, s))
+            print(lambda_choice(args.results, ds, args.settings))
         return 0
     torch.set_num_threads(args.threads)
     from tqdm import tqdm

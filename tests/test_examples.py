@@ -69,3 +69,4 @@ def test_benchmark_lambda_sweep_reports_a_choice(bench, tmp_path):
     assert bench.main(args) == 0
     text = bench.lambda_report(tmp_path, "mnist1d", "flip1-40")
     assert "| 0 |" in text and "| 1 |" in text and "lambda =" in text
+    assert "Chosen over all of them: lambda = " in bench.lambda_choice(tmp_path, "mnist1d", ["flip1-40"])
