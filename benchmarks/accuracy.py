@@ -265,8 +265,9 @@ def _milestones(cfg: Config) -> str:
     return ", ".join(str(round(f * cfg.epochs)) for f in cfg.milestones)
 
 
-def report(root: Path, datasets=DATASETS, settings=SETTINGS, methods=METHODS) -> str:
-    runs = _load(root)
+def report(root: Path, datasets=DATASETS, settings=SETTINGS, methods=METHODS, seeds=None) -> str:
+    """Markdown tables (accuracy best / last, weight AUROC) of the cached runs, restricted to ``seeds`` if given."""
+    runs = [r for r in _load(root) if seeds is None or r["key"]["seed"] in seeds]
     cell: dict[tuple, list[dict]] = {}
     for r in runs:
         k = r["key"]
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report:
         if not args.lambda_sweep:
-            print(report(args.results, args.datasets, args.settings, args.methods))
+            print(report(args.results, args.datasets, args.settings, args.methods, args.seeds))
             return 0
         for ds in args.datasets:
             for s in args.settings:
