@@ -30,6 +30,15 @@ CRITERIA = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP oversubscription (seconds per step) on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
@@ -188,6 +197,8 @@ def test_missing_timm_names_the_extra():
 def test_example_runs_offline_with_mixup():
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "timm_train.py")
     args = [sys.executable, example, "--epochs", "1", "--limit", "128", "--mixup", "--smoothing", "0.1"]
-    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test accuracy" in out.stdout and "reweighter at step 2" in out.stdout

@@ -26,6 +26,15 @@ from reweight.integrations.transformers import REWEIGHTER_STATE_NAME, ReweightTr
 VOCAB, CLASSES, LENGTH = 40, 3, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP oversubscription (seconds per step) on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def bert(attn: str = "sdpa", seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
@@ -310,7 +319,9 @@ def test_integrations_package_imports_no_framework():
 def test_example_runs_offline():
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_text_classification.py")
     args = [sys.executable, example, "--train-size", "64", "--meta-size", "12", "--epochs", "1"]
-    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test accuracy" in out.stdout and "mean weight: clean samples" in out.stdout
 
