@@ -185,10 +185,14 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
         loss = F.cross_entropy(functional_call(model, {**leaves, **buffers()}, (xm,)), ym)
         torch.autograd.grad(loss, list(leaves.values()))
 
-    def jvp() -> torch.Tensor:
+    def jvp(fast_norms: bool) -> torch.Tensor:
+        import contextlib
+
         import torch.autograd.forward_ad as fwAD
 
-        with torch.no_grad(), fwAD.dual_level():
+        from reweight.engines._fast_jvp import FastNormJVP
+
+        with torch.no_grad(), fwAD.dual_level(), FastNormJVP() if fast_norms else contextlib.nullcontext():
             duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
             losses = F.cross_entropy(functional_call(model, {**duals, **buffers()}, (x,)), y, reduction="none")
             return fwAD.unpack_dual(losses).tangent
@@ -198,7 +202,8 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
         "no-grad forward of the batch": forward_no_grad,
         "forward + weighted gradient (retain_graph)": forward_and_weighted_gradient,
         "meta forward + backward at theta_hat": meta_forward_backward,
-        "JVP of the per-sample losses": jvp,
+        "JVP of the per-sample losses, PyTorch's norm formulas": lambda: jvp(False),
+        "JVP of the per-sample losses, reweight's norm rules": lambda: jvp(True),
     }
 
 
