@@ -115,8 +115,15 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad, ctx.group), None
 
 
-def data_parallel_group(model: nn.Module) -> DataParallelGroup:
-    """The ranks of ``model`` if it is wrapped in ``DistributedDataParallel``, else a single process."""
+def data_parallel_group(model: nn.Module, process_group: object | None = None) -> DataParallelGroup:
+    """The data-parallel ranks: ``process_group`` if given, else those of a ``DistributedDataParallel``
+    wrapper, else a single process.
+
+    Pass ``process_group`` when the reweighter is given the bare module while the forward runs through a
+    wrapper it cannot see (Lightning's strategies, for example).
+    """
+    if process_group is not None:
+        return DataParallelGroup(process_group)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return DataParallelGroup(model.process_group)
     return DataParallelGroup(None)

@@ -94,6 +94,9 @@ class MetaReweighter:
             every returned weight of a batch falls below it (with ``"sum"``: all zero) or the weights become
             constant over a batch; checked every 50 steps, tunable through ``collapse_monitor``; ``None``
             disables it (default: ``1e-3``).
+        process_group: the data-parallel process group, for a model whose DDP wrapper the reweighter does
+            not see (e.g. Lightning's strategies hand over the bare module); by default that of a
+            ``DistributedDataParallel`` model, else a single process (default: ``None``).
         seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout,
             MetaInfoNet's sampling); drawn from torch's global RNG when ``None`` (default: ``None``).
 
@@ -132,6 +135,7 @@ class MetaReweighter:
         num_classes: int | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         collapse_threshold: float | None = 1e-3,
+        process_group: Any | None = None,
         seed: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -192,7 +196,7 @@ class MetaReweighter:
         self.collapse_monitor = monitor
         self.engine = engine
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
-        self._group = data_parallel_group(model)
+        self._group = data_parallel_group(model, process_group)
         self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
         self._net_spec = net

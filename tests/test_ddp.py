@@ -65,6 +65,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "l2rw": {"net": "l2rw"},
     "linear_head": {"net": "lossnet", "lookahead": "head", "meta_sgd": True},
     "finite_difference": {"net": "lossnet", "engine": "finite_difference", "meta_sgd": True},
+    # the reweighter gets the bare module and the group explicitly, as under Lightning's strategies
+    "bare_module_process_group": {"net": "lossnet", "meta_sgd": True, "bare": True},
 }
 
 
@@ -81,8 +83,13 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     wrapped = model if rank is None else nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
     meta = [_batch("meta", k, rank, META_SHARD) for k in range(3)]
+    if config.pop("bare", False):
+        config["process_group"] = None if rank is None else dist.group.WORLD
+        target = model
+    else:
+        target = wrapped
     rw = MetaReweighter(
-        wrapped, opt, meta, seed=0, meta_optimizer=lambda p: meta_opt(p, lr=meta_lr), num_classes=CLASSES, **config
+        target, opt, meta, seed=0, meta_optimizer=lambda p: meta_opt(p, lr=meta_lr), num_classes=CLASSES, **config
     )
     weights = []
     for t in range(STEPS):

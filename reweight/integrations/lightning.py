@@ -18,7 +18,6 @@ batches. ``accumulate_grad_batches`` works as usual: Lightning divides the retur
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -81,17 +80,16 @@ class MetaReweightCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the reweighter on the network and the real optimizer (restoring checkpointed state)."""
-        if trainer.world_size > 1:
-            warnings.warn(
-                "MetaReweightCallback under a multi-process strategy: the reweighter sees the bare module, not "
-                "Lightning's DDP wrapper, so each rank keeps its own weighting net (no all-reduce of its gradients)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         if len(trainer.optimizers) <= self.optimizer_index:
             raise ValueError(f"optimizer_index {self.optimizer_index} but the trainer has {len(trainer.optimizers)}")
+        kwargs = dict(self.reweight_kwargs)
+        if trainer.world_size > 1 and "process_group" not in kwargs:
+            # Lightning's DDP wraps the LightningModule, not the network the reweighter sees: name the group
+            import torch.distributed as dist
+
+            kwargs["process_group"] = dist.group.WORLD
         self.reweighter = MetaReweighter(
-            self._network(pl_module), trainer.optimizers[self.optimizer_index], self.meta_loader, **self.reweight_kwargs
+            self._network(pl_module), trainer.optimizers[self.optimizer_index], self.meta_loader, **kwargs
         )
         if self._pending_state is not None:
             self.reweighter.load_state_dict(self._pending_state)
