@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -247,20 +246,29 @@ def time_variant(setup: Setup, variant: Variant, repeats: int) -> dict:
     }
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure_memory(model_name: str, variant: Variant) -> tuple[float, float]:
-    """Peak RSS growth over the RSS after setup, and the process's total peak RSS (MiB), over
-    ``max(3, interval)`` steps of ``variant``; run in a fresh process."""
+    """Peak RSS growth over the RSS after setup, and the process's peak RSS (MiB), over
+    ``max(3, interval)`` steps of ``variant``; run in a fresh process.
+
+    The peak is the kernel's high-water mark ``VmHWM``, reset after setup through ``/proc/self/clear_refs``
+    (``ru_maxrss`` is no use here: Linux carries it over from the parent across ``exec``).
+    """
     setup = Setup(model_name, variant.meta_batch)
     step = make_step(setup, variant)
-    before = rss_mb()
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
     for _ in range(max(3, variant.interval)):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     return peak - before, peak
 
 
@@ -288,7 +296,8 @@ def render(model_name: str, rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['engine']} | {r['lookahead']} | {r['interval']} | {r['meta_batch']} | "
-            f"{r['step_ms']:.0f} | {r['ratio']:.2f} | {cells(r, 'mem')} | {cells(r, 'peak_rss')} |"
+            f"{r.get('step_ms', float('nan')):.0f} | {r.get('ratio', float('nan')):.2f} | "
+            f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} |"
         )
     return "\n".join(lines)
 
@@ -302,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown")
     parser.add_argument("--components", action="store_true", help="time each pass of a meta step instead")
+    parser.add_argument("--memory-only", action="store_true", help="measure memory only (no timing)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -325,11 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         setups: dict[int, Setup] = {}
         for variant in tqdm(selected, desc=model_name):
             setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
-            row = {**asdict(variant), **time_variant(setup, variant, args.repeats)}
+            timing = {} if args.memory_only else time_variant(setup, variant, args.repeats)
+            row = {**asdict(variant), **timing}
             if args.memory:
                 row["mem"], row["peak_rss"] = memory_in_subprocess(model_name, variant)
             rows.append(row)
-            tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")
+            if not args.memory_only:
+                tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")
         raw[model_name] = rows
         tables.append(render(model_name, rows))
     text = "\n\n".join(tables)
