@@ -184,14 +184,10 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
         loss = F.cross_entropy(functional_call(model, {**leaves, **buffers()}, (xm,)), ym)
         torch.autograd.grad(loss, list(leaves.values()))
 
-    def jvp(fast_norms: bool) -> torch.Tensor:
-        import contextlib
-
+    def jvp() -> torch.Tensor:
         import torch.autograd.forward_ad as fwAD
 
-        from reweight.engines._fast_jvp import FastNormJVP
-
-        with torch.no_grad(), fwAD.dual_level(), FastNormJVP() if fast_norms else contextlib.nullcontext():
+        with torch.no_grad(), fwAD.dual_level():
             duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
             losses = F.cross_entropy(functional_call(model, {**duals, **buffers()}, (x,)), y, reduction="none")
             return fwAD.unpack_dual(losses).tangent
@@ -201,8 +197,7 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
         "no-grad forward of the batch": forward_no_grad,
         "forward + weighted gradient (retain_graph)": forward_and_weighted_gradient,
         "meta forward + backward at theta_hat": meta_forward_backward,
-        "JVP of the per-sample losses, PyTorch's norm formulas": lambda: jvp(False),
-        "JVP of the per-sample losses, reweight's norm rules": lambda: jvp(True),
+        "JVP of the per-sample losses": jvp,
     }
 
 

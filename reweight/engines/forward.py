@@ -14,7 +14,6 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from .._batch import call_model
-from ._fast_jvp import FastNormJVP
 from .base import MetaGradient, MetaProblem, detached_params, lookahead, register_engine
 
 __all__ = ["forward_meta_gradient"]
@@ -33,7 +32,6 @@ def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
             stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore")
             stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        stack.enter_context(FastNormJVP())  # batch / layer norm JVPs from their fused backward kernels
         duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
         losses = problem.loss_fn(call_model(problem.model, duals, problem.inputs), problem.targets)
         jvp = fwAD.unpack_dual(losses).tangent
