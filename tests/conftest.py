@@ -70,6 +70,15 @@ def assert_same(a: dict, b: dict) -> None:
                 assert torch.equal(v, w), (section, k)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite's models are tiny: one intra-op thread is fastest and avoids OpenMP oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cnn64():
     return make_cnn(torch.float64)

@@ -22,15 +22,6 @@ from reweight.integrations.lightning import MetaReweightCallback, reweight_step 
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription (seconds per step) on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class LitClassifier(L.LightningModule):
     def __init__(self, seed: int = 0):
         super().__init__()

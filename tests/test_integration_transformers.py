@@ -26,15 +26,6 @@ from reweight.integrations.transformers import REWEIGHTER_STATE_NAME, ReweightTr
 VOCAB, CLASSES, LENGTH = 40, 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription (seconds per step) on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def bert(attn: str = "sdpa", seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(

@@ -12,15 +12,6 @@ from torch import nn
 from reweight import MetaReweighter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight over the CPU with other tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(net: str, engine: str, amp_dtype: torch.dtype | None, scaler=None, steps: int = 1):
     """``steps`` training steps of a small MLP; the forward, the reweighter and the loss under autocast."""
     torch.manual_seed(0)

@@ -12,15 +12,6 @@ from torch import nn
 from reweight import CollapseMonitor, MetaReweighter, WeightCollapseWarning
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight over the CPU with other tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScaledNet(nn.Module):
     """Raw weights ``scale * f(loss)``, held fixed: zero (``scale=0``), constant (``vary=False``) or varying."""
 
