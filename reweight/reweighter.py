@@ -184,7 +184,7 @@ class MetaReweighter:
         if engine == "linear_head" and not head_mode:
             raise ValueError("engine='linear_head' needs lookahead='head'")
         self._auto_engines = _AUTO_ENGINES["head" if head_mode else "full"]
-        self._head = HeadCapture(self.module) if head_mode else None
+        self._head: HeadCapture | None = None
         self._head_checked = False
         self.interval = interval
         self.normalization = normalization
@@ -215,6 +215,8 @@ class MetaReweighter:
         self.last_update_skipped = False
         if isinstance(net, nn.Module) or net == "lossnet" or num_classes is not None:
             self._build_net(num_classes)
+        if head_mode:  # last: a constructor that raises leaves no hook on the user's model
+            self._head = HeadCapture(self.module)
 
     # ------------------------------------------------------------------ setup
 

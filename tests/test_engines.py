@@ -258,3 +258,10 @@ def test_missing_higher_extra_is_named(monkeypatch):
     x, y = make_batch(6, torch.float32)
     with pytest.raises(ImportError, match=r'pip install "reweight\[higher\]"'):
         rw.step(x, y, model(x))
+
+
+def test_refused_head_reweighter_leaves_no_hook():
+    model = make_cnn(torch.float32)
+    with pytest.raises(ValueError, match="meta_loader is empty"):
+        MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), [], lookahead="head")
+    assert len(model.fc._forward_hooks) == 0
