@@ -81,13 +81,16 @@ def main() -> None:
         gathered = [torch.zeros_like(checksum) for _ in range(world)]
         dist.all_gather(gathered, checksum)
         assert all(torch.equal(g, checksum) for g in gathered), "weighting nets differ across ranks"
-    if rank == 0:
+    if rank == 0:  # evaluate the bare module: a forward through DDP on one rank only could wait for the others
         x, y = test_set.tensors
+        network = model.module if distributed else model
         with torch.no_grad():
-            accuracy = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
+            accuracy = (network(x.to(device)).argmax(1).cpu() == y).float().mean().item()
         print(f"world size {world}: test accuracy {accuracy:.3f} after {epochs} epochs with 40% noisy labels")
         print(f"weighting net identical on all ranks (checksum {checksum.item():.6f})")
     if distributed:
+        del model, reweighter, optimizer  # release DDP's reducer before the group goes
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 
