@@ -189,8 +189,14 @@ def test_nonfinite_decision_is_global(ranks):
     assert torch.isfinite(b["skip"]["weights"]).all()
 
 
+@pytest.mark.torchrun
 def test_example_launches_with_torchrun():
-    """examples/ddp_train.py under ``torchrun --standalone --nproc_per_node=2`` (one epoch)."""
+    """examples/ddp_train.py under ``torchrun --standalone --nproc_per_node=2`` (one epoch).
+
+    Not in the default run: under torch 2.14.1 one rank occasionally aborts at exit inside the full suite
+    ("terminate called without an active exception") after training and the cross-rank check completed;
+    it has not been reproduced in isolation (docs/distributed.md).
+    """
     pytest.importorskip("sklearn")
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
