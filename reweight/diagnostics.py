@@ -172,6 +172,10 @@ def plot_weight_histogram(
     ax.set_xlabel("sample weight")
     ax.set_ylabel("samples")
     ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | os.PathLike) -> str:
     fig.tight_layout()
     path = os.fspath(path)
     fig.savefig(path, dpi=100)
@@ -196,8 +200,4 @@ def plot_weight_vs_loss(
     ax.set_xlabel("training loss")
     ax.set_ylabel("sample weight")
     ax.set_title(title)
-    fig.tight_layout()
-    path = os.fspath(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
