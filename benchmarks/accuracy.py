@@ -78,6 +78,11 @@ CONFIGS = {
     "mnist1d": Config(),
     "digits": Config(epochs=40, batch_size=50, meta_per_class_noise=10, meta_per_class_lt=5),
 }
+# Schedules, each applied to every method of a run: "gentle" is the grid's own; "paper" is closer to the paper's
+# and to what users run (lr 0.1, 40 epochs, lr /10 at 2/3 and 5/6), where late collapse showed (issue 9).
+SCHEDULES: dict[str, dict] = {"gentle": {}, "paper": {"lr": 0.1, "epochs": 40, "milestones": (2 / 3, 5 / 6)}}
+# Named reweighter configurations (MetaReweighter keyword arguments) compared against the library defaults.
+VARIANTS: dict[str, dict] = {"default": {}}
 
 
 def make_model(dataset: str) -> nn.Module:
@@ -137,8 +142,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def train_run(dataset: str, setting: str, method: str, seed: int, cfg: Config, net_kwargs: dict | None = None) -> dict:
-    """Train one method on one setting and seed; returns the per-epoch curves and summary figures."""
+def train_run(
+    dataset: str,
+    setting: str,
+    method: str,
+    seed: int,
+    cfg: Config,
+    net_kwargs: dict | None = None,
+    rw_kwargs: dict | None = None,
+    main_grid: bool = True,
+) -> dict:
+    """Train one method on one setting and seed; returns the per-epoch curves and summary figures.
+
+    ``rw_kwargs`` are extra :class:`MetaReweighter` arguments (a variant); ``main_grid`` keeps the main grid's
+    MetaInfoNet ``kl_weight`` (runs outside it use the library defaults).
+    """
     d = make_data(dataset, setting, seed, cfg)
     torch.manual_seed(seed)
     model = make_model(dataset)
@@ -149,15 +167,22 @@ def train_run(dataset: str, setting: str, method: str, seed: int, cfg: Config, n
     meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
     reweight = method not in ("standard", "finetune")
     rw = None
-    if method == "metainfonet" and net_kwargs is None:
+    if method == "metainfonet" and net_kwargs is None and main_grid:
         net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
     if reweight:
-        rw = MetaReweighter(model, opt, meta_loader, net=method, net_kwargs=net_kwargs, num_classes=10, seed=seed)
+        kwargs = dict(rw_kwargs or {})
+        rw = MetaReweighter(
+            model, opt, meta_loader, net=method, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
+        )
     rec = WeightRecorder()
     n = len(d["y"])
     tail = max(1, math.ceil(0.1 * cfg.epochs))
     test_acc, meta_acc = [], []
+    corrupted = torch.from_numpy(d["corrupted"])
+    curves: dict[str, list[float]] = {"w_corrupted": [], "w_clean": [], "w_std": [], "meta_loss": []}
     for epoch in range(cfg.epochs):
+        w_sum = torch.zeros(2, dtype=torch.float64)  # per epoch: sum of weights of clean / corrupted samples
+        w_sq, meta_losses = 0.0, []
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
@@ -167,13 +192,26 @@ def train_run(dataset: str, setting: str, method: str, seed: int, cfg: Config, n
             w = rw.step(xb, yb, logits) if rw is not None else torch.ones_like(losses)
             if rw is not None and epoch >= cfg.epochs - tail:
                 rec.record(idx, losses.detach(), w, epoch)
+            if rw is not None:
+                w_sum.index_add_(0, corrupted[idx].long(), w.double())
+                w_sq += float((w.double() ** 2).sum())
+                if rw.last_meta_loss is not None:
+                    meta_losses.append(float(rw.last_meta_loss))
             opt.zero_grad()
             (w * losses).mean().backward()
             opt.step()
         sched.step()
         test_acc.append(accuracy(model, d["xt"], d["yt"]))
         meta_acc.append(accuracy(model, d["xm"], d["ym"]))
+        if rw is not None:  # per-epoch diagnostics of the weights and the meta loss
+            n_bad = int(corrupted.sum())
+            curves["w_corrupted"].append(float(w_sum[1]) / n_bad if n_bad else float("nan"))
+            curves["w_clean"].append(float(w_sum[0]) / (n - n_bad))
+            curves["w_std"].append(math.sqrt(max(w_sq / n - (float(w_sum.sum()) / n) ** 2, 0.0)))
+            curves["meta_loss"].append(float(np.mean(meta_losses)) if meta_losses else float("nan"))
     out = {"test_acc": test_acc, "meta_acc": meta_acc}
+    if rw is not None:
+        out["curves"] = curves
     best_epoch = int(np.argmax(meta_acc))  # first epoch with the highest clean-meta accuracy
     out["best_epoch"] = best_epoch
     out["best"] = test_acc[best_epoch]
@@ -216,12 +254,28 @@ def result_path(root: Path, dataset: str, setting: str, method: str, seed: int, 
     return root / dataset / setting / (method + tag) / f"seed{seed}.json"
 
 
-def run_cached(
-    root: Path, dataset: str, setting: str, method: str, seed: int, cfg: Config, net_kwargs: dict | None = None
-) -> dict:
+def run_tag(net_kwargs: dict | None = None, schedule: str = "gentle", variant: str = "default") -> str:
+    """Suffix of a run's folder name: ``_k=v`` per net kwarg, ``@schedule`` and ``+variant`` off their defaults."""
     tag = "" if net_kwargs is None else "_" + "_".join(f"{k}={v}" for k, v in sorted(net_kwargs.items()))
+    return tag + ("" if schedule == "gentle" else f"@{schedule}") + ("" if variant == "default" else f"+{variant}")
+
+
+def run_cached(
+    root: Path,
+    dataset: str,
+    setting: str,
+    method: str,
+    seed: int,
+    cfg: Config,
+    net_kwargs: dict | None = None,
+    schedule: str = "gentle",
+    variant: str = "default",
+) -> dict:
+    tag = run_tag(net_kwargs, schedule, variant)
     path = result_path(root, dataset, setting, method, seed, tag)
     key = {"dataset": dataset, "setting": setting, "method": method, "seed": seed, "net_kwargs": net_kwargs}
+    if schedule != "gentle" or variant != "default":  # the main grid's keys stay as they were cached
+        key.update(schedule=schedule, variant=variant, rw_kwargs=VARIANTS[variant])
     key["config"] = dataclasses.asdict(cfg)
     if path.exists():
         cached = json.loads(path.read_text())
@@ -229,7 +283,11 @@ def run_cached(
             return cached
     t0 = time.time()
     # Standard and Fine-tune share their first phase: one training run writes both cells.
-    res = train_run(dataset, setting, "finetune" if method == "standard" else method, seed, cfg, net_kwargs)
+    main_grid = schedule == "gentle" and variant == "default"
+    res = train_run(
+        dataset, setting, "finetune" if method == "standard" else method, seed, cfg, net_kwargs, VARIANTS[variant],
+        main_grid,
+    )
     seconds = round(time.time() - t0, 1)
     outputs = {method: res}
     if "standard" in res:
@@ -270,22 +328,40 @@ def _milestones(cfg: Config) -> str:
     return ", ".join(str(round(f * cfg.epochs)) for f in cfg.milestones)
 
 
-def report(root: Path, datasets=DATASETS, settings=SETTINGS, methods=METHODS, seeds=None) -> str:
-    """Markdown tables (accuracy best / last, weight AUROC) of the cached runs, restricted to ``seeds`` if given."""
+def _row_name(method: str) -> str:
+    base, _, variant = method.partition("+")
+    return NAMES[base] + (f" [{variant}]" if variant else "")
+
+
+def report(
+    root: Path,
+    datasets=DATASETS,
+    settings=SETTINGS,
+    methods=METHODS,
+    seeds=None,
+    schedule: str = "gentle",
+    variants: tuple[str, ...] = ("default",),
+) -> str:
+    """Markdown tables (accuracy best / last, weight AUROC) of the cached runs, restricted to ``seeds`` if given.
+
+    Runs of one ``schedule``; each variant other than ``"default"`` adds rows ``method+variant``.
+    """
     runs = [r for r in _load(root) if seeds is None or r["key"]["seed"] in seeds]
     cell: dict[tuple, list[dict]] = {}
     for r in runs:
         k = r["key"]
-        m = k["method"] if k["net_kwargs"] is None else None
-        if m is None:
+        variant = k.get("variant", "default")
+        if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule or variant not in variants:
             continue
+        m = k["method"] + ("" if variant == "default" else f"+{variant}")
         cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
+    methods = [m + ("" if v == "default" else f"+{v}") for m in methods for v in variants]
     lines = []
     for ds in datasets:
         if not any(key[0] == ds for key in cell):
             continue
-        cfg = CONFIGS[ds]
-        lines.append(f"### {ds}: test accuracy (%), mean ± std over seeds, best / last\n")
+        cfg = dataclasses.replace(CONFIGS[ds], **SCHEDULES[schedule])
+        lines.append(f"### {ds} ({schedule} schedule): test accuracy (%), mean ± std over seeds, best / last\n")
         lines.append(
             f"Schedule (all methods): {cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {cfg.lr} momentum "
             f"{cfg.momentum} wd {cfg.weight_decay}, lr /10 at epochs {_milestones(cfg)}; "
@@ -300,16 +376,18 @@ def report(root: Path, datasets=DATASETS, settings=SETTINGS, methods=METHODS, se
                 for s in present:
                     rs = cell.get((ds, s, m), [])
                     row.append(_ms([r["result"][which] for r in rs]))
-                lines.append(f"| {NAMES[m]} ({which}) | " + " | ".join(row) + " |")
+                lines.append(f"| {_row_name(m)} ({which}) | " + " | ".join(row) + " |")
         lines.append("")
         noisy = [s for s in present if not s.startswith("lt")]
         if noisy:
             lines.append(f"### {ds}: AUROC of the weights, clean vs corrupted (last 10% of epochs), mean ± std\n")
             lines.append("| method | " + " | ".join(noisy) + " |")
             lines.append("| --- |" + " --- |" * len(noisy))
-            for m in ("l2rw", "lossnet", "logitnet", "metainfonet"):
+            for m in methods:
+                if m.partition("+")[0] not in ("l2rw", "lossnet", "logitnet", "metainfonet"):
+                    continue
                 row = [_ms([r["result"].get("auroc") for r in cell.get((ds, s, m), [])], 1.0, 3) for s in noisy]
-                lines.append(f"| {NAMES[m]} | " + " | ".join(row) + " |")
+                lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
             lines.append("")
         seeds = sorted({r["key"]["seed"] for key, rs in cell.items() if key[0] == ds for r in rs})
         lines.append(f"Seeds present: {seeds}.\n")
@@ -383,13 +461,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
     p.add_argument("--lambda-sweep", action="store_true", help="MetaInfoNet over kl_weight in the paper's grid")
     p.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
+    p.add_argument("--schedule", default="gentle", choices=sorted(SCHEDULES), help="training schedule (all methods)")
+    p.add_argument(
+        "--variants", nargs="+", default=["default"], choices=sorted(VARIANTS), help="reweighter configurations"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
     p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
     args = p.parse_args(argv)
     if args.report:
         if not args.lambda_sweep:
-            print(report(args.results, args.datasets, args.settings, args.methods, args.seeds))
+            print(
+                report(
+                    args.results, args.datasets, args.settings, args.methods, args.seeds, args.schedule,
+                    tuple(args.variants),
+                )
+            )
             return 0
         for ds in args.datasets:
             for s in args.settings:
@@ -402,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = []
     for ds in args.datasets:
-        cfg = CONFIGS[ds]
+        cfg = dataclasses.replace(CONFIGS[ds], **SCHEDULES[args.schedule])
         if args.epochs is not None:
             cfg = dataclasses.replace(cfg, epochs=args.epochs)
         if args.num_samples is not None:
@@ -410,17 +497,17 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for s in args.settings:
                 if args.lambda_sweep:
-                    jobs += [(ds, s, "metainfonet", seed, cfg, {"kl_weight": lam}) for lam in args.lambdas]
+                    jobs += [(ds, s, "metainfonet", seed, cfg, {"kl_weight": lam}, "default") for lam in args.lambdas]
                 else:
-                    jobs += [(ds, s, m, seed, cfg, None) for m in args.methods]
+                    for m in args.methods:
+                        reweighted = m not in ("standard", "finetune")
+                        jobs += [(ds, s, m, seed, cfg, None, v) for v in (args.variants if reweighted else ["default"])]
     bar = tqdm(jobs, desc="runs", file=sys.stderr)
-    for ds, s, m, seed, cfg, kw in bar:
-        bar.set_postfix_str(f"{ds} {s} {m} seed{seed}" + (f" {kw}" if kw else ""))
-        r = run_cached(args.results, ds, s, m, seed, cfg, kw)["result"]
-        bar.write(
-            f"{ds} {s} {m} seed{seed} {kw or ''}: best {r['best']:.3f} last {r['last']:.3f} "
-            f"auroc {r.get('auroc', float('nan')):.3f}"
-        )
+    for ds, s, m, seed, cfg, kw, variant in bar:
+        name = f"{ds} {s} {m}{run_tag(kw, args.schedule, variant)} seed{seed}"
+        bar.set_postfix_str(name)
+        r = run_cached(args.results, ds, s, m, seed, cfg, kw, args.schedule, variant)["result"]
+        bar.write(f"{name}: best {r['best']:.3f} last {r['last']:.3f} auroc {r.get('auroc', float('nan')):.3f}")
     return 0
 
 
