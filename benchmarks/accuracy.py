@@ -255,9 +255,9 @@ def result_path(root: Path, dataset: str, setting: str, method: str, seed: int, 
 
 
 def run_tag(net_kwargs: dict | None = None, schedule: str = "gentle", variant: str = "default") -> str:
-    """Suffix of a run's folder name: ``_k=v`` per net kwarg, ``@schedule`` and ``+variant`` off their defaults."""
+    """Suffix of a run's folder name: ``_k=v`` per net kwarg, ``@schedule`` and ``~variant`` off their defaults."""
     tag = "" if net_kwargs is None else "_" + "_".join(f"{k}={v}" for k, v in sorted(net_kwargs.items()))
-    return tag + ("" if schedule == "gentle" else f"@{schedule}") + ("" if variant == "default" else f"+{variant}")
+    return tag + ("" if schedule == "gentle" else f"@{schedule}") + ("" if variant == "default" else f"~{variant}")
 
 
 def run_cached(
@@ -329,7 +329,7 @@ def _milestones(cfg: Config) -> str:
 
 
 def _row_name(method: str) -> str:
-    base, _, variant = method.partition("+")
+    base, _, variant = method.partition("~")
     return NAMES[base] + (f" [{variant}]" if variant else "")
 
 
@@ -344,7 +344,7 @@ def report(
 ) -> str:
     """Markdown tables (accuracy best / last, weight AUROC) of the cached runs, restricted to ``seeds`` if given.
 
-    Runs of one ``schedule``; each variant other than ``"default"`` adds rows ``method+variant``.
+    Runs of one ``schedule``; each variant other than ``"default"`` adds rows ``method~variant``.
     """
     runs = [r for r in _load(root) if seeds is None or r["key"]["seed"] in seeds]
     cell: dict[tuple, list[dict]] = {}
@@ -353,9 +353,9 @@ def report(
         variant = k.get("variant", "default")
         if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule or variant not in variants:
             continue
-        m = k["method"] + ("" if variant == "default" else f"+{variant}")
+        m = k["method"] + ("" if variant == "default" else f"~{variant}")
         cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
-    methods = [m + ("" if v == "default" else f"+{v}") for m in methods for v in variants]
+    methods = [m + ("" if v == "default" else f"~{v}") for m in methods for v in variants]
     lines = []
     for ds in datasets:
         if not any(key[0] == ds for key in cell):
@@ -384,7 +384,7 @@ def report(
             lines.append("| method | " + " | ".join(noisy) + " |")
             lines.append("| --- |" + " --- |" * len(noisy))
             for m in methods:
-                if m.partition("+")[0] not in ("l2rw", "lossnet", "logitnet", "metainfonet"):
+                if m.partition("~")[0] not in ("l2rw", "lossnet", "logitnet", "metainfonet"):
                     continue
                 row = [_ms([r["result"].get("auroc") for r in cell.get((ds, s, m), [])], 1.0, 3) for s in noisy]
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
