@@ -82,7 +82,25 @@ CONFIGS = {
 # and to what users run (lr 0.1, 40 epochs, lr /10 at 2/3 and 5/6), where late collapse showed (issue 9).
 SCHEDULES: dict[str, dict] = {"gentle": {}, "paper": {"lr": 0.1, "epochs": 40, "milestones": (2 / 3, 5 / 6)}}
 # Named reweighter configurations (MetaReweighter keyword arguments) compared against the library defaults.
-VARIANTS: dict[str, dict] = {"default": {}}
+# "meta_lr" stands for meta_optimizer=Adam(lr=meta_lr, weight_decay=5e-4) (the library's default is lr 1e-3).
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "exact": {"preset": "exact"},
+    "fast": {"preset": "fast"},
+    "k3m": {"interval": 3, "meta_lr": 3e-3},
+    "k5": {"interval": 5},
+    "k5m": {"interval": 5, "meta_lr": 5e-3},
+    "head": {"lookahead": "head"},
+    "headm": {"lookahead": "head", "meta_lr": 5e-3},
+}
+
+
+def reweighter_kwargs(variant: dict) -> dict:
+    """MetaReweighter keyword arguments of a variant (``meta_lr`` becomes a meta-optimizer factory)."""
+    kwargs = dict(variant)
+    if "meta_lr" in kwargs:
+        kwargs["meta_optimizer"] = functools.partial(torch.optim.Adam, lr=kwargs.pop("meta_lr"), weight_decay=5e-4)
+    return kwargs
 
 
 def make_model(dataset: str) -> nn.Module:
@@ -170,7 +188,7 @@ def train_run(
     if method == "metainfonet" and net_kwargs is None and main_grid:
         net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
     if reweight:
-        kwargs = dict(rw_kwargs or {})
+        kwargs = reweighter_kwargs(rw_kwargs or {})
         rw = MetaReweighter(
             model, opt, meta_loader, net=method, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
         )
