@@ -1,0 +1,74 @@
+"""preset=: the documented bundles, explicit arguments overriding them, clear errors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.presets import FROM_PRESET, PRESETS, resolve_preset
+
+
+def _parts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [(torch.randn(6, 4), torch.randint(0, 3, (6,)))]
+    return model, opt, meta
+
+
+def test_exact_is_the_documented_default():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, seed=0)
+    assert rw.preset == "exact"
+    assert (rw.interval, rw.engine, rw.normalization, rw.virtual_step, rw.lookahead_lr) == (
+        1,
+        "auto",
+        "sum",
+        "sgd",
+        None,
+    )
+    assert PRESETS["exact"]["lookahead"] == "full"
+
+
+def test_fast_resolves_to_its_table():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, preset="fast", seed=0)
+    assert rw.interval == PRESETS["fast"]["interval"] == 5
+    rw.step(torch.randn(5, 4), torch.randint(0, 3, (5,)), model(torch.randn(5, 4)))
+    group = rw.meta_optimizer.param_groups[0]
+    assert isinstance(rw.meta_optimizer, torch.optim.Adam)
+    assert (group["lr"], group["weight_decay"]) == (5e-3, 5e-4)
+
+
+def test_explicit_arguments_override_the_preset():
+    model, opt, meta = _parts()
+    factory = functools.partial(torch.optim.SGD, lr=0.5)
+    rw = MetaReweighter(model, opt, meta, preset="fast", interval=2, meta_optimizer=factory, seed=0)
+    assert rw.interval == 2
+    rw.step(torch.randn(5, 4), torch.randint(0, 3, (5,)), model(torch.randn(5, 4)))
+    assert isinstance(rw.meta_optimizer, torch.optim.SGD) and rw.meta_optimizer.param_groups[0]["lr"] == 0.5
+    # an explicit value equal to the exact default still overrides a preset that changes it
+    assert MetaReweighter(model, opt, meta, preset="fast", interval=1, seed=0).interval == 1
+
+
+def test_resolve_ignores_unset_and_keeps_given():
+    options = resolve_preset("fast", {"interval": FROM_PRESET, "lookahead_lr": 0.1})
+    assert options["interval"] == 5 and options["lookahead_lr"] == 0.1
+    assert set(options) == set(PRESETS["exact"])
+
+
+def test_unknown_preset_lists_the_presets():
+    model, opt, meta = _parts()
+    with pytest.raises(ValueError, match="preset must be one of 'exact', 'fast'; got 'quick'"):
+        MetaReweighter(model, opt, meta, preset="quick")
+
+
+def test_l2rw_with_fast_names_the_preset():
+    model, opt, meta = _parts()
+    with pytest.raises(ValueError, match="set by preset='fast'; pass interval=1"):
+        MetaReweighter(model, opt, meta, net="l2rw", preset="fast")
+    assert MetaReweighter(model, opt, meta, net="l2rw", preset="fast", interval=1).interval == 1
