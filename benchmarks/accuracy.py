@@ -103,19 +103,28 @@ def reweighter_kwargs(variant: dict) -> dict:
     return kwargs
 
 
-def make_model(dataset: str) -> nn.Module:
-    if dataset == "mnist1d":  # small 1-D CNN, input (batch, 1, 40)
+# Model families: "plain" is the grid's own; "bn" adds BatchNorm after each hidden layer (the 1-D CNN users
+# reported late collapse with, issue 9).
+MODELS = ("plain", "bn")
+
+
+def make_model(dataset: str, model: str = "plain") -> nn.Module:
+    norm = nn.BatchNorm1d if model == "bn" else (lambda _: nn.Identity())
+    if dataset.startswith("mnist1d"):  # small 1-D CNN, input (batch, 1, 40)
         return nn.Sequential(
             nn.Conv1d(1, 32, 5, padding=2),
+            norm(32),
             nn.ReLU(),
             nn.Conv1d(32, 32, 3, stride=2, padding=1),
+            norm(32),
             nn.ReLU(),
             nn.Conv1d(32, 32, 3, stride=2, padding=1),
+            norm(32),
             nn.ReLU(),
             nn.Flatten(),
             nn.Linear(32 * 10, 10),
         )
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(nn.Linear(64, 128), norm(128), nn.ReLU(), nn.Linear(128, 10))
 
 
 @functools.lru_cache(maxsize=4)
@@ -169,6 +178,7 @@ def train_run(
     net_kwargs: dict | None = None,
     rw_kwargs: dict | None = None,
     main_grid: bool = True,
+    model_family: str = "plain",
 ) -> dict:
     """Train one method on one setting and seed; returns the per-epoch curves and summary figures.
 
@@ -177,7 +187,7 @@ def train_run(
     """
     d = make_data(dataset, setting, seed, cfg)
     torch.manual_seed(seed)
-    model = make_model(dataset)
+    model = make_model(dataset, model_family)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(f * cfg.epochs) for f in cfg.milestones], 0.1)
     g = torch.Generator().manual_seed(seed)
@@ -272,9 +282,13 @@ def result_path(root: Path, dataset: str, setting: str, method: str, seed: int, 
     return root / dataset / setting / (method + tag) / f"seed{seed}.json"
 
 
-def run_tag(net_kwargs: dict | None = None, schedule: str = "gentle", variant: str = "default") -> str:
-    """Suffix of a run's folder name: ``_k=v`` per net kwarg, ``@schedule`` and ``~variant`` off their defaults."""
+def run_tag(
+    net_kwargs: dict | None = None, schedule: str = "gentle", variant: str = "default", model: str = "plain"
+) -> str:
+    """Suffix of a run's folder name: ``_k=v`` per net kwarg, ``.model``, ``@schedule`` and ``~variant`` off
+    their defaults."""
     tag = "" if net_kwargs is None else "_" + "_".join(f"{k}={v}" for k, v in sorted(net_kwargs.items()))
+    tag += "" if model == "plain" else f".{model}"
     return tag + ("" if schedule == "gentle" else f"@{schedule}") + ("" if variant == "default" else f"~{variant}")
 
 
@@ -288,12 +302,15 @@ def run_cached(
     net_kwargs: dict | None = None,
     schedule: str = "gentle",
     variant: str = "default",
+    model: str = "plain",
 ) -> dict:
-    tag = run_tag(net_kwargs, schedule, variant)
+    tag = run_tag(net_kwargs, schedule, variant, model)
     path = result_path(root, dataset, setting, method, seed, tag)
     key = {"dataset": dataset, "setting": setting, "method": method, "seed": seed, "net_kwargs": net_kwargs}
     if schedule != "gentle" or variant != "default":  # the main grid's keys stay as they were cached
         key.update(schedule=schedule, variant=variant, rw_kwargs=VARIANTS[variant])
+    if model != "plain":
+        key.update(model=model)
     key["config"] = dataclasses.asdict(cfg)
     if path.exists():
         cached = json.loads(path.read_text())
@@ -301,10 +318,10 @@ def run_cached(
             return cached
     t0 = time.time()
     # Standard and Fine-tune share their first phase: one training run writes both cells.
-    main_grid = schedule == "gentle" and variant == "default"
+    main_grid = schedule == "gentle" and variant == "default" and model == "plain"
     res = train_run(
         dataset, setting, "finetune" if method == "standard" else method, seed, cfg, net_kwargs, VARIANTS[variant],
-        main_grid,
+        main_grid, model,
     )
     seconds = round(time.time() - t0, 1)
     outputs = {method: res}
@@ -359,6 +376,7 @@ def report(
     seeds=None,
     schedule: str = "gentle",
     variants: tuple[str, ...] = ("default",),
+    model: str = "plain",
 ) -> str:
     """Markdown tables (accuracy best / last, weight AUROC) of the cached runs, restricted to ``seeds`` if given.
 
@@ -371,6 +389,8 @@ def report(
         variant = k.get("variant", "default")
         if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule or variant not in variants:
             continue
+        if k.get("model", "plain") != model:
+            continue
         m = k["method"] + ("" if variant == "default" else f"~{variant}")
         cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
     methods = [m + ("" if v == "default" else f"~{v}") for m in methods for v in variants]
@@ -379,7 +399,9 @@ def report(
         if not any(key[0] == ds for key in cell):
             continue
         cfg = dataclasses.replace(CONFIGS[ds], **SCHEDULES[schedule])
-        lines.append(f"### {ds} ({schedule} schedule): test accuracy (%), mean ± std over seeds, best / last\n")
+        lines.append(
+            f"### {ds} ({schedule} schedule, {model} model): test accuracy (%), mean ± std over seeds, best / last\n"
+        )
         lines.append(
             f"Schedule (all methods): {cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {cfg.lr} momentum "
             f"{cfg.momentum} wd {cfg.weight_decay}, lr /10 at epochs {_milestones(cfg)}; "
@@ -479,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
     p.add_argument("--lambda-sweep", action="store_true", help="MetaInfoNet over kl_weight in the paper's grid")
     p.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
+    p.add_argument("--model", default="plain", choices=MODELS, help="model family (all methods)")
     p.add_argument("--schedule", default="gentle", choices=sorted(SCHEDULES), help="training schedule (all methods)")
     p.add_argument(
         "--variants", nargs="+", default=["default"], choices=sorted(VARIANTS), help="reweighter configurations"
@@ -492,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 report(
                     args.results, args.datasets, args.settings, args.methods, args.seeds, args.schedule,
-                    tuple(args.variants),
+                    tuple(args.variants), args.model,
                 )
             )
             return 0
@@ -522,9 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                         jobs += [(ds, s, m, seed, cfg, None, v) for v in (args.variants if reweighted else ["default"])]
     bar = tqdm(jobs, desc="runs", file=sys.stderr)
     for ds, s, m, seed, cfg, kw, variant in bar:
-        name = f"{ds} {s} {m}{run_tag(kw, args.schedule, variant)} seed{seed}"
+        name = f"{ds} {s} {m}{run_tag(kw, args.schedule, variant, args.model)} seed{seed}"
         bar.set_postfix_str(name)
-        r = run_cached(args.results, ds, s, m, seed, cfg, kw, args.schedule, variant)["result"]
+        r = run_cached(args.results, ds, s, m, seed, cfg, kw, args.schedule, variant, args.model)["result"]
         bar.write(f"{name}: best {r['best']:.3f} last {r['last']:.3f} auroc {r.get('auroc', float('nan')):.3f}")
     return 0
 
