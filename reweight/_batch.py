@@ -58,9 +58,9 @@ def batch_size(inputs: Inputs) -> int:
     tensors = _tensors(inputs)
     if not tensors:
         raise ValueError("inputs hold no tensor")
-    sizes = {t.shape[0] if t.ndim else None for t in tensors}
-    if None in sizes:
+    if any(t.ndim == 0 for t in tensors):
         raise ValueError("inputs must have a leading batch dimension; got a 0-d tensor")
+    sizes = {t.shape[0] for t in tensors}
     if len(sizes) != 1:
         raise ValueError(f"input tensors disagree on the batch size: {sorted(sizes)}")
     return sizes.pop()

@@ -105,7 +105,7 @@ class WeightRecorder:
     def save(self, path: str | os.PathLike) -> str:
         """Save every record as a ``.npz`` file; returns the path."""
         path = os.fspath(path)
-        np.savez_compressed(path, **self.records())
+        np.savez_compressed(path, allow_pickle=False, **self.records())
         return path
 
     def summary(self, corrupted: Any | None = None, since_step: int | None = None) -> dict[str, float]:

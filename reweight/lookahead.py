@@ -10,6 +10,7 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["LookaheadSpec", "find_head", "lookahead_parameter_names", "HeadCapture"]
@@ -73,7 +74,7 @@ class HeadCapture:
 
     The linear-head engine needs the training batch's penultimate features from the user's own forward,
     so that the look-ahead costs no extra forward of the training batch. The hook stores a reference,
-    not a copy, and never changes the forward.
+    not a copy, and never changes the forward; :meth:`features_for` checks what it caught.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -84,10 +85,36 @@ class HeadCapture:
             (prefix + "bias" if self.module.bias is not None else None),
         )
         self.features: Tensor | None = None
+        self._verified = False
         self._handle = self.module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         self.features = inputs[0]
+
+    def features_for(self, logits: Tensor) -> Tensor:
+        """The detached input of the head from the forward that produced ``logits``.
+
+        The first call also checks that ``logits`` are the head's outputs on those features (the model
+        returns its final Linear's outputs unchanged); later calls check the batch size only.
+
+        Raises:
+            ValueError: if no forward was caught, it was of another batch, or the outputs are not the head's.
+        """
+        features = self.features
+        if features is None or features.ndim == 0 or features.shape[0] != logits.shape[0]:
+            raise ValueError("lookahead='head': call step() right after the model's forward on this batch")
+        if not self._verified:
+            with torch.no_grad():
+                recomputed = self.module(features)
+            if recomputed.shape != logits.shape or not torch.allclose(
+                recomputed, logits.detach(), rtol=1e-3, atol=1e-4
+            ):
+                raise ValueError(
+                    f"lookahead='head' needs the model's outputs to be those of its final Linear layer "
+                    f"({self.name!r}); pass a list of parameter patterns or a submodule instead"
+                )
+            self._verified = True
+        return features.detach()
 
     def remove(self) -> None:
         """Remove the hook from the model."""

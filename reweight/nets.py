@@ -110,7 +110,7 @@ class LossNet(nn.Module):
         self.mlp = _mlp_head(1, hidden)
 
     def forward(self, loss: Tensor, logits: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
-        return torch.sigmoid(self.mlp(loss.unsqueeze(-1).to(self.mlp[0].weight.dtype))).squeeze(-1)
+        return torch.sigmoid(self.mlp(loss.unsqueeze(-1).to(next(self.mlp.parameters()).dtype))).squeeze(-1)
 
 
 class LogitNet(nn.Module):

@@ -208,7 +208,6 @@ class MetaReweighter:
             raise ValueError("engine='linear_head' needs lookahead='head'")
         self._auto_engines = _AUTO_ENGINES["head" if head_mode else "full"]
         self._head: HeadCapture | None = None
-        self._head_checked = False
         self.preset = preset
         self.interval = interval
         self.normalization = normalization
@@ -377,27 +376,8 @@ class MetaReweighter:
                 self._engine_name = fallback
                 return self._meta_gradient(problem)
 
-    def _head_features(self, logits: Tensor) -> Tensor:
-        """The training batch's input to the final Linear, from the caller's forward (checked once)."""
-        assert self._head is not None
-        features = self._head.features
-        if features is None or features.shape[0] != logits.shape[0]:
-            raise ValueError("lookahead='head': call step() right after the model's forward on this batch")
-        if not self._head_checked:
-            with torch.no_grad():
-                recomputed = self._head.module(features)
-            if recomputed.shape != logits.shape or not torch.allclose(
-                recomputed, logits.detach(), rtol=1e-3, atol=1e-4
-            ):
-                raise ValueError(
-                    f"lookahead='head' needs the model's outputs to be those of its final Linear layer "
-                    f"({self._head.name!r}); pass a list of parameter patterns or a submodule instead"
-                )
-            self._head_checked = True
-        return features.detach()
-
     def _problem(self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor) -> MetaProblem:
-        head_features = self._head_features(logits) if self._head is not None else None
+        head_features = self._head.features_for(logits) if self._head is not None else None
         self._optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         params = self._lookahead_params()
         meta_inputs, meta_targets = self._next_meta_batch()

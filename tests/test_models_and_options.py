@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reweight import MetaReweighter, WeightingOutput
+from reweight.lookahead import HeadCapture
 
 
 class TwoInputNet(nn.Module):
@@ -210,3 +211,24 @@ def test_meta_loader_cycles_forever():
     for _ in range(7):
         rw.step(x, y, model(x))
     assert rw.state_dict()["meta_stream"]["epoch"] == 2 and rw.state_dict()["meta_stream"]["position"] == 1
+
+
+def test_head_capture_checks_the_caught_features():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    head = HeadCapture(model)
+    assert (head.name, head.weight_name, head.bias_name) == ("2", "2.weight", "2.bias")
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="right after the model's forward"):
+        head.features_for(torch.zeros(5, 3))  # no forward caught yet
+    logits = model(x)
+    with pytest.raises(ValueError, match="final Linear layer \\('2'\\)"):
+        head.features_for(logits * 2)  # outputs that are not the head's
+    features = head.features_for(logits)
+    torch.testing.assert_close(features, torch.tanh(model[0](x)))
+    assert not features.requires_grad
+    with pytest.raises(ValueError, match="right after the model's forward"):
+        head.features_for(model(x[:3])[:2])  # the caught forward was of another batch
+    head.remove()
+    model(torch.randn(2, 4))
+    assert head.features.shape[0] == 3  # the hook is gone

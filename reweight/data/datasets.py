@@ -5,6 +5,7 @@ Both packages are optional (``pip install "reweight[examples]"``) and imported o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -64,7 +65,7 @@ def load_digits(*, test_size: int = 497, seed: int = 0) -> Dataset:
 
 def load_dataset(name: str, **kwargs) -> Dataset:
     """``"mnist1d"`` or ``"digits"``."""
-    loaders = {"mnist1d": load_mnist1d, "digits": load_digits}
+    loaders: dict[str, Callable[..., Dataset]] = {"mnist1d": load_mnist1d, "digits": load_digits}
     if name not in loaders:
         raise ValueError(f"dataset must be one of {sorted(loaders)}, got {name!r}")
     return loaders[name](**kwargs)

@@ -21,8 +21,8 @@ __all__ = ["finite_difference_meta_gradient", "finite_difference_step"]
 def finite_difference_step(params: dict[str, torch.Tensor], tangent: dict[str, torch.Tensor]) -> torch.Tensor:
     """The scalar ``h`` of the rule above (a 0-d tensor; 0 when the tangent is zero)."""
     dtype = next(iter(params.values())).dtype
-    theta_norm = torch.sqrt(sum(p.double().square().sum() for p in params.values()))
-    t_norm = torch.sqrt(sum(t.double().square().sum() for t in tangent.values()))
+    theta_norm = torch.stack([p.double().square().sum() for p in params.values()]).sum().sqrt()
+    t_norm = torch.stack([t.double().square().sum() for t in tangent.values()]).sum().sqrt()
     size = torch.finfo(dtype).eps ** (1 / 3) * torch.clamp(theta_norm, min=1.0)
     return torch.where(t_norm > 0, size / t_norm.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(t_norm))
 

@@ -40,7 +40,7 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
     if h.ndim != 2:
         raise ValueError(f"engine 'linear_head' needs (batch, features) inputs to the head, got {tuple(h.shape)}")
     weight = problem.params[w_name].detach()
-    bias = None if b_name is None else head.module.bias.detach()
+    bias = None if head.module.bias is None else head.module.bias.detach()
     delta = _logit_gradients(problem, F.linear(h.to(weight.dtype), weight, bias))
     h = h.to(delta.dtype)
     n = h.shape[0]
@@ -53,6 +53,8 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
 
     with torch.no_grad():
         call_model(problem.model, {}, problem.meta_inputs)  # fills head.features with the meta batch's
+    if head.features is None:
+        raise RuntimeError(f"the forward of the meta batch did not run the head {head.name!r}")
     meta_h = head.features.detach().to(weight.dtype)
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
