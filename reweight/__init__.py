@@ -18,6 +18,7 @@ Example:
     (torch.Size([16]), 1.0)
 """
 
+from .distributed import DistributedStepError
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines, register_engine
 from .losses import cross_entropy
 from .monitor import CollapseMonitor, WeightCollapseWarning
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MetaReweighter",
     "NonFiniteLossError",
+    "DistributedStepError",
     "CollapseMonitor",
     "WeightCollapseWarning",
     "LossNet",

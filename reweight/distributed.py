@@ -8,18 +8,105 @@ look-ahead must be the one of the global batch and every rank must keep an ident
 - weight normalisation divides by the global sum of raw weights (a differentiable all-reduce);
 - the weighting net's gradients are summed across ranks (each rank holds its samples' share);
 - the net's initial parameters are broadcast from rank 0;
-- the decision to skip (or raise on) a non-finite loss or meta-gradient is taken jointly.
+- the decision to skip (or raise on) a non-finite loss or meta-gradient is taken jointly;
+- an error raised by one rank's local checks reaches every rank: the first collective of a step carries
+  an error flag (no extra collective while every rank is healthy), and every rank then raises a
+  :class:`DistributedStepError` naming the failing ranks and their errors.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DataParallelGroup", "data_parallel_group"]
+__all__ = ["DataParallelGroup", "DistributedStepError", "check_sync_batchnorm", "data_parallel_group"]
+
+_MAX_MESSAGE = 2000  # characters of each failing rank's message that travel to the other ranks
+
+
+class DistributedStepError(RuntimeError):
+    """A data-parallel step failed on some rank; raised on every rank of the group.
+
+    Every rank raises an instance whose class also derives from the failing rank's error type when that
+    type can be found on this rank (for example ``ValueError`` or
+    :class:`~reweight.NonFiniteLossError`), so ``except ValueError`` catches it on every rank exactly as it
+    would in one process. On the failing rank the original exception is chained as ``__cause__``.
+
+    Attributes:
+        failures: ``{rank: "ErrorType: message"}`` for every rank that failed (ranks in the group).
+        world_size: the number of ranks in the group.
+    """
+
+    def __init__(self, failures: Mapping[int, str], world_size: int) -> None:
+        self.failures = dict(sorted(failures.items()))
+        self.world_size = world_size
+        ranks = ", ".join(map(str, self.failures))
+        detail = "; ".join(f"rank {r}: {m}" for r, m in self.failures.items())
+        plural = "s" if len(self.failures) > 1 else ""
+        super().__init__(
+            f"step() failed on rank{plural} {ranks} of {world_size} ({detail}); every rank raises this error "
+            "and the step changed nothing"
+        )
+
+    @property
+    def rank(self) -> int:
+        """The lowest failing rank."""
+        return next(iter(self.failures))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the combined classes are made at run time
+        base = next((c for c in type(self).__mro__[1:] if c not in _COMBINED_BASES), RuntimeError)
+        return _rebuild_step_error, (self.failures, self.world_size, base)
+
+
+_COMBINED: dict[type, type] = {}
+_COMBINED_BASES = frozenset({DistributedStepError, RuntimeError, Exception, BaseException, object})
+
+
+def _combined(base: type | None) -> type[DistributedStepError]:
+    """``DistributedStepError`` that is also a ``base`` (cached); the plain class when that is impossible."""
+    if base is None or not issubclass(base, Exception) or issubclass(base, DistributedStepError):
+        return DistributedStepError
+    if issubclass(DistributedStepError, base):
+        return DistributedStepError
+    if base not in _COMBINED:
+        try:
+            cls = type(f"DistributedStepError[{base.__name__}]", (DistributedStepError, base), {})
+        except TypeError:  # incompatible instance layouts (OSError, ...)
+            cls = DistributedStepError
+        cls.__module__ = __name__
+        _COMBINED[base] = cls
+    return _COMBINED[base]
+
+
+def _rebuild_step_error(failures: Mapping[int, str], world_size: int, base: type) -> DistributedStepError:
+    cls = _combined(base)
+    err = cls.__new__(cls)
+    DistributedStepError.__init__(err, failures, world_size)
+    return err
+
+
+def _describe(error: BaseException) -> tuple[list[tuple[str, str]], str]:
+    """What travels to the other ranks: the error's classes (module, qualname) and a short message."""
+    classes = [(c.__module__, c.__qualname__) for c in type(error).__mro__ if issubclass(c, Exception)]
+    message = f"{type(error).__name__}: {error}"
+    if len(message) > _MAX_MESSAGE:
+        message = message[: _MAX_MESSAGE - 3] + "..."
+    return classes, message
+
+
+def _resolve(classes: Iterable[tuple[str, str]]) -> type | None:
+    """The first of ``classes`` already imported in this process (nothing is imported here)."""
+    for module, qualname in classes:
+        obj: Any = sys.modules.get(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            return obj
+    return None
 
 
 class DataParallelGroup:
@@ -52,19 +139,54 @@ class DataParallelGroup:
             out[name] = t / self.world_size
         return out
 
-    def all_(self, flag: Tensor) -> bool:
+    def all_(self, flag: Tensor | None, error: BaseException | None = None, *, device: Any = None) -> bool:
         """Whether ``flag`` holds on every rank (one host sync), so that all ranks take the same branch.
 
         A rank that skipped a meta update (or raised) while another ran it would leave the collectives
         of the two mismatched and hang; every data-dependent decision of the step goes through here.
+
+        The same all-reduce carries an error flag: a rank whose local checks raised passes ``error``
+        (``flag`` is then ignored), and every rank raises a :class:`DistributedStepError` naming the failing
+        ranks and their messages. Only then does a second collective gather those messages.
+
+        Args:
+            flag: a boolean scalar tensor on the model's device (or a bool), or ``None`` with ``error``.
+            error: this rank's exception from checks made before the step's first collective.
+            device: where to build the flag when ``flag`` is ``None`` (NCCL needs the model's device).
+
+        Raises:
+            DistributedStepError: on every rank, if some rank passed an ``error``; ``error`` itself
+                (unchanged) in a single process.
         """
         if not self.active:
+            if error is not None:
+                raise error
             return bool(flag)
         import torch.distributed as dist
 
-        t = flag.detach().to(dtype=torch.int32, copy=True).reshape(())  # on the model's device, as NCCL needs
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.process_group)
-        return bool(t)
+        # 1 (or 0) where the flag holds (or not); ``rank - world`` (< 0) where the rank failed; MIN over ranks
+        if error is None:
+            assert flag is not None
+            code = torch.as_tensor(flag, device=device).detach().to(dtype=torch.int32, copy=True).reshape(())
+        else:
+            if device is None and isinstance(flag, Tensor):
+                device = flag.device
+            code = torch.full((), self.rank - self.world_size, dtype=torch.int32, device=device)
+        dist.all_reduce(code, op=dist.ReduceOp.MIN, group=self.process_group)
+        value = int(code)
+        if value < 0:
+            self._raise_failures(error)
+        return bool(value)
+
+    def _raise_failures(self, error: BaseException | None) -> None:
+        """Gather every failing rank's error (a second collective, on failure only) and raise it here."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, None if error is None else _describe(error), group=self.process_group)
+        failures = {r: g[1] for r, g in enumerate(gathered) if g is not None}
+        first = gathered[min(failures)]
+        raise _combined(_resolve(first[0]))(failures, self.world_size) from error
 
     def sum_differentiable(self, t: Tensor) -> Tensor:
         """Sum of ``t`` over ranks, differentiable (the gradient is summed back)."""
@@ -113,6 +235,29 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup, engine: str) -> None:
+    """Refuse a ``SyncBatchNorm`` model under data parallelism unless the engine is ``"linear_head"``.
+
+    The full look-ahead runs the model statelessly, with forward-mode AD (``"forward"``) or finite
+    differences, and ``SyncBatchNorm`` would issue its own collectives there (it has no forward-mode rule).
+    ``lookahead="head"`` (engine ``"linear_head"``) only re-runs the model on the meta batch without
+    gradients, where ``SyncBatchNorm`` synchronises the statistics exactly as the real forward does.
+
+    Raises:
+        ValueError: naming the alternatives.
+    """
+    if not group.active or engine == "linear_head":
+        return
+    names = [name for name, m in module.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if names:
+        raise ValueError(
+            f"the model has SyncBatchNorm layers ({', '.join(repr(n) for n in names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}), which the data-parallel look-ahead supports only with "
+            "lookahead='head' (engine 'linear_head'); pass lookahead='head', or keep plain BatchNorm "
+            "(per-shard batch statistics, see docs/distributed.md)"
+        )
 
 
 def data_parallel_group(model: nn.Module, process_group: object | None = None) -> DataParallelGroup:

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._batch import Inputs, as_logits, batch_size, split_batch, to_device, unwrap_model
 from ._rng import isolated_rng
-from .distributed import data_parallel_group
+from .distributed import check_sync_batchnorm, data_parallel_group
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
@@ -220,6 +220,7 @@ class MetaReweighter:
         self.engine = engine
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model, process_group)
+        check_sync_batchnorm(self.module, self._group, self._engine_name)
         self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
         self._net_spec = net
@@ -376,11 +377,13 @@ class MetaReweighter:
                 self._engine_name = fallback
                 return self._meta_gradient(problem)
 
-    def _problem(self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor) -> MetaProblem:
+    def _problem(
+        self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor, meta: tuple[Inputs, Tensor] | None
+    ) -> MetaProblem:
         head_features = self._head.features_for(logits) if self._head is not None else None
         self._optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         params = self._lookahead_params()
-        meta_inputs, meta_targets = self._next_meta_batch()
+        meta_inputs, meta_targets = meta if meta is not None else self._next_meta_batch()
         reuse = self._reuse_outputs and logits.requires_grad
         return MetaProblem(
             model=self.module,
@@ -409,7 +412,12 @@ class MetaReweighter:
         return False
 
     def _meta_update(
-        self, inputs: Inputs, targets: Tensor, logits: Tensor, net_inputs: tuple[Tensor, Tensor, Tensor]
+        self,
+        inputs: Inputs,
+        targets: Tensor,
+        logits: Tensor,
+        net_inputs: tuple[Tensor, Tensor, Tensor],
+        meta: tuple[Inputs, Tensor] | None = None,
     ) -> tuple[bool, Tensor | None]:
         """One meta update, mutating only the weighting net and its optimizer.
 
@@ -417,7 +425,7 @@ class MetaReweighter:
         """
         if self.net is None:  # L2RW: meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
-            grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros))
+            grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros, meta))
             if not self._finite_or_skip(self._group.all_(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
                 return False, None
             self.last_meta_loss = grad.meta_loss
@@ -427,7 +435,7 @@ class MetaReweighter:
         with torch.enable_grad():
             raw, penalty = self._raw_weights(*net_inputs)
             weights = self._normalize(raw)
-            grad = self._meta_gradient(self._problem(inputs, targets, logits, weights))
+            grad = self._meta_gradient(self._problem(inputs, targets, logits, weights, meta))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
             if not self._finite_or_skip(self._group.all_(finite), "the meta loss or meta-gradient"):
                 return False, None
@@ -471,11 +479,24 @@ class MetaReweighter:
             raise
 
     def _step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
-        logits = as_logits(outputs)
-        n = self._check_batch(inputs, targets, logits)
-        with torch.no_grad():
-            losses = self.loss_fn(logits.detach(), targets)
-        self._check_losses(losses, n, "loss_fn")
+        update = self._step_count % self.interval == 0
+        rank_seed, meta = self._draw_rank_seed(), None
+        try:  # local checks: under DDP, an error must reach every rank before the step's first collective
+            logits = as_logits(outputs)
+            n = self._check_batch(inputs, targets, logits)
+            with torch.no_grad():
+                losses = self.loss_fn(logits.detach(), targets)
+            self._check_losses(losses, n, "loss_fn")
+            if update and self._group.active:  # what the meta update would meet past its first collective
+                if self._head is not None:
+                    self._head_features(logits)
+                with isolated_rng(rank_seed, self.device):
+                    meta = self._next_meta_batch()
+        except Exception as err:
+            if not self._group.active:
+                raise
+            self._group.all_(None, err, device=self.device)  # rides on the flag all-reduce below; raises
+            raise
         finite = torch.isfinite(losses)
         all_finite = self._finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss")
         if self.net is None and self._net_spec != "l2rw":
@@ -483,11 +504,10 @@ class MetaReweighter:
             self._build_net(self.num_classes)
         losses = torch.where(finite, losses, torch.zeros_like(losses))
         net_inputs = (losses, logits.detach(), targets)
-        update = self._step_count % self.interval == 0
         applied, weights = False, None
-        with isolated_rng(self._draw_rank_seed(), self.device):
+        with isolated_rng(rank_seed, self.device):
             if update and all_finite:
-                applied, weights = self._meta_update(inputs, targets, logits, net_inputs)
+                applied, weights = self._meta_update(inputs, targets, logits, net_inputs, meta)
             if weights is None:
                 weights = self._current_weights(net_inputs, finite)
         self.last_update_skipped = update and not applied
