@@ -237,26 +237,25 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad, ctx.group), None
 
 
-def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup, engine: str) -> None:
-    """Refuse a ``SyncBatchNorm`` model under data parallelism unless the engine is ``"linear_head"``.
+def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup) -> None:
+    """Refuse a model with ``SyncBatchNorm`` layers under data parallelism.
 
-    The full look-ahead runs the model statelessly, with forward-mode AD (``"forward"``) or finite
-    differences, and ``SyncBatchNorm`` would issue its own collectives there (it has no forward-mode rule).
-    ``lookahead="head"`` (engine ``"linear_head"``) only re-runs the model on the meta batch without
-    gradients, where ``SyncBatchNorm`` synchronises the statistics exactly as the real forward does.
+    The look-ahead runs the model statelessly, under forward-mode AD (``"forward"``, which
+    ``SyncBatchNorm``'s autograd function does not support) or inside the engines between their own
+    all-reduces; its exactness under DDP is untested (``SyncBatchNorm`` needs GPUs, the tests run on CPU).
 
     Raises:
-        ValueError: naming the alternatives.
+        ValueError: naming the layers and the alternative.
     """
-    if not group.active or engine == "linear_head":
+    if not group.active:
         return
     names = [name for name, m in module.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     if names:
+        shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
         raise ValueError(
-            f"the model has SyncBatchNorm layers ({', '.join(repr(n) for n in names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}), which the data-parallel look-ahead supports only with "
-            "lookahead='head' (engine 'linear_head'); pass lookahead='head', or keep plain BatchNorm "
-            "(per-shard batch statistics, see docs/distributed.md)"
+            f"the model has SyncBatchNorm layers ({shown}), which the data-parallel look-ahead does not support; "
+            "keep plain BatchNorm (each rank normalises by its shard's batch statistics, see docs/distributed.md): "
+            "do not call nn.SyncBatchNorm.convert_sync_batchnorm (Lightning: sync_batchnorm=False; timm: no --sync-bn)"
         )
 
 

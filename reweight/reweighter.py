@@ -220,7 +220,7 @@ class MetaReweighter:
         self.engine = engine
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model, process_group)
-        check_sync_batchnorm(self.module, self._group, self._engine_name)
+        check_sync_batchnorm(self.module, self._group)
         self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
         self._net_spec = net
@@ -489,7 +489,7 @@ class MetaReweighter:
             self._check_losses(losses, n, "loss_fn")
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
-                    self._head.features_for(logits)
+                    self._head_features(logits)
                 with isolated_rng(rank_seed, self.device):
                     meta = self._next_meta_batch()
         except Exception as err:

@@ -4,7 +4,7 @@ Each rank trains a DDP-wrapped model on its shard of every global batch and draw
 own shard of the meta set. After a few steps the weighting nets must be bit-identical across ranks, and
 the model must match one process that trains on the concatenated batches with the concatenated meta
 batches. The model has no BatchNorm: per-shard batch statistics differ from the global batch's, so a
-BatchNorm model is not expected to match (see docs/distributed.md).
+BatchNorm model is not expected to match (see docs/distributed.md). A SyncBatchNorm model is refused.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ class ZeroNoiseMetaInfoNet(MetaInfoNet):
         return torch.zeros_like(mu)
 
 
-def _model() -> nn.Module:
+def _model(batchnorm: bool = False) -> nn.Module:
     torch.manual_seed(0)
+    if batchnorm:
+        return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, CLASSES))
     return nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, CLASSES))
 
 
@@ -125,6 +127,22 @@ def _nonfinite_agreement(rank: int) -> dict[str, Any]:
     return out
 
 
+def _syncbn(rank: int) -> dict[str, str]:
+    """SyncBatchNorm is refused on every rank, for every look-ahead (DDP refuses it on CPU modules itself, so
+    the reweighter gets the bare module and the group, as under Lightning)."""
+    out = {}
+    for lookahead in ("full", "head"):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(_model(batchnorm=True))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        meta = [_batch("meta", 0, rank, META_SHARD)]
+        try:
+            MetaReweighter(model, opt, meta, lookahead=lookahead, process_group=dist.group.WORLD, seed=0)
+            out[lookahead] = "accepted"
+        except ValueError as err:
+            out[lookahead] = str(err)
+    return out
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -133,6 +151,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         results = {name: _train(config, rank) for name, config in CONFIGS.items()}
         results["nonfinite"] = _nonfinite_agreement(rank)
+        results["syncbn"] = _syncbn(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -187,6 +206,15 @@ def test_nonfinite_decision_is_global(ranks):
         assert torch.equal(a["skip"]["net"][key], b["skip"]["net"][key])
     assert a["skip"]["weights"][1] == 0 and torch.isfinite(a["skip"]["weights"]).all()
     assert torch.isfinite(b["skip"]["weights"]).all()
+
+
+def test_syncbatchnorm_is_refused_naming_the_alternative(ranks):
+    for rank in ranks:
+        for message in rank["syncbn"].values():
+            assert "SyncBatchNorm layers ('1')" in message and "plain BatchNorm" in message, message
+    # in one process SyncBatchNorm is plain BatchNorm, and accepted
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(_model(batchnorm=True))
+    MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), [_batch("meta", 0, 0, META_SHARD)], seed=0)
 
 
 @pytest.mark.torchrun
