@@ -38,13 +38,30 @@ from reweight import MetaReweighter
 from reweight.data import flip1_noise, flip2_noise, load_dataset, long_tail, meta_split, uniform_noise
 from reweight.diagnostics import WeightRecorder
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests): find the helpers beside it
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cost  # noqa: E402
+from _alternatives import CLEANLAB_FOLDS, GCE_Q, PassCounter, detection, find_issues, fold_indices, gce_loss  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("standard", "finetune", "l2rw", "lossnet", "logitnet", "metainfonet")
+REWEIGHTING = ("l2rw", "lossnet", "logitnet", "metainfonet")
+# What a user would do instead (issue 10): the clean data merged into the training set, a robust loss that
+# needs no clean data, confident learning (cleanlab), and reweighting followed by fine-tuning on the meta set.
+ALTERNATIVES = (
+    "merged", "gce", "cleanlab", "l2rw+finetune", "lossnet+finetune", "logitnet+finetune", "metainfonet+finetune"
+)
+# Options of the alternatives, recorded in their cells' keys (never in Config: that would re-key every cell).
+METHOD_OPTIONS = {
+    "gce": {"q": GCE_Q},
+    "cleanlab": {"folds": CLEANLAB_FOLDS, "filter_by": "prune_by_noise_rate", "retrain_with_meta": True},
+}
 # MetaInfoNet's lambda in the main grid: the value the grid was measured with, before the lambda sweep chose
 # the library default (0, see docs/results.md); the sweep's own runs pass kl_weight explicitly.
 MAIN_GRID_KL_WEIGHT = 0.01
 SETTINGS = ("flip1-20", "flip1-40", "flip2-20", "flip2-40", "uniform-40", "uniform-60", "lt-10", "lt-50", "lt-100")
-DATASETS = ("mnist1d", "digits")
+DATASETS = ("mnist1d", "digits")  # the main grid (the default of --datasets)
+ALL_DATASETS = DATASETS + ("mnist1d-2pct",)
 LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 NAMES = {
     "standard": "Standard",
@@ -53,6 +70,13 @@ NAMES = {
     "lossnet": "LossNet",
     "logitnet": "LogitNet",
     "metainfonet": "MetaInfoNet",
+    "merged": "Merged",
+    "gce": "GCE",
+    "cleanlab": "cleanlab",
+    "l2rw+finetune": "L2RW + Fine-tune",
+    "lossnet+finetune": "LossNet + Fine-tune",
+    "logitnet+finetune": "LogitNet + Fine-tune",
+    "metainfonet+finetune": "MetaInfoNet + Fine-tune",
 }
 
 
@@ -77,6 +101,10 @@ class Config:
 CONFIGS = {
     "mnist1d": Config(),
     "digits": Config(epochs=40, batch_size=50, meta_per_class_noise=10, meta_per_class_lt=5),
+    # The paper's clean ratio (1,000 clean next to 49,000 noisy, 2%): 12,500 mnist1d samples give 10,000 for
+    # training, of which 200 (20 per class) form the meta set (2.0%). 10 epochs of 9,800 samples cost about
+    # what 30 epochs of 3,000 cost on "mnist1d" (98 vs 90 thousand sample steps, 980 vs 900 SGD steps).
+    "mnist1d-2pct": Config(num_samples=12500, epochs=10),
 }
 # Schedules, each applied to every method of a run: "gentle" is the grid's own; "paper" is closer to the paper's
 # and to what users run (lr 0.1, 40 epochs, lr /10 at 2/3 and 5/6), where late collapse showed (issue 9).
@@ -129,7 +157,9 @@ def make_model(dataset: str, model: str = "plain") -> nn.Module:
 
 @functools.lru_cache(maxsize=4)
 def _dataset(dataset: str, num_samples: int):
-    return load_dataset(dataset, num_samples=num_samples) if dataset == "mnist1d" else load_dataset(dataset)
+    if dataset.startswith("mnist1d"):  # every MNIST-1D protocol draws from the same generator
+        return load_dataset("mnist1d", num_samples=num_samples)
+    return load_dataset(dataset)
 
 
 def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
@@ -169,6 +199,157 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
+@dataclasses.dataclass
+class _Trained:
+    """A finished training phase: the model, its pass counter, the meta loader (its generator advanced) and
+    the per-epoch figures."""
+
+    model: nn.Module
+    counter: PassCounter
+    meta_loader: torch.utils.data.DataLoader
+    out: dict
+
+
+def _train(
+    dataset: str,
+    d: dict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    cfg: Config,
+    *,
+    net: str | None = None,
+    net_kwargs: dict | None = None,
+    rw_kwargs: dict | None = None,
+    loss_fn=None,
+    evaluate: bool = True,
+    model_family: str = "plain",
+) -> _Trained:
+    """One training run of the shared schedule on ``(x, y)``, plain or reweighted by ``net``.
+
+    The order of the random draws (model initialisation, batch order, meta loader) is the one every cached
+    cell was computed with. ``evaluate=False`` skips the per-epoch test / meta evaluation (cleanlab's folds).
+    """
+    torch.manual_seed(seed)
+    model = make_model(dataset, model_family)
+    counter = PassCounter(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(f * cfg.epochs) for f in cfg.milestones], 0.1)
+    g = torch.Generator().manual_seed(seed)
+    meta_ds = torch.utils.data.TensorDataset(d["xm"], d["ym"])
+    meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
+    rw = None
+    if net is not None:
+        rw = MetaReweighter(
+            model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed,
+            **reweighter_kwargs(rw_kwargs or {}),
+        )
+    loss_fn = loss_fn or functools.partial(F.cross_entropy, reduction="none")
+    rec = WeightRecorder()
+    n = len(y)
+    tail = max(1, math.ceil(0.1 * cfg.epochs))
+    test_acc, meta_acc = [], []
+    corrupted = torch.from_numpy(d["corrupted"])
+    curves: dict[str, list[float]] = {"w_corrupted": [], "w_clean": [], "w_std": [], "meta_loss": []}
+    for epoch in range(cfg.epochs):
+        w_sum = torch.zeros(2, dtype=torch.float64)  # per epoch: sum of weights of clean / corrupted samples
+        w_sq, meta_losses = 0.0, []
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            xb, yb = x[idx], y[idx]
+            logits = model(xb)
+            losses = loss_fn(logits, yb)
+            w = rw.step(xb, yb, logits) if rw is not None else torch.ones_like(losses)
+            if rw is not None and epoch >= cfg.epochs - tail:
+                rec.record(idx, losses.detach(), w, epoch)
+            if rw is not None:
+                w_sum.index_add_(0, corrupted[idx].long(), w.double())
+                w_sq += float((w.double() ** 2).sum())
+                if rw.last_meta_loss is not None:
+                    meta_losses.append(float(rw.last_meta_loss))
+            opt.zero_grad()
+            (w * losses).mean().backward()
+            opt.step()
+        sched.step()
+        if evaluate:
+            with counter.paused():
+                test_acc.append(accuracy(model, d["xt"], d["yt"]))
+                meta_acc.append(accuracy(model, d["xm"], d["ym"]))
+        if rw is not None:  # per-epoch diagnostics of the weights and the meta loss
+            n_bad = int(corrupted.sum())
+            curves["w_corrupted"].append(float(w_sum[1]) / n_bad if n_bad else float("nan"))
+            curves["w_clean"].append(float(w_sum[0]) / (n - n_bad))
+            curves["w_std"].append(math.sqrt(max(w_sq / n - (float(w_sum.sum()) / n) ** 2, 0.0)))
+            curves["meta_loss"].append(float(np.mean(meta_losses)) if meta_losses else float("nan"))
+    out: dict = {"test_acc": test_acc, "meta_acc": meta_acc}
+    if rw is not None:
+        out["curves"] = curves
+    if evaluate:
+        best_epoch = int(np.argmax(meta_acc))  # first epoch with the highest clean-meta accuracy
+        out["best_epoch"] = best_epoch
+        out["best"] = test_acc[best_epoch]
+        out["last"] = float(np.mean(test_acc[-tail:]))
+    if rw is not None and d["corrupted"].any():
+        out.update(rec.summary(d["corrupted"]))
+    elif rw is not None:
+        out.update(rec.summary())
+    return _Trained(model, counter, meta_loader, out)
+
+
+def _finetune(t: _Trained, d: dict, cfg: Config) -> list[float]:
+    """The Fine-tune baseline's second phase on a trained model: SGD on the clean meta set; test accuracy per epoch."""
+    ft = torch.optim.SGD(t.model.parameters(), lr=cfg.finetune_lr, momentum=cfg.momentum)
+    ft_acc = []
+    for _ in range(cfg.finetune_epochs):
+        for xb, yb in t.meta_loader:
+            ft.zero_grad()
+            F.cross_entropy(t.model(xb), yb).backward()
+            ft.step()
+        with t.counter.paused():
+            ft_acc.append(accuracy(t.model, d["xt"], d["yt"]))
+    return ft_acc
+
+
+def _spent(counts: dict[str, int], t0: float) -> dict:
+    return dict(counts, seconds=round(time.time() - t0, 1))
+
+
+def _no_selection(out: dict) -> None:
+    """The clean meta set was trained on, so no epoch can be selected on it: "best" is "last"."""
+    out["best"] = out["last"]
+    out.pop("best_epoch", None)
+    out["selection"] = "none: the meta set is training data"
+
+
+def _cleanlab_run(dataset: str, d: dict, seed: int, cfg: Config, model_family: str = "plain") -> dict:
+    """Confident learning: K-fold out-of-sample probabilities, drop what cleanlab flags, retrain with the meta set."""
+    t0 = time.time()
+    n, y = len(d["y"]), d["y"].numpy()
+    probs = np.zeros((n, 10), dtype=np.float64)
+    totals = {"forwards": 0, "jvps": 0, "backwards": 0}
+    for held in fold_indices(n, y, CLEANLAB_FOLDS, seed):
+        keep = torch.from_numpy(np.setdiff1d(np.arange(n), held))
+        t = _train(dataset, d, d["x"][keep], d["y"][keep], seed, cfg, evaluate=False, model_family=model_family)
+        t.model.eval()
+        with torch.no_grad():  # the out-of-fold prediction is part of the method's cost: counted
+            probs[held] = F.softmax(t.model(d["x"][torch.from_numpy(held)]), dim=1).double().numpy()
+        for k, v in t.counter.counts().items():
+            totals[k] += v
+    flagged = find_issues(y, probs)
+    kept = torch.from_numpy(~flagged)
+    x = torch.cat([d["x"][kept], d["xm"]])
+    yy = torch.cat([d["y"][kept], d["ym"]])
+    t = _train(dataset, d, x, yy, seed, cfg, model_family=model_family)
+    out = t.out
+    _no_selection(out)
+    out["cleanlab"] = detection(flagged, d["corrupted"])
+    out["cleanlab"]["folds"] = CLEANLAB_FOLDS
+    out["n_retrain"] = len(yy)
+    out["cost"] = _spent({k: v + t.counter.counts()[k] for k, v in totals.items()}, t0)
+    return out
+
+
 def train_run(
     dataset: str,
     setting: str,
@@ -183,86 +364,41 @@ def train_run(
     """Train one method on one setting and seed; returns the per-epoch curves and summary figures.
 
     ``rw_kwargs`` are extra :class:`MetaReweighter` arguments (a variant); ``main_grid`` keeps the main grid's
-    MetaInfoNet ``kl_weight`` (runs outside it use the library defaults).
+    MetaInfoNet ``kl_weight`` (runs outside it use the library defaults). Methods that end in a fine-tuning
+    phase (``finetune``, ``<net>+finetune``) also return the run before it, under ``"standard"`` or
+    ``"reweighted"``. Every result holds ``cost``: sample passes counted by :class:`PassCounter` and seconds.
     """
     d = make_data(dataset, setting, seed, cfg)
-    torch.manual_seed(seed)
-    model = make_model(dataset, model_family)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(f * cfg.epochs) for f in cfg.milestones], 0.1)
-    g = torch.Generator().manual_seed(seed)
-    meta_ds = torch.utils.data.TensorDataset(d["xm"], d["ym"])
-    meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
-    reweight = method not in ("standard", "finetune")
-    rw = None
-    if method == "metainfonet" and net_kwargs is None and main_grid:
-        net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
-    if reweight:
-        kwargs = reweighter_kwargs(rw_kwargs or {})
-        rw = MetaReweighter(
-            model, opt, meta_loader, net=method, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
+    base, _, post = method.partition("+")
+    if base == "cleanlab":
+        out = _cleanlab_run(dataset, d, seed, cfg, model_family)
+    else:
+        t0 = time.time()
+        net = base if base in REWEIGHTING else None
+        if base == "metainfonet" and net_kwargs is None and main_grid:
+            net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
+        x, y = d["x"], d["y"]
+        if base == "merged":  # the naive use of the clean data: simply added to the training set
+            x, y = torch.cat([x, d["xm"]]), torch.cat([y, d["ym"]])
+        loss_fn = functools.partial(gce_loss, q=GCE_Q) if base == "gce" else None
+        t = _train(
+            dataset, d, x, y, seed, cfg, net=net, net_kwargs=net_kwargs, rw_kwargs=rw_kwargs, loss_fn=loss_fn,
+            model_family=model_family,
         )
-    rec = WeightRecorder()
-    n = len(d["y"])
-    tail = max(1, math.ceil(0.1 * cfg.epochs))
-    test_acc, meta_acc = [], []
-    corrupted = torch.from_numpy(d["corrupted"])
-    curves: dict[str, list[float]] = {"w_corrupted": [], "w_clean": [], "w_std": [], "meta_loss": []}
-    for epoch in range(cfg.epochs):
-        w_sum = torch.zeros(2, dtype=torch.float64)  # per epoch: sum of weights of clean / corrupted samples
-        w_sq, meta_losses = 0.0, []
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            xb, yb = d["x"][idx], d["y"][idx]
-            logits = model(xb)
-            losses = F.cross_entropy(logits, yb, reduction="none")
-            w = rw.step(xb, yb, logits) if rw is not None else torch.ones_like(losses)
-            if rw is not None and epoch >= cfg.epochs - tail:
-                rec.record(idx, losses.detach(), w, epoch)
-            if rw is not None:
-                w_sum.index_add_(0, corrupted[idx].long(), w.double())
-                w_sq += float((w.double() ** 2).sum())
-                if rw.last_meta_loss is not None:
-                    meta_losses.append(float(rw.last_meta_loss))
-            opt.zero_grad()
-            (w * losses).mean().backward()
-            opt.step()
-        sched.step()
-        test_acc.append(accuracy(model, d["xt"], d["yt"]))
-        meta_acc.append(accuracy(model, d["xm"], d["ym"]))
-        if rw is not None:  # per-epoch diagnostics of the weights and the meta loss
-            n_bad = int(corrupted.sum())
-            curves["w_corrupted"].append(float(w_sum[1]) / n_bad if n_bad else float("nan"))
-            curves["w_clean"].append(float(w_sum[0]) / (n - n_bad))
-            curves["w_std"].append(math.sqrt(max(w_sq / n - (float(w_sum.sum()) / n) ** 2, 0.0)))
-            curves["meta_loss"].append(float(np.mean(meta_losses)) if meta_losses else float("nan"))
-    out = {"test_acc": test_acc, "meta_acc": meta_acc}
-    if rw is not None:
-        out["curves"] = curves
-    best_epoch = int(np.argmax(meta_acc))  # first epoch with the highest clean-meta accuracy
-    out["best_epoch"] = best_epoch
-    out["best"] = test_acc[best_epoch]
-    out["last"] = float(np.mean(test_acc[-tail:]))
-    if method == "finetune":  # fine-tune the final standard model on the clean meta set
-        out["standard"] = dict(out)
-        ft = torch.optim.SGD(model.parameters(), lr=cfg.finetune_lr, momentum=cfg.momentum)
-        ft_acc = []
-        for _ in range(cfg.finetune_epochs):
-            for xb, yb in meta_loader:
-                ft.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
-                ft.step()
-            ft_acc.append(accuracy(model, d["xt"], d["yt"]))
+        out = t.out
+        if base == "merged":
+            _no_selection(out)
+        out["cost"] = _spent(t.counter.counts(), t0)
+    out["n_train"] = len(d["y"])
+    out["n_corrupted"] = int(d["corrupted"].sum())
+    if method == "finetune" or post == "finetune":  # fine-tune the final model on the clean meta set
+        first = json.loads(json.dumps(out))
+        ft_acc = _finetune(t, d, cfg)
         out["finetune_test_acc"] = ft_acc
         out["best"] = out["last"] = ft_acc[-1]  # the meta set is used for training; no selection possible
-        del out["best_epoch"]
-    if rw is not None and d["corrupted"].any():
-        out.update(rec.summary(d["corrupted"]))
-    elif rw is not None:
-        out.update(rec.summary())
-    out["n_train"] = n
-    out["n_corrupted"] = int(d["corrupted"].sum())
+        out.pop("best_epoch", None)
+        out["cost"] = _spent(t.counter.counts(), t0)
+        out["standard" if method == "finetune" else "reweighted"] = first
     return out
 
 
@@ -270,7 +406,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for pkg in ("mnist1d", "scikit-learn"):
+    for pkg in ("mnist1d", "scikit-learn", "cleanlab"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
@@ -306,19 +442,15 @@ def run_cached(
 ) -> dict:
     tag = run_tag(net_kwargs, schedule, variant, model)
     path = result_path(root, dataset, setting, method, seed, tag)
-    key = {"dataset": dataset, "setting": setting, "method": method, "seed": seed, "net_kwargs": net_kwargs}
-    if schedule != "gentle" or variant != "default":  # the main grid's keys stay as they were cached
-        key.update(schedule=schedule, variant=variant, rw_kwargs=VARIANTS[variant])
-    if model != "plain":
-        key.update(model=model)
-    key["config"] = dataclasses.asdict(cfg)
+    key = _key(dataset, setting, method, seed, cfg, net_kwargs, schedule, variant, model)
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == json.loads(json.dumps(key)):
             return cached
     t0 = time.time()
-    # Standard and Fine-tune share their first phase: one training run writes both cells.
-    main_grid = schedule == "gentle" and variant == "default" and model == "plain"
+    # Standard and Fine-tune share their first phase: one training run writes both cells; so do a reweighting
+    # method and its "+finetune".
+    main_grid = schedule == "gentle" and variant == "default" and model == "plain" and dataset in DATASETS
     res = train_run(
         dataset, setting, "finetune" if method == "standard" else method, seed, cfg, net_kwargs, VARIANTS[variant],
         main_grid, model,
@@ -327,13 +459,40 @@ def run_cached(
     outputs = {method: res}
     if "standard" in res:
         outputs = {"standard": res.pop("standard"), "finetune": res}
+    elif "reweighted" in res:
+        plain = res.pop("reweighted")
+        res["before_finetune"] = {k: plain[k] for k in ("best", "last", "auroc", "cost") if k in plain}
+        outputs = {method.partition("+")[0]: plain, method: res}
     for m, r in outputs.items():
-        k = dict(key, method=m)
-        _write(
-            result_path(root, dataset, setting, m, seed, tag),
-            {"key": k, "result": r, "seconds": seconds, "versions": versions()},
-        )
+        other = result_path(root, dataset, setting, m, seed, tag)
+        if m != method and other.exists():  # a companion cell already cached is never rewritten
+            continue
+        k = _key(dataset, setting, m, seed, cfg, net_kwargs, schedule, variant, model)
+        _write(other, {"key": k, "result": r, "seconds": seconds, "versions": versions()})
     return json.loads(path.read_text())
+
+
+def _key(
+    dataset: str,
+    setting: str,
+    method: str,
+    seed: int,
+    cfg: Config,
+    net_kwargs: dict | None,
+    schedule: str,
+    variant: str,
+    model: str,
+) -> dict:
+    """The identity of a cached cell: a cell whose stored key differs is trained again."""
+    key = {"dataset": dataset, "setting": setting, "method": method, "seed": seed, "net_kwargs": net_kwargs}
+    if schedule != "gentle" or variant != "default" or dataset not in DATASETS:  # main-grid keys stay as cached
+        key.update(schedule=schedule, variant=variant, rw_kwargs=VARIANTS[variant])
+    if model != "plain":
+        key.update(model=model)
+    if method in METHOD_OPTIONS:
+        key["options"] = METHOD_OPTIONS[method]
+    key["config"] = dataclasses.asdict(cfg)
+    return key
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -368,6 +527,23 @@ def _row_name(method: str) -> str:
     return NAMES[base] + (f" [{variant}]" if variant else "")
 
 
+def _cells(root: Path, seeds, schedule: str, variants: tuple[str, ...], model: str) -> dict[tuple, list[dict]]:
+    """Cached runs of one schedule and model family by ``(dataset, setting, method[~variant])``."""
+    cell: dict[tuple, list[dict]] = {}
+    for r in _load(root):
+        k = r["key"]
+        variant = k.get("variant", "default")
+        if seeds is not None and k["seed"] not in seeds:
+            continue
+        if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule or variant not in variants:
+            continue
+        if k.get("model", "plain") != model:
+            continue
+        m = k["method"] + ("" if variant == "default" else f"~{variant}")
+        cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
+    return cell
+
+
 def report(
     root: Path,
     datasets=DATASETS,
@@ -382,17 +558,7 @@ def report(
 
     Runs of one ``schedule``; each variant other than ``"default"`` adds rows ``method~variant``.
     """
-    runs = [r for r in _load(root) if seeds is None or r["key"]["seed"] in seeds]
-    cell: dict[tuple, list[dict]] = {}
-    for r in runs:
-        k = r["key"]
-        variant = k.get("variant", "default")
-        if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule or variant not in variants:
-            continue
-        if k.get("model", "plain") != model:
-            continue
-        m = k["method"] + ("" if variant == "default" else f"~{variant}")
-        cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
+    cell = _cells(root, seeds, schedule, variants, model)
     methods = [m + ("" if v == "default" else f"~{v}") for m in methods for v in variants]
     lines = []
     for ds in datasets:
@@ -440,6 +606,83 @@ def report(
         ]
         if missing:
             lines.append(f"Missing cells ({len(missing)}): " + ", ".join(missing) + "\n")
+    return "\n".join(lines)
+
+
+def cost_report(
+    root: Path,
+    datasets=DATASETS,
+    settings=SETTINGS,
+    methods=METHODS,
+    seeds=None,
+    schedule: str = "gentle",
+    variants: tuple[str, ...] = ("default",),
+    model: str = "plain",
+    chart: Path | None = None,
+) -> str:
+    """Markdown tables of each method's training cost relative to Standard and of cleanlab's flagged sets;
+    with ``chart``, also the accuracy-vs-cost PNG (one point per method and setting, mean over seeds)."""
+    cell = _cells(root, seeds, schedule, variants, model)
+    methods = [m + ("" if v == "default" else f"~{v}") for m in methods for v in variants]
+    lines, points = [], {}
+    for ds in datasets:
+        present = [s for s in settings if any((ds, s, m) in cell for m in methods)]
+        if not present:
+            continue
+        cfg = dataclasses.replace(CONFIGS[ds], **SCHEDULES[schedule])
+        noisy = [
+            r["result"].get("n_train") for (d, s, _), rs in cell.items() if d == ds and s[:2] != "lt" for r in rs
+        ]
+        noisy = [n for n in noisy if n]
+        if noisy:
+            meta = 10 * cfg.meta_per_class_noise
+            lines.append(
+                f"**{ds}**: {noisy[0]} noisy training samples and {meta} clean meta samples "
+                f"({100 * meta / (noisy[0] + meta):.1f}% clean) under label noise; {cfg.epochs} epochs.\n"
+            )
+        lines.append(f"### {ds}: training cost relative to Standard, mean over seeds: sample passes (wall time)\n")
+        lines.append("| method | " + " | ".join(present) + " |")
+        lines.append("| --- |" + " --- |" * len(present))
+        for m in methods:
+            row = []
+            for s in present:
+                std = {r["key"]["seed"]: r for r in cell.get((ds, s, "standard"), [])}
+                base, _, var = m.partition("~")
+                plus = f"{base}+finetune" + (f"~{var}" if var else "")
+                fallback = {r["key"]["seed"]: r for r in cell.get((ds, s, plus), [])}
+                rel = _cost.relative(cell.get((ds, s, m), []), std, fallback)
+                if not rel["passes"]:
+                    row.append("–")
+                    continue
+                time_ = f" ({np.mean(rel['seconds']):.1f}x)" if rel["seconds"] else ""
+                row.append(f"{np.mean(rel['passes']):.2f}x{time_}")
+                acc = [r["result"]["best"] for r in cell.get((ds, s, m), [])]
+                point = (m, float(np.mean(rel["passes"])), float(100 * np.mean(acc)))
+                points.setdefault(ds, {}).setdefault(s, []).append(point)
+            if any(c != "–" for c in row):
+                lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
+        lines.append("")
+        found = [s for s in present if (ds, s, "cleanlab") in cell]
+        if found:
+            lines.append(f"### {ds}: cleanlab's flagged set against the true corruption mask, mean ± std over seeds\n")
+            lines.append("| setting | noisy set | corrupted | flagged | precision (%) | recall (%) | test acc (%) |")
+            lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+            for s in found:
+                rs = cell[(ds, s, "cleanlab")]
+                det = [r["result"]["cleanlab"] for r in rs]
+                counts = [_ms(v, 1.0, 0) for v in ([r["result"][k] for r in rs] for k in ("n_train", "n_corrupted"))]
+                cells = counts + [
+                    _ms([x["flagged"] for x in det], 1.0, 0),
+                    _ms([x["precision"] for x in det]),
+                    _ms([x["recall"] for x in det]),
+                    _ms([r["result"]["best"] for r in rs]),
+                ]
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if chart is not None:
+        names = {m: _row_name(m) for m in methods}
+        _cost.chart(points, chart, names)
+        lines.append(f"Chart: `{chart.name}`.\n")
     return "\n".join(lines)
 
 
@@ -493,12 +736,14 @@ def lambda_choice(root: Path, dataset: str, settings: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=ALL_DATASETS)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ALTERNATIVES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--results", type=Path, default=RESULTS, help="cache folder (default: benchmarks/results)")
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
+    p.add_argument("--cost", action="store_true", help="with --report: add the cost and cleanlab tables")
+    p.add_argument("--chart", type=Path, default=None, help="with --report: write the accuracy-vs-cost PNG here")
     p.add_argument("--lambda-sweep", action="store_true", help="MetaInfoNet over kl_weight in the paper's grid")
     p.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
     p.add_argument("--model", default="plain", choices=MODELS, help="model family (all methods)")
@@ -518,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
                     tuple(args.variants), args.model,
                 )
             )
+            if args.cost or args.chart:
+                sel = (args.results, args.datasets, args.settings, args.methods, args.seeds, args.schedule,
+                       tuple(args.variants), args.model)
+                print(cost_report(*sel, chart=args.chart))
             return 0
         for ds in args.datasets:
             for s in args.settings:
@@ -540,8 +789,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.lambda_sweep:
                     jobs += [(ds, s, "metainfonet", seed, cfg, {"kl_weight": lam}, "default") for lam in args.lambdas]
                 else:
-                    for m in args.methods:
-                        reweighted = m not in ("standard", "finetune")
+                    for m in sorted(args.methods, key=lambda m: "+" not in m):  # "+finetune" also writes its base
+                        reweighted = m.partition("+")[0] in REWEIGHTING
                         jobs += [(ds, s, m, seed, cfg, None, v) for v in (args.variants if reweighted else ["default"])]
     bar = tqdm(jobs, desc="runs", file=sys.stderr)
     for ds, s, m, seed, cfg, kw, variant in bar:

@@ -22,7 +22,7 @@ def test_ci_runs_the_readme_test_command():
 def test_import_reweight_imports_no_optional_dependency():
     code = (
         "import sys, reweight; heavy = {'transformers', 'timm', 'lightning', 'pytorch_lightning', 'higher',"
-        " 'matplotlib', 'sklearn', 'mnist1d', 'torchvision'}; print(sorted(heavy & set(sys.modules)))"
+        " 'matplotlib', 'sklearn', 'mnist1d', 'torchvision', 'cleanlab'}; print(sorted(heavy & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

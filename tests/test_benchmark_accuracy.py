@@ -1,0 +1,142 @@
+"""The accuracy benchmark's alternatives to reweighting (issue 10) on a tiny configuration: every new method
+runs end to end and caches, the pass counter matches the passes counted by hand, GCE matches a hand
+computation, and the report renders the accuracy-vs-cost chart."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = ["--datasets", "mnist1d", "--settings", "flip1-40", "--seeds", "0", "--epochs", "2", "--num-samples", "600"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("_bench_accuracy_alt", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_bench_accuracy_alt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(bench, tmp_path_factory):
+    """Every alternative once on flip1-40 (600 mnist1d samples, 2 epochs)."""
+    root = tmp_path_factory.mktemp("results")
+    methods = ["standard", "merged", "gce", "cleanlab", "metainfonet+finetune", "lossnet+finetune"]
+    assert bench.main(TINY + ["--methods", *methods, "--results", str(root)]) == 0
+    return root
+
+
+def _cell(root: Path, method: str) -> dict:
+    return json.loads((root / "mnist1d" / "flip1-40" / method / "seed0.json").read_text())
+
+
+def test_gce_matches_a_hand_computation(bench):
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2, 1])
+    expected = []
+    for row, t in zip(logits.tolist(), targets.tolist()):
+        p = math.exp(row[t]) / sum(math.exp(v) for v in row)
+        expected.append((1 - p**0.7) / 0.7)
+    got = bench.gce_loss(logits, targets)
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
+    assert math.isclose(got[2].item(), (1 - (1 / 3) ** 0.7) / 0.7, rel_tol=1e-6)
+    # q = 1 is the mean absolute error 1 - p_y; the gradient stays finite where p_y underflows
+    assert torch.allclose(bench.gce_loss(logits, targets, q=1.0), 1 - torch.softmax(logits, 1)[range(3), targets])
+    far = torch.tensor([[200.0, -200.0]], requires_grad=True)
+    bench.gce_loss(far, torch.tensor([1])).sum().backward()
+    assert torch.isfinite(far.grad).all()
+    with pytest.raises(ValueError, match="q must be in"):
+        bench.gce_loss(logits, targets, q=0.0)
+
+
+def test_folds_are_a_stratified_partition():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _alternatives import detection, fold_indices
+
+    labels = np.repeat(np.arange(4), [10, 7, 5, 3])
+    folds = fold_indices(len(labels), labels, 5, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(labels)))
+    assert max(len(f) for f in folds) - min(len(f) for f in folds) <= 1
+    for f in folds:  # class 0 (10 samples) puts exactly two in every fold
+        assert (labels[f] == 0).sum() == 2
+    flagged = np.array([1, 1, 0, 0, 1], bool)
+    corrupted = np.array([1, 0, 1, 0, 0], bool)
+    assert detection(flagged, corrupted) == {"flagged": 3, "precision": 1 / 3, "recall": 1 / 2}
+    assert math.isnan(detection(flagged, np.zeros(5, bool))["recall"])
+
+
+def test_pass_counts_match_the_passes_made(tiny_runs):
+    n, epochs, meta = 280, 2, 200  # 480 training samples, 200 of them the meta set
+    std = _cell(tiny_runs, "standard")["result"]
+    assert std["n_train"] == n
+    assert std["cost"]["forwards"] == std["cost"]["backwards"] == n * epochs and std["cost"]["jvps"] == 0
+    ft = _cell(tiny_runs, "finetune")["result"]["cost"]  # written by the same run: + 10 epochs on the meta set
+    assert ft["forwards"] == ft["backwards"] == n * epochs + 10 * meta
+    merged = _cell(tiny_runs, "merged")["result"]["cost"]
+    assert merged["forwards"] == merged["backwards"] == (n + meta) * epochs
+    # forward engine, per step: the caller's forward, a meta forward (100), a JVP of the batch; backwards:
+    # the weighted training gradient, the meta gradient and the caller's own
+    steps = epochs * math.ceil(n / 100)
+    rw = _cell(tiny_runs, "lossnet")["result"]["cost"]
+    assert rw == dict(rw, forwards=n * epochs + 100 * steps, jvps=n * epochs, backwards=2 * n * epochs + 100 * steps)
+
+
+def test_every_alternative_caches_and_resumes(bench, tiny_runs, monkeypatch):
+    for method in ("merged", "gce", "cleanlab", "metainfonet+finetune", "lossnet+finetune", "metainfonet", "lossnet"):
+        run = _cell(tiny_runs, method)
+        assert run["key"]["method"] == method and 0.0 <= run["result"]["best"] <= 1.0
+        assert run["result"]["cost"]["seconds"] >= 0 and run["result"]["cost"]["forwards"] > 0
+    assert _cell(tiny_runs, "gce")["key"]["options"] == {"q": 0.7}
+    cl = _cell(tiny_runs, "cleanlab")["result"]
+    assert cl["cleanlab"]["flagged"] > 0 and 0.0 <= cl["cleanlab"]["precision"] <= 1.0
+    assert cl["n_retrain"] == cl["n_train"] - cl["cleanlab"]["flagged"] + 200
+    assert cl["best"] == cl["last"] and "best_epoch" not in cl  # the meta set was trained on: no selection
+    plus, plain = _cell(tiny_runs, "metainfonet+finetune")["result"], _cell(tiny_runs, "metainfonet")["result"]
+    assert plus["before_finetune"]["best"] == plain["best"] and plus["test_acc"] == plain["test_acc"]
+    assert plus["best"] == plus["finetune_test_acc"][-1] and len(plus["finetune_test_acc"]) == 10
+
+    def fail(*a, **k):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(bench, "train_run", fail)
+    methods = ["finetune", "merged", "gce", "cleanlab", "metainfonet", "metainfonet+finetune", "lossnet+finetune"]
+    assert bench.main(TINY + ["--methods", *methods, "--results", str(tiny_runs)]) == 0
+
+
+def test_a_companion_cell_already_cached_is_never_rewritten(bench, tmp_path):
+    base = tmp_path / "mnist1d" / "flip1-40" / "lossnet" / "seed0.json"
+    base.parent.mkdir(parents=True)
+    base.write_text('{"key": {"stale": true}, "result": {}}')
+    assert bench.main(TINY + ["--methods", "lossnet+finetune", "--results", str(tmp_path)]) == 0
+    assert base.read_text() == '{"key": {"stale": true}, "result": {}}'
+    assert (base.parent.parent / "lossnet+finetune" / "seed0.json").exists()
+
+
+def test_paper_ratio_protocol(bench):
+    cfg = bench.CONFIGS["mnist1d-2pct"]
+    train = int(0.8 * cfg.num_samples)  # mnist1d keeps 80% for training
+    assert 10 * cfg.meta_per_class_noise / train == pytest.approx(0.02)
+    small = bench.dataclasses.replace(cfg, num_samples=800)
+    d = bench.make_data("mnist1d-2pct", "uniform-40", 0, small)
+    assert len(d["y"]) == 640 - 200 and len(d["ym"]) == 200 and d["x"].shape[1:] == (1, 40)
+    assert 0.3 < d["corrupted"].mean() < 0.5
+
+
+def test_report_renders_cost_tables_and_chart(bench, tiny_runs, tmp_path):
+    chart = tmp_path / "cost.png"
+    methods = ["standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune"]
+    text = bench.cost_report(tiny_runs, ["mnist1d"], ["flip1-40"], methods, chart=chart)
+    assert chart.read_bytes()[:8] == PNG
+    assert "| Standard | 1.00x" in text and "| Merged | 1.71x" in text  # (280 + 200) / 280 samples
+    assert "cleanlab's flagged set" in text and "| flip1-40 |" in text
+    table = bench.report(tiny_runs, ["mnist1d"], ["flip1-40"], methods)
+    assert "| LossNet + Fine-tune (best) |" in table and "| cleanlab (last) |" in table
