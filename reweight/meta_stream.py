@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -93,6 +93,38 @@ class MetaBatchStream:
     def state_dict(self) -> dict[str, int | None]:
         return {"epoch": self.epoch, "position": self.position, "epoch_seed": self.epoch_seed}
 
-    def load_state_dict(self, state: dict[str, int | None]) -> None:
+    @staticmethod
+    def check_state(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` has the structure of a :meth:`state_dict` (reads only).
+
+        ``epoch`` and ``position`` are ints ``>= 0``; ``epoch_seed`` is an int, or ``None`` for a stream
+        that has not started (then ``epoch`` and ``position`` are 0).
+        """
+        keys = {"epoch", "position", "epoch_seed"}
+        if not isinstance(state, Mapping) or set(state) != keys:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"meta stream state must be a dict with keys {sorted(keys)}, got {got}")
+
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        if not (count(state["epoch"]) and count(state["position"])):
+            raise ValueError(
+                "meta stream state: epoch and position must be ints >= 0, "
+                f"got {state['epoch']!r}, {state['position']!r}"
+            )
+        seed = state["epoch_seed"]
+        if seed is None and (state["epoch"] or state["position"]):
+            raise ValueError("meta stream state: a stream past its start must record its pass's epoch_seed")
+        if seed is not None and not count(seed):
+            raise ValueError(f"meta stream state: epoch_seed must be an int >= 0 or None, got {seed!r}")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next batch replays the recorded pass up to its position.
+
+        Raises:
+            ValueError: if ``state`` is malformed (see :meth:`check_state`); nothing is changed then.
+        """
+        self.check_state(state)
         self.epoch, self.position, self.epoch_seed = state["epoch"], state["position"], state["epoch_seed"]
         self._iterator = None

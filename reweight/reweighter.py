@@ -7,8 +7,11 @@ modified; the look-ahead is a stateless ``torch.func.functional_call`` with clon
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -17,8 +20,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._batch import Inputs, as_logits, batch_size, split_batch, to_device, unwrap_model
 from ._rng import isolated_rng
+from ._state import (
+    STATE_VERSION,
+    check_count,
+    check_optimizer_state,
+    check_rng_state,
+    check_tensor_shapes,
+    upgrade_state,
+)
 from .distributed import check_sync_batchnorm, data_parallel_group
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines
+from .engines.higher import import_higher
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
@@ -29,7 +41,7 @@ from .virtual_step import plan_virtual_step
 
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
 
-_STATE_VERSION = 1
+_SINGLE_PROCESS_ENGINES = ("reverse", "higher")
 _AUTO_ENGINES = {"full": ("forward", "reverse"), "head": ("linear_head",)}
 _NORMALIZATIONS = ("sum", "none")
 _VIRTUAL_STEPS = ("sgd", "optimizer")
@@ -168,6 +180,10 @@ class MetaReweighter:
             raise TypeError(f"net must be a registered name or an nn.Module, got {type(net).__name__}")
         if net_kwargs is not None and not isinstance(net, str):
             raise ValueError("net_kwargs applies to a named net only; configure your own module directly")
+        if net_kwargs is not None and net == "l2rw":
+            raise ValueError("net='l2rw' has no weighting net: net_kwargs does not apply")
+        if net_kwargs is not None and not isinstance(net_kwargs, dict):
+            raise TypeError(f"net_kwargs must be a dict or None, got {type(net_kwargs).__name__}")
         if isinstance(interval, bool) or not isinstance(interval, int):
             raise TypeError(f"interval must be an int, got {type(interval).__name__}")
         if interval < 1:
@@ -181,8 +197,11 @@ class MetaReweighter:
         _choice("normalization", normalization, _NORMALIZATIONS)
         _choice("virtual_step", virtual_step, _VIRTUAL_STEPS)
         _choice("on_nonfinite", on_nonfinite, _ON_NONFINITE)
-        if lookahead_lr is not None and not (isinstance(lookahead_lr, int | float) and lookahead_lr > 0):
-            raise ValueError(f"lookahead_lr must be a positive number or None, got {lookahead_lr!r}")
+        if lookahead_lr is not None:
+            if isinstance(lookahead_lr, bool) or not isinstance(lookahead_lr, numbers.Real):
+                raise TypeError(f"lookahead_lr must be a number or None, got {type(lookahead_lr).__name__}")
+            if not (math.isfinite(float(lookahead_lr)) and float(lookahead_lr) > 0):
+                raise ValueError(f"lookahead_lr must be positive and finite, got {lookahead_lr!r}")
         if virtual_step == "optimizer" and not isinstance(optimizer, torch.optim.SGD):
             raise ValueError(f"virtual_step='optimizer' mirrors torch.optim.SGD only, got {type(optimizer).__name__}")
         for name, fn in (("loss_fn", loss_fn), ("meta_loss_fn", meta_loss_fn), ("meta_optimizer", meta_optimizer)):
@@ -220,6 +239,7 @@ class MetaReweighter:
         self.engine = engine
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model, process_group)
+        self._check_engine(engine)
         check_sync_batchnorm(self.module, self._group)
         self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer
@@ -235,6 +255,8 @@ class MetaReweighter:
         self._init_seed = self._draw_seed()  # the named net's initialisation, whenever it is built
         self._step_count = 0
         self._meta_stream = MetaBatchStream(meta_loader, self._draw_rank_seed)
+        if isinstance(net, str) and net not in ("lossnet", "l2rw") and num_classes is None:
+            self._net_template(2)  # built at the first step: refuse bad net_kwargs now
         self.last_meta_loss: Tensor | None = None
         self.last_update_skipped = False
         if isinstance(net, nn.Module) or net == "lossnet" or num_classes is not None:
@@ -272,14 +294,45 @@ class MetaReweighter:
         """A seed that differs across data-parallel ranks (each rank draws its own meta batches)."""
         return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
 
+    @property
+    def is_l2rw(self) -> bool:
+        """Whether the weights are L2RW's: non-parametric, no weighting net and no meta optimizer.
+
+        Otherwise :attr:`net` is ``None`` only until the first step infers the number of classes.
+        """
+        return isinstance(self._net_spec, str) and self._net_spec == "l2rw"
+
+    def _check_engine(self, engine: str) -> None:
+        """Refuse an engine that cannot run with this reweighter's process group (or lacks its package)."""
+        if self._group.active and engine in _SINGLE_PROCESS_ENGINES:
+            raise ValueError(
+                f"engine {engine!r} does not support data-parallel training (world size {self._group.world_size}); "
+                "use engine='forward' or 'finite_difference'"
+            )
+        if engine == "higher":
+            import_higher()
+
+    def _create_named_net(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
+        """The named net, initialised from the reweighter's seed (the global RNG is left as it was)."""
+        assert isinstance(self._net_spec, str)
+        with isolated_rng(self._init_seed, torch.device("cpu")), device if device is not None else nullcontext():
+            return create_weighting_net(self._net_spec, num_classes, **self._net_kwargs)
+
+    def _net_template(self, num_classes: int) -> nn.Module:
+        """The named net for ``num_classes`` built on the ``meta`` device (no memory), to check arguments
+        and state shapes; on the CPU for a registered factory that cannot build on ``meta``."""
+        try:
+            return self._create_named_net(num_classes, torch.device("meta"))
+        except (NotImplementedError, RuntimeError):
+            return self._create_named_net(num_classes)
+
     def _build_net(self, num_classes: int | None) -> None:
-        if self._net_spec == "l2rw":
+        if self.is_l2rw:
             return
         if isinstance(self._net_spec, nn.Module):
             net = self._net_spec
         else:
-            with isolated_rng(self._init_seed, torch.device("cpu")):
-                net = create_weighting_net(self._net_spec, num_classes or 1, **self._net_kwargs)
+            net = self._create_named_net(num_classes or 1)
         self.net = net.to(device=self.device, dtype=self._net_dtype())
         self._group.broadcast_([*self.net.parameters(), *self.net.buffers()])
         self.meta_optimizer = self._meta_optimizer_factory(self.net.parameters())
@@ -289,7 +342,7 @@ class MetaReweighter:
             )
 
     def _requires_logits(self) -> bool:
-        if self._net_spec == "l2rw":
+        if self.is_l2rw:
             return False
         if isinstance(self._net_spec, nn.Module):
             return bool(getattr(self._net_spec, "requires_logits", False))
@@ -423,14 +476,14 @@ class MetaReweighter:
 
         Returns whether it was applied (``False`` when skipped on a non-finite value), and L2RW's weights.
         """
-        if self.net is None:  # L2RW: meta-gradient at zero weights, clamped and normalised
+        if self.is_l2rw:  # the meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
             grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros, meta))
             if not self._finite_or_skip(self._group.all_(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
                 return False, None
             self.last_meta_loss = grad.meta_loss
             return True, self._normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()))
-        assert self.meta_optimizer is not None
+        assert self.net is not None and self.meta_optimizer is not None
         self.net.train()
         with torch.enable_grad():
             raw, penalty = self._raw_weights(*net_inputs)
@@ -499,7 +552,7 @@ class MetaReweighter:
             raise
         finite = torch.isfinite(losses)
         all_finite = self._finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss")
-        if self.net is None and self._net_spec != "l2rw":
+        if self.net is None and not self.is_l2rw:
             self.num_classes = logits.shape[1] if logits.ndim == 2 else 1
             self._build_net(self.num_classes)
         losses = torch.where(finite, losses, torch.zeros_like(losses))
@@ -518,8 +571,9 @@ class MetaReweighter:
 
     @torch.no_grad()
     def _current_weights(self, net_inputs: tuple[Tensor, ...], finite: Tensor) -> Tensor:
-        if self.net is None:  # L2RW with a skipped update: uniform over finite samples
+        if self.is_l2rw:  # a skipped update: uniform over finite samples
             return self._normalize(finite.to(torch.get_default_dtype()))
+        assert self.net is not None
         self.net.eval()
         raw, _ = self._raw_weights(*net_inputs)
         keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
@@ -530,7 +584,7 @@ class MetaReweighter:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume: net, meta optimizer, step count, RNG and meta-stream position."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "step": self._step_count,
             "num_classes": self.num_classes,
             "engine": self._engine_name,
@@ -540,39 +594,58 @@ class MetaReweighter:
             "meta_stream": self._meta_stream.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; validates everything before changing anything.
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`, upgrading a state of an older version first.
+
+        Every field is checked before anything changes (a named net not built yet is checked against a
+        template on the ``meta`` device), so a refused state leaves the reweighter exactly as it was.
 
         Raises:
-            ValueError: on a missing key, a newer version, or a net that does not match.
+            TypeError: if ``state`` is not a mapping.
+            ValueError: on a missing key, a newer or unknown version, a bad step count or class count, an
+                unknown or unusable engine, a net or meta-optimizer state that does not match this
+                reweighter's, or a malformed RNG or meta-stream entry.
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream"} - set(
-            state
-        )
-        if missing:
-            raise ValueError(f"reweighter state is missing keys: {sorted(missing)}")
-        if state["version"] > _STATE_VERSION:
-            raise ValueError(f"reweighter state version {state['version']} is newer than supported ({_STATE_VERSION})")
-        if self.net is None and self._net_spec != "l2rw" and state["num_classes"] is not None:
-            self.num_classes = state["num_classes"]
-            self._build_net(self.num_classes)
+        state = upgrade_state(state)
+        check_count("step", state["step"])
+        check_count("num_classes", state["num_classes"], minimum=1, optional=True)
+        num_classes = self.num_classes if self.num_classes is not None else state["num_classes"]
+        if state["num_classes"] not in (None, num_classes):
+            raise ValueError(f"the state is for {state['num_classes']} classes, this reweighter for {num_classes}")
+        engine = state["engine"]
+        if not isinstance(engine, str) or engine not in list_engines():
+            raise ValueError(f"unknown engine {engine!r} in the saved state; registered: {list_engines()}")
+        self._check_engine(engine)
+        if engine == "linear_head" and self._head is None:
+            raise ValueError("the state's engine 'linear_head' needs lookahead='head'")
+        build = self.net is None and not self.is_l2rw and num_classes is not None
         if self.net is not None:
-            expected = {k: v.shape for k, v in self.net.state_dict().items()}
-            got = {k: getattr(v, "shape", None) for k, v in state["net"].items()}
-            if expected != got:
-                raise ValueError("the saved weighting net does not match this reweighter's net (keys or shapes differ)")
-        if state["engine"] not in list_engines():
-            raise ValueError(f"unknown engine {state['engine']!r} in the saved state; registered: {list_engines()}")
-        self._engine_name = state["engine"]
-        if self.net is not None:
-            self.net.load_state_dict(state["net"])
             assert self.meta_optimizer is not None
+            net_shapes = {k: v.shape for k, v in self.net.state_dict().items()}
+            groups: list[int] | None = [len(g["params"]) for g in self.meta_optimizer.param_groups]
+            num_params = len(list(self.net.parameters()))
+        elif build:
+            template = self._net_template(num_classes)
+            net_shapes = {k: v.shape for k, v in template.state_dict().items()}
+            groups, num_params = None, len(list(template.parameters()))
+        else:  # L2RW, or a net whose class count is still unknown: nothing to load
+            net_shapes, groups, num_params = {}, None, 0
+        check_tensor_shapes("weighting net", state["net"], net_shapes)
+        check_optimizer_state(state["meta_optimizer"], groups, num_params)
+        check_rng_state(state["rng"], self._generator.get_state())
+        MetaBatchStream.check_state(state["meta_stream"])
+
+        if build:
+            self._build_net(num_classes)
+        self.num_classes = num_classes
+        if self.net is not None:
+            assert self.meta_optimizer is not None
+            self.net.load_state_dict(state["net"])
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self._engine_name = engine
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])
-        self._step_count = int(state["step"])
+        self._step_count = state["step"]
 
     def remove_hooks(self) -> None:
         """Remove the forward hook that ``lookahead="head"`` placed on the model's final Linear layer."""

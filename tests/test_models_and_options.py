@@ -232,3 +232,69 @@ def test_head_capture_checks_the_caught_features():
     head.remove()
     model(torch.randn(2, 4))
     assert head.features.shape[0] == 3  # the hook is gone
+
+
+def _constructor_args(**kwargs):
+    model = nn.Linear(5, 3)
+    meta = [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    return (model, torch.optim.SGD(model.parameters(), lr=0.1), meta), kwargs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lookahead_lr": "0.1"}, TypeError, "lookahead_lr must be a number"),
+        ({"lookahead_lr": True}, TypeError, "lookahead_lr must be a number"),
+        ({"lookahead_lr": torch.tensor(0.1)}, TypeError, "lookahead_lr must be a number"),
+        ({"lookahead_lr": 0.0}, ValueError, "lookahead_lr must be positive"),
+        ({"lookahead_lr": float("nan")}, ValueError, "lookahead_lr must be positive"),
+        ({"lookahead_lr": float("inf")}, ValueError, "lookahead_lr must be positive"),
+        ({"net": "l2rw", "net_kwargs": {"hidden": 3}}, ValueError, "net='l2rw' has no weighting net"),
+        ({"net": "l2rw", "net_kwargs": {}}, ValueError, "net='l2rw' has no weighting net"),
+        ({"net": "logitnet", "net_kwargs": [("hidden", 3)]}, TypeError, "net_kwargs must be a dict"),
+        # nets built at the first step (their class count is inferred there) check net_kwargs now
+        ({"net": "logitnet", "net_kwargs": {"hiden": 3}}, TypeError, "hiden"),
+        ({"net": "metainfonet", "net_kwargs": {"kl_weight": -1}}, ValueError, "kl_weight"),
+    ],
+)
+def test_constructor_refuses_what_the_first_step_would(kwargs, error, match):
+    args, kwargs = _constructor_args(**kwargs)
+    with pytest.raises(error, match=match):
+        MetaReweighter(*args, **kwargs)
+
+
+def test_lookahead_lr_accepts_any_real_number():
+    import numpy as np
+
+    args, _ = _constructor_args()
+    assert MetaReweighter(*args, lookahead_lr=np.float32(0.25)).lookahead_lr == 0.25
+    assert MetaReweighter(*args, lookahead_lr=1).lookahead_lr == 1.0
+
+
+def test_missing_higher_is_refused_by_the_constructor(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "higher", None)  # `import higher` now raises ImportError
+    args, _ = _constructor_args()
+    with pytest.raises(ImportError, match=r"reweight\[higher\]"):
+        MetaReweighter(*args, engine="higher")
+    MetaReweighter(*args, engine="forward")  # the other engines do not need it
+
+
+@pytest.mark.parametrize("engine", ["reverse", "higher"])
+def test_single_process_engines_are_refused_under_data_parallelism(monkeypatch, engine):
+    """A process group of two ranks (faked: no collective runs before the check) refuses the engines that
+    cannot split the look-ahead over ranks, at construction instead of at the first step."""
+    import reweight.reweighter as module
+    from reweight.distributed import DataParallelGroup
+
+    class TwoRanks(DataParallelGroup):
+        def __init__(self):
+            super().__init__(None)
+            self.world_size, self.rank = 2, 0
+
+    monkeypatch.setattr(module, "data_parallel_group", lambda model, group=None: TwoRanks())
+    args, _ = _constructor_args()
+    with pytest.raises(ValueError, match=f"engine '{engine}' does not support data-parallel training"):
+        MetaReweighter(*args, net="l2rw", engine=engine)
+    assert MetaReweighter(*args, net="l2rw", engine="forward").engine_name == "forward"

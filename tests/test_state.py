@@ -140,3 +140,141 @@ def test_failed_step_rolls_back_rng_and_meta_stream():
         assert torch.equal(a, b)
     for a, b in zip(rw_clean.net.parameters(), rw_flaky.net.parameters()):
         assert torch.equal(a, b)
+
+
+def same_state(a, b) -> bool:
+    """Exact equality of two reweighter states (tensors bit for bit, nested containers recursively)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def trained(net: str, steps: int = 2):
+    model, opt, rw = build(0, net)
+    g = torch.Generator().manual_seed(4)
+    train(model, opt, rw, [(torch.randn(10, 6, generator=g), torch.randint(0, 4, (10,), generator=g))] * steps)
+    return rw
+
+
+def _with(state, key, value):
+    return {**state, key: value}
+
+
+def _without_key(mapping, key):
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+def _bad_states(good, other_net):
+    """(label, bad state, message) for each field of a valid ``good`` state (a trained metainfonet's)."""
+    opt_state = good["meta_optimizer"]
+    one_group = [{**opt_state["param_groups"][0], "params": [0]}]
+    return [
+        ("not a dict", [good], "must be a dict"),
+        ("missing key", _without_key(good, "rng"), "missing keys"),
+        ("version type", _with(good, "version", "1"), "int 'version'"),
+        ("version newer", _with(good, "version", 99), "newer"),
+        ("version without upgrade", _with(good, "version", 0), "too old"),
+        ("step negative", _with(good, "step", -1), "step must be"),
+        ("step float", _with(good, "step", 2.0), "step must be"),
+        ("num_classes other", _with(good, "num_classes", 5), "classes"),
+        ("num_classes zero", _with(good, "num_classes", 0), "num_classes must be"),
+        ("engine unknown", _with(good, "engine", "nope"), "unknown engine"),
+        ("engine not a name", _with(good, "engine", None), "unknown engine"),
+        ("engine needs head", _with(good, "engine", "linear_head"), "needs lookahead='head'"),
+        ("net of another kind", _with(good, "net", other_net), "does not match"),
+        ("net entry not a tensor", _with(good, "net", {**good["net"], "mlp.0.bias": [0.0] * 100}), "does not match"),
+        ("net missing entry", _with(good, "net", dict(list(good["net"].items())[1:])), "does not match"),
+        ("net not a dict", _with(good, "net", None), "dict of tensors"),
+        ("meta_optimizer empty", _with(good, "meta_optimizer", {}), "optimizer state_dict"),
+        ("meta_optimizer no groups", _with(good, "meta_optimizer", _without_key(opt_state, "param_groups")), "dict"),
+        ("meta_optimizer group sizes", _with(good, "meta_optimizer", {**opt_state, "param_groups": one_group}), "hold"),
+        ("rng dtype", _with(good, "rng", good["rng"].float()), "rng must be"),
+        ("rng shape", _with(good, "rng", good["rng"][:-1]), "rng must be"),
+        ("rng not a tensor", _with(good, "rng", good["rng"].tolist()), "rng must be"),
+        ("meta_stream keys", _with(good, "meta_stream", _without_key(good["meta_stream"], "position")), "keys"),
+        ("meta_stream position", _with(good, "meta_stream", {**good["meta_stream"], "position": -1}), "position"),
+        ("meta_stream seed", _with(good, "meta_stream", {**good["meta_stream"], "epoch_seed": "x"}), "epoch_seed"),
+        (
+            "meta_stream unseeded",
+            _with(good, "meta_stream", {**good["meta_stream"], "epoch_seed": None}),
+            "epoch_seed",
+        ),
+    ]
+
+
+def test_a_refused_state_changes_nothing():
+    """Each bad field is refused with a message naming it, and the reweighter (built net or not yet built)
+    is exactly as before: its state_dict, its net object and its step count."""
+    good = trained("metainfonet").state_dict()
+    other_net = trained("logitnet").state_dict()["net"]  # same keys but one, other shapes
+    assert good["net"].keys() != other_net.keys() or any(good["net"][k].shape != v.shape for k, v in other_net.items())
+    for target in (trained("metainfonet", steps=1), build(0, "metainfonet")[2]):
+        net_before = target.net
+        before = copy.deepcopy(target.state_dict())
+        for label, bad, message in _bad_states(good, other_net):
+            error = TypeError if label == "not a dict" else ValueError
+            with pytest.raises(error, match=message):
+                target.load_state_dict(bad)
+            assert target.net is net_before, label  # an unbuilt net stays unbuilt
+            assert same_state(target.state_dict(), before), label
+        target.load_state_dict(good)  # and the good state still loads
+        assert same_state(target.state_dict(), good)
+
+
+def test_unbuilt_net_is_checked_without_building_it():
+    """A named net built at the first step is checked against a template: a state of another class count
+    is refused, the net stays unbuilt and the global RNG is not drawn from."""
+    good = trained("metainfonet").state_dict()
+    _, _, fresh = build(0, "metainfonet")
+    assert fresh.net is None and fresh.num_classes is None
+    shapes = {k: v[:3] if v.ndim else v for k, v in good["net"].items()}  # a 3-class net's leading dims
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="does not match"):
+        fresh.load_state_dict({**good, "net": shapes})
+    assert fresh.net is None and fresh.num_classes is None and fresh.meta_optimizer is None
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_l2rw_state_has_no_net():
+    rw = trained("l2rw")
+    assert rw.is_l2rw and rw.net is None and rw.meta_optimizer is None
+    state = rw.state_dict()
+    assert state["net"] == {} and state["meta_optimizer"] == {}
+    _, _, fresh = build(1, "l2rw")
+    fresh.load_state_dict(state)
+    assert same_state(fresh.state_dict(), state)
+    _, _, lossnet = build(1, "lossnet")
+    assert not lossnet.is_l2rw and lossnet.net is not None
+    with pytest.raises(ValueError, match="does not match"):
+        lossnet.load_state_dict(state)
+    with pytest.raises(ValueError, match="does not match"):
+        fresh.load_state_dict(trained("lossnet").state_dict())
+
+
+def test_older_state_versions_are_upgraded_step_by_step(monkeypatch):
+    """The upgrade path: a version-0 state (here a made-up format that called 'step' 'steps' and had no
+    'num_classes') is brought forward by the registered function and then loads as the current one."""
+    from reweight import _state
+
+    good = trained("metainfonet").state_dict()
+    old = {**_without_key(_without_key(good, "step"), "num_classes"), "steps": good["step"], "version": 0}
+    calls = []
+
+    def from_0(state):
+        calls.append(state["version"])
+        new = {**_without_key(state, "steps"), "step": state["steps"], "num_classes": None}
+        return new
+
+    monkeypatch.setitem(_state.UPGRADES, 0, from_0)
+    _, _, fresh = build(0, "metainfonet")
+    with pytest.raises(ValueError, match="does not match"):  # an upgraded state is checked like any other
+        fresh.load_state_dict(old)  # num_classes None: nothing to build, yet the state carries a net
+    fresh.load_state_dict({**old, "net": {}, "meta_optimizer": {}})
+    assert calls == [0, 0] and fresh.step_count == good["step"] and fresh.net is None
+    assert old["version"] == 0 and "steps" in old  # the caller's dict is not modified
+    upgraded = _state.upgrade_state(old)
+    assert upgraded["version"] == _state.STATE_VERSION and upgraded["step"] == good["step"]

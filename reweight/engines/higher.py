@@ -7,6 +7,8 @@ weight-independent ``offset`` of a mirrored momentum step is added to the gradie
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from .._batch import as_logits
@@ -15,7 +17,8 @@ from .base import MetaGradient, MetaProblem, register_engine
 __all__ = ["higher_meta_gradient"]
 
 
-def _import_higher():
+def import_higher() -> ModuleType:
+    """The ``higher`` module; ``ImportError`` naming the extra to install when it is missing."""
     try:
         import higher
     except ImportError as err:  # pragma: no cover - exercised without the extra
@@ -34,7 +37,7 @@ def _call(module, inputs):
 @register_engine("higher", description="exact: higher's differentiable SGD (optional extra)")
 def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient by unrolling one differentiable SGD step with ``higher.innerloop_ctx``."""
-    higher = _import_higher()
+    higher = import_higher()
     if problem.group.active:
         raise ValueError("engine 'higher' does not support data-parallel training; use engine='forward'")
     model = problem.model
