@@ -250,14 +250,13 @@ def test_other_engines_leave_no_trace(engine):
 
 
 def test_missing_higher_extra_is_named(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "higher", None)
+    """Refused by the constructor, not at the first step; the other engines do not need the package."""
+    monkeypatch.setitem(__import__("sys").modules, "higher", None)  # `import higher` now raises ImportError
     model = make_cnn(torch.float32)
-    rw = MetaReweighter(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), [make_batch(4, torch.float32)], engine="higher"
-    )
-    x, y = make_batch(6, torch.float32)
+    args = (model, torch.optim.SGD(model.parameters(), lr=0.1), [make_batch(4, torch.float32)])
     with pytest.raises(ImportError, match=r'pip install "reweight\[higher\]"'):
-        rw.step(x, y, model(x))
+        MetaReweighter(*args, engine="higher")
+    MetaReweighter(*args, engine="forward")
 
 
 def test_refused_head_reweighter_leaves_no_hook():

@@ -271,16 +271,6 @@ def test_lookahead_lr_accepts_any_real_number():
     assert MetaReweighter(*args, lookahead_lr=1).lookahead_lr == 1.0
 
 
-def test_missing_higher_is_refused_by_the_constructor(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "higher", None)  # `import higher` now raises ImportError
-    args, _ = _constructor_args()
-    with pytest.raises(ImportError, match=r"reweight\[higher\]"):
-        MetaReweighter(*args, engine="higher")
-    MetaReweighter(*args, engine="forward")  # the other engines do not need it
-
-
 @pytest.mark.parametrize("engine", ["reverse", "higher"])
 def test_single_process_engines_are_refused_under_data_parallelism(monkeypatch, engine):
     """A process group of two ranks (faked: no collective runs before the check) refuses the engines that
