@@ -201,12 +201,14 @@ class NoForwardAD(torch.autograd.Function):
 
 
 class CustomOpNet(nn.Module):
+    """BatchNorm in train mode, so that auto starts at ``forward`` (not ``ghost``), and a custom op."""
+
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.b(NoForwardAD.apply(self.a(x)))
+        return self.b(NoForwardAD.apply(self.bn(self.a(x))))
 
 
 def test_auto_falls_back_to_reverse_with_one_warning():

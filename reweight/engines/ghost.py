@@ -1,0 +1,593 @@
+"""Exact meta-gradient from each layer's inputs and output gradients ("ghost" inner products).
+
+``c_i = -<scale * v, g_i> / n`` splits over the operations that consume a look-ahead parameter. For an
+operation ``out = f(a, theta)`` that acts on each sample separately, sample ``i``'s share is
+``<J_theta f(a_i) [scale * v], G_i>`` with ``G_i = dL_i / d out_i``: for ``nn.Linear`` that is
+``sum_t G_{i,t}^T V a_{i,t}``, one matmul with the cost of the layer's forward (the per-sample inner
+product of DP-SGD's ghost clipping). The ``G_i`` of all layers come from one backward of the unweighted
+per-sample losses (``grad_outputs`` of ones: no division by weights, so zero and tiny weights are exact).
+
+A ``TorchFunctionMode`` records, during the training batch's forward, every operation that takes a
+look-ahead parameter: its inputs and the gradient edge of its output. Operations on the data
+("batched": computed from the model's inputs) are closed by a rule (``linear``, ``conv1d/2d``,
+``embedding``, ``layer_norm``, ``group_norm``: the tangent of the output is the operation applied to
+the tangent of its parameters), or by a forward-mode JVP of that one operation (``x + pos_embed``,
+``cat([cls_token.expand(...), x])``, batch norm in eval mode, anything else). Operations on parameters
+alone (``pos[:, :L]``, ``cls_token.expand(...)``, a parametrisation) are followed by JVPs of those small
+tensors. ``nn.MultiheadAttention``'s functional core is recomputed op for op with its projections recorded
+(self-attention, packed weights, ``need_weights=False``: what ``nn.TransformerEncoderLayer`` calls).
+
+When the caller's forward ran under the capture (the reweighter arms it before each updating step, see
+:class:`ForwardCapture`), nothing of the training batch is recomputed: the look-ahead reuses the caller's
+graph, and the meta step is one weighted backward, the meta batch's forward and backward, one backward
+of the unweighted losses and the per-layer products. Otherwise the engine runs its own forward.
+
+Exact when samples do not interact and activations keep the batch in dimension 0. Batch norm in train
+mode, an operation of a parameter with a batched output whose batch dimension is not ``n``, in-place
+updates of parameters, and unsupported attention settings raise ``NotImplementedError`` (``auto`` then
+falls back to ``forward``); :func:`ghost_exactness_problem` is the static check ``auto`` uses.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.overrides import TorchFunctionMode
+
+from .._batch import _tensors, call_model
+from .base import MetaGradient, MetaProblem, detached_params, lookahead, register_engine
+
+__all__ = ["ghost_meta_gradient", "ghost_exactness_problem", "ForwardCapture", "LayerCapture"]
+
+_CONV = {F.conv1d: 1, F.conv2d: 2}
+_NORMS = (F.layer_norm, F.group_norm)
+_RULE_MODULES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.MultiheadAttention,
+)
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list:
+    """Positional view of a call of a function with signature ``names`` (trailing ``defaults``)."""
+    bound = list(args) + [None] * (len(names) - len(args))
+    first_default = len(names) - len(defaults)
+    for i, name in enumerate(names):
+        if i >= len(args):
+            bound[i] = kwargs.get(name, defaults[i - first_default] if i >= first_default else None)
+    return bound
+
+
+_SIGNATURES: dict[Callable, tuple[tuple[str, ...], tuple]] = {
+    F.linear: (("input", "weight", "bias"), (None,)),
+    F.conv1d: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1)),
+    F.conv2d: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1)),
+    F.embedding: (
+        ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+        (None, None, 2.0, False, False),
+    ),
+    F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5)),
+    F.group_norm: (("input", "num_groups", "weight", "bias", "eps"), (None, None, 1e-5)),
+}
+
+
+class _Record(NamedTuple):
+    """One operation on a look-ahead parameter: ``func(*args, **kwargs)``, its output's gradient edge
+    (``None`` for an operation on parameters alone) and the batch dimension of its output."""
+
+    func: Callable
+    args: tuple
+    kwargs: dict
+    edge: GradientEdge | None
+    output: Tensor | None
+    batch_dim: int
+
+
+def _walk(obj: Any) -> Iterable[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            if isinstance(item, Tensor):
+                yield item
+
+
+class LayerCapture(TorchFunctionMode):
+    """Records the operations of one forward that take a look-ahead parameter (a ``TorchFunctionMode``).
+
+    Args:
+        params: the look-ahead parameters by name, as the forward sees them.
+        roots: the forward's input tensors; everything computed from them is "batched".
+        batch_size: the size ``n`` of their leading dimension.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], roots: Iterable[Tensor], batch_size: int) -> None:
+        super().__init__()
+        self.names = {id(p): k for k, p in params.items()}
+        self._params = dict(params)  # keeps the ids valid
+        self.n = batch_size
+        self.records: list[_Record] = []
+        self.chain: list[_Record] = []  # operations on parameters alone, in forward order
+        self._derived: dict[int, Tensor] = {}
+        self._batched: dict[int, weakref.ref] = {}
+        self._batch_dim = 0
+        self.error: str | None = None
+        self.output: Any = None  # the forward's outputs, set by ForwardCapture
+        for t in roots:
+            self._mark(t)
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _mark(self, out: Any) -> None:
+        for t in _walk(out):
+            self._batched[id(t)] = weakref.ref(t)
+
+    def _is_batched(self, t: Tensor) -> bool:
+        ref = self._batched.get(id(t))
+        return ref is not None and ref() is t
+
+    def _is_tracked(self, t: Tensor) -> bool:
+        return id(t) in self.names or id(t) in self._derived
+
+    def _scan(self, args: tuple, kwargs: dict) -> tuple[bool, bool]:
+        tracked = batched = False
+        for obj in (*args, *kwargs.values()):
+            for t in _walk(obj):
+                if id(t) in self.names or id(t) in self._derived:
+                    tracked = True
+                elif self._is_batched(t):
+                    batched = True
+        return tracked, batched
+
+    def fail(self, reason: str) -> None:
+        """Mark the capture unusable (the forward itself goes on unchanged)."""
+        if self.error is None:
+            self.error = reason
+
+    def check(self) -> None:
+        """Raise ``NotImplementedError`` naming the first operation the engine cannot handle exactly."""
+        if self.error is not None:
+            raise NotImplementedError(f"engine 'ghost': {self.error}")
+
+    # ---------------------------------------------------------------- the mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            return self._attention(args, kwargs)
+        tracked, batched = self._scan(args, kwargs)
+        if func is F.batch_norm and batched and _bind(args, kwargs, _BN_NAMES, _BN_DEFAULTS)[5]:
+            self.fail("batch norm in train mode couples the samples of a batch")
+        out = func(*args, **kwargs)
+        if tracked:
+            self._record(func, args, kwargs, out, batched)
+        elif batched:
+            self._mark(out)
+        return out
+
+    def _record(self, func, args: tuple, kwargs: dict, out: Any, batched: bool, batch_dim: int | None = None) -> None:
+        name = getattr(func, "__name__", repr(func))
+        if not isinstance(out, Tensor):
+            if any(True for _ in _walk(out)):
+                self.fail(f"{name} returns several tensors computed from a look-ahead parameter")
+            return
+        if name.endswith("_") and not name.endswith("__") or any(out is t for t in _walk(args)):
+            self.fail(f"in-place operation {name} on a look-ahead parameter")
+            return
+        if not batched:
+            self._derived[id(out)] = out
+            self.chain.append(_Record(func, args, kwargs, None, out, 0))
+            return
+        bd = self._batch_dim if batch_dim is None else batch_dim
+        if out.ndim <= bd or out.shape[bd] != self.n:
+            self.fail(f"{name} of a look-ahead parameter has output {tuple(out.shape)} without the batch of {self.n}")
+            return
+        if not out.requires_grad:
+            self.fail(f"{name} of a look-ahead parameter has no gradient (run the forward with grad enabled)")
+            return
+        if func is F.embedding:
+            b = _bind(args, kwargs, *_SIGNATURES[F.embedding])
+            if b[3] is not None or b[5]:
+                self.fail("embedding with max_norm or scale_grad_by_freq")
+        self.records.append(_Record(func, args, kwargs, get_gradient_edge(out), None, bd))
+        self._mark(out)
+
+    def _linear(self, x: Tensor, w: Tensor, b: Tensor | None, batch_dim: int) -> Tensor:
+        out = F.linear(x, w, b)
+        if self._is_tracked(w) or (b is not None and self._is_tracked(b)):
+            self._record(F.linear, (x, w, b), {}, out, True, batch_dim)
+        return out
+
+    def _attention(self, args: tuple, kwargs: dict) -> Any:
+        """``F.multi_head_attention_forward`` recomputed op for op, its projections recorded."""
+        b = _bind(args, kwargs, _MHA_NAMES, _MHA_DEFAULTS)
+        p = dict(zip(_MHA_NAMES, b))
+        query, key, value = p["query"], p["key"], p["value"]
+        tracked, batched = self._scan(args, kwargs)
+        supported = (
+            query is key
+            and key is value
+            and query.ndim == 3
+            and not p["use_separate_proj_weight"]
+            and p["bias_k"] is None
+            and p["bias_v"] is None
+            and not p["add_zero_attn"]
+            and p["static_k"] is None
+            and p["static_v"] is None
+            and not p["need_weights"]
+            and batched
+        )
+        if not supported:
+            out = F.multi_head_attention_forward(*args, **kwargs)
+            if tracked:
+                self.fail("nn.MultiheadAttention other than batched self-attention with need_weights=False")
+            if batched:
+                self._mark(out)
+            return out
+        tgt_len, bsz, embed_dim = query.shape
+        num_heads = p["num_heads"]
+        head_dim = embed_dim // num_heads
+        attn_mask, key_padding_mask, is_causal = p["attn_mask"], p["key_padding_mask"], p["is_causal"]
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+        if is_causal and key_padding_mask is None:
+            attn_mask = None
+        else:
+            attn_mask = F._canonical_mask(
+                mask=attn_mask,
+                mask_name="attn_mask",
+                other_type=None,
+                other_name="",
+                target_type=query.dtype,
+                check_other=False,
+            )
+            if key_padding_mask is not None:
+                is_causal = False
+        proj = self._linear(query, p["in_proj_weight"], p["in_proj_bias"], 1)
+        proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        q, k, v = proj[0], proj[1], proj[2]
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)
+        q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+        k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        src_len = k.size(1)
+        if key_padding_mask is not None:
+            key_padding_mask = (
+                key_padding_mask.view(bsz, 1, 1, src_len)
+                .expand(-1, num_heads, -1, -1)
+                .reshape(bsz * num_heads, 1, src_len)
+            )
+            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        dropout_p = p["dropout_p"] if p["training"] else 0.0
+        if attn_mask is not None:
+            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+            else:
+                attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+        q = q.view(bsz, num_heads, tgt_len, head_dim)
+        k = k.view(bsz, num_heads, src_len, head_dim)
+        v = v.view(bsz, num_heads, src_len, head_dim)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+        attn = attn.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
+        out = self._linear(attn, p["out_proj_weight"], p["out_proj_bias"], 1)
+        if batched:
+            self._mark(out)
+        return out, None
+
+    # ---------------------------------------------------------------- inner products
+
+    def inner_products(self, tangent: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> Tensor:
+        """``sum_layers <J_theta out_i [tangent], G_i>`` per sample, shape ``(n,)``."""
+        tangents: dict[int, Tensor] = {}
+
+        def tangent_of(t: Tensor) -> Tensor | None:
+            if id(t) in self.names:
+                return tangent.get(self.names[id(t)])
+            return tangents.get(id(t))
+
+        for rec in self.chain:
+            tangents[id(rec.output)] = _jvp(rec, tangent_of)
+        total: Tensor | None = None
+        for rec, grad in zip(self.records, grads):
+            if grad is None:
+                continue
+            dout = _output_tangent(rec, tangent_of)
+            if dout is None:
+                continue
+            prod = dout * grad
+            dims = [d for d in range(prod.ndim) if d != rec.batch_dim]
+            part = prod.sum(dims) if dims else prod
+            total = part if total is None else total + part
+        if total is None:
+            some = next(iter(self._params.values()))
+            return torch.zeros(self.n, dtype=some.dtype, device=some.device)
+        return total
+
+
+_BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_DEFAULTS = (None, None, False, 0.1, 1e-5)
+_MHA_NAMES = (
+    "query",
+    "key",
+    "value",
+    "embed_dim_to_check",
+    "num_heads",
+    "in_proj_weight",
+    "in_proj_bias",
+    "bias_k",
+    "bias_v",
+    "add_zero_attn",
+    "dropout_p",
+    "out_proj_weight",
+    "out_proj_bias",
+    "training",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "use_separate_proj_weight",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+    "static_k",
+    "static_v",
+    "average_attn_weights",
+    "is_causal",
+)
+_MHA_DEFAULTS = (True, None, True, None, False, None, None, None, None, None, True, False)
+
+
+def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor:
+    """Tangent of ``rec``'s output: a forward-mode JVP of that one operation in its tracked inputs."""
+    slots: list[tuple[tuple[str, Any], int]] = []  # where each primal sits: (("a", i) or ("k", name), j)
+    primals, tangents = [], []
+
+    def collect(key: tuple[str, Any], obj: Any) -> None:
+        for j, t in enumerate(_walk(obj)):
+            tan = tangent_of(t)
+            if tan is not None:
+                slots.append((key, j))
+                primals.append(t)
+                tangents.append(tan)
+
+    for i, a in enumerate(rec.args):
+        collect(("a", i), a)
+    for k, a in rec.kwargs.items():
+        collect(("k", k), a)
+    if not primals:
+        return torch.zeros_like(rec.output)
+
+    def fn(*xs):
+        args, kwargs = list(rec.args), dict(rec.kwargs)
+        for (key, j), x in zip(slots, xs):
+            kind, where = key
+            obj = args[where] if kind == "a" else kwargs[where]
+            if isinstance(obj, Tensor):
+                obj = x
+            else:
+                items = list(obj)
+                pos = [m for m, it in enumerate(items) if isinstance(it, Tensor)][j]
+                items[pos] = x
+                obj = type(obj)(items)
+            if kind == "a":
+                args[where] = obj
+            else:
+                kwargs[where] = obj
+        return rec.func(*args, **kwargs)
+
+    detached = [p.detach() for p in primals]
+    _, out = torch.func.jvp(fn, tuple(detached), tuple(t.to(p.dtype) for t, p in zip(tangents, detached)))
+    return out
+
+
+def _output_tangent(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor | None:
+    """Tangent of a batched operation's output: a closed-form rule where one exists, else a JVP."""
+    sig = _SIGNATURES.get(rec.func)
+    if sig is None:
+        return _jvp(rec, tangent_of)
+    b = _bind(rec.args, rec.kwargs, *sig)
+    x = b[0]
+    if tangent_of(x) is not None:  # a parameter-derived input: no closed form
+        return _jvp(rec, tangent_of)
+    x = x.detach()
+    if rec.func is F.embedding:
+        weight = b[1]
+        tw = tangent_of(weight)
+        if tw is None:
+            return None
+        padding_idx = b[2]
+        out = F.embedding(x, tw.to(weight.dtype))
+        if padding_idx is not None:
+            if padding_idx < 0:
+                padding_idx += weight.shape[0]
+            out = out * (x != padding_idx).unsqueeze(-1).to(out.dtype)
+        return out
+    if rec.func is F.linear or rec.func in _CONV:
+        weight, bias = b[1], b[2]
+        tw = tangent_of(weight)
+        tb = None if bias is None else tangent_of(bias)
+        if tw is None:
+            if tb is None:
+                return None
+            shape = [1] * x.ndim
+            shape[-1 if rec.func is F.linear else 1] = -1
+            return tb.to(x.dtype).view(shape)
+        tw = tw.to(x.dtype)
+        tb = None if tb is None else tb.to(x.dtype)
+        if rec.func is F.linear:
+            return F.linear(x, tw, tb)
+        return rec.func(x, tw, tb, *b[3:])
+    # layer_norm / group_norm: affine in (weight, bias); an untracked weight contributes nothing
+    weight, bias = b[2], b[3]
+    tw = None if weight is None else tangent_of(weight)
+    tb = None if bias is None else tangent_of(bias)
+    if tw is None and tb is None:
+        return None
+    if tw is None:
+        size = b[1] if rec.func is F.layer_norm else (x.shape[1],)
+        tw = torch.zeros(size, dtype=x.dtype, device=x.device)
+    tw = tw.to(x.dtype)
+    tb = None if tb is None else tb.to(x.dtype)
+    return rec.func(x, b[1], tw, tb, b[4])
+
+
+# -------------------------------------------------------------------- capture of the caller's forward
+
+
+class ForwardCapture:
+    """Runs the caller's forward of ``module`` under a :class:`LayerCapture` while armed.
+
+    Installed by the reweighter when the engine is ``"ghost"``, armed before each step that updates
+    the weighting net, disarmed inside :meth:`MetaReweighter.step`. The engine uses the latest capture
+    when its logits are the outputs handed to ``step``, and runs its own forward otherwise.
+
+    Args:
+        module: the bare model (hooks go on it; :meth:`remove` takes them off).
+        params: returns the current look-ahead parameters by name.
+    """
+
+    _installed: weakref.WeakKeyDictionary[nn.Module, ForwardCapture] = weakref.WeakKeyDictionary()
+
+    def __init__(self, module: nn.Module, params: Callable[[], Mapping[str, Tensor]]) -> None:
+        self.module = module
+        self._params = params
+        self.armed = False
+        self.latest: LayerCapture | None = None
+        self._active: LayerCapture | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._enter, with_kwargs=True),
+            module.register_forward_hook(self._exit, always_call=True),
+        ]
+        ForwardCapture._installed[module] = self
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.armed or self._active is not None or not torch.is_grad_enabled():
+            return
+        roots = [t for obj in (*args, *kwargs.values()) for t in _walk(obj)]
+        if not roots or roots[0].ndim == 0:
+            return
+        capture = LayerCapture(self._params(), roots, roots[0].shape[0])
+        capture.__enter__()
+        self._active = capture
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        capture, self._active = self._active, None
+        if capture is None:
+            return
+        capture.__exit__(None, None, None)
+        capture.output = output
+        self.latest = capture
+
+    def take(self, problem: MetaProblem) -> LayerCapture | None:
+        """The capture of ``problem``'s training forward, if the caller's forward was captured (then cleared)."""
+        capture, self.latest = self.latest, None
+        if capture is None or problem.train_logits is None:
+            return None
+        try:
+            if problem.logits_fn(capture.output) is not problem.train_logits:
+                return None
+        except Exception:  # noqa: BLE001  (outputs the logits function does not take: not this batch's)
+            return None
+        if capture.n != problem.weights.shape[0]:
+            return None
+        if {id(p): k for k, p in problem.params.items()} != capture.names:
+            return None
+        return capture
+
+    def remove(self) -> None:
+        """Remove the hooks from the module."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.latest = None
+        if ForwardCapture._installed.get(self.module) is self:
+            del ForwardCapture._installed[self.module]
+
+
+# -------------------------------------------------------------------- the engine
+
+
+def _own_capture(problem: MetaProblem) -> tuple[MetaProblem, LayerCapture]:
+    """A fresh forward of the training batch under a capture; the problem then reuses its logits."""
+    params = detached_params(problem, requires_grad=True)
+    capture = LayerCapture(params, _tensors(problem.inputs), problem.weights.shape[0])
+    with torch.enable_grad(), capture:
+        logits = call_model(problem.model, params, problem.inputs, problem.logits_fn)
+    return problem._replace(params=params, train_logits=logits), capture
+
+
+@register_engine("ghost", description="exact: per-layer inner products from activations and output gradients")
+def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
+    """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses."""
+    installed = ForwardCapture._installed.get(problem.model)
+    capture = None if installed is None else installed.take(problem)
+    reused = capture is not None
+    if capture is None:
+        problem, capture = _own_capture(problem)
+    capture.check()
+    meta_loss, tangent = lookahead(problem)
+    edges = [rec.edge for rec in capture.records]
+    grads: tuple[Tensor | None, ...] = ()
+    if edges:
+        with torch.enable_grad():
+            losses = problem.loss_fn(problem.train_logits, problem.targets)
+            grads = torch.autograd.grad(
+                losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=reused, allow_unused=True
+            )
+    with torch.no_grad():
+        products = capture.inner_products(tangent, grads).to(problem.weights.device)
+    return MetaGradient(-products.to(problem.weights.dtype) / problem.global_batch_size, meta_loss)
+
+
+# -------------------------------------------------------------------- static exactness check
+
+
+def ghost_exactness_problem(model: nn.Module, names: Iterable[str]) -> str | None:
+    """Why ``"ghost"`` may not be exact for ``model`` with look-ahead parameters ``names``, or ``None``.
+
+    Exact needs samples that do not interact and a rule for every layer holding a look-ahead parameter:
+    no BatchNorm in train mode, no sequence-first attention, no unknown layer (a module without
+    submodules) that holds parameters or buffers. Parameters held by modules with submodules (a ViT's
+    ``pos_embed`` and ``cls_token``) are followed operation by operation.
+    """
+    names = set(names)
+    for prefix, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.training or module.running_mean is None:
+                return f"{prefix or 'model'} ({kind}) normalises over the batch in train mode"
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            if not module.batch_first:
+                return f"{prefix} (MultiheadAttention) is sequence-first (batch_first=False)"
+            if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+                return f"{prefix} (MultiheadAttention) uses bias_k/bias_v, add_zero_attn or separate kdim/vdim"
+            continue
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
+            return f"{prefix} (Embedding) uses max_norm or scale_grad_by_freq"
+        if isinstance(module, _RULE_MODULES) or next(module.children(), None) is not None:
+            continue
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        own_buffers = [n for n, _ in module.named_buffers(recurse=False)]
+        if own or own_buffers:
+            return f"{prefix or 'model'} ({kind}) is a layer without a rule holding parameters or buffers"
+    if not names:
+        return "no look-ahead parameter"
+    return None
