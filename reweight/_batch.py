@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,9 @@ from torch.func import functional_call
 
 __all__ = [
     "Inputs",
+    "LogitsFn",
     "as_logits",
+    "logits_of",
     "batch_size",
     "to_device",
     "split_batch",
@@ -22,8 +24,34 @@ __all__ = [
 Inputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
+LogitsFn = Callable[[Any], Tensor]
+
+
+def _describe(outputs: Any) -> str:
+    """What a model returned, for error messages: the type, and the keys, fields or length it has."""
+    kind = type(outputs).__name__
+    if isinstance(outputs, Mapping):
+        return f"{kind} with keys {sorted(map(str, outputs))}"
+    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):
+        return f"{kind} with fields {list(outputs._fields)}"
+    if isinstance(outputs, Sequence) and not isinstance(outputs, str):
+        return f"{kind} of length {len(outputs)}"
+    if isinstance(outputs, Tensor):
+        return f"Tensor of shape {tuple(outputs.shape)}"
+    return kind
+
+
 def as_logits(outputs: Any) -> Tensor:
-    """The logits tensor of a model's outputs: a tensor, an object with ``.logits``, or a mapping with ``"logits"``."""
+    """The logits tensor of a model's outputs: a tensor, an object with ``.logits``, or a mapping with ``"logits"``.
+
+    Raises:
+        TypeError: for anything else; the message names what the model returned and the way out
+            (``logits_fn``).
+
+    Example:
+        >>> as_logits({"logits": torch.zeros(2, 3)}).shape
+        torch.Size([2, 3])
+    """
     if isinstance(outputs, Tensor):
         return outputs
     if isinstance(outputs, Mapping) and "logits" in outputs:
@@ -31,10 +59,37 @@ def as_logits(outputs: Any) -> Tensor:
     logits = getattr(outputs, "logits", None)
     if isinstance(logits, Tensor):
         return logits
+    if isinstance(outputs, Mapping) and outputs:
+        hint = f"lambda out: out[{next(iter(outputs))!r}]"
+    elif isinstance(outputs, Sequence) and not isinstance(outputs, str) and len(outputs):
+        hint = "lambda out: out[0]"
+    else:
+        hint = "lambda out: <the logits tensor in out>"
     raise TypeError(
-        "outputs must be a Tensor, an object with a .logits tensor, or a mapping with a 'logits' key; "
-        f"got {type(outputs).__name__}"
+        f"the model returned a {_describe(outputs)}, which holds no logits that reweight can find (a Tensor, a "
+        "'.logits' attribute or a 'logits' key); say where they are with MetaReweighter(..., "
+        f"logits_fn={hint}), used for your outputs and the look-ahead alike"
     )
+
+
+def logits_of(outputs: Any, logits_fn: LogitsFn = as_logits) -> Tensor:
+    """``logits_fn(outputs)``, checked to be a tensor; a failing user ``logits_fn`` is named in the error.
+
+    Raises:
+        TypeError: if ``logits_fn`` fails on ``outputs`` or returns something other than a tensor.
+    """
+    if logits_fn is as_logits:
+        return as_logits(outputs)
+    try:
+        logits = logits_fn(outputs)
+    except Exception as err:
+        raise TypeError(
+            f"logits_fn failed on the model's outputs, a {_describe(outputs)} ({type(err).__name__}: {err}); "
+            "pass step() what the model returned, unchanged: logits_fn maps it to the logits"
+        ) from err
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits_fn must return a Tensor of logits, got {type(logits).__name__}")
+    return logits
 
 
 def _tensors(inputs: Inputs) -> list[Tensor]:
@@ -85,7 +140,11 @@ def split_batch(batch: Any) -> tuple[Inputs, Tensor]:
     Raises:
         TypeError: for any other batch layout.
     """
-    if isinstance(batch, Mapping) and "labels" in batch:
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise TypeError(
+                f"a meta batch given as a mapping needs a 'labels' key; found keys {sorted(map(str, batch))}"
+            )
         return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
         return batch[0], batch[1]
@@ -95,8 +154,11 @@ def split_batch(batch: Any) -> tuple[Inputs, Tensor]:
     )
 
 
-def call_model(model: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs) -> Tensor:
-    """Logits of ``model`` run statelessly with ``tensors`` replacing its parameters and buffers.
+def call_model(
+    model: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs, logits_fn: LogitsFn = as_logits
+) -> Tensor:
+    """Logits (``logits_fn`` of the outputs) of ``model`` run statelessly with ``tensors`` replacing its
+    parameters and buffers.
 
     Buffers are always cloned, so BatchNorm running statistics of ``model`` are never touched.
     """
@@ -108,7 +170,7 @@ def call_model(model: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs) 
         out = functional_call(model, state, args=(inputs,))
     else:
         out = functional_call(model, state, args=tuple(inputs))
-    return as_logits(out)
+    return logits_of(out, logits_fn)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._batch import Inputs, as_logits, batch_size, split_batch, to_device, unwrap_model
+from ._batch import Inputs, LogitsFn, as_logits, batch_size, logits_of, split_batch, to_device, unwrap_model
 from ._rng import isolated_rng
 from ._state import (
     STATE_VERSION,
@@ -30,7 +30,6 @@ from ._state import (
 )
 from .distributed import check_sync_batchnorm, data_parallel_group
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines
-from .engines.ghost import ForwardCapture, ghost_exactness_problem
 from .engines.higher import import_higher
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
@@ -43,10 +42,22 @@ from .virtual_step import plan_virtual_step
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
 
 _SINGLE_PROCESS_ENGINES = ("reverse", "higher")
-_AUTO_ENGINES = {"full": ("ghost", "forward", "reverse"), "head": ("linear_head",)}
+_AUTO_ENGINES = {"full": ("forward", "reverse"), "head": ("linear_head",)}
 _NORMALIZATIONS = ("sum", "none")
 _VIRTUAL_STEPS = ("sgd", "optimizer")
 _ON_NONFINITE = ("raise", "skip")
+
+
+def _naming_batch(loss_fn: PerSampleLoss, batch: str) -> PerSampleLoss:
+    """``loss_fn`` whose ``ValueError`` (labels out of range, mismatched shapes) names the batch it came from."""
+
+    def named(logits: Tensor, targets: Tensor) -> Tensor:
+        try:
+            return loss_fn(logits, targets)
+        except ValueError as err:
+            raise ValueError(f"{batch}: {err}") from err
+
+    return named
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,6 +116,9 @@ class MetaReweighter:
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
+        logits_fn: where the logits are in the model's outputs, e.g. ``lambda out: out["scores"]``; applied to
+            the ``outputs`` given to :meth:`step` and to every forward of the look-ahead (default: a tensor,
+            an object's ``.logits`` or a mapping's ``"logits"``).
         num_classes: number of classes; inferred from the first outputs when ``None`` (default: ``None``).
         on_nonfinite: ``"raise"`` a :class:`NonFiniteLossError` when a loss or meta-gradient is not
             finite, or ``"skip"`` that meta update (weights then come from the current net and samples
@@ -152,6 +166,7 @@ class MetaReweighter:
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
+        logits_fn: LogitsFn | None = None,
         num_classes: int | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         collapse_threshold: float | None = 1e-3,
@@ -227,10 +242,6 @@ class MetaReweighter:
         if engine == "linear_head" and not head_mode:
             raise ValueError("engine='linear_head' needs lookahead='head'")
         self._auto_engines = _AUTO_ENGINES["head" if head_mode else "full"]
-        if self._auto_engines[0] == "ghost" and ghost_exactness_problem(self.module, self._lookahead_params()):
-            self._auto_engines = self._auto_engines[1:]  # samples may interact, or a layer has no rule
-        self._forward_capture: ForwardCapture | None = None
-        self._capture_forwards = True  # until remove_hooks()
         self._head: HeadCapture | None = None
         self.preset = preset
         self.interval = interval
@@ -239,6 +250,7 @@ class MetaReweighter:
         self.lookahead_lr = None if lookahead_lr is None else float(lookahead_lr)
         self.loss_fn = loss_fn
         self.meta_loss_fn = meta_loss_fn if meta_loss_fn is not None else loss_fn
+        self.logits_fn: LogitsFn = logits_fn if logits_fn is not None else as_logits
         self.on_nonfinite = on_nonfinite
         self.collapse_monitor = monitor
         self.engine = engine
@@ -268,7 +280,6 @@ class MetaReweighter:
             self._build_net(num_classes)
         if head_mode:  # last: a constructor that raises leaves no hook on the user's model
             self._head = HeadCapture(self.module)
-        self._sync_forward_capture()
 
     # ------------------------------------------------------------------ setup
 
@@ -359,8 +370,13 @@ class MetaReweighter:
     def _check_batch(self, inputs: Inputs, targets: Tensor, logits: Tensor) -> int:
         if not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
-        if logits.ndim == 0 or targets.ndim == 0:
-            raise ValueError("outputs and targets must have a leading batch dimension")
+        if logits.ndim == 0:
+            raise ValueError(
+                "the outputs are a scalar: pass step() the model's per-sample outputs (logits of shape "
+                "(batch, ...)), not a loss"
+            )
+        if targets.ndim == 0:
+            raise ValueError("targets must have a leading batch dimension, got a scalar")
         n = logits.shape[0]
         if n == 0:
             raise ValueError("the batch is empty")
@@ -368,9 +384,16 @@ class MetaReweighter:
         if not n_inputs == targets.shape[0] == n:
             raise ValueError(f"batch sizes disagree: inputs {n_inputs}, targets {targets.shape[0]}, outputs {n}")
         if self._requires_logits() and (logits.ndim != 2 or not logits.is_floating_point() or logits.shape[1] < 2):
+            net = self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__
+            hint = (
+                "; token-level outputs (causal LM, token classification) suit only the loss-based nets: "
+                "use net='lossnet' or net='l2rw'"
+                if logits.ndim == 3
+                else "; use net='lossnet' or net='l2rw', which need only the per-sample loss"
+            )
             raise ValueError(
-                f"net {self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__!r} "
-                f"needs class logits of shape (batch, num_classes >= 2); got outputs of shape {tuple(logits.shape)}"
+                f"net {net!r} needs class logits of shape (batch, num_classes >= 2); got outputs of shape "
+                f"{tuple(logits.shape)}{hint}"
             )
         if self.num_classes is not None and self._requires_logits() and logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -434,19 +457,7 @@ class MetaReweighter:
                     stacklevel=4,
                 )
                 self._engine_name = fallback
-                self._sync_forward_capture()
                 return self._meta_gradient(problem)
-
-    def _sync_forward_capture(self) -> None:
-        """Capture the caller's forward (for ``"ghost"`` to reuse) only while ``"ghost"`` is the engine."""
-        wanted = self._engine_name == "ghost" and self._reuse_outputs and self._capture_forwards
-        if wanted and self._forward_capture is None:
-            self._forward_capture = ForwardCapture(self.module, self._lookahead_params)
-        elif not wanted and self._forward_capture is not None:
-            self._forward_capture.remove()
-            self._forward_capture = None
-        if self._forward_capture is not None:  # armed before a step that updates, never inside one
-            self._forward_capture.armed = self._step_count % self.interval == 0
 
     def _problem(
         self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor, meta: tuple[Inputs, Tensor] | None
@@ -466,11 +477,12 @@ class MetaReweighter:
             meta_inputs=meta_inputs,
             meta_targets=meta_targets,
             loss_fn=self.loss_fn,
-            meta_loss_fn=self.meta_loss_fn,
+            meta_loss_fn=_naming_batch(self.meta_loss_fn, "meta batch"),
             train_logits=logits if reuse else None,
             group=self._group,
             head=self._head,
             head_features=head_features,
+            logits_fn=self.logits_fn,
         )
 
     def _finite_or_skip(self, ok: bool, what: str) -> bool:
@@ -541,8 +553,6 @@ class MetaReweighter:
         the step count, the reweighter's RNG and the meta stream's position.
         """
         rng, stream = self._generator.get_state(), self._meta_stream.state_dict()
-        if self._forward_capture is not None:
-            self._forward_capture.armed = False  # the look-ahead's own forwards are not the caller's
         try:
             return self._step(inputs, targets, outputs)
         except BaseException:
@@ -550,17 +560,15 @@ class MetaReweighter:
             if self._meta_stream.state_dict() != stream:
                 self._meta_stream.load_state_dict(stream)  # the next call replays the pass up to here
             raise
-        finally:
-            self._sync_forward_capture()
 
     def _step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         update = self._step_count % self.interval == 0
         rank_seed, meta = self._draw_rank_seed(), None
         try:  # local checks: under DDP, an error must reach every rank before the step's first collective
-            logits = as_logits(outputs)
+            logits = logits_of(outputs, self.logits_fn)
             n = self._check_batch(inputs, targets, logits)
             with torch.no_grad():
-                losses = self.loss_fn(logits.detach(), targets)
+                losses = _naming_batch(self.loss_fn, "training batch")(logits.detach(), targets)
             self._check_losses(losses, n, "loss_fn")
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
@@ -665,18 +673,14 @@ class MetaReweighter:
             self.net.load_state_dict(state["net"])
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self._engine_name = engine
-        self._sync_forward_capture()
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])
         self._step_count = state["step"]
 
     def remove_hooks(self) -> None:
-        """Remove the forward hooks of ``lookahead="head"`` (on the final Linear layer) and of ``engine="ghost"``
-        (on the model; the engine then runs its own forward of the training batch)."""
+        """Remove the forward hook that ``lookahead="head"`` placed on the model's final Linear layer."""
         if self._head is not None:
             self._head.remove()
-        self._capture_forwards = False
-        self._sync_forward_capture()
 
     def __repr__(self) -> str:
         net = self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__

@@ -61,8 +61,9 @@ def test_one_shot_iterator_refused(setup):
         (lambda x, y, z: (x[:7], y, z), "batch sizes disagree"),
         (lambda x, y, z: (x, y[:7], z), "batch sizes disagree"),
         (lambda x, y, z: (x, y, z[:7]), "batch sizes disagree"),
-        (lambda x, y, z: (x, torch.full_like(y, 3), z), r"labels must lie in \[0, 3\)"),
-        (lambda x, y, z: (x, y - 1, z), r"labels must lie in \[0, 3\)"),
+        (lambda x, y, z: (x, torch.full_like(y, 3), z), r"training batch: labels must lie in \[0, 3\)"),
+        (lambda x, y, z: (x, y - 1, z), r"training batch: labels must lie in \[0, 3\)"),
+        (lambda x, y, z: (x, y, F.cross_entropy(z, y)), "pass step.* per-sample outputs .*not a loss"),
         (lambda x, y, z: (x[:0], y[:0], z[:0]), "empty"),
         (lambda x, y, z: (x, y.float(), z), "class indices"),
     ],
@@ -84,9 +85,17 @@ def test_bad_meta_batch_labels(setup):
     rw = MetaReweighter(model, opt, [(xm, ym + 5)], net="lossnet")
     logits = model(x)
     before, net_before = snapshot(model, opt), net_state(rw)
-    with pytest.raises(ValueError, match="labels must lie"):
+    with pytest.raises(ValueError, match="meta batch: labels must lie"):
         rw.step(x, y, logits)
     check_untouched(model, opt, rw, before, net_before, 0)
+
+
+def test_meta_batch_mapping_without_labels_lists_its_keys(setup):
+    model, opt, _, x, y = setup
+    xm, ym = make_batch(6, torch.float32, seed=2)
+    rw = MetaReweighter(model, opt, [{"x": xm, "target": ym}])
+    with pytest.raises(TypeError, match=r"needs a 'labels' key; found keys \['target', 'x'\]"):
+        rw.step(x, y, model(x))
 
 
 def test_bad_meta_batch_layout(setup):
@@ -158,7 +167,7 @@ def test_wrong_loss_shape_and_outputs_type(setup):
     with pytest.raises(ValueError, match=r"per-sample losses of shape \(8,\)"):
         rw.step(x, y, model(x))
     rw = MetaReweighter(model, opt, meta)
-    with pytest.raises(TypeError, match="outputs must be"):
+    with pytest.raises(TypeError, match=r"returned a list of length 2.*logits_fn=lambda out: out\[0\]"):
         rw.step(x, y, [1, 2])
 
 
@@ -197,3 +206,65 @@ def test_constructor_type_checks(setup):
         MetaReweighter(model, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), meta)
     with pytest.raises(ValueError, match="mirrors torch.optim.SGD only"):
         MetaReweighter(model, torch.optim.Adam(model.parameters()), meta, virtual_step="optimizer")
+
+
+class ScoresModel(nn.Module):
+    """A model whose outputs are a dict without a 'logits' key."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = make_cnn(torch.float64)
+
+    def forward(self, x):
+        return {"scores": self.cnn(x), "aux": x.mean()}
+
+
+def test_outputs_without_logits_name_their_keys_and_the_way_out():
+    model = ScoresModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_batch(8)
+    rw = MetaReweighter(model, opt, [make_batch(6, seed=2)], seed=0)
+    with pytest.raises(TypeError, match=r"dict with keys \['aux', 'scores'\].*logits_fn=lambda out: out\['scores'\]"):
+        rw.step(x, y, model(x))
+
+
+@pytest.mark.parametrize("lookahead", ["full", "head"])
+def test_logits_fn_serves_step_and_the_lookahead(lookahead):
+    """With logits_fn, a dict-returning model gets the weights of the same model returning the tensor."""
+    x, y = make_batch(8)
+    meta = [make_batch(6, seed=2)]
+    wrapped = ScoresModel()
+    plain = wrapped.cnn
+    got = MetaReweighter(
+        wrapped,
+        torch.optim.SGD(wrapped.parameters(), lr=0.1),
+        meta,
+        logits_fn=lambda out: out["scores"],
+        lookahead=lookahead,
+        seed=0,
+    ).step(x, y, wrapped(x))
+    want = MetaReweighter(plain, torch.optim.SGD(plain.parameters(), lr=0.1), meta, lookahead=lookahead, seed=0).step(
+        x, y, plain(x)
+    )
+    assert not torch.allclose(want, torch.ones_like(want))
+    torch.testing.assert_close(got, want)
+
+
+def test_logits_fn_failing_on_step_outputs_says_to_pass_the_model_outputs(setup):
+    model, opt, meta, x, y = setup
+    rw = MetaReweighter(model, opt, meta, logits_fn=lambda out: out.scores)
+    with pytest.raises(TypeError, match="pass step\\(\\) what the model returned, unchanged"):
+        rw.step(x, y, model(x))
+
+
+def test_token_level_outputs_with_a_logits_net_name_the_nets_that_work():
+    emb = nn.Embedding(10, 5)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    tokens = torch.randint(0, 10, (4, 7))
+
+    def seq_loss(logits, t):
+        return F.cross_entropy(logits.transpose(1, 2), t, reduction="none").mean(1)
+
+    rw = MetaReweighter(emb, opt, [(tokens, tokens)], net="metainfonet", loss_fn=seq_loss)
+    with pytest.raises(ValueError, match="token-level outputs .* net='lossnet' or net='l2rw'"):
+        rw.step(tokens, tokens, emb(tokens))

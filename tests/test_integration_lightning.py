@@ -153,3 +153,31 @@ def test_missing_lightning_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "reweight[lightning]"' in out
+
+
+def test_head_lookahead_works_from_the_first_step_and_equals_the_reverse_engine_on_the_head(tmp_path):
+    weights = {}
+    for name, kwargs in {
+        "head": {"lookahead": "head"},
+        "reverse": {"lookahead": ["net.3.*"], "engine": "reverse"},
+    }.items():
+        module = LitClassifier()
+        callback = MetaReweightCallback(meta_loader(), seed=0, **kwargs)
+        trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(module, DataLoader(data(8, 1), batch_size=4))
+        assert callback.reweighter.step_count == 2
+        weights[name] = [s["weights"] for s in module.steps]
+    for w_head, w_rev in zip(weights["head"], weights["reverse"]):
+        torch.testing.assert_close(w_head, w_rev, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_statistics_are_logged(tmp_path):
+    module = LitClassifier()
+    callback = MetaReweightCallback(meta_loader(), seed=0)
+    t = trainer(tmp_path, max_steps=2, callbacks=[callback])
+    t.fit(module, DataLoader(data(8, 1), batch_size=4))
+    w = module.steps[-1]["weights"].float()
+    logged = t.logged_metrics
+    assert float(logged["reweight/weight_std"]) == pytest.approx(float(w.std(unbiased=False)), rel=1e-5)
+    assert float(logged["reweight/weight_min"]) == pytest.approx(float(w.min()), rel=1e-6)
+    assert float(logged["reweight/weight_max"]) == pytest.approx(float(w.max()), rel=1e-6)
+    assert float(logged["reweight/meta_loss"]) == pytest.approx(float(callback.reweighter.last_meta_loss), rel=1e-6)

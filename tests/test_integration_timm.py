@@ -80,7 +80,8 @@ def test_per_sample_criterion_averages_to_timms_loss(name):
     logits = torch.randn(5, CLASSES)
     targets = torch.softmax(torch.randn(5, CLASSES), -1) if name == "mixup" else torch.randint(0, CLASSES, (5,))
     per_sample = per_sample_criterion(criterion)(logits, targets)
-    assert per_sample.shape == (5,)
+    one_by_one = torch.stack([criterion(logits[i : i + 1], targets[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(per_sample, one_by_one)  # each sample's loss is timm's on that sample alone
     torch.testing.assert_close(per_sample.mean(), criterion(logits, targets))
 
 
@@ -193,3 +194,54 @@ def test_example_runs_offline_with_mixup():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test accuracy" in out.stdout and "reweighter at step 2" in out.stdout
+
+
+def test_head_lookahead_works_from_the_first_step_and_equals_the_reverse_engine_on_the_head():
+    x, y = images(8, 1)
+    weights = {}
+    for name, kwargs in {
+        "head": {"lookahead": "head"},
+        "reverse": {"lookahead": ["classifier.*"], "engine": "reverse"},
+    }.items():
+        m, task, optimizer = make_task(**kwargs)
+        for step in range(2):
+            train_step(task, optimizer, x, y)
+            weights[name, step] = task.last_weights
+        assert task.reweighter.step_count == 2
+    assert not torch.allclose(weights["head", 1], torch.ones(8))
+    for step in range(2):
+        torch.testing.assert_close(weights["head", step], weights["reverse", step], rtol=1e-4, atol=1e-6)
+
+
+def test_head_lookahead_survives_compile_after_bind_and_a_rebind_leaves_one_hook():
+    torch._dynamo.reset()  # as in a fresh process: the first compiled call traces the head hook
+    m, task, optimizer = make_task(lookahead="head")
+    train_step(task, optimizer, *images(8, 1))
+    first = task.reweighter
+    task.compile(backend="eager")
+    train_step(task, optimizer, *images(8, 2))
+    assert task.reweighter is first and task.reweighter.step_count == 2  # same bare module: kept
+    optimizer2 = create_optimizer_v2(m, "sgd", lr=0.01)
+    task.bind_optimizer(optimizer2)
+    assert task.reweighter is not first and task.reweighter.step_count == 2  # rebuilt, state carried over
+    assert len(m.get_classifier()._forward_hooks) == 1  # the first reweighter's hook was removed
+
+
+def test_weight_stats_are_the_means_since_the_last_call():
+    m, task, optimizer = make_task()
+    seen = []
+    for seed in (1, 2):
+        train_step(task, optimizer, *images(8, seed))
+        seen.append(task.last_weights)
+    stats = task.pop_weight_stats()
+    assert stats["weight_std"] == pytest.approx(sum(float(w.std(unbiased=False)) for w in seen) / 2, rel=1e-5)
+    assert stats["weight_min"] == pytest.approx(sum(float(w.min()) for w in seen) / 2, rel=1e-5)
+    assert stats["weight_max"] == pytest.approx(sum(float(w.max()) for w in seen) / 2, rel=1e-5)
+    assert "meta_loss" in stats and task.pop_weight_stats() == {}
+
+
+def test_timms_positional_order_is_refused_at_construction():
+    from timm.loss import SoftTargetCrossEntropy
+
+    with pytest.raises(TypeError, match="pass criterion=... by keyword"):
+        ReweightClassificationTask(model(), SoftTargetCrossEntropy())

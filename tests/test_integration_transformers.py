@@ -329,3 +329,74 @@ def test_bad_arguments_are_refused(tmp_path):
         make_trainer(tmp_path, bert("eager"), rows, rows).compute_loss(
             bert("eager"), {"input_ids": rows[0]["input_ids"]}
         )
+
+
+def test_head_lookahead_works_from_the_first_step_and_equals_the_reverse_engine_on_the_head(tmp_path):
+    train, meta = text_dataset(8, 1), text_dataset(6, 2)
+    runs = {}
+    for name, kwargs in {
+        "head": {"lookahead": "head"},
+        "reverse": {"lookahead": ["classifier.*"], "engine": "reverse"},
+    }.items():
+        trainer = make_trainer(
+            tmp_path / name, bert("eager"), train, meta, steps=2, reweight_kwargs={"seed": 0, **kwargs}
+        )
+        trainer.train()
+        assert trainer.reweighter.step_count == 2
+        runs[name] = trainer
+    assert runs["head"].reweighter.engine_name == "linear_head"
+    for (_, w_head), (_, w_rev) in zip(runs["head"].batches, runs["reverse"].batches):
+        assert not torch.allclose(w_head, torch.ones_like(w_head))
+        torch.testing.assert_close(w_head, w_rev, rtol=1e-4, atol=1e-6)
+
+
+def test_reweighter_is_built_when_training_begins(tmp_path):
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(trainer.reweighter)
+
+    trainer = make_trainer(tmp_path, bert("eager"), text_dataset(8, 1), text_dataset(6, 2))
+    trainer.add_callback(Probe())
+    assert trainer.reweighter is None
+    trainer.train()
+    assert seen == [trainer.reweighter] and seen[0].step_count == 1
+
+
+def test_meta_batches_come_from_the_trainers_collator_with_its_column_filter(tmp_path):
+    meta = [dict(row, idx=torch.tensor(i)) for i, row in enumerate(text_dataset(6, 2))]  # an unused column
+    trainer = make_trainer(tmp_path, bert("eager"), text_dataset(8, 1), meta, meta_batch_size=3)
+    batches = list(trainer.get_meta_dataloader())
+    assert [set(b) for b in batches] == [{"input_ids", "attention_mask", "labels"}] * 2
+    assert sorted(int(i) for b in batches for i in b["labels"]) == sorted(int(r["labels"]) for r in meta)
+
+
+@pytest.mark.parametrize("net", ["metainfonet", "logitnet"])
+def test_token_task_refuses_a_net_that_needs_class_logits(tmp_path, net):
+    rows = text_dataset(4, 3, lm=True)
+    with pytest.raises(ValueError, match="net='lossnet' or net='l2rw'"):
+        make_trainer(tmp_path, llama(), rows, rows, reweight_kwargs={"net": net})
+
+
+def test_model_returning_a_dict_trains_with_logits_fn(tmp_path):
+    class Scores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = bert("eager")
+
+        def forward(self, input_ids, attention_mask=None, labels=None):  # labels: kept by the column filter
+            return {"scores": self.inner(input_ids=input_ids, attention_mask=attention_mask).logits}
+
+    model = Scores()
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        text_dataset(8, 1),
+        text_dataset(6, 2),
+        reweight_kwargs={"seed": 0, "logits_fn": lambda out: out["scores"]},
+    )
+    trainer.train()
+    assert trainer.reweighter.step_count == 1
+    weights = trainer.batches[0][1]
+    assert not torch.allclose(weights, torch.ones_like(weights))

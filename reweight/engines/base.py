@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._batch import Inputs, call_model
+from .._batch import Inputs, LogitsFn, as_logits, call_model
 from .._registry import Registry
 from ..distributed import DataParallelGroup
 from ..lookahead import HeadCapture
@@ -50,6 +50,8 @@ class MetaProblem(NamedTuple):
         group: data-parallel ranks; the look-ahead and ``v`` are those of the global batch.
         head, head_features: with ``lookahead="head"``, the hook on the final Linear layer and the
             training batch's inputs to it from the caller's forward.
+        logits_fn: the model's outputs to logits, for every forward an engine makes (``call_model``'s
+            fourth argument).
     """
 
     model: nn.Module
@@ -66,6 +68,7 @@ class MetaProblem(NamedTuple):
     group: DataParallelGroup = DataParallelGroup()
     head: HeadCapture | None = None
     head_features: Tensor | None = None
+    logits_fn: LogitsFn = as_logits
 
     @property
     def global_batch_size(self) -> int:
@@ -121,7 +124,7 @@ def weighted_train_gradient(problem: MetaProblem, weights: Tensor, create_graph:
         retain = True  # the caller still owns this graph
     else:
         params = detached_params(problem, requires_grad=True)
-        logits = call_model(problem.model, params, problem.inputs)
+        logits = call_model(problem.model, params, problem.inputs, problem.logits_fn)
         retain = create_graph
     losses = problem.loss_fn(logits, problem.targets)
     values = list(params.values())
@@ -134,7 +137,7 @@ def weighted_train_gradient(problem: MetaProblem, weights: Tensor, create_graph:
 def meta_loss_and_gradient(problem: MetaProblem, theta_hat: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The mean meta loss at ``theta_hat`` (detached there) and its gradient ``v`` with respect to it."""
     leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
-    logits = call_model(problem.model, leaves, problem.meta_inputs)
+    logits = call_model(problem.model, leaves, problem.meta_inputs, problem.logits_fn)
     loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
     values = list(leaves.values())
     grads = torch.autograd.grad(loss, values, allow_unused=True)

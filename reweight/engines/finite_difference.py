@@ -40,8 +40,8 @@ def finite_difference_meta_gradient(problem: MetaProblem) -> MetaGradient:
         hd = h.to(problem.weights.dtype)
         plus = {k: p + hd * tangent[k].to(p.dtype) for k, p in params.items()}
         minus = {k: p - hd * tangent[k].to(p.dtype) for k, p in params.items()}
-        up = problem.loss_fn(call_model(problem.model, plus, problem.inputs), problem.targets)
+        up = problem.loss_fn(call_model(problem.model, plus, problem.inputs, problem.logits_fn), problem.targets)
         rewind()
-        down = problem.loss_fn(call_model(problem.model, minus, problem.inputs), problem.targets)
+        down = problem.loss_fn(call_model(problem.model, minus, problem.inputs, problem.logits_fn), problem.targets)
     jvp = (up.double() - down.double()) / (2 * h)
     return MetaGradient((-jvp / problem.global_batch_size).to(problem.weights.dtype), meta_loss)

@@ -33,7 +33,7 @@ def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
             warnings.simplefilter("ignore")
             stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
         duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
-        losses = problem.loss_fn(call_model(problem.model, duals, problem.inputs), problem.targets)
+        losses = problem.loss_fn(call_model(problem.model, duals, problem.inputs, problem.logits_fn), problem.targets)
         jvp = fwAD.unpack_dual(losses).tangent
     if jvp is None:  # no look-ahead parameter influences the losses
         jvp = torch.zeros_like(problem.weights)

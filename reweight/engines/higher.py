@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from .._batch import as_logits
+from .._batch import logits_of
 from .base import MetaGradient, MetaProblem, register_engine
 
 __all__ = ["higher_meta_gradient"]
@@ -26,12 +26,12 @@ def import_higher() -> ModuleType:
     return higher
 
 
-def _call(module, inputs):
+def _call(module, inputs, logits_fn):
     if isinstance(inputs, dict):
-        return as_logits(module(**inputs))
+        return logits_of(module(**inputs), logits_fn)
     if isinstance(inputs, torch.Tensor):
-        return as_logits(module(inputs))
-    return as_logits(module(*inputs))
+        return logits_of(module(inputs), logits_fn)
+    return logits_of(module(*inputs), logits_fn)
 
 
 @register_engine("higher", description="exact: higher's differentiable SGD (optional extra)")
@@ -60,8 +60,9 @@ def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
         weights = problem.weights.detach().requires_grad_()
         throwaway = torch.optim.SGD(groups, lr=0.0)
         with higher.innerloop_ctx(model, throwaway, copy_initial_weights=True) as (fmodel, diffopt):
-            losses = problem.loss_fn(_call(fmodel, problem.inputs), problem.targets)
+            losses = problem.loss_fn(_call(fmodel, problem.inputs, problem.logits_fn), problem.targets)
             diffopt.step((weights * losses).mean(), grad_callback=add_offsets)
-            meta_loss = problem.meta_loss_fn(_call(fmodel, problem.meta_inputs), problem.meta_targets).mean()
+            meta_logits = _call(fmodel, problem.meta_inputs, problem.logits_fn)
+            meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
             (coefficients,) = torch.autograd.grad(meta_loss, weights)
     return MetaGradient(coefficients, meta_loss.detach())

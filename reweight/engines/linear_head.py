@@ -52,7 +52,8 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
     theta_hat = apply_virtual_step({k: p.detach() for k, p in problem.params.items()}, grads, problem.step)
 
     with torch.no_grad():
-        call_model(problem.model, {}, problem.meta_inputs)  # fills head.features with the meta batch's
+        # fills head.features with the meta batch's
+        call_model(problem.model, {}, problem.meta_inputs, problem.logits_fn)
     if head.features is None:
         raise RuntimeError(f"the forward of the meta batch did not run the head {head.name!r}")
     meta_h = head.features.detach().to(weight.dtype)

@@ -24,7 +24,7 @@ def reverse_meta_gradient(problem: MetaProblem) -> MetaGradient:
         weights = problem.weights.detach().requires_grad_()
         grads = weighted_train_gradient(problem, weights, create_graph=True)
         theta_hat = apply_virtual_step(detached_params(problem), grads, problem.step)
-        logits = call_model(problem.model, theta_hat, problem.meta_inputs)
+        logits = call_model(problem.model, theta_hat, problem.meta_inputs, problem.logits_fn)
         meta_loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
         (coefficients,) = torch.autograd.grad(meta_loss, weights)
     return MetaGradient(coefficients, meta_loss.detach())

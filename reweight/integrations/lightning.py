@@ -13,12 +13,15 @@ checkpoints through the callback's ``state_dict`` (key ``"MetaReweightCallback"`
     trainer = L.Trainer(callbacks=[MetaReweightCallback(meta_loader, net="lossnet")])
 
 The look-ahead calls the module's ``forward`` (or ``getattr(module, model_attr)``) statelessly on the meta
-batches. ``accumulate_grad_batches`` works as usual: Lightning divides the returned loss.
+batches. ``accumulate_grad_batches`` works as usual: Lightning divides the returned loss; the reweighter's
+``interval`` and step count then count micro-batches (``training_step`` calls), not optimizer steps.
+The weights' statistics are logged as ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max``
+and ``reweight/meta_loss`` (per training batch) with Lightning's ``log``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from .._batch import Inputs, as_logits
 from ..reweighter import MetaReweighter
 from . import require
+from ._common import LateReweighter
 
 _lightning = require("lightning", "lightning")
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
@@ -66,9 +70,15 @@ class MetaReweightCallback(Callback):
         self.model_attr = model_attr
         self.optimizer_index = optimizer_index
         self.reweight_kwargs = reweight_kwargs
-        self.reweighter: MetaReweighter | None = None
         self.last_weights: Tensor | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._late = LateReweighter(meta_loader, **reweight_kwargs)
+        self._logits_fn: Callable[[Any], Tensor] = reweight_kwargs.get("logits_fn") or as_logits
+        self._unlogged: Tensor | None = None
+
+    @property
+    def reweighter(self) -> MetaReweighter | None:
+        """The :class:`~reweight.MetaReweighter`, built when training starts (``None`` before)."""
+        return self._late.reweighter
 
     def _network(self, pl_module: LightningModule) -> nn.Module:
         if self.model_attr is None:
@@ -82,18 +92,28 @@ class MetaReweightCallback(Callback):
         """Build the reweighter on the network and the real optimizer (restoring checkpointed state)."""
         if len(trainer.optimizers) <= self.optimizer_index:
             raise ValueError(f"optimizer_index {self.optimizer_index} but the trainer has {len(trainer.optimizers)}")
-        kwargs = dict(self.reweight_kwargs)
-        if trainer.world_size > 1 and "process_group" not in kwargs:
+        if trainer.world_size > 1 and "process_group" not in self._late.reweight_kwargs:
             # Lightning's DDP wraps the LightningModule, not the network the reweighter sees: name the group
             import torch.distributed as dist
 
-            kwargs["process_group"] = dist.group.WORLD
-        self.reweighter = MetaReweighter(
-            self._network(pl_module), trainer.optimizers[self.optimizer_index], self.meta_loader, **kwargs
-        )
-        if self._pending_state is not None:
-            self.reweighter.load_state_dict(self._pending_state)
-            self._pending_state = None
+            self._late.reweight_kwargs["process_group"] = dist.group.WORLD
+        self._late.build(self._network(pl_module), trainer.optimizers[self.optimizer_index])
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Log this batch's weight std, min and max (and the latest meta loss) as ``reweight/*`` with Lightning's
+        ``log``; the values stay on the device until Lightning writes its logs."""
+        weights, self._unlogged = self._unlogged, None
+        if weights is None or self.reweighter is None:
+            return
+        w = weights.float()
+        low, high = torch.aminmax(w)
+        stats = {"weight_std": w.std(unbiased=False), "weight_min": low, "weight_max": high}
+        if self.reweighter.last_meta_loss is not None:
+            stats["meta_loss"] = self.reweighter.last_meta_loss.float()
+        for key, value in stats.items():
+            pl_module.log(f"reweight/{key}", value, on_step=True, on_epoch=False, batch_size=w.shape[0])
 
     def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         """Weights for this batch (see :meth:`reweight.MetaReweighter.step`); ones, with no meta step, outside training.
@@ -101,29 +121,25 @@ class MetaReweightCallback(Callback):
         Raises:
             RuntimeError: if called in training before the trainer started (no optimizer yet).
         """
-        if self.reweighter is None or not (self.reweighter.module.training and torch.is_grad_enabled()):
-            if self.reweighter is None and torch.is_grad_enabled():
+        reweighter = self.reweighter
+        if reweighter is None or not (reweighter.module.training and torch.is_grad_enabled()):
+            if reweighter is None and torch.is_grad_enabled():
                 raise RuntimeError("MetaReweightCallback.step called before training started")
-            logits = as_logits(outputs)
+            logits = self._logits_fn(outputs)
             return torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
-        weights = self.reweighter.step(inputs, targets, outputs)
+        weights = reweighter.step(inputs, targets, outputs)
         self.last_weights = weights
+        self._unlogged = weights
         return weights
 
     def state_dict(self) -> dict[str, Any]:
         """The reweighter's state (empty before training started)."""
-        if self.reweighter is not None:
-            return self.reweighter.state_dict()
-        return dict(self._pending_state or {})
+        return dict(self._late.state_dict() or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the reweighter now, or when training starts."""
-        if not state_dict:
-            return
-        if self.reweighter is not None:
-            self.reweighter.load_state_dict(state_dict)
-        else:
-            self._pending_state = state_dict
+        if state_dict:
+            self._late.load_state_dict(state_dict)
 
 
 def reweight_step(pl_module: LightningModule, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:

@@ -14,6 +14,10 @@ task's own state in checkpoints (``get_task_state`` / ``load_task_state``). Repl
   With mixup, each weight lands on a mixed pair; ``lossnet`` takes only the loss, the other nets see the
   soft targets.
 * In eval mode or under ``no_grad`` the task returns timm's loss and runs no meta step.
+* The reweighter is built by ``bind_optimizer``, before the first forward (so ``lookahead="head"`` works from
+  the first step), and rebuilt with its state when ``compile`` / ``prepare_distributed`` wrap the model.
+* Logs: :meth:`ReweightClassificationTask.pop_weight_stats` gives the weights' mean std / min / max and the meta
+  loss since its last call, for timm's ``log_interval`` line.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .. import losses as _losses
 from .._batch import unwrap_model
 from ..reweighter import MetaReweighter
 from . import require
+from ._common import LateReweighter, WeightStats
 
 _timm = require("timm", "timm")
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
@@ -68,9 +73,9 @@ def per_sample_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Ten
         ValueError: for any other criterion; pass ``loss_fn`` to the task instead.
     """
     if isinstance(criterion, LabelSmoothingCrossEntropy):
-        return partial(_losses.label_smoothing_cross_entropy, smoothing=criterion.smoothing)
+        return partial(_losses.cross_entropy, label_smoothing=criterion.smoothing)
     if isinstance(criterion, SoftTargetCrossEntropy):
-        return _losses.soft_target_cross_entropy
+        return _losses.cross_entropy
     if isinstance(criterion, BinaryCrossEntropy):
         return partial(
             _losses.binary_cross_entropy,
@@ -138,6 +143,16 @@ class ReweightClassificationTask(ClassificationTask):
         taken = {"model", "optimizer", "meta_loader", "loss_fn", "meta_loss_fn"} & set(reweight_kwargs)
         if taken:
             raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the task supplies them")
+        if isinstance(meta_loader, nn.Module) or not isinstance(meta_loader, Iterable):
+            raise TypeError(
+                f"meta_loader must be a re-iterable of clean (images, labels) batches, got {type(meta_loader).__name__}"
+                + (
+                    "; the task takes (model, meta_loader, criterion), not timm's (model, criterion): "
+                    "pass criterion=... by keyword"
+                    if isinstance(meta_loader, nn.Module)
+                    else ""
+                )
+            )
         super().__init__(
             model, criterion, criterion_kwargs=criterion_kwargs, device=device, dtype=dtype, verbose=verbose
         )
@@ -145,53 +160,69 @@ class ReweightClassificationTask(ClassificationTask):
         self.meta_loss_fn = meta_loss_fn or _meta_criterion(self.criterion)
         self.meta_loader = meta_loader
         self.reweight_kwargs = reweight_kwargs
-        self.optimizer = optimizer
-        self.reweighter: MetaReweighter | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
         self.last_weights: Tensor | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._late = LateReweighter(
+            meta_loader, loss_fn=self.loss_fn, meta_loss_fn=self.meta_loss_fn, **reweight_kwargs
+        )
+        self._weight_stats = WeightStats()
+        if optimizer is not None:
+            self.bind_optimizer(optimizer)
+
+    @property
+    def reweighter(self) -> MetaReweighter | None:
+        """The :class:`~reweight.MetaReweighter`, built by :meth:`bind_optimizer` (``None`` before)."""
+        return self._late.reweighter
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> ReweightClassificationTask:
-        """Give the task the model's optimizer (its param groups' lr drive the look-ahead); returns ``self``."""
+        """Give the task the model's optimizer (its param groups' lr drive the look-ahead); returns ``self``.
+
+        Builds the reweighter now, before the first training forward (``lookahead="head"`` hooks the final
+        Linear layer), keeping the state of an earlier reweighter or of :meth:`load_task_state`.
+
+        Raises:
+            TypeError: if ``optimizer`` is not a ``torch.optim.Optimizer``.
+        """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if self.reweighter is not None:  # rebuilt on the next training forward, keeping its state
-            self._pending_state = self.reweighter.state_dict()
         self.optimizer = optimizer
-        self.reweighter = None
+        self._late.build(self.trainable_module, optimizer)
         return self
 
     def _get_reweighter(self) -> MetaReweighter:
-        if self.reweighter is None:
-            if self.optimizer is None:
-                raise RuntimeError("call task.bind_optimizer(optimizer) before training")
-            self.reweighter = MetaReweighter(
-                self.trainable_module,
-                self.optimizer,
-                self.meta_loader,
-                loss_fn=self.loss_fn,
-                meta_loss_fn=self.meta_loss_fn,
-                **self.reweight_kwargs,
-            )
-            if self._pending_state is not None:
-                self.reweighter.load_state_dict(self._pending_state)
-                self._pending_state = None
-        return self.reweighter
+        """The reweighter on the current ``trainable_module`` (rebuilt, keeping its state, after ``compile`` or
+        ``prepare_distributed`` wrapped the model)."""
+        if self.optimizer is None:
+            raise RuntimeError("call task.bind_optimizer(optimizer) before training")
+        return self._late.build(self.trainable_module, self.optimizer)
 
     def forward(self, input: Tensor, target: Tensor) -> dict[str, Tensor]:
         """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise."""
+        training = unwrap_model(self.trainable_module).training and torch.is_grad_enabled()
+        reweighter = self._get_reweighter() if training else None  # before the forward: the head hook sees it
         output = self.trainable_module(input)
-        if not (unwrap_model(self.trainable_module).training and torch.is_grad_enabled()):
+        if reweighter is None:
             return {"loss": self.criterion(output, target), "output": output}
-        weights = self._get_reweighter().step(input, target, output)
+        weights = reweighter.step(input, target, output)
         losses = self.loss_fn(output, target)
         self.last_weights = weights
+        self._weight_stats.update(weights, reweighter.last_meta_loss)
         return {"loss": (weights.to(losses.dtype) * losses).mean(), "output": output}
+
+    def pop_weight_stats(self) -> dict[str, float]:
+        """Means of the weights' std, min and max (and the meta loss) over the training forwards since the last
+        call, for timm's log line (one host sync); empty if there were none.
+
+        Example:
+            >>> # if batch_idx % args.log_interval == 0: _logger.info(f"... {task.pop_weight_stats()}")
+        """
+        return self._weight_stats.pop()
 
     def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
         """``{"reweighter": state}`` for the training checkpoint (nothing for the EMA model)."""
         if ema:
             return {}
-        state = self.reweighter.state_dict() if self.reweighter is not None else self._pending_state
+        state = self._late.state_dict()
         return {} if state is None else {TASK_STATE_KEY: state}
 
     def load_task_state(
@@ -212,7 +243,4 @@ class ReweightClassificationTask(ClassificationTask):
             if strict:
                 raise KeyError(f"task state has no {TASK_STATE_KEY!r} entry; keys: {sorted(state)}")
             return
-        if self.reweighter is not None:
-            self.reweighter.load_state_dict(state[TASK_STATE_KEY])
-        else:
-            self._pending_state = state[TASK_STATE_KEY]
+        self._late.load_state_dict(state[TASK_STATE_KEY])

@@ -30,10 +30,9 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -45,6 +44,7 @@ from .. import losses as _losses
 from .._batch import as_logits, unwrap_model
 from ..reweighter import MetaReweighter
 from . import require
+from ._common import LateReweighter, WeightStats, describe_net, needs_class_logits
 
 _transformers = require("transformers", "transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -98,49 +98,34 @@ def _infer_task(module: nn.Module) -> str:
     return "sequence_classification"
 
 
-class _MetaLoader:
-    """Re-iterable meta batches: the collated meta dataset, keeping only the model's inputs and ``labels``."""
-
-    def __init__(self, loader: Iterable[Any], keep: set[str] | None) -> None:
-        self.loader, self.keep = loader, keep
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            if isinstance(batch, Mapping):
-                batch = dict(batch)
-                for key in ("label", "label_ids"):
-                    if key in batch and "labels" not in batch:
-                        batch["labels"] = batch.pop(key)
-                if self.keep is not None:
-                    batch = {k: v for k, v in batch.items() if k in self.keep}
-            yield batch
-
-
-class _ReweightCheckpoints(TrainerCallback):
-    """Writes the reweighter's state into each checkpoint folder."""
+class _ReweighterCallback(TrainerCallback):
+    """Builds the reweighter when training begins and writes its state into each checkpoint folder."""
 
     def __init__(self, trainer: ReweightTrainerMixin) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Build the reweighter (and ``lookahead="head"``'s hook) before the first training forward."""
+        self.trainer._ensure_reweighter(self.trainer.model_wrapped)
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Save ``reweighter.pt`` beside the checkpoint just written."""
-        if not args.should_save or self.trainer.reweighter is None:
+        reweighter_state = self.trainer._late.state_dict()
+        if not args.should_save or reweighter_state is None:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(self.trainer.reweighter.state_dict(), os.path.join(folder, REWEIGHTER_STATE_NAME))
+            torch.save(reweighter_state, os.path.join(folder, REWEIGHTER_STATE_NAME))
 
 
 class ReweightTrainerMixin:
     """Mixin for a ``transformers.Trainer`` subclass: the meta step inside ``compute_loss``.
 
     Args:
-        meta_dataset: clean meta samples, collated with the Trainer's ``data_collator`` (default: ``None``).
-        meta_loader: instead of ``meta_dataset``, a re-iterable of ready meta batches (dicts with ``labels``)
-            (default: ``None``).
+        meta_dataset: clean meta samples, collated and column-filtered as the Trainer does for its own datasets
+            (``get_test_dataloader``), then shuffled (default: ``None``).
+        meta_loader: instead of ``meta_dataset``, a re-iterable of ready meta batches (dicts of model inputs
+            with ``labels``) (default: ``None``).
         meta_batch_size: batch size of the meta loader built from ``meta_dataset``
             (default: ``per_device_train_batch_size``).
         task: ``"auto"`` (from the model class: ``*ForCausalLM`` is causal LM, ``*ForTokenClassification`` token
@@ -149,13 +134,14 @@ class ReweightTrainerMixin:
         lookahead_lr: fixed look-ahead learning rate (warmup, AdamW lrs); ``None`` follows the schedule
             (default: ``None``).
         reweight_kwargs: further keyword arguments of :class:`~reweight.MetaReweighter`, e.g. ``net``,
-            ``interval``, ``seed``, ``meta_loss_fn`` (whose default is the task's loss without smoothing)
-            (default: ``None``).
+            ``interval``, ``seed``, ``logits_fn``, ``meta_loss_fn`` (whose default is the task's loss without
+            smoothing) (default: ``None``).
         *args, **kwargs: the Trainer's own arguments.
 
     Raises:
         ValueError: if neither or both of ``meta_dataset`` and ``meta_loader`` are given, on an unknown task, a
-            ``meta_batch_size`` below 1, or with a ``compute_loss_func`` (the weighted loss replaces it).
+            ``meta_batch_size`` below 1, with a ``compute_loss_func`` (the weighted loss replaces it), or with a
+            net that needs class logits (``"logitnet"``, ``"metainfonet"``) on a token-level task.
         TypeError: if ``meta_batch_size`` is not an int, or ``reweight_kwargs`` sets an argument that the Trainer
             or this mixin supplies (``model``, ``optimizer``, ``meta_loader``, ``lookahead_lr``, ``loss_fn``).
     """
@@ -190,83 +176,70 @@ class ReweightTrainerMixin:
         super().__init__(*args, **kwargs)
         if getattr(self, "compute_loss_func", None) is not None:
             raise ValueError("compute_loss_func is not supported: pass loss_fn, a per-sample loss, instead")
-        self.model_accepts_loss_kwargs = False  # never let the Trainer assume the loss is pre-scaled
         self.meta_dataset, self._meta_loader_arg = meta_dataset, meta_loader
         self.meta_batch_size = meta_batch_size
         self.task = _infer_task(unwrap_model(self.model)) if task == "auto" else task
+        net = reweight_kwargs.get("net", "lossnet")
+        if self.task in _TOKEN_TASKS and needs_class_logits(net):
+            raise ValueError(
+                f"net={describe_net(net)} needs class logits (batch, num_classes), but a {self.task} model outputs "
+                f"token logits (batch, sequence, vocabulary); use net='lossnet' or net='l2rw', which weight each "
+                "sequence from its loss alone"
+            )
         smoothing = float(self.args.label_smoothing_factor or 0.0)
         self.per_sample_loss = loss_fn or per_sample_loss(self.task, smoothing)
-        # token tasks: normalise by the valid tokens of all accumulated micro-batches, as the Trainer does
+        # token tasks: normalise by the valid tokens of all accumulated micro-batches, which the Trainer counts
+        # (num_items_in_batch) when it believes the loss takes them; the mixin's compute_loss does
         self._token_sums = (
             None if loss_fn or self.task not in _TOKEN_TASKS else per_sample_loss(self.task, smoothing, "sum")
         )
+        self.model_accepts_loss_kwargs = self._token_sums is not None
         self.loss_is_scaled_for_ga = self._token_sums is not None
         self.meta_loss_fn = reweight_kwargs.pop("meta_loss_fn", None) or loss_fn or per_sample_loss(self.task)
+        self.logits_fn: Callable[[Any], Tensor] = reweight_kwargs.get("logits_fn") or as_logits
         self.lookahead_lr = lookahead_lr
         self.reweight_kwargs = reweight_kwargs
-        self.reweighter: MetaReweighter | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._weight_stats: dict[str, list[float]] = {}
-        self.add_callback(_ReweightCheckpoints(self))
+        self._late = LateReweighter(
+            lookahead_lr=lookahead_lr, loss_fn=self.per_sample_loss, meta_loss_fn=self.meta_loss_fn, **reweight_kwargs
+        )
+        self._weight_stats = WeightStats()
+        self.add_callback(_ReweighterCallback(self))
 
     # ------------------------------------------------------------------ reweighter
 
-    def get_meta_dataloader(self) -> Iterable[Any]:
-        """The meta loader: ``meta_loader`` as given, or ``meta_dataset`` shuffled and collated like training."""
-        if self._meta_loader_arg is not None:
-            loader: Iterable[Any] = self._meta_loader_arg
-        else:
-            loader = DataLoader(
-                self.meta_dataset,
-                batch_size=self.meta_batch_size or self.args.per_device_train_batch_size,
-                shuffle=True,
-                collate_fn=self.data_collator,
-            )
-        keep = None
-        if self.args.remove_unused_columns:  # as the Trainer does for training batches: named forward arguments
-            forward = inspect.signature(unwrap_model(self.model).forward).parameters
-            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            keep = {name for name, p in forward.items() if p.kind in named} | {"labels"}
-        return _MetaLoader(loader, keep)
+    @property
+    def reweighter(self) -> MetaReweighter | None:
+        """The :class:`~reweight.MetaReweighter`, built when training begins (``None`` before)."""
+        return self._late.reweighter
 
-    def _build_reweighter(self, model: nn.Module) -> MetaReweighter:
+    def get_meta_dataloader(self) -> Iterable[Any]:
+        """The meta loader: ``meta_loader`` as given, or ``meta_dataset`` collated and column-filtered by the
+        Trainer's own ``get_test_dataloader``, re-batched with ``meta_batch_size`` and shuffled."""
+        if self._meta_loader_arg is not None:
+            return self._meta_loader_arg
+        reference = self.get_test_dataloader(self.meta_dataset)  # type: ignore[attr-defined]
+        return DataLoader(
+            reference.dataset,
+            batch_size=self.meta_batch_size or self.args.per_device_train_batch_size,
+            shuffle=True,
+            collate_fn=reference.collate_fn,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    def _ensure_reweighter(self, model: nn.Module) -> MetaReweighter:
+        """The reweighter on ``model`` (the module the Trainer forwards) and the Trainer's optimizer."""
         bare = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         target = model if unwrap_model(model) is bare else bare  # the core unwraps DDP/compile itself
         optimizer = self.optimizer
         inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
         if isinstance(inner, torch.optim.Optimizer):
             optimizer = inner
-        reweighter = MetaReweighter(
-            target,
-            optimizer,
-            self.get_meta_dataloader(),
-            lookahead_lr=self.lookahead_lr,
-            loss_fn=self.per_sample_loss,
-            meta_loss_fn=self.meta_loss_fn,
-            **self.reweight_kwargs,
-        )
-        if self._pending_state is not None:
-            reweighter.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return reweighter
+        if self._late.meta_loader is None:
+            self._late.meta_loader = self.get_meta_dataloader()
+        return self._late.build(target, optimizer)
 
     # ------------------------------------------------------------------ the loss
-
-    def get_batch_samples(self, epoch_iterator: Iterator[Any], num_batches: int, device: Any) -> tuple[list, Any]:
-        """The Trainer's accumulated micro-batches and, for token tasks, their valid-token count (local to
-        this process; under data parallelism each rank normalises by its own tokens)."""
-        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
-        if self._token_sums is None:
-            return batch_samples, num_items
-        count = 0
-        for batch in batch_samples:
-            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-            if not isinstance(labels, Tensor):
-                return batch_samples, None
-            if self.task == "causal_lm":
-                labels = _losses.shift_causal_labels(labels)
-            count += int((labels != -100).sum())
-        return batch_samples, torch.tensor(max(count, 1), device=device)
 
     def compute_loss(
         self,
@@ -280,8 +253,8 @@ class ReweightTrainerMixin:
 
         Sequence classification (or a custom ``loss_fn``): the loss is the micro-batch's weighted mean and the
         Trainer divides it by the gradient-accumulation steps. Token tasks: ``sum_i w_i * token_sum_i /
-        num_items_in_batch``, the valid tokens of all accumulated micro-batches (counted by
-        :meth:`get_batch_samples`), so that unit weights give the Trainer's own loss under accumulation too.
+        num_items_in_batch``, the valid tokens of all accumulated micro-batches as the Trainer counts them, so
+        that unit weights give the Trainer's own loss under accumulation too.
 
         Raises:
             ValueError: if the batch has no ``labels``.
@@ -294,18 +267,21 @@ class ReweightTrainerMixin:
                 break
         if labels is None:
             raise ValueError(f"ReweightTrainer needs labels in each batch (one of {_LABEL_KEYS}); got {sorted(inputs)}")
+        training = model.training and torch.is_grad_enabled() and self.optimizer is not None
+        # built before the forward, so that lookahead="head"'s hook on the final Linear sees this batch
+        reweighter = self._ensure_reweighter(model) if training else None
         outputs = model(**inputs)
-        logits = as_logits(outputs)
+        logits = self.logits_fn(outputs)
         losses = self.per_sample_loss(logits, labels)
-        if model.training and torch.is_grad_enabled() and self.optimizer is not None:
-            if self.reweighter is None:
-                self.reweighter = self._build_reweighter(model)
-            weights = self.reweighter.step(inputs, labels, outputs).to(losses.dtype)
+        if reweighter is not None:
+            weights = reweighter.step(inputs, labels, outputs).to(losses.dtype)
             self._record(weights)
             if self._token_sums is None:
                 loss = (weights * losses).mean()
             elif num_items_in_batch is not None:
                 loss = (weights * self._token_sums(logits, labels)).sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices:  # the count spans all ranks, as in Trainer.compute_loss
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # type: ignore[attr-defined]
             else:  # no count from the Trainer: this micro-batch's token mean, scaled for accumulation here
                 steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
                 loss = (weights * losses).mean() / steps
@@ -316,20 +292,14 @@ class ReweightTrainerMixin:
     # ------------------------------------------------------------------ logs and checkpoints
 
     def _record(self, weights: Tensor) -> None:
-        w = weights.detach().float()
-        stats = {"weight_std": w.std(unbiased=False), "weight_min": w.min(), "weight_max": w.max()}
         meta_loss = self.reweighter.last_meta_loss if self.reweighter is not None else None
-        if meta_loss is not None:
-            stats["meta_loss"] = meta_loss.float()
-        for key, value in stats.items():
-            self._weight_stats.setdefault(key, []).append(float(value))
+        self._weight_stats.update(weights, meta_loss)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's ``log``, with the weight statistics since the last training log added."""
-        if "loss" in logs and self._weight_stats:
-            for key, values in self._weight_stats.items():
-                logs[f"reweight/{key}"] = sum(values) / len(values)
-            self._weight_stats = {}
+        if "loss" in logs:
+            for key, value in self._weight_stats.pop().items():
+                logs[f"reweight/{key}"] = value
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -340,11 +310,7 @@ class ReweightTrainerMixin:
         if isinstance(path, str):
             file = os.path.join(path, REWEIGHTER_STATE_NAME)
             if os.path.isfile(file):
-                state = torch.load(file, map_location="cpu", weights_only=True)
-                if self.reweighter is not None:
-                    self.reweighter.load_state_dict(state)
-                else:
-                    self._pending_state = state
+                self._late.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
             else:
                 warnings.warn(
                     f"{path} has no {REWEIGHTER_STATE_NAME}: the weighting net starts afresh", RuntimeWarning, 2

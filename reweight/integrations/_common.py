@@ -1,0 +1,172 @@
+"""What the three integrations share: building the reweighter when the trainer is ready, and weight statistics.
+
+Trainers create the optimizer (and wrap the model) after the integration object exists, and restore a
+checkpoint either before or after that point. :class:`LateReweighter` builds the
+:class:`~reweight.MetaReweighter` once both exist, applies state loaded earlier, and rebuilds (carrying the
+state over, removing the old forward hooks) when the trainer hands over a new optimizer or wrapper.
+Integrations build it before the first training forward, so that ``lookahead="head"``'s hook on the final
+Linear layer sees the very first batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._batch import unwrap_model
+from ..reweighter import MetaReweighter
+
+__all__ = ["LateReweighter", "WeightStats", "needs_class_logits", "describe_net"]
+
+_LOSS_ONLY_NETS = ("lossnet", "l2rw")
+
+
+def needs_class_logits(net: str | nn.Module) -> bool:
+    """Whether the weighting net ``net`` (a name or a module) reads class logits ``(batch, num_classes)``.
+
+    Example:
+        >>> needs_class_logits("metainfonet"), needs_class_logits("lossnet")
+        (True, False)
+    """
+    if isinstance(net, str):
+        return net not in _LOSS_ONLY_NETS
+    return bool(getattr(net, "requires_logits", False))
+
+
+def describe_net(net: str | nn.Module) -> str:
+    """``'name'`` for a named net, the class name for a module."""
+    return repr(net) if isinstance(net, str) else type(net).__name__
+
+
+def _data_parallel_wrapped(model: nn.Module) -> bool:
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+
+
+def _same_target(old: nn.Module, new: nn.Module) -> bool:
+    return old is new or (
+        unwrap_model(old) is unwrap_model(new) and _data_parallel_wrapped(old) == _data_parallel_wrapped(new)
+    )
+
+
+class LateReweighter:
+    """A :class:`~reweight.MetaReweighter` built once the trainer has a model and an optimizer.
+
+    Args:
+        meta_loader: the clean meta batches (or ``None`` until :meth:`build` is given them).
+        **reweight_kwargs: keyword arguments of :class:`~reweight.MetaReweighter`.
+
+    Example:
+        >>> model = nn.Linear(4, 3)
+        >>> late = LateReweighter([(torch.randn(6, 4), torch.randint(0, 3, (6,)))], seed=0)
+        >>> late.reweighter is None
+        True
+        >>> late.build(model, torch.optim.SGD(model.parameters(), lr=0.1)).step_count
+        0
+    """
+
+    def __init__(self, meta_loader: Iterable[Any] | None = None, **reweight_kwargs: Any) -> None:
+        self.meta_loader = meta_loader
+        self.reweight_kwargs = reweight_kwargs
+        self.reweighter: MetaReweighter | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def build(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, meta_loader: Iterable[Any] | None = None
+    ) -> MetaReweighter:
+        """The reweighter on ``model`` and ``optimizer``: the current one if it already uses both, else a new one.
+
+        A ``torch.compile`` wrapper around the same module counts as the same model (the look-ahead runs on the
+        bare module, and the head hook registered before compilation stays in the compiled forward); a new
+        ``DistributedDataParallel`` wrapper does not (it brings the data-parallel group).
+
+        A new reweighter receives the pending state (from :meth:`load_state_dict`) or its predecessor's
+        state; the predecessor's forward hooks are removed. If building fails, the state stays pending.
+        """
+        current = self.reweighter
+        if current is not None and current.optimizer is optimizer and _same_target(current.model, model):
+            return current
+        if current is not None:
+            self._pending = current.state_dict()
+            current.remove_hooks()
+            self.reweighter = None
+        if meta_loader is not None:
+            self.meta_loader = meta_loader
+        if self.meta_loader is None:
+            raise RuntimeError("LateReweighter.build needs a meta_loader")
+        reweighter = MetaReweighter(model, optimizer, self.meta_loader, **self.reweight_kwargs)
+        if self._pending is not None:
+            try:
+                reweighter.load_state_dict(self._pending)
+            except BaseException:
+                reweighter.remove_hooks()
+                raise
+            self._pending = None
+        self.reweighter = reweighter
+        return reweighter
+
+    def release(self) -> None:
+        """Drop the reweighter (removing its hooks), keeping its state for the next :meth:`build`."""
+        if self.reweighter is not None:
+            self._pending = self.reweighter.state_dict()
+            self.reweighter.remove_hooks()
+            self.reweighter = None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The reweighter's state, the pending state before it is built, or ``None``."""
+        return self.reweighter.state_dict() if self.reweighter is not None else self._pending
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the reweighter now, or at its :meth:`build`."""
+        if self.reweighter is not None:
+            self.reweighter.load_state_dict(state)
+        else:
+            self._pending = state
+
+
+class WeightStats:
+    """Running means of the weights' std, min, max and the meta loss, kept on the device (no host sync per step).
+
+    Example:
+        >>> stats = WeightStats()
+        >>> stats.update(torch.tensor([0.5, 1.5]))
+        >>> stats.pop()
+        {'weight_std': 0.5, 'weight_min': 0.5, 'weight_max': 1.5}
+    """
+
+    _KEYS = ("weight_std", "weight_min", "weight_max", "meta_loss")
+
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None
+        self._count = 0
+        self._meta_count = 0
+
+    def update(self, weights: Tensor, meta_loss: Tensor | None = None) -> None:
+        """Add one batch's ``weights`` (shape ``(batch,)``) and the meta loss of its update, if one ran."""
+        w = weights.detach().float()
+        low, high = torch.aminmax(w)
+        has_meta = meta_loss is not None
+        loss = meta_loss.detach().float().to(w.device) if meta_loss is not None else torch.zeros((), device=w.device)
+        row = torch.stack([w.std(unbiased=False), low, high, loss])
+        self._sum = row if self._sum is None else self._sum + row
+        self._count += 1
+        self._meta_count += int(has_meta)
+
+    def pop(self) -> dict[str, float]:
+        """The means since the last call (one host sync), then reset; empty if nothing was recorded."""
+        if self._sum is None:
+            return {}
+        values = (self._sum / self._count).tolist()
+        out = dict(zip(self._KEYS[:3], values[:3]))
+        if self._meta_count:
+            out["meta_loss"] = values[3] * self._count / self._meta_count
+        self._sum, self._count, self._meta_count = None, 0, 0
+        return out
