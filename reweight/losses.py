@@ -15,8 +15,6 @@ __all__ = [
     "PerSampleLoss",
     "cross_entropy",
     "check_class_targets",
-    "label_smoothing_cross_entropy",
-    "soft_target_cross_entropy",
     "binary_cross_entropy",
     "sequence_cross_entropy",
     "shift_causal_labels",
@@ -55,6 +53,9 @@ def check_class_targets(logits: Tensor, targets: Tensor) -> None:
 def cross_entropy(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
     """Per-sample cross-entropy for class indices or soft targets (mixup, distillation).
 
+    It is also the per-sample form of timm's ``LabelSmoothingCrossEntropy`` (``label_smoothing``) and
+    ``SoftTargetCrossEntropy`` (soft targets, whose rows need not be normalised).
+
     Args:
         logits: ``(batch, num_classes)`` unnormalised scores.
         targets: ``(batch,)`` class indices in ``[0, num_classes)`` or ``(batch, num_classes)`` probabilities.
@@ -85,55 +86,6 @@ _SEQUENCE_REDUCTIONS = ("token_mean", "sum", "sequence_mean")
 def _check_smoothing(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-
-
-def label_smoothing_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float = 0.1) -> Tensor:
-    """Per-sample label-smoothing cross-entropy, timm's ``LabelSmoothingCrossEntropy`` without the ``.mean()``.
-
-    ``(1 - smoothing) * nll + smoothing * mean_k(-log p_k)``, which equals torch's ``label_smoothing``.
-
-    Args:
-        logits: ``(batch, num_classes)`` unnormalised scores.
-        targets: ``(batch,)`` class indices.
-        smoothing: probability mass spread uniformly over the classes (default: ``0.1``).
-
-    Returns:
-        Tensor of shape ``(batch,)``.
-
-    Raises:
-        ValueError: if ``smoothing`` is outside ``[0, 1)``, on a shape mismatch or a label out of range.
-
-    Example:
-        >>> label_smoothing_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 2]), 0.1).shape
-        torch.Size([2])
-    """
-    _check_smoothing("smoothing", smoothing)
-    if targets.ndim != 1:
-        raise ValueError(f"label smoothing needs class indices of shape (batch,), got shape {tuple(targets.shape)}")
-    return cross_entropy(logits, targets, label_smoothing=smoothing)
-
-
-def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-sample ``sum_k -t_k log p_k``, timm's ``SoftTargetCrossEntropy`` (mixup / cutmix) without the ``.mean()``.
-
-    Args:
-        logits: ``(batch, num_classes)`` unnormalised scores.
-        targets: ``(batch, num_classes)`` target distributions (rows need not be normalised).
-
-    Returns:
-        Tensor of shape ``(batch,)``.
-
-    Raises:
-        ValueError: if ``targets`` is not floating point with the logits' shape.
-
-    Example:
-        >>> soft_target_cross_entropy(torch.zeros(2, 3), torch.full((2, 3), 1 / 3)).shape
-        torch.Size([2])
-    """
-    if targets.ndim != 2:
-        raise ValueError(f"soft targets must have shape (batch, num_classes), got shape {tuple(targets.shape)}")
-    check_class_targets(logits, targets)
-    return -(targets.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
 def binary_cross_entropy(

@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from reweight.losses import (
     binary_cross_entropy,
     causal_lm_loss,
-    label_smoothing_cross_entropy,
+    cross_entropy,
     sequence_cross_entropy,
     shift_causal_labels,
-    soft_target_cross_entropy,
 )
 
 
@@ -19,21 +18,22 @@ def logits_and_labels(seed: int = 0, n: int = 5, k: int = 4):
     return torch.randn(n, k, generator=g, dtype=torch.float64), torch.randint(0, k, (n,), generator=g)
 
 
-def test_label_smoothing_matches_its_definition():
+def test_label_smoothing_matches_timms_definition():
+    """timm's LabelSmoothingCrossEntropy per sample: (1 - s) nll + s mean_k(-log p_k)."""
     x, y = logits_and_labels()
     logp = F.log_softmax(x, -1)
     want = 0.8 * -logp.gather(1, y[:, None]).squeeze(1) + 0.2 * -logp.mean(-1)
-    torch.testing.assert_close(label_smoothing_cross_entropy(x, y, 0.2), want)
-    with pytest.raises(ValueError, match="smoothing"):
-        label_smoothing_cross_entropy(x, y, 1.0)
+    torch.testing.assert_close(cross_entropy(x, y, label_smoothing=0.2), want)
 
 
-def test_soft_targets_of_one_hot_rows_are_cross_entropy():
+def test_soft_targets_match_timms_definition():
+    """timm's SoftTargetCrossEntropy per sample: sum_k -t_k log p_k, rows not normalised."""
     x, y = logits_and_labels()
-    one_hot = F.one_hot(y, 4).double()
-    torch.testing.assert_close(soft_target_cross_entropy(x, one_hot), F.cross_entropy(x, y, reduction="none"))
+    soft = torch.rand(5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(cross_entropy(x, soft), -(soft * F.log_softmax(x, -1)).sum(-1))
+    torch.testing.assert_close(cross_entropy(x, F.one_hot(y, 4).double()), F.cross_entropy(x, y, reduction="none"))
     with pytest.raises(ValueError, match="soft targets"):
-        soft_target_cross_entropy(x, y)
+        cross_entropy(x, soft[:, :3])
 
 
 def test_binary_cross_entropy_smooths_hard_labels_per_sample():
@@ -43,7 +43,11 @@ def test_binary_cross_entropy_smooths_hard_labels_per_sample():
     want = F.binary_cross_entropy_with_logits(x, dense, reduction="none").mean(-1)
     torch.testing.assert_close(binary_cross_entropy(x, y, smoothing=0.1), want)
     torch.testing.assert_close(binary_cross_entropy(x, dense, sum_classes=True), want * 4)
-    assert binary_cross_entropy(x, dense, target_threshold=0.5).shape == (5,)
+    hard = (dense > 0.5).double()  # binarised: the one-hot of y
+    torch.testing.assert_close(
+        binary_cross_entropy(x, dense, target_threshold=0.5),
+        F.binary_cross_entropy_with_logits(x, hard, reduction="none").mean(-1),
+    )
 
 
 def test_sequence_losses_ignore_padding_and_reduce_per_sequence():
