@@ -30,6 +30,7 @@ from ._state import (
 )
 from .distributed import check_sync_batchnorm, data_parallel_group
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines
+from .engines.ghost import ForwardCapture, ghost_exactness_problem
 from .engines.higher import import_higher
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
@@ -42,7 +43,7 @@ from .virtual_step import plan_virtual_step
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
 
 _SINGLE_PROCESS_ENGINES = ("reverse", "higher")
-_AUTO_ENGINES = {"full": ("forward", "reverse"), "head": ("linear_head",)}
+_AUTO_ENGINES = {"full": ("ghost", "forward", "reverse"), "head": ("linear_head",)}
 _NORMALIZATIONS = ("sum", "none")
 _VIRTUAL_STEPS = ("sgd", "optimizer")
 _ON_NONFINITE = ("raise", "skip")
@@ -242,6 +243,10 @@ class MetaReweighter:
         if engine == "linear_head" and not head_mode:
             raise ValueError("engine='linear_head' needs lookahead='head'")
         self._auto_engines = _AUTO_ENGINES["head" if head_mode else "full"]
+        if self._auto_engines[0] == "ghost" and ghost_exactness_problem(self.module, self._lookahead_params()):
+            self._auto_engines = self._auto_engines[1:]  # samples may interact, or a layer has no rule
+        self._forward_capture: ForwardCapture | None = None
+        self._capture_forwards = True  # until remove_hooks()
         self._head: HeadCapture | None = None
         self.preset = preset
         self.interval = interval
@@ -280,6 +285,7 @@ class MetaReweighter:
             self._build_net(num_classes)
         if head_mode:  # last: a constructor that raises leaves no hook on the user's model
             self._head = HeadCapture(self.module)
+        self._sync_forward_capture()
 
     # ------------------------------------------------------------------ setup
 
@@ -457,7 +463,19 @@ class MetaReweighter:
                     stacklevel=4,
                 )
                 self._engine_name = fallback
+                self._sync_forward_capture()
                 return self._meta_gradient(problem)
+
+    def _sync_forward_capture(self) -> None:
+        """Capture the caller's forward (for ``"ghost"`` to reuse) only while ``"ghost"`` is the engine."""
+        wanted = self._engine_name == "ghost" and self._reuse_outputs and self._capture_forwards
+        if wanted and self._forward_capture is None:
+            self._forward_capture = ForwardCapture(self.module, self._lookahead_params)
+        elif not wanted and self._forward_capture is not None:
+            self._forward_capture.remove()
+            self._forward_capture = None
+        if self._forward_capture is not None:  # armed before a step that updates, never inside one
+            self._forward_capture.armed = self._step_count % self.interval == 0
 
     def _problem(
         self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor, meta: tuple[Inputs, Tensor] | None
@@ -553,6 +571,8 @@ class MetaReweighter:
         the step count, the reweighter's RNG and the meta stream's position.
         """
         rng, stream = self._generator.get_state(), self._meta_stream.state_dict()
+        if self._forward_capture is not None:
+            self._forward_capture.armed = False  # the look-ahead's own forwards are not the caller's
         try:
             return self._step(inputs, targets, outputs)
         except BaseException:
@@ -560,6 +580,8 @@ class MetaReweighter:
             if self._meta_stream.state_dict() != stream:
                 self._meta_stream.load_state_dict(stream)  # the next call replays the pass up to here
             raise
+        finally:
+            self._sync_forward_capture()
 
     def _step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         update = self._step_count % self.interval == 0
@@ -673,14 +695,18 @@ class MetaReweighter:
             self.net.load_state_dict(state["net"])
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self._engine_name = engine
+        self._sync_forward_capture()
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])
         self._step_count = state["step"]
 
     def remove_hooks(self) -> None:
-        """Remove the forward hook that ``lookahead="head"`` placed on the model's final Linear layer."""
+        """Remove the forward hooks of ``lookahead="head"`` (on the final Linear layer) and of ``engine="ghost"``
+        (on the model; the engine then runs its own forward of the training batch)."""
         if self._head is not None:
             self._head.remove()
+        self._capture_forwards = False
+        self._sync_forward_capture()
 
     def __repr__(self) -> str:
         net = self._net_spec if isinstance(self._net_spec, str) else type(self._net_spec).__name__
