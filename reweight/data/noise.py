@@ -51,31 +51,33 @@ def uniform_transition(num_classes: int, rate: float, *, exclude_true: bool = Tr
     return t
 
 
-def _other_classes(gen: np.random.Generator, k: int, i: int, count: int) -> np.ndarray:
-    others = np.delete(np.arange(k), i)
-    return gen.choice(others, size=count, replace=False)
+def _flip_transition(num_classes: int, rate: float, flips: int, seed: int) -> np.ndarray:
+    """Each class keeps ``1-p`` and sends ``p / flips`` to each of ``flips`` distinct other classes,
+    chosen at random (seeded)."""
+    check_int("num_classes", num_classes, minimum=flips + 1)
+    rate = check_rate("rate", rate)
+    gen = rng(seed)
+    t = np.eye(num_classes) * (1.0 - rate)
+    for i in range(num_classes):
+        others = np.delete(np.arange(num_classes), i)
+        t[i, gen.choice(others, size=flips, replace=False)] += rate / flips
+    return t
 
 
 def flip1_transition(num_classes: int, rate: float, *, seed: int = 0) -> np.ndarray:
     """Each class keeps ``1-p`` and sends ``p`` to one other class chosen at random (seeded)."""
-    check_int("num_classes", num_classes, minimum=2)
-    rate = check_rate("rate", rate)
-    gen = rng(seed)
-    t = np.eye(num_classes) * (1.0 - rate)
-    for i in range(num_classes):
-        t[i, _other_classes(gen, num_classes, i, 1)] += rate
-    return t
+    return _flip_transition(num_classes, rate, 1, seed)
 
 
 def flip2_transition(num_classes: int, rate: float, *, seed: int = 0) -> np.ndarray:
     """Each class keeps ``1-p`` and sends ``p/2`` to each of two distinct other classes chosen at random."""
-    check_int("num_classes", num_classes, minimum=3)
-    rate = check_rate("rate", rate)
-    gen = rng(seed)
-    t = np.eye(num_classes) * (1.0 - rate)
-    for i in range(num_classes):
-        t[i, _other_classes(gen, num_classes, i, 2)] += rate / 2
-    return t
+    return _flip_transition(num_classes, rate, 2, seed)
+
+
+def _flip_noise(labels, rate: float, num_classes: int | None, seed: int, flips: int) -> NoisyLabels:
+    y, k = as_labels(labels, num_classes)
+    seeds = rng(seed).integers(0, 2**62, size=2)
+    return apply_transition(y, _flip_transition(k, rate, flips, int(seeds[0])), seed=int(seeds[1]))
 
 
 def apply_transition(labels, transition: np.ndarray, *, seed: int = 0) -> NoisyLabels:
@@ -129,9 +131,7 @@ def flip1_noise(labels, rate: float, *, num_classes: int | None = None, seed: in
     Raises:
         ValueError: if ``rate`` is outside ``[0, 1)`` or the labels do not fit ``num_classes``.
     """
-    y, k = as_labels(labels, num_classes)
-    seeds = rng(seed).integers(0, 2**62, size=2)
-    return apply_transition(y, flip1_transition(k, rate, seed=int(seeds[0])), seed=int(seeds[1]))
+    return _flip_noise(labels, rate, num_classes, seed, flips=1)
 
 
 def flip2_noise(labels, rate: float, *, num_classes: int | None = None, seed: int = 0) -> NoisyLabels:
@@ -146,6 +146,4 @@ def flip2_noise(labels, rate: float, *, num_classes: int | None = None, seed: in
     Raises:
         ValueError: if ``rate`` is outside ``[0, 1)``, ``K < 3`` or the labels do not fit ``num_classes``.
     """
-    y, k = as_labels(labels, num_classes)
-    seeds = rng(seed).integers(0, 2**62, size=2)
-    return apply_transition(y, flip2_transition(k, rate, seed=int(seeds[0])), seed=int(seeds[1]))
+    return _flip_noise(labels, rate, num_classes, seed, flips=2)
