@@ -108,17 +108,24 @@ def test_tuple_inputs_agree_across_engines():
 
 @pytest.mark.parametrize("net", ["lossnet", "logitnet", "metainfonet"])
 def test_soft_targets_and_model_output_objects(net):
+    """Outputs given as a tensor, an object with ``.logits`` or a dict give the same weights, and these are
+    the updated net's normalised weights of the soft-target cross-entropies."""
     torch.manual_seed(0)
     model = nn.Linear(5, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     meta = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]  # meta batches keep hard labels
-    rw = MetaReweighter(model, opt, meta, net=net)
     x = torch.randn(7, 5)
     soft = torch.softmax(torch.randn(7, 4), dim=1)
-    weights = rw.step(x, soft, SimpleNamespace(logits=model(x)))
-    assert weights.shape == (7,) and torch.isfinite(weights).all()
-    weights = rw.step(x, soft, {"logits": model(x)})
-    assert weights.shape == (7,)
+    logits = model(x)
+    weights = {}
+    for kind, outputs in (("tensor", logits), ("object", SimpleNamespace(logits=logits)), ("dict", {"logits": logits})):
+        rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net=net, seed=0)
+        weights[kind] = rw.step(x, soft, outputs)
+    assert torch.equal(weights["object"], weights["tensor"]) and torch.equal(weights["dict"], weights["tensor"])
+    losses = -(soft * F.log_softmax(logits, -1)).sum(-1).detach()
+    with torch.no_grad():
+        out = rw.net.eval()(losses, logits.detach(), soft)
+    raw = out.weights if isinstance(out, WeightingOutput) else out
+    torch.testing.assert_close(weights["tensor"], raw * (7 / raw.sum()))
 
 
 def test_returned_weights_give_algorithm_1_loss():
