@@ -42,6 +42,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cost  # noqa: E402
 from _alternatives import CLEANLAB_FOLDS, GCE_Q, PassCounter, detection, find_issues, fold_indices, gce_loss  # noqa: E402
+from _models import mnist1d_cnn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("standard", "finetune", "l2rw", "lossnet", "logitnet", "metainfonet")
@@ -118,6 +119,7 @@ VARIANTS: dict[str, dict] = {
     "k3m": {"interval": 3, "meta_lr": 3e-3},
     "k5": {"interval": 5},
     "k5m": {"interval": 5, "meta_lr": 5e-3},
+    "k10m": {"interval": 10, "meta_lr": 1e-2},
     "head": {"lookahead": "head"},
     "headm": {"lookahead": "head", "meta_lr": 5e-3},
 }
@@ -137,22 +139,10 @@ MODELS = ("plain", "bn")
 
 
 def make_model(dataset: str, model: str = "plain") -> nn.Module:
-    norm = nn.BatchNorm1d if model == "bn" else (lambda _: nn.Identity())
-    if dataset.startswith("mnist1d"):  # small 1-D CNN, input (batch, 1, 40)
-        return nn.Sequential(
-            nn.Conv1d(1, 32, 5, padding=2),
-            norm(32),
-            nn.ReLU(),
-            nn.Conv1d(32, 32, 3, stride=2, padding=1),
-            norm(32),
-            nn.ReLU(),
-            nn.Conv1d(32, 32, 3, stride=2, padding=1),
-            norm(32),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(32 * 10, 10),
-        )
-    return nn.Sequential(nn.Linear(64, 128), norm(128), nn.ReLU(), nn.Linear(128, 10))
+    if dataset.startswith("mnist1d"):
+        return mnist1d_cnn(batch_norm=model == "bn")
+    norm = nn.BatchNorm1d(128) if model == "bn" else nn.Identity()
+    return nn.Sequential(nn.Linear(64, 128), norm, nn.ReLU(), nn.Linear(128, 10))
 
 
 @functools.lru_cache(maxsize=4)
