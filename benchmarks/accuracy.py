@@ -534,6 +534,15 @@ def _cells(root: Path, seeds, schedule: str, variants: tuple[str, ...], model: s
     return cell
 
 
+def _with_variants(methods, variants: tuple[str, ...]) -> list[str]:
+    """Rows: each reweighting method (or its "+finetune") once per variant, every other method once."""
+    out = []
+    for m in methods:
+        vs = variants if m.partition("+")[0] in REWEIGHTING else ("default",)
+        out += [m + ("" if v == "default" else f"~{v}") for v in vs]
+    return out
+
+
 def report(
     root: Path,
     datasets=DATASETS,
@@ -549,7 +558,7 @@ def report(
     Runs of one ``schedule``; each variant other than ``"default"`` adds rows ``method~variant``.
     """
     cell = _cells(root, seeds, schedule, variants, model)
-    methods = [m + ("" if v == "default" else f"~{v}") for m in methods for v in variants]
+    methods = _with_variants(methods, variants)
     lines = []
     for ds in datasets:
         if not any(key[0] == ds for key in cell):
@@ -613,7 +622,7 @@ def cost_report(
     """Markdown tables of each method's training cost relative to Standard and of cleanlab's flagged sets;
     with ``chart``, also the accuracy-vs-cost PNG (one point per method and setting, mean over seeds)."""
     cell = _cells(root, seeds, schedule, variants, model)
-    methods = [m + ("" if v == "default" else f"~{v}") for m in methods for v in variants]
+    methods = _with_variants(methods, variants)
     lines, points = [], {}
     for ds in datasets:
         present = [s for s in settings if any((ds, s, m) in cell for m in methods)]
