@@ -33,12 +33,14 @@ from .nets import (
 )
 from .reweighter import MetaReweighter, NonFiniteLossError
 from .virtual_step import VirtualStep, plan_virtual_step
+from .weighted_loss import weighted_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MetaReweighter",
     "NonFiniteLossError",
+    "weighted_loss",
     "DistributedStepError",
     "CollapseMonitor",
     "WeightCollapseWarning",

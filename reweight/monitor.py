@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CollapseMonitor", "WeightCollapseWarning"]
+__all__ = ["CollapseMonitor", "WeightCollapseWarning", "MetaSignalMonitor", "WeakMetaGradientWarning"]
 
 _REMEDY = (
     "Remedies: lower the meta learning rate (meta_optimizer), use normalization='sum', check the meta set "
@@ -101,3 +102,119 @@ class CollapseMonitor:
     def reset(self) -> None:
         """Re-arm the warning."""
         self.fired_at, self._streak = None, 0
+
+
+class WeakMetaGradientWarning(RuntimeWarning):
+    """The meta-gradient reaching the weighting net is too small for the net to learn from it."""
+
+
+def _coupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """The group's weight decay if the optimizer adds it to the gradient (Adam, SGD, ...), else 0 (AdamW)."""
+    if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False):
+        return 0.0
+    return float(group.get("weight_decay", 0.0) or 0.0)
+
+
+class MetaSignalMonitor:
+    """Warns once when the weighting net's meta-gradient stays below its optimizer's weight-decay pull.
+
+    After a meta update's backward the net's gradient is the meta-gradient alone; an optimizer with coupled
+    weight decay (the default ``Adam(weight_decay=5e-4)``, SGD) then adds ``weight_decay * phi``. While the
+    meta-gradient's norm is the smaller, the net follows its decay rather than the meta set and the weights
+    stay near uniform: this happens with Adam-sized training lrs (the look-ahead, and so the meta-gradient,
+    scales with the lr) and during a warm-up from lr 0 (a zero meta-gradient). The fix is ``lookahead_lr``.
+
+    The first meta update (an untrained net) is not judged. On every ``every``-th meta update after it the
+    two norms are computed on the device and copied to the host without waiting; they are read at the next
+    check, so the monitor adds no host synchronisation. It warns after ``patience`` consecutive checks below
+    the pull (a zero meta-gradient counts as below, even without weight decay).
+
+    Args:
+        every: check every ``every`` meta updates (default: ``50``).
+        patience: warn after this many consecutive weak checks (default: ``3``).
+
+    Raises:
+        TypeError: if an argument is not an int.
+        ValueError: if an argument is below 1.
+    """
+
+    def __init__(self, every: int = 50, patience: int = 3) -> None:
+        for name, value in (("every", every), ("patience", patience)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.every = every
+        self.patience = patience
+        self.fired_at: int | None = None
+        self._updates = 0
+        self._streak = 0
+        self._pending: tuple[int, Tensor, Any, str] | None = None
+
+    def observe(
+        self,
+        step: int,
+        net: torch.nn.Module,
+        meta_optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer,
+        lookahead_lr: float | None,
+    ) -> None:
+        """Record the net's gradient (just after the meta update's backward) on checking updates."""
+        self._updates += 1
+        if self.fired_at is not None:
+            return
+        self._judge_pending()
+        if self.fired_at is not None or (self._updates - 1) % self.every or self._updates == 1:
+            return
+        grads, pull = [], []
+        for group in meta_optimizer.param_groups:
+            decay = _coupled_decay(meta_optimizer, group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(p.grad.detach().float().pow(2).sum())
+                if decay:
+                    pull.append((decay * p.detach().float()).pow(2).sum())
+        if not grads:
+            return
+        norms = torch.stack([torch.stack(grads).sum(), torch.stack(pull).sum() if pull else grads[0] * 0]).sqrt()
+        if lookahead_lr is not None:
+            lr = f"lookahead_lr={lookahead_lr:g}"
+        else:
+            lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
+            lr = f"the optimizer's current lr ({', '.join(f'{v:g}' for v in lrs)})"
+        event = None
+        if norms.is_cuda:
+            host = torch.empty(2, dtype=norms.dtype, pin_memory=True)
+            host.copy_(norms, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            norms = host
+        self._pending = (step, norms, event, lr)
+        if event is None:
+            self._judge_pending()
+
+    def _judge_pending(self) -> None:
+        if self._pending is None:
+            return
+        step, norms, event, lr = self._pending
+        if event is not None and not event.query():
+            return  # not copied yet: judged at a later update
+        self._pending = None
+        grad, pull = norms.tolist()
+        weak = grad == 0 or grad < pull
+        self._streak = self._streak + 1 if weak else 0
+        if weak and self._streak >= self.patience:
+            self.fired_at = step
+            warnings.warn(
+                f"step {step}: the weighting net's meta-gradient (norm {grad:.2g}) has stayed below its "
+                f"optimizer's weight-decay pull ({pull:.2g}) for {self._streak} checks: the net follows its weight "
+                "decay, not the meta set, and the weights stay near uniform. The meta-gradient scales with the "
+                f"look-ahead learning rate, here {lr}: pass lookahead_lr=0.1 (or larger) to the reweighter. "
+                "See docs/robustness.md",
+                WeakMetaGradientWarning,
+                stacklevel=4,
+            )
+
+    def reset(self) -> None:
+        """Re-arm the warning."""
+        self.fired_at, self._streak, self._pending = None, 0, None

@@ -35,7 +35,7 @@ from .engines.higher import import_higher
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
-from .monitor import CollapseMonitor
+from .monitor import CollapseMonitor, MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net, list_weighting_nets
 from .presets import FROM_PRESET, resolve_preset
 from .virtual_step import plan_virtual_step
@@ -127,7 +127,10 @@ class MetaReweighter:
         collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
             every returned weight of a batch falls below it (with ``"sum"``: all zero) or the weights become
             constant over a batch; checked every 50 steps, tunable through ``collapse_monitor``; ``None``
-            disables it (default: ``1e-3``).
+            disables it (default: ``1e-3``). A second monitor, ``signal_monitor``
+            (:class:`~reweight.monitor.MetaSignalMonitor`), warns once (``WeakMetaGradientWarning``, naming
+            ``lookahead_lr``) when the meta-gradient stays too small for the net to learn; set it to ``None`` to
+            silence it.
         process_group: the data-parallel process group, for a model whose DDP wrapper the reweighter does
             not see (e.g. Lightning's strategies hand over the bare module); by default that of a
             ``DistributedDataParallel`` model, else a single process (default: ``None``).
@@ -258,6 +261,7 @@ class MetaReweighter:
         self.logits_fn: LogitsFn = logits_fn if logits_fn is not None else as_logits
         self.on_nonfinite = on_nonfinite
         self.collapse_monitor = monitor
+        self.signal_monitor: MetaSignalMonitor | None = MetaSignalMonitor()  # None silences it
         self.engine = engine
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model, process_group)
@@ -546,6 +550,10 @@ class MetaReweighter:
             self.meta_optimizer.zero_grad(set_to_none=True)
             surrogate.backward()
         self._group.sum_grads_(self.net.parameters())
+        if self.signal_monitor is not None:
+            self.signal_monitor.observe(
+                self._step_count, self.net, self.meta_optimizer, self.optimizer, self.lookahead_lr
+            )
         self.meta_optimizer.step()
         self.last_meta_loss = grad.meta_loss
         return True, None

@@ -1,0 +1,104 @@
+"""MetaSignalMonitor: one warning, naming lookahead_lr, when the meta-gradient is too small for the net to learn."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.monitor import MetaSignalMonitor, WeakMetaGradientWarning
+
+from conftest import make_batch, make_cnn
+
+
+def net_with_grad(scale: float, decay: float, optimizer=torch.optim.Adam):
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, scale)
+    return net, optimizer(net.parameters(), lr=1e-3, weight_decay=decay)
+
+
+def observe(monitor, net, meta_opt, updates: int, lookahead_lr=None):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for step in range(updates):
+            monitor.observe(step, net, meta_opt, opt, lookahead_lr)
+    return [r for r in rec if issubclass(r.category, WeakMetaGradientWarning)]
+
+
+def test_warns_once_after_patience_checks_below_the_decay_pull_naming_the_fix():
+    net, meta_opt = net_with_grad(1e-7, 5e-4)
+    pull = 5e-4 * torch.cat([p.detach().flatten() for p in net.parameters()]).norm()
+    assert pull > 1e-7 * 5**0.5  # the gradient's norm is below the pull
+    monitor = MetaSignalMonitor(every=2, patience=3)
+    fired = observe(monitor, net, meta_opt, updates=20)
+    assert len(fired) == 1
+    assert monitor.fired_at == 6  # checks on updates 2, 4, 6 (update 0 is not judged)
+    message = str(fired[0].message)
+    assert "lookahead_lr=0.1" in message and "lr (0.005)" in message
+
+
+@pytest.mark.parametrize(
+    "scale, decay, optimizer",
+    [
+        (1e-1, 5e-4, torch.optim.Adam),  # the meta-gradient outweighs the decay
+        (1e-7, 5e-4, torch.optim.AdamW),  # decoupled decay does not compete with the gradient
+        (1e-7, 0.0, torch.optim.Adam),  # no decay, a small but non-zero gradient: Adam still follows it
+    ],
+)
+def test_no_warning_when_the_gradient_can_steer_the_net(scale, decay, optimizer):
+    net, meta_opt = net_with_grad(scale, decay, optimizer)
+    assert observe(MetaSignalMonitor(every=1, patience=2), net, meta_opt, updates=10) == []
+
+
+def test_a_zero_meta_gradient_warns_even_without_weight_decay():
+    net, meta_opt = net_with_grad(0.0, 0.0)
+    fired = observe(MetaSignalMonitor(every=1, patience=2), net, meta_opt, updates=5, lookahead_lr=0.01)
+    assert len(fired) == 1 and "lookahead_lr=0.01" in str(fired[0].message)
+
+
+@pytest.mark.parametrize("lookahead_lr", [None, 0.5])
+def test_reweighter_warns_at_lr_zero_and_not_with_a_lookahead_lr(lookahead_lr):
+    model = make_cnn(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # as in the first step of a warm-up from 0
+    meta = [make_batch(6, torch.float32, seed=2)]
+    rw = MetaReweighter(model, optimizer, meta, net="lossnet", lookahead_lr=lookahead_lr, seed=0)
+    rw.signal_monitor = MetaSignalMonitor(every=1, patience=2)
+    x, y = make_batch(8, torch.float32)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            logits = model(x)
+            (rw.step(x, y, logits) * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+    fired = [r for r in rec if issubclass(r.category, WeakMetaGradientWarning)]
+    if lookahead_lr is None:
+        assert len(fired) == 1 and "lr (0)" in str(fired[0].message)
+    else:
+        assert fired == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="every"):
+        MetaSignalMonitor(every=0)
+    with pytest.raises(TypeError, match="patience"):
+        MetaSignalMonitor(patience=1.5)
+
+
+def test_weighted_loss_is_the_weighted_mean_and_refuses_a_reduced_loss():
+    from reweight import weighted_loss
+
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    weights = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0])
+    per_sample = F.cross_entropy(logits, y, reduction="none")
+    torch.testing.assert_close(weighted_loss(weights, per_sample), (weights * per_sample).sum() / 5)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        weighted_loss(weights, F.cross_entropy(logits, y))
+    with pytest.raises(ValueError, match="reduce each sample's token losses first"):
+        weighted_loss(weights, torch.ones(5, 7))
+    with pytest.raises(TypeError, match="losses must be a Tensor"):
+        weighted_loss(weights, 1.0)
