@@ -62,6 +62,28 @@ class TextTransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
+def mnist1d_cnn(batch_norm: bool = False) -> nn.Module:
+    """The small 1-D CNN of the MNIST-1D benchmark and demo: input ``(batch, 1, 40)``, 10 classes.
+
+    ``batch_norm`` puts a BatchNorm after each convolution (else an ``nn.Identity``, so that both variants
+    have the same layer indices and, under one seed, the same initial weights).
+    """
+    norm = nn.BatchNorm1d if batch_norm else (lambda _: nn.Identity())
+    return nn.Sequential(
+        nn.Conv1d(1, 32, 5, padding=2),
+        norm(32),
+        nn.ReLU(),
+        nn.Conv1d(32, 32, 3, stride=2, padding=1),
+        norm(32),
+        nn.ReLU(),
+        nn.Conv1d(32, 32, 3, stride=2, padding=1),
+        norm(32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 10, 10),
+    )
+
+
 def make_problem(name: str, batch: int, meta_batch: int, seed: int = 0):
     """``(model, train batch, meta batch, num_classes)`` with synthetic data."""
     g = torch.Generator().manual_seed(seed)

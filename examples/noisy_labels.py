@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -29,28 +31,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.data import flip1_noise, load_mnist1d, meta_split  # noqa: E402
 from reweight.diagnostics import WeightRecorder, plot_weight_vs_loss, weight_auroc  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _models import mnist1d_cnn  # noqa: E402  (the 1-D CNN of benchmarks/accuracy.py, defined once)
+
 METHODS = {"Standard": None, "LossNet": "lossnet", "MetaInfoNet": "metainfonet"}
-
-
-def cnn() -> nn.Module:
-    """A small 1-D CNN for signals of shape (batch, 1, 40)."""
-    return nn.Sequential(
-        nn.Conv1d(1, 32, 5, padding=2),
-        nn.ReLU(),
-        nn.Conv1d(32, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv1d(32, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 10, 10),
-    )
 
 
 def make_data(num_samples: int, noise: float, seed: int) -> dict:
@@ -72,7 +62,7 @@ def make_data(num_samples: int, noise: float, seed: int) -> dict:
 def train(data: dict, net: str | None, epochs: int, seed: int, desc: str) -> dict:
     """One run; the schedule is identical for every ``net`` (``None`` is standard training)."""
     torch.manual_seed(seed)
-    model = cnn()
+    model = mnist1d_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(0.6 * epochs), round(0.8 * epochs)], 0.1)
     g = torch.Generator().manual_seed(seed)
