@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # torch.distributed may be missing at run time (builds without it)
+    from torch.distributed import ProcessGroup
 
 __all__ = ["DataParallelGroup", "DistributedStepError", "check_sync_batchnorm", "data_parallel_group"]
 
@@ -112,7 +115,7 @@ def _resolve(classes: Iterable[tuple[str, str]]) -> type | None:
 class DataParallelGroup:
     """The process group of a DDP-wrapped model; every method is a no-op when ``world_size == 1``."""
 
-    def __init__(self, process_group: object | None = None) -> None:
+    def __init__(self, process_group: ProcessGroup | None = None) -> None:
         self.process_group = process_group
         if process_group is None:
             self.world_size, self.rank = 1, 0
@@ -224,7 +227,7 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, group: object | None) -> Tensor:
+    def forward(ctx: Any, t: Tensor, group: ProcessGroup | None) -> Tensor:
         import torch.distributed as dist
 
         ctx.group = group
@@ -259,7 +262,7 @@ def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup) -> None:
         )
 
 
-def data_parallel_group(model: nn.Module, process_group: object | None = None) -> DataParallelGroup:
+def data_parallel_group(model: nn.Module, process_group: ProcessGroup | None = None) -> DataParallelGroup:
     """The data-parallel ranks: ``process_group`` if given, else those of a ``DistributedDataParallel``
     wrapper, else a single process.
 
