@@ -88,8 +88,8 @@ def reweighter_kwargs(supplied: Iterable[str], by: str) -> str:
 def fill_doc(**fields: str) -> Callable[[T], T]:
     """Decorator replacing the ``{name}`` placeholders of a class's or function's docstring by ``fields[name]``.
 
-    A line longer than 120 characters after the replacement is re-wrapped, its continuation lines indented
-    four spaces more (a Google-style ``Args:`` entry). Braces other than the placeholders are left alone.
+    A line holding a placeholder is re-wrapped to 120 characters together with its continuation lines (those
+    indented deeper, as in a Google-style ``Args:`` entry). Braces other than the placeholders are left alone.
 
     Example:
         >>> @fill_doc(lr="the learning rate")
@@ -111,22 +111,30 @@ def fill_doc(**fields: str) -> Callable[[T], T]:
         missing = [name for name in fields if "{" + name + "}" not in doc]
         if missing:
             raise ValueError(f"{getattr(obj, '__qualname__', obj)!r} has no placeholder for {missing}")
-        lines = []
-        for line in doc.splitlines():
-            new = line
-            for name, text in fields.items():
-                new = new.replace("{" + name + "}", text)
-            if new != line and len(new) > _WIDTH:
-                indent = new[: len(new) - len(new.lstrip())]
-                new = textwrap.fill(
-                    new.strip(),
-                    _WIDTH,
-                    initial_indent=indent,
-                    subsequent_indent=indent + "    ",
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
-            lines.append(new)
+        lines: list[str] = []
+        source = doc.splitlines()
+        i = 0
+        while i < len(source):
+            line, i = source[i], i + 1
+            if not any("{" + name + "}" in line for name in fields):
+                lines.append(line)
+                continue
+            indent = line[: len(line) - len(line.lstrip())]
+            entry = [line.strip()]
+            while i < len(source) and source[i].strip() and source[i].startswith(indent + " "):
+                entry.append(source[i].strip())  # the entry's continuation lines, re-wrapped with it
+                i += 1
+            text = " ".join(entry)
+            for name, value in fields.items():
+                text = text.replace("{" + name + "}", value)
+            wrapped = textwrap.wrap(
+                text,
+                _WIDTH - len(indent),
+                subsequent_indent="    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+            lines.extend(indent + w for w in wrapped)
         obj.__doc__ = "\n".join(lines) + ("\n" if doc.endswith("\n") else "")
         return obj
 

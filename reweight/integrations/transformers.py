@@ -21,11 +21,7 @@ tokens for causal LMs, label smoothing included.
 * Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
   lrs are small; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule.
 
-Example:
-    >>> from reweight.integrations.transformers import ReweightTrainer
-    >>> # trainer = ReweightTrainer(model=model, args=args, train_dataset=noisy, meta_dataset=clean,
-    >>> #                           reweight_kwargs={"net": "lossnet"}, lookahead_lr=0.1)
-    >>> # trainer.train()
+:class:`ReweightTrainer`'s example trains a tiny model end to end.
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import losses as _losses
 from .._batch import as_logits, unwrap_model
+from .._docstrings import fill_doc, reweighter_arg, reweighter_kwargs
 from ..reweighter import MetaReweighter
 from . import require
 from ._common import LateReweighter, WeightStats, describe_net, needs_class_logits
@@ -118,6 +115,14 @@ class _ReweighterCallback(TrainerCallback):
             torch.save(reweighter_state, os.path.join(folder, REWEIGHTER_STATE_NAME))
 
 
+_SUPPLIED = ("model", "optimizer", "meta_loader", "lookahead_lr", "loss_fn")  # not in reweight_kwargs
+
+
+@fill_doc(
+    loss_fn=reweighter_arg("loss_fn"),
+    lookahead_lr=reweighter_arg("lookahead_lr"),
+    reweight_kwargs=reweighter_kwargs(_SUPPLIED, "the Trainer"),
+)
 class ReweightTrainerMixin:
     """Mixin for a ``transformers.Trainer`` subclass: the meta step inside ``compute_loss``.
 
@@ -130,20 +135,20 @@ class ReweightTrainerMixin:
             (default: ``per_device_train_batch_size``).
         task: ``"auto"`` (from the model class: ``*ForCausalLM`` is causal LM, ``*ForTokenClassification`` token
             classification, anything else sequence classification) or one of :data:`TASKS` (default: ``"auto"``).
-        loss_fn: per-sample loss ``(logits, labels) -> (batch,)`` replacing the task's (default: ``None``).
-        lookahead_lr: fixed look-ahead learning rate (warmup, AdamW lrs); ``None`` follows the schedule
+        loss_fn: {loss_fn}, replacing the task's; ``None`` uses the task's (:func:`per_sample_loss`)
             (default: ``None``).
-        reweight_kwargs: further keyword arguments of :class:`~reweight.MetaReweighter`, e.g. ``net``,
-            ``interval``, ``seed``, ``logits_fn``, ``meta_loss_fn`` (whose default is the task's loss without
-            smoothing) (default: ``None``).
-        *args, **kwargs: the Trainer's own arguments.
+        lookahead_lr: {lookahead_lr}; ``None`` follows the schedule (default: ``None``).
+        reweight_kwargs: further {reweight_kwargs}. ``meta_loss_fn`` defaults to the task's loss without
+            smoothing (default: ``None``).
+        *args: the Trainer's own positional arguments.
+        **kwargs: the Trainer's own keyword arguments.
 
     Raises:
         ValueError: if neither or both of ``meta_dataset`` and ``meta_loader`` are given, on an unknown task, a
             ``meta_batch_size`` below 1, with a ``compute_loss_func`` (the weighted loss replaces it), or with a
             net that needs class logits (``"logitnet"``, ``"metainfonet"``) on a token-level task.
         TypeError: if ``meta_batch_size`` is not an int, or ``reweight_kwargs`` sets an argument that the Trainer
-            or this mixin supplies (``model``, ``optimizer``, ``meta_loader``, ``lookahead_lr``, ``loss_fn``).
+            or this mixin supplies (listed under ``reweight_kwargs``).
     """
 
     loss_is_scaled_for_ga: bool | None = False
@@ -170,7 +175,7 @@ class ReweightTrainerMixin:
             if meta_batch_size < 1:
                 raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
         reweight_kwargs = dict(reweight_kwargs or {})
-        taken = {"model", "optimizer", "meta_loader", "lookahead_lr", "loss_fn"} & set(reweight_kwargs)
+        taken = set(_SUPPLIED) & set(reweight_kwargs)
         if taken:
             raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the Trainer supplies them")
         super().__init__(*args, **kwargs)
@@ -322,5 +327,25 @@ class ReweightTrainer(ReweightTrainerMixin, Trainer):
     """``transformers.Trainer`` with meta sample reweighting; see :class:`ReweightTrainerMixin` for the arguments.
 
     Example:
-        >>> # trainer = ReweightTrainer(model=model, args=args, train_dataset=noisy, meta_dataset=clean)
+        >>> import tempfile
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> _ = torch.manual_seed(0)
+        >>> config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                     intermediate_size=32, num_labels=3)
+        >>> model = BertForSequenceClassification(config)  # a tiny random BERT
+        >>> def rows(n):  # synthetic sequences of 8 token ids with a label in {0, 1, 2}
+        ...     return [{"input_ids": torch.randint(1, 40, (8,)), "labels": int(torch.randint(0, 3, ()))}
+        ...             for _ in range(n)]
+        >>> out = tempfile.TemporaryDirectory()
+        >>> args = TrainingArguments(out.name, max_steps=2, per_device_train_batch_size=8, use_cpu=True,
+        ...                          report_to=[], save_strategy="no", disable_tqdm=True)
+        >>> trainer = ReweightTrainer(model=model, args=args, train_dataset=rows(16), meta_dataset=rows(8),
+        ...                           lookahead_lr=0.1, reweight_kwargs={"net": "lossnet", "seed": 0})
+        >>> trainer.train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
+        TrainOutput(global_step=2, ...)
+        >>> trainer.reweighter.step_count  # one meta step per training step
+        2
+        >>> out.cleanup()
     """
