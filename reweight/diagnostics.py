@@ -186,7 +186,10 @@ def _save(plt: Any, fig: Any, path: str | os.PathLike) -> str:
 def plot_weight_vs_loss(
     losses: Any, weights: Any, path: str | os.PathLike, corrupted: Any | None = None, *, title: str = ""
 ) -> str:
-    """Scatter of per-sample weight against training loss (clean green, corrupted red if a mask is given)."""
+    """Scatter of per-sample weight against training loss (clean green, corrupted red if a mask is given).
+
+    ``title`` should name the method whose weights are shown (default: ``"sample weight vs training loss"``).
+    """
     plt = _pyplot()
     lo, w = _np(losses).reshape(-1), _np(weights).reshape(-1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -199,5 +202,5 @@ def plot_weight_vs_loss(
         ax.legend()
     ax.set_xlabel("training loss")
     ax.set_ylabel("sample weight")
-    ax.set_title(title)
+    ax.set_title(title or "sample weight vs training loss")
     return _save(plt, fig, path)

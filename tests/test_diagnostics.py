@@ -93,3 +93,21 @@ def test_plots_write_png_files(tmp_path):
     ):
         with open(path, "rb") as f:
             assert f.read(8) == PNG
+
+
+def test_weight_vs_loss_title_names_the_method(tmp_path, monkeypatch):
+    import reweight.diagnostics as diagnostics
+
+    titles = []
+    real_save = diagnostics._save
+
+    def save(plt, fig, path):
+        titles.append(fig.axes[0].get_title())
+        return real_save(plt, fig, path)
+
+    monkeypatch.setattr(diagnostics, "_save", save)
+    rng = np.random.default_rng(0)
+    w, lo = rng.random(20), rng.random(20)
+    plot_weight_vs_loss(lo, w, tmp_path / "a.png", title="MetaInfoNet: weight vs loss")
+    plot_weight_vs_loss(lo, w, tmp_path / "b.png")
+    assert titles == ["MetaInfoNet: weight vs loss", "sample weight vs training loss"]
