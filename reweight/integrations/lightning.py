@@ -152,7 +152,9 @@ def reweight_step(pl_module: LightningModule, inputs: Inputs, targets: Tensor, o
     Raises:
         RuntimeError: if the trainer has no ``MetaReweightCallback``.
     """
-    callbacks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, MetaReweightCallback)]
+    # Trainer.callbacks is assigned by Lightning's CallbackConnector and not declared on the class.
+    registered = pl_module.trainer.callbacks  # type: ignore[attr-defined]
+    callbacks = [cb for cb in registered if isinstance(cb, MetaReweightCallback)]
     if len(callbacks) != 1:
         raise RuntimeError(f"the trainer needs exactly one MetaReweightCallback, found {len(callbacks)}")
     return callbacks[0].step(inputs, targets, outputs)

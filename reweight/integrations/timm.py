@@ -59,7 +59,13 @@ def _torch_cross_entropy(logits: Tensor, targets: Tensor, *, criterion: nn.Cross
     )
 
 
-def per_sample_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+def _buffer(module: nn.Module, name: str) -> Tensor | None:
+    """A tensor attribute that may be ``None`` (timm registers BCE's ``weight`` and ``pos_weight`` as buffers)."""
+    value = getattr(module, name)
+    return value if isinstance(value, Tensor) else None
+
+
+def per_sample_criterion(criterion: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tensor]:
     """The per-sample twin ``(logits, targets) -> (batch,)`` of a timm training criterion.
 
     The batch mean of the result equals ``criterion(logits, targets)`` (for ``nn.CrossEntropyLoss`` without
@@ -81,8 +87,8 @@ def per_sample_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Ten
             _losses.binary_cross_entropy,
             smoothing=criterion.smoothing,
             target_threshold=criterion.target_threshold,
-            weight=criterion.weight,
-            pos_weight=criterion.pos_weight,
+            weight=_buffer(criterion, "weight"),
+            pos_weight=_buffer(criterion, "pos_weight"),
             sum_classes=criterion.sum_classes,
             smooth_dense=criterion.smooth_dense,
         )
@@ -94,10 +100,11 @@ def per_sample_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Ten
     )
 
 
-def _meta_criterion(criterion: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+def _meta_criterion(criterion: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tensor]:
     """The clean meta loss: the criterion's family on hard labels, without smoothing."""
     if isinstance(criterion, BinaryCrossEntropy):
-        return partial(_losses.binary_cross_entropy, weight=criterion.weight, pos_weight=criterion.pos_weight)
+        weight, pos_weight = _buffer(criterion, "weight"), _buffer(criterion, "pos_weight")
+        return partial(_losses.binary_cross_entropy, weight=weight, pos_weight=pos_weight)
     return _losses.cross_entropy
 
 
