@@ -143,16 +143,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(
-            _worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + 300
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                pytest.fail("the DDP workers did not finish within 300 s")
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        return _spawn(tmp)
 
 
 def _assert_equal(a: Any, b: Any, where: str = "") -> None:
@@ -207,3 +198,24 @@ def test_training_continues_as_if_the_bad_step_never_happened(ranks, fault):
     for rank, result in enumerate(ranks):
         _assert_equal(result[fault]["final"], ranks[rank][None]["final"], f"rank {rank}")
     _assert_equal(ranks[0][fault]["final"]["reweighter"]["net"], ranks[1][fault]["final"]["reweighter"]["net"])
+
+
+def _spawn(tmp: str) -> list[dict[str, Any]]:
+    context = mp.start_processes(
+        _worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise TimeoutError("the DDP workers did not finish within 300 s")
+    return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+if __name__ == "__main__":  # python tests/test_ddp_faults.py: how long each rank's failing step() took
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _spawn(tmp)
+    for fault in FAULTS:
+        times = ", ".join(f"rank {r}: {res[fault]['seconds'] * 1000:.1f} ms" for r, res in enumerate(results))
+        print(f"{fault:18s} {results[0][fault]['error']['type']:34s} {times}")
