@@ -26,12 +26,20 @@ def passes(result: dict) -> int | None:
 
 
 def standard_passes(run: dict) -> int | None:
-    """Passes of a cached Standard run: counted, or by construction (2 x epochs x training samples)."""
+    """Passes of a cached Standard or Fine-tune run: counted, or by construction (cells cached before the
+    counter): one forward and one backward of every training sample per epoch, and for Fine-tune of every
+    meta sample per fine-tuning epoch."""
     counted = passes(run["result"])
     if counted is not None:
         return counted
-    n = run["result"].get("n_train")
-    return None if n is None else 2 * run["key"]["config"]["epochs"] * int(n)
+    n, cfg = run["result"].get("n_train"), run["key"]["config"]
+    if n is None:
+        return None
+    total = 2 * cfg["epochs"] * int(n)
+    if run["key"]["method"] == "finetune":
+        per_class = cfg["meta_per_class_lt"] if run["key"]["setting"].startswith("lt") else cfg["meta_per_class_noise"]
+        total += 2 * cfg["finetune_epochs"] * 10 * per_class
+    return total
 
 
 def relative(runs: list[dict], standard: dict[int, dict], fallback: dict[int, dict] | None = None) -> dict:
@@ -45,6 +53,8 @@ def relative(runs: list[dict], standard: dict[int, dict], fallback: dict[int, di
         seed = r["key"]["seed"]
         res = r["result"]
         cost = res.get("cost")
+        if cost is None and r["key"]["method"] in ("standard", "finetune") and standard_passes(r):
+            cost = {"forwards": standard_passes(r), "jvps": 0, "backwards": 0, "seconds": None}
         if cost is None and fallback and seed in fallback:
             cost = fallback[seed]["result"].get("before_finetune", {}).get("cost")
         base = standard.get(seed)
@@ -54,7 +64,7 @@ def relative(runs: list[dict], standard: dict[int, dict], fallback: dict[int, di
         if p0:
             ratio_p.append((cost["forwards"] + cost["jvps"] + cost["backwards"]) / p0)
         t0 = (base["result"].get("cost") or {}).get("seconds")
-        if t0:
+        if t0 and cost["seconds"] is not None:
             ratio_t.append(cost["seconds"] / t0)
     return {"passes": ratio_p, "seconds": ratio_t}
 

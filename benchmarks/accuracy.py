@@ -647,17 +647,23 @@ def cost_report(
             row = []
             for s in present:
                 std = {r["key"]["seed"]: r for r in cell.get((ds, s, "standard"), [])}
+                for r in cell.get((ds, s, "finetune"), []):  # older Standard cells lack n_train; their twin has it
+                    k = r["key"]["seed"]
+                    if k in std and "n_train" not in std[k]["result"]:
+                        std[k] = dict(std[k], result=dict(std[k]["result"], n_train=r["result"]["n_train"]))
+                if m == "standard":
+                    own = list(std.values())
                 base, _, var = m.partition("~")
                 plus = f"{base}+finetune" + (f"~{var}" if var else "")
                 fallback = {r["key"]["seed"]: r for r in cell.get((ds, s, plus), [])}
-                rel = _cost.relative(cell.get((ds, s, m), []), std, fallback)
+                rel = _cost.relative(own if m == "standard" else cell.get((ds, s, m), []), std, fallback)
                 if not rel["passes"]:
                     row.append("–")
                     continue
                 time_ = f" ({np.mean(rel['seconds']):.1f}x)" if rel["seconds"] else ""
                 row.append(f"{np.mean(rel['passes']):.2f}x{time_}")
                 acc = [r["result"]["best"] for r in cell.get((ds, s, m), [])]
-                point = (m, float(np.mean(rel["passes"])), float(100 * np.mean(acc)))
+                point = (m.partition("~")[0], float(np.mean(rel["passes"])), float(100 * np.mean(acc)))
                 points.setdefault(ds, {}).setdefault(s, []).append(point)
             if any(c != "–" for c in row):
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
@@ -680,7 +686,7 @@ def cost_report(
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
     if chart is not None:
-        names = {m: _row_name(m) for m in methods}
+        names = {m.partition("~")[0]: NAMES[m.partition("~")[0]] for m in methods}  # variants share a marker
         _cost.chart(points, chart, names)
         lines.append(f"Chart: `{chart.name}`.\n")
     return "\n".join(lines)

@@ -81,6 +81,14 @@ def test_pass_counts_match_the_passes_made(tiny_runs):
     assert std["cost"]["forwards"] == std["cost"]["backwards"] == n * epochs and std["cost"]["jvps"] == 0
     ft = _cell(tiny_runs, "finetune")["result"]["cost"]  # written by the same run: + 10 epochs on the meta set
     assert ft["forwards"] == ft["backwards"] == n * epochs + 10 * meta
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _cost import standard_passes
+
+    for method in ("standard", "finetune"):  # cells cached before the counter: the count by construction
+        run = _cell(tiny_runs, method)
+        counted = standard_passes(run)
+        del run["result"]["cost"]
+        assert standard_passes(run) == counted
     merged = _cell(tiny_runs, "merged")["result"]["cost"]
     assert merged["forwards"] == merged["backwards"] == (n + meta) * epochs
     # a reweighted step: the caller's forward and one meta batch (100) forward; the look-ahead's passes over
