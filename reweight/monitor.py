@@ -209,8 +209,9 @@ class MetaSignalMonitor:
                 f"step {step}: the weighting net's meta-gradient (norm {grad:.2g}) has stayed below its "
                 f"optimizer's weight-decay pull ({pull:.2g}) for {self._streak} checks: the net follows its weight "
                 "decay, not the meta set, and the weights stay near uniform. The meta-gradient scales with the "
-                f"look-ahead learning rate, here {lr}: pass lookahead_lr=0.1 (or larger) to the reweighter. "
-                "See docs/robustness.md",
+                f"look-ahead learning rate, here {lr}: pass lookahead_lr=0.1 (or larger) to the reweighter, or "
+                "give the net a decoupled decay (meta_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)). "
+                "See docs/robustness.md, 'Weights that never move'",
                 WeakMetaGradientWarning,
                 stacklevel=4,
             )
