@@ -30,7 +30,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +115,12 @@ class _ReweighterCallback(TrainerCallback):
             torch.save(reweighter_state, os.path.join(folder, REWEIGHTER_STATE_NAME))
 
 
+if TYPE_CHECKING:  # type-check the mixin against the Trainer it is combined with; at run time it is a plain mixin
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
 _SUPPLIED = ("model", "optimizer", "meta_loader", "lookahead_lr", "loss_fn")  # not in reweight_kwargs
 
 
@@ -123,7 +129,7 @@ _SUPPLIED = ("model", "optimizer", "meta_loader", "lookahead_lr", "loss_fn")  # 
     lookahead_lr=reweighter_arg("lookahead_lr"),
     reweight_kwargs=reweighter_kwargs(_SUPPLIED, "the Trainer"),
 )
-class ReweightTrainerMixin:
+class ReweightTrainerMixin(_TrainerBase):
     """Mixin for a ``transformers.Trainer`` subclass: the meta step inside ``compute_loss``.
 
     Args:
@@ -183,6 +189,8 @@ class ReweightTrainerMixin:
             raise ValueError("compute_loss_func is not supported: pass loss_fn, a per-sample loss, instead")
         self.meta_dataset, self._meta_loader_arg = meta_dataset, meta_loader
         self.meta_batch_size = meta_batch_size
+        if self.model is None:  # the Trainer builds it from model_init when not given
+            raise ValueError("ReweightTrainer needs a model or a model_init")
         self.task = _infer_task(unwrap_model(self.model)) if task == "auto" else task
         net = reweight_kwargs.get("net", "lossnet")
         if self.task in _TOKEN_TASKS and needs_class_logits(net):
@@ -222,7 +230,8 @@ class ReweightTrainerMixin:
         Trainer's own ``get_test_dataloader``, re-batched with ``meta_batch_size`` and shuffled."""
         if self._meta_loader_arg is not None:
             return self._meta_loader_arg
-        reference = self.get_test_dataloader(self.meta_dataset)  # type: ignore[attr-defined]
+        assert self.meta_dataset is not None  # the constructor takes exactly one of the two
+        reference = self.get_test_dataloader(self.meta_dataset)
         return DataLoader(
             reference.dataset,
             batch_size=self.meta_batch_size or self.args.per_device_train_batch_size,
@@ -240,6 +249,8 @@ class ReweightTrainerMixin:
         inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
         if isinstance(inner, torch.optim.Optimizer):
             optimizer = inner
+        if optimizer is None:
+            raise RuntimeError("the reweighter is built on the Trainer's optimizer, which does not exist yet")
         if self._late.meta_loader is None:
             self._late.meta_loader = self.get_meta_dataloader()
         return self._late.build(target, optimizer)
@@ -286,7 +297,7 @@ class ReweightTrainerMixin:
             elif num_items_in_batch is not None:
                 loss = (weights * self._token_sums(logits, labels)).sum() / num_items_in_batch
                 if self.args.average_tokens_across_devices:  # the count spans all ranks, as in Trainer.compute_loss
-                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # type: ignore[attr-defined]
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             else:  # no count from the Trainer: this micro-batch's token mean, scaled for accumulation here
                 steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
                 loss = (weights * losses).mean() / steps
@@ -305,7 +316,7 @@ class ReweightTrainerMixin:
         if "loss" in logs:
             for key, value in self._weight_stats.pop().items():
                 logs[f"reweight/{key}"] = value
-        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+        super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's ``train``; on resume, also restores the reweighter from ``checkpoint-*/reweighter.pt``."""
@@ -320,7 +331,7 @@ class ReweightTrainerMixin:
                 warnings.warn(
                     f"{path} has no {REWEIGHTER_STATE_NAME}: the weighting net starts afresh", RuntimeWarning, 2
                 )
-        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 class ReweightTrainer(ReweightTrainerMixin, Trainer):
