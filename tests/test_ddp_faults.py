@@ -157,12 +157,12 @@ def _assert_equal(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
-EXPECTED = {  # fault -> failing ranks and the message fragment of each
-    "labels": {1: "ValueError: labels must lie in [0, 3), got values in [0, 7]"},
-    "shape": {1: "ValueError: batch sizes disagree: inputs 6, targets 5, outputs 6"},
-    "meta": {1: "RuntimeError: meta shard unreadable at batch 1"},
-    "labels_and_shape": {0: "ValueError: batch sizes disagree", 1: "ValueError: labels must lie in"},
-    "nan_and_labels": {1: "ValueError: labels must lie in"},
+EXPECTED = {  # fault -> failing ranks and the error type and a fragment of the message of each
+    "labels": {1: ("ValueError", "labels must lie in [0, 3), got values in [0, 7]")},
+    "shape": {1: ("ValueError", "batch sizes disagree: inputs 6, targets 5, outputs 6")},
+    "meta": {1: ("RuntimeError", "meta shard unreadable at batch 1")},
+    "labels_and_shape": {0: ("ValueError", "batch sizes disagree"), 1: ("ValueError", "labels must lie in")},
+    "nan_and_labels": {1: ("ValueError", "labels must lie in")},
 }
 
 
@@ -172,13 +172,14 @@ def test_every_rank_raises_naming_the_failing_rank(ranks, fault):
         error = result[fault]["error"]
         assert error is not None and error["distributed"], (rank, error)
         assert set(error["failures"]) == set(EXPECTED[fault]), error["message"]
-        for failing, fragment in EXPECTED[fault].items():
-            assert error["failures"][failing].startswith(fragment), error["failures"]
-            assert f"rank {failing}: {fragment}" in error["message"]
+        for failing, (kind, fragment) in EXPECTED[fault].items():
+            reported = error["failures"][failing]
+            assert reported.startswith(f"{kind}: ") and fragment in reported, error["failures"]
+            assert f"rank {failing}: {reported}" in error["message"]
         assert error["rank"] == min(EXPECTED[fault])
         assert f"of {WORLD}" in error["message"]
         # the class also derives from the first failing rank's error type, as in one process
-        assert error["value_error"] == EXPECTED[fault][error["rank"]].startswith("ValueError")
+        assert error["value_error"] == (EXPECTED[fault][error["rank"]][0] == "ValueError")
         assert not error["nonfinite"]
         # the failing rank chains its own exception; the healthy ranks have no local cause
         failing_here = rank in EXPECTED[fault]
