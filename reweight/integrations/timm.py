@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import losses as _losses
 from .._batch import unwrap_model
+from .._docstrings import fill_doc, reweighter_arg, reweighter_kwargs
 from ..reweighter import MetaReweighter
 from . import require
 from ._common import LateReweighter, WeightStats
@@ -108,6 +109,14 @@ def _meta_criterion(criterion: Callable[..., Any]) -> Callable[[Tensor, Tensor],
     return _losses.cross_entropy
 
 
+_SUPPLIED = ("model", "optimizer", "meta_loader", "loss_fn", "meta_loss_fn")  # not in reweight_kwargs
+
+
+@fill_doc(
+    loss_fn=reweighter_arg("loss_fn"),
+    meta_loss_fn=reweighter_arg("meta_loss_fn"),
+    reweight_kwargs=reweighter_kwargs(_SUPPLIED, "the task"),
+)
 class ReweightClassificationTask(ClassificationTask):
     """timm ``ClassificationTask`` whose training forward returns the reweighted loss.
 
@@ -121,15 +130,30 @@ class ReweightClassificationTask(ClassificationTask):
         criterion: timm's training criterion; created from ``criterion_kwargs`` when ``None`` (default: ``None``).
         criterion_kwargs: arguments of ``timm.loss.create_classification_loss`` (default: ``None``).
         optimizer: the model's optimizer; may be bound later with :meth:`bind_optimizer` (default: ``None``).
-        loss_fn: per-sample training loss replacing :func:`per_sample_criterion` (default: ``None``).
-        meta_loss_fn: per-sample meta loss (default: cross-entropy, or BCE for a BCE criterion).
+        loss_fn: {loss_fn}, replacing :func:`per_sample_criterion` (default: ``None``).
+        meta_loss_fn: {meta_loss_fn} (default: cross-entropy, or BCE for a BCE criterion).
         device, dtype, verbose: as in ``ClassificationTask``.
-        **reweight_kwargs: further arguments of :class:`~reweight.MetaReweighter` (``net``, ``interval``,
-            ``lookahead_lr``, ``seed``, ...).
+        **reweight_kwargs: further {reweight_kwargs}.
 
     Raises:
         ValueError: if the criterion has no per-sample version and no ``loss_fn`` is given.
         TypeError: if ``reweight_kwargs`` sets an argument that the task supplies.
+
+    Example:
+        >>> import timm
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+        >>> meta_loader = [(torch.randn(6, 3, 32, 32), torch.randint(0, 3, (6,)))]  # clean meta batches
+        >>> task = ReweightClassificationTask(model, meta_loader, criterion_kwargs={"smoothing": 0.1},
+        ...                                   net="lossnet", seed=0, verbose=False)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> task = task.bind_optimizer(optimizer)  # train.py creates the optimizer after the task
+        >>> result = task(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))  # a training forward
+        >>> result["loss"].backward()  # the weighted mean of the label-smoothing losses
+        >>> optimizer.step()
+        >>> task.reweighter.step_count, sorted(task.pop_weight_stats())
+        (1, ['meta_loss', 'weight_max', 'weight_min', 'weight_std'])
     """
 
     def __init__(
@@ -147,7 +171,7 @@ class ReweightClassificationTask(ClassificationTask):
         verbose: bool = True,
         **reweight_kwargs: Any,
     ) -> None:
-        taken = {"model", "optimizer", "meta_loader", "loss_fn", "meta_loss_fn"} & set(reweight_kwargs)
+        taken = set(_SUPPLIED) & set(reweight_kwargs)
         if taken:
             raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the task supplies them")
         if isinstance(meta_loader, nn.Module) or not isinstance(meta_loader, Iterable):
@@ -220,8 +244,8 @@ class ReweightClassificationTask(ClassificationTask):
         """Means of the weights' std, min and max (and the meta loss) over the training forwards since the last
         call, for timm's log line (one host sync); empty if there were none.
 
-        Example:
-            >>> # if batch_idx % args.log_interval == 0: _logger.info(f"... {task.pop_weight_stats()}")
+        In ``train.py``'s ``log_interval`` branch: ``_logger.info(f"... {task.pop_weight_stats()}")``; the
+        class's example calls it.
         """
         return self._weight_stats.pop()
 
