@@ -156,9 +156,13 @@ def test_net_needing_logits_refuses_non_logits():
     rw = MetaReweighter(model, opt, meta, net="logitnet", loss_fn=mse)
     with pytest.raises(ValueError, match="needs class logits"):
         rw.step(x, t, model(x))
-    # LossNet works for any per-sample loss, regression included
+    # LossNet works for any per-sample loss, regression included: its weights are those of the MSEs
     rw = MetaReweighter(model, opt, meta, net="lossnet", loss_fn=mse)
-    assert rw.step(x, t, model(x)).shape == (6,)
+    out = model(x)
+    weights = rw.step(x, t, out)
+    with torch.no_grad():
+        raw = rw.net.eval()(mse(out, t))
+    torch.testing.assert_close(weights, raw * (6 / raw.sum()))
 
 
 def test_wrong_loss_shape_and_outputs_type(setup):

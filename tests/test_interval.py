@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reweight import MetaReweighter
 
@@ -15,8 +16,11 @@ def test_net_changes_exactly_on_every_kth_call(interval):
     changed = []
     for _ in range(10):
         before = [p.detach().clone() for p in reweighter.net.parameters()]
-        weights = reweighter.step(x, y, model(x))
-        assert weights.shape == (8,)
+        logits = model(x)
+        weights = reweighter.step(x, y, logits)
+        with torch.no_grad():  # every call returns the current net's weights, updated or not
+            raw = reweighter.net.eval()(F.cross_entropy(logits, y, reduction="none"))
+        torch.testing.assert_close(weights, raw * (8 / raw.sum()))
         changed.append(any(not torch.equal(b, p) for b, p in zip(before, reweighter.net.parameters())))
     assert changed == [i % interval == 0 for i in range(10)]
     assert reweighter.step_count == 10
