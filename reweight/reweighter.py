@@ -139,7 +139,10 @@ class MetaReweighter:
 
     Raises:
         TypeError: if an argument has the wrong type.
-        ValueError: if an argument has a wrong value (the message names it and the allowed values).
+        ValueError: if an argument has a wrong value (the message names it and the allowed values), including
+            ``net_kwargs`` that the named net refuses, ``net_kwargs`` with ``net="l2rw"``, and the
+            single-process engines ``"reverse"`` and ``"higher"`` under data parallelism.
+        ImportError: if ``engine="higher"`` and the ``higher`` package is not installed.
 
     Example:
         >>> model = nn.Linear(4, 3)
