@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import Inputs, as_logits
+from .._docstrings import fill_doc, reweighter_kwargs
 from ..reweighter import MetaReweighter
 from . import require
 from ._common import LateReweighter
@@ -38,6 +39,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 __all__ = ["MetaReweightCallback", "reweight_step"]
 
 
+_SUPPLIED = ("model", "optimizer", "meta_loader")  # not in reweight_kwargs
+
+
+@fill_doc(reweight_kwargs=reweighter_kwargs(_SUPPLIED, "the callback"))
 class MetaReweightCallback(Callback):
     """Builds a :class:`~reweight.MetaReweighter` on the model and optimizer when training starts.
 
@@ -46,11 +51,41 @@ class MetaReweightCallback(Callback):
         model_attr: attribute of the ``LightningModule`` holding the network to look ahead with; ``None`` uses
             the module's own ``forward`` (default: ``None``).
         optimizer_index: which of ``trainer.optimizers`` trains that network (default: ``0``).
-        **reweight_kwargs: arguments of :class:`~reweight.MetaReweighter` (``net``, ``interval``,
-            ``lookahead_lr``, ``loss_fn``, ``seed``, ...).
+        **reweight_kwargs: {reweight_kwargs}.
 
     Raises:
         TypeError: if ``reweight_kwargs`` sets ``model``, ``optimizer`` or ``meta_loader``.
+
+    Example:
+        >>> import lightning as L
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> class Classifier(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Linear(8, 3)
+        ...
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         logits = self(x)
+        ...         weights = reweight_step(self, x, y, logits)  # added line
+        ...         return (weights * F.cross_entropy(logits, y, reduction="none")).mean()
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> _ = torch.manual_seed(0)
+        >>> train = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,))), batch_size=8)
+        >>> meta = DataLoader(TensorDataset(torch.randn(12, 8), torch.randint(0, 3, (12,))), batch_size=6)
+        >>> callback = MetaReweightCallback(meta, net="lossnet", seed=0)
+        >>> trainer = L.Trainer(max_steps=4, callbacks=[callback], accelerator="cpu", logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(), train)
+        >>> callback.reweighter.step_count  # one meta step per training batch
+        4
     """
 
     def __init__(
@@ -61,7 +96,7 @@ class MetaReweightCallback(Callback):
         optimizer_index: int = 0,
         **reweight_kwargs: Any,
     ) -> None:
-        taken = {"model", "optimizer", "meta_loader"} & set(reweight_kwargs)
+        taken = set(_SUPPLIED) & set(reweight_kwargs)
         if taken:
             raise TypeError(f"reweight_kwargs must not set {sorted(taken)}: the callback supplies them")
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
