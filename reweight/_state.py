@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -79,12 +78,16 @@ def check_count(name: str, value: Any, *, minimum: int = 0, optional: bool = Fal
         raise ValueError(f"reweighter state: {name} must be an int >= {minimum}, got {value!r}")
 
 
-def check_tensor_shapes(what: str, saved: Any, expected: Mapping[str, torch.Size]) -> None:
-    """Raise ``ValueError`` unless ``saved`` maps exactly ``expected``'s keys to tensors of those shapes."""
+def _layout(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for k, v in state.items()}
+
+
+def check_tensor_shapes(what: str, saved: Any, expected: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``saved`` has ``expected``'s keys, with tensors of the same shapes (and
+    non-tensor entries, such as a module's extra state, of the same types)."""
     if not isinstance(saved, Mapping):
         raise ValueError(f"reweighter state: {what} must be a dict of tensors, got {type(saved).__name__}")
-    got = {k: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for k, v in saved.items()}
-    want = {k: tuple(v) for k, v in expected.items()}
+    got, want = _layout(saved), _layout(expected)
     if got != want:
         diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
         raise ValueError(

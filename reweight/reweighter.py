@@ -684,16 +684,16 @@ class MetaReweighter:
         build = self.net is None and not self.is_l2rw and num_classes is not None
         if self.net is not None:
             assert self.meta_optimizer is not None
-            net_shapes = {k: v.shape for k, v in self.net.state_dict().items()}
+            net_layout = self.net.state_dict()
             groups: list[int] | None = [len(g["params"]) for g in self.meta_optimizer.param_groups]
             num_params = len(list(self.net.parameters()))
         elif build:
             template = self._net_template(num_classes)
-            net_shapes = {k: v.shape for k, v in template.state_dict().items()}
+            net_layout = template.state_dict()
             groups, num_params = None, len(list(template.parameters()))
         else:  # L2RW, or a net whose class count is still unknown: nothing to load
-            net_shapes, groups, num_params = {}, None, 0
-        check_tensor_shapes("weighting net", state["net"], net_shapes)
+            net_layout, groups, num_params = {}, None, 0
+        check_tensor_shapes("weighting net", state["net"], net_layout)
         check_optimizer_state(state["meta_optimizer"], groups, num_params)
         check_rng_state(state["rng"], self._generator.get_state())
         MetaBatchStream.check_state(state["meta_stream"])

@@ -278,3 +278,40 @@ def test_older_state_versions_are_upgraded_step_by_step(monkeypatch):
     assert old["version"] == 0 and "steps" in old  # the caller's dict is not modified
     upgraded = _state.upgrade_state(old)
     assert upgraded["version"] == _state.STATE_VERSION and upgraded["step"] == good["step"]
+
+
+class CountingNet(torch.nn.Module):
+    """A user-defined net whose state_dict holds a non-tensor entry (its extra state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+        self.calls = 0
+
+    def forward(self, loss, logits=None, targets=None):
+        self.calls += 1
+        return torch.sigmoid(self.lin(loss.unsqueeze(-1))).squeeze(-1)
+
+    def get_extra_state(self):
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+
+
+def test_user_net_with_extra_state_round_trips():
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4)
+        meta = [(torch.randn(8, 6), torch.randint(0, 4, (8,)))]
+        return model, MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net=CountingNet())
+
+    model, rw = make()
+    x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    for _ in range(3):
+        rw.step(x, y, model(x))
+    _, fresh = make()
+    fresh.load_state_dict(rw.state_dict())
+    assert fresh.net.calls == rw.net.calls > 0 and same_state(fresh.state_dict(), rw.state_dict())
+    with pytest.raises(ValueError, match="does not match"):  # the extra state entry is part of the layout
+        fresh.load_state_dict({**rw.state_dict(), "net": _without_key(rw.state_dict()["net"], "_extra_state")})
