@@ -605,7 +605,7 @@ class MetaReweighter:
             self._check_losses(losses, n, "loss_fn")
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
-                    self._head_features(logits)
+                    self._head.features_for(logits)
                 with isolated_rng(rank_seed, self.device):
                     meta = self._next_meta_batch()
         except Exception as err:
