@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reweight import MetaReweighter
+from reweight import MetaReweighter, weighted_loss
 
 NOISE, EPOCHS, SEED = 0.4, 30, 0
 
@@ -47,7 +47,7 @@ def train(reweight: bool) -> float:
         for xb, yb in train_loader:
             logits = model(xb)
             weights = reweighter.step(xb, yb, logits) if reweight else torch.ones(len(yb))  # added line
-            loss = (weights * F.cross_entropy(logits, yb, reduction="none")).mean()  # changed line
+            loss = weighted_loss(weights, F.cross_entropy(logits, yb, reduction="none"))  # changed line
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -91,8 +91,8 @@ def main() -> None:
                 optimizer.step()
             accuracy = evaluate(model, test)
             saver.save_checkpoint(epoch, metric=accuracy)
-            w = task.last_weights
-            spread = f"{float(w.min()):.2f}..{float(w.max()):.2f}"
+            stats = task.pop_weight_stats()  # means over the epoch's training forwards
+            spread = f"{stats['weight_min']:.2f}..{stats['weight_max']:.2f}, std {stats['weight_std']:.3f}"
             print(f"epoch {epoch}: loss {loss.item():.3f}, test accuracy {accuracy:.3f}, weights {spread}")
     print(f"checkpoint task state holds the reweighter at step {task.get_task_state()['reweighter']['step']}")
     print(f"{int((~clean).sum())} of {len(clean)} training labels were flipped")
