@@ -7,8 +7,8 @@ checkpoints through the callback's ``state_dict`` (key ``"MetaReweightCallback"`
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        weights = reweight_step(self, x, y, logits)                  # added line
-        return (weights * F.cross_entropy(logits, y, reduction="none")).mean()
+        weights = reweight_step(self, x, y, logits)                              # added line
+        return weighted_loss(weights, F.cross_entropy(logits, y, reduction="none"))  # per-sample losses
 
     trainer = L.Trainer(callbacks=[MetaReweightCallback(meta_loader, net="lossnet")])
 
