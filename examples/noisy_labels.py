@@ -154,7 +154,9 @@ def main(
     files = [plot_figure1(runs, c, os.path.join(out, "weights_clean_vs_corrupted.png"))]
     files.append(plot_accuracy(runs, os.path.join(out, "test_accuracy.png")))
     s = runs["MetaInfoNet"]["recorder"].per_sample(since_step=runs["MetaInfoNet"]["last_epoch"])
-    files.append(plot_weight_vs_loss(s["loss"], s["weight"], os.path.join(out, "weight_vs_loss.png"), c[s["index"]]))
+    title = f"MetaInfoNet, last epoch: weight vs loss ({noise:.0%} Flip-1 noise)"
+    path = os.path.join(out, "weight_vs_loss.png")
+    files.append(plot_weight_vs_loss(s["loss"], s["weight"], path, c[s["index"]], title=title))
     for name in ("LossNet", "MetaInfoNet"):
         rec = runs[name]["recorder"]
         path = rec.export_lowest(os.path.join(out, f"lowest_weights_{name.lower()}.csv"), 200, runs[name]["last_epoch"])
