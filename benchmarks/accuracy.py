@@ -122,6 +122,9 @@ VARIANTS: dict[str, dict] = {
     "k10m": {"interval": 10, "meta_lr": 1e-2},
     "head": {"lookahead": "head"},
     "headm": {"lookahead": "head", "meta_lr": 5e-3},
+    # MetaInfoNet options screened against late collapse (issue 9)
+    "sampled": {"net_kwargs": {"sample_at_weight_time": True}},
+    "kl01": {"net_kwargs": {"kl_weight": 0.01}},
 }
 
 
@@ -230,9 +233,10 @@ def _train(
     meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
     rw = None
     if net is not None:
+        kwargs = reweighter_kwargs(rw_kwargs or {})
+        net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw = MetaReweighter(
-            model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed,
-            **reweighter_kwargs(rw_kwargs or {}),
+            model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
         )
     loss_fn = loss_fn or functools.partial(F.cross_entropy, reduction="none")
     rec = WeightRecorder()
