@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._batch import Inputs, LogitsFn, as_logits, batch_size, logits_of, split_batch, to_device, unwrap_model
 from ._rng import isolated_rng
@@ -456,22 +455,23 @@ class MetaReweighter:
         }
 
     def _meta_gradient(self, problem: MetaProblem) -> MetaGradient:
-        with sdpa_kernel([SDPBackend.MATH]):
-            try:
-                return get_engine(self._engine_name)(problem)
-            except NotImplementedError as err:
-                if self.engine != "auto" or self._engine_name == self._auto_engines[-1]:
-                    raise
-                fallback = self._auto_engines[self._auto_engines.index(self._engine_name) + 1]
-                warnings.warn(
-                    f"engine {self._engine_name!r} is not supported by this model ({str(err).splitlines()[0]}); "
-                    f"falling back to {fallback!r} for the rest of training",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self._engine_name = fallback
-                self._sync_forward_capture()
-                return self._meta_gradient(problem)
+        # The engines scope the math SDPA backend to their forward-mode / double-backward passes; the
+        # first-order passes keep the attention kernel the caller chose.
+        try:
+            return get_engine(self._engine_name)(problem)
+        except NotImplementedError as err:
+            if self.engine != "auto" or self._engine_name == self._auto_engines[-1]:
+                raise
+            fallback = self._auto_engines[self._auto_engines.index(self._engine_name) + 1]
+            warnings.warn(
+                f"engine {self._engine_name!r} is not supported by this model ({str(err).splitlines()[0]}); "
+                f"falling back to {fallback!r} for the rest of training",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._engine_name = fallback
+            self._sync_forward_capture()
+            return self._meta_gradient(problem)
 
     def _sync_forward_capture(self) -> None:
         """Capture the caller's forward (for ``"ghost"`` to reuse) only while ``"ghost"`` is the engine."""

@@ -360,3 +360,38 @@ def test_ghost_needs_no_forward_mode_support():
     torch.testing.assert_close(coefficients(model, train, meta, w, "ghost").coefficients, expected.coefficients)
     with pytest.raises(NotImplementedError):
         coefficients(model, train, meta, w, "forward")
+
+
+@pytest.mark.parametrize(
+    "engine, train_pass_fused",
+    [("ghost", set()), ("forward", {False}), ("reverse", {False}), ("finite_difference", {True})],
+)
+def test_math_attention_only_where_forward_mode_or_double_backward_needs_it(engine, train_pass_fused, monkeypatch):
+    """Each SDPA call inside a step records whether the fused kernels were allowed. The meta batch's
+    forward and backward (batch 8) and everything ghost runs keep the caller's choice (here torch's
+    default, fused allowed); only the JVP (forward) and the create_graph pass (reverse) force math."""
+    model, train, meta = make_case("transformer")  # train mode: the encoder layer's fused path stays off
+    calls: list[tuple[int, bool]] = []
+    original = F.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        if recording.on:
+            calls.append((q.shape[0], torch.backends.cuda.flash_sdp_enabled()))
+        return original(q, *args, **kwargs)
+
+    recording.on = False
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = MetaReweighter(model, opt, [meta], engine=engine, seed=0)
+    logits = model(train[0])
+    recording.on = True
+    rw.step(train[0], train[1], logits)
+    meta_calls = {flash for n, flash in calls if n == 8}
+    train_calls = {flash for n, flash in calls if n == 10}
+    assert meta_calls == {True}
+    assert train_calls == train_pass_fused  # ghost reuses the caller's forward: no training-batch pass
+    if engine == "ghost":  # its own forward of the training batch (no capture) keeps the kernel too
+        rw.remove_hooks()
+        calls.clear()
+        rw.step(train[0], train[1], model(train[0]))
+        assert {flash for _, flash in calls} == {True} and any(n == 10 for n, _ in calls)

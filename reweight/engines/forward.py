@@ -14,6 +14,7 @@ from contextlib import ExitStack
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._batch import call_model
 from .base import MetaGradient, MetaProblem, detached_params, lookahead, register_engine
@@ -44,6 +45,7 @@ def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(fwAD.dual_level())
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))  # the fused attention kernels have no JVP
         if any(isinstance(m, nn.RNNBase) for m in problem.model.modules()):
             # oneDNN's RNN kernels have no forward-AD formula; the native ones do.
             stack.enter_context(warnings.catch_warnings())

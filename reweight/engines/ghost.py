@@ -309,13 +309,9 @@ class LayerCapture(TorchFunctionMode):
         for rec, grad in zip(self.records, grads):
             if grad is None:
                 continue
-            dout = _output_tangent(rec, tangent_of)
-            if dout is None:
-                continue
-            prod = dout * grad
-            dims = [d for d in range(prod.ndim) if d != rec.batch_dim]
-            part = prod.sum(dims) if dims else prod
-            total = part if total is None else total + part
+            part = _contribution(rec, tangent_of, grad)
+            if part is not None:
+                total = part if total is None else total + part
         if total is None:
             some = next(iter(self._params.values()))
             return torch.zeros(self.n, dtype=some.dtype, device=some.device)
@@ -395,6 +391,36 @@ def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor:
     detached = [p.detach() for p in primals]
     _, out = torch.func.jvp(fn, tuple(detached), tuple(t.to(p.dtype) for t, p in zip(tangents, detached)))
     return out
+
+
+def _batched_dot(u: Tensor, v: Tensor, batch_dim: int) -> Tensor:
+    """``sum`` of ``u * v`` over every dimension but ``batch_dim``, without the product in memory."""
+    dtype = torch.promote_types(u.dtype, v.dtype)
+    u, v = u.to(dtype), v.to(dtype)
+    if u.shape != v.shape:  # a broadcast tangent (a bias alone)
+        prod = u * v
+        return prod.sum([d for d in range(prod.ndim) if d != batch_dim])
+    if batch_dim:
+        u, v = u.movedim(batch_dim, 0), v.movedim(batch_dim, 0)
+    n = u.shape[0]
+    return torch.bmm(u.reshape(n, 1, -1), v.reshape(n, -1, 1)).view(n)
+
+
+def _contribution(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None], grad: Tensor) -> Tensor | None:
+    """``<J_theta out_i [tangent], G_i>`` per sample for one recorded operation."""
+    sig = _SIGNATURES.get(rec.func)
+    if rec.func is F.linear and tangent_of(rec.args[0] if rec.args else rec.kwargs["input"]) is None:
+        x, weight, bias = _bind(rec.args, rec.kwargs, *sig)[:3]
+        tw = tangent_of(weight)
+        tb = None if bias is None else tangent_of(bias)
+        if tw is not None and tw.shape[1] < tw.shape[0]:  # <G V, a>: the narrower of the two sides
+            grad = grad.to(x.dtype)
+            part = _batched_dot(grad @ tw.to(x.dtype), x.detach(), rec.batch_dim)
+            if tb is not None:
+                part = part + _batched_dot(grad, tb.to(x.dtype).expand_as(grad), rec.batch_dim)
+            return part
+    dout = _output_tangent(rec, tangent_of)
+    return None if dout is None else _batched_dot(dout, grad, rec.batch_dim)
 
 
 def _output_tangent(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._batch import logits_of
 from .base import MetaGradient, MetaProblem, register_engine
@@ -60,8 +61,9 @@ def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
         weights = problem.weights.detach().requires_grad_()
         throwaway = torch.optim.SGD(groups, lr=0.0)
         with higher.innerloop_ctx(model, throwaway, copy_initial_weights=True) as (fmodel, diffopt):
-            losses = problem.loss_fn(_call(fmodel, problem.inputs, problem.logits_fn), problem.targets)
-            diffopt.step((weights * losses).mean(), grad_callback=add_offsets)
+            with sdpa_kernel([SDPBackend.MATH]):  # differentiated twice: the fused attention kernels cannot be
+                losses = problem.loss_fn(_call(fmodel, problem.inputs, problem.logits_fn), problem.targets)
+                diffopt.step((weights * losses).mean(), grad_callback=add_offsets)
             meta_logits = _call(fmodel, problem.meta_inputs, problem.logits_fn)
             meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
             (coefficients,) = torch.autograd.grad(meta_loss, weights)

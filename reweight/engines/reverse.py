@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._batch import call_model
 from ..virtual_step import apply_virtual_step
@@ -22,7 +23,8 @@ def reverse_meta_gradient(problem: MetaProblem) -> MetaGradient:
         raise ValueError("engine 'reverse' does not support data-parallel training; use engine='forward'")
     with torch.enable_grad():
         weights = problem.weights.detach().requires_grad_()
-        grads = weighted_train_gradient(problem, weights, create_graph=True)
+        with sdpa_kernel([SDPBackend.MATH]):  # differentiated twice: the fused attention kernels cannot be
+            grads = weighted_train_gradient(problem, weights, create_graph=True)
         theta_hat = apply_virtual_step(detached_params(problem), grads, problem.step)
         logits = call_model(problem.model, theta_hat, problem.meta_inputs, problem.logits_fn)
         meta_loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
