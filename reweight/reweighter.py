@@ -668,6 +668,7 @@ class MetaReweighter:
             ValueError: on a missing key, a newer or unknown version, a bad step count or class count, an
                 unknown or unusable engine, a net or meta-optimizer state that does not match this
                 reweighter's, or a malformed RNG or meta-stream entry.
+            ImportError: if the state's engine is ``"higher"`` and the package is not installed.
         """
         state = upgrade_state(state)
         check_count("step", state["step"])
