@@ -95,7 +95,8 @@ class MetaReweighter:
             documented below); ``"fast"`` meta-updates every 5th step with a 5x meta learning rate
             (``interval=5``, ``meta_optimizer`` Adam lr 5e-3, weight decay 5e-4) (default: ``"exact"``).
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
-            call (default: ``1``).
+            call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
+            so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).
         engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``
             uses ``"forward"`` and falls back to ``"reverse"``, with one warning, if the model has an
             operator without forward-mode support; with ``lookahead="head"`` it uses the closed form
@@ -567,8 +568,8 @@ class MetaReweighter:
         Args:
             inputs: the batch given to the model: a tensor, a tuple of tensors or a dict of tensors.
             targets: class indices ``(batch,)``, soft targets ``(batch, K)``, or whatever ``loss_fn`` takes.
-            outputs: the model's outputs on ``inputs`` (a tensor, or an object/dict with ``logits``);
-                reused, never recomputed, for the real update.
+            outputs: the model's outputs on ``inputs``, unchanged (a tensor, an object/dict with ``logits``,
+                or whatever ``logits_fn`` maps to the logits); reused, never recomputed, for the real update.
 
         Returns:
             Detached weights of shape ``(batch,)``: use ``(weights * per_sample_loss).mean()``.
