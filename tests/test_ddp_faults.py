@@ -39,11 +39,13 @@ def _batch(index: int, rank: int, size: int = SHARD, meta: bool = False) -> tupl
 
 
 class FlakyMetaLoader:
-    """Meta batches of one rank; raises once, at batch ``fail_at`` of a pass, when ``armed``."""
+    """Meta batches of one rank; once, at batch ``fail_at`` of a pass, raises (or, with ``bad_label``, yields
+    a batch with a label out of range, which only the meta loss detects)."""
 
-    def __init__(self, rank: int, fail_at: int | None = None) -> None:
+    def __init__(self, rank: int, fail_at: int | None = None, bad_label: bool = False) -> None:
         self.batches = [_batch(k, rank, meta=True) for k in range(3)]
         self.fail_at = fail_at
+        self.bad_label = bad_label
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -52,6 +54,10 @@ class FlakyMetaLoader:
         for k, batch in enumerate(self.batches):
             if k == self.fail_at:
                 self.fail_at = None  # fails once: the retry after the failed step succeeds
+                if self.bad_label:
+                    x, y = batch
+                    yield x, torch.cat([y[:-1], torch.tensor([-1])])
+                    continue
                 raise RuntimeError(f"meta shard unreadable at batch {k}")
             yield batch
 
@@ -87,7 +93,8 @@ def _run(fault: str | None, rank: int) -> dict[str, Any]:
     model = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
     wrapped = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    meta = FlakyMetaLoader(rank, fail_at=1 if fault == "meta" and rank == 1 else None)
+    fail_at = 1 if fault in ("meta", "meta_labels") and rank == 1 else None
+    meta = FlakyMetaLoader(rank, fail_at=fail_at, bad_label=fault == "meta_labels")
     on_nonfinite = "skip" if fault == "nan_and_labels" else "raise"
     rw = MetaReweighter(wrapped, opt, meta, net="lossnet", seed=0, on_nonfinite=on_nonfinite, num_classes=CLASSES)
     out: dict[str, Any] = {}
@@ -125,7 +132,7 @@ def _run(fault: str | None, rank: int) -> dict[str, Any]:
     return out
 
 
-FAULTS = ["labels", "shape", "meta", "labels_and_shape", "nan_and_labels"]
+FAULTS = ["labels", "shape", "meta", "meta_labels", "labels_and_shape", "nan_and_labels"]
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -161,6 +168,7 @@ EXPECTED = {  # fault -> failing ranks and the error type and a fragment of the 
     "labels": {1: ("ValueError", "labels must lie in [0, 3), got values in [0, 7]")},
     "shape": {1: ("ValueError", "batch sizes disagree: inputs 6, targets 5, outputs 6")},
     "meta": {1: ("RuntimeError", "meta shard unreadable at batch 1")},
+    "meta_labels": {1: ("ValueError", "meta batch: labels must lie in [0, 3), got values in [-1, ")},
     "labels_and_shape": {0: ("ValueError", "batch sizes disagree"), 1: ("ValueError", "labels must lie in")},
     "nan_and_labels": {1: ("ValueError", "labels must lie in")},
 }
