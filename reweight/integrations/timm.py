@@ -137,7 +137,9 @@ class ReweightClassificationTask(ClassificationTask):
 
     Raises:
         ValueError: if the criterion has no per-sample version and no ``loss_fn`` is given.
-        TypeError: if ``reweight_kwargs`` sets an argument that the task supplies.
+        TypeError: if ``reweight_kwargs`` sets an argument that the task supplies, or ``meta_loader`` is not an
+            iterable of batches (a criterion there, as in timm's ``ClassificationTask(model, criterion)``, is
+            named as such).
 
     Example:
         >>> import timm
