@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._batch import Inputs, LogitsFn, as_logits, batch_size, logits_of, split_batch, to_device, unwrap_model
 from ._rng import isolated_rng
@@ -96,7 +95,8 @@ class MetaReweighter:
             documented below); ``"fast"`` meta-updates every 5th step with a 5x meta learning rate
             (``interval=5``, ``meta_optimizer`` Adam lr 5e-3, weight decay 5e-4) (default: ``"exact"``).
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
-            call (default: ``1``).
+            call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
+            so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).
         engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``
             uses ``"forward"`` and falls back to ``"reverse"``, with one warning, if the model has an
             operator without forward-mode support; with ``lookahead="head"`` it uses the closed form
@@ -456,22 +456,23 @@ class MetaReweighter:
         }
 
     def _meta_gradient(self, problem: MetaProblem) -> MetaGradient:
-        with sdpa_kernel([SDPBackend.MATH]):
-            try:
-                return get_engine(self._engine_name)(problem)
-            except NotImplementedError as err:
-                if self.engine != "auto" or self._engine_name == self._auto_engines[-1]:
-                    raise
-                fallback = self._auto_engines[self._auto_engines.index(self._engine_name) + 1]
-                warnings.warn(
-                    f"engine {self._engine_name!r} is not supported by this model ({str(err).splitlines()[0]}); "
-                    f"falling back to {fallback!r} for the rest of training",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self._engine_name = fallback
-                self._sync_forward_capture()
-                return self._meta_gradient(problem)
+        # The engines scope the math SDPA backend to their forward-mode / double-backward passes; the
+        # first-order passes keep the attention kernel the caller chose.
+        try:
+            return get_engine(self._engine_name)(problem)
+        except NotImplementedError as err:
+            if self.engine != "auto" or self._engine_name == self._auto_engines[-1]:
+                raise
+            fallback = self._auto_engines[self._auto_engines.index(self._engine_name) + 1]
+            warnings.warn(
+                f"engine {self._engine_name!r} is not supported by this model ({str(err).splitlines()[0]}); "
+                f"falling back to {fallback!r} for the rest of training",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._engine_name = fallback
+            self._sync_forward_capture()
+            return self._meta_gradient(problem)
 
     def _sync_forward_capture(self) -> None:
         """Capture the caller's forward (for ``"ghost"`` to reuse) only while ``"ghost"`` is the engine."""
@@ -567,8 +568,8 @@ class MetaReweighter:
         Args:
             inputs: the batch given to the model: a tensor, a tuple of tensors or a dict of tensors.
             targets: class indices ``(batch,)``, soft targets ``(batch, K)``, or whatever ``loss_fn`` takes.
-            outputs: the model's outputs on ``inputs`` (a tensor, or an object/dict with ``logits``);
-                reused, never recomputed, for the real update.
+            outputs: the model's outputs on ``inputs``, unchanged (a tensor, an object/dict with ``logits``,
+                or whatever ``logits_fn`` maps to the logits); reused, never recomputed, for the real update.
 
         Returns:
             Detached weights of shape ``(batch,)``: use ``(weights * per_sample_loss).mean()``.
@@ -672,6 +673,7 @@ class MetaReweighter:
             ValueError: on a missing key, a newer or unknown version, a bad step count or class count, an
                 unknown or unusable engine, a net or meta-optimizer state that does not match this
                 reweighter's, or a malformed RNG or meta-stream entry.
+            ImportError: if the state's engine is ``"higher"`` and the package is not installed.
         """
         state = upgrade_state(state)
         check_count("step", state["step"])
