@@ -41,6 +41,7 @@ from reweight.diagnostics import WeightRecorder
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests): find the helpers beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cost  # noqa: E402
+import _tradeoff  # noqa: E402
 from _alternatives import CLEANLAB_FOLDS, GCE_Q, PassCounter, detection, find_issues, fold_indices, gce_loss  # noqa: E402
 from _models import mnist1d_cnn  # noqa: E402
 
@@ -761,10 +762,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", nargs="+", default=["default"], choices=sorted(VARIANTS), help="reweighter configurations"
     )
+    p.add_argument("--gain", metavar="BASE", default=None, help="with --report: share of BASE variant's gain kept")
+    p.add_argument("--stability", action="store_true", help="with --report: late-collapse statistics per method")
+    p.add_argument("--curves", type=Path, default=None, help="with --stability: per-epoch curves PNG (one setting)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
     p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
     args = p.parse_args(argv)
+    if args.report and (args.gain or args.stability):
+        variants = tuple(dict.fromkeys(["default", *([args.gain] if args.gain else []), *args.variants]))
+        cells = _cells(args.results, args.seeds, args.schedule, variants, args.model)
+        for ds in args.datasets:
+            print(f"### {ds}, {args.schedule} schedule, {args.model} model, seeds {args.seeds}\n")
+            if args.gain:
+                reweighting = [m for m in args.methods if m in REWEIGHTING]
+                others = [v for v in args.variants if v != args.gain]
+                print(_tradeoff.gain_table(cells, ds, args.settings, reweighting, args.gain, others))
+            if args.stability:
+                rows = _with_variants(args.methods, tuple(args.variants))
+                print(_tradeoff.stability_table(cells, ds, args.settings, rows))
+                if args.curves:
+                    print(f"Curves: {_tradeoff.curves_png(cells, ds, args.settings[0], rows, args.curves)}\n")
+        return 0
     if args.report:
         if not args.lambda_sweep:
             print(

@@ -1,0 +1,136 @@
+"""Reports on reweighter configurations: the gain a cheap variant keeps, late-collapse statistics, curves.
+
+``cells`` is ``accuracy._cells``'s mapping ``(dataset, setting, method) -> [cached run, ...]`` where a
+variant's runs are under ``method~variant``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["gain_table", "stability_table", "curves_png"]
+
+
+def _mean(runs: list[dict], which: str) -> float | None:
+    values = [100 * r["result"][which] for r in runs]
+    return float(np.mean(values)) if values else None
+
+
+def _seeds(runs: list[dict]) -> set[int]:
+    return {r["key"]["seed"] for r in runs}
+
+
+def _pick(runs: list[dict], seeds: set[int]) -> list[dict]:
+    return [r for r in runs if r["key"]["seed"] in seeds]
+
+
+def gain_table(
+    cells: dict, dataset: str, settings: list[str], methods: list[str], base: str, variants: list[str]
+) -> str:
+    """Markdown: for each method and variant, accuracy and the share of ``base``'s gain over Standard it keeps.
+
+    Gain = mean accuracy - Standard's mean accuracy over the seeds present for all three; the share is
+    ``gain(variant) / gain(base)``, shown only where ``base`` gains at least 1 point (a share of a gain
+    within the seed noise means nothing).
+    """
+    lines = [
+        f"| method | variant | {' | '.join(f'{s} best / last (kept)' for s in settings)} |",
+        "| --- | --- |" + " --- |" * len(settings),
+    ]
+    for m in methods:
+        for v in [base, *variants]:
+            row = []
+            for s in settings:
+                std = cells.get((dataset, s, "standard"), [])
+                ref = cells.get((dataset, s, f"{m}~{base}"), [])
+                own = cells.get((dataset, s, f"{m}~{v}"), [])
+                seeds = _seeds(std) & _seeds(ref) & _seeds(own)
+                if not seeds:
+                    row.append("–")
+                    continue
+                parts = []
+                for which in ("best", "last"):
+                    a, b, s0 = (_mean(_pick(rs, seeds), which) for rs in (own, ref, std))
+                    kept = ""
+                    if v != base and b - s0 >= 1.0:
+                        kept = f" ({100 * (a - s0) / (b - s0):.0f}%)"
+                    parts.append(f"{a:.1f}{kept}")
+                row.append(" / ".join(parts) + ("" if len(seeds) >= 5 else f" n={len(seeds)}"))
+            lines.append(f"| {m} | {v} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _max_drop(run: dict) -> float:
+    """Points from the run's highest test accuracy (any epoch) to its final-10% mean."""
+    return 100 * (max(run["result"]["test_acc"]) - run["result"]["last"])
+
+
+def stability_table(cells: dict, dataset: str, settings: list[str], methods: list[str]) -> str:
+    """Markdown: per method and setting, mean best / last, mean (best - last) and the worst seed's drop
+    from its own highest test accuracy to its last (the late-collapse statistics of issue 9)."""
+    lines = [
+        "| method | setting | seeds | best | last | mean (best - last) | worst seed: max test - last |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in methods:
+        for s in settings:
+            runs = cells.get((dataset, s, m), [])
+            if not runs:
+                continue
+            diff = [100 * (r["result"]["best"] - r["result"]["last"]) for r in runs]
+            worst = max(runs, key=_max_drop)
+            lines.append(
+                f"| {m} | {s} | {len(runs)} | {_mean(runs, 'best'):.1f} | {_mean(runs, 'last'):.1f} | "
+                f"{np.mean(diff):+.1f} | {_max_drop(worst):.1f} (seed {worst['key']['seed']}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def curves_png(cells: dict, dataset: str, setting: str, methods: list[str], path: Path) -> Path:
+    """Per-epoch curves of each run of ``methods`` on one setting: test and meta accuracy, the mean weight of
+    corrupted and clean samples, the weights' standard deviation and the meta loss (one row per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in methods if cells.get((dataset, setting, m))]
+    if not methods:
+        raise ValueError(f"no cached runs with curves for {dataset} {setting}")
+    panels = ("accuracy (%)", "mean weight", "weight std", "meta loss")
+    fig, axes = plt.subplots(len(methods), 4, figsize=(14, 2.6 * len(methods) + 0.6), squeeze=False)
+    for row, m in zip(axes, methods):
+        for r in sorted(cells[(dataset, setting, m)], key=lambda r: r["key"]["seed"]):
+            res, seed = r["result"], r["key"]["seed"]
+            colour = plt.get_cmap("tab10")(seed % 10)
+            epochs = range(1, len(res["test_acc"]) + 1)
+            row[0].plot(epochs, [100 * a for a in res["test_acc"]], color=colour, lw=1, label=f"seed {seed}")
+            row[0].plot(epochs, [100 * a for a in res["meta_acc"]], color=colour, lw=0.8, ls=":")
+            curves = res.get("curves")
+            if not curves:  # not reweighted: no weights to show
+                for ax in row[1:]:
+                    ax.axis("off")
+                continue
+            row[1].plot(epochs, curves["w_corrupted"], color=colour, lw=1)
+            row[1].plot(epochs, curves["w_clean"], color=colour, lw=0.8, ls=":")
+            row[2].plot(epochs, curves["w_std"], color=colour, lw=1)
+            row[3].plot(epochs, [x if not math.isnan(x) else None for x in curves["meta_loss"]], color=colour, lw=1)
+        for ax, title in zip(row, panels):
+            ax.set_title(f"{m}: {title}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3, lw=0.4)
+        row[0].legend(fontsize=6, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=8)
+    fig.suptitle(
+        f"{dataset} {setting}: solid test accuracy / corrupted samples' weight, dotted meta accuracy / clean weight",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
