@@ -42,6 +42,11 @@ class DistributedStepError(RuntimeError):
     Attributes:
         failures: ``{rank: "ErrorType: message"}`` for every rank that failed (ranks in the group).
         world_size: the number of ranks in the group.
+
+    Example:
+        >>> err = DistributedStepError({1: "ValueError: labels must lie in [0, 3)"}, world_size=2)
+        >>> err.rank, str(err).split(" (")[0]
+        (1, 'step() failed on rank 1 of 2')
     """
 
     def __init__(self, failures: Mapping[int, str], world_size: int) -> None:
@@ -249,6 +254,9 @@ def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup) -> None:
 
     Raises:
         ValueError: naming the layers and the alternative.
+
+    Example:
+        >>> check_sync_batchnorm(nn.SyncBatchNorm(4), DataParallelGroup())  # one process: plain BatchNorm
     """
     if not group.active:
         return
