@@ -112,7 +112,8 @@ CONFIGS = {
 # and to what users run (lr 0.1, 40 epochs, lr /10 at 2/3 and 5/6), where late collapse showed (issue 9).
 SCHEDULES: dict[str, dict] = {"gentle": {}, "paper": {"lr": 0.1, "epochs": 40, "milestones": (2 / 3, 5 / 6)}}
 # Named reweighter configurations (MetaReweighter keyword arguments) compared against the library defaults.
-# "meta_lr" stands for meta_optimizer=Adam(lr=meta_lr, weight_decay=5e-4) (the library's default is lr 1e-3).
+# "meta_lr" (and "meta_wd") stand for meta_optimizer=Adam(lr=meta_lr, weight_decay=meta_wd or 5e-4) (the
+# library's default is lr 1e-3, weight decay 5e-4).
 VARIANTS: dict[str, dict] = {
     "default": {},
     "exact": {"preset": "exact"},
@@ -126,6 +127,8 @@ VARIANTS: dict[str, dict] = {
     # MetaInfoNet options screened against late collapse (issue 9)
     "sampled": {"net_kwargs": {"sample_at_weight_time": True}},
     "kl01": {"net_kwargs": {"kl_weight": 0.01}},
+    "nowd": {"meta_lr": 1e-3, "meta_wd": 0.0},
+    "la01": {"lookahead_lr": 0.1},
 }
 
 
@@ -133,7 +136,8 @@ def reweighter_kwargs(variant: dict) -> dict:
     """MetaReweighter keyword arguments of a variant (``meta_lr`` becomes a meta-optimizer factory)."""
     kwargs = dict(variant)
     if "meta_lr" in kwargs:
-        kwargs["meta_optimizer"] = functools.partial(torch.optim.Adam, lr=kwargs.pop("meta_lr"), weight_decay=5e-4)
+        wd = kwargs.pop("meta_wd", 5e-4)
+        kwargs["meta_optimizer"] = functools.partial(torch.optim.Adam, lr=kwargs.pop("meta_lr"), weight_decay=wd)
     return kwargs
 
 
