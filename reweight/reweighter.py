@@ -578,6 +578,8 @@ class MetaReweighter:
             ValueError: on inconsistent batch sizes, labels out of range, an empty batch or meta loader,
                 or outputs that are not logits when the net needs them.
             NonFiniteLossError: on a non-finite loss or meta-gradient with ``on_nonfinite="raise"``.
+            DistributedStepError: under data parallelism, on every rank, when these checks failed on any
+                rank; it is also an instance of the first failing rank's error type (docs/distributed.md).
 
         A step that raises leaves everything as it was: the model, the weighting net and its optimizer,
         the step count, the reweighter's RNG and the meta stream's position.
