@@ -60,5 +60,21 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     return None
 
 
+def _signature_of_own_init(app, what, name, obj, options, signature, return_annotation):
+    """A class on a mocked framework base shows the mock's ``(*args, **kwargs)``: show the ``__init__`` of the
+    first class of this package in its MRO that defines one (its own, or a mixin's)."""
+    if what != "class" or signature != "(*args, **kwargs)":
+        return None
+    from sphinx.util.inspect import signature as sphinx_signature
+    from sphinx.util.inspect import stringify_signature
+
+    for cls in obj.__mro__:
+        if "__init__" in vars(cls) and cls.__module__.partition(".")[0] == "reweight":
+            own = sphinx_signature(cls.__init__, bound_method=True)
+            return stringify_signature(own, show_annotation=False, show_return_annotation=False), None
+    return None
+
+
 def setup(app):
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.connect("autodoc-process-signature", _signature_of_own_init)
