@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import losses as _losses
 from .._batch import as_logits, unwrap_model
 from .._docstrings import fill_doc, reweighter_arg, reweighter_kwargs
+from ..presets import FROM_PRESET
 from ..reweighter import MetaReweighter
 from . import require
 from ._common import LateReweighter, WeightStats, describe_net, needs_class_logits
@@ -143,7 +144,7 @@ class ReweightTrainerMixin(_TrainerBase):
             classification, anything else sequence classification) or one of :data:`TASKS` (default: ``"auto"``).
         loss_fn: {loss_fn}, replacing the task's; ``None`` uses the task's (:func:`per_sample_loss`)
             (default: ``None``).
-        lookahead_lr: {lookahead_lr}; ``None`` follows the schedule (default: ``None``).
+        lookahead_lr: {lookahead_lr}; ``None`` follows the schedule (default: the ``preset``'s, ``None``).
         reweight_kwargs: further {reweight_kwargs}. ``meta_loss_fn`` defaults to the task's loss without
             smoothing (default: ``None``).
         *args: the Trainer's own positional arguments.
@@ -167,7 +168,7 @@ class ReweightTrainerMixin(_TrainerBase):
         meta_batch_size: int | None = None,
         task: str = "auto",
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-        lookahead_lr: float | None = None,
+        lookahead_lr: float | None = FROM_PRESET,
         reweight_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
