@@ -27,8 +27,12 @@ PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 def check_class_targets(logits: Tensor, targets: Tensor) -> None:
     """Check that ``targets`` are class indices in ``[0, K)`` or soft targets of shape ``(batch, K)``.
 
+    The label range is checked without a host sync: on a GPU an out-of-range label stops the process with
+    a device-side assert (the CUDA error names this check) instead of a ``ValueError``.
+
     Raises:
-        ValueError: if ``logits`` is not ``(batch, K)``, the shapes disagree, or a label is out of range.
+        ValueError: if ``logits`` is not ``(batch, K)``, the shapes disagree, or (on the CPU) a label is
+            out of range.
     """
     if logits.ndim != 2:
         raise ValueError(f"expected logits of shape (batch, num_classes), got shape {tuple(logits.shape)}")
@@ -45,9 +49,13 @@ def check_class_targets(logits: Tensor, targets: Tensor) -> None:
             "targets must be integer class indices of shape (batch,) or soft targets of shape "
             f"(batch, num_classes); got {targets.dtype} of shape {tuple(targets.shape)}"
         )
-    if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
-        lo, hi = int(targets.min()), int(targets.max())
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    if targets.numel():
+        in_range = ((targets >= 0) & (targets < num_classes)).all()
+        try:  # a device-side assert: no host sync (a CPU tensor is checked at once, a GPU's at its next sync)
+            torch._assert_async(in_range, f"labels must lie in [0, {num_classes})")
+        except RuntimeError:
+            lo, hi = int(targets.min()), int(targets.max())
+            raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]") from None
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:

@@ -253,6 +253,7 @@ class MetaReweighter:
             self._auto_engines = self._auto_engines[1:]  # samples may interact, or a layer has no rule
         self._forward_capture: ForwardCapture | None = None
         self._capture_forwards = True  # until remove_hooks()
+        self._pending_finite: Tensor | None = None  # the training losses' finite flag, checked later
         self._head: HeadCapture | None = None
         self.preset = preset
         self.interval = interval
@@ -511,6 +512,15 @@ class MetaReweighter:
             logits_fn=self.logits_fn,
         )
 
+    def _joint_check(self, flag: Tensor, what: str) -> bool:
+        """``flag`` (all finite) and the training losses' deferred flag, in one host sync."""
+        pending, self._pending_finite = self._pending_finite, None
+        if pending is None:
+            return self._finite_or_skip(self._group.all_(flag), what)
+        if self._group.all_(flag & pending):
+            return True
+        return self._finite_or_skip(False, what if bool(pending) else "a per-sample training loss")
+
     def _finite_or_skip(self, ok: bool, what: str) -> bool:
         if ok:
             return True
@@ -535,7 +545,7 @@ class MetaReweighter:
         if self.is_l2rw:  # the meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
             grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros, meta))
-            if not self._finite_or_skip(self._group.all_(torch.isfinite(grad.coefficients).all()), "the meta-gradient"):
+            if not self._joint_check(torch.isfinite(grad.coefficients).all(), "the meta-gradient"):
                 return False, None
             self.last_meta_loss = grad.meta_loss
             return True, self._normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()))
@@ -546,7 +556,7 @@ class MetaReweighter:
             weights = self._normalize(raw)
             grad = self._meta_gradient(self._problem(inputs, targets, logits, weights, meta))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
-            if not self._finite_or_skip(self._group.all_(finite), "the meta loss or meta-gradient"):
+            if not self._joint_check(finite, "the meta loss or meta-gradient"):
                 return False, None
             surrogate = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
             if penalty is not None:  # each rank holds 1/world of the global batch's penalty
@@ -585,11 +595,14 @@ class MetaReweighter:
         the step count, the reweighter's RNG and the meta stream's position.
         """
         rng, stream = self._generator.get_state(), self._meta_stream.state_dict()
+        net_before = (self.net, self.meta_optimizer, self.num_classes)
+        self._pending_finite = None
         if self._forward_capture is not None:
             self._forward_capture.armed = False  # the look-ahead's own forwards are not the caller's
         try:
             return self._step(inputs, targets, outputs)
         except BaseException:
+            self.net, self.meta_optimizer, self.num_classes = net_before  # a net built lazily by this step
             self._generator.set_state(rng)
             if self._meta_stream.state_dict() != stream:
                 self._meta_stream.load_state_dict(stream)  # the next call replays the pass up to here
@@ -621,7 +634,11 @@ class MetaReweighter:
             self._group.all_(None, err, device=self.device)  # rides on the flag all-reduce below; raises
             raise
         finite = torch.isfinite(losses)
-        all_finite = self._finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss")
+        if self.on_nonfinite == "raise" and not self._group.active:
+            # checked together with the meta-gradient, before anything changes: one host sync per step
+            self._pending_finite, all_finite = finite.all(), True
+        else:
+            all_finite = self._finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss")
         if self.net is None and not self.is_l2rw:
             self.num_classes = logits.shape[1] if logits.ndim == 2 else 1
             self._build_net(self.num_classes)
@@ -633,6 +650,8 @@ class MetaReweighter:
                 applied, weights = self._meta_update(inputs, targets, logits, net_inputs, meta)
             if weights is None:
                 weights = self._current_weights(net_inputs, finite)
+        if self._pending_finite is not None:  # a step without a meta update
+            self._joint_check(torch.ones((), dtype=torch.bool, device=finite.device), "a per-sample training loss")
         self.last_update_skipped = update and not applied
         if self.collapse_monitor is not None:
             self.collapse_monitor.observe(self._step_count, weights, losses)

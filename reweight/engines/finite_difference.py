@@ -33,8 +33,7 @@ def finite_difference_meta_gradient(problem: MetaProblem) -> MetaGradient:
     meta_loss, tangent = lookahead(problem)
     params = detached_params(problem)
     h = finite_difference_step(params, tangent)
-    if h == 0:
-        return MetaGradient(torch.zeros_like(problem.weights), meta_loss)
+    h = torch.where(h == 0, torch.ones_like(h), h)  # a zero tangent: up == down, so 0 / 2 (no host sync)
     device = problem.weights.device
     with torch.no_grad(), replayable_rng(device) as rewind:
         hd = h.to(problem.weights.dtype)
