@@ -98,9 +98,14 @@ class MetaReweighter:
             call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
             so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).
         engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``
-            uses ``"forward"`` and falls back to ``"reverse"``, with one warning, if the model has an
-            operator without forward-mode support; with ``lookahead="head"`` it uses the closed form
-            ``"linear_head"`` (default: ``"auto"``).
+            uses ``"ghost"`` (per-layer inner products; no forward-mode or double backward) when it is
+            exact for the model: no BatchNorm in train mode and no parameterised layer without a rule
+            (``reweight.engines.ghost.ghost_exactness_problem``); otherwise ``"forward"``. It falls
+            back once, with a warning, from ``"ghost"`` to ``"forward"`` (an operation the capture cannot
+            handle exactly) and from ``"forward"`` to ``"reverse"`` (an operator without forward-mode
+            support); with ``lookahead="head"`` it uses the closed form ``"linear_head"``. With
+            ``"ghost"`` the caller's forward is captured by hooks on the model (:meth:`remove_hooks`)
+            (default: ``"auto"``).
         lookahead: parameters moved by the look-ahead, the others held fixed: ``"full"``, ``"head"``
             (the final ``nn.Linear``; its input is captured by a forward hook, removed by
             :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
