@@ -37,6 +37,15 @@ def test_sphinx_build_has_no_warning(tmp_path):
         ("api/integrations.lightning.html", "reweight.integrations.lightning.MetaReweightCallback"),
     ]:
         assert f'id="{name}"' in (out / page).read_text(), f"{name} is not documented in {page}"
+    # every top-level name is documented: on the reweight page or on its module's page
+    import reweight
+
+    ids = set()
+    for page in out.rglob("*.html"):
+        ids |= set(re.findall(r'id="(reweight[\w.]*)"', page.read_text()))
+    for name in set(reweight.__all__) - {"__version__"}:
+        entries = [i for i in ids if i.endswith(f".{name}") and i.removesuffix(f".{name}") in sys.modules]
+        assert entries, f"reweight.{name} has no API entry"
 
 
 def test_getting_started_program_runs(tmp_path):
