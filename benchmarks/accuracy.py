@@ -284,7 +284,7 @@ def _train(
     out: dict = {"test_acc": test_acc, "meta_acc": meta_acc}
     if rw is not None:
         out["curves"] = curves
-        out["engine"] = rw.engine  # the meta-gradient engine "auto" picked: it sets the passes counted
+        out["engine"] = getattr(rw, "engine_name", rw.engine)  # the engine in use: it sets the passes counted
     if evaluate:
         best_epoch = int(np.argmax(meta_acc))  # first epoch with the highest clean-meta accuracy
         out["best_epoch"] = best_epoch
