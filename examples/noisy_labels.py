@@ -154,7 +154,7 @@ def main(
     files = [plot_figure1(runs, c, os.path.join(out, "weights_clean_vs_corrupted.png"))]
     files.append(plot_accuracy(runs, os.path.join(out, "test_accuracy.png")))
     s = runs["MetaInfoNet"]["recorder"].per_sample(since_step=runs["MetaInfoNet"]["last_epoch"])
-    title = f"MetaInfoNet, last epoch: weight vs loss ({noise:.0%} Flip-1 noise)"
+    title = f"MetaInfoNet, last epoch ({noise:.0%} Flip-1)"
     path = os.path.join(out, "weight_vs_loss.png")
     files.append(plot_weight_vs_loss(s["loss"], s["weight"], path, c[s["index"]], title=title))
     for name in ("LossNet", "MetaInfoNet"):

@@ -124,28 +124,36 @@ class MetaSignalMonitor:
     stay near uniform: this happens with Adam-sized training lrs (the look-ahead, and so the meta-gradient,
     scales with the lr) and during a warm-up from lr 0 (a zero meta-gradient). The fix is ``lookahead_lr``.
 
-    The first meta update (an untrained net) is not judged. On every ``every``-th meta update after it the
-    two norms are computed on the device and copied to the host without waiting; they are read at the next
-    check, so the monitor adds no host synchronisation. It warns after ``patience`` consecutive checks below
-    the pull (a zero meta-gradient counts as below, even without weight decay).
+    A check is weak when the gradient is below the pull (a zero gradient counts as below, even without
+    weight decay) *and* the batch's weights are still near uniform (standard deviation below ``spread`` times
+    their mean magnitude): a net that has learned, whose meta-gradient then shrinks with a decaying lr at the
+    end of training, is left alone. The first meta update (an untrained net) is not judged. On every
+    ``every``-th meta update after it the three numbers are computed on the device and copied to the host
+    without waiting; they are read at the next check, so the monitor adds no host synchronisation. It warns
+    after ``patience`` consecutive weak checks.
 
     Args:
         every: check every ``every`` meta updates (default: ``50``).
         patience: warn after this many consecutive weak checks (default: ``3``).
+        spread: weights whose std is below ``spread`` times their mean magnitude count as near uniform
+            (default: ``0.1``).
 
     Raises:
         TypeError: if an argument is not an int.
         ValueError: if an argument is below 1.
     """
 
-    def __init__(self, every: int = 50, patience: int = 3) -> None:
+    def __init__(self, every: int = 50, patience: int = 3, spread: float = 0.1) -> None:
         for name, value in (("every", every), ("patience", patience)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(spread, bool) or not isinstance(spread, int | float) or not spread >= 0:
+            raise ValueError(f"spread must be a number >= 0, got {spread!r}")
         self.every = every
         self.patience = patience
+        self.spread = float(spread)
         self.fired_at: int | None = None
         self._updates = 0
         self._streak = 0
@@ -158,8 +166,10 @@ class MetaSignalMonitor:
         meta_optimizer: torch.optim.Optimizer,
         optimizer: torch.optim.Optimizer,
         lookahead_lr: float | None,
+        weights: Tensor,
     ) -> None:
-        """Record the net's gradient (just after the meta update's backward) on checking updates."""
+        """Record the net's gradient (just after the meta update's backward) and the batch's ``weights`` on
+        checking updates."""
         self._updates += 1
         if self.fired_at is not None:
             return
@@ -176,7 +186,10 @@ class MetaSignalMonitor:
                     pull.append((decay * p.detach().float()).pow(2).sum())
         if not grads:
             return
-        norms = torch.stack([torch.stack(grads).sum(), torch.stack(pull).sum() if pull else grads[0] * 0]).sqrt()
+        w = weights.detach().float()
+        spread = w.std(unbiased=False) / w.abs().mean().clamp_min(1e-12) if w.numel() > 1 else w.new_zeros(())
+        total = torch.stack([torch.stack(grads).sum(), torch.stack(pull).sum() if pull else grads[0] * 0]).sqrt()
+        norms = torch.cat([total, spread.to(total.dtype).reshape(1)])
         if lookahead_lr is not None:
             lr = f"lookahead_lr={lookahead_lr:g}"
         else:
@@ -184,7 +197,7 @@ class MetaSignalMonitor:
             lr = f"the optimizer's current lr ({', '.join(f'{v:g}' for v in lrs)})"
         event = None
         if norms.is_cuda:
-            host = torch.empty(2, dtype=norms.dtype, pin_memory=True)
+            host = torch.empty(3, dtype=norms.dtype, pin_memory=True)
             host.copy_(norms, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -200,20 +213,21 @@ class MetaSignalMonitor:
         if event is not None and not event.query():
             return  # not copied yet: judged at a later update
         self._pending = None
-        grad, pull = norms.tolist()
-        weak = grad == 0 or grad < pull
+        grad, pull, spread = norms.tolist()
+        weak = (grad == 0 or grad < pull) and spread < self.spread
         self._streak = self._streak + 1 if weak else 0
         if weak and self._streak >= self.patience:
             self.fired_at = step
             warnings.warn(
                 f"step {step}: the weighting net's meta-gradient (norm {grad:.2g}) has stayed below its "
                 f"optimizer's weight-decay pull ({pull:.2g}) for {self._streak} checks: the net follows its weight "
-                "decay, not the meta set, and the weights stay near uniform. The meta-gradient scales with the "
+                f"decay, not the meta set, and the weights stay near uniform (std/mean {spread:.2g}). "
+                "The meta-gradient scales with the "
                 f"look-ahead learning rate, here {lr}: pass lookahead_lr=0.1 (or larger) to the reweighter, or "
                 "give the net a decoupled decay (meta_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)). "
                 "See docs/robustness.md, 'Weights that never move'",
                 WeakMetaGradientWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of MetaReweighter.step
             )
 
     def reset(self) -> None:

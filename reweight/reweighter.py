@@ -571,7 +571,7 @@ class MetaReweighter:
         self._group.sum_grads_(self.net.parameters())
         if self.signal_monitor is not None:
             self.signal_monitor.observe(
-                self._step_count, self.net, self.meta_optimizer, self.optimizer, self.lookahead_lr
+                self._step_count, self.net, self.meta_optimizer, self.optimizer, self.lookahead_lr, weights
             )
         self.meta_optimizer.step()
         self.last_meta_loss = grad.meta_loss
