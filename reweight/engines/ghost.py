@@ -228,12 +228,12 @@ class LayerCapture(TorchFunctionMode):
             and batched
         )
         if not supported:
-            out = F.multi_head_attention_forward(*args, **kwargs)
+            result = F.multi_head_attention_forward(*args, **kwargs)
             if tracked:
                 self.fail("nn.MultiheadAttention other than batched self-attention with need_weights=False")
             if batched:
-                self._mark(out)
-            return out
+                self._mark(result)
+            return result
         tgt_len, bsz, embed_dim = query.shape
         num_heads = p["num_heads"]
         head_dim = embed_dim // num_heads
@@ -304,7 +304,9 @@ class LayerCapture(TorchFunctionMode):
             return tangents.get(id(t))
 
         for rec in self.chain:
-            tangents[id(rec.output)] = _jvp(rec, tangent_of)
+            derived = _jvp(rec, tangent_of)
+            if derived is not None:  # else the output is constant along the tangent, as if untracked
+                tangents[id(rec.output)] = derived
         total: Tensor | None = None
         for rec, grad in zip(self.records, grads):
             if grad is None:
@@ -350,8 +352,9 @@ _MHA_NAMES = (
 _MHA_DEFAULTS = (True, None, True, None, False, None, None, None, None, None, True, False)
 
 
-def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor:
-    """Tangent of ``rec``'s output: a forward-mode JVP of that one operation in its tracked inputs."""
+def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor | None:
+    """Tangent of ``rec``'s output: a forward-mode JVP of that one operation in its tracked inputs (``None``
+    when none of them carries a tangent)."""
     slots: list[tuple[tuple[str, Any], int]] = []  # where each primal sits: (("a", i) or ("k", name), j)
     primals, tangents = [], []
 
@@ -368,7 +371,7 @@ def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor:
     for k, a in rec.kwargs.items():
         collect(("k", k), a)
     if not primals:
-        return torch.zeros_like(rec.output)
+        return None
 
     def fn(*xs):
         args, kwargs = list(rec.args), dict(rec.kwargs)
@@ -389,35 +392,29 @@ def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor:
         return rec.func(*args, **kwargs)
 
     detached = [p.detach() for p in primals]
-    _, out = torch.func.jvp(fn, tuple(detached), tuple(t.to(p.dtype) for t, p in zip(tangents, detached)))
-    return out
+    return torch.func.jvp(fn, tuple(detached), tuple(t.to(p.dtype) for t, p in zip(tangents, detached)))[1]
 
 
 def _batched_dot(u: Tensor, v: Tensor, batch_dim: int) -> Tensor:
-    """``sum`` of ``u * v`` over every dimension but ``batch_dim``, without the product in memory."""
+    """``sum`` of ``u * v`` over every dimension but ``batch_dim`` (``u`` may broadcast against ``v``).
+
+    A multiply and a reduction: on the CPU several times faster than a batched ``bmm`` of row vectors."""
     dtype = torch.promote_types(u.dtype, v.dtype)
-    u, v = u.to(dtype), v.to(dtype)
-    if u.shape != v.shape:  # a broadcast tangent (a bias alone)
-        prod = u * v
-        return prod.sum([d for d in range(prod.ndim) if d != batch_dim])
-    if batch_dim:
-        u, v = u.movedim(batch_dim, 0), v.movedim(batch_dim, 0)
-    n = u.shape[0]
-    return torch.bmm(u.reshape(n, 1, -1), v.reshape(n, -1, 1)).view(n)
+    prod = u.to(dtype) * v.to(dtype)
+    return prod.sum([d for d in range(prod.ndim) if d != batch_dim])
 
 
 def _contribution(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None], grad: Tensor) -> Tensor | None:
     """``<J_theta out_i [tangent], G_i>`` per sample for one recorded operation."""
-    sig = _SIGNATURES.get(rec.func)
     if rec.func is F.linear and tangent_of(rec.args[0] if rec.args else rec.kwargs["input"]) is None:
-        x, weight, bias = _bind(rec.args, rec.kwargs, *sig)[:3]
+        x, weight, bias = _bind(rec.args, rec.kwargs, *_SIGNATURES[F.linear])[:3]
         tw = tangent_of(weight)
         tb = None if bias is None else tangent_of(bias)
         if tw is not None and tw.shape[1] < tw.shape[0]:  # <G V, a>: the narrower of the two sides
             grad = grad.to(x.dtype)
             part = _batched_dot(grad @ tw.to(x.dtype), x.detach(), rec.batch_dim)
             if tb is not None:
-                part = part + _batched_dot(grad, tb.to(x.dtype).expand_as(grad), rec.batch_dim)
+                part = part + _batched_dot(grad, tb.to(x.dtype), rec.batch_dim)
             return part
     dout = _output_tangent(rec, tangent_of)
     return None if dout is None else _batched_dot(dout, grad, rec.batch_dim)
@@ -569,11 +566,14 @@ def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
         problem, capture = _own_capture(problem)
     capture.check()
     meta_loss, tangent = lookahead(problem)
-    edges = [rec.edge for rec in capture.records]
+    edges = [rec.edge for rec in capture.records if rec.edge is not None]
+    assert len(edges) == len(capture.records)  # a batched operation's record keeps its output's edge
+    logits = problem.train_logits
+    assert logits is not None  # the captured forward's (take() checks it) or the engine's own
     grads: tuple[Tensor | None, ...] = ()
     if edges:
         with torch.enable_grad():
-            losses = problem.loss_fn(problem.train_logits, problem.targets)
+            losses = problem.loss_fn(logits, problem.targets)
             grads = torch.autograd.grad(
                 losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=reused, allow_unused=True
             )
