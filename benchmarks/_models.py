@@ -1,4 +1,5 @@
-"""Models and synthetic batches for the benchmarks: ResNet-32 (CIFAR style) and a small text transformer."""
+"""Models and synthetic batches for the benchmarks: ResNet-32 (CIFAR style, BatchNorm or GroupNorm) and a
+small pre-norm text transformer."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (couples the samples of a batch in train mode) or GroupNorm with 8 channels per group."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(max(1, channels // 8), channels)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = _norm(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = _norm(norm, cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -24,16 +30,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet32(nn.Module):
-    """ResNet-32 for 32x32 inputs (He et al. 2016): 3 stages of 5 basic blocks, 16/32/64 channels."""
+    """ResNet-32 for 32x32 inputs (He et al. 2016): 3 stages of 5 basic blocks, 16/32/64 channels.
 
-    def __init__(self, num_classes: int = 10) -> None:
+    ``norm="group"`` replaces every BatchNorm by a GroupNorm (8 channels per group): no layer couples samples.
+    """
+
+    def __init__(self, num_classes: int = 10, norm: str = "batch") -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        self.bn = _norm(norm, 16)
         layers, cin = [], 16
         for cout, stride in [(16, 1), (32, 2), (64, 2)]:
             for i in range(5):
-                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1, norm))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
@@ -88,13 +97,13 @@ def make_problem(name: str, batch: int, meta_batch: int, seed: int = 0):
     """``(model, train batch, meta batch, num_classes)`` with synthetic data."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    if name == "resnet32":
-        model, k = ResNet32(10), 10
+    if name in ("resnet32", "resnet32gn"):
+        model, k = ResNet32(10, "batch" if name == "resnet32" else "group"), 10
         x, xm = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(meta_batch, 3, 32, 32, generator=g)
     elif name == "transformer":
         model, k = TextTransformer(), 4
         x, xm = torch.randint(0, 1000, (batch, 32), generator=g), torch.randint(0, 1000, (meta_batch, 32), generator=g)
     else:
-        raise ValueError(f"unknown model {name!r}; choose resnet32 or transformer")
+        raise ValueError(f"unknown model {name!r}; choose resnet32, resnet32gn or transformer")
     y, ym = torch.randint(0, k, (batch,), generator=g), torch.randint(0, k, (meta_batch,), generator=g)
     return model, (x, y), (xm, ym), k

@@ -49,7 +49,7 @@ def variants() -> list[Variant]:
     for meta in (100, 25):
         out.append(Variant(f"head floor (plain + no-grad meta fwd), m={meta}", "floor", meta_batch=meta))
     for lookahead, engines in [
-        ("full", ["forward", "reverse", "finite_difference", "higher"]),
+        ("full", ["ghost", "forward", "reverse", "finite_difference", "higher"]),
         ("head", ["linear_head", "forward", "reverse", "finite_difference", "higher"]),
     ]:
         for engine in engines:
@@ -57,6 +57,7 @@ def variants() -> list[Variant]:
                 out.append(Variant(f"{engine}/{lookahead}/k={interval}", "reweight", engine, lookahead, interval))
     out.append(Variant("linear_head/head/k=1, m=25", "reweight", "linear_head", "head", 1, 25))
     out.append(Variant("forward/full/k=1, m=25", "reweight", "forward", "full", 1, 25))
+    out.append(Variant("ghost/full/k=1, m=25", "reweight", "ghost", "full", 1, 25))
     return out
 
 
@@ -215,11 +216,14 @@ def time_components(setup: Setup, repeats: int) -> dict[str, float]:
     return {name: statistics.median(r) for name, r in ratios.items()}
 
 
+CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time
+
+
 def timed(fn: Callable[[], None], calls: int) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (CLOCK() - start) / calls
 
 
 def time_variant(setup: Setup, variant: Variant, repeats: int) -> dict:
@@ -299,8 +303,21 @@ def render(model_name: str, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["resnet32", "transformer"], choices=["resnet32", "transformer"])
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["resnet32", "resnet32gn", "transformer"],
+        choices=["resnet32", "resnet32gn", "transformer"],
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall-clock time, or this process's CPU time (steadier on a machine shared with other jobs; "
+        "with one thread the two agree on an idle machine)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="substrings selecting variants by name")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows as JSON")
@@ -309,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-only", action="store_true", help="measure memory only (no timing)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     if args.memory_of:
         print(*measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
@@ -330,10 +350,16 @@ def main(argv: list[str] | None = None) -> None:
         setups: dict[int, Setup] = {}
         for variant in tqdm(selected, desc=model_name):
             setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
-            timing = {} if args.memory_only else time_variant(setup, variant, args.repeats)
+            try:
+                timing = {} if args.memory_only else time_variant(setup, variant, args.repeats)
+                if args.memory:
+                    mem = memory_in_subprocess(model_name, variant)
+            except (NotImplementedError, subprocess.CalledProcessError) as err:  # ghost on a BatchNorm model
+                tqdm.write(f"{variant.name:45s} not applicable: {str(err).splitlines()[0]}")
+                continue
             row = {**asdict(variant), **timing}
             if args.memory:
-                row["mem"], row["peak_rss"] = memory_in_subprocess(model_name, variant)
+                row["mem"], row["peak_rss"] = mem
             rows.append(row)
             if not args.memory_only:
                 tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")
