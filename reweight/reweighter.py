@@ -275,6 +275,8 @@ class MetaReweighter:
         self._engine_name = self._auto_engines[0] if engine == "auto" else engine
         self._group = data_parallel_group(model, process_group)
         self._check_engine(engine)
+        if self._group.active:  # engine="auto" never falls back to an engine that cannot split over ranks
+            self._auto_engines = tuple(e for e in self._auto_engines if e not in _SINGLE_PROCESS_ENGINES)
         check_sync_batchnorm(self.module, self._group)
         self._reuse_outputs = not self._group.active  # DDP's reducer owns the wrapper's graph
         self._meta_optimizer_factory = meta_optimizer or _default_meta_optimizer

@@ -295,3 +295,7 @@ def test_single_process_engines_are_refused_under_data_parallelism(monkeypatch, 
     with pytest.raises(ValueError, match=f"engine '{engine}' does not support data-parallel training"):
         MetaReweighter(*args, net="l2rw", engine=engine)
     assert MetaReweighter(*args, net="l2rw", engine="forward").engine_name == "forward"
+    auto = MetaReweighter(*args, net="l2rw")  # its fallbacks stop before the single-process engines
+    assert auto._auto_engines and not set(auto._auto_engines) & {"reverse", "higher"}
+    monkeypatch.undo()  # one process: the reverse engine stays the last fallback
+    assert MetaReweighter(*args, net="l2rw")._auto_engines[-1] == "reverse"
