@@ -535,9 +535,9 @@ def _cells(root: Path, seeds, schedule: str, variants: tuple[str, ...], model: s
         variant = k.get("variant", "default")
         if seeds is not None and k["seed"] not in seeds:
             continue
-        if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule or variant not in variants:
+        if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule:
             continue
-        if k.get("model", "plain") != model:
+        if variant not in (*variants, "default") or k.get("model", "plain") != model:  # rows pick the variants
             continue
         m = k["method"] + ("" if variant == "default" else f"~{variant}")
         cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
@@ -682,7 +682,7 @@ def cost_report(
         found = [s for s in present if (ds, s, "cleanlab") in cell]
         if found:
             lines.append(f"### {ds}: cleanlab's flagged set against the true corruption mask, mean ± std over seeds\n")
-            lines.append("| setting | noisy set | corrupted | flagged | precision (%) | recall (%) | test acc (%) |")
+            lines.append("| setting | training set | corrupted | flagged | precision (%) | recall (%) | test acc (%) |")
             lines.append("| --- | --- | --- | --- | --- | --- | --- |")
             for s in found:
                 rs = cell[(ds, s, "cleanlab")]
