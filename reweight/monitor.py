@@ -104,6 +104,9 @@ class CollapseMonitor:
         self.fired_at, self._streak = None, 0
 
 
+_SUGGESTED_LOOKAHEAD_LR = 0.1
+
+
 class WeakMetaGradientWarning(RuntimeWarning):
     """The meta-gradient reaching the weighting net is too small for the net to learn from it."""
 
@@ -190,11 +193,17 @@ class MetaSignalMonitor:
         spread = w.std(unbiased=False) / w.abs().mean().clamp_min(1e-12) if w.numel() > 1 else w.new_zeros(())
         total = torch.stack([torch.stack(grads).sum(), torch.stack(pull).sum() if pull else grads[0] * 0]).sqrt()
         norms = torch.cat([total, spread.to(total.dtype).reshape(1)])
+        decay_fix = "give the net a decoupled decay (meta_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))"
         if lookahead_lr is not None:
-            lr = f"lookahead_lr={lookahead_lr:g}"
+            lr, largest = f"lookahead_lr={lookahead_lr:g}", lookahead_lr
         else:
             lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
-            lr = f"the optimizer's current lr ({', '.join(f'{v:g}' for v in lrs)})"
+            lr, largest = f"the optimizer's current lr ({', '.join(f'{v:g}' for v in lrs)})", lrs[-1]
+        if largest < _SUGGESTED_LOOKAHEAD_LR:
+            fix = f"pass lookahead_lr={_SUGGESTED_LOOKAHEAD_LR:g} (or larger) to the reweighter, or {decay_fix}"
+        else:  # the look-ahead lr is not small: the decay, the meta set or the model is the thing to change
+            fix = f"{decay_fix}, or check the meta set (clean labels, the training classes)"
+        lr = f"{lr}: {fix}"
         event = None
         if norms.is_cuda:
             host = torch.empty(3, dtype=norms.dtype, pin_memory=True)
@@ -223,9 +232,7 @@ class MetaSignalMonitor:
                 f"optimizer's weight-decay pull ({pull:.2g}) for {self._streak} checks: the net follows its weight "
                 f"decay, not the meta set, and the weights stay near uniform (std/mean {spread:.2g}). "
                 "The meta-gradient scales with the "
-                f"look-ahead learning rate, here {lr}: pass lookahead_lr=0.1 (or larger) to the reweighter, or "
-                "give the net a decoupled decay (meta_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)). "
-                "See docs/robustness.md, 'Weights that never move'",
+                f"look-ahead learning rate, here {lr}. See docs/robustness.md, 'Weights that never move'",
                 WeakMetaGradientWarning,
                 stacklevel=6,  # the caller of MetaReweighter.step
             )

@@ -41,7 +41,14 @@ def test_warns_once_after_patience_checks_below_the_decay_pull_naming_the_fix():
     assert len(fired) == 1
     assert monitor.fired_at == 6  # checks on updates 2, 4, 6 (update 0 is not judged)
     message = str(fired[0].message)
-    assert "lookahead_lr=0.1" in message and "lr (0.005)" in message
+    assert "lr (0.005): pass lookahead_lr=0.1" in message
+
+
+def test_with_a_large_lookahead_lr_already_the_warning_names_the_decay_instead():
+    net, meta_opt = net_with_grad(1e-7, 5e-4)
+    fired = observe(MetaSignalMonitor(every=1, patience=2), net, meta_opt, updates=5, lookahead_lr=0.5)
+    message = str(fired[0].message)
+    assert "lookahead_lr=0.5: give the net a decoupled decay" in message and "pass lookahead_lr" not in message
 
 
 @pytest.mark.parametrize(
