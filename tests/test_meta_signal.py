@@ -117,3 +117,16 @@ def test_weighted_loss_is_the_weighted_mean_and_refuses_a_reduced_loss():
         weighted_loss(weights, torch.ones(5, 7))
     with pytest.raises(TypeError, match="losses must be a Tensor"):
         weighted_loss(weights, 1.0)
+
+
+@pytest.mark.slow
+def test_lookahead_lr_example_warns_without_lookahead_lr_only():
+    import os
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "lookahead_lr.py")
+    out = subprocess.run([sys.executable, example, "--epochs", "8"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lookahead_lr=None: test accuracy" in out.stdout and "WeakMetaGradientWarning: True" in out.stdout
+    assert "lookahead_lr=0.1: test accuracy" in out.stdout and "WeakMetaGradientWarning: False" in out.stdout
