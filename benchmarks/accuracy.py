@@ -114,21 +114,25 @@ SCHEDULES: dict[str, dict] = {"gentle": {}, "paper": {"lr": 0.1, "epochs": 40, "
 # Named reweighter configurations (MetaReweighter keyword arguments) compared against the library defaults.
 # "meta_lr" (and "meta_wd") stand for meta_optimizer=Adam(lr=meta_lr, weight_decay=meta_wd or 5e-4) (the
 # library's default is lr 1e-3, weight decay 5e-4).
+# The screening variants (MetaInfoNet only) ran before the kl_weight default moved from 0 to 0.01 and pin the
+# 0 they were computed with; "kl0" is the former default itself.
+_KL0 = {"kl_weight": 0.0}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "exact": {"preset": "exact"},
     "fast": {"preset": "fast"},
-    "k3m": {"interval": 3, "meta_lr": 3e-3},
-    "k5": {"interval": 5},
-    "k5m": {"interval": 5, "meta_lr": 5e-3},
-    "k10m": {"interval": 10, "meta_lr": 1e-2},
-    "head": {"lookahead": "head"},
-    "headm": {"lookahead": "head", "meta_lr": 5e-3},
-    # MetaInfoNet options screened against late collapse (issue 9)
-    "sampled": {"net_kwargs": {"sample_at_weight_time": True}},
+    "kl0": {"net_kwargs": _KL0},
+    "k3m": {"interval": 3, "meta_lr": 3e-3, "net_kwargs": _KL0},
+    "k5": {"interval": 5, "net_kwargs": _KL0},
+    "k5m": {"interval": 5, "meta_lr": 5e-3, "net_kwargs": _KL0},
+    "k10m": {"interval": 10, "meta_lr": 1e-2, "net_kwargs": _KL0},
+    "head": {"lookahead": "head", "net_kwargs": _KL0},
+    "headm": {"lookahead": "head", "meta_lr": 5e-3, "net_kwargs": _KL0},
+    # MetaInfoNet options screened against late collapse (issue 9), from the former default kl_weight=0
+    "sampled": {"net_kwargs": {**_KL0, "sample_at_weight_time": True}},
     "kl01": {"net_kwargs": {"kl_weight": 0.01}},
-    "nowd": {"meta_lr": 1e-3, "meta_wd": 0.0},
-    "la01": {"lookahead_lr": 0.1},
+    "nowd": {"meta_lr": 1e-3, "meta_wd": 0.0, "net_kwargs": _KL0},
+    "la01": {"lookahead_lr": 0.1, "net_kwargs": _KL0},
 }
 
 
