@@ -683,6 +683,19 @@ def cost_report(
             if any(c != "–" for c in row):
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
         lines.append("")
+        plus = [m for m in methods if "+" in m and any((ds, s, m) in cell for s in present)]
+        if plus:
+            lines.append(f"### {ds}: reweighting, then fine-tuning: the same runs before → after it (best, %)\n")
+            lines.append("| method | " + " | ".join(present) + " |")
+            lines.append("| --- |" + " --- |" * len(present))
+            for m in plus:
+                row = []
+                for s in present:
+                    rs = cell.get((ds, s, m), [])
+                    before = _ms([r["result"]["before_finetune"]["best"] for r in rs])
+                    row.append(f"{before} → {_ms([r['result']['best'] for r in rs])}" if rs else "–")
+                lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
+            lines.append("")
         found = [s for s in present if (ds, s, "cleanlab") in cell]
         if found:
             lines.append(f"### {ds}: cleanlab's flagged set against the true corruption mask, mean ± std over seeds\n")
