@@ -696,7 +696,7 @@ def cost_report(
                     row.append(f"{before} → {_ms([r['result']['best'] for r in rs])}" if rs else "–")
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
             lines.append("")
-        found = [s for s in present if (ds, s, "cleanlab") in cell]
+        found = [s for s in present if (ds, s, "cleanlab") in cell and "cleanlab" in methods]
         if found:
             lines.append(f"### {ds}: cleanlab's flagged set against the true corruption mask, mean ± std over seeds\n")
             lines.append("| setting | training set | corrupted | flagged | precision (%) | recall (%) | test acc (%) |")
