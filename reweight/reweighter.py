@@ -483,8 +483,8 @@ class MetaReweighter:
             return self._meta_gradient(problem)
 
     def _sync_forward_capture(self) -> None:
-        """Capture the caller's forward (for ``"ghost"`` to reuse) only while ``"ghost"`` is the engine."""
-        wanted = self._engine_name == "ghost" and self._reuse_outputs and self._capture_forwards
+        """Capture the caller's forward (for the ghost engines to reuse) only while one is the engine."""
+        wanted = self._engine_name in ("ghost", "ghost_lean") and self._reuse_outputs and self._capture_forwards
         if wanted and self._forward_capture is None:
             self._forward_capture = ForwardCapture(self.module, self._lookahead_params)
         elif not wanted and self._forward_capture is not None:

@@ -165,23 +165,25 @@ def coefficients(model, train, meta, weights, engine, names=None):
         return get_engine(engine)(problem)
 
 
+@pytest.mark.parametrize("engine", ["ghost", "ghost_lean"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_ghost_equals_reverse(case):
+def test_ghost_equals_reverse(case, engine):
     model, train, meta = make_case(case)
     w = weights_with_zero_and_tiny()
     expected = coefficients(model, train, meta, w, "reverse")
-    got = coefficients(model, train, meta, w, "ghost")
+    got = coefficients(model, train, meta, w, engine)
     assert expected.coefficients.abs().max() > 1e-4
     torch.testing.assert_close(got.coefficients, expected.coefficients, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(got.meta_loss, expected.meta_loss, rtol=1e-12, atol=0)
 
 
-def test_ghost_at_zero_weights_equals_reverse():
+@pytest.mark.parametrize("engine", ["ghost", "ghost_lean"])
+def test_ghost_at_zero_weights_equals_reverse(engine):
     """L2RW looks ahead at zero weights: the inner products must not come from the weighted backward."""
     model, train, meta = make_case("transformer")
     w = torch.zeros(10, dtype=torch.float64)
     expected = coefficients(model, train, meta, w, "reverse")
-    got = coefficients(model, train, meta, w, "ghost")
+    got = coefficients(model, train, meta, w, engine)
     assert expected.coefficients.abs().max() > 1e-4
     torch.testing.assert_close(got.coefficients, expected.coefficients, rtol=1e-6, atol=1e-12)
 
@@ -227,8 +229,10 @@ def test_auto_picks_ghost_and_reuses_the_callers_forward(case, monkeypatch):
     monkeypatch.setattr(ghost_module, "_own_capture", no_own_forward)
     rw, got, _ = net_gradient(model, train, meta, "auto")
     assert rw.engine_name == "ghost"
-    for e, g in zip(expected, got):
+    _, lean, _ = net_gradient(model, train, meta, "ghost_lean")
+    for e, g, h in zip(expected, got, lean):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(h, e, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ def syncs_per_step(steps: int = 3, **kwargs) -> list[list[str]]:
     return out
 
 
-@pytest.mark.parametrize("engine", ["auto", "forward", "reverse", "finite_difference", "higher"])
+@pytest.mark.parametrize("engine", ["auto", "ghost_lean", "forward", "reverse", "finite_difference", "higher"])
 @pytest.mark.parametrize("net", ["lossnet", "metainfonet", "l2rw"])
 def test_at_most_one_sync_per_step(engine, net):
     if engine == "higher":

@@ -41,7 +41,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from .._batch import _tensors, call_model
-from .base import MetaGradient, MetaProblem, detached_params, lookahead, register_engine
+from ..virtual_step import apply_virtual_step
+from .base import MetaGradient, MetaProblem, detached_params, meta_loss_and_gradient, register_engine
 
 __all__ = ["ghost_meta_gradient", "ghost_exactness_problem", "ForwardCapture", "LayerCapture"]
 
@@ -292,6 +293,32 @@ class LayerCapture(TorchFunctionMode):
             self._mark(out)
         return out, None
 
+    # ---------------------------------------------------------------- weighted gradient
+
+    def weighted_gradients(self, grads: Iterable[Tensor | None], coef: Tensor) -> dict[str, Tensor]:
+        """``sum_i coef_i g_i`` for every look-ahead parameter, from the recorded inputs and the ``G`` of the
+        unweighted losses (``coef = weights / n`` gives the look-ahead's weighted gradient)."""
+        total: dict[int, Tensor] = {}
+
+        def add(t: Tensor, g: Tensor) -> None:
+            total[id(t)] = g if id(t) not in total else total[id(t)] + g
+
+        tracked = self._is_tracked
+        for rec, grad in zip(self.records, grads):
+            if grad is None:
+                continue
+            shape = [1] * grad.ndim
+            shape[rec.batch_dim] = -1
+            for t, g in _weighted_grads(rec, tracked, grad * coef.to(grad.dtype).view(shape)):
+                add(t, g)
+        for rec in reversed(self.chain):  # parameter-derived tensors, latest first
+            assert rec.output is not None
+            g = total.pop(id(rec.output), None)
+            if g is not None:
+                for t, gt in _vjp(rec, tracked, g):
+                    add(t, gt)
+        return {k: total[id(p)].to(p.dtype) if id(p) in total else torch.zeros_like(p) for k, p in self._params.items()}
+
     # ---------------------------------------------------------------- inner products
 
     def inner_products(self, tangent: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> Tensor:
@@ -352,38 +379,30 @@ _MHA_NAMES = (
 _MHA_DEFAULTS = (True, None, True, None, False, None, None, None, None, None, True, False)
 
 
-def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor | None:
-    """Tangent of ``rec``'s output: a forward-mode JVP of that one operation in its tracked inputs (``None``
-    when none of them carries a tangent)."""
-    slots: list[tuple[tuple[str, Any], int]] = []  # where each primal sits: (("a", i) or ("k", name), j)
-    primals, tangents = [], []
-
-    def collect(key: tuple[str, Any], obj: Any) -> None:
+def _slots(rec: _Record, keep: Callable[[Tensor], bool]) -> tuple[list[tuple[tuple[str, Any], int]], list[Tensor]]:
+    """Where the tensors ``keep`` selects sit in ``rec``'s arguments (``(("a", i) or ("k", name), j)``)."""
+    slots: list[tuple[tuple[str, Any], int]] = []
+    found: list[Tensor] = []
+    for key, obj in [*((("a", i), a) for i, a in enumerate(rec.args)), *((("k", k), a) for k, a in rec.kwargs.items())]:
         for j, t in enumerate(_walk(obj)):
-            tan = tangent_of(t)
-            if tan is not None:
+            if keep(t):
                 slots.append((key, j))
-                primals.append(t)
-                tangents.append(tan)
+                found.append(t)
+    return slots, found
 
-    for i, a in enumerate(rec.args):
-        collect(("a", i), a)
-    for k, a in rec.kwargs.items():
-        collect(("k", k), a)
-    if not primals:
-        return None
 
-    def fn(*xs):
+def _rebuilt(rec: _Record, slots: list[tuple[tuple[str, Any], int]]) -> Callable[..., Any]:
+    """``rec``'s operation as a function of the tensors at ``slots``."""
+
+    def fn(*xs: Tensor) -> Any:
         args, kwargs = list(rec.args), dict(rec.kwargs)
-        for (key, j), x in zip(slots, xs):
-            kind, where = key
+        for ((kind, where), j), x in zip(slots, xs):
             obj = args[where] if kind == "a" else kwargs[where]
             if isinstance(obj, Tensor):
                 obj = x
             else:
                 items = list(obj)
-                pos = [m for m, it in enumerate(items) if isinstance(it, Tensor)][j]
-                items[pos] = x
+                items[[m for m, it in enumerate(items) if isinstance(it, Tensor)][j]] = x
                 obj = type(obj)(items)
             if kind == "a":
                 args[where] = obj
@@ -391,8 +410,106 @@ def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor 
                 kwargs[where] = obj
         return rec.func(*args, **kwargs)
 
-    detached = [p.detach() for p in primals]
-    return torch.func.jvp(fn, tuple(detached), tuple(t.to(p.dtype) for t, p in zip(tangents, detached)))[1]
+    return fn
+
+
+def _jvp(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor | None:
+    """Tangent of ``rec``'s output: a forward-mode JVP of that one operation in its tracked inputs (``None``
+    when none of them carries a tangent)."""
+    slots, primals = _slots(rec, lambda t: tangent_of(t) is not None)
+    if not primals:
+        return None
+    tangents = [tangent_of(t) for t in primals]
+    detached = tuple(p.detach() for p in primals)
+    return torch.func.jvp(_rebuilt(rec, slots), detached, tuple(t.to(p.dtype) for t, p in zip(tangents, detached)))[1]  # type: ignore[union-attr]
+
+
+def _vjp(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(input, grad_output^T d out / d input)`` for each tracked input of ``rec``: a VJP of that one operation."""
+    slots, primals = _slots(rec, tracked)
+    if not primals:
+        return []
+    _, pullback = torch.func.vjp(_rebuilt(rec, slots), *(p.detach() for p in primals))
+    return list(zip(primals, pullback(grad.to(rec.output.dtype if rec.output is not None else grad.dtype))))
+
+
+def _weighted_grads(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``sum_i coef_i dL_i / d input`` for each tracked input of a batched operation, from its recorded inputs
+    and ``wg`` (its output gradient already scaled per sample): the weight-gradient formula of each rule."""
+    sig = _SIGNATURES.get(rec.func)
+    if sig is None:
+        return _vjp_batched(rec, tracked, wg)
+    b = _bind(rec.args, rec.kwargs, *sig)
+    x = b[0]
+    if tracked(x):
+        return _vjp_batched(rec, tracked, wg)
+    x = x.detach()
+    out: list[tuple[Tensor, Tensor]] = []
+    if rec.func is F.embedding:
+        weight = b[1]
+        if tracked(weight):
+            g = torch.zeros_like(weight, dtype=wg.dtype).index_add_(0, x.reshape(-1), wg.reshape(-1, weight.shape[1]))
+            if b[2] is not None:
+                g[b[2]] = 0
+            out.append((weight, g))
+        return out
+    if rec.func is F.linear:
+        weight, bias = b[1], b[2]
+        flat = wg.reshape(-1, wg.shape[-1])
+        if tracked(weight):
+            out.append((weight, flat.T @ x.reshape(-1, x.shape[-1]).to(wg.dtype)))
+        if bias is not None and tracked(bias):
+            out.append((bias, flat.sum(0)))
+        return out
+    if rec.func in _CONV:
+        weight, bias = b[1], b[2]
+        k = _CONV[rec.func]
+        if isinstance(b[4], str):  # padding="same" / "valid": no closed form needed, one VJP
+            return _vjp_batched(rec, tracked, wg)
+
+        def tup(v: Any) -> list[int]:
+            return list(v) if isinstance(v, tuple | list) else [v] * k
+
+        need_w, need_b = tracked(weight), bias is not None and tracked(bias)
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            wg,
+            x.to(wg.dtype),
+            weight.detach().to(wg.dtype),
+            [weight.shape[0]] if need_b else None,
+            tup(b[3]),
+            tup(b[4]),
+            tup(b[5]),
+            False,
+            [0] * k,
+            b[6],
+            [False, need_w, need_b],
+        )
+        if need_w:
+            out.append((weight, gw))
+        if need_b:
+            out.append((bias, gb))
+        return out
+    # layer_norm / group_norm: weight and bias gradients are reductions of G * x_hat and G
+    weight, bias = b[2], b[3]
+    if rec.func is F.layer_norm:
+        x_hat = F.layer_norm(x, b[1], None, None, b[4])
+        dims = list(range(x.ndim - len(b[1])))
+    else:
+        x_hat = F.group_norm(x, b[1], None, None, b[4])
+        dims = [0, *range(2, x.ndim)]
+    if weight is not None and tracked(weight):
+        out.append((weight, (wg * x_hat.to(wg.dtype)).sum(dims)))
+    if bias is not None and tracked(bias):
+        out.append((bias, wg.sum(dims)))
+    return out
+
+
+def _vjp_batched(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor) -> list[tuple[Tensor, Tensor]]:
+    slots, primals = _slots(rec, tracked)
+    if not primals:
+        return []
+    _, pullback = torch.func.vjp(_rebuilt(rec, slots), *(p.detach() for p in primals))
+    return list(zip(primals, pullback(wg)))
 
 
 def _batched_dot(u: Tensor, v: Tensor, batch_dim: int) -> Tensor:
@@ -556,30 +673,61 @@ def _own_capture(problem: MetaProblem) -> tuple[MetaProblem, LayerCapture]:
     return problem._replace(params=params, train_logits=logits), capture
 
 
-@register_engine("ghost", description="exact: per-layer inner products from activations and output gradients")
-def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
-    """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses."""
+def captured(problem: MetaProblem) -> tuple[MetaProblem, LayerCapture, bool]:
+    """The capture of the training forward: the caller's (reused, ``True``) or the engine's own (``False``);
+    with its own, the returned problem's parameters and logits are those of that forward."""
     installed = ForwardCapture._installed.get(problem.model)
     capture = None if installed is None else installed.take(problem)
     reused = capture is not None
     if capture is None:
         problem, capture = _own_capture(problem)
     capture.check()
-    meta_loss, tangent = lookahead(problem)
+    return problem, capture, reused
+
+
+def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: bool) -> tuple[Tensor | None, ...]:
+    """``G`` of every recorded operation: one backward of the unweighted per-sample losses (``grad_outputs``
+    of ones) to the recorded output edges, no weight gradient computed."""
     edges = [rec.edge for rec in capture.records if rec.edge is not None]
     assert len(edges) == len(capture.records)  # a batched operation's record keeps its output's edge
     logits = problem.train_logits
     assert logits is not None  # the captured forward's (take() checks it) or the engine's own
-    grads: tuple[Tensor | None, ...] = ()
-    if edges:
-        with torch.enable_grad():
-            losses = problem.loss_fn(logits, problem.targets)
-            grads = torch.autograd.grad(
-                losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=reused, allow_unused=True
-            )
+    if not edges:
+        return ()
+    with torch.enable_grad():
+        losses = problem.loss_fn(logits, problem.targets)
+        return torch.autograd.grad(
+            losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain, allow_unused=True
+        )
+
+
+def coefficients_from(
+    problem: MetaProblem, capture: LayerCapture, tangent: Mapping[str, Tensor], grads: tuple[Tensor | None, ...]
+) -> Tensor:
+    """``c_i = -<tangent, g_i> / n`` from the per-layer inner products."""
     with torch.no_grad():
         products = capture.inner_products(tangent, grads).to(problem.weights.device)
-    return MetaGradient(-products.to(problem.weights.dtype) / problem.global_batch_size, meta_loss)
+    return -products.to(problem.weights.dtype) / problem.global_batch_size
+
+
+@register_engine("ghost", description="exact: per-layer inner products from activations and output gradients")
+def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
+    """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses.
+
+    One backward gives every layer's ``G``; the look-ahead's weighted gradient is formed from them (weights
+    multiply, never divide) and they are kept for the inner products, across the meta batch's pass.
+    """
+    problem, capture, reused = captured(problem)
+    grads = layer_output_gradients(problem, capture, retain=reused)
+    with torch.no_grad():
+        weighted = capture.weighted_gradients(grads, problem.weights / problem.weights.shape[0])
+    weighted = problem.group.mean({k: weighted[k] for k in problem.params})
+    theta_hat = apply_virtual_step(detached_params(problem), weighted, problem.step)
+    with torch.enable_grad():
+        meta_loss, v = meta_loss_and_gradient(problem, theta_hat)
+    v = problem.group.mean(v)
+    tangent = {k: problem.step.scale[k] * v[k] for k in v}
+    return MetaGradient(coefficients_from(problem, capture, tangent, grads), meta_loss)
 
 
 # -------------------------------------------------------------------- static exactness check
