@@ -23,6 +23,10 @@ def _seeds(runs: list[dict]) -> set[int]:
     return {r["key"]["seed"] for r in runs}
 
 
+def _name(method: str, variant: str) -> str:
+    return method if variant == "default" else f"{method}~{variant}"
+
+
 def _pick(runs: list[dict], seeds: set[int]) -> list[dict]:
     return [r for r in runs if r["key"]["seed"] in seeds]
 
@@ -45,8 +49,8 @@ def gain_table(
             row = []
             for s in settings:
                 std = cells.get((dataset, s, "standard"), [])
-                ref = cells.get((dataset, s, f"{m}~{base}"), [])
-                own = cells.get((dataset, s, f"{m}~{v}"), [])
+                ref = cells.get((dataset, s, _name(m, base)), [])
+                own = cells.get((dataset, s, _name(m, v)), [])
                 seeds = _seeds(std) & _seeds(ref) & _seeds(own)
                 if not seeds:
                     row.append("–")

@@ -133,6 +133,8 @@ VARIANTS: dict[str, dict] = {
     "kl01": {"net_kwargs": {"kl_weight": 0.01}},
     "nowd": {"meta_lr": 1e-3, "meta_wd": 0.0, "net_kwargs": _KL0},
     "la01": {"lookahead_lr": 0.1, "net_kwargs": _KL0},
+    # a second fast candidate, after the default change: interval 5 with a 10x meta lr
+    "k5m10": {"interval": 5, "meta_lr": 1e-2},
 }
 
 
