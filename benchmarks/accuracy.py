@@ -634,9 +634,11 @@ def cost_report(
     variants: tuple[str, ...] = ("default",),
     model: str = "plain",
     chart: Path | None = None,
+    chart_variants: bool = False,
 ) -> str:
     """Markdown tables of each method's training cost relative to Standard and of cleanlab's flagged sets;
-    with ``chart``, also the accuracy-vs-cost PNG (one point per method and setting, mean over seeds)."""
+    with ``chart``, also the accuracy-vs-cost PNG (one point per method and setting, mean over seeds; one per
+    method and variant with ``chart_variants``)."""
     cell = _cells(root, seeds, schedule, variants, model)
     methods = _with_variants(methods, variants)
     lines, points = [], {}
@@ -678,7 +680,8 @@ def cost_report(
                 time_ = f" ({np.mean(rel['seconds']):.1f}x)" if rel["seconds"] else ""
                 row.append(f"{np.mean(rel['passes']):.2f}x{time_}")
                 acc = [r["result"]["best"] for r in cell.get((ds, s, m), [])]
-                point = (m.partition("~")[0], float(np.mean(rel["passes"])), float(100 * np.mean(acc)))
+                label = m if chart_variants else m.partition("~")[0]
+                point = (label, float(np.mean(rel["passes"])), float(100 * np.mean(acc)))
                 panel = points.setdefault(ds, {}).setdefault(s, [])
                 if all(q[0] != point[0] for q in panel):  # per method, the first variant listed that has data
                     panel.append(point)
@@ -716,7 +719,10 @@ def cost_report(
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
     if chart is not None:
-        names = {m.partition("~")[0]: NAMES[m.partition("~")[0]] for m in methods}  # variants share a marker
+        if chart_variants:
+            names = {m: _row_name(m) for m in methods}
+        else:
+            names = {m.partition("~")[0]: NAMES[m.partition("~")[0]] for m in methods}  # variants share a marker
         _cost.chart(points, chart, names)
         lines.append(f"Chart: `{chart.name}`.\n")
     return "\n".join(lines)
@@ -780,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
     p.add_argument("--cost", action="store_true", help="with --report: add the cost and cleanlab tables")
     p.add_argument("--chart", type=Path, default=None, help="with --report: write the accuracy-vs-cost PNG here")
+    p.add_argument("--chart-variants", action="store_true", help="with --chart: one point per method and variant")
     p.add_argument("--lambda-sweep", action="store_true", help="MetaInfoNet over kl_weight in the paper's grid")
     p.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
     p.add_argument("--model", default="plain", choices=MODELS, help="model family (all methods)")
@@ -820,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.cost or args.chart:
                 sel = (args.results, args.datasets, args.settings, args.methods, args.seeds, args.schedule,
                        tuple(args.variants), args.model)
-                print(cost_report(*sel, chart=args.chart))
+                print(cost_report(*sel, chart=args.chart, chart_variants=args.chart_variants))
             return 0
         for ds in args.datasets:
             for s in args.settings:
