@@ -69,6 +69,27 @@ def relative(runs: list[dict], standard: dict[int, dict], fallback: dict[int, di
     return {"passes": ratio_p, "seconds": ratio_t}
 
 
+_FAMILIES = ("standard", "finetune", "merged", "gce", "cleanlab", "l2rw", "lossnet", "logitnet", "metainfonet")
+_MARKERS = {"standard": "o", "finetune": "s", "merged": "^", "gce": "D", "cleanlab": "v"}
+
+
+def _style(method: str, cmap) -> dict:
+    """Colour by method family; a pentagon for a reweighting method, a star once fine-tuned; hollow for a
+    variant other than the library defaults."""
+    base, _, variant = method.partition("~")
+    family, _, then = base.partition("+")
+    colour = cmap(_FAMILIES.index(family) % 10) if family in _FAMILIES else cmap(9)
+    marker = "*" if then else _MARKERS.get(family, "p")
+    hollow = variant not in ("", "exact")
+    return {
+        "marker": marker,
+        "s": 110 if marker == "*" else 44,
+        "facecolor": "white" if hollow else colour,
+        "edgecolor": colour if hollow else "k",
+        "linewidth": 1.3 if hollow else 0.4,
+    }
+
+
 def chart(points: dict[str, dict[str, list[tuple[str, float, float]]]], path: Path, names: dict[str, str]) -> Path:
     """Write the accuracy-vs-cost PNG: one panel per (protocol, setting), one point per method.
 
@@ -86,11 +107,12 @@ def chart(points: dict[str, dict[str, list[tuple[str, float, float]]]], path: Pa
     if not panels:
         raise ValueError("no cached run has both an accuracy and a cost: nothing to chart")
     methods = list(dict.fromkeys(m for by in points.values() for pts in by.values() for m, _, _ in pts))
-    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    style = {m: (colours(i % colours.N), "os^Dv<>pPX*h"[i % 12]) for i, m in enumerate(methods)}
+    style = {m: _style(m, plt.get_cmap("tab10")) for m in methods}
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(3.6 * cols, 8.0), 3.1 * rows + 0.9), squeeze=False)
+    legend_rows = math.ceil(len(methods) / 5)
+    height = 3.1 * rows + 0.3 + 0.22 * legend_rows
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.6 * cols, 8.0), height), squeeze=False)
     ticks = matplotlib.ticker
     for ax, (ds, s) in zip(axes.flat, panels):
         pts = sorted(points[ds][s], key=lambda p: (p[1], -p[2]))
@@ -101,8 +123,7 @@ def chart(points: dict[str, dict[str, list[tuple[str, float, float]]]], path: Pa
                 best = a
         ax.step([c for c, _ in front], [a for _, a in front], where="post", color="0.75", lw=1, zorder=1)
         for m, c, a in pts:
-            colour, marker = style[m]
-            ax.scatter(c, a, color=colour, marker=marker, s=42, zorder=2, edgecolor="k", linewidth=0.4)
+            ax.scatter(c, a, zorder=2, **style[m])
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticks.FixedLocator([1, 1.5, 2, 3, 5, 8, 12, 20]))
         ax.xaxis.set_major_formatter(ticks.FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -118,12 +139,15 @@ def chart(points: dict[str, dict[str, list[tuple[str, float, float]]]], path: Pa
     for ax in axes[-1, :]:
         ax.set_xlabel("training cost / Standard (sample passes)", fontsize=8)
     handles = [
-        plt.Line2D([], [], color=style[m][0], marker=style[m][1], ls="", markeredgecolor="k", label=names.get(m, m))
+        plt.Line2D(
+            [], [], ls="", marker=style[m]["marker"], markersize=7 if style[m]["marker"] != "*" else 10,
+            markerfacecolor=style[m]["facecolor"], markeredgecolor=style[m]["edgecolor"], label=names.get(m, m),
+        )
         for m in methods
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
     fig.suptitle("Accuracy against training cost (mean over seeds; grey: the frontier)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.9 / (3.1 * rows + 0.9) + 0.03, 1, 0.97))
+    fig.tight_layout(rect=(0, (0.1 + 0.22 * legend_rows) / height, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -624,6 +624,11 @@ def report(
     return "\n".join(lines)
 
 
+def _chart_label(method: str) -> str:
+    """A chart's method: variant "exact" (the library defaults, preset="exact") shares the default's marker."""
+    return method.removesuffix("~exact")
+
+
 def cost_report(
     root: Path,
     datasets=DATASETS,
@@ -680,7 +685,7 @@ def cost_report(
                 time_ = f" ({np.mean(rel['seconds']):.1f}x)" if rel["seconds"] else ""
                 row.append(f"{np.mean(rel['passes']):.2f}x{time_}")
                 acc = [r["result"]["best"] for r in cell.get((ds, s, m), [])]
-                label = m if chart_variants else m.partition("~")[0]
+                label = _chart_label(m) if chart_variants else m.partition("~")[0]
                 point = (label, float(np.mean(rel["passes"])), float(100 * np.mean(acc)))
                 panel = points.setdefault(ds, {}).setdefault(s, [])
                 if all(q[0] != point[0] for q in panel):  # per method, the first variant listed that has data
@@ -720,7 +725,7 @@ def cost_report(
             lines.append("")
     if chart is not None:
         if chart_variants:
-            names = {m: _row_name(m) for m in methods}
+            names = {_chart_label(m): _row_name(_chart_label(m)) for m in methods}
         else:
             names = {m.partition("~")[0]: NAMES[m.partition("~")[0]] for m in methods}  # variants share a marker
         _cost.chart(points, chart, names)
