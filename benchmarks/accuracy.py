@@ -600,7 +600,7 @@ def report(
                 lines.append(f"| {_row_name(m)} ({which}) | " + " | ".join(row) + " |")
         lines.append("")
         noisy = [s for s in present if not s.startswith("lt")]
-        if noisy:
+        if noisy and any(m.partition("~")[0] in REWEIGHTING for m in methods):
             lines.append(f"### {ds}: AUROC of the weights, clean vs corrupted (last 10% of epochs), mean ± std\n")
             lines.append("| method | " + " | ".join(noisy) + " |")
             lines.append("| --- |" + " --- |" * len(noisy))
