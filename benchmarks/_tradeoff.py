@@ -64,6 +64,24 @@ def gain_table(
                     parts.append(f"{a:.1f}{kept}")
                 row.append(" / ".join(parts) + ("" if len(seeds) >= 5 else f" n={len(seeds)}"))
             lines.append(f"| {m} | {v} | " + " | ".join(row) + " |")
+    lines += ["", f"Paired difference from {base} (same seeds), points, mean ± standard error, best / last:", ""]
+    lines += [f"| method | variant | {' | '.join(settings)} |", "| --- | --- |" + " --- |" * len(settings)]
+    for m in methods:
+        for v in variants:
+            row = []
+            for s in settings:
+                ref = {r["key"]["seed"]: r for r in cells.get((dataset, s, _name(m, base)), [])}
+                own = {r["key"]["seed"]: r for r in cells.get((dataset, s, _name(m, v)), [])}
+                seeds = sorted(set(ref) & set(own))
+                if len(seeds) < 2:
+                    row.append("–")
+                    continue
+                parts = []
+                for which in ("best", "last"):
+                    d = np.array([100 * (own[k]["result"][which] - ref[k]["result"][which]) for k in seeds])
+                    parts.append(f"{d.mean():+.1f} ± {d.std(ddof=1) / math.sqrt(len(d)):.1f}")
+                row.append(" / ".join(parts))
+            lines.append(f"| {m} | {v} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import make_problem  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
+from reweight.presets import PRESETS  # noqa: E402
 
 LR = 0.1
 
@@ -42,6 +43,7 @@ class Variant:
     lookahead: str = "-"
     interval: int = 1
     meta_batch: int = 100
+    preset: str | None = None  # MetaReweighter(preset=...): engine, look-ahead and interval from the preset
 
 
 def variants() -> list[Variant]:
@@ -49,7 +51,7 @@ def variants() -> list[Variant]:
     for meta in (100, 25):
         out.append(Variant(f"head floor (plain + no-grad meta fwd), m={meta}", "floor", meta_batch=meta))
     for lookahead, engines in [
-        ("full", ["ghost", "forward", "reverse", "finite_difference", "higher"]),
+        ("full", ["ghost", "ghost_lean", "forward", "reverse", "finite_difference", "higher"]),
         ("head", ["linear_head", "forward", "reverse", "finite_difference", "higher"]),
     ]:
         for engine in engines:
@@ -58,6 +60,9 @@ def variants() -> list[Variant]:
     out.append(Variant("linear_head/head/k=1, m=25", "reweight", "linear_head", "head", 1, 25))
     out.append(Variant("forward/full/k=1, m=25", "reweight", "forward", "full", 1, 25))
     out.append(Variant("ghost/full/k=1, m=25", "reweight", "ghost", "full", 1, 25))
+    for preset in PRESETS:
+        interval = PRESETS[preset].get("interval", PRESETS["exact"]["interval"])
+        out.append(Variant(f"preset={preset}", "reweight", "auto", "full", interval, preset=preset))
     return out
 
 
@@ -139,16 +144,19 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
 
         return step
 
-    reweighter = MetaReweighter(
-        model,
-        opt,
-        [(xm, ym)],
-        net="lossnet",
-        engine=variant.engine,
-        lookahead=variant.lookahead,
-        interval=variant.interval,
-        seed=0,
-    )
+    if variant.preset is not None:
+        reweighter = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", preset=variant.preset, seed=0)
+    else:
+        reweighter = MetaReweighter(
+            model,
+            opt,
+            [(xm, ym)],
+            net="lossnet",
+            engine=variant.engine,
+            lookahead=variant.lookahead,
+            interval=variant.interval,
+            seed=0,
+        )
 
     def step():
         logits_holder[:] = [model(x)]
@@ -199,6 +207,35 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
         "forward + weighted gradient (retain_graph)": forward_and_weighted_gradient,
         "meta forward + backward at theta_hat": meta_forward_backward,
         "JVP of the per-sample losses": jvp,
+    } | ghost_components(model, x, y, tangent)
+
+
+def ghost_components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tangent: dict) -> dict:
+    """The ghost engine's own passes: its backward of the unweighted losses to the recorded layer outputs,
+    and the per-layer inner products (on a capture of one forward with grad, made once here)."""
+    from reweight.engines.ghost import LayerCapture
+
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return {}  # ghost refuses BatchNorm in train mode
+    leaves = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
+    capture = LayerCapture(leaves, [x], x.shape[0])
+    with capture:
+        logits = functional_call(model, {**leaves, **{k: b.clone() for k, b in model.named_buffers()}}, (x,))
+    losses = F.cross_entropy(logits, y, reduction="none")
+    edges = [r.edge for r in capture.records]
+    grads: list = []
+
+    def backward_to_layer_outputs():
+        grads[:] = torch.autograd.grad(losses, edges, torch.ones_like(losses), retain_graph=True, allow_unused=True)
+
+    def inner_products():
+        with torch.no_grad():
+            capture.inner_products(tangent, grads)
+
+    backward_to_layer_outputs()
+    return {
+        "ghost: backward of the unweighted losses to the layer outputs": backward_to_layer_outputs,
+        "ghost: per-layer inner products": inner_products,
     }
 
 
