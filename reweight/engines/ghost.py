@@ -5,7 +5,9 @@ operation ``out = f(a, theta)`` that acts on each sample separately, sample ``i`
 ``<J_theta f(a_i) [scale * v], G_i>`` with ``G_i = dL_i / d out_i``: for ``nn.Linear`` that is
 ``sum_t G_{i,t}^T V a_{i,t}``, one matmul with the cost of the layer's forward (the per-sample inner
 product of DP-SGD's ghost clipping). The ``G_i`` of all layers come from one backward of the unweighted
-per-sample losses (``grad_outputs`` of ones: no division by weights, so zero and tiny weights are exact).
+per-sample losses (``grad_outputs`` of ones: no division by weights, so zero and tiny weights are exact);
+the look-ahead's weighted gradient ``sum_i (w_i / n) g_i`` is formed from the same ``G`` and inputs by each
+rule's weight-gradient formula, so one activation backward serves both.
 
 A ``TorchFunctionMode`` records, during the training batch's forward, every operation that takes a
 look-ahead parameter: its inputs and the gradient edge of its output. Operations on the data
@@ -19,8 +21,9 @@ tensors. ``nn.MultiheadAttention``'s functional core is recomputed op for op wit
 
 When the caller's forward ran under the capture (the reweighter arms it before each updating step, see
 :class:`ForwardCapture`), nothing of the training batch is recomputed: the look-ahead reuses the caller's
-graph, and the meta step is one weighted backward, the meta batch's forward and backward, one backward
-of the unweighted losses and the per-layer products. Otherwise the engine runs its own forward.
+graph: the meta step is one backward of the unweighted losses, the weight-gradient formulas, the meta
+batch's forward and backward, and the per-layer products. Otherwise the engine runs its own forward.
+The ``G`` are held across the meta batch's pass; ``ghost_lean`` trades one more backward for not holding them.
 
 Exact when samples do not interact and activations keep the batch in dimension 0. Batch norm in train
 mode, an operation of a parameter with a batched output whose batch dimension is not ``n``, in-place
