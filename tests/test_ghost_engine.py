@@ -239,6 +239,7 @@ def test_auto_picks_ghost_and_reuses_the_callers_forward(case, monkeypatch):
     "kwargs",
     [
         {"lookahead": ["layer.*", "head.*"]},
+        {"lookahead": "submodule layer"},
         {"virtual_step": "optimizer", "interval": 2},
         {"net": "l2rw"},
     ],
@@ -255,7 +256,10 @@ def test_ghost_options_equal_reverse(kwargs):
         F.cross_entropy(m(train[0]), train[1]).backward()
         opt.step()  # a momentum buffer, so the mirrored step has an offset
         opt.zero_grad()
-        rw = MetaReweighter(m, opt, [meta], net=net, engine=engine, seed=0, **kwargs)
+        options = dict(kwargs)
+        if options.get("lookahead") == "submodule layer":
+            options["lookahead"] = m.layer
+        rw = MetaReweighter(m, opt, [meta], net=net, engine=engine, seed=0, **options)
         out = []
         with sdpa_kernel([SDPBackend.MATH]):
             for _ in range(3):
