@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -72,3 +73,34 @@ def test_l2rw_with_fast_names_the_preset():
     with pytest.raises(ValueError, match="set by preset='fast'; pass interval=1"):
         MetaReweighter(model, opt, meta, net="l2rw", preset="fast")
     assert MetaReweighter(model, opt, meta, net="l2rw", preset="fast", interval=1).interval == 1
+
+
+def test_fast_preset_is_exact_on_its_update_steps():
+    """The fast preset changes when the net learns, not how: float64, its engine equals reverse to 1e-6."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    meta = [(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    batches = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))) for _ in range(7)]
+
+    def run(**kw):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        rw = MetaReweighter(m, opt, meta, net="metainfonet", preset="fast", seed=0, **kw)
+        out = []
+        for x, y in batches:
+            logits = m(x)
+            w = rw.step(x, y, logits)
+            out.append(w)
+            opt.zero_grad()
+            (w * torch.nn.functional.cross_entropy(logits, y, reduction="none")).mean().backward()
+            opt.step()
+        return rw, out
+
+    fast, w_fast = run()
+    ref, w_ref = run(engine="reverse")
+    assert fast.engine_name != "reverse" and fast.interval == 5
+    for a, b in zip(w_fast, w_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for p, q in zip(fast.net.parameters(), ref.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert fast.step_count == 7 and not torch.allclose(w_fast[0], torch.ones(5, dtype=torch.float64))
