@@ -135,6 +135,7 @@ VARIANTS: dict[str, dict] = {
     "la01": {"lookahead_lr": 0.1, "net_kwargs": _KL0},
     # a second fast candidate, after the default change: interval 5 with a 10x meta lr
     "k5m10": {"interval": 5, "meta_lr": 1e-2},
+    "k6m": {"interval": 6, "meta_lr": 6e-3},
 }
 
 
