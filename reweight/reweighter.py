@@ -92,8 +92,8 @@ class MetaReweighter:
         preset: a named bundle of the options ``interval``, ``engine``, ``lookahead``, ``normalization``,
             ``virtual_step``, ``lookahead_lr`` and ``meta_optimizer`` (:data:`reweight.presets.PRESETS`); each
             of them given explicitly overrides the preset. ``"exact"`` is Algorithm 1 as written (the values
-            documented below); ``"fast"`` meta-updates every 5th step with a 5x meta learning rate
-            (``interval=5``, ``meta_optimizer`` Adam lr 5e-3, weight decay 5e-4) (default: ``"exact"``).
+            documented below); ``"fast"`` meta-updates every 6th step with a 6x meta learning rate
+            (``interval=6``, ``meta_optimizer`` Adam lr 6e-3, weight decay 5e-4) (default: ``"exact"``).
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
             call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
             so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).

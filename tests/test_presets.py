@@ -38,11 +38,11 @@ def test_exact_is_the_documented_default():
 def test_fast_resolves_to_its_table():
     model, opt, meta = _parts()
     rw = MetaReweighter(model, opt, meta, preset="fast", seed=0)
-    assert rw.interval == PRESETS["fast"]["interval"] == 5
+    assert rw.interval == PRESETS["fast"]["interval"] == 6
     rw.step(torch.randn(5, 4), torch.randint(0, 3, (5,)), model(torch.randn(5, 4)))
     group = rw.meta_optimizer.param_groups[0]
     assert isinstance(rw.meta_optimizer, torch.optim.Adam)
-    assert (group["lr"], group["weight_decay"]) == (5e-3, 5e-4)
+    assert (group["lr"], group["weight_decay"]) == (6e-3, 5e-4)
 
 
 def test_explicit_arguments_override_the_preset():
@@ -58,7 +58,7 @@ def test_explicit_arguments_override_the_preset():
 
 def test_resolve_ignores_unset_and_keeps_given():
     options = resolve_preset("fast", {"interval": FROM_PRESET, "lookahead_lr": 0.1})
-    assert options["interval"] == 5 and options["lookahead_lr"] == 0.1
+    assert options["interval"] == 6 and options["lookahead_lr"] == 0.1
     assert set(options) == set(PRESETS["exact"])
 
 
@@ -98,7 +98,7 @@ def test_fast_preset_is_exact_on_its_update_steps():
 
     fast, w_fast = run()
     ref, w_ref = run(engine="reverse")
-    assert fast.engine_name != "reverse" and fast.interval == 5
+    assert fast.engine_name != "reverse" and fast.interval == 6
     for a, b in zip(w_fast, w_ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for p, q in zip(fast.net.parameters(), ref.net.parameters()):

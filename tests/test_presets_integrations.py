@@ -21,7 +21,7 @@ from reweight.integrations.lightning import MetaReweightCallback  # noqa: E402
 
 def test_timm_task_passes_the_preset():
     _, task, _ = make_task(preset="fast")
-    assert task.reweighter.preset == "fast" and task.reweighter.interval == 5
+    assert task.reweighter.preset == "fast" and task.reweighter.interval == 6
     _, task, _ = make_task(preset="fast", interval=2)  # an explicit argument still wins
     assert task.reweighter.interval == 2
 
@@ -29,7 +29,7 @@ def test_timm_task_passes_the_preset():
 def test_lightning_callback_passes_the_preset(tmp_path):
     callback = MetaReweightCallback(meta_loader(), preset="fast", seed=0)
     trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(LitClassifier(), DataLoader(data(8, 1), batch_size=4))
-    assert callback.reweighter.preset == "fast" and callback.reweighter.interval == 5
+    assert callback.reweighter.preset == "fast" and callback.reweighter.interval == 6
 
 
 def test_hf_trainer_passes_the_preset(tmp_path):
@@ -38,5 +38,5 @@ def test_hf_trainer_passes_the_preset(tmp_path):
     )
     hf.train()
     rw = hf.reweighter
-    assert rw.preset == "fast" and rw.interval == 5 and rw.lookahead_lr is None
-    assert rw.meta_optimizer.param_groups[0]["lr"] == 5e-3
+    assert rw.preset == "fast" and rw.interval == 6 and rw.lookahead_lr is None
+    assert rw.meta_optimizer.param_groups[0]["lr"] == 6e-3
