@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -170,9 +171,11 @@ class MetaSignalMonitor:
         optimizer: torch.optim.Optimizer,
         lookahead_lr: float | None,
         weights: Tensor,
+        meta_grads: Sequence[Tensor | None] | None = None,
     ) -> None:
         """Record the net's gradient (just after the meta update's backward) and the batch's ``weights`` on
-        checking updates."""
+        checking updates; ``meta_grads``, when given, replace the net's ``.grad`` (the meta-gradient without
+        the gradient of a penalty such as MetaInfoNet's KL term)."""
         self._updates += 1
         if self.fired_at is not None:
             return
@@ -183,10 +186,12 @@ class MetaSignalMonitor:
         for group in meta_optimizer.param_groups:
             decay = _coupled_decay(meta_optimizer, group)
             for p in group["params"]:
-                if p.grad is not None:
+                if meta_grads is None and p.grad is not None:
                     grads.append(p.grad.detach().float().pow(2).sum())
                 if decay:
                     pull.append((decay * p.detach().float()).pow(2).sum())
+        if meta_grads is not None:
+            grads = [g.detach().float().pow(2).sum() for g in meta_grads if g is not None]
         if not grads:
             return
         w = weights.detach().float()
@@ -214,6 +219,11 @@ class MetaSignalMonitor:
         self._pending = (step, norms, event, lr)
         if event is None:
             self._judge_pending()
+
+    def checks_next(self) -> bool:
+        """Whether the next :meth:`observe` may record a check (the caller then passes ``meta_grads``)."""
+        n = self._updates + 1
+        return self.fired_at is None and n != 1 and (n - 1) % self.every == 0
 
     def _judge_pending(self) -> None:
         if self._pending is None:

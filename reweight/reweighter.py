@@ -565,15 +565,28 @@ class MetaReweighter:
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
             if not self._joint_check(finite, "the meta loss or meta-gradient"):
                 return False, None
-            surrogate = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
+            surrogate = meta_part = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
+            meta_grads = None
             if penalty is not None:  # each rank holds 1/world of the global batch's penalty
                 surrogate = surrogate + penalty / self._group.world_size
+                monitor = self.signal_monitor
+                if monitor is not None and not self._group.active and monitor.checks_next():
+                    # the weak-signal check reads the meta-gradient alone, not the penalty's pull
+                    meta_grads = torch.autograd.grad(
+                        meta_part, list(self.net.parameters()), retain_graph=True, allow_unused=True
+                    )
             self.meta_optimizer.zero_grad(set_to_none=True)
             surrogate.backward()
         self._group.sum_grads_(self.net.parameters())
         if self.signal_monitor is not None:
             self.signal_monitor.observe(
-                self._step_count, self.net, self.meta_optimizer, self.optimizer, self.lookahead_lr, weights
+                self._step_count,
+                self.net,
+                self.meta_optimizer,
+                self.optimizer,
+                self.lookahead_lr,
+                weights,
+                meta_grads,
             )
         self.meta_optimizer.step()
         self.last_meta_loss = grad.meta_loss
