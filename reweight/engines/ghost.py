@@ -316,8 +316,8 @@ class LayerCapture(TorchFunctionMode):
                 add(t, g)
         for rec in reversed(self.chain):  # parameter-derived tensors, latest first
             assert rec.output is not None
-            g = total.pop(id(rec.output), None)
-            if g is not None:
+            if id(rec.output) in total:
+                g = total.pop(id(rec.output))
                 for t, gt in _vjp(rec, tracked, g):
                     add(t, gt)
         return {k: total[id(p)].to(p.dtype) if id(p) in total else torch.zeros_like(p) for k, p in self._params.items()}
@@ -432,7 +432,7 @@ def _vjp(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> list[
     slots, primals = _slots(rec, tracked)
     if not primals:
         return []
-    _, pullback = torch.func.vjp(_rebuilt(rec, slots), *(p.detach() for p in primals))
+    pullback = torch.func.vjp(_rebuilt(rec, slots), *(p.detach() for p in primals))[1]
     return list(zip(primals, pullback(grad.to(rec.output.dtype if rec.output is not None else grad.dtype))))
 
 
@@ -511,7 +511,7 @@ def _vjp_batched(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor) ->
     slots, primals = _slots(rec, tracked)
     if not primals:
         return []
-    _, pullback = torch.func.vjp(_rebuilt(rec, slots), *(p.detach() for p in primals))
+    pullback = torch.func.vjp(_rebuilt(rec, slots), *(p.detach() for p in primals))[1]
     return list(zip(primals, pullback(wg)))
 
 
