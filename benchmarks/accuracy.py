@@ -627,6 +627,66 @@ def report(
     return "\n".join(lines)
 
 
+def _relative_cost(cell: dict[tuple, list[dict]], ds: str, s: str, m: str) -> dict:
+    """Per-seed cost of method ``m`` over Standard's on ``(ds, s)`` (see ``_cost.relative``)."""
+    std = {r["key"]["seed"]: r for r in cell.get((ds, s, "standard"), [])}
+    for r in cell.get((ds, s, "finetune"), []):  # older Standard cells lack n_train; their twin has it
+        k = r["key"]["seed"]
+        if k in std and "n_train" not in std[k]["result"]:
+            std[k] = dict(std[k], result=dict(std[k]["result"], n_train=r["result"]["n_train"]))
+    base, _, var = m.partition("~")
+    plus = f"{base}+finetune" + (f"~{var}" if var else "")
+    fallback = {r["key"]["seed"]: r for r in cell.get((ds, s, plus), [])}
+    return _cost.relative(list(std.values()) if m == "standard" else cell.get((ds, s, m), []), std, fallback)
+
+
+def guide_report(
+    root: Path,
+    datasets=DATASETS,
+    settings=SETTINGS,
+    methods=METHODS,
+    seeds=None,
+    schedule: str = "gentle",
+    variants: tuple[str, ...] = ("default",),
+    model: str = "plain",
+) -> str:
+    """The decision guide: per dataset and setting, the most accurate method, the cheapest method within noise
+    of it (gap of the mean "best" accuracies at most the larger of the two standard deviations), Standard, and
+    the methods below Standard by more than the larger standard deviation. Only methods with every seed asked
+    for (or, without ``seeds``, five) and a measured cost take part."""
+    cell = _cells(root, seeds, schedule, variants, model)
+    methods = _with_variants(methods, variants)
+    need = len(seeds) if seeds is not None else 5
+    sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+    fmt = lambda v: f"{100 * np.mean(v):.1f} ± {100 * sd(v):.1f}"  # noqa: E731
+    lines = [
+        "| dataset | setting | use (the cheapest within noise of the best) | most accurate | Standard "
+        "| below Standard |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in settings:
+        for ds in datasets:
+            cands = {}
+            for m in methods:
+                acc = [r["result"]["best"] for r in cell.get((ds, s, m), [])]
+                rel = _relative_cost(cell, ds, s, m)
+                if len(acc) == need and rel["passes"]:
+                    cands[m] = (100 * np.mean(acc), 100 * sd(acc), float(np.mean(rel["passes"])), acc)
+            if "standard" not in cands:
+                continue
+            best = max(cands, key=lambda k: cands[k][0])
+            near = [k for k in cands if cands[best][0] - cands[k][0] <= max(cands[best][1], cands[k][1])]
+            cheap = min(near, key=lambda k: (cands[k][2], -cands[k][0]))
+            std = cands["standard"]
+            below = [k for k in cands if std[0] - cands[k][0] > max(std[1], cands[k][1])]
+            say = {k: f"{_row_name(k)}: {fmt(c[3])} at {c[2]:.2f}x" for k, c in cands.items()}
+            verdict = "" if cheap.partition("+")[0].partition("~")[0] in REWEIGHTING else "not reweight: "
+            top = "the same" if best == cheap else say[best]
+            bad = ", ".join(f"{_row_name(k)} ({fmt(cands[k][3])})" for k in below) or "none"
+            lines.append(f"| {ds} | {s} | **{verdict}{say[cheap]}** | {top} | {fmt(std[3])} | {bad} |")
+    return "\n".join(lines) + "\n"
+
+
 def _chart_label(method: str) -> str:
     """A chart's method: variant "exact" (the library defaults, preset="exact") shares the default's marker."""
     return method.removesuffix("~exact")
@@ -671,17 +731,7 @@ def cost_report(
         for m in methods:
             row = []
             for s in present:
-                std = {r["key"]["seed"]: r for r in cell.get((ds, s, "standard"), [])}
-                for r in cell.get((ds, s, "finetune"), []):  # older Standard cells lack n_train; their twin has it
-                    k = r["key"]["seed"]
-                    if k in std and "n_train" not in std[k]["result"]:
-                        std[k] = dict(std[k], result=dict(std[k]["result"], n_train=r["result"]["n_train"]))
-                if m == "standard":
-                    own = list(std.values())
-                base, _, var = m.partition("~")
-                plus = f"{base}+finetune" + (f"~{var}" if var else "")
-                fallback = {r["key"]["seed"]: r for r in cell.get((ds, s, plus), [])}
-                rel = _cost.relative(own if m == "standard" else cell.get((ds, s, m), []), std, fallback)
+                rel = _relative_cost(cell, ds, s, m)
                 if not rel["passes"]:
                     row.append("–")
                     continue
@@ -794,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
     p.add_argument("--cost", action="store_true", help="with --report: add the cost and cleanlab tables")
     p.add_argument("--chart", type=Path, default=None, help="with --report: write the accuracy-vs-cost PNG here")
+    p.add_argument("--guide", action="store_true", help="with --report: print the decision guide's table only")
     p.add_argument("--chart-variants", action="store_true", help="with --chart: one point per method and variant")
     p.add_argument("--lambda-sweep", action="store_true", help="MetaInfoNet over kl_weight in the paper's grid")
     p.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
@@ -823,6 +874,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(_tradeoff.stability_table(cells, ds, args.settings, rows))
                 if args.curves:
                     print(f"Curves: {_tradeoff.curves_png(cells, ds, args.settings[0], rows, args.curves)}\n")
+        return 0
+    if args.report and args.guide:
+        print(
+            guide_report(
+                args.results, args.datasets, args.settings, args.methods, args.seeds, args.schedule,
+                tuple(args.variants), args.model,
+            )
+        )
         return 0
     if args.report:
         if not args.lambda_sweep:

@@ -149,3 +149,16 @@ def test_report_renders_cost_tables_and_chart(bench, tiny_runs, tmp_path):
     assert "cleanlab's flagged set" in text and "| flip1-40 |" in text
     table = bench.report(tiny_runs, ["mnist1d"], ["flip1-40"], methods)
     assert "| LossNet + Fine-tune (best) |" in table and "| cleanlab (last) |" in table
+
+
+def test_guide_picks_the_cheapest_within_noise_of_the_best(bench, tiny_runs):
+    methods = ["standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune"]
+    text = bench.guide_report(tiny_runs, ["mnist1d"], ["flip1-40"], methods, seeds=[0])
+    row = next(line for line in text.splitlines() if line.startswith("| mnist1d | flip1-40 |"))
+    acc = {m: _cell(tiny_runs, m)["result"]["best"] for m in methods}
+    best = max(acc.values())
+    # one seed: no spread, so "within noise" is a tie with the best; the cheapest of the ties is used
+    cost = {m: bench._cost.passes(_cell(tiny_runs, m)["result"]) for m in methods}
+    used = min((m for m in methods if acc[m] == best), key=lambda m: cost[m])
+    verdict = "" if used.startswith("lossnet") else "not reweight: "
+    assert f"**{verdict}{bench.NAMES[used]}: {100 * best:.1f} ± 0.0 at {cost[used] / cost['standard']:.2f}x**" in row
