@@ -32,6 +32,20 @@ def make_batch(n: int, dtype=torch.float64, seed: int = 1, num_classes: int = 3)
     return torch.randn(n, 2, 8, 8, generator=g, dtype=dtype), torch.randint(0, num_classes, (n,), generator=g)
 
 
+class NoForwardAD(torch.autograd.Function):
+    """ReLU without a jvp rule: forward-mode AD cannot go through it (reverse-mode and ghost can)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Bit-exact copies of parameters, buffers, grads and optimizer state."""
     snap = {

@@ -32,9 +32,11 @@ if not os.environ.get("CI"):  # CI installs the extras (".[test]") and must run 
     pytest.importorskip("lightning")
     pytest.importorskip("timm")
 
+from test_integration_transformers import bert, llama, text_dataset  # noqa: E402
+
 from reweight import MetaReweighter  # noqa: E402
 
-WORLD, STEPS, VOCAB, CLASSES, LENGTH = 2, 3, 40, 3, 8
+WORLD, STEPS, CLASSES = 2, 3, 3
 HF_LOOKAHEAD_LR = 2.0  # the Trainer's lr 0.05 alone moves the weights too little to tell normalisations apart
 META_LR = 50.0  # SGD on the net, not Adam: sees the scale of the net's gradient (as tests/test_ddp.py)
 
@@ -74,57 +76,6 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- Hugging Face
 
 
-def _bert(seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=CLASSES,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    config._attn_implementation = "eager"
-    return BertForSequenceClassification(config)
-
-
-def _llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    config._attn_implementation = "eager"
-    return LlamaForCausalLM(config)
-
-
-def _rows(n: int, seed: int, lm: bool = False) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (LENGTH,), generator=g)
-        mask = torch.ones(LENGTH, dtype=torch.long)
-        if lm:
-            mask[int(torch.randint(2, LENGTH + 1, (), generator=g)) :] = 0  # unequal token counts
-            labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-        else:
-            labels = torch.randint(0, CLASSES, (), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return rows
-
-
 def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -133,7 +84,7 @@ def _hf_meta(rank: int | None, lm: bool = False) -> list[dict[str, torch.Tensor]
     """Meta batches of ``rank`` (or, with ``None``, their concatenation over ranks)."""
     if rank is None:
         return [_cat(list(parts)) for parts in zip(*(_hf_meta(r, lm) for r in range(WORLD)))]
-    return [_collate(_rows(3, 500 + 10 * k + rank, lm)) for k in range(2)]
+    return [_collate(text_dataset(3, 500 + 10 * k + rank, lm)) for k in range(2)]
 
 
 def _hf_train(rank: int, tmp: str, lm: bool) -> dict[str, Any]:
@@ -180,12 +131,12 @@ def _hf_train(rank: int, tmp: str, lm: bool) -> dict[str, Any]:
         disable_tqdm=True,
         seed=0,
     )
-    model = _llama() if lm else _bert()
+    model = llama("eager") if lm else bert("eager")
     grads = Grads()
     trainer = Recording(
         model=model,
         args=args,
-        train_dataset=_rows(24, 3 if lm else 1, lm),
+        train_dataset=text_dataset(24, 3 if lm else 1, lm),
         meta_loader=_hf_meta(rank, lm),
         lookahead_lr=HF_LOOKAHEAD_LR,
         reweight_kwargs={"seed": 0, "net": "lossnet", "meta_optimizer": _meta_sgd},
@@ -412,7 +363,7 @@ def test_hugging_face_trainer_matches_one_process_on_the_concatenated_batches(ra
     for t in range(STEPS):
         batch = _cat([r["hf"]["batches"][t][0] for r in ranks])
         steps.append((batch, batch.pop("labels")))
-    model = _bert()
+    model = bert("eager")
     loss_fn = per_sample_loss("sequence_classification")
     rw = _single_process(
         model,
@@ -436,7 +387,7 @@ def test_hugging_face_token_task_normalises_by_the_global_token_count(ranks):
     batches = [r["hf_lm"]["batches"][0] for r in ranks]
     tokens = [int((shift_causal_labels(b["labels"]) != -100).sum()) for b, _ in batches]
     assert tokens[0] != tokens[1]  # the test would not tell the two normalisations apart otherwise
-    model = _llama()
+    model = llama("eager")
     total = 0.0
     for inputs, weights in batches:
         inputs = dict(inputs)

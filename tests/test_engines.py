@@ -11,7 +11,7 @@ from torch import nn
 
 from reweight import MetaReweighter
 
-from conftest import assert_same, make_batch, make_cnn, snapshot
+from conftest import NoForwardAD, assert_same, make_batch, make_cnn, snapshot
 
 EXACT = ["reverse", "forward", "higher"]
 ALL = [*EXACT, "finite_difference"]
@@ -184,20 +184,6 @@ def test_lookahead_validation(spec, error, match):
         MetaReweighter(
             model, torch.optim.SGD(model.parameters(), lr=0.1), [make_batch(4, torch.float32)], lookahead=spec
         )
-
-
-class NoForwardAD(torch.autograd.Function):
-    """ReLU without a jvp rule: forward-mode AD cannot go through it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
 
 
 class CustomOpNet(nn.Module):

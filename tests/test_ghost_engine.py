@@ -17,7 +17,7 @@ from reweight.engines import ghost as ghost_module
 from reweight.losses import cross_entropy
 from reweight.virtual_step import VirtualStep
 
-from conftest import assert_same, make_batch, make_cnn, snapshot
+from conftest import NoForwardAD, assert_same, make_batch, make_cnn, snapshot
 
 K, VOCAB, SEQ = 4, 16, 6
 
@@ -340,20 +340,6 @@ def test_forward_outside_a_step_is_not_captured_under_no_grad():
     with torch.no_grad():
         model(train[0])
     assert rw._forward_capture is not None and rw._forward_capture.latest is None
-
-
-class NoForwardAD(torch.autograd.Function):
-    """ReLU without a jvp rule: the forward engine cannot go through it, ghost needs no forward mode."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
 
 
 def test_ghost_needs_no_forward_mode_support():

@@ -43,7 +43,7 @@ def bert(attn: str = "sdpa", seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
-def llama(seed: int = 0) -> LlamaForCausalLM:
+def llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -54,7 +54,7 @@ def llama(seed: int = 0) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=32,
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     return LlamaForCausalLM(config)
 
 
