@@ -3,7 +3,9 @@
 Every timing is a ratio measured in one process: each repeat times a plain step and then the variant's
 step(s) on identical copies of the model, and the table reports the median of the per-repeat ratios,
 so machine load that drifts during the run cancels out. Peak memory is measured per variant in a fresh
-subprocess as the growth of the resident set (``ru_maxrss``) over the RSS after setup.
+subprocess, as the growth of the resident set over the RSS after setup and as the peak of live tensor
+bytes (from the profiler's allocation events, independent of the C allocator). ``--allocator retain``
+keeps glibc from returning freed memory to the kernel (see :func:`retain_freed_memory`).
 
     python benchmarks/step_cost.py --model resnet32 transformer --repeats 7 --memory --markdown docs/benchmarks.md
 """
@@ -225,8 +227,10 @@ def ghost_components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
     edges = [r.edge for r in capture.records]
     grads: list = []
 
-    def backward_to_layer_outputs():
-        grads[:] = torch.autograd.grad(losses, edges, torch.ones_like(losses), retain_graph=True, allow_unused=True)
+    def backward_to_layer_outputs():  # with the norms' reductions (NormSums), as the engine holds them
+        raw = torch.autograd.grad(losses, edges, torch.ones_like(losses), retain_graph=True, allow_unused=True)
+        with torch.no_grad():
+            grads[:] = capture.summarise(raw)
 
     def inner_products():
         with torch.no_grad():
@@ -290,37 +294,85 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory(model_name: str, variant: Variant) -> tuple[float, float]:
-    """Peak RSS growth over the RSS after setup, and the process's peak RSS (MiB), over
-    ``max(3, interval)`` steps of ``variant``; run in a fresh process.
+def live_peak_mb(fn: Callable[[], None]) -> float:
+    """Peak bytes held by live tensors while ``fn`` runs, over those held when it starts (MiB).
 
-    The peak is the kernel's high-water mark ``VmHWM``, reset after setup through ``/proc/self/clear_refs``
-    (``ru_maxrss`` is no use here: Linux carries it over from the parent across ``exec``).
+    Counted from the profiler's allocation and free events (``profile_memory``), so unlike the RSS it
+    does not depend on what the C allocator keeps or returns: the memory a caching device allocator
+    would have to provide.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def measure_memory(model_name: str, variant: Variant) -> tuple[float, float, float]:
+    """Peak RSS growth over the RSS after setup, the process's peak RSS, and the peak of live tensor
+    bytes (:func:`live_peak_mb`), in MiB, over ``max(3, interval)`` steps of ``variant``; run in a fresh
+    process.
+
+    The RSS peak is the kernel's high-water mark ``VmHWM``, reset after setup through ``/proc/self/clear_refs``
+    (``ru_maxrss`` is no use here: Linux carries it over from the parent across ``exec``). The live-bytes
+    peak is taken afterwards, over as many further steps.
     """
     setup = Setup(model_name, variant.meta_batch)
     step = make_step(setup, variant)
+    steps = max(3, variant.interval)
     before = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
-    for _ in range(max(3, variant.interval)):
+    for _ in range(steps):
         step()
     peak = _status_mb("VmHWM")
-    return peak - before, peak
+
+    def more_steps() -> None:
+        for _ in range(steps):
+            step()
+
+    return peak - before, peak, live_peak_mb(more_steps)
 
 
-def memory_in_subprocess(model_name: str, variant: Variant) -> tuple[float, float]:
-    cmd = [sys.executable, __file__, "--model", model_name, "--memory-of", json.dumps(asdict(variant))]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    growth, peak = out.strip().splitlines()[-1].split()
-    return float(growth), float(peak)
+def memory_in_subprocess(model_name: str, variant: Variant, allocator: str) -> tuple[float, ...]:
+    cmd = [sys.executable, __file__, "--model", model_name, "--allocator", allocator]
+    out = subprocess.run(cmd + ["--memory-of", json.dumps(asdict(variant))], capture_output=True, text=True, check=True)
+    return tuple(float(v) for v in out.stdout.strip().splitlines()[-1].split())
+
+
+def retain_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+
+    By default large blocks are unmapped or trimmed when freed, and touching them again costs page
+    faults (kernel time): a reweighted step, which allocates and frees several times a plain step's
+    activations, pays for them far more than a plain step does. jemalloc or tcmalloc, or the environment
+    variables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, do the same for any program.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as err:
+        raise SystemExit(f"--allocator retain needs glibc ({err})") from err
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("--allocator retain: mallopt refused the thresholds")
 
 
 def render(model_name: str, rows: list[dict]) -> str:
     lines = [
         f"### {model_name}",
         "",
-        "| variant | engine | look-ahead | k | meta | step ms | x plain | step MiB | x plain | peak MiB | x plain |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | engine | look-ahead | k | meta | step ms | x plain | step MiB | x plain | peak MiB | x plain "
+        "| live MiB | x plain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     plain = next((r for r in rows if r["kind"] == "plain"), {})
 
@@ -333,7 +385,7 @@ def render(model_name: str, rows: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {r['engine']} | {r['lookahead']} | {r['interval']} | {r['meta_batch']} | "
             f"{r.get('step_ms', float('nan')):.0f} | {r.get('ratio', float('nan')):.2f} | "
-            f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} |"
+            f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} | {cells(r, 'live')} |"
         )
     return "\n".join(lines)
 
@@ -361,9 +413,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown")
     parser.add_argument("--components", action="store_true", help="time each pass of a meta step instead")
     parser.add_argument("--memory-only", action="store_true", help="measure memory only (no timing)")
+    parser.add_argument(
+        "--allocator",
+        choices=["system", "retain"],
+        default="system",
+        help="glibc malloc as configured (system), or told to keep freed memory (retain: no page faults "
+        "from re-touching returned memory; see retain_freed_memory)",
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocator == "retain":
+        retain_freed_memory()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -390,13 +451,13 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 timing = {} if args.memory_only else time_variant(setup, variant, args.repeats)
                 if args.memory:
-                    mem = memory_in_subprocess(model_name, variant)
+                    mem = memory_in_subprocess(model_name, variant, args.allocator)
             except (NotImplementedError, subprocess.CalledProcessError) as err:  # ghost on a BatchNorm model
                 tqdm.write(f"{variant.name:45s} not applicable: {str(err).splitlines()[0]}")
                 continue
             row = {**asdict(variant), **timing}
             if args.memory:
-                row["mem"], row["peak_rss"] = mem
+                row["mem"], row["peak_rss"], row["live"] = mem
             rows.append(row)
             if not args.memory_only:
                 tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")

@@ -125,12 +125,29 @@ def images(n: int, seed: int, shape=(2, 8, 8)):
     return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, K, (n,), generator=g)
 
 
+def wide_cnn() -> nn.Module:
+    """Every convolution's weight is smaller than one sample's output: all of them hold per-sample
+    gradients (grouped, strided, dilated, with and without bias), the last one with an existing group."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=(2, 1), dilation=(2, 1), groups=2, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 1, groups=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, K),
+    )
+
+
 CASES = {
     "transformer": (lambda: Transformer(), tokens),
     "vit": (lambda: TinyViT(), images),
     "groupnorm_cnn": (group_norm_cnn, images),
     "conv1d": (conv1d_net, lambda n, seed: images(n, seed, (2, 8))),
     "tied": (lambda: Tied(), tokens),
+    "wide_cnn": (wide_cnn, lambda n, seed: images(n, seed, (2, 12, 12))),
 }
 
 
@@ -175,6 +192,40 @@ def test_ghost_equals_reverse(case, engine):
     assert expected.coefficients.abs().max() > 1e-4
     torch.testing.assert_close(got.coefficients, expected.coefficients, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(got.meta_loss, expected.meta_loss, rtol=1e-12, atol=0)
+
+
+def per_sample_reference(model, x, y) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of the unweighted losses by ``torch.func.vmap`` over ``grad`` (independent)."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+@pytest.mark.parametrize("case, held", [("wide_cnn", 7), ("groupnorm_cnn", 6), ("conv1d", 4), ("transformer", 6)])
+def test_layers_hold_their_per_sample_gradients_where_smaller(case, held):
+    """``summarise`` keeps a layer's per-sample parameter gradients instead of ``G`` for norms of data and
+    for convolutions whose weight is smaller than one sample's output; each equals vmap's."""
+    model, (x, y), _ = make_case(case)
+    model.eval()
+    params = dict(model.named_parameters())
+    capture = ghost_module.LayerCapture(params, [x], x.shape[0])
+    with capture:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+    raw = torch.autograd.grad(losses, [r.edge for r in capture.records], torch.ones_like(losses))
+    summarised = capture.summarise(raw)
+    reference = per_sample_reference(model, x, y)
+    names = {id(p): k for k, p in params.items()}
+    pairs = [pair for g in summarised if isinstance(g, ghost_module.SampleGradients) for pair in g.pairs]
+    assert len(pairs) == held
+    for param, per_sample in pairs:
+        torch.testing.assert_close(per_sample, reference[names[id(param)]], rtol=1e-9, atol=1e-12)
+    kept = [rec.func for rec, g in zip(capture.records, summarised) if isinstance(g, torch.Tensor)]
+    assert F.layer_norm not in kept and F.group_norm not in kept
+    if case == "groupnorm_cnn":  # its second convolution's weight (288) exceeds a sample's output (200)
+        assert kept.count(F.conv2d) == 1
 
 
 @pytest.mark.parametrize("engine", ["ghost", "ghost_lean"])

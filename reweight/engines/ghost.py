@@ -12,8 +12,9 @@ rule's weight-gradient formula, so one activation backward serves both.
 A ``TorchFunctionMode`` records, during the training batch's forward, every operation that takes a
 look-ahead parameter: its inputs and the gradient edge of its output. Operations on the data
 ("batched": computed from the model's inputs) are closed by a rule (``linear``, ``conv1d/2d``,
-``embedding``, ``layer_norm``, ``group_norm``: the tangent of the output is the operation applied to
-the tangent of its parameters), or by a forward-mode JVP of that one operation (``x + pos_embed``,
+``embedding``: the tangent of the output is the operation applied to the tangent of its parameters;
+``layer_norm``, ``group_norm``: per-sample gradients of the affine parameters), or by a forward-mode JVP
+of that one operation (``x + pos_embed``,
 ``cat([cls_token.expand(...), x])``, batch norm in eval mode, anything else). Operations on parameters
 alone (``pos[:, :L]``, ``cls_token.expand(...)``, a parametrisation) are followed by JVPs of those small
 tensors. ``nn.MultiheadAttention``'s functional core is recomputed op for op with its projections recorded
@@ -23,7 +24,11 @@ When the caller's forward ran under the capture (the reweighter arms it before e
 :class:`ForwardCapture`), nothing of the training batch is recomputed: the look-ahead reuses the caller's
 graph: the meta step is one backward of the unweighted losses, the weight-gradient formulas, the meta
 batch's forward and backward, and the per-layer products. Otherwise the engine runs its own forward.
-The ``G`` are held across the meta batch's pass; ``ghost_lean`` trades one more backward for not holding them.
+The ``G`` are held across the meta batch's pass, except that a layer or group norm of data keeps only
+``sum G * x_hat`` and ``sum G`` per sample and channel, and a convolution whose weight is smaller than
+one sample's output keeps its per-sample weight gradients (one grouped convolution backward, the batch as
+groups): :class:`SampleGradients`, smaller than ``G``; ``ghost_lean`` trades one more backward
+for holding none.
 
 Exact when samples do not interact and activations keep the batch in dimension 0. Batch norm in train
 mode, an operation of a parameter with a batched output whose batch dimension is not ``n``, in-place
@@ -95,6 +100,21 @@ class _Record(NamedTuple):
     edge: GradientEdge | None
     output: Tensor | None
     batch_dim: int
+
+
+class SampleGradients(NamedTuple):
+    """One layer's per-sample parameter gradients, held instead of its output gradient ``G`` where smaller.
+
+    ``pairs`` holds ``(parameter, g)`` with ``g[i]`` sample ``i``'s gradient of that (recorded) parameter:
+    the weighted gradient is ``sum_i coef_i g[i]`` and the inner products ``<tangent, g[i]>``, small matmuls.
+    A layer or group norm of data always qualifies (``sum G * x_hat`` and ``sum G`` over the positions: the
+    size of its parameters); a convolution when its weight is smaller than one sample's output.
+    """
+
+    pairs: tuple[tuple[Tensor, Tensor], ...]
+
+
+LayerGradient = Tensor | SampleGradients | None
 
 
 def _walk(obj: Any) -> Iterable[Tensor]:
@@ -203,6 +223,10 @@ class LayerCapture(TorchFunctionMode):
             b = _bind(args, kwargs, *_SIGNATURES[F.embedding])
             if b[3] is not None or b[5]:
                 self.fail("embedding with max_norm or scale_grad_by_freq")
+        if func is F.layer_norm and bd >= out.ndim - len(_bind(args, kwargs, *_SIGNATURES[func])[1]):
+            self.fail("layer_norm normalises over the batch dimension")
+        if func is F.group_norm and bd != 0:
+            self.fail("group_norm whose batch is not its first dimension")
         self.records.append(_Record(func, args, kwargs, get_gradient_edge(out), None, bd))
         self._mark(out)
 
@@ -298,9 +322,18 @@ class LayerCapture(TorchFunctionMode):
 
     # ---------------------------------------------------------------- weighted gradient
 
-    def weighted_gradients(self, grads: Iterable[Tensor | None], coef: Tensor) -> dict[str, Tensor]:
+    def summarise(self, grads: Iterable[Tensor | None]) -> list[LayerGradient]:
+        """The layer gradients to hold: a layer's :class:`SampleGradients` where they are smaller than its
+        ``G`` (norms of data, convolutions with small weights), every other ``G`` as it is."""
+        return [
+            grad if grad is None else _sample_gradients(rec, self._is_tracked, grad) or grad
+            for rec, grad in zip(self.records, grads)
+        ]
+
+    def weighted_gradients(self, grads: Iterable[LayerGradient], coef: Tensor) -> dict[str, Tensor]:
         """``sum_i coef_i g_i`` for every look-ahead parameter, from the recorded inputs and the ``G`` of the
-        unweighted losses (``coef = weights / n`` gives the look-ahead's weighted gradient)."""
+        unweighted losses, or their :class:`SampleGradients` (``coef = weights / n`` gives the look-ahead's
+        weighted gradient)."""
         total: dict[int, Tensor] = {}
 
         def add(t: Tensor, g: Tensor) -> None:
@@ -309,6 +342,10 @@ class LayerCapture(TorchFunctionMode):
         tracked = self._is_tracked
         for rec, grad in zip(self.records, grads):
             if grad is None:
+                continue
+            if isinstance(grad, SampleGradients):
+                for t, g in grad.pairs:
+                    add(t, torch.tensordot(coef.to(g.dtype), g, dims=([0], [0])))
                 continue
             shape = [1] * grad.ndim
             shape[rec.batch_dim] = -1
@@ -324,7 +361,7 @@ class LayerCapture(TorchFunctionMode):
 
     # ---------------------------------------------------------------- inner products
 
-    def inner_products(self, tangent: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> Tensor:
+    def inner_products(self, tangent: Mapping[str, Tensor], grads: Iterable[LayerGradient]) -> Tensor:
         """``sum_layers <J_theta out_i [tangent], G_i>`` per sample, shape ``(n,)``."""
         tangents: dict[int, Tensor] = {}
 
@@ -341,7 +378,10 @@ class LayerCapture(TorchFunctionMode):
         for rec, grad in zip(self.records, grads):
             if grad is None:
                 continue
-            part = _contribution(rec, tangent_of, grad)
+            if isinstance(grad, SampleGradients):
+                part = _sample_contribution(tangent_of, grad)
+            else:
+                part = _contribution(rec, tangent_of, grad)
             if part is not None:
                 total = part if total is None else total + part
         if total is None:
@@ -438,7 +478,8 @@ def _vjp(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> list[
 
 def _weighted_grads(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor) -> list[tuple[Tensor, Tensor]]:
     """``sum_i coef_i dL_i / d input`` for each tracked input of a batched operation, from its recorded inputs
-    and ``wg`` (its output gradient already scaled per sample): the weight-gradient formula of each rule."""
+    and ``wg`` (its output gradient already scaled per sample): the weight-gradient formula of each rule
+    (norms of data come as :class:`SampleGradients`)."""
     sig = _SIGNATURES.get(rec.func)
     if sig is None:
         return _vjp_batched(rec, tracked, wg)
@@ -492,19 +533,92 @@ def _weighted_grads(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor)
         if need_b:
             out.append((bias, gb))
         return out
-    # layer_norm / group_norm: weight and bias gradients are reductions of G * x_hat and G
-    weight, bias = b[2], b[3]
+    raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see summarise()
+
+
+def _norm_parts(rec: _Record) -> tuple[list, list[int]]:
+    """A normalisation record's bound arguments (input, shape or groups, weight, bias, eps) and the
+    dimensions of its input that its parameters do not span, the batch excepted (it stays first)."""
+    b = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])
     if rec.func is F.layer_norm:
-        x_hat = F.layer_norm(x, b[1], None, None, b[4])
-        dims = list(range(x.ndim - len(b[1])))
-    else:
-        x_hat = F.group_norm(x, b[1], None, None, b[4])
-        dims = [0, *range(2, x.ndim)]
+        return b, [d for d in range(b[0].ndim - len(b[1])) if d != rec.batch_dim]
+    return b, list(range(2, b[0].ndim))
+
+
+def _sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients | None:
+    """A layer's :class:`SampleGradients` from its ``G`` when they are the smaller to hold and the layer's
+    input is data, else ``None`` (``G`` is held)."""
+    if rec.func in _NORMS:
+        return _norm_sample_gradients(rec, tracked, grad)
+    if rec.func in _CONV:
+        return _conv_sample_gradients(rec, tracked, grad)
+    return None
+
+
+def _norm_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients | None:
+    """``out = x_hat * weight + bias``: per sample ``sum G * x_hat`` and ``sum G`` over the positions."""
+    (x, shape, weight, bias, eps), reduce = _norm_parts(rec)
+    if tracked(x):
+        return None
+    dtype = torch.promote_types(grad.dtype, x.dtype)
+    grad, x = grad.to(dtype), x.detach().to(dtype)
+    pairs = []
     if weight is not None and tracked(weight):
-        out.append((weight, (wg * x_hat.to(wg.dtype)).sum(dims)))
+        norm = F.layer_norm if rec.func is F.layer_norm else F.group_norm
+        pairs.append((weight, _sum_over(norm(x, shape, None, None, eps).mul_(grad), reduce)))
     if bias is not None and tracked(bias):
-        out.append((bias, wg.sum(dims)))
-    return out
+        pairs.append((bias, _sum_over(grad, reduce)))
+    return SampleGradients(tuple(pairs))
+
+
+def _sum_over(t: Tensor, dims: list[int]) -> Tensor:
+    """``t`` summed over ``dims`` (none: ``t`` itself; ``Tensor.sum([])`` would sum over everything)."""
+    return t.sum(dims) if dims else t
+
+
+def _conv_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients | None:
+    """Per-sample weight gradients of a convolution of data, one grouped convolution backward with the
+    batch folded into the channels (``n * groups`` groups), when the weight is smaller than one sample's
+    output (the early, high-resolution layers of a CNN); the bias's are ``G`` summed over the positions."""
+    x, weight, bias, stride, padding, dilation, groups = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])
+    n = grad.shape[0]
+    if tracked(x) or isinstance(padding, str) or weight.numel() >= grad[0].numel() or rec.batch_dim != 0:
+        return None
+    k = _CONV[rec.func]
+
+    def tup(v: Any) -> list[int]:
+        return list(v) if isinstance(v, tuple | list) else [v] * k
+
+    pairs = []
+    if tracked(weight):
+        per_sample = torch.ops.aten.convolution_backward(
+            grad.reshape(1, -1, *grad.shape[2:]),
+            x.detach().to(grad.dtype).reshape(1, -1, *x.shape[2:]),
+            weight.detach().to(grad.dtype).repeat(n, *[1] * (weight.ndim - 1)),
+            None,
+            tup(stride),
+            tup(padding),
+            tup(dilation),
+            False,
+            [0] * k,
+            n * groups,
+            [False, True, False],
+        )[1]
+        pairs.append((weight, per_sample.view(n, *weight.shape)))
+    if bias is not None and tracked(bias):
+        pairs.append((bias, grad.sum(list(range(2, grad.ndim)))))
+    return SampleGradients(tuple(pairs))
+
+
+def _sample_contribution(tangent_of: Callable[[Tensor], Tensor | None], held: SampleGradients) -> Tensor | None:
+    """``sum_p <tangent_p, g_p[i]>`` per sample."""
+    total = None
+    for param, g in held.pairs:
+        t = tangent_of(param)
+        if t is not None:
+            part = g.flatten(1) @ t.to(g.dtype).flatten()
+            total = part if total is None else total + part
+    return total
 
 
 def _vjp_batched(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -541,7 +655,8 @@ def _contribution(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None], g
 
 
 def _output_tangent(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None]) -> Tensor | None:
-    """Tangent of a batched operation's output: a closed-form rule where one exists, else a JVP."""
+    """Tangent of a batched operation's output: a closed-form rule where one exists, else a JVP (norms of
+    data come as :class:`SampleGradients`)."""
     sig = _SIGNATURES.get(rec.func)
     if sig is None:
         return _jvp(rec, tangent_of)
@@ -577,18 +692,7 @@ def _output_tangent(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None])
         if rec.func is F.linear:
             return F.linear(x, tw, tb)
         return rec.func(x, tw, tb, *b[3:])
-    # layer_norm / group_norm: affine in (weight, bias); an untracked weight contributes nothing
-    weight, bias = b[2], b[3]
-    tw = None if weight is None else tangent_of(weight)
-    tb = None if bias is None else tangent_of(bias)
-    if tw is None and tb is None:
-        return None
-    if tw is None:
-        size = b[1] if rec.func is F.layer_norm else (x.shape[1],)
-        tw = torch.zeros(size, dtype=x.dtype, device=x.device)
-    tw = tw.to(x.dtype)
-    tb = None if tb is None else tb.to(x.dtype)
-    return rec.func(x, b[1], tw, tb, b[4])
+    raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see summarise()
 
 
 # -------------------------------------------------------------------- capture of the caller's forward
@@ -688,24 +792,27 @@ def captured(problem: MetaProblem) -> tuple[MetaProblem, LayerCapture, bool]:
     return problem, capture, reused
 
 
-def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: bool) -> tuple[Tensor | None, ...]:
+def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: bool) -> list[LayerGradient]:
     """``G`` of every recorded operation: one backward of the unweighted per-sample losses (``grad_outputs``
-    of ones) to the recorded output edges, no weight gradient computed."""
+    of ones) to the recorded output edges, no weight gradient computed; a norm's ``G`` reduced to its
+    :class:`SampleGradients` where smaller (:meth:`LayerCapture.summarise`)."""
     edges = [rec.edge for rec in capture.records if rec.edge is not None]
     assert len(edges) == len(capture.records)  # a batched operation's record keeps its output's edge
     logits = problem.train_logits
     assert logits is not None  # the captured forward's (take() checks it) or the engine's own
     if not edges:
-        return ()
+        return []
     with torch.enable_grad():
         losses = problem.loss_fn(logits, problem.targets)
-        return torch.autograd.grad(
+        grads = torch.autograd.grad(
             losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain, allow_unused=True
         )
+    with torch.no_grad():
+        return capture.summarise(grads)
 
 
 def coefficients_from(
-    problem: MetaProblem, capture: LayerCapture, tangent: Mapping[str, Tensor], grads: tuple[Tensor | None, ...]
+    problem: MetaProblem, capture: LayerCapture, tangent: Mapping[str, Tensor], grads: list[LayerGradient]
 ) -> Tensor:
     """``c_i = -<tangent, g_i> / n`` from the per-layer inner products."""
     with torch.no_grad():
@@ -718,7 +825,8 @@ def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses.
 
     One backward gives every layer's ``G``; the look-ahead's weighted gradient is formed from them (weights
-    multiply, never divide) and they are kept for the inner products, across the meta batch's pass.
+    multiply, never divide) and they are kept for the inner products, across the meta batch's pass (a
+    norm's as its two per-sample sums).
     """
     problem, capture, reused = captured(problem)
     grads = layer_output_gradients(problem, capture, retain=reused)
