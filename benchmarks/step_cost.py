@@ -238,7 +238,7 @@ def ghost_components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
 
     backward_to_layer_outputs()
     return {
-        "ghost: backward of the unweighted losses to the layer outputs": backward_to_layer_outputs,
+        "ghost: backward to the layer outputs, with the per-sample gradients it keeps": backward_to_layer_outputs,
         "ghost: per-layer inner products": inner_products,
     }
 
@@ -267,14 +267,16 @@ def timed(fn: Callable[[], None], calls: int) -> float:
     return (CLOCK() - start) / calls
 
 
-def time_variant(setup: Setup, variant: Variant, repeats: int) -> dict:
+def time_variant(setup: Setup, variant: Variant, repeats: int, block: int = 1) -> dict:
+    """Median per-repeat ratio of the variant's step time to a plain step's; each repeat times ``block``
+    consecutive plain steps, then ``block`` consecutive variant steps (times its interval: amortised)."""
     plain = make_step(setup, Variant("plain", "plain"))
     step = make_step(setup, variant)
-    calls = variant.interval  # an interval-k variant is timed over k consecutive steps (amortised)
+    calls = block * variant.interval
     plain(), step()  # warm-up: allocator, oneDNN primitives, lazy imports
     ratios, plain_times, times = [], [], []
     for _ in range(repeats):
-        p = timed(plain, 1)
+        p = timed(plain, block)
         t = timed(step, calls)
         plain_times.append(p)
         times.append(t)
@@ -407,6 +409,13 @@ def main(argv: list[str] | None = None) -> None:
         help="wall-clock time, or this process's CPU time (steadier on a machine shared with other jobs; "
         "with one thread the two agree on an idle machine)",
     )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive steps per timed block (default 1: plain and variant steps alternate; a training "
+        "loop runs reweighted steps back to back, which the C allocator may treat differently)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="substrings selecting variants by name")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows as JSON")
@@ -449,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in tqdm(selected, desc=model_name):
             setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
             try:
-                timing = {} if args.memory_only else time_variant(setup, variant, args.repeats)
+                timing = {} if args.memory_only else time_variant(setup, variant, args.repeats, args.block)
                 if args.memory:
                     mem = memory_in_subprocess(model_name, variant, args.allocator)
             except (NotImplementedError, subprocess.CalledProcessError) as err:  # ghost on a BatchNorm model
