@@ -215,7 +215,10 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
 def ghost_components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tangent: dict) -> dict:
     """The ghost engine's own passes: its backward of the unweighted losses to the recorded layer outputs,
     and the per-layer inner products (on a capture of one forward with grad, made once here)."""
-    from reweight.engines.ghost import LayerCapture
+    from types import SimpleNamespace
+
+    from reweight.engines.ghost import LayerCapture, layer_output_gradients
+    from reweight.losses import cross_entropy
 
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return {}  # ghost refuses BatchNorm in train mode
@@ -223,14 +226,11 @@ def ghost_components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
     capture = LayerCapture(leaves, [x], x.shape[0])
     with capture:
         logits = functional_call(model, {**leaves, **{k: b.clone() for k, b in model.named_buffers()}}, (x,))
-    losses = F.cross_entropy(logits, y, reduction="none")
-    edges = [r.edge for r in capture.records]
+    problem = SimpleNamespace(train_logits=logits, loss_fn=cross_entropy, targets=y)  # what the function reads
     grads: list = []
 
-    def backward_to_layer_outputs():  # with the norms' reductions (NormSums), as the engine holds them
-        raw = torch.autograd.grad(losses, edges, torch.ones_like(losses), retain_graph=True, allow_unused=True)
-        with torch.no_grad():
-            grads[:] = capture.summarise(raw)
+    def backward_to_layer_outputs():  # with the per-sample gradients formed on the way, as the engine does
+        grads[:] = layer_output_gradients(problem, capture, retain=True)  # type: ignore[arg-type]
 
     def inner_products():
         with torch.no_grad():

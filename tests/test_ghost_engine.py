@@ -3,6 +3,7 @@
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -204,28 +205,56 @@ def per_sample_reference(model, x, y) -> dict[str, torch.Tensor]:
     return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
 
 
-@pytest.mark.parametrize("case, held", [("wide_cnn", 7), ("groupnorm_cnn", 6), ("conv1d", 4), ("transformer", 6)])
-def test_layers_hold_their_per_sample_gradients_where_smaller(case, held):
-    """``summarise`` keeps a layer's per-sample parameter gradients instead of ``G`` for norms of data and
-    for convolutions whose weight is smaller than one sample's output; each equals vmap's."""
+def held_gradients(case: str, monkeypatch=None, capture_all: bool = False):
+    """``layer_output_gradients`` on one eval-mode forward of ``case`` (every ``G`` returned by autograd
+    with ``capture_all``, instead of the per-sample gradients formed by pre-hooks during the backward)."""
     model, (x, y), _ = make_case(case)
     model.eval()
     params = dict(model.named_parameters())
     capture = ghost_module.LayerCapture(params, [x], x.shape[0])
     with capture:
-        losses = F.cross_entropy(model(x), y, reduction="none")
-    raw = torch.autograd.grad(losses, [r.edge for r in capture.records], torch.ones_like(losses))
-    summarised = capture.summarise(raw)
+        logits = model(x)
+    if capture_all:
+        monkeypatch.setattr(ghost_module, "_captured_records", lambda root, edges, small: list(range(len(edges))))
+    problem = SimpleNamespace(train_logits=logits, loss_fn=cross_entropy, targets=y)
+    return model, (x, y), params, capture, ghost_module.layer_output_gradients(problem, capture, retain=False)
+
+
+@pytest.mark.parametrize("case, held", [("wide_cnn", 7), ("groupnorm_cnn", 6), ("conv1d", 4), ("transformer", 6)])
+def test_layers_hold_their_per_sample_gradients_where_smaller(case, held, monkeypatch):
+    """A layer keeps its per-sample parameter gradients instead of ``G`` for norms of data and for
+    convolutions whose weight is smaller than one sample's output; each equals vmap's, and those formed
+    by pre-hooks during the backward equal those formed from ``G`` returned by autograd."""
+    model, (x, y), params, capture, got = held_gradients(case)
     reference = per_sample_reference(model, x, y)
     names = {id(p): k for k, p in params.items()}
-    pairs = [pair for g in summarised if isinstance(g, ghost_module.SampleGradients) for pair in g.pairs]
+    pairs = [pair for g in got if isinstance(g, ghost_module.SampleGradients) for pair in g.pairs]
     assert len(pairs) == held
     for param, per_sample in pairs:
         torch.testing.assert_close(per_sample, reference[names[id(param)]], rtol=1e-9, atol=1e-12)
-    kept = [rec.func for rec, g in zip(capture.records, summarised) if isinstance(g, torch.Tensor)]
+    kept = [rec.func for rec, g in zip(capture.records, got) if isinstance(g, torch.Tensor)]
     assert F.layer_norm not in kept and F.group_norm not in kept
     if case == "groupnorm_cnn":  # its second convolution's weight (288) exceeds a sample's output (200)
         assert kept.count(F.conv2d) == 1
+    *_, from_autograd = held_gradients(case, monkeypatch, capture_all=True)
+    for a, b in zip(got, from_autograd):
+        assert type(a) is type(b)
+        for u, v in zip(*(g.pairs if isinstance(g, ghost_module.SampleGradients) else [(g, g)] for g in (a, b))):
+            torch.testing.assert_close(u[1], v[1], rtol=0, atol=0)
+
+
+def test_only_layers_that_autograd_would_not_run_are_returned_by_it():
+    """Autograd runs a node only on the way to a returned gradient: in a CNN whose every convolution and
+    norm holds per-sample gradients, only the first convolution's ``G`` is returned with the head's (the
+    rest come from pre-hooks)."""
+    model, (x, y), _ = make_case("wide_cnn")
+    capture = ghost_module.LayerCapture(dict(model.named_parameters()), [x], x.shape[0])
+    with capture:
+        losses = cross_entropy(model(x), y)
+    small = [capture.holds_sample_gradients(rec) for rec in capture.records]
+    assert small == [True] * 4 + [False]  # the Linear head keeps its G
+    edges = [rec.edge for rec in capture.records]
+    assert ghost_module._captured_records(losses.grad_fn, edges, small) == [0, 4]
 
 
 @pytest.mark.parametrize("engine", ["ghost", "ghost_lean"])

@@ -41,7 +41,7 @@ def _net_grad(rw: MetaReweighter) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in rw.net.parameters()])
 
 
-@pytest.mark.parametrize("engine", ["forward", "reverse"])
+@pytest.mark.parametrize("engine", ["ghost", "forward", "reverse"])
 @pytest.mark.parametrize("net", ["lossnet", "metainfonet"])
 def test_bf16_autocast_keeps_net_and_its_update_in_float32(net, engine):
     rw, _, logits, weights = _train(net, engine, torch.bfloat16)
@@ -57,7 +57,7 @@ def test_bf16_autocast_keeps_net_and_its_update_in_float32(net, engine):
     assert F.cosine_similarity(_net_grad(rw), _net_grad(reference), dim=0) > 0.99
 
 
-@pytest.mark.parametrize("engine", ["forward", "reverse"])
+@pytest.mark.parametrize("engine", ["ghost", "forward", "reverse"])
 def test_l2rw_weights_are_float32_under_autocast(engine):
     _, _, _, weights = _train("l2rw", engine, torch.bfloat16)
     _, _, _, reference = _train("l2rw", engine, None)
@@ -80,3 +80,33 @@ def test_grad_scaler_scales_the_users_loss_only():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     for p, q in zip(plain_model.parameters(), scaled_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_ghost_per_sample_gradients_under_bf16_autocast():
+    """A GroupNorm CNN whose first convolution and norms hold per-sample gradients (bf16 outputs, float32
+    parameters): under autocast, ghost's net gradient is float32 and agrees with its float32 one."""
+
+    def net_grad(amp: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        g = torch.Generator().manual_seed(1)
+        meta = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))]
+        rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.5), meta, net="logitnet", num_classes=3)
+        assert rw.engine_name == "ghost"
+        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            rw.step(x, y, logits)
+        assert (logits.dtype == torch.bfloat16) == amp
+        return _net_grad(rw)
+
+    amp, full = net_grad(True), net_grad(False)
+    assert amp.dtype == torch.float32 and torch.isfinite(amp).all()
+    assert F.cosine_similarity(amp, full, dim=0) > 0.99

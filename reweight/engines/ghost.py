@@ -27,7 +27,7 @@ batch's forward and backward, and the per-layer products. Otherwise the engine r
 The ``G`` are held across the meta batch's pass, except that a layer or group norm of data keeps only
 ``sum G * x_hat`` and ``sum G`` per sample and channel, and a convolution whose weight is smaller than
 one sample's output keeps its per-sample weight gradients (one grouped convolution backward, the batch as
-groups): :class:`SampleGradients`, smaller than ``G``; ``ghost_lean`` trades one more backward
+groups): :class:`SampleGradients`, smaller than ``G``, formed by pre-hooks while the backward runs; ``ghost_lean`` trades one more backward
 for holding none.
 
 Exact when samples do not interact and activations keep the batch in dimension 0. Batch norm in train
@@ -100,6 +100,7 @@ class _Record(NamedTuple):
     edge: GradientEdge | None
     output: Tensor | None
     batch_dim: int
+    size: torch.Size | None = None  # a batched output's shape
 
 
 class SampleGradients(NamedTuple):
@@ -227,7 +228,7 @@ class LayerCapture(TorchFunctionMode):
             self.fail("layer_norm normalises over the batch dimension")
         if func is F.group_norm and bd != 0:
             self.fail("group_norm whose batch is not its first dimension")
-        self.records.append(_Record(func, args, kwargs, get_gradient_edge(out), None, bd))
+        self.records.append(_Record(func, args, kwargs, get_gradient_edge(out), None, bd, out.shape))
         self._mark(out)
 
     def _linear(self, x: Tensor, w: Tensor, b: Tensor | None, batch_dim: int) -> Tensor:
@@ -322,13 +323,9 @@ class LayerCapture(TorchFunctionMode):
 
     # ---------------------------------------------------------------- weighted gradient
 
-    def summarise(self, grads: Iterable[Tensor | None]) -> list[LayerGradient]:
-        """The layer gradients to hold: a layer's :class:`SampleGradients` where they are smaller than its
-        ``G`` (norms of data, convolutions with small weights), every other ``G`` as it is."""
-        return [
-            grad if grad is None else _sample_gradients(rec, self._is_tracked, grad) or grad
-            for rec, grad in zip(self.records, grads)
-        ]
+    def holds_sample_gradients(self, rec: _Record) -> bool:
+        """Whether ``rec``'s layer keeps its :class:`SampleGradients` rather than its ``G``."""
+        return _holds_sample_gradients(rec, self._is_tracked)
 
     def weighted_gradients(self, grads: Iterable[LayerGradient], coef: Tensor) -> dict[str, Tensor]:
         """``sum_i coef_i g_i`` for every look-ahead parameter, from the recorded inputs and the ``G`` of the
@@ -533,7 +530,7 @@ def _weighted_grads(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor)
         if need_b:
             out.append((bias, gb))
         return out
-    raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see summarise()
+    raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see holds_sample_gradients()
 
 
 def _norm_parts(rec: _Record) -> tuple[list, list[int]]:
@@ -545,21 +542,29 @@ def _norm_parts(rec: _Record) -> tuple[list, list[int]]:
     return b, list(range(2, b[0].ndim))
 
 
-def _sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients | None:
-    """A layer's :class:`SampleGradients` from its ``G`` when they are the smaller to hold and the layer's
-    input is data, else ``None`` (``G`` is held)."""
+def _holds_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool]) -> bool:
+    """A layer or group norm of data (per-sample gradients the size of its parameters), or a convolution of
+    data whose weight is smaller than one sample's output (integer padding, batch first)."""
     if rec.func in _NORMS:
-        return _norm_sample_gradients(rec, tracked, grad)
-    if rec.func in _CONV:
+        return not tracked(_norm_parts(rec)[0][0])
+    if rec.func in _CONV and rec.size is not None:
+        x, weight, _, _, padding = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])[:5]
+        per_sample = rec.size[1:].numel()
+        return not tracked(x) and not isinstance(padding, str) and rec.batch_dim == 0 and weight.numel() < per_sample
+    return False
+
+
+def _sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients:
+    """The :class:`SampleGradients` of a layer that holds them (:func:`_holds_sample_gradients`), from its ``G``."""
+    with torch.no_grad():
+        if rec.func in _NORMS:
+            return _norm_sample_gradients(rec, tracked, grad)
         return _conv_sample_gradients(rec, tracked, grad)
-    return None
 
 
-def _norm_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients | None:
+def _norm_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients:
     """``out = x_hat * weight + bias``: per sample ``sum G * x_hat`` and ``sum G`` over the positions."""
     (x, shape, weight, bias, eps), reduce = _norm_parts(rec)
-    if tracked(x):
-        return None
     dtype = torch.promote_types(grad.dtype, x.dtype)
     grad, x = grad.to(dtype), x.detach().to(dtype)
     pairs = []
@@ -576,14 +581,11 @@ def _sum_over(t: Tensor, dims: list[int]) -> Tensor:
     return t.sum(dims) if dims else t
 
 
-def _conv_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients | None:
+def _conv_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients:
     """Per-sample weight gradients of a convolution of data, one grouped convolution backward with the
-    batch folded into the channels (``n * groups`` groups), when the weight is smaller than one sample's
-    output (the early, high-resolution layers of a CNN); the bias's are ``G`` summed over the positions."""
+    batch folded into the channels (``n * groups`` groups); the bias's are ``G`` summed over the positions."""
     x, weight, bias, stride, padding, dilation, groups = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])
     n = grad.shape[0]
-    if tracked(x) or isinstance(padding, str) or weight.numel() >= grad[0].numel() or rec.batch_dim != 0:
-        return None
     k = _CONV[rec.func]
 
     def tup(v: Any) -> list[int]:
@@ -692,7 +694,7 @@ def _output_tangent(rec: _Record, tangent_of: Callable[[Tensor], Tensor | None])
         if rec.func is F.linear:
             return F.linear(x, tw, tb)
         return rec.func(x, tw, tb, *b[3:])
-    raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see summarise()
+    raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see holds_sample_gradients()
 
 
 # -------------------------------------------------------------------- capture of the caller's forward
@@ -793,22 +795,78 @@ def captured(problem: MetaProblem) -> tuple[MetaProblem, LayerCapture, bool]:
 
 
 def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: bool) -> list[LayerGradient]:
-    """``G`` of every recorded operation: one backward of the unweighted per-sample losses (``grad_outputs``
-    of ones) to the recorded output edges, no weight gradient computed; a norm's ``G`` reduced to its
-    :class:`SampleGradients` where smaller (:meth:`LayerCapture.summarise`)."""
-    edges = [rec.edge for rec in capture.records if rec.edge is not None]
-    assert len(edges) == len(capture.records)  # a batched operation's record keeps its output's edge
+    """What each recorded layer holds for the step: one backward of the unweighted per-sample losses
+    (``grad_outputs`` of ones, no weight gradient computed) gives every ``G``; a layer that holds
+    per-sample gradients (:meth:`LayerCapture.holds_sample_gradients`) forms them from its ``G`` while the
+    backward runs (a pre-hook on its node), so that those ``G`` never all exist at once."""
+    records = capture.records
+    edges = [rec.edge for rec in records if rec.edge is not None]
+    assert len(edges) == len(records)  # a batched operation's record keeps its output's edge
     logits = problem.train_logits
     assert logits is not None  # the captured forward's (take() checks it) or the engine's own
-    if not edges:
+    if not records:
         return []
     with torch.enable_grad():
         losses = problem.loss_fn(logits, problem.targets)
-        grads = torch.autograd.grad(
-            losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain, allow_unused=True
-        )
-    with torch.no_grad():
-        return capture.summarise(grads)
+    small = [capture.holds_sample_gradients(rec) for rec in records]
+    captured = _captured_records(losses.grad_fn, edges, small)
+    held: list[LayerGradient] = [None] * len(records)
+
+    def keep(i: int) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            grad = grad_outputs[edges[i].output_nr]
+            if grad is not None:
+                held[i] = _sample_gradients(records[i], capture._is_tracked, grad)
+
+        return hook
+
+    handles = [edges[i].node.register_prehook(keep(i)) for i in range(len(edges)) if small[i] and i not in captured]
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                losses,
+                [edges[i] for i in captured],
+                grad_outputs=torch.ones_like(losses),
+                retain_graph=retain,
+                allow_unused=True,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, grad in zip(captured, grads):
+        held[i] = grad if grad is None or not small[i] else _sample_gradients(records[i], capture._is_tracked, grad)
+    return held
+
+
+def _captured_records(root: Any, edges: list[GradientEdge], small: list[bool]) -> list[int]:
+    """Indices of the records whose output gradient the backward must return: every record holding ``G``,
+    and a record holding per-sample gradients whose node leads to no returned gradient (autograd would not
+    run it, so its pre-hook would not fire: the first layers of a network).
+
+    One post-order walk of the graph from ``root`` (the losses' node): a node is needed when it or a node
+    after it in the backward is a returned edge's node."""
+    on_node: dict[Any, list[int]] = {}
+    for i, edge in enumerate(edges):
+        on_node.setdefault(edge.node, []).append(i)
+    captured = {i for i, s in enumerate(small) if not s}
+    targets = {edges[i].node for i in captured}
+    needed: dict[Any, bool] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)] if root is not None else []
+    while stack:
+        node, expanded = stack.pop()
+        if node in needed:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in needed)
+            continue
+        below = any(needed[child] for child in children)
+        for i in on_node.get(node, ()):
+            if small[i] and not below:
+                captured.add(i)
+        needed[node] = below or node in targets or any(i in captured for i in on_node.get(node, ()))
+    return sorted(captured)
 
 
 def coefficients_from(
