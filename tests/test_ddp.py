@@ -103,7 +103,12 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
         opt.step()
     net = {} if rw.net is None else {k: v.clone() for k, v in rw.net.state_dict().items()}
-    return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "net": net, "weights": torch.cat(weights)}
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "net": net,
+        "weights": torch.cat(weights),
+        "engine": rw.engine_name,
+    }
 
 
 def _nonfinite_agreement(rank: int) -> dict[str, Any]:
@@ -195,6 +200,13 @@ def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
     torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
     # the run is not trivial: the weights vary within the batches
     assert single["weights"].std() > 1e-3
+
+
+def test_auto_engine_under_ddp_is_ghost_where_exact(ranks):
+    """The configurations without an engine or head look-ahead ran the ghost engine on every rank."""
+    expected = {"linear_head": "linear_head", "finite_difference": "finite_difference"}
+    for name in CONFIGS:
+        assert {r[name]["engine"] for r in ranks} == {expected.get(name, "ghost")}, name
 
 
 def test_nonfinite_decision_is_global(ranks):
