@@ -27,8 +27,8 @@ batch's forward and backward, and the per-layer products. Otherwise the engine r
 The ``G`` are held across the meta batch's pass, except that a layer or group norm of data keeps only
 ``sum G * x_hat`` and ``sum G`` per sample and channel, and a convolution whose weight is smaller than
 one sample's output keeps its per-sample weight gradients (one grouped convolution backward, the batch as
-groups): :class:`SampleGradients`, smaller than ``G``, formed by pre-hooks while the backward runs; ``ghost_lean`` trades one more backward
-for holding none.
+groups): :class:`SampleGradients`, smaller than ``G``, formed by pre-hooks while the backward runs;
+``ghost_lean`` trades one more backward for holding none.
 
 Exact when samples do not interact and activations keep the batch in dimension 0. Batch norm in train
 mode, an operation of a parameter with a batched output whose batch dimension is not ``n``, in-place
