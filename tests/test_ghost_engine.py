@@ -126,6 +126,25 @@ def images(n: int, seed: int, shape=(2, 8, 8)):
     return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, K, (n,), generator=g)
 
 
+class Shifts(nn.Module):
+    """Bare Parameters added and subtracted in each operand position (the record keeps only the data's
+    shape for these), and one multiplied (it keeps the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * 8 * 8, 8)
+        self.shift = nn.Parameter(0.1 * torch.randn(8))
+        self.offset = nn.Parameter(0.1 * torch.randn(8))
+        self.gain = nn.Parameter(1 + 0.1 * torch.randn(8))
+        self.head = nn.Linear(8, K)
+
+    def forward(self, x):
+        h = self.fc(x.flatten(1))
+        h = torch.tanh(self.shift - h) + self.offset
+        h = torch.sub(h, self.shift, alpha=0.5) * self.gain
+        return self.head(1.0 + h - self.offset)
+
+
 def wide_cnn() -> nn.Module:
     """Every convolution's weight is smaller than one sample's output: all of them hold per-sample
     gradients (grouped, strided, dilated, with and without bias), the last one with an existing group."""
@@ -149,6 +168,7 @@ CASES = {
     "conv1d": (conv1d_net, lambda n, seed: images(n, seed, (2, 8))),
     "tied": (lambda: Tied(), tokens),
     "wide_cnn": (wide_cnn, lambda n, seed: images(n, seed, (2, 12, 12))),
+    "shifts": (lambda: Shifts(), images),
 }
 
 

@@ -118,6 +118,14 @@ class SampleGradients(NamedTuple):
 LayerGradient = Tensor | SampleGradients | None
 
 
+_ADDITIVE = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__"})
+
+
+def _shape_only(t: Tensor) -> Tensor:
+    """A tensor of ``t``'s shape and dtype that holds no memory (a broadcast zero)."""
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
 def _walk(obj: Any) -> Iterable[Tensor]:
     if isinstance(obj, Tensor):
         yield obj
@@ -228,6 +236,8 @@ class LayerCapture(TorchFunctionMode):
             self.fail("layer_norm normalises over the batch dimension")
         if func is F.group_norm and bd != 0:
             self.fail("group_norm whose batch is not its first dimension")
+        if name in _ADDITIVE:  # its derivatives do not read the data operand: keep its shape, not its memory
+            args = tuple(_shape_only(a) if isinstance(a, Tensor) and not self._is_tracked(a) else a for a in args)
         self.records.append(_Record(func, args, kwargs, get_gradient_edge(out), None, bd, out.shape))
         self._mark(out)
 
@@ -289,7 +299,9 @@ class LayerCapture(TorchFunctionMode):
             )
             if key_padding_mask is not None:
                 is_causal = False
-        proj = self._linear(query, p["in_proj_weight"], p["in_proj_bias"], 1)
+        # the copy a batch-first module's transposed input gets inside linear anyway, made here so that the
+        # record holds the tensor autograd saves rather than keeping the layer's input alive beside it
+        proj = self._linear(query.contiguous(), p["in_proj_weight"], p["in_proj_bias"], 1)
         proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
         q, k, v = proj[0], proj[1], proj[2]
         if attn_mask is not None and attn_mask.dim() == 2:
