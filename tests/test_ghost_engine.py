@@ -235,7 +235,7 @@ def held_gradients(case: str, monkeypatch=None, capture_all: bool = False):
     with capture:
         logits = model(x)
     if capture_all:
-        monkeypatch.setattr(ghost_module, "_captured_records", lambda root, edges, small: list(range(len(edges))))
+        monkeypatch.setattr(ghost_module, "_returned_records", lambda root, edges, small: list(range(len(edges))))
     problem = SimpleNamespace(train_logits=logits, loss_fn=cross_entropy, targets=y)
     return model, (x, y), params, capture, ghost_module.layer_output_gradients(problem, capture, retain=False)
 
@@ -274,7 +274,7 @@ def test_only_layers_that_autograd_would_not_run_are_returned_by_it():
     small = [capture.holds_sample_gradients(rec) for rec in capture.records]
     assert small == [True] * 4 + [False]  # the Linear head keeps its G
     edges = [rec.edge for rec in capture.records]
-    assert ghost_module._captured_records(losses.grad_fn, edges, small) == [0, 4]
+    assert ghost_module._returned_records(losses.grad_fn, edges, small) == [0, 4]
 
 
 @pytest.mark.parametrize("engine", ["ghost", "ghost_lean"])

@@ -516,30 +516,13 @@ def _weighted_grads(rec: _Record, tracked: Callable[[Tensor], bool], wg: Tensor)
         return out
     if rec.func in _CONV:
         weight, bias = b[1], b[2]
-        k = _CONV[rec.func]
         if isinstance(b[4], str):  # padding="same" / "valid": no closed form needed, one VJP
             return _vjp_batched(rec, tracked, wg)
-
-        def tup(v: Any) -> list[int]:
-            return list(v) if isinstance(v, tuple | list) else [v] * k
-
         need_w, need_b = tracked(weight), bias is not None and tracked(bias)
-        _, gw, gb = torch.ops.aten.convolution_backward(
-            wg,
-            x.to(wg.dtype),
-            weight.detach().to(wg.dtype),
-            [weight.shape[0]] if need_b else None,
-            tup(b[3]),
-            tup(b[4]),
-            tup(b[5]),
-            False,
-            [0] * k,
-            b[6],
-            [False, need_w, need_b],
-        )
-        if need_w:
+        gw, gb = _conv_parameter_grads(rec, wg, x, weight, need_w, need_b)
+        if gw is not None:
             out.append((weight, gw))
-        if need_b:
+        if gb is not None:
             out.append((bias, gb))
         return out
     raise AssertionError(f"{rec.func.__name__} of data is held as SampleGradients")  # see holds_sample_gradients()
@@ -596,32 +579,52 @@ def _sum_over(t: Tensor, dims: list[int]) -> Tensor:
 def _conv_sample_gradients(rec: _Record, tracked: Callable[[Tensor], bool], grad: Tensor) -> SampleGradients:
     """Per-sample weight gradients of a convolution of data, one grouped convolution backward with the
     batch folded into the channels (``n * groups`` groups); the bias's are ``G`` summed over the positions."""
-    x, weight, bias, stride, padding, dilation, groups = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])
+    x, weight, bias = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])[:3]
     n = grad.shape[0]
+    pairs = []
+    if tracked(weight):
+        per_sample, _ = _conv_parameter_grads(
+            rec,
+            grad.reshape(1, -1, *grad.shape[2:]),
+            x.detach().reshape(1, -1, *x.shape[2:]),
+            weight.detach().repeat(n, *[1] * (weight.ndim - 1)),
+            need_weight=True,
+            need_bias=False,
+            batch_groups=n,
+        )
+        assert per_sample is not None
+        pairs.append((weight, per_sample.view(n, *weight.shape)))
+    if bias is not None and tracked(bias):
+        pairs.append((bias, grad.sum(list(range(2, grad.ndim)))))
+    return SampleGradients(tuple(pairs))
+
+
+def _conv_parameter_grads(
+    rec: _Record, grad: Tensor, x: Tensor, weight: Tensor, need_weight: bool, need_bias: bool, batch_groups: int = 1
+) -> tuple[Tensor | None, Tensor | None]:
+    """Weight and bias gradients of ``rec``'s convolution (its stride, integer padding, dilation and groups)
+    for output gradient ``grad`` and input ``x``, computed in ``grad``'s dtype; ``batch_groups`` multiplies
+    the groups (the batch folded into the channels gives per-sample weight gradients)."""
+    stride, padding, dilation, groups = _bind(rec.args, rec.kwargs, *_SIGNATURES[rec.func])[3:]
     k = _CONV[rec.func]
 
     def tup(v: Any) -> list[int]:
         return list(v) if isinstance(v, tuple | list) else [v] * k
 
-    pairs = []
-    if tracked(weight):
-        per_sample = torch.ops.aten.convolution_backward(
-            grad.reshape(1, -1, *grad.shape[2:]),
-            x.detach().to(grad.dtype).reshape(1, -1, *x.shape[2:]),
-            weight.detach().to(grad.dtype).repeat(n, *[1] * (weight.ndim - 1)),
-            None,
-            tup(stride),
-            tup(padding),
-            tup(dilation),
-            False,
-            [0] * k,
-            n * groups,
-            [False, True, False],
-        )[1]
-        pairs.append((weight, per_sample.view(n, *weight.shape)))
-    if bias is not None and tracked(bias):
-        pairs.append((bias, grad.sum(list(range(2, grad.ndim)))))
-    return SampleGradients(tuple(pairs))
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        grad,
+        x.to(grad.dtype),
+        weight.detach().to(grad.dtype),
+        [weight.shape[0]] if need_bias else None,
+        tup(stride),
+        tup(padding),
+        tup(dilation),
+        False,
+        [0] * k,
+        groups * batch_groups,
+        [False, need_weight, need_bias],
+    )
+    return gw, gb
 
 
 def _sample_contribution(tangent_of: Callable[[Tensor], Tensor | None], held: SampleGradients) -> Tensor | None:
@@ -821,7 +824,7 @@ def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: 
     with torch.enable_grad():
         losses = problem.loss_fn(logits, problem.targets)
     small = [capture.holds_sample_gradients(rec) for rec in records]
-    captured = _captured_records(losses.grad_fn, edges, small)
+    returned = _returned_records(losses.grad_fn, edges, small)
     held: list[LayerGradient] = [None] * len(records)
 
     def keep(i: int) -> Callable[[tuple[Tensor | None, ...]], None]:
@@ -832,12 +835,12 @@ def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: 
 
         return hook
 
-    handles = [edges[i].node.register_prehook(keep(i)) for i in range(len(edges)) if small[i] and i not in captured]
+    handles = [edges[i].node.register_prehook(keep(i)) for i in range(len(edges)) if small[i] and i not in returned]
     try:
         with torch.enable_grad():
             grads = torch.autograd.grad(
                 losses,
-                [edges[i] for i in captured],
+                [edges[i] for i in returned],
                 grad_outputs=torch.ones_like(losses),
                 retain_graph=retain,
                 allow_unused=True,
@@ -845,12 +848,12 @@ def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: 
     finally:
         for handle in handles:
             handle.remove()
-    for i, grad in zip(captured, grads):
+    for i, grad in zip(returned, grads):
         held[i] = grad if grad is None or not small[i] else _sample_gradients(records[i], capture._is_tracked, grad)
     return held
 
 
-def _captured_records(root: Any, edges: list[GradientEdge], small: list[bool]) -> list[int]:
+def _returned_records(root: Any, edges: list[GradientEdge], small: list[bool]) -> list[int]:
     """Indices of the records whose output gradient the backward must return: every record holding ``G``,
     and a record holding per-sample gradients whose node leads to no returned gradient (autograd would not
     run it, so its pre-hook would not fire: the first layers of a network).
@@ -860,8 +863,8 @@ def _captured_records(root: Any, edges: list[GradientEdge], small: list[bool]) -
     on_node: dict[Any, list[int]] = {}
     for i, edge in enumerate(edges):
         on_node.setdefault(edge.node, []).append(i)
-    captured = {i for i, s in enumerate(small) if not s}
-    targets = {edges[i].node for i in captured}
+    returned = {i for i, s in enumerate(small) if not s}
+    targets = {edges[i].node for i in returned}
     needed: dict[Any, bool] = {}
     stack: list[tuple[Any, bool]] = [(root, False)] if root is not None else []
     while stack:
@@ -876,9 +879,9 @@ def _captured_records(root: Any, edges: list[GradientEdge], small: list[bool]) -
         below = any(needed[child] for child in children)
         for i in on_node.get(node, ()):
             if small[i] and not below:
-                captured.add(i)
-        needed[node] = below or node in targets or any(i in captured for i in on_node.get(node, ()))
-    return sorted(captured)
+                returned.add(i)
+        needed[node] = below or node in targets or any(i in returned for i in on_node.get(node, ()))
+    return sorted(returned)
 
 
 def coefficients_from(
