@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from reweight import MetaInfoNet, MetaReweighter, NonFiniteLossError
+
+from conftest import spawn_ranks
 
 WORLD, SHARD, META_SHARD, STEPS, FEATURES, CLASSES = 2, 6, 5, 5, 6, 3
 
@@ -166,15 +166,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks() -> list[dict[str, Any]]:
     """Run the 2-process group once for every test of this module; returns each rank's results."""
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        context = mp.start_processes(_worker, args=(init_file, tmp), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + 240
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                pytest.fail("the DDP workers did not finish within 240 s (a collective mismatch hangs)")
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        return spawn_ranks(_worker, (os.path.join(tmp, "init"), tmp), tmp, WORLD, timeout_s=240)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -16,17 +16,17 @@ import pickle
 import tempfile
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from reweight import DistributedStepError, MetaReweighter, NonFiniteLossError
+
+from conftest import spawn_ranks
 
 WORLD, SHARD, FEATURES, CLASSES, TIMEOUT_S = 2, 6, 5, 3, 30
 
@@ -210,16 +210,7 @@ def test_training_continues_as_if_the_bad_step_never_happened(ranks, fault):
 
 
 def _spawn(tmp: str) -> list[dict[str, Any]]:
-    context = mp.start_processes(
-        _worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            raise TimeoutError("the DDP workers did not finish within 300 s")
-    return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, (os.path.join(tmp, "init"), tmp), tmp, WORLD, timeout_s=300)
 
 
 if __name__ == "__main__":  # python tests/test_ddp_faults.py: how long each rank's failing step() took

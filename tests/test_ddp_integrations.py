@@ -15,15 +15,12 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,6 +32,8 @@ if not os.environ.get("CI"):  # CI installs the extras (".[test]") and must run 
 from test_integration_transformers import bert, llama, text_dataset  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
+
+from conftest import spawn_ranks  # noqa: E402
 
 WORLD, STEPS, CLASSES = 2, 3, 3
 HF_LOOKAHEAD_LR = 2.0  # the Trainer's lr 0.05 alone moves the weights too little to tell normalisations apart
@@ -318,14 +317,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + 420
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                pytest.fail("the DDP workers did not finish within 420 s")
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        return spawn_ranks(_worker, (_free_port(), tmp), tmp, WORLD, timeout_s=420)
 
 
 def _single_process(model, optimizer, meta, loss_fn, steps, forward, **kw) -> MetaReweighter:
