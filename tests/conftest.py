@@ -115,3 +115,18 @@ def spawn_ranks(worker, args: tuple, out_dir: str, nprocs: int, timeout_s: float
                 p.kill()
             raise TimeoutError(f"the {nprocs} DDP workers did not finish within {timeout_s} s")
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+class SelfAttention(nn.Module):
+    """A hand-written two-head SDPA block (packed projection), with attention dropout in train mode."""
+
+    def __init__(self, d: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(h.transpose(1, 2).reshape(x.shape))

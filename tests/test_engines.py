@@ -11,23 +11,11 @@ from torch import nn
 
 from reweight import MetaReweighter
 
-from conftest import NoForwardAD, assert_same, make_batch, make_cnn, snapshot
+from conftest import NoForwardAD, SelfAttention, assert_same, make_batch, make_cnn, snapshot
 
 EXACT = ["reverse", "forward", "higher"]
 ALL = [*EXACT, "finite_difference"]
 VOCAB, SEQ, K = 20, 6, 3
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)
-        return self.out(h.transpose(1, 2).reshape(x.shape))
 
 
 class TinyTransformer(nn.Module):

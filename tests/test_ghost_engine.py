@@ -18,21 +18,9 @@ from reweight.engines import ghost as ghost_module
 from reweight.losses import cross_entropy
 from reweight.virtual_step import VirtualStep
 
-from conftest import NoForwardAD, assert_same, make_batch, make_cnn, snapshot
+from conftest import NoForwardAD, SelfAttention, assert_same, make_batch, make_cnn, snapshot
 
 K, VOCAB, SEQ = 4, 16, 6
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2 if self.training else 0.0)
-        return self.out(h.transpose(1, 2).reshape(x.shape))
 
 
 class Transformer(nn.Module):
@@ -43,7 +31,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, d, padding_idx=0)
         self.pos = nn.Parameter(0.1 * torch.randn(SEQ, d))
-        self.attn = SelfAttention(d)
+        self.attn = SelfAttention(d, dropout=0.2)
         self.norm = nn.LayerNorm(d)
         self.layer = nn.TransformerEncoderLayer(
             d, nhead=2, dim_feedforward=16, dropout=dropout, batch_first=True, norm_first=True
