@@ -21,11 +21,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rank_processes import spawn_ranks
 from torch import nn
 
 from reweight import MetaInfoNet, MetaReweighter, NonFiniteLossError
-
-from conftest import spawn_ranks
 
 WORLD, SHARD, META_SHARD, STEPS, FEATURES, CLASSES = 2, 6, 5, 5, 6, 3
 

@@ -22,11 +22,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rank_processes import spawn_ranks
 from torch import nn
 
 from reweight import DistributedStepError, MetaReweighter, NonFiniteLossError
-
-from conftest import spawn_ranks
 
 WORLD, SHARD, FEATURES, CLASSES, TIMEOUT_S = 2, 6, 5, 3, 30
 

@@ -29,11 +29,10 @@ if not os.environ.get("CI"):  # CI installs the extras (".[test]") and must run 
     pytest.importorskip("lightning")
     pytest.importorskip("timm")
 
+from rank_processes import spawn_ranks  # noqa: E402
 from test_integration_transformers import bert, llama, text_dataset  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
-
-from conftest import spawn_ranks  # noqa: E402
 
 WORLD, STEPS, CLASSES = 2, 3, 3
 HF_LOOKAHEAD_LR = 2.0  # the Trainer's lr 0.05 alone moves the weights too little to tell normalisations apart

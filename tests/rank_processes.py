@@ -1,0 +1,23 @@
+"""Spawning the ranks of a data-parallel test. A module of its own, not ``conftest``: a spawned rank re-imports
+its test module, and there ``conftest`` may name the repository root's instead of this folder's."""
+
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def spawn_ranks(worker, args: tuple, out_dir: str, nprocs: int, timeout_s: float) -> list:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes, each saving ``rank{r}.pt`` in ``out_dir``;
+    the saved objects by rank. Kills them all and raises ``TimeoutError`` after ``timeout_s`` (a collective
+    one rank never joins hangs the others)."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise TimeoutError(f"the {nprocs} DDP workers did not finish within {timeout_s} s")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
