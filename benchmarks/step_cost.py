@@ -296,25 +296,56 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def live_peak_mb(fn: Callable[[], None]) -> float:
-    """Peak bytes held by live tensors while ``fn`` runs, over those held when it starts (MiB).
+def live_by_phase(fn: Callable[[], None]) -> dict[str, tuple[float, float]]:
+    """Bytes held by live tensors (MiB over those held when ``fn`` starts) as each ``reweight.<phase>``
+    profiler range begins and at its highest inside it, for the first run of each phase in ``fn``; the
+    key ``"step"`` covers all of ``fn``.
 
     Counted from the profiler's allocation and free events (``profile_memory``), so unlike the RSS it
     does not depend on what the C allocator keeps or returns: the memory a caching device allocator
     would have to provide.
     """
+    from bisect import bisect_left, bisect_right
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    times, live, total = [], [], 0
     for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
+        if e.name() == "[memory]":
+            total += e.nbytes()
+            times.append(e.start_ns())
+            live.append(total)
+    ranges: dict[str, tuple[int, int]] = {}
+    for e in events:
+        if e.name().startswith("reweight.") and e.name() not in ranges:
+            ranges[e.name()] = (e.start_ns(), e.start_ns() + e.duration_ns())
+    out = {"step": (0.0, max([0, *live]) / 2**20)}
+    for name, (begin, end) in ranges.items():
+        i, j = bisect_left(times, begin), bisect_right(times, end)
+        at_start = live[i - 1] if i else 0
+        out[name.removeprefix("reweight.")] = (at_start / 2**20, max([at_start, *live[i:j]]) / 2**20)
+    return out
+
+
+def live_peak_mb(fn: Callable[[], None]) -> float:
+    """Peak bytes held by live tensors while ``fn`` runs, over those held when it starts (MiB)."""
+    return live_by_phase(fn)["step"][1]
+
+
+def render_phases(model_name: str, phases: dict[str, dict[str, tuple[float, float]]]) -> str:
+    lines = [
+        f"### {model_name}: live tensor MiB in one step (over the step's start; the user's forward first)",
+        "",
+        "| variant | phase | at its start | highest in it |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, by_phase in phases.items():
+        for phase, (at_start, peak) in by_phase.items():
+            lines.append(f"| {name} | {phase} | {at_start:.1f} | {peak:.1f} |")
+    return "\n".join(lines)
 
 
 def measure_memory(model_name: str, variant: Variant) -> tuple[float, float, float]:
@@ -423,6 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--components", action="store_true", help="time each pass of a meta step instead")
     parser.add_argument("--memory-only", action="store_true", help="measure memory only (no timing)")
     parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="live tensor memory at each phase of one step (the library's profiler ranges) instead",
+    )
+    parser.add_argument(
         "--allocator",
         choices=["system", "retain"],
         default="system",
@@ -451,6 +487,21 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     selected = [v for v in variants() if args.only is None or any(s in v.name for s in args.only + ["plain"])]
+    if args.phases:
+        tables = []
+        for model_name in args.model:
+            phases = {}
+            for variant in tqdm([v for v in selected if v.kind == "reweight"], desc=model_name):
+                step = make_step(Setup(model_name, variant.meta_batch), variant)
+                step(), step()  # warm-up; the third step is the one measured
+                phases[variant.name] = live_by_phase(step)
+            tables.append(render_phases(model_name, phases))
+        text = "\n\n".join(tables)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+        return
+
     tables, raw = [], {}
     for model_name in args.model:
         rows = []

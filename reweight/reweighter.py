@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Inputs, LogitsFn, as_logits, batch_size, logits_of, split_batch, to_device, unwrap_model
+from ._profiling import phase
 from ._rng import isolated_rng
 from ._state import (
     STATE_VERSION,
@@ -467,7 +468,8 @@ class MetaReweighter:
         # The engines scope the math SDPA backend to their forward-mode / double-backward passes; the
         # first-order passes keep the attention kernel the caller chose.
         try:
-            return get_engine(self._engine_name)(problem)
+            with phase(f"engine.{self._engine_name}"):
+                return get_engine(self._engine_name)(problem)
         except NotImplementedError as err:
             if self.engine != "auto" or self._engine_name == self._auto_engines[-1]:
                 raise
@@ -667,7 +669,8 @@ class MetaReweighter:
         applied, weights = False, None
         with isolated_rng(rank_seed, self.device):
             if update and all_finite:
-                applied, weights = self._meta_update(inputs, targets, logits, net_inputs, meta)
+                with phase("meta_update"):
+                    applied, weights = self._meta_update(inputs, targets, logits, net_inputs, meta)
             if weights is None:
                 weights = self._current_weights(net_inputs, finite)
         if self._pending_finite is not None:  # a step without a meta update

@@ -25,3 +25,22 @@ def test_variants_run(model_name):
         step = step_cost.make_step(setup, variant)
         for _ in range(variant.interval + 1):
             step()
+
+
+def test_live_bytes_are_read_per_profiler_range():
+    import torch
+    from torch.profiler import record_function
+
+    def fn():
+        kept = torch.empty(2**18)  # 1 MiB of float32
+        with record_function("reweight.a"):
+            torch.empty(2**19).fill_(1.0)  # 2 MiB, freed inside the range
+        with record_function("reweight.b"):
+            pass
+        del kept
+
+    phases = step_cost.live_by_phase(fn)
+    assert phases["a"] == pytest.approx((1.0, 3.0))
+    assert phases["b"] == pytest.approx((1.0, 1.0))
+    assert phases["step"] == pytest.approx((0.0, 3.0))
+    assert step_cost.live_peak_mb(fn) == pytest.approx(3.0)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import Inputs, LogitsFn, as_logits, call_model
+from .._profiling import phase
 from .._registry import Registry
 from ..distributed import DataParallelGroup
 from ..lookahead import HeadCapture
@@ -128,19 +129,21 @@ def weighted_train_gradient(problem: MetaProblem, weights: Tensor, create_graph:
         retain = create_graph
     losses = problem.loss_fn(logits, problem.targets)
     values = list(params.values())
-    grads = torch.autograd.grad(
-        (weights * losses).mean(), values, create_graph=create_graph, retain_graph=retain, allow_unused=True
-    )
+    with phase("weighted_gradient"):
+        grads = torch.autograd.grad(
+            (weights * losses).mean(), values, create_graph=create_graph, retain_graph=retain, allow_unused=True
+        )
     return dict(zip(params, _zeros_for_unused(grads, values)))
 
 
 def meta_loss_and_gradient(problem: MetaProblem, theta_hat: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The mean meta loss at ``theta_hat`` (detached there) and its gradient ``v`` with respect to it."""
-    leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
-    logits = call_model(problem.model, leaves, problem.meta_inputs, problem.logits_fn)
-    loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
-    values = list(leaves.values())
-    grads = torch.autograd.grad(loss, values, allow_unused=True)
+    with phase("meta_pass"):
+        leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
+        logits = call_model(problem.model, leaves, problem.meta_inputs, problem.logits_fn)
+        loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
+        values = list(leaves.values())
+        grads = torch.autograd.grad(loss, values, allow_unused=True)
     return loss.detach(), dict(zip(leaves, _zeros_for_unused(grads, values)))
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._batch import call_model
+from .._profiling import phase
 from .base import MetaGradient, MetaProblem, detached_params, lookahead, register_engine
 
 __all__ = ["forward_meta_gradient"]
@@ -43,6 +44,7 @@ def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
     meta_loss, tangent = lookahead(problem)
     params = detached_params(problem)
     with ExitStack() as stack:
+        stack.enter_context(phase("jvp"))
         stack.enter_context(torch.no_grad())
         stack.enter_context(fwAD.dual_level())
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))  # the fused attention kernels have no JVP

@@ -49,6 +49,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from .._batch import _tensors, call_model
+from .._profiling import phase
 from ..virtual_step import apply_virtual_step
 from .base import MetaGradient, MetaProblem, detached_params, meta_loss_and_gradient, register_engine
 
@@ -837,7 +838,7 @@ def layer_output_gradients(problem: MetaProblem, capture: LayerCapture, retain: 
 
     handles = [edges[i].node.register_prehook(keep(i)) for i in range(len(edges)) if small[i] and i not in returned]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), phase("layer_gradients"):
             grads = torch.autograd.grad(
                 losses,
                 [edges[i] for i in returned],
@@ -888,7 +889,7 @@ def coefficients_from(
     problem: MetaProblem, capture: LayerCapture, tangent: Mapping[str, Tensor], grads: list[LayerGradient]
 ) -> Tensor:
     """``c_i = -<tangent, g_i> / n`` from the per-layer inner products."""
-    with torch.no_grad():
+    with torch.no_grad(), phase("inner_products"):
         products = capture.inner_products(tangent, grads).to(problem.weights.device)
     return -products.to(problem.weights.dtype) / problem.global_batch_size
 
@@ -903,7 +904,7 @@ def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """
     problem, capture, reused = captured(problem)
     grads = layer_output_gradients(problem, capture, retain=reused)
-    with torch.no_grad():
+    with torch.no_grad(), phase("weighted_gradient"):
         weighted = capture.weighted_gradients(grads, problem.weights / problem.weights.shape[0])
     weighted = problem.group.mean({k: weighted[k] for k in problem.params})
     theta_hat = apply_virtual_step(detached_params(problem), weighted, problem.step)

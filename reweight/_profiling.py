@@ -1,0 +1,13 @@
+"""Named ranges for the profiler: each phase of a meta step appears as ``reweight.<phase>`` in a trace."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch.profiler import record_function
+
+
+def phase(name: str) -> AbstractContextManager[object]:
+    """``record_function("reweight." + name)`` while a profiler records, else a no-op (no dispatcher call)."""
+    return record_function(f"reweight.{name}") if torch.autograd._profiler_enabled() else nullcontext()
