@@ -33,6 +33,11 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (``KeyError`` if it is not registered)."""
+        del self._entries[name]
+        del self._descriptions[name]
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise ValueError(f"unknown {self._kind} {name!r}; registered: {', '.join(self.names())}")

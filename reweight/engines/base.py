@@ -10,7 +10,8 @@ that is exact because ``c`` does not depend on ``phi`` (see docs/design.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +28,11 @@ __all__ = [
     "MetaProblem",
     "MetaGradient",
     "Engine",
+    "EngineSpec",
+    "ForwardCapture",
     "register_engine",
     "get_engine",
+    "get_engine_spec",
     "list_engines",
     "weighted_train_gradient",
     "meta_loss_and_gradient",
@@ -53,6 +57,8 @@ class MetaProblem(NamedTuple):
             training batch's inputs to it from the caller's forward.
         logits_fn: the model's outputs to logits, for every forward an engine makes (``call_model``'s
             fourth argument).
+        capture: the engine's capture of the caller's forward (made by its spec's ``capture`` factory),
+            or ``None`` when it declares none or the reweighter does not capture.
     """
 
     model: nn.Module
@@ -70,6 +76,7 @@ class MetaProblem(NamedTuple):
     head: HeadCapture | None = None
     head_features: Tensor | None = None
     logits_fn: LogitsFn = as_logits
+    capture: Any = None
 
     @property
     def global_batch_size(self) -> int:
@@ -85,23 +92,112 @@ class MetaGradient(NamedTuple):
 
 
 Engine = Callable[[MetaProblem], MetaGradient]
+ExactnessCheck = Callable[[nn.Module, Mapping[str, Tensor]], "str | None"]
 
-_ENGINES: Registry[Engine] = Registry("engine")
+
+class ForwardCapture(Protocol):
+    """What a capture factory returns: hooks on the model that record the caller's forward while ``armed``.
+
+    The reweighter arms it before each updating step, disarms it inside ``step`` (the look-ahead's own
+    forwards are not the caller's), hands it to the engine as ``MetaProblem.capture`` and calls
+    :meth:`remove` when the engine changes or on ``remove_hooks()``.
+    """
+
+    armed: bool
+
+    def remove(self) -> None: ...
 
 
-def register_engine(name: str, *, description: str = "") -> Callable[[Engine], Engine]:
-    """Register ``engine(problem) -> MetaGradient`` under ``name``."""
-    return _ENGINES.register(name, description=description)
+CaptureFactory = Callable[[nn.Module, Callable[[], Mapping[str, Tensor]]], ForwardCapture]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine declares when registered; the reweighter reads nothing else about it.
+
+    Attributes:
+        name: the registered name.
+        fn: ``fn(problem) -> MetaGradient``.
+        description: one line for :func:`list_engines`.
+        data_parallel: whether the engine splits over data-parallel ranks (averages its gradients with
+            ``problem.group``); an engine that does not is refused under DDP at construction.
+        exactness: ``check(model, lookahead_params) -> reason | None``: why the engine may not be exact for
+            the model (``None``: exact). ``auto`` skips an engine whose check gives a reason.
+        capture: factory ``(model, params_fn) -> ForwardCapture`` of hooks that record the caller's forward
+            for the engine to reuse (reaches the engine as ``MetaProblem.capture``).
+        needs_head: the engine works on ``lookahead="head"`` only (it reads ``problem.head_features``).
+        auto: rank among the engines ``auto`` may pick (lower first); ``None``: never picked by ``auto``.
+        requires: called at construction to check that an optional dependency is installed (raises
+            ``ImportError`` naming it).
+    """
+
+    name: str
+    fn: Engine
+    description: str = ""
+    data_parallel: bool = True
+    exactness: ExactnessCheck | None = None
+    capture: CaptureFactory | None = None
+    needs_head: bool = False
+    auto: int | None = None
+    requires: Callable[[], object] | None = None
+
+    def __call__(self, problem: MetaProblem) -> MetaGradient:
+        return self.fn(problem)
+
+
+_ENGINES: Registry[EngineSpec] = Registry("engine")
+
+
+def register_engine(
+    name: str,
+    *,
+    description: str = "",
+    data_parallel: bool = True,
+    exactness: ExactnessCheck | None = None,
+    capture: CaptureFactory | None = None,
+    needs_head: bool = False,
+    auto: int | None = None,
+    requires: Callable[[], object] | None = None,
+) -> Callable[[Engine], Engine]:
+    """Register ``engine(problem) -> MetaGradient`` under ``name`` with what it needs (:class:`EngineSpec`).
+
+    Example:
+        >>> @register_engine("zero", description="all-zero coefficients (a toy)", data_parallel=True)
+        ... def zero(problem):
+        ...     return MetaGradient(torch.zeros_like(problem.weights), problem.weights.new_zeros(()))
+        >>> get_engine_spec("zero").data_parallel
+        True
+        >>> _ENGINES.unregister("zero")
+    """
+
+    def decorator(fn: Engine) -> Engine:
+        spec = EngineSpec(
+            name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires
+        )
+        _ENGINES.register(name, description=description)(spec)
+        return fn
+
+    return decorator
+
+
+def get_engine_spec(name: str) -> EngineSpec:
+    """The spec registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    return _ENGINES.get(name)
 
 
 def get_engine(name: str) -> Engine:
-    """The engine registered as ``name``; ``ValueError`` listing the registered names otherwise."""
-    return _ENGINES.get(name)
+    """The engine function registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    return _ENGINES.get(name).fn
 
 
 def list_engines(with_description: bool = False) -> list[str] | dict[str, str]:
     """Names of the registered engines (with descriptions if asked)."""
     return _ENGINES.describe() if with_description else _ENGINES.names()
+
+
+def engine_specs() -> list[EngineSpec]:
+    """Every registered spec, by name."""
+    return [_ENGINES.get(name) for name in _ENGINES.names()]
 
 
 def _zeros_for_unused(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> list[Tensor]:
