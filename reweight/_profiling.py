@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 
-import torch
 from torch.profiler import record_function
+
+from ._compat import profiler_enabled
 
 
 def phase(name: str) -> AbstractContextManager[object]:
     """``record_function("reweight." + name)`` while a profiler records, else a no-op (no dispatcher call)."""
-    return record_function(f"reweight.{name}") if torch.autograd._profiler_enabled() else nullcontext()
+    return record_function(f"reweight.{name}") if profiler_enabled() else nullcontext()

@@ -26,7 +26,13 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # torch.distributed may be missing at run time (builds without it)
     from torch.distributed import ProcessGroup
 
-__all__ = ["DataParallelGroup", "DistributedStepError", "check_sync_batchnorm", "data_parallel_group"]
+__all__ = [
+    "DataParallelGroup",
+    "DistributedStepError",
+    "check_parameter_kinds",
+    "check_sync_batchnorm",
+    "data_parallel_group",
+]
 
 _MAX_MESSAGE = 2000  # characters of each failing rank's message that travel to the other ranks
 
@@ -268,6 +274,56 @@ def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup) -> None:
             "keep plain BatchNorm (each rank normalises by its shard's batch statistics, see docs/distributed.md): "
             "do not call nn.SyncBatchNorm.convert_sync_batchnorm (Lightning: sync_batchnorm=False; timm: no --sync-bn)"
         )
+
+
+def _sharded_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        return None
+    return DTensor
+
+
+def _legacy_fsdp_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def check_parameter_kinds(model: nn.Module, module: nn.Module, lookahead: Iterable[tuple[str, Tensor]]) -> None:
+    """Refuse parameters the look-ahead cannot treat as whole tensors, before anything is built.
+
+    The look-ahead replaces each parameter by a plain tensor of the same shape; a sharded parameter
+    (``DTensor``, from FSDP2's ``fully_shard``), a model under the ``FullyShardedDataParallel`` wrapper
+    (flattened shards), or a look-ahead parameter of a tensor subclass it does not know would give a
+    meta-gradient of the shards or of the subclass's storage: a wrong answer that raises nothing.
+
+    Raises:
+        ValueError: naming the parameter or wrapper and the alternative.
+    """
+    legacy = _legacy_fsdp_type()
+    if legacy is not None and any(isinstance(m, legacy) for m in (model, *module.modules())):
+        raise ValueError(
+            "the model is wrapped in FullyShardedDataParallel, whose flattened parameter shards the look-ahead "
+            "cannot use; train with DistributedDataParallel (exact under reweighting, see docs/distributed.md)"
+        )
+    sharded = _sharded_type()
+    if sharded is not None:
+        names = [name for name, p in module.named_parameters() if isinstance(p, sharded)]
+        if names:
+            raise ValueError(
+                f"parameter {names[0]!r} is a DTensor (sharded by FSDP2's fully_shard or tensor parallelism), "
+                "which the look-ahead does not support yet; train with DistributedDataParallel (exact under "
+                "reweighting, see docs/distributed.md)"
+            )
+    for name, p in lookahead:
+        if type(p) not in (nn.Parameter, Tensor):
+            raise ValueError(
+                f"look-ahead parameter {name!r} is a {type(p).__name__}, a tensor subclass the look-ahead does "
+                "not support; exclude it with lookahead= (name patterns or a submodule) or freeze it"
+            )
 
 
 def data_parallel_group(model: nn.Module, process_group: ProcessGroup | None = None) -> DataParallelGroup:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._compat import assert_async
+
 __all__ = [
     "PerSampleLoss",
     "cross_entropy",
@@ -52,7 +54,7 @@ def check_class_targets(logits: Tensor, targets: Tensor) -> None:
     if targets.numel():
         in_range = ((targets >= 0) & (targets < num_classes)).all()
         try:  # a device-side assert: no host sync (a CPU tensor is checked at once, a GPU's at its next sync)
-            torch._assert_async(in_range, f"labels must lie in [0, {num_classes})")
+            assert_async(in_range, f"labels must lie in [0, {num_classes})")
         except RuntimeError:
             lo, hi = int(targets.min()), int(targets.max())
             raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]") from None

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
 from contextlib import ExitStack
 
@@ -17,30 +15,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._batch import call_model
+from .._compat import load_jvp_decompositions
 from .._profiling import phase
 from .base import MetaGradient, MetaProblem, detached_params, lookahead, register_engine
 
 __all__ = ["forward_meta_gradient"]
 
 
-def _load_jvp_decompositions() -> None:
-    """Import torch's forward-AD decompositions with exactly their ``torch.jit.script`` FutureWarning silenced.
-
-    ``fwAD.make_dual`` imports ``torch._decomp.decompositions_for_jvp`` on first use, which scripts its rules
-    with the deprecated ``torch.jit.script`` and so warns once per process in every reweighted run; nothing
-    else is filtered, and a process that imported the module already is left alone.
-    """
-    if "torch._decomp.decompositions_for_jvp" in sys.modules:
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        importlib.import_module("torch._decomp.decompositions_for_jvp")
-
-
-@register_engine("forward", description="exact: one forward-mode JVP of the per-sample losses")
+@register_engine("forward", description="exact: one forward-mode JVP of the per-sample losses", auto=1)
 def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from a JVP of ``theta -> [L_1 .. L_n]`` along ``scale * v`` (``torch.autograd.forward_ad``)."""
-    _load_jvp_decompositions()
+    load_jvp_decompositions()
     meta_loss, tangent = lookahead(problem)
     params = detached_params(problem)
     with ExitStack() as stack:

@@ -894,7 +894,13 @@ def coefficients_from(
     return -products.to(problem.weights.dtype) / problem.global_batch_size
 
 
-@register_engine("ghost", description="exact: per-layer inner products from activations and output gradients")
+@register_engine(
+    "ghost",
+    description="exact: per-layer inner products from activations and output gradients",
+    exactness=lambda model, params: ghost_exactness_problem(model, params),
+    capture=lambda module, params: ForwardCapture(module, params),
+    auto=0,
+)
 def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses.
 

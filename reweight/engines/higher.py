@@ -35,12 +35,15 @@ def _call(module, inputs, logits_fn):
     return logits_of(module(*inputs), logits_fn)
 
 
-@register_engine("higher", description="exact: higher's differentiable SGD (optional extra)")
+@register_engine(
+    "higher",
+    description="exact: higher's differentiable SGD (optional extra)",
+    data_parallel=False,
+    requires=lambda: import_higher(),
+)
 def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient by unrolling one differentiable SGD step with ``higher.innerloop_ctx``."""
     higher = import_higher()
-    if problem.group.active:
-        raise ValueError("engine 'higher' does not support data-parallel training; use engine='forward'")
     model = problem.model
     order = list(model.parameters())
     index = {id(p): i for i, p in enumerate(order)}

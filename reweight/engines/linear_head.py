@@ -27,7 +27,12 @@ def _logit_gradients(problem: MetaProblem, logits: Tensor) -> Tensor:
     return delta
 
 
-@register_engine("linear_head", description="exact closed form for lookahead='head' (final Linear layer)")
+@register_engine(
+    "linear_head",
+    description="exact closed form for lookahead='head' (final Linear layer)",
+    needs_head=True,
+    auto=0,
+)
 def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Exact meta-gradient of a head-only look-ahead, from features and logit gradients."""
     head = problem.head

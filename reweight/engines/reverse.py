@@ -12,15 +12,18 @@ from .base import MetaGradient, MetaProblem, detached_params, register_engine, w
 __all__ = ["reverse_meta_gradient"]
 
 
-@register_engine("reverse", description="create_graph look-ahead and second-order backward (the reference)")
+@register_engine(
+    "reverse",
+    description="create_graph look-ahead and second-order backward (the reference)",
+    data_parallel=False,
+    auto=2,
+)
 def reverse_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient by differentiating through the virtual step, as Meta-Weight-Net's code does.
 
     Exact; costs a second-order backward and keeps the look-ahead graph in memory. Single process only:
     under data parallelism use a linearised engine (``"forward"``).
     """
-    if problem.group.active:
-        raise ValueError("engine 'reverse' does not support data-parallel training; use engine='forward'")
     with torch.enable_grad():
         weights = problem.weights.detach().requires_grad_()
         with sdpa_kernel([SDPBackend.MATH]):  # differentiated twice: the fused attention kernels cannot be

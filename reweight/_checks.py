@@ -1,0 +1,122 @@
+"""Checks of what ``step`` is handed: the training batch, per-sample losses and meta batches.
+
+Each error names the batch it came from and the shapes involved, so that a wrong meta set or a
+mean-reduced loss is reported where it is made, never turned into a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._batch import Inputs, batch_size, split_batch, to_device
+from .losses import PerSampleLoss
+
+__all__ = ["check_batch", "check_losses", "naming_batch", "prepare_meta_batch", "describe_shapes"]
+
+
+def check_losses(losses: Any, n: int, what: str) -> None:
+    """Refuse anything but per-sample losses of shape ``(n,)`` (a mean-reduced loss ignores the weights)."""
+    if not isinstance(losses, Tensor) or losses.shape != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        hint = " (a mean- or sum-reduced loss: use reduction='none')" if shape == () else ""
+        raise ValueError(f"{what} must return per-sample losses of shape ({n},), got {shape}{hint}")
+
+
+def naming_batch(loss_fn: PerSampleLoss, batch: str, what: str) -> PerSampleLoss:
+    """``loss_fn`` whose ``ValueError`` (labels out of range, mismatched shapes) names ``batch``, and that
+    refuses a result that is not one loss per sample (``what`` names the argument, e.g. ``"meta_loss_fn"``)."""
+
+    def named(logits: Tensor, targets: Tensor) -> Tensor:
+        try:
+            losses = loss_fn(logits, targets)
+        except ValueError as err:
+            raise ValueError(f"{batch}: {err}") from err
+        check_losses(losses, logits.shape[0], f"{what} on the {batch}")
+        return losses
+
+    return named
+
+
+def check_batch(inputs: Inputs, targets: Any, logits: Tensor, *, net: str | None, num_classes: int | None) -> int:
+    """The batch size, after checking that ``inputs``, ``targets`` and ``logits`` agree.
+
+    Args:
+        net: the weighting net's name when it reads class logits, else ``None``.
+        num_classes: the class count the net was built for, if built.
+    """
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
+    if logits.ndim == 0:
+        raise ValueError(
+            "the outputs are a scalar: pass step() the model's per-sample outputs (logits of shape "
+            "(batch, ...)), not a loss"
+        )
+    if targets.ndim == 0:
+        raise ValueError("targets must have a leading batch dimension, got a scalar")
+    n = logits.shape[0]
+    if n == 0:
+        raise ValueError("the batch is empty")
+    n_inputs = batch_size(inputs)
+    if not n_inputs == targets.shape[0] == n:
+        raise ValueError(f"batch sizes disagree: inputs {n_inputs}, targets {targets.shape[0]}, outputs {n}")
+    if net is None:
+        return n
+    if logits.ndim != 2 or not logits.is_floating_point() or logits.shape[1] < 2:
+        hint = (
+            "; token-level outputs (causal LM, token classification) suit only the loss-based nets: "
+            "use net='lossnet' or net='l2rw'"
+            if logits.ndim == 3
+            else "; use net='lossnet' or net='l2rw', which need only the per-sample loss"
+        )
+        raise ValueError(
+            f"net {net!r} needs class logits of shape (batch, num_classes >= 2); got outputs of shape "
+            f"{tuple(logits.shape)}{hint}"
+        )
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"the weighting net was built for {num_classes} classes, outputs have {logits.shape[1]}")
+    return n
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _cast(obj: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple | list) and not hasattr(obj, "_fields"):
+        return type(obj)(_cast(v, dtype) for v in obj)
+    return obj
+
+
+def prepare_meta_batch(batch: Any, module: nn.Module, device: torch.device) -> tuple[Inputs, Tensor]:
+    """``(inputs, targets)`` of a meta batch on the model's device, floating inputs in its floating dtype
+    (a float64 batch from numpy meets a float32 model), floating targets too; integers keep their dtype."""
+    inputs, targets = split_batch(batch)
+    dtype = _floating_dtype(module)
+    inputs, targets = _cast(to_device(inputs, device), dtype), _cast(to_device(targets, device), dtype)
+    if not isinstance(targets, Tensor) or targets.ndim == 0:
+        raise ValueError("meta batch targets must be a tensor with a batch dimension")
+    m = batch_size(inputs)
+    if m != targets.shape[0] or m == 0:
+        raise ValueError(f"meta batch is empty or inconsistent: inputs {m}, targets {targets.shape[0]}")
+    return inputs, targets
+
+
+def describe_shapes(inputs: Inputs) -> str:
+    """The shapes of the tensors in ``inputs``, for error messages: ``(20, 32)`` or ``{'x': (20, 32)}``."""
+    if isinstance(inputs, Tensor):
+        return str(tuple(inputs.shape))
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k!r}: {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, Tensor)) + "}"
+    return "(" + ", ".join(str(tuple(v.shape)) for v in inputs if isinstance(v, Tensor)) + ")"

@@ -1,0 +1,64 @@
+"""Every private torch name the package uses, in one place, each with a public fallback.
+
+Private names change without notice between torch releases. Each helper below uses the private name when
+it exists and works, and otherwise a public equivalent (slower or less precise, never wrong), so that a
+release that renames one degrades speed, not correctness. Nothing else in ``reweight`` imports a private
+torch name; ``tests/test_compat.py`` runs each fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["profiler_enabled", "assert_async", "load_jvp_decompositions", "compiled_original"]
+
+
+def compiled_original(model: Any) -> Any:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps, or ``None`` for any other object.
+
+    ``OptimizedModule._orig_mod`` is the only way to it; without that attribute a wrapper is not recognised
+    and the reweighter works on the wrapper itself (slower, never wrong: its parameters are the same).
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, torch.nn.Module) else None
+
+
+def profiler_enabled() -> bool:
+    """Whether a profiler is recording (the private flag is 0.5 us; the public fallback is always ``True``,
+    which only opens a ``record_function`` range that no profiler reads)."""
+    flag = getattr(torch.autograd, "_profiler_enabled", None)
+    return bool(flag()) if callable(flag) else True
+
+
+def assert_async(condition: Tensor, message: str) -> None:
+    """Raise ``RuntimeError(message)`` when ``condition`` (a 0-d bool tensor) is false, without a host sync
+    where torch offers a device-side assert; the fallback reads the value (one sync)."""
+    check = getattr(torch, "_assert_async", None)
+    if callable(check):
+        check(condition, message)
+    elif not bool(condition):
+        raise RuntimeError(message)
+
+
+def load_jvp_decompositions() -> None:
+    """Import torch's forward-AD decompositions with exactly their ``torch.jit.script`` FutureWarning silenced.
+
+    ``fwAD.make_dual`` imports ``torch._decomp.decompositions_for_jvp`` on first use, which scripts its rules
+    with the deprecated ``torch.jit.script`` and so warns once per process; nothing else is filtered, and a
+    torch without that module (the import happens inside ``make_dual`` then, with its warning) is left alone.
+    """
+    name = "torch._decomp.decompositions_for_jvp"
+    if name in sys.modules:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass

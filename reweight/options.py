@@ -1,0 +1,193 @@
+"""Every :class:`~reweight.MetaReweighter` argument, validated into one frozen object before any state exists.
+
+``torch.optim``'s habit: check each argument and fill in the defaults first, so that a constructor that raises
+leaves nothing behind (no hook on the user's model, no half-built net). :func:`resolve_options` applies the
+preset, then checks types and values and names the argument and the allowed values in each error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._batch import LogitsFn, as_logits
+from .engines import list_engines
+from .lookahead import LookaheadSpec
+from .losses import PerSampleLoss, cross_entropy
+from .nets import list_weighting_nets
+from .presets import FROM_PRESET, resolve_preset
+
+__all__ = ["ReweighterOptions", "resolve_options", "default_meta_optimizer", "MetaOptimizerFactory"]
+
+MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+NORMALIZATIONS = ("sum", "none")
+VIRTUAL_STEPS = ("sgd", "optimizer")
+ON_NONFINITE = ("raise", "skip")
+
+
+def default_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The weighting net's optimizer when none is given: Adam, lr 1e-3, weight decay 5e-4 (the paper's)."""
+    return torch.optim.Adam(params, lr=1e-3, weight_decay=5e-4)
+
+
+@dataclass(frozen=True)
+class ReweighterOptions:
+    """The reweighter's configuration after the preset is applied and every value is checked.
+
+    The attributes are the constructor arguments of :class:`~reweight.MetaReweighter` of the same names,
+    with the defaults filled in (``meta_optimizer`` is always a factory, ``meta_loss_fn`` and ``logits_fn``
+    always callables).
+    """
+
+    net: str | nn.Module
+    net_kwargs: Mapping[str, Any]
+    preset: str
+    interval: int
+    engine: str
+    lookahead: LookaheadSpec
+    normalization: str
+    virtual_step: str
+    lookahead_lr: float | None
+    meta_optimizer: MetaOptimizerFactory
+    loss_fn: PerSampleLoss
+    meta_loss_fn: PerSampleLoss
+    logits_fn: LogitsFn
+    num_classes: int | None
+    on_nonfinite: str
+    collapse_threshold: float | None
+    seed: int | None
+    given: Mapping[str, bool] = field(default_factory=dict)  # which preset options the caller set
+
+    @property
+    def is_l2rw(self) -> bool:
+        """Whether the weights are L2RW's (no weighting net)."""
+        return isinstance(self.net, str) and self.net == "l2rw"
+
+    @property
+    def head_mode(self) -> bool:
+        """Whether the look-ahead moves the final Linear layer only (``lookahead="head"``)."""
+        return isinstance(self.lookahead, str) and self.lookahead == "head"
+
+    @property
+    def requires_logits(self) -> bool:
+        """Whether the weighting net reads class logits (every net but LossNet and L2RW)."""
+        if self.is_l2rw:
+            return False
+        if isinstance(self.net, nn.Module):
+            return bool(getattr(self.net, "requires_logits", False))
+        return self.net != "lossnet"
+
+
+    def replace(self, **changes: Any) -> ReweighterOptions:
+        """A copy with ``changes``; only ``on_nonfinite`` may change after construction.
+
+        Raises:
+            ValueError: for another option or a value outside the allowed ones.
+        """
+        if set(changes) - {"on_nonfinite"}:
+            raise ValueError(f"only on_nonfinite may change after construction; got {sorted(changes)}")
+        _choice("on_nonfinite", changes["on_nonfinite"], ON_NONFINITE)
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_net(net: Any, net_kwargs: Any) -> None:
+    if isinstance(net, str):
+        _choice("net", net, [*list_weighting_nets(), "l2rw"])
+    elif not isinstance(net, nn.Module):
+        raise TypeError(f"net must be a registered name or an nn.Module, got {type(net).__name__}")
+    if net_kwargs is None:
+        return
+    if not isinstance(net, str):
+        raise ValueError("net_kwargs applies to a named net only; configure your own module directly")
+    if net == "l2rw":
+        raise ValueError("net='l2rw' has no weighting net: net_kwargs does not apply")
+    if not isinstance(net_kwargs, dict):
+        raise TypeError(f"net_kwargs must be a dict or None, got {type(net_kwargs).__name__}")
+
+
+def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterOptions:
+    """Apply ``arguments["preset"]`` and check every argument of :class:`~reweight.MetaReweighter`.
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if an argument has a wrong value (the message names it and the allowed values).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    preset = arguments.pop("preset")
+    presettable = ("interval", "engine", "lookahead", "normalization", "virtual_step", "lookahead_lr", "meta_optimizer")
+    given = {k: arguments[k] is not FROM_PRESET for k in presettable}
+    arguments.update(resolve_preset(preset, {k: arguments[k] for k in presettable}))
+    a = arguments
+    _check_net(a["net"], a["net_kwargs"])
+    _check_int("interval", a["interval"], 1)
+    if a["net"] == "l2rw" and a["interval"] != 1:
+        source = f" (set by preset={preset!r}; pass interval=1)" if not given["interval"] else ""
+        raise ValueError(f"interval must be 1 for net='l2rw': its weights come from each batch's meta-gradient{source}")
+    _choice("engine", a["engine"], ["auto", *list_engines()])
+    _choice("normalization", a["normalization"], NORMALIZATIONS)
+    _choice("virtual_step", a["virtual_step"], VIRTUAL_STEPS)
+    _choice("on_nonfinite", a["on_nonfinite"], ON_NONFINITE)
+    lr = a["lookahead_lr"]
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise TypeError(f"lookahead_lr must be a number or None, got {type(lr).__name__}")
+        if not (math.isfinite(float(lr)) and float(lr) > 0):
+            raise ValueError(f"lookahead_lr must be positive and finite, got {lr!r}")
+        lr = float(lr)
+    if a["virtual_step"] == "optimizer" and not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(f"virtual_step='optimizer' mirrors torch.optim.SGD only, got {type(optimizer).__name__}")
+    for name in ("loss_fn", "meta_loss_fn", "meta_optimizer", "logits_fn"):
+        if a[name] is not None and not callable(a[name]):
+            raise TypeError(f"{name} must be callable, got {type(a[name]).__name__}")
+    if a["num_classes"] is not None:
+        _check_int("num_classes", a["num_classes"], 1)
+    threshold = a["collapse_threshold"]
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
+        raise TypeError(f"collapse_threshold must be a number or None, got {type(threshold).__name__}")
+    if a["seed"] is not None and (isinstance(a["seed"], bool) or not isinstance(a["seed"], int)):
+        raise TypeError(f"seed must be an int or None, got {type(a['seed']).__name__}")
+    loss_fn = a["loss_fn"] if a["loss_fn"] is not None else cross_entropy
+    return ReweighterOptions(
+        net=a["net"],
+        net_kwargs=dict(a["net_kwargs"] or {}),
+        preset=preset,
+        interval=a["interval"],
+        engine=a["engine"],
+        lookahead=a["lookahead"],
+        normalization=a["normalization"],
+        virtual_step=a["virtual_step"],
+        lookahead_lr=lr,
+        meta_optimizer=a["meta_optimizer"] or default_meta_optimizer,
+        loss_fn=loss_fn,
+        meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,
+        logits_fn=a["logits_fn"] if a["logits_fn"] is not None else as_logits,
+        num_classes=a["num_classes"],
+        on_nonfinite=a["on_nonfinite"],
+        collapse_threshold=None if threshold is None else float(threshold),
+        seed=a["seed"],
+        given=given,
+    )
