@@ -519,6 +519,7 @@ class MetaReweighter:
             head=self._head,
             head_features=head_features,
             logits_fn=self.logits_fn,
+            capture=self._forward_capture,
         )
 
     def _joint_check(self, flag: Tensor, what: str) -> bool:

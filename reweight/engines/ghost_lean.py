@@ -10,12 +10,19 @@ project's CPU), and a peak memory of the ``forward`` engine's.
 from __future__ import annotations
 
 from .base import MetaGradient, MetaProblem, lookahead, register_engine
-from .ghost import captured, coefficients_from, layer_output_gradients
+from .ghost import ForwardCapture, captured, coefficients_from, ghost_exactness_problem, layer_output_gradients
 
 __all__ = ["ghost_lean_meta_gradient"]
 
 
-@register_engine("ghost_lean", description="exact: ghost inner products after the meta pass (less memory)")
+@register_engine(
+    "ghost_lean",
+    description="exact: ghost inner products after the meta pass (less memory)",
+    data_parallel=True,
+    exactness=ghost_exactness_problem,
+    capture=ForwardCapture,
+    auto=None,
+)
 def ghost_lean_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer inner products, the layer gradients taken after the meta batch's pass."""
     problem, capture, reused = captured(problem)
