@@ -66,7 +66,11 @@ def jvp(rec: Record, tangent_of: TangentOf) -> Tensor | None:
         return None
     detached = tuple(p.detach() for p in primals)
     tangents = tuple(tangent_of(p).to(d.dtype) for p, d in zip(primals, detached))  # type: ignore[union-attr]
-    return torch.func.jvp(_rebuilt(rec, slots), detached, tangents)[1]
+    try:
+        return torch.func.jvp(_rebuilt(rec, slots), detached, tangents)[1]
+    except (NotImplementedError, RuntimeError) as error:  # no forward-mode rule: refuse, never guess
+        name = getattr(rec.func, "__name__", repr(rec.func))
+        raise NotImplementedError(f"engine 'ghost': {name} has no rule and no forward-mode JVP ({error})") from error
 
 
 def vjp(rec: Record, tracked: Tracked, grad: Tensor) -> list[tuple[Tensor, Tensor]]:
