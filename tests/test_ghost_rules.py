@@ -195,6 +195,35 @@ def test_rms_norm_weight_holds_per_sample_gradients(form):
     assert held == [False, True, False, False]
 
 
+class Gains(nn.Module):
+    """Scales of data by a scalar, a per-feature and a per-position parameter (each held per sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(6, 8), nn.Linear(8, K)
+        self.scalar = nn.Parameter(torch.tensor(1.2))
+        self.feature = nn.Parameter(1 + 0.1 * torch.randn(8))
+        self.position = nn.Parameter(1 + 0.1 * torch.randn(5, 1))
+
+    def forward(self, x):
+        h = torch.tanh(self.scalar * self.inp(x))
+        h = torch.mul(h, self.feature) * self.position
+        return self.head(h.mean(1))
+
+
+def test_scales_of_data_hold_per_sample_gradients_and_equal_reverse():
+    torch.manual_seed(0)
+    model = Gains().double()
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randn(10, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, K, (10,), generator=g))
+    meta = (torch.randn(8, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, K, (8,), generator=g))
+    capture = ghost.LayerCapture(dict(model.named_parameters()), [train[0]], 10)
+    with capture:
+        model(train[0])
+    assert [capture.holds_sample_gradients(rec) for rec in capture.records] == [False, True, True, True, False]
+    assert_ghost_equals_reverse(model, train, meta)
+
+
 # ---------------------------------------------------------------- the static check
 
 

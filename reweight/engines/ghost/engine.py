@@ -190,7 +190,7 @@ def _sample_contribution(tangent_of: Callable[[Tensor], Tensor | None], held: Sa
     for t, g in held.pairs:
         tt = tangent_of(t)
         if tt is not None:
-            part = g.flatten(1) @ tt.to(g.dtype).flatten()
+            part = g.reshape(g.shape[0], -1) @ tt.to(g.dtype).flatten()
             total = part if total is None else total + part
     return total
 

@@ -69,7 +69,6 @@ class AttentionRule(Rule):
     modules = (nn.MultiheadAttention,)
 
     def module_problem(self, module: nn.Module, holds_lookahead: bool) -> str | None:
-        assert isinstance(module, nn.MultiheadAttention)
         if not holds_lookahead:
             return None
         if not module.batch_first:

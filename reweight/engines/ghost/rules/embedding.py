@@ -25,7 +25,6 @@ class EmbeddingRule(Rule):
     modules = (nn.Embedding,)
 
     def module_problem(self, module: nn.Module, holds_lookahead: bool) -> str | None:
-        assert isinstance(module, nn.Embedding)
         return _UNSUPPORTED if module.max_norm is not None or module.scale_grad_by_freq else None
 
     def record_problem(self, args: tuple, kwargs: dict, out: Tensor, batch_dim: int) -> str | None:

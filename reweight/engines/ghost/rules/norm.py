@@ -8,6 +8,8 @@ per-sample affine map, handled by the generic JVP/VJP.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +34,7 @@ _BN_SIGNATURE = (
 )
 
 
-class AffineNormRule(Rule):
+class AffineNormRule(Rule, ABC):
     """A normalisation of one sample's data followed by an elementwise affine map.
 
     Subclasses give :attr:`signature` (input, shape or groups, weight, bias, eps first) and
@@ -40,16 +42,17 @@ class AffineNormRule(Rule):
 
     signature: tuple[tuple[str, ...], tuple]
 
+    @abstractmethod
     def normalise(self, x: Tensor, shape: object, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
         """The operation itself (with ``weight = bias = None``: ``x_hat``)."""
-        raise NotImplementedError
 
     def arguments(self, rec: Record) -> list:
         """``[input, shape or groups, weight, bias, eps]`` of the call."""
         return bind(rec.args, rec.kwargs, *self.signature)
 
+    @abstractmethod
     def positions(self, rec: Record, b: list) -> list[int]:
-        raise NotImplementedError
+        """The dimensions of the input that the parameters do not span, the batch excepted."""
 
     def _parts(self, rec: Record) -> tuple[list, list[int]]:
         b = self.arguments(rec)
@@ -59,6 +62,9 @@ class AffineNormRule(Rule):
         return not tracked(self.arguments(rec)[0])
 
     def sample_grads(self, rec: Record, tracked: Tracked, grad: Tensor) -> LayerGradient:
+        return self._per_sample(rec, tracked, grad)
+
+    def _per_sample(self, rec: Record, tracked: Tracked, grad: Tensor) -> SampleGradients:
         """Per sample ``sum G * x_hat`` (weight) and ``sum G`` (bias) over the positions."""
         (x, shape, weight, bias, eps), reduce = self._parts(rec)
         dtype = torch.promote_types(grad.dtype, x.dtype)
@@ -73,9 +79,7 @@ class AffineNormRule(Rule):
     def weighted_grads(self, rec: Record, tracked: Tracked, wg: Tensor) -> list[tuple[Tensor, Tensor]]:
         if not self.holds_sample_gradients(rec, tracked):  # a parameter-derived input
             return super().weighted_grads(rec, tracked, wg)
-        held = self.sample_grads(rec, tracked, wg)
-        assert isinstance(held, SampleGradients)
-        return [(t, g.sum(0)) for t, g in held.pairs]
+        return [(t, g.sum(0)) for t, g in self._per_sample(rec, tracked, wg).pairs]
 
     def output_tangent(self, rec: Record, tangent_of: TangentOf) -> Tensor | None:
         x, shape, weight, bias, eps = self.arguments(rec)
