@@ -302,3 +302,45 @@ def test_exactness_names_the_module():
     assert ghost_exactness_problem(mha, dict(mha.named_parameters())) == (
         "model (MultiheadAttention) is sequence-first (batch_first=False)"
     )
+
+
+# ---------------------------------------------------------------- attention masks through the projection rule
+
+
+class MaskedAttention(nn.Module):
+    """``nn.MultiheadAttention`` and an encoder layer with boolean and float masks, attention dropout on."""
+
+    def __init__(self, masks: str) -> None:
+        super().__init__()
+        self.masks = masks
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, dropout=0.1)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, K)
+
+    def forward(self, x):
+        n, length = x.shape[:2]
+        pad = torch.zeros(n, length, dtype=torch.bool)
+        pad[:, -1] = True
+        pad[0, -2] = True
+        causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=x.dtype)
+        if self.masks == "padding":
+            h = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        elif self.masks == "bool_causal":
+            h = self.attn(x, x, x, attn_mask=causal.isinf(), need_weights=False)[0]
+        elif self.masks == "both":
+            h = self.attn(x, x, x, attn_mask=causal, key_padding_mask=pad, need_weights=False)[0]
+        else:
+            h = self.attn(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        both = self.masks == "both"
+        h = self.layer(x + h, src_mask=causal, src_key_padding_mask=pad if both else None, is_causal=not both)
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("masks", ["padding", "bool_causal", "both", "is_causal"])
+def test_attention_masks_ghost_equals_reverse(masks):
+    torch.manual_seed(0)
+    model = MaskedAttention(masks).double()
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randn(10, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, K, (10,), generator=g))
+    meta = (torch.randn(8, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, K, (8,), generator=g))
+    assert_ghost_equals_reverse(model, train, meta)
