@@ -70,8 +70,6 @@ class LayerCapture(TorchFunctionMode):
         """Whether ``t`` is a look-ahead parameter or computed from parameters alone."""
         return id(t) in self.names or id(t) in self._derived
 
-    _is_tracked = tracked
-
     def scan(self, args: tuple, kwargs: dict) -> tuple[bool, bool]:
         """Whether the arguments hold a tracked tensor, and whether they hold a batched one."""
         tracked = batched = False
