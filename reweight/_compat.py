@@ -11,12 +11,20 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["profiler_enabled", "assert_async", "load_jvp_decompositions", "compiled_original"]
+__all__ = [
+    "profiler_enabled",
+    "assert_async",
+    "load_jvp_decompositions",
+    "compiled_original",
+    "convolution_backward",
+]
 
 
 def compiled_original(model: Any) -> Any:
@@ -62,3 +70,37 @@ def load_jvp_decompositions() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _aten_convolution_backward() -> Any:
+    return getattr(torch.ops.aten, "convolution_backward", None)
+
+
+def convolution_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias_sizes: Sequence[int] | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    output_mask: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_input, grad_weight, grad_bias)`` of a (non-transposed) convolution, those ``output_mask``
+    asks for: ``torch.ops.aten.convolution_backward`` where torch has it, else a VJP of ``F.conv{k}d``."""
+    op = _aten_convolution_backward()
+    if op is not None:
+        k = weight.ndim - 2
+        gi, gw, gb = op(
+            grad, x, weight, bias_sizes, stride, padding, dilation, False, [0] * k, groups, list(output_mask)
+        )
+        return gi, gw, gb
+    conv = _CONV[weight.ndim - 2]
+    pullback = torch.func.vjp(lambda xx, ww: conv(xx, ww, None, stride, padding, dilation, groups), x, weight)[1]
+    gi, gw = pullback(grad)
+    gb = grad.sum([d for d in range(grad.ndim) if d != 1]) if output_mask[2] else None
+    return (gi if output_mask[0] else None, gw if output_mask[1] else None, gb)

@@ -58,3 +58,15 @@ def test_no_module_but_compat_uses_a_private_torch_name():
     package = pathlib.Path(_compat.__file__).parent
     hits = [h for p in sorted(package.rglob("*.py")) if p.name != "_compat.py" for h in _private_names(p)]
     assert hits == []
+
+
+def test_convolution_backward_and_its_fallback(monkeypatch):
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 9, 9, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    g = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    args = (g, x, w, [6], [2, 2], [1, 1], [1, 1], 2, (True, True, True))
+    native = _compat.convolution_backward(*args)
+    monkeypatch.setattr(_compat, "_aten_convolution_backward", lambda: None)
+    fallback = _compat.convolution_backward(*args)
+    for a, b in zip(native, fallback):
+        torch.testing.assert_close(a, b)

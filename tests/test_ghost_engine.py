@@ -223,7 +223,9 @@ def held_gradients(case: str, monkeypatch=None, capture_all: bool = False):
     with capture:
         logits = model(x)
     if capture_all:
-        monkeypatch.setattr(ghost_module, "_returned_records", lambda root, edges, small: list(range(len(edges))))
+        monkeypatch.setattr(
+            ghost_module.engine, "_returned_records", lambda root, edges, small: list(range(len(edges)))
+        )
     problem = SimpleNamespace(train_logits=logits, loss_fn=cross_entropy, targets=y)
     return model, (x, y), params, capture, ghost_module.layer_output_gradients(problem, capture, retain=False)
 
@@ -314,7 +316,7 @@ def test_auto_picks_ghost_and_reuses_the_callers_forward(case, monkeypatch):
     def no_own_forward(problem):
         raise AssertionError("the caller's forward was not reused")
 
-    monkeypatch.setattr(ghost_module, "_own_capture", no_own_forward)
+    monkeypatch.setattr(ghost_module.capture, "_own_capture", no_own_forward)
     rw, got, _ = net_gradient(model, train, meta, "auto")
     assert rw.engine_name == "ghost"
     _, lean, _ = net_gradient(model, train, meta, "ghost_lean")

@@ -18,8 +18,10 @@ __all__ = ["ghost_lean_meta_gradient"]
 @register_engine(
     "ghost_lean",
     description="exact: ghost inner products after the meta pass (less memory)",
-    exactness=lambda model, params: ghost_exactness_problem(model, params),
-    capture=lambda module, params: ForwardCapture(module, params),
+    data_parallel=True,
+    exactness=ghost_exactness_problem,
+    capture=ForwardCapture,
+    auto=None,
 )
 def ghost_lean_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer inner products, the layer gradients taken after the meta batch's pass."""
