@@ -1,7 +1,6 @@
 """Tiny-scale smoke runs of the demo (examples/noisy_labels.py) and the benchmark (benchmarks/accuracy.py)."""
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -46,9 +45,9 @@ def test_benchmark_caches_resumes_and_reports(bench, tmp_path, monkeypatch):
     args = ["--datasets", "mnist1d", "--settings", "flip1-40", "lt-10", "--seeds", "0"]
     args += ["--epochs", "1", "--num-samples", "600", "--results", str(tmp_path)]
     assert bench.main(args) == 0
-    files = sorted(tmp_path.glob("mnist1d/*/*/seed0.json"))
-    assert len(files) == 2 * len(bench.METHODS)
-    run = json.loads((tmp_path / "mnist1d" / "flip1-40" / "metainfonet" / "seed0.json").read_text())
+    rows = bench._load(tmp_path)
+    assert len(rows) == 2 * len(bench.METHODS)
+    (run,) = [r for r in rows if r["key"]["method"] == "metainfonet" and r["key"]["setting"] == "flip1-40"]
     assert run["key"]["config"]["epochs"] == 1 and len(run["result"]["test_acc"]) == 1
     assert 0.0 <= run["result"]["auroc"] <= 1.0
     cfg = bench.dataclasses.replace(bench.CONFIGS["mnist1d"], epochs=1, num_samples=600)
