@@ -192,4 +192,4 @@ def provenance_note(table_rows: Iterable[dict]) -> str:
     if not counts:
         return ""
     parts = ", ".join(f"{label}: {n}" for label, n in counts.items())
-    return f"Code versions of the {sum(counts.values())} runs behind this table: {parts}."
+    return f"Code versions of the {sum(counts.values())} rows behind this table: {parts}."
