@@ -99,13 +99,13 @@ def _cost_summary(sc: Path) -> str:
     block = _ratio(rows, "ghost-cpu-block4-system", "resnet32gn", "ghost/full/k=1")
     block_retain = _ratio(rows, "ghost-cpu-block4-retain", "resnet32gn", "ghost/full/k=1")
     return (
-        f"an exact meta step costs {_span([g for g in ghost if g])} a plain step with `ghost` (transformer and "
+        f"An exact meta step costs {_span([g for g in ghost if g])} a plain step with `ghost` (transformer and "
         f"GroupNorm ResNet-32; the reference flow: {_span(ref['transformer'])} and {_span(ref['resnet32gn'])}), "
         f"{_span(fwd_bn)} with `forward` (BatchNorm ResNet-32, which `auto` gives `forward`), "
         f"{_span(k10)} with `interval=10`; `preset=\"fast\"` {fast['transformer']:.2f}x (transformer) and "
         f"{fast['resnet32']:.2f}x (BatchNorm ResNet-32). On Linux CPUs, glibc's malloc hands freed memory back and "
         f"page-faults it in again every step: on the GroupNorm ResNet-32 with steps back to back `ghost` costs "
-        f"{block:.2f}x with glibc's defaults and {block_retain:.2f}x with freed memory retained"
+        f"{block:.2f}x with glibc's defaults and {block_retain:.2f}x with freed memory retained."
     )
 
 
@@ -133,7 +133,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "protocol1-alternatives": lambda: _acc(table, ["mnist1d"], S6, P1_METHODS, SEEDS5, cost=True),
         "protocol1-fast": lambda: _acc(table, ["mnist1d"], S4, FAST_METHODS, SEEDS5, ("fast",), cost=True),
         "gce-paper": lambda: _acc(table, ["mnist1d"], S4, ["standard", "finetune", "gce"], SEEDS5, schedule="paper"),
-        "cleanlab-cost": lambda: f"cleanlab costs {_cleanlab_cost(table)} Standard's sample passes",
+        "cleanlab-cost": lambda: (
+            f"cleanlab's cost, over the cells of both protocols: {_cleanlab_cost(table)} Standard's sample passes "
+            "(five fold models and the retraining)."
+        ),
         "fast-screen": lambda: _stability(
             table, ["flip1-40", "flip2-40"], ["metainfonet"], ["kl0", "k3m", "k5", "k5m", "k10m", "head", "headm"],
             [0, 1, 2],
@@ -166,6 +169,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ],
         ),
         "ghost-memory": lambda: _steps(sc, ["ghost-memory"]),
+        "ghost-memory-rss": lambda: _steps(sc, ["ghost-memory-rss-1", "ghost-memory-rss-2", "ghost-memory-rss-3"]),
         "ghost-phases": lambda: _steps(sc, ["phases"]),
         "ghost-components": lambda: _steps(sc, ["components-ghost"]),
         "bn-resnet32": lambda: _steps(sc, ["presets-cpu"]),

@@ -425,8 +425,8 @@ def render(model_name: str, rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['engine']} | {r['lookahead']} | {r['interval']} | {r['meta_batch']} | "
-            f"{r.get('step_ms', float('nan')):.0f} | {r.get('ratio', float('nan')):.2f} | "
-            f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} | {cells(r, 'live')} |"
+            + (f"{r['step_ms']:.0f} | {r['ratio']:.2f} | " if "step_ms" in r else "- | - | ")
+            + f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} | {cells(r, 'live')} |"
         )
     return "\n".join(lines)
 
