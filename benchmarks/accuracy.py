@@ -6,12 +6,12 @@ Uniform 40% and 60%, long tail with imbalance 10 / 50 / 100.
 
 Per run: "best" = test accuracy at the epoch with the best accuracy on the clean meta set (never the test
 set), "last" = mean test accuracy over the last 10% of epochs, and the AUROC of the weights (mean over the
-last 10% of epochs) separating clean from corrupted training samples. Each run is cached as JSON under
-``benchmarks/results/<dataset>/<setting>/<method>/seed<k>.json``; an existing file with the same config is
-not re-run, so an interrupted sweep resumes.
+last 10% of epochs) separating clean from corrupted training samples. Each run is one row of the table
+``benchmarks/results/accuracy.jsonl`` (``_store``: its key, result and provenance); a run whose key is
+already in the table is not run again, so an interrupted sweep resumes.
 
     python benchmarks/accuracy.py --datasets mnist1d --seeds 0 1 2          # run (resumes)
-    python benchmarks/accuracy.py --report > tables.md                       # render cached results
+    python benchmarks/accuracy.py --report > tables.md                       # render the table's rows
     python benchmarks/accuracy.py --lambda-sweep --datasets mnist1d --settings flip1-40          # run the sweep
     python benchmarks/accuracy.py --lambda-sweep --report --datasets mnist1d --settings flip1-40 # its table
 """
@@ -23,8 +23,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,11 +39,12 @@ from reweight.diagnostics import WeightRecorder
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests): find the helpers beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cost  # noqa: E402
+import _store  # noqa: E402
 import _tradeoff  # noqa: E402
 from _alternatives import CLEANLAB_FOLDS, GCE_Q, PassCounter, detection, find_issues, fold_indices, gce_loss  # noqa: E402
 from _models import mnist1d_cnn  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+TABLE = _store.RESULTS / "accuracy.jsonl"
 METHODS = ("standard", "finetune", "l2rw", "lossnet", "logitnet", "metainfonet")
 REWEIGHTING = ("l2rw", "lossnet", "logitnet", "metainfonet")
 # What a user would do instead (issue 10): the clean data merged into the training set, a robust loss that
@@ -411,22 +410,6 @@ def train_run(
     return out
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for pkg in ("mnist1d", "scikit-learn", "cleanlab"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # pragma: no cover
-            out[pkg] = "not installed"
-    return out
-
-
-def result_path(root: Path, dataset: str, setting: str, method: str, seed: int, tag: str = "") -> Path:
-    return root / dataset / setting / (method + tag) / f"seed{seed}.json"
-
-
 def run_tag(
     net_kwargs: dict | None = None, schedule: str = "gentle", variant: str = "default", model: str = "plain"
 ) -> str:
@@ -435,6 +418,12 @@ def run_tag(
     tag = "" if net_kwargs is None else "_" + "_".join(f"{k}={v}" for k, v in sorted(net_kwargs.items()))
     tag += "" if model == "plain" else f".{model}"
     return tag + ("" if schedule == "gentle" else f"@{schedule}") + ("" if variant == "default" else f"~{variant}")
+
+
+def _table(results: Path) -> Path:
+    """The table file: ``results`` itself, or ``accuracy.jsonl`` in it if it is a folder."""
+    results = Path(results)
+    return results if results.suffix == ".jsonl" else results / "accuracy.jsonl"
 
 
 def run_cached(
@@ -449,17 +438,16 @@ def run_cached(
     variant: str = "default",
     model: str = "plain",
 ) -> dict:
-    tag = run_tag(net_kwargs, schedule, variant, model)
-    path = result_path(root, dataset, setting, method, seed, tag)
+    """The table's row for this run, measured and appended first if its key is not in the table yet."""
+    table = _table(root)
     key = _key(dataset, setting, method, seed, cfg, net_kwargs, schedule, variant, model)
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == json.loads(json.dumps(key)):
-            return cached
+    cached = _store.find(table, key)
+    if cached is not None:
+        return cached
     t0 = time.time()
     # Standard and Fine-tune share their first phase: one training run writes both cells; so do a reweighting
     # method and its "+finetune".
-    main_grid = schedule == "gentle" and variant == "default" and model == "plain" and dataset in DATASETS
+    main_grid = _main_grid(dataset, schedule, variant, model)
     res = train_run(
         dataset, setting, "finetune" if method == "standard" else method, seed, cfg, net_kwargs, VARIANTS[variant],
         main_grid, model,
@@ -472,13 +460,61 @@ def run_cached(
         plain = res.pop("reweighted")
         res["before_finetune"] = {k: plain[k] for k in ("best", "last", "auroc", "cost") if k in plain}
         outputs = {method.partition("+")[0]: plain, method: res}
+    prov = _store.provenance(_ARGV)
+    new = []
     for m, r in outputs.items():
-        other = result_path(root, dataset, setting, m, seed, tag)
-        if m != method and other.exists():  # a companion cell already cached is never rewritten
-            continue
         k = _key(dataset, setting, m, seed, cfg, net_kwargs, schedule, variant, model)
-        _write(other, {"key": k, "result": r, "seconds": seconds, "versions": versions()})
-    return json.loads(path.read_text())
+        if m != method and _store.find(table, k) is not None:  # a companion cell already in the table is kept
+            continue
+        new.append({"key": k, "result": r, "seconds": seconds, "provenance": prov})
+    _store.append(table, new)
+    return _store.find(table, key)
+
+
+_ARGV: list[str] | None = None  # the command line main() was given, recorded in each row's provenance
+
+
+def _main_grid(dataset: str, schedule: str, variant: str, model: str) -> bool:
+    return schedule == "gentle" and variant == "default" and model == "plain" and dataset in DATASETS
+
+
+def _optimizer(factory) -> dict:
+    """A meta-optimizer factory (``functools.partial`` of an optimizer class, or ``None``: the library's
+    default) spelled out as data."""
+    if factory is None:  # MetaReweighter's default meta optimizer
+        return {"name": "Adam", "lr": 1e-3, "weight_decay": 5e-4}
+    return {"name": factory.func.__name__, **factory.keywords}
+
+
+def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_grid: bool) -> dict | None:
+    """Every MetaReweighter option a run of ``method`` under ``variant`` uses, expanded: the preset resolved
+    to its options, the meta optimizer spelled out and the weighting net's keyword arguments with its
+    defaults. ``None`` for a method that does not reweight. A row's key holds this, so a preset or default
+    that changes meaning changes the key."""
+    import inspect
+
+    from reweight import nets
+    from reweight.presets import PRESETS, resolve_preset
+
+    base = method.partition("+")[0]
+    if base not in REWEIGHTING:
+        return None
+    kwargs = reweighter_kwargs(VARIANTS[variant])
+    given_net = dict(kwargs.pop("net_kwargs", {}))
+    if base == "metainfonet" and net_kwargs is None and main_grid:
+        net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
+    opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
+    opts = {**PRESETS["exact"], **opts}
+    opts["meta_optimizer"] = _optimizer(opts["meta_optimizer"])
+    cls = {"lossnet": nets.LossNet, "logitnet": nets.LogitNet, "metainfonet": nets.MetaInfoNet}.get(base)
+    defaults = {}
+    if cls is not None:
+        defaults = {
+            n: p.default
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 
 def _key(
@@ -492,30 +528,21 @@ def _key(
     variant: str,
     model: str,
 ) -> dict:
-    """The identity of a cached cell: a cell whose stored key differs is trained again."""
+    """The identity of a run: a run whose key is in the table is not run again."""
     key = {"dataset": dataset, "setting": setting, "method": method, "seed": seed, "net_kwargs": net_kwargs}
-    if schedule != "gentle" or variant != "default" or dataset not in DATASETS:  # main-grid keys stay as cached
-        key.update(schedule=schedule, variant=variant, rw_kwargs=VARIANTS[variant])
-    if model != "plain":
-        key.update(model=model)
+    key.update(schedule=schedule, variant=variant, model=model)
+    key["reweighter"] = reweighter_options(method, variant, net_kwargs, _main_grid(dataset, schedule, variant, model))
     if method in METHOD_OPTIONS:
         key["options"] = METHOD_OPTIONS[method]
     key["config"] = dataclasses.asdict(cfg)
-    return key
-
-
-def _write(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    return _store.canonical(key)
 
 
 # ---------------------------------------------------------------------------- report
 
 
 def _load(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/*/seed*.json"))]
+    return _store.latest(_table(root))
 
 
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -614,7 +641,7 @@ def report(
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
             lines.append("")
         seeds = sorted({r["key"]["seed"] for key, rs in cell.items() if key[0] == ds for r in rs})
-        lines.append(f"Seeds present: {seeds}.\n")
+        lines.append(f"Seeds present: {seeds}. {_note(cell, ds, present, methods)}\n")
         missing = [
             f"{s}/{m}/seed{k}"
             for s in settings
@@ -625,6 +652,19 @@ def report(
         if missing:
             lines.append(f"Missing cells ({len(missing)}): " + ", ".join(missing) + "\n")
     return "\n".join(lines)
+
+
+def _note(cell: dict[tuple, list[dict]], ds=None, settings=None, methods=None) -> str:
+    """The provenance line of a table drawn from ``cell`` (restricted to a dataset or datasets, settings,
+    methods)."""
+    ds = (ds,) if isinstance(ds, str) else ds
+    used = [
+        r
+        for (d, s, m), rs in cell.items()
+        if (ds is None or d in ds) and (settings is None or s in settings) and (methods is None or m in methods)
+        for r in rs
+    ]
+    return _store.provenance_note(used)
 
 
 def _relative_cost(cell: dict[tuple, list[dict]], ds: str, s: str, m: str) -> dict:
@@ -684,6 +724,7 @@ def guide_report(
             top = "the same" if best == cheap else say[best]
             bad = ", ".join(f"{_row_name(k)} ({fmt(cands[k][3])})" for k in below) or "none"
             lines.append(f"| {ds} | {s} | **{verdict}{say[cheap]}** | {top} | {fmt(std[3])} | {bad} |")
+    lines += ["", _note(cell, datasets, settings, methods)]
     return "\n".join(lines) + "\n"
 
 
@@ -745,7 +786,7 @@ def cost_report(
                     panel.append(point)
             if any(c != "–" for c in row):
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
-        lines.append("")
+        lines += ["", _note(cell, ds, present, methods), ""]
         plus = [m for m in methods if "+" in m and any((ds, s, m) in cell for s in present)]
         if plus:
             lines.append(f"### {ds}: reweighting, then fine-tuning: the same runs before → after it (best, %)\n")
@@ -813,7 +854,9 @@ def lambda_report(root: Path, dataset: str, setting: str) -> str:
         chosen = max(sorted(score), key=lambda k: score[k])  # ties: the smallest lambda
         seeds = sorted({r["key"]["seed"] for rs in by.values() for r in rs})
         lines.append(
-            f"\nChosen by the mean best meta-set accuracy (never the test set), seeds {seeds}: lambda = {chosen:g}.\n"
+            f"\nChosen by the mean best meta-set accuracy (never the test set), seeds {seeds}: lambda = {chosen:g}. "
+            + _store.provenance_note([r for rs in by.values() for r in rs])
+            + "\n"
         )
     return "\n".join(lines)
 
@@ -840,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ALTERNATIVES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--results", type=Path, default=RESULTS, help="cache folder (default: benchmarks/results)")
+    p.add_argument("--results", type=Path, default=TABLE, help="the table (default: benchmarks/results/accuracy.jsonl)")
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
     p.add_argument("--cost", action="store_true", help="with --report: add the cost and cleanlab tables")
     p.add_argument("--chart", type=Path, default=None, help="with --report: write the accuracy-vs-cost PNG here")
@@ -860,6 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
     p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
     args = p.parse_args(argv)
+    global _ARGV
+    _ARGV = [__file__, *(sys.argv[1:] if argv is None else argv)]
     if args.report and (args.gain or args.stability):
         variants = tuple(dict.fromkeys(["default", *([args.gain] if args.gain else []), *args.variants]))
         cells = _cells(args.results, args.seeds, args.schedule, variants, args.model)
@@ -874,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_tradeoff.stability_table(cells, ds, args.settings, rows))
                 if args.curves:
                     print(f"Curves: {_tradeoff.curves_png(cells, ds, args.settings[0], rows, args.curves)}\n")
+            print(_note(cells, ds, args.settings) + "\n")
         return 0
     if args.report and args.guide:
         print(

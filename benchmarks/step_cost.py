@@ -7,13 +7,19 @@ subprocess, as the growth of the resident set over the RSS after setup and as th
 bytes (from the profiler's allocation events, independent of the C allocator). ``--allocator retain``
 keeps glibc from returning freed memory to the kernel (see :func:`retain_freed_memory`).
 
-    python benchmarks/step_cost.py --model resnet32 transformer --repeats 7 --memory --markdown docs/benchmarks.md
+Every measurement is appended as a row of ``benchmarks/results/step_cost.jsonl`` (``_store``), under the
+run name given by ``--run``, with the options and provenance of the run; the tables printed are rendered
+from those rows, and ``--report RUN ...`` renders them again from the table alone.
+
+    python benchmarks/step_cost.py --model resnet32 transformer --repeats 7 --memory --run my-machine
+    python benchmarks/step_cost.py --report my-machine
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import statistics
 import subprocess
@@ -29,12 +35,14 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _store  # noqa: E402
 from _models import make_problem  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.presets import PRESETS  # noqa: E402
 
 LR = 0.1
+TABLE = _store.RESULTS / "step_cost.jsonl"
 
 
 @dataclass(frozen=True)
@@ -417,10 +425,51 @@ def render(model_name: str, rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['engine']} | {r['lookahead']} | {r['interval']} | {r['meta_batch']} | "
-            f"{r.get('step_ms', float('nan')):.0f} | {r.get('ratio', float('nan')):.2f} | "
-            f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} | {cells(r, 'live')} |"
+            + (f"{r['step_ms']:.0f} | {r['ratio']:.2f} | " if "step_ms" in r else "- | - | ")
+            + f"{cells(r, 'mem')} | {cells(r, 'peak_rss')} | {cells(r, 'live')} |"
         )
     return "\n".join(lines)
+
+
+def render_components(model_name: str, ratios: dict[str, float], repeats) -> str:
+    lines = [f"### {model_name}: cost of each pass, x a plain step (median of {repeats})", ""]
+    lines += ["| pass | x plain step |", "| --- | --- |"]
+    lines += [f"| {name} | {ratio:.2f} |" for name, ratio in ratios.items()]
+    return "\n".join(lines)
+
+
+def report(table: Path, runs: list[str]) -> str:
+    """The tables of ``runs`` (timings and memory per variant, pass costs, phases), rendered from the table's
+    rows alone, each run with the code versions behind it."""
+    out = []
+    for run in runs:
+        rs = [r for r in _store.latest(table) if r["key"]["run"] == run]
+        if not rs:
+            raise SystemExit(f"no rows of run {run!r} in {table}")
+        models = list(dict.fromkeys(r["key"]["model"] for r in rs))
+        opts = rs[0].get("options") or {}
+        out.append(f"## {run}\n\nOptions: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ".")
+        for model in models:
+            mine = [r for r in rs if r["key"]["model"] == model]
+            measures = {r["key"]["measure"] for r in mine}
+            if measures & {"timing", "memory"}:
+                by = {}
+                for r in mine:  # timing and memory rows of a variant are one line
+                    by.setdefault(r["key"]["variant"], {**r["variant"]}).update(r["result"])
+                out.append(render(model, list(by.values())))
+            if "component" in measures:
+                ratios = {r["key"]["variant"]: r["result"]["ratio"] for r in mine if r["key"]["measure"] == "component"}
+                out.append(render_components(model, ratios, opts.get("repeats", "?")))
+            if "phase" in measures:
+                phases: dict[str, dict[str, tuple[float, float]]] = {}
+                for r in mine:
+                    if r["key"]["measure"] == "phase":
+                        res = r["result"]
+                        by_phase = phases.setdefault(r["key"]["variant"], {})
+                        by_phase[r["key"]["phase"]] = (res["start_mib"], res["peak_mib"])
+                out.append(render_phases(model, phases))
+        out.append(_store.provenance_note(rs))
+    return "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,8 +498,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="*", default=None, help="substrings selecting variants by name")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
-    parser.add_argument("--json", type=Path, default=None, help="write the raw rows as JSON")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown")
+    parser.add_argument("--table", type=Path, default=TABLE, help="the table rows are appended to and read from")
+    parser.add_argument(
+        "--run", default=None, help="name of this run's rows in the table (default: step-cost-<UTC date and time>)"
+    )
+    parser.add_argument("--report", nargs="+", default=None, metavar="RUN", help="render these runs' tables and exit")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables printed to this file")
     parser.add_argument("--components", action="store_true", help="time each pass of a meta step instead")
     parser.add_argument("--memory-only", action="store_true", help="measure memory only (no timing)")
     parser.add_argument(
@@ -467,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.table, args.report))
+        return
     torch.set_num_threads(args.threads)
     if args.allocator == "retain":
         retain_freed_memory()
@@ -477,56 +533,50 @@ def main(argv: list[str] | None = None) -> None:
         print(*measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
         return
 
-    if args.components:
-        for model_name in args.model:
-            print(f"### {model_name}: cost of each pass, x a plain step (median of {args.repeats})\n")
-            print("| pass | x plain step |\n| --- | --- |")
-            for name, ratio in time_components(Setup(model_name, 100), args.repeats).items():
-                print(f"| {name} | {ratio:.2f} |")
-            print()
-        return
+    run = args.run or "step-cost-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    prov = _store.provenance([__file__, *(sys.argv[1:] if argv is None else argv)])
+    options = {"repeats": args.repeats, "clock": args.clock, "allocator": args.allocator, "block": args.block}
+    options["threads"] = args.threads
+    rows = []
+
+    def add(model_name: str, name: str, measure: str, result: dict, variant: Variant | None = None, **key) -> None:
+        row = {"key": {"run": run, "model": model_name, "variant": name, "measure": measure, **key}}
+        if variant is not None:
+            row["variant"] = asdict(variant)
+        rows.append({**row, "options": options, "result": result, "provenance": prov})
 
     selected = [v for v in variants() if args.only is None or any(s in v.name for s in args.only + ["plain"])]
-    if args.phases:
-        tables = []
+    if args.components:
         for model_name in args.model:
-            phases = {}
+            for name, ratio in time_components(Setup(model_name, 100), args.repeats).items():
+                add(model_name, name, "component", {"ratio": ratio})
+    elif args.phases:
+        for model_name in args.model:
             for variant in tqdm([v for v in selected if v.kind == "reweight"], desc=model_name):
                 step = make_step(Setup(model_name, variant.meta_batch), variant)
                 step(), step()  # warm-up; the third step is the one measured
-                phases[variant.name] = live_by_phase(step)
-            tables.append(render_phases(model_name, phases))
-        text = "\n\n".join(tables)
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
-        return
-
-    tables, raw = [], {}
-    for model_name in args.model:
-        rows = []
-        setups: dict[int, Setup] = {}
-        for variant in tqdm(selected, desc=model_name):
-            setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
-            try:
-                timing = {} if args.memory_only else time_variant(setup, variant, args.repeats, args.block)
+                for phase, (at_start, peak) in live_by_phase(step).items():
+                    add(model_name, variant.name, "phase", {"start_mib": at_start, "peak_mib": peak}, phase=phase)
+    else:
+        for model_name in args.model:
+            setups: dict[int, Setup] = {}
+            for variant in tqdm(selected, desc=model_name):
+                setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
+                try:
+                    timing = {} if args.memory_only else time_variant(setup, variant, args.repeats, args.block)
+                    if args.memory:
+                        mem = memory_in_subprocess(model_name, variant, args.allocator)
+                except (NotImplementedError, subprocess.CalledProcessError) as err:  # ghost on a BatchNorm model
+                    tqdm.write(f"{variant.name:45s} not applicable: {str(err).splitlines()[0]}")
+                    continue
+                if timing:
+                    add(model_name, variant.name, "timing", timing, variant)
+                    tqdm.write(f"{variant.name:45s} {timing['step_ms']:8.0f} ms  x{timing['ratio']:.2f}")
                 if args.memory:
-                    mem = memory_in_subprocess(model_name, variant, args.allocator)
-            except (NotImplementedError, subprocess.CalledProcessError) as err:  # ghost on a BatchNorm model
-                tqdm.write(f"{variant.name:45s} not applicable: {str(err).splitlines()[0]}")
-                continue
-            row = {**asdict(variant), **timing}
-            if args.memory:
-                row["mem"], row["peak_rss"], row["live"] = mem
-            rows.append(row)
-            if not args.memory_only:
-                tqdm.write(f"{variant.name:45s} {row['step_ms']:8.0f} ms  x{row['ratio']:.2f}")
-        raw[model_name] = rows
-        tables.append(render(model_name, rows))
-    text = "\n\n".join(tables)
+                    add(model_name, variant.name, "memory", dict(zip(("mem", "peak_rss", "live"), mem)), variant)
+    _store.append(args.table, rows)
+    text = report(args.table, [run])
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(raw, indent=1))
     if args.markdown:
         args.markdown.write_text(text + "\n")
 

@@ -36,7 +36,16 @@ def tiny_runs(bench, tmp_path_factory):
 
 
 def _cell(root: Path, method: str) -> dict:
-    return json.loads((root / "mnist1d" / "flip1-40" / method / "seed0.json").read_text())
+    """The row of ``method`` on mnist1d flip1-40 seed 0 in the table under ``root``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _store
+
+    (row,) = [
+        r
+        for r in _store.latest(root / "accuracy.jsonl")
+        if r["key"]["method"] == method and r["key"]["setting"] == "flip1-40" and r["key"]["seed"] == 0
+    ]
+    return json.loads(json.dumps(row))  # a copy: tests may edit it
 
 
 def test_gce_matches_a_hand_computation(bench):
@@ -122,12 +131,17 @@ def test_every_alternative_caches_and_resumes(bench, tiny_runs, monkeypatch):
 
 
 def test_a_companion_cell_already_cached_is_never_rewritten(bench, tmp_path):
-    base = tmp_path / "mnist1d" / "flip1-40" / "lossnet" / "seed0.json"
-    base.parent.mkdir(parents=True)
-    base.write_text('{"key": {"stale": true}, "result": {}}')
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _store
+
+    cfg = bench.dataclasses.replace(bench.CONFIGS["mnist1d"], epochs=2, num_samples=600)
+    key = bench._key("mnist1d", "flip1-40", "lossnet", 0, cfg, None, "gentle", "default", "plain")
+    table = tmp_path / "accuracy.jsonl"
+    _store.append(table, {"key": key, "result": {"stale": True}})
     assert bench.main(TINY + ["--methods", "lossnet+finetune", "--results", str(tmp_path)]) == 0
-    assert base.read_text() == '{"key": {"stale": true}, "result": {}}'
-    assert (base.parent.parent / "lossnet+finetune" / "seed0.json").exists()
+    rows = _store.rows(table)
+    assert [r["key"]["method"] for r in rows] == ["lossnet", "lossnet+finetune"]
+    assert rows[0]["result"] == {"stale": True}
 
 
 def test_paper_ratio_protocol(bench):
@@ -162,3 +176,20 @@ def test_guide_picks_the_cheapest_within_noise_of_the_best(bench, tiny_runs):
     used = min((m for m in methods if acc[m] == best), key=lambda m: cost[m])
     verdict = "" if used.startswith("lossnet") else "not reweight: "
     assert f"**{verdict}{bench.NAMES[used]}: {100 * best:.1f} ± 0.0 at {cost[used] / cost['standard']:.2f}x**" in row
+
+
+def test_rows_carry_provenance_and_expanded_options(bench, tiny_runs):
+    row = _cell(tiny_runs, "lossnet")
+    prov = row["provenance"]
+    assert prov["library"]["version"] == __import__("reweight").__version__
+    assert len(prov["library"]["commit"]) == 40 and isinstance(prov["library"]["dirty"], bool)
+    assert prov["packages"]["torch"] == torch.__version__ and prov["packages"]["numpy"] == np.__version__
+    assert prov["cpu"] and prov["threads"] == 1 and prov["date"].endswith("Z")
+    assert "--methods" in prov["command"]
+    # a preset is stored as the options it stands for, so a preset that changes meaning changes the key
+    fast = bench.reweighter_options("metainfonet", "fast", None, False)
+    assert fast["interval"] == 6 and fast["meta_optimizer"] == {"name": "Adam", "lr": 6e-3, "weight_decay": 5e-4}
+    assert fast["net_kwargs"]["kl_weight"] == 0.01 and fast["engine"] == "auto"
+    assert bench.reweighter_options("metainfonet", "fast5", None, False)["interval"] == 5
+    assert row["key"]["reweighter"]["meta_optimizer"] == {"name": "Adam", "lr": 1e-3, "weight_decay": 5e-4}
+    assert bench.reweighter_options("standard", "default", None, True) is None

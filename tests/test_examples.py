@@ -1,7 +1,6 @@
 """Tiny-scale smoke runs of the demo (examples/noisy_labels.py) and the benchmark (benchmarks/accuracy.py)."""
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -39,18 +38,32 @@ def test_demo_runs_and_writes_its_figures(demo, tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     lines = (tmp_path / "lowest_weights_metainfonet.csv").read_text().splitlines()
     assert lines[0] == "index,weight,loss" and len(lines) == 201
-    assert "| MetaInfoNet |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| MetaInfoNet |" in out
+    # the printed share of corrupted samples among the 200 lowest weights is the one the CSV's ids give
+    data = demo.make_data(600, 0.4, 0)
+    assert len(data["y"]) == 280 and len(data["meta"]) == 200
+    ids = [int(line.split(",")[0]) for line in lines[1:]]
+    weights = [float(line.split(",")[1]) for line in lines[1:]]
+    assert weights == sorted(weights) and len(set(ids)) == 200
+    share = data["corrupted"][ids].mean()
+    assert f"MetaInfoNet: {share:.0%} of its 200 lowest-weight samples are corrupted" in out
 
 
 def test_benchmark_caches_resumes_and_reports(bench, tmp_path, monkeypatch):
     args = ["--datasets", "mnist1d", "--settings", "flip1-40", "lt-10", "--seeds", "0"]
     args += ["--epochs", "1", "--num-samples", "600", "--results", str(tmp_path)]
     assert bench.main(args) == 0
-    files = sorted(tmp_path.glob("mnist1d/*/*/seed0.json"))
-    assert len(files) == 2 * len(bench.METHODS)
-    run = json.loads((tmp_path / "mnist1d" / "flip1-40" / "metainfonet" / "seed0.json").read_text())
-    assert run["key"]["config"]["epochs"] == 1 and len(run["result"]["test_acc"]) == 1
-    assert 0.0 <= run["result"]["auroc"] <= 1.0
+    rows = bench._load(tmp_path)
+    assert len(rows) == 2 * len(bench.METHODS)
+    (run,) = [r for r in rows if r["key"]["method"] == "metainfonet" and r["key"]["setting"] == "flip1-40"]
+    res = run["result"]
+    assert run["key"]["config"]["epochs"] == 1 and len(res["test_acc"]) == 1
+    assert 0.0 <= res["auroc"] <= 1.0
+    # one epoch: "best" is that epoch's test accuracy, "last" the mean over it, on 280 training samples
+    assert res["best_epoch"] == 0 and res["best"] == res["test_acc"][0] == res["last"] and res["n_train"] == 280
+    # the pass counts of one epoch: 3 batches, each with one meta batch of 100 forwards
+    assert res["cost"]["forwards"] == 280 + 3 * 100
     cfg = bench.dataclasses.replace(bench.CONFIGS["mnist1d"], epochs=1, num_samples=600)
     assert run["result"]["n_corrupted"] == int(bench.make_data("mnist1d", "flip1-40", 0, cfg)["corrupted"].sum()) > 0
 

@@ -1,4 +1,5 @@
-"""The step-cost benchmark's variants run (tiny batches; no timing is checked)."""
+"""The step-cost benchmark: every variant's timing row is the ratio of its own timings (tiny batches), and a
+run writes rows with their provenance to the table and renders its report from them."""
 
 import sys
 from pathlib import Path
@@ -22,9 +23,33 @@ def test_variants_run(model_name):
     for variant in chosen:
         setup = step_cost.Setup(model_name, variant.meta_batch)
         setup.x, setup.y, setup.xm, setup.ym = setup.x[:4], setup.y[:4], setup.xm[:4], setup.ym[:4]
-        step = step_cost.make_step(setup, variant)
-        for _ in range(variant.interval + 1):
-            step()
+        row = step_cost.time_variant(setup, variant, repeats=1)
+        assert set(row) == {"plain_ms", "step_ms", "ratio"}
+        assert row["plain_ms"] > 0 and row["step_ms"] > 0
+        # one repeat: the median ratio is that repeat's variant time over its plain time
+        assert row["ratio"] == pytest.approx(row["step_ms"] / row["plain_ms"], rel=1e-9)
+
+
+def test_a_run_appends_rows_with_provenance_and_reports_from_them(tmp_path, capsys):
+    import torch
+
+    table = tmp_path / "step_cost.jsonl"
+    args = ["--model", "transformer", "--only", "linear_head/head/k=10", "--repeats", "1", "--clock", "cpu"]
+    step_cost.main(args + ["--table", str(table), "--run", "tiny"])
+    printed = capsys.readouterr().out
+    rows = step_cost._store.rows(table)
+    names = [r["key"]["variant"] for r in rows]  # "plain" selects the plain step and the head floors too
+    assert names[0] == "plain" and names[-1] == "linear_head/head/k=10" and len(names) == 4
+    for r in rows:
+        assert r["key"] == {"run": "tiny", "model": "transformer", "variant": r["variant"]["name"], "measure": "timing"}
+        assert r["options"] == {"repeats": 1, "clock": "cpu", "allocator": "system", "block": 1, "threads": 1}
+        assert r["result"]["ratio"] == pytest.approx(r["result"]["step_ms"] / r["result"]["plain_ms"])
+        prov = r["provenance"]
+        assert prov["packages"]["torch"] == torch.__version__ and len(prov["library"]["commit"]) == 40
+        assert prov["threads"] == 1 and "--run tiny" in prov["command"]
+    assert rows[-1]["variant"]["interval"] == 10 and rows[-1]["variant"]["engine"] == "linear_head"
+    assert step_cost.report(table, ["tiny"]) in printed
+    assert "| linear_head/head/k=10 | linear_head | head | 10 | 100 |" in printed
 
 
 def test_live_bytes_are_read_per_profiler_range():

@@ -1,0 +1,219 @@
+"""Regenerate the published tables of the docs from the committed result tables.
+
+Each generated block of a page sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; NAME is a
+renderer below, which reads ``benchmarks/results/accuracy.jsonl`` or ``step_cost.jsonl`` through the
+benchmarks' own ``--report`` code. Text outside the markers is left alone.
+
+    python benchmarks/render_docs.py           # rewrite the blocks in place
+    python benchmarks/render_docs.py --check   # exit 1, naming the blocks, if a page differs from its rendering
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import _store  # noqa: E402
+import _tradeoff  # noqa: E402
+import accuracy as acc  # noqa: E402
+import step_cost  # noqa: E402
+
+PAGES = ("docs/results.md", "docs/benchmarks.md", "README.md")
+S4 = ["flip1-40", "flip2-40", "uniform-40", "lt-50"]
+S6 = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
+SEEDS5 = [0, 1, 2, 3, 4]
+M = [
+    "standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune", "logitnet",
+    "logitnet+finetune", "metainfonet", "metainfonet+finetune",
+]
+FAST_METHODS = ["lossnet", "lossnet+finetune", "metainfonet", "metainfonet+finetune"]
+P1_METHODS = [
+    "standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune", "logitnet", "metainfonet",
+    "metainfonet+finetune",
+]
+
+
+def _acc(table: Path, datasets, settings, methods, seeds, variants=("default",), schedule="gentle", cost=False):
+    text = acc.report(table, datasets, settings, methods, seeds, schedule, tuple(variants), "plain")
+    if cost:
+        text += "\n" + acc.cost_report(table, datasets, settings, methods, seeds, schedule, tuple(variants), "plain")
+    return text
+
+
+def _lambda(table: Path) -> str:
+    settings = ["flip1-40", "flip2-40", "uniform-60"]
+    parts = [acc.lambda_report(table, "mnist1d", s) for s in settings]
+    return "\n".join([*parts, acc.lambda_choice(table, "mnist1d", settings)])
+
+
+def _stability(table: Path, settings, methods, variants, seeds, schedule="gentle", model="plain") -> str:
+    cells = acc._cells(table, seeds, schedule, tuple(dict.fromkeys(["default", *variants])), model)
+    rows = acc._with_variants(methods, tuple(variants))
+    text = _tradeoff.stability_table(cells, "mnist1d", settings, rows)
+    return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
+
+
+def _gain(table: Path) -> str:
+    variants = ("default", "fast", "fast5")
+    cells = acc._cells(table, SEEDS5, "gentle", variants, "plain")
+    methods = ["metainfonet", "lossnet"]
+    text = _tradeoff.gain_table(cells, "mnist1d", S4, methods, "default", ["fast", "fast5"])
+    return text + "\n" + acc._note(cells, "mnist1d", S4, ["standard", *acc._with_variants(methods, variants)])
+
+
+def _steps(table: Path, runs: list[str]) -> str:
+    return step_cost.report(table, runs)
+
+
+def _ratio(rows, run, model, variant, field="ratio"):
+    for r in rows:
+        k = r["key"]
+        if (k["run"], k["model"], k["variant"]) == (run, model, variant) and field in r["result"]:
+            return r["result"][field]
+    return None
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x to {hi:.2f}x"
+
+
+def _cost_summary(sc: Path) -> str:
+    """The README's cost figures, read off the step-cost table's current runs."""
+    rows = _store.latest(sc)
+    ghost_runs = ["ghost-cpu-system", "ghost-cpu-retain", "ghost-cpu-system-slower-machine"]
+    ghost = [_ratio(rows, r, m, "ghost/full/k=1") for r in ghost_runs for m in ("transformer", "resnet32gn")]
+    models = ("transformer", "resnet32gn")
+    ref = {m: [_ratio(rows, r, m, "reference flow (MW-Net code)") for r in ghost_runs] for m in models}
+    fwd_bn = [_ratio(rows, "presets-cpu", "resnet32", v) for v in ("forward/full/k=1", "preset=exact")]
+    k10 = [_ratio(rows, "ghost-cpu-system", m, "ghost/full/k=10") for m in ("transformer", "resnet32gn")]
+    k10 += [_ratio(rows, "presets-cpu", m, "forward/full/k=10") for m in ("transformer", "resnet32")]
+    fast = {m: _ratio(rows, "presets-cpu", m, "preset=fast") for m in ("transformer", "resnet32")}
+    block = _ratio(rows, "ghost-cpu-block4-system", "resnet32gn", "ghost/full/k=1")
+    block_retain = _ratio(rows, "ghost-cpu-block4-retain", "resnet32gn", "ghost/full/k=1")
+    return (
+        f"An exact meta step costs {_span([g for g in ghost if g])} a plain step with `ghost` (transformer and "
+        f"GroupNorm ResNet-32; the reference flow: {_span(ref['transformer'])} and {_span(ref['resnet32gn'])}), "
+        f"{_span(fwd_bn)} with `forward` (BatchNorm ResNet-32, which `auto` gives `forward`), "
+        f"{_span(k10)} with `interval=10`; `preset=\"fast\"` {fast['transformer']:.2f}x (transformer) and "
+        f"{fast['resnet32']:.2f}x (BatchNorm ResNet-32). On Linux CPUs, glibc's malloc hands freed memory back and "
+        f"page-faults it in again every step: on the GroupNorm ResNet-32 with steps back to back `ghost` costs "
+        f"{block:.2f}x with glibc's defaults and {block_retain:.2f}x with freed memory retained."
+    )
+
+
+def _cleanlab_cost(table: Path) -> str:
+    values = []
+    for ds in ("mnist1d", "mnist1d-2pct"):
+        cells = acc._cells(table, SEEDS5, "gentle", ("default",), "plain")
+        for s in S6:
+            rel = acc._relative_cost(cells, ds, s, "cleanlab")
+            if rel["passes"]:
+                values.append(sum(rel["passes"]) / len(rel["passes"]))
+    return _span(values)
+
+
+def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
+    both = ["mnist1d", "mnist1d-2pct"]
+    return {
+        # docs/results.md
+        "guide": lambda: acc.guide_report(table, both, S6, M, SEEDS5, "gentle", ("default", "exact", "fast"), "plain"),
+        "grid": lambda: _acc(table, ["mnist1d", "digits"], acc.SETTINGS, acc.METHODS, [0, 1, 2]),
+        "lambda": lambda: _lambda(table),
+        "grid-5-seeds": lambda: _acc(table, ["mnist1d", "digits"], acc.SETTINGS, acc.METHODS, SEEDS5),
+        "protocol2": lambda: _acc(table, ["mnist1d-2pct"], S6, M, SEEDS5, ("exact",), cost=True),
+        "protocol2-fast": lambda: _acc(table, ["mnist1d-2pct"], S4, FAST_METHODS, SEEDS5, ("fast",), cost=True),
+        "protocol1-alternatives": lambda: _acc(table, ["mnist1d"], S6, P1_METHODS, SEEDS5, cost=True),
+        "protocol1-fast": lambda: _acc(table, ["mnist1d"], S4, FAST_METHODS, SEEDS5, ("fast",), cost=True),
+        "gce-paper": lambda: _acc(table, ["mnist1d"], S4, ["standard", "finetune", "gce"], SEEDS5, schedule="paper"),
+        "cleanlab-cost": lambda: (
+            f"cleanlab's cost, over the cells of both protocols: {_cleanlab_cost(table)} Standard's sample passes "
+            "(five fold models and the retraining)."
+        ),
+        "fast-screen": lambda: _stability(
+            table, ["flip1-40", "flip2-40"], ["metainfonet"], ["kl0", "k3m", "k5", "k5m", "k10m", "head", "headm"],
+            [0, 1, 2],
+        ),
+        "fast-rescreen": lambda: _stability(
+            table, ["flip1-40", "flip2-40"], ["metainfonet"], ["default", "fast5", "k5m10", "k6m"], [0, 1, 2]
+        ),
+        "fast-keeps": lambda: _gain(table),
+        "preset-cost": lambda: _steps(sc, ["presets-cpu"]),
+        "preset-passes": lambda: acc.cost_report(
+            table, ["mnist1d"], S4, ["standard", "finetune", "metainfonet", "lossnet"], SEEDS5, "gentle",
+            ("default", "fast"), "plain",
+        ),
+        "collapse-plain": lambda: _stability(
+            table, ["flip1-40", "flip2-40"], ["standard", "l2rw", "lossnet", "logitnet", "metainfonet"],
+            ["default", "kl0"], SEEDS5, "paper",
+        ),
+        "collapse-bn": lambda: _stability(
+            table, ["flip1-40", "flip2-40"], ["standard", "metainfonet"],
+            ["default", "kl0", "kl01", "sampled", "nowd", "la01"], SEEDS5, "paper", "bn",
+        ),
+        # docs/benchmarks.md
+        "ghost-timing": lambda: _steps(sc, ["ghost-cpu-system", "ghost-cpu-retain"]),
+        "ghost-timing-block4": lambda: _steps(sc, ["ghost-cpu-block4-system", "ghost-cpu-block4-retain"]),
+        "ghost-timing-slower-machine": lambda: _steps(
+            sc,
+            [
+                "ghost-cpu-system-slower-machine", "ghost-transformer-r15-system-slower-machine",
+                "ghost-transformer-r15-retain-slower-machine",
+            ],
+        ),
+        "ghost-memory": lambda: _steps(sc, ["ghost-memory"]),
+        "ghost-memory-rss": lambda: _steps(sc, ["ghost-memory-rss-1", "ghost-memory-rss-2", "ghost-memory-rss-3"]),
+        "ghost-phases": lambda: _steps(sc, ["phases"]),
+        "ghost-components": lambda: _steps(sc, ["components-ghost"]),
+        "bn-resnet32": lambda: _steps(sc, ["presets-cpu"]),
+        # README.md
+        "readme-cost": lambda: _cost_summary(sc),
+    }
+
+
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+
+
+def render_page(text: str, table_renderers: dict[str, Callable[[], str]]) -> str:
+    """``text`` with every marked block replaced by its renderer's output."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in table_renderers:
+            raise KeyError(f"no renderer for table {name!r}")
+        body = table_renderers[name]().strip("\n")
+        return f"{m.group(1)}{body}\n{m.group(4)}"
+
+    return BLOCK.sub(sub, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="compare only; exit 1 if a page differs")
+    args = p.parse_args(argv)
+    table_renderers = renderers()
+    stale = []
+    for page in PAGES:
+        path = ROOT / page
+        old = path.read_text()
+        new = render_page(old, table_renderers)
+        if new != old:
+            stale.append(page)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print("out of date (run python benchmarks/render_docs.py): " + ", ".join(stale))
+        return 1
+    print(("rewrote: " + ", ".join(stale)) if stale else "every page matches its tables")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
