@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
@@ -79,9 +78,10 @@ def variants() -> list[Variant]:
 class Setup:
     """A model, its optimizer and batches; ``plain_step`` and the variant's step act on their own copies."""
 
-    def __init__(self, model_name: str, meta_batch: int) -> None:
-        self.model, (self.x, self.y), (self.xm, self.ym), self.k = make_problem(model_name, 100, meta_batch)
-        self.model.train()
+    def __init__(self, model_name: str, meta_batch: int, batch: int = 100, device: str | torch.device = "cpu") -> None:
+        self.model, (self.x, self.y), (self.xm, self.ym), self.k = make_problem(model_name, batch, meta_batch)
+        self.model.to(device).train()
+        self.x, self.y, self.xm, self.ym = (t.to(device) for t in (self.x, self.y, self.xm, self.ym))
 
     def fresh(self):
         model = copy.deepcopy(self.model)
@@ -523,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         print(report(args.table, args.report))
         return
+    from tqdm import tqdm  # only the command line shows progress: importing this module needs torch alone
+
     torch.set_num_threads(args.threads)
     if args.allocator == "retain":
         retain_freed_memory()
