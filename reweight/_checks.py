@@ -11,10 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._batch import Inputs, batch_size, split_batch, to_device
+from ._batch import Inputs, batch_size, call_model, split_batch, to_device
+from ._rng import isolated_rng
 from .losses import PerSampleLoss
 
-__all__ = ["check_batch", "check_losses", "naming_batch", "prepare_meta_batch", "describe_shapes"]
+__all__ = [
+    "check_batch",
+    "check_losses",
+    "check_meta_forward",
+    "check_meta_labels",
+    "step_losses",
+    "naming_batch",
+    "prepare_meta_batch",
+    "describe_shapes",
+]
 
 
 def check_losses(losses: Any, n: int, what: str) -> None:
@@ -80,6 +90,29 @@ def check_batch(inputs: Inputs, targets: Any, logits: Tensor, *, net: str | None
     return n
 
 
+def step_losses(inputs: Inputs, targets: Any, logits: Tensor, options: Any, num_classes: int | None) -> Tensor:
+    """The training batch's per-sample losses (detached), after every check of what ``step`` was given
+    (``options``: the reweighter's :class:`~reweight.options.ReweighterOptions`)."""
+    net = options.net if isinstance(options.net, str) else type(options.net).__name__
+    n = check_batch(inputs, targets, logits, net=net if options.requires_logits else None, num_classes=num_classes)
+    with torch.no_grad():
+        losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
+    check_losses(losses, n, "loss_fn")
+    return losses
+
+
+def check_meta_labels(meta_targets: Tensor, logits: Tensor, meta_loss_fn: PerSampleLoss) -> None:
+    """The meta loss's own checks (labels in range) on stand-in logits shaped like the training batch's."""
+    if logits.ndim == 2:
+        with torch.no_grad():
+            stand_in = logits.new_zeros(meta_targets.shape[0], logits.shape[1])
+            naming_batch(meta_loss_fn, "meta batch", "meta_loss_fn")(stand_in, meta_targets)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def _floating_dtype(module: nn.Module) -> torch.dtype | None:
     for p in module.parameters():
         if p.is_floating_point():
@@ -111,6 +144,19 @@ def prepare_meta_batch(batch: Any, module: nn.Module, device: torch.device) -> t
     if m != targets.shape[0] or m == 0:
         raise ValueError(f"meta batch is empty or inconsistent: inputs {m}, targets {targets.shape[0]}")
     return inputs, targets
+
+
+def check_meta_forward(model: nn.Module, meta_inputs: Inputs, inputs: Inputs, logits_fn: Any, err: Exception) -> None:
+    """After an engine failed with ``err``: if ``model`` cannot take the meta batch at all, say so with its
+    shapes (a no-grad forward with the reweighter's RNG untouched); otherwise return and let ``err`` stand."""
+    try:
+        with torch.no_grad(), isolated_rng(0, _device_of(model)):
+            call_model(model, {}, meta_inputs, logits_fn)
+    except Exception as meta_err:  # noqa: BLE001  (any failure of the meta batch's forward)
+        raise ValueError(
+            f"the model cannot take the meta batch: inputs of shapes {describe_shapes(meta_inputs)} "
+            f"(training batch: {describe_shapes(inputs)}): {meta_err}"
+        ) from err
 
 
 def describe_shapes(inputs: Inputs) -> str:

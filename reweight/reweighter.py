@@ -8,44 +8,37 @@ known only through what it declared when registered (:mod:`reweight.engines.sele
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ._batch import Inputs, LogitsFn, call_model, logits_of, unwrap_model
-from ._checks import check_batch, check_losses, describe_shapes, naming_batch, prepare_meta_batch
+from ._batch import Inputs, LogitsFn, logits_of, unwrap_model
+from ._checks import check_meta_forward, check_meta_labels, naming_batch, prepare_meta_batch, step_losses
+from ._finite import NonFiniteLossError, finite_or_skip, joint_check
 from ._profiling import phase
 from ._rng import isolated_rng
 from ._state import (
     STATE_VERSION,
     check_count,
-    check_optimizer_state,
     check_rng_state,
-    check_tensor_shapes,
     upgrade_state,
 )
 from .distributed import check_parameter_kinds, check_sync_batchnorm, data_parallel_group
-from .engines import MetaGradient, MetaProblem, list_engines
-from .engines.base import ForwardCapture
-from .engines.select import EngineSelection, check_engine, select_engine
+from .engines import MetaProblem, list_engines
+from .engines.runner import EngineRunner
+from .engines.select import check_engine, select_engine
 from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
 from .monitor import CollapseMonitor, MetaSignalMonitor
-from .nets import WeightingOutput, create_weighting_net
+from .net_slot import NetSlot
 from .options import ReweighterOptions, resolve_options
 from .presets import FROM_PRESET
 from .virtual_step import plan_virtual_step
 
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A per-sample loss, the meta loss or the meta-gradient was NaN or infinite."""
 
 
 class MetaReweighter:
@@ -184,35 +177,30 @@ class MetaReweighter:
         self.model, self.module, self.optimizer = model, module, optimizer
         self._lookahead_names = names
         self._group = group
-        self._selection: EngineSelection = selection
+        self._engine = EngineRunner(
+            selection, module, self._lookahead_params, not group.active, self._explain_engine_failure
+        )
         self._reuse_outputs = not group.active  # DDP's reducer owns the wrapper's graph
-        self._capture: ForwardCapture | None = None
-        self._capture_factory: Any = None
-        self._capture_forwards = True  # until remove_hooks()
         self._head: HeadCapture | None = None
         self.collapse_monitor = (
             None if options.collapse_threshold is None else CollapseMonitor(options.collapse_threshold)
         )
         self.signal_monitor: MetaSignalMonitor | None = MetaSignalMonitor()  # None silences it
-        self.net: nn.Module | None = None
-        self.meta_optimizer: torch.optim.Optimizer | None = None
-        self.num_classes = options.num_classes
         seed = options.seed if options.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._generator = torch.Generator().manual_seed(seed)
-        self._init_seed = self._draw_seed()  # the named net's initialisation, whenever it is built
+        self._slot = NetSlot(options, self._draw_seed(), group)  # the net's initialisation, whenever built
         self._step_count = 0
         self._meta_stream = MetaBatchStream(meta_loader, self._draw_rank_seed)
         self.last_meta_loss: Tensor | None = None
         self.last_update_skipped = False
         if isinstance(options.net, nn.Module) or not options.requires_logits or options.num_classes is not None:
-            self._build_net(options.num_classes)
-        elif isinstance(options.net, str):
-            self._net_template(2)  # built at the first step: refuse bad net_kwargs now
+            self._slot.build(options.num_classes, self.device, self._net_dtype())
+        else:
+            self._slot.template(2)  # built at the first step: refuse bad net_kwargs now
         if options.head_mode:  # last: a constructor that raises leaves no hook on the user's model
             self._head = HeadCapture(module)
-        self._sync_capture()
+        self._engine.sync(armed=True)
 
-    # ------------------------------------------------------------------ configuration
 
     preset = property(lambda self: self.options.preset, doc="The preset the options were resolved from.")
     engine = property(lambda self: self.options.engine, doc="The ``engine`` argument (``'auto'`` or a name).")
@@ -248,14 +236,18 @@ class MetaReweighter:
     @property
     def engine_name(self) -> str:
         """The engine in use (after any automatic fallback)."""
-        return self._selection.name
+        return self._engine.selection.name
 
     @property
     def engine_reason(self) -> str:
         """Why :attr:`engine_name` runs: given by the caller, or ``auto``'s choice and which module kept a
         faster engine out (e.g. ``"auto chose 'forward' ('ghost' is not exact for this model: bn
         (BatchNorm1d) normalises over the batch in train mode)"``), or the fallback that led to it."""
-        return self._selection.reason
+        return self._engine.selection.reason
+
+    net = property(lambda self: self._slot.net, doc="The weighting net (``None`` for L2RW, or until built).")
+    meta_optimizer = property(lambda self: self._slot.optimizer, doc="The weighting net's optimizer.")
+    num_classes = property(lambda self: self._slot.num_classes, doc="Classes the net was built for, if known.")
 
     @property
     def is_l2rw(self) -> bool:
@@ -276,33 +268,6 @@ class MetaReweighter:
         """A seed that differs across data-parallel ranks (each rank draws its own meta batches)."""
         return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
 
-    def _create_named_net(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
-        """The named net, initialised from the reweighter's seed (the global RNG is left as it was)."""
-        assert isinstance(self.options.net, str)
-        with isolated_rng(self._init_seed, torch.device("cpu")), device if device is not None else nullcontext():
-            return create_weighting_net(self.options.net, num_classes, **self.options.net_kwargs)
-
-    def _net_template(self, num_classes: int) -> nn.Module:
-        """The named net for ``num_classes`` built on the ``meta`` device (no memory), to check arguments
-        and state shapes; on the CPU for a registered factory that cannot build on ``meta``."""
-        try:
-            return self._create_named_net(num_classes, torch.device("meta"))
-        except (NotImplementedError, RuntimeError):
-            return self._create_named_net(num_classes)
-
-    def _build_net(self, num_classes: int | None) -> None:
-        if self.is_l2rw:
-            return
-        spec = self.options.net
-        net = spec if isinstance(spec, nn.Module) else self._create_named_net(num_classes or 1)
-        self.net = net.to(device=self.device, dtype=self._net_dtype())
-        self._group.broadcast_([*self.net.parameters(), *self.net.buffers()])
-        self.meta_optimizer = self.options.meta_optimizer(self.net.parameters())
-        if not isinstance(self.meta_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"meta_optimizer must return a torch.optim.Optimizer, got {type(self.meta_optimizer).__name__}"
-            )
-
     def _lookahead_params(self) -> dict[str, Tensor]:
         optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return {
@@ -311,76 +276,12 @@ class MetaReweighter:
             if name in self._lookahead_names and p.requires_grad and id(p) in optimized
         }
 
-    def _sync_capture(self) -> None:
-        """Hold the capture the engine in use declares (if any) while outputs are reused and hooks allowed;
-        armed before a step that updates, never inside one."""
-        factory = self._selection.spec.capture
-        wanted = factory is not None and self._reuse_outputs and self._capture_forwards
-        if self._capture is not None and (not wanted or self._capture_factory is not factory):
-            self._capture.remove()
-            self._capture = None
-        if wanted and self._capture is None:
-            assert factory is not None
-            self._capture, self._capture_factory = factory(self.module, self._lookahead_params), factory
-        if self._capture is not None:
-            self._capture.armed = self._step_count % self.interval == 0
-
-    # ------------------------------------------------------------------ the meta update
 
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
         return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)
 
-    def _normalize(self, raw: Tensor) -> Tensor:
-        if self.normalization == "none":
-            return raw
-        total = self._group.sum_differentiable(raw.sum())
-        return raw * (raw.shape[0] * self._group.world_size / (total + (total == 0).to(raw.dtype)))
-
-    def _raw_weights(self, losses: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        assert self.net is not None
-        with torch.autocast(self.device.type, enabled=False):  # the net and its update stay in its dtype
-            out = self.net(losses, logits, targets)
-        raw, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)
-        if raw.ndim == 2 and raw.shape[1] == 1:
-            raw = raw.squeeze(1)
-        if raw.shape != losses.shape:
-            raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
-        return raw, penalty
-
-    def _meta_gradient(self, problem: MetaProblem) -> MetaGradient:
-        # The engines scope the math SDPA backend to their forward-mode / double-backward passes; the
-        # first-order passes keep the attention kernel the caller chose.
-        try:
-            with phase(f"engine.{self.engine_name}"):
-                return self._selection.spec(problem)
-        except NotImplementedError as err:
-            fallback = self._selection.fallback(err)
-            if fallback is None:
-                raise
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
-            warnings.warn(
-                f"engine {self.engine_name!r} is not supported by this model ({why}); "
-                f"falling back to {fallback.name!r} for the rest of training",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._selection = fallback
-            self._sync_capture()
-            return self._meta_gradient(problem._replace(capture=self._capture))
-        except (RuntimeError, TypeError) as err:
-            self._check_meta_forward(problem, err)
-            raise
-
-    def _check_meta_forward(self, problem: MetaProblem, err: Exception) -> None:
-        """After an engine failed: if the model cannot take the meta batch at all, say so with its shapes."""
-        try:
-            with torch.no_grad(), isolated_rng(0, self.device):
-                call_model(self.module, {}, problem.meta_inputs, self.logits_fn)
-        except Exception as meta_err:  # noqa: BLE001  (any failure of the meta batch's forward)
-            raise ValueError(
-                f"the model cannot take the meta batch: inputs of shapes {describe_shapes(problem.meta_inputs)} "
-                f"(training batch: {describe_shapes(problem.inputs)}): {meta_err}"
-            ) from err
+    def _explain_engine_failure(self, problem: MetaProblem, err: Exception) -> None:
+        check_meta_forward(self.module, problem.meta_inputs, problem.inputs, self.logits_fn, err)
 
     def _problem(
         self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor, meta: tuple[Inputs, Tensor] | None
@@ -405,25 +306,7 @@ class MetaReweighter:
             head=self._head,
             head_features=head_features,
             logits_fn=self.logits_fn,
-            capture=self._capture,
         )
-
-    def _joint_check(self, flag: Tensor, what: str, pending: Tensor | None) -> bool:
-        """``flag`` (all finite) and the training losses' deferred flag ``pending``, in one host sync."""
-        if pending is None:
-            return self._finite_or_skip(self._group.all_(flag), what)
-        if self._group.all_(flag & pending):
-            return True
-        return self._finite_or_skip(False, what if bool(pending) else "a per-sample training loss")
-
-    def _finite_or_skip(self, ok: bool, what: str) -> bool:
-        if ok:
-            return True
-        if self.on_nonfinite == "raise":
-            raise NonFiniteLossError(
-                f"{what} is not finite (NaN or inf); pass on_nonfinite='skip' to skip such meta updates"
-            )
-        return False
 
     def _meta_update(
         self,
@@ -441,42 +324,34 @@ class MetaReweighter:
         """
         if self.is_l2rw:  # the meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
-            grad = self._meta_gradient(self._problem(inputs, targets, logits, zeros, meta))
-            if not self._joint_check(torch.isfinite(grad.coefficients).all(), "the meta-gradient", pending):
+            grad = self._engine(self._problem(inputs, targets, logits, zeros, meta))
+            if not joint_check(
+                torch.isfinite(grad.coefficients).all(), "the meta-gradient", pending, self._group, self.on_nonfinite
+            ):
                 return False, None
             self.last_meta_loss = grad.meta_loss
-            return True, self._normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()))
-        assert self.net is not None and self.meta_optimizer is not None
+            return True, self._slot.normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()))
+        assert self.net is not None
         self.net.train()
         with torch.enable_grad():
-            raw, penalty = self._raw_weights(*net_inputs)
-            weights = self._normalize(raw)
-            grad = self._meta_gradient(self._problem(inputs, targets, logits, weights, meta))
+            raw, penalty = self._slot.raw_weights(*net_inputs)
+            weights = self._slot.normalize(raw)
+            grad = self._engine(self._problem(inputs, targets, logits, weights, meta))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
-            if not self._joint_check(finite, "the meta loss or meta-gradient", pending):
+            if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None
-            surrogate = meta_part = (grad.coefficients.detach().to(weights.dtype) * weights).sum()
-            meta_grads = None
-            if penalty is not None:  # each rank holds 1/world of the global batch's penalty
-                surrogate = surrogate + penalty / self._group.world_size
-                monitor = self.signal_monitor
-                if monitor is not None and not self._group.active and monitor.checks_next():
-                    # the weak-signal check reads the meta-gradient alone, not the penalty's pull
-                    meta_grads = torch.autograd.grad(
-                        meta_part, list(self.net.parameters()), retain_graph=True, allow_unused=True
-                    )
-            self.meta_optimizer.zero_grad(set_to_none=True)
-            surrogate.backward()
-        self._group.sum_grads_(self.net.parameters())
-        if self.signal_monitor is not None:
-            self.signal_monitor.observe(
-                self._step_count, self.net, self.meta_optimizer, self.optimizer, self.lookahead_lr, weights, meta_grads
+            self._slot.update(
+                grad.coefficients,
+                weights,
+                penalty,
+                self.signal_monitor,
+                self._step_count,
+                self.optimizer,
+                self.lookahead_lr,
             )
-        self.meta_optimizer.step()
         self.last_meta_loss = grad.meta_loss
         return True, None
 
-    # ------------------------------------------------------------------ the step
 
     def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         """Meta-update the weighting net (every ``interval`` calls) and return this batch's weights.
@@ -502,51 +377,31 @@ class MetaReweighter:
         the step count, the reweighter's RNG and the meta stream's position.
         """
         rng, stream = self._generator.get_state(), self._meta_stream.state_dict()
-        net_before = (self.net, self.meta_optimizer, self.num_classes)
-        if self._capture is not None:
-            self._capture.armed = False  # the look-ahead's own forwards are not the caller's
+        net_before = self._slot.snapshot()
+        self._engine.sync(armed=False)  # the look-ahead's own forwards are not the caller's
         try:
             return self._step(inputs, targets, outputs)
         except BaseException:
-            self.net, self.meta_optimizer, self.num_classes = net_before  # a net built lazily by this step
+            self._slot.restore(net_before)  # a net built lazily by this step
             self._generator.set_state(rng)
             if self._meta_stream.state_dict() != stream:
                 self._meta_stream.load_state_dict(stream)  # the next call replays the pass up to here
             raise
         finally:
-            self._sync_capture()
-
-    def _check_step_inputs(self, inputs: Inputs, targets: Tensor, logits: Tensor) -> Tensor:
-        """The training batch's per-sample losses (detached), after every check of what ``step`` was given."""
-        net = self.options.net if isinstance(self.options.net, str) else type(self.options.net).__name__
-        n = check_batch(
-            inputs, targets, logits, net=net if self.options.requires_logits else None, num_classes=self.num_classes
-        )
-        with torch.no_grad():
-            losses = naming_batch(self.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
-        check_losses(losses, n, "loss_fn")
-        return losses
-
-    def _check_meta_batch_early(self, logits: Tensor) -> tuple[Inputs, Tensor]:
-        """Under data parallelism: the meta batch and what the meta update would meet past its first collective."""
-        if self._head is not None:
-            self._head.features_for(logits)
-        meta = self._next_meta_batch()
-        if logits.ndim == 2:  # the meta loss's own checks (labels in range) on stand-in logits
-            with torch.no_grad():
-                stand_in = logits.new_zeros(meta[1].shape[0], logits.shape[1])
-                naming_batch(self.meta_loss_fn, "meta batch", "meta_loss_fn")(stand_in, meta[1])
-        return meta
+            self._engine.sync(armed=self._step_count % self.interval == 0)
 
     def _step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         update = self._step_count % self.interval == 0
         rank_seed, meta = self._draw_rank_seed(), None
         try:  # local checks: under DDP, an error must reach every rank before the step's first collective
             logits = logits_of(outputs, self.logits_fn)
-            losses = self._check_step_inputs(inputs, targets, logits)
-            if update and self._group.active:
+            losses = step_losses(inputs, targets, logits, self.options, self.num_classes)
+            if update and self._group.active:  # what the meta update would meet past its first collective
+                if self._head is not None:
+                    self._head.features_for(logits)
                 with isolated_rng(rank_seed, self.device):
-                    meta = self._check_meta_batch_early(logits)
+                    meta = self._next_meta_batch()
+                check_meta_labels(meta[1], logits, self.meta_loss_fn)
         except Exception as err:
             if not self._group.active:
                 raise
@@ -558,10 +413,9 @@ class MetaReweighter:
             # checked together with the meta-gradient, before anything changes: one host sync per step
             pending, all_finite = finite.all(), True
         else:
-            all_finite = self._finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss")
+            all_finite = finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss", self.on_nonfinite)
         if self.net is None and not self.is_l2rw:
-            self.num_classes = logits.shape[1] if logits.ndim == 2 else 1
-            self._build_net(self.num_classes)
+            self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, self._net_dtype())
         losses = torch.where(finite, losses, torch.zeros_like(losses))
         net_inputs = (losses, logits.detach(), targets)
         applied, weights = False, None
@@ -571,28 +425,16 @@ class MetaReweighter:
                     applied, weights = self._meta_update(inputs, targets, logits, net_inputs, meta, pending)
                 pending = None  # checked by the update
             if weights is None:
-                weights = self._current_weights(net_inputs, finite)
+                weights = self._slot.current_weights(net_inputs, finite)
         if pending is not None:  # a step without a meta update
-            self._joint_check(
-                torch.ones((), dtype=torch.bool, device=finite.device), "a per-sample training loss", pending
-            )
+            done = torch.ones((), dtype=torch.bool, device=finite.device)
+            joint_check(done, "a per-sample training loss", pending, self._group, self.on_nonfinite)
         self.last_update_skipped = update and not applied
         if self.collapse_monitor is not None:
             self.collapse_monitor.observe(self._step_count, weights, losses)
         self._step_count += 1
         return weights.detach()
 
-    @torch.no_grad()
-    def _current_weights(self, net_inputs: tuple[Tensor, ...], finite: Tensor) -> Tensor:
-        if self.is_l2rw:  # a skipped update: uniform over finite samples
-            return self._normalize(finite.to(torch.get_default_dtype()))
-        assert self.net is not None
-        self.net.eval()
-        raw, _ = self._raw_weights(*net_inputs)
-        keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
-        return self._normalize(torch.where(keep, raw, torch.zeros_like(raw)))
-
-    # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume: net, meta optimizer, step count, RNG and meta-stream position."""
@@ -630,44 +472,23 @@ class MetaReweighter:
         if not isinstance(engine, str) or engine not in list_engines():
             raise ValueError(f"unknown engine {engine!r} in the saved state; registered: {list_engines()}")
         check_engine(engine, world_size=self._group.world_size, head_mode=self._head is not None)
-        build = self.net is None and not self.is_l2rw and num_classes is not None
-        if self.net is not None:
-            assert self.meta_optimizer is not None
-            net_layout = self.net.state_dict()
-            groups: list[int] | None = [len(g["params"]) for g in self.meta_optimizer.param_groups]
-            num_params = len(list(self.net.parameters()))
-        elif build:
-            template = self._net_template(num_classes)
-            net_layout = template.state_dict()
-            groups, num_params = None, len(list(template.parameters()))
-        else:  # L2RW, or a net whose class count is still unknown: nothing to load
-            net_layout, groups, num_params = {}, None, 0
-        check_tensor_shapes("weighting net", state["net"], net_layout)
-        check_optimizer_state(state["meta_optimizer"], groups, num_params)
+        build = self._slot.check_state(state["net"], state["meta_optimizer"], num_classes)
         check_rng_state(state["rng"], self._generator.get_state())
         MetaBatchStream.check_state(state["meta_stream"])
 
-        if build:
-            self._build_net(num_classes)
-        self.num_classes = num_classes
-        if self.net is not None:
-            assert self.meta_optimizer is not None
-            self.net.load_state_dict(state["net"])
-            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        if engine != self.engine_name:
-            self._selection = self._selection.restored(engine)
-        self._sync_capture()
+        self._slot.load(state["net"], state["meta_optimizer"], num_classes, build, self.device, self._net_dtype())
+        self._engine.restore(engine)
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])
         self._step_count = state["step"]
+        self._engine.sync(armed=self._step_count % self.interval == 0)
 
     def remove_hooks(self) -> None:
         """Remove the forward hooks of ``lookahead="head"`` (on the final Linear layer) and of an engine that
         captures the caller's forward (on the model; the engine then runs its own forward of the batch)."""
         if self._head is not None:
             self._head.remove()
-        self._capture_forwards = False
-        self._sync_capture()
+        self._engine.disallow_capture()
 
     def __repr__(self) -> str:
         net = self.options.net if isinstance(self.options.net, str) else type(self.options.net).__name__

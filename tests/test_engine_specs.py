@@ -109,7 +109,7 @@ def test_head_lookahead_prefers_the_closed_form():
     model, opt, meta, x, y = _setup()
     rw = MetaReweighter(model, opt, meta, lookahead="head", seed=0)
     assert rw.engine_name == "linear_head"
-    assert rw._selection.candidates[0] == "linear_head" and "forward" in rw._selection.candidates
+    assert rw._engine.selection.candidates[0] == "linear_head" and "forward" in rw._engine.selection.candidates
     with pytest.raises(ValueError, match="engine='linear_head' needs lookahead='head'"):
         MetaReweighter(model, opt, meta, engine="linear_head")
 

@@ -429,7 +429,7 @@ def test_forward_outside_a_step_is_not_captured_under_no_grad():
     rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), [meta], seed=0)
     with torch.no_grad():
         model(train[0])
-    assert rw._capture is not None and rw._capture.latest is None
+    assert rw._engine.capture is not None and rw._engine.capture.latest is None
 
 
 def test_ghost_needs_no_forward_mode_support():

@@ -296,6 +296,6 @@ def test_single_process_engines_are_refused_under_data_parallelism(monkeypatch, 
         MetaReweighter(*args, net="l2rw", engine=engine)
     assert MetaReweighter(*args, net="l2rw", engine="forward").engine_name == "forward"
     auto = MetaReweighter(*args, net="l2rw")  # its fallbacks stop before the single-process engines
-    assert auto._selection.candidates and not set(auto._selection.candidates) & {"reverse", "higher"}
+    assert auto._engine.selection.candidates and not set(auto._engine.selection.candidates) & {"reverse", "higher"}
     monkeypatch.undo()  # one process: the reverse engine stays the last fallback
-    assert MetaReweighter(*args, net="l2rw")._selection.candidates[-1] == "reverse"
+    assert MetaReweighter(*args, net="l2rw")._engine.selection.candidates[-1] == "reverse"

@@ -1,0 +1,89 @@
+"""The engine a reweighter runs: its selection, the capture of the caller's forward it declared, and the
+fallback to the next engine when one meets an operation it cannot handle."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from .._profiling import phase
+from .base import ForwardCapture, MetaGradient, MetaProblem
+from .select import EngineSelection
+
+__all__ = ["EngineRunner"]
+
+
+class EngineRunner:
+    """Runs :attr:`selection`'s engine on a :class:`MetaProblem`, holding the capture its spec declares.
+
+    Args:
+        selection: the engine chosen by :func:`~reweight.engines.select.select_engine`.
+        module: the bare model the capture hooks go on.
+        params: returns the current look-ahead parameters by name (for the capture).
+        capture_allowed: whether the caller's forward may be captured (not under DDP, whose reducer owns
+            the wrapper's graph).
+        on_failure: called with the problem and the error when an engine raises ``RuntimeError`` or
+            ``TypeError``, to replace it by a clearer error (a meta batch the model cannot take).
+    """
+
+    def __init__(
+        self,
+        selection: EngineSelection,
+        module: nn.Module,
+        params: Callable[[], Mapping[str, Tensor]],
+        capture_allowed: bool,
+        on_failure: Callable[[MetaProblem, Exception], None],
+    ) -> None:
+        self.selection = selection
+        self.module, self._params, self._on_failure = module, params, on_failure
+        self._allowed = capture_allowed
+        self.capture: ForwardCapture | None = None
+        self._factory: Any = None
+
+    def sync(self, armed: bool) -> None:
+        """Hold the capture the engine in use declares (if any, and if allowed); set whether it is armed."""
+        factory = self.selection.spec.capture if self._allowed else None
+        if self.capture is not None and self._factory is not factory:
+            self.capture.remove()
+            self.capture = None
+        if factory is not None and self.capture is None:
+            self.capture, self._factory = factory(self.module, self._params), factory
+        if self.capture is not None:
+            self.capture.armed = armed
+
+    def disallow_capture(self) -> None:
+        """Remove the capture's hooks for good (the engine then runs its own forward of the batch)."""
+        self._allowed = False
+        self.sync(False)
+
+    def restore(self, name: str) -> None:
+        """Use the engine ``name`` (from a saved state)."""
+        if name != self.selection.name:
+            self.selection = self.selection.restored(name)
+
+    def __call__(self, problem: MetaProblem) -> MetaGradient:
+        """The meta-gradient of ``problem`` (its ``capture`` set here), falling back once per engine."""
+        problem = problem._replace(capture=self.capture)
+        try:
+            with phase(f"engine.{self.selection.name}"):
+                return self.selection.spec(problem)
+        except NotImplementedError as err:
+            fallback = self.selection.fallback(err)
+            if fallback is None:
+                raise
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.warn(
+                f"engine {self.selection.name!r} is not supported by this model ({why}); "
+                f"falling back to {fallback.name!r} for the rest of training",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            self.selection = fallback
+            self.sync(False)
+            return self(problem)
+        except (RuntimeError, TypeError) as err:
+            self._on_failure(problem, err)
+            raise

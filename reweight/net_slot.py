@@ -1,0 +1,161 @@
+"""The weighting net and its meta optimizer as the reweighter holds them: built once the class count is known,
+initialised from the reweighter's seed on the model's device, and checked against a template before a saved
+state is loaded."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._rng import isolated_rng
+from ._state import check_optimizer_state, check_tensor_shapes
+from .distributed import DataParallelGroup
+from .monitor import MetaSignalMonitor
+from .nets import WeightingOutput, create_weighting_net
+from .options import ReweighterOptions
+
+__all__ = ["NetSlot"]
+
+
+class NetSlot:
+    """Holds :attr:`net` and :attr:`optimizer` (both ``None`` for L2RW, and for a named net that reads logits
+    until :meth:`build` is given the class count).
+
+    Args:
+        options: the reweighter's options (``net``, ``net_kwargs``, ``meta_optimizer``).
+        init_seed: seed of a named net's initialisation (the global RNG is left as it was).
+        group: data-parallel ranks; a built net is broadcast from rank 0.
+    """
+
+    def __init__(self, options: ReweighterOptions, init_seed: int, group: DataParallelGroup) -> None:
+        self.options, self.init_seed, self.group = options, init_seed, group
+        self.net: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.num_classes = options.num_classes
+
+    def _create(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
+        assert isinstance(self.options.net, str)
+        with isolated_rng(self.init_seed, torch.device("cpu")), device if device is not None else nullcontext():
+            return create_weighting_net(self.options.net, num_classes, **self.options.net_kwargs)
+
+    def template(self, num_classes: int) -> nn.Module:
+        """The named net for ``num_classes`` built on the ``meta`` device (no memory), to check arguments
+        and state shapes; on the CPU for a registered factory that cannot build on ``meta``."""
+        try:
+            return self._create(num_classes, torch.device("meta"))
+        except (NotImplementedError, RuntimeError):
+            return self._create(num_classes)
+
+    def build(self, num_classes: int | None, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the net (a named one for ``num_classes``) and its optimizer; nothing for L2RW."""
+        self.num_classes = num_classes
+        if self.options.is_l2rw:
+            return
+        spec = self.options.net
+        net = spec if isinstance(spec, nn.Module) else self._create(num_classes or 1)
+        self.net = net.to(device=device, dtype=dtype)
+        self.group.broadcast_([*self.net.parameters(), *self.net.buffers()])
+        self.optimizer = self.options.meta_optimizer(self.net.parameters())
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"meta_optimizer must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return self.net, self.optimizer, self.num_classes
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        self.net, self.optimizer, self.num_classes = snapshot
+
+    def check_state(self, net_state: Any, optimizer_state: Any, num_classes: int | None) -> bool:
+        """Check a saved net and meta-optimizer state against this slot (a template of the named net for
+        ``num_classes`` if not built yet); return whether loading it builds the net first."""
+        build = self.net is None and not self.options.is_l2rw and num_classes is not None
+        if self.net is not None:
+            assert self.optimizer is not None
+            layout, groups = self.net.state_dict(), [len(g["params"]) for g in self.optimizer.param_groups]
+            num_params = len(list(self.net.parameters()))
+        elif build:
+            assert num_classes is not None
+            template = self.template(num_classes)
+            layout, groups, num_params = template.state_dict(), None, len(list(template.parameters()))
+        else:  # L2RW, or a net whose class count is still unknown: nothing to load
+            layout, groups, num_params = {}, None, 0
+        check_tensor_shapes("weighting net", net_state, layout)
+        check_optimizer_state(optimizer_state, groups, num_params)
+        return build
+
+    def load(
+        self, net_state: Any, optimizer_state: Any, num_classes: int | None, build: bool, device: Any, dtype: Any
+    ) -> None:
+        """Load what :meth:`check_state` accepted (building the net first when it said so)."""
+        if build:
+            self.build(num_classes, device, dtype)
+        self.num_classes = num_classes
+        if self.net is not None:
+            assert self.optimizer is not None
+            self.net.load_state_dict(net_state)
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def raw_weights(self, losses: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The net's raw weights ``(batch,)`` and its penalty, computed in the net's own dtype."""
+        assert self.net is not None
+        with torch.autocast(losses.device.type, enabled=False):  # the net and its update stay in its dtype
+            out = self.net(losses, logits, targets)
+        raw, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)
+        if raw.ndim == 2 and raw.shape[1] == 1:
+            raw = raw.squeeze(1)
+        if raw.shape != losses.shape:
+            raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
+        return raw, penalty
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        """``"sum"``: raw weights over their sum over every rank, times the global batch size, with Algorithm 1's
+        delta guard (a zero sum gives zeros) computed without a host sync; ``"none"``: ``raw``."""
+        if self.options.normalization == "none":
+            return raw
+        total = self.group.sum_differentiable(raw.sum())
+        return raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
+
+    @torch.no_grad()
+    def current_weights(self, net_inputs: tuple[Tensor, Tensor, Tensor], finite: Tensor) -> Tensor:
+        """The net's normalised weights in eval mode, 0 where the loss or the net's output is not finite;
+        uniform over the finite samples for L2RW (whose weights come from a meta update only)."""
+        if self.options.is_l2rw:
+            return self.normalize(finite.to(torch.get_default_dtype()))
+        assert self.net is not None
+        self.net.eval()
+        raw, _ = self.raw_weights(*net_inputs)
+        keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
+        return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)))
+
+    def update(
+        self,
+        coefficients: Tensor,
+        weights: Tensor,
+        penalty: Tensor | None,
+        monitor: MetaSignalMonitor | None,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        lookahead_lr: float | None,
+    ) -> None:
+        """One step of the net on the meta-gradient: backpropagate ``sum_i c_i * w_i(phi)`` (plus the net's
+        penalty; exact because ``c`` does not depend on ``phi``), sum the net's gradients over ranks, let the
+        weak-signal ``monitor`` read them, and step the meta optimizer."""
+        assert self.net is not None and self.optimizer is not None
+        surrogate = meta_part = (coefficients.detach().to(weights.dtype) * weights).sum()
+        meta_grads = None
+        if penalty is not None:  # each rank holds 1/world of the global batch's penalty
+            surrogate = surrogate + penalty / self.group.world_size
+            if monitor is not None and not self.group.active and monitor.checks_next():
+                # the weak-signal check reads the meta-gradient alone, not the penalty's pull
+                meta_grads = torch.autograd.grad(
+                    meta_part, list(self.net.parameters()), retain_graph=True, allow_unused=True
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        surrogate.backward()
+        self.group.sum_grads_(self.net.parameters())
+        if monitor is not None:
+            monitor.observe(step, self.net, self.optimizer, optimizer, lookahead_lr, weights, meta_grads)
+        self.optimizer.step()
