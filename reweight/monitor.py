@@ -26,7 +26,46 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CollapseMonitor", "WeightCollapseWarning", "MetaSignalMonitor", "WeakMetaGradientWarning"]
+__all__ = [
+    "CollapseMonitor",
+    "WeightCollapseWarning",
+    "MetaSignalMonitor",
+    "WeakMetaGradientWarning",
+    "weight_statistics",
+    "effective_sample_size",
+]
+
+
+def effective_sample_size(weights: Tensor) -> Tensor:
+    """``(sum w)^2 / (n * sum w^2)``: the share of the batch that carries its loss (1 for uniform weights,
+    ``k / n`` when ``k`` equal weights carry it all, 0 for an all-zero batch); a 0-d tensor, no host sync.
+
+    Example:
+        >>> float(effective_sample_size(torch.tensor([1.0, 1.0, 0.0, 0.0])))
+        0.5
+    """
+    w = weights.detach().float()
+    squares = w.square().sum()
+    return torch.where(squares > 0, w.sum().square() / (w.numel() * squares.clamp(min=1e-30)), squares)
+
+
+def weight_statistics(weights: Tensor) -> dict[str, Tensor]:
+    """The logged statistics of one batch's weights as 0-d tensors on their device (no host sync):
+    ``weight_std``, ``weight_min``, ``weight_max`` and ``weight_ess`` (:func:`effective_sample_size`).
+
+    Example:
+        >>> {k: round(float(v), 3) for k, v in weight_statistics(torch.tensor([0.5, 1.5])).items()}
+        {'weight_std': 0.5, 'weight_min': 0.5, 'weight_max': 1.5, 'weight_ess': 0.8}
+    """
+    w = weights.detach().float()
+    low, high = torch.aminmax(w)
+    return {
+        "weight_std": w.std(unbiased=False),
+        "weight_min": low,
+        "weight_max": high,
+        "weight_ess": effective_sample_size(w),
+    }
+
 
 _REMEDY = (
     "Remedies: lower the meta learning rate (meta_optimizer), use normalization='sum', check the meta set "
@@ -36,7 +75,8 @@ _REMEDY = (
 
 
 class WeightCollapseWarning(RuntimeWarning):
-    """The weighting net's outputs collapsed (all below the threshold, or constant over a batch)."""
+    """The weighting net's outputs collapsed (all below the threshold, constant over a batch, or carried by a
+    few samples)."""
 
 
 class CollapseMonitor:
@@ -46,6 +86,9 @@ class CollapseMonitor:
         threshold: the weights have collapsed when all weights of a batch are below it (default: ``1e-3``).
         rtol: the outputs are constant when ``max - min <= rtol * max |w|`` over a batch whose losses vary by
             more than that relative amount (default: ``1e-4``).
+        min_ess: the weights have collapsed onto a few samples when the batch's effective sample size
+            (:func:`effective_sample_size`) is below this share of the batch (default: ``0.1``: a tenth of the
+            batch carries its loss; healthy runs on 40-60% label noise stay above 0.3).
         every: check on steps ``0, every, 2 * every, ...`` only; each check is one host sync (default: ``50``).
         patience: warn after this many consecutive positive checks (default: ``2``).
 
@@ -60,8 +103,10 @@ class CollapseMonitor:
         True
     """
 
-    def __init__(self, threshold: float = 1e-3, rtol: float = 1e-4, every: int = 50, patience: int = 2) -> None:
-        for name, value in (("threshold", threshold), ("rtol", rtol)):
+    def __init__(
+        self, threshold: float = 1e-3, rtol: float = 1e-4, every: int = 50, patience: int = 2, min_ess: float = 0.1
+    ) -> None:
+        for name, value in (("threshold", threshold), ("rtol", rtol), ("min_ess", min_ess)):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not (value >= 0 and math.isfinite(value)):
@@ -73,6 +118,7 @@ class CollapseMonitor:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.threshold = float(threshold)
         self.rtol = float(rtol)
+        self.min_ess = float(min_ess)
         self.every = every
         self.patience = patience
         self.fired_at: int | None = None
@@ -91,10 +137,17 @@ class CollapseMonitor:
     def _reason(self, w: Tensor, losses: Tensor) -> str | None:
         w = w.float()
         low, high = torch.aminmax(w)
-        stats = torch.stack([low, high, w.abs().max(), *torch.aminmax(losses.float())]).tolist()  # one sync
-        low, high, scale, loss_low, loss_high = stats
+        ess = effective_sample_size(w)
+        stats = torch.stack([low, high, w.abs().max(), ess, *torch.aminmax(losses.float())]).tolist()  # one sync
+        low, high, scale, ess, loss_low, loss_high = stats
         if high < self.threshold:
             return f"all weights of the batch are below {self.threshold:g} (largest {high:.3g})"
+        if w.numel() > 1 and ess < self.min_ess:
+            return (
+                f"a few samples carry each batch's loss (effective sample size {ess:.0%} of the batch, below "
+                f"{self.min_ess:.0%}); if MetaInfoNet, raise its kl_weight (net_kwargs); in any case try a lower "
+                "meta learning rate"
+            )
         if w.numel() > 1 and high - low <= self.rtol * scale:
             if loss_high - loss_low > self.rtol * max(abs(loss_high), abs(loss_low)):
                 return f"the weights are constant over a batch whose losses vary ({low:.6g} to {high:.6g})"

@@ -96,9 +96,9 @@ class MetaReweighter:
             finite, or ``"skip"`` that meta update (weights then come from the current net and samples
             with a non-finite loss get weight 0) (default: ``"raise"``).
         collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
-            every returned weight of a batch falls below it (with ``"sum"``: all zero) or the weights become
-            constant over a batch; checked every 50 steps, tunable through ``collapse_monitor``; ``None``
-            disables it (default: ``1e-3``). A second monitor, ``signal_monitor``
+            every returned weight of a batch falls below it (with ``"sum"``: all zero), the weights become
+            constant over a batch, or a tenth of the batch carries its loss (effective sample size); checked
+            every 50 steps, tunable through ``collapse_monitor``; ``None`` disables it (default: ``1e-3``). A second monitor, ``signal_monitor``
             (:class:`~reweight.monitor.MetaSignalMonitor`), warns once (``WeakMetaGradientWarning``, naming
             ``lookahead_lr``) when the meta-gradient stays too small for the net to learn; set it to ``None`` to
             silence it.

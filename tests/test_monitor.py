@@ -119,3 +119,27 @@ def test_disabled_and_validation():
         CollapseMonitor(every=0)
     with pytest.raises(TypeError, match="patience"):
         CollapseMonitor(patience=1.5)
+
+
+def test_effective_sample_size_values():
+    from reweight.monitor import effective_sample_size
+
+    assert float(effective_sample_size(torch.ones(8))) == pytest.approx(1.0)
+    assert float(effective_sample_size(torch.tensor([4.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))) == pytest.approx(0.25)
+    assert float(effective_sample_size(torch.zeros(4))) == 0.0
+
+
+def test_collapse_onto_a_few_samples_warns_after_a_sustained_stretch():
+    monitor = CollapseMonitor(every=1, patience=3, min_ess=0.1)
+    losses = torch.linspace(0.1, 2.0, 20)
+    peaked = torch.zeros(20)
+    peaked[0] = 20.0  # one sample carries the batch: ESS 1/20
+    healthy = torch.linspace(0.5, 1.5, 20)
+    for step in range(2):
+        monitor.observe(step, peaked, losses)
+    monitor.observe(2, healthy, losses)  # the streak is broken: no warning yet
+    assert monitor.fired_at is None
+    with pytest.warns(WeightCollapseWarning, match=r"effective sample size 5% of the batch, below 10%.*kl_weight"):
+        for step in range(3, 6):
+            monitor.observe(step, peaked, losses)
+    assert monitor.fired_at == 5

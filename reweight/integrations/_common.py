@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import unwrap_model
+from ..monitor import weight_statistics
 from ..reweighter import MetaReweighter
 
 __all__ = ["LateReweighter", "WeightStats", "needs_class_logits", "describe_net"]
@@ -133,16 +134,17 @@ class LateReweighter:
 
 
 class WeightStats:
-    """Running means of the weights' std, min, max and the meta loss, kept on the device (no host sync per step).
+    """Running means of the weights' statistics (:func:`reweight.monitor.weight_statistics`: std, min, max,
+    effective sample size) and the meta loss, kept on the device (no host sync per step).
 
     Example:
         >>> stats = WeightStats()
         >>> stats.update(torch.tensor([0.5, 1.5]))
-        >>> stats.pop()
-        {'weight_std': 0.5, 'weight_min': 0.5, 'weight_max': 1.5}
+        >>> {k: round(v, 3) for k, v in stats.pop().items()}
+        {'weight_std': 0.5, 'weight_min': 0.5, 'weight_max': 1.5, 'weight_ess': 0.8}
     """
 
-    _KEYS = ("weight_std", "weight_min", "weight_max", "meta_loss")
+    _KEYS = ("weight_std", "weight_min", "weight_max", "weight_ess")
 
     def __init__(self) -> None:
         self._sum: Tensor | None = None
@@ -151,11 +153,11 @@ class WeightStats:
 
     def update(self, weights: Tensor, meta_loss: Tensor | None = None) -> None:
         """Add one batch's ``weights`` (shape ``(batch,)``) and the meta loss of its update, if one ran."""
-        w = weights.detach().float()
-        low, high = torch.aminmax(w)
+        stats = weight_statistics(weights)
         has_meta = meta_loss is not None
-        loss = meta_loss.detach().float().to(w.device) if meta_loss is not None else torch.zeros((), device=w.device)
-        row = torch.stack([w.std(unbiased=False), low, high, loss])
+        device = stats["weight_std"].device
+        loss = meta_loss.detach().float().to(device) if meta_loss is not None else torch.zeros((), device=device)
+        row = torch.stack([*(stats[k] for k in self._KEYS), loss])
         self._sum = row if self._sum is None else self._sum + row
         self._count += 1
         self._meta_count += int(has_meta)
@@ -165,8 +167,8 @@ class WeightStats:
         if self._sum is None:
             return {}
         values = (self._sum / self._count).tolist()
-        out = dict(zip(self._KEYS[:3], values[:3]))
+        out = dict(zip(self._KEYS, values))
         if self._meta_count:
-            out["meta_loss"] = values[3] * self._count / self._meta_count
+            out["meta_loss"] = values[len(self._KEYS)] * self._count / self._meta_count
         self._sum, self._count, self._meta_count = None, 0, 0
         return out

@@ -15,8 +15,9 @@ checkpoints through the callback's ``state_dict`` (key ``"MetaReweightCallback"`
 The look-ahead calls the module's ``forward`` (or ``getattr(module, model_attr)``) statelessly on the meta
 batches. ``accumulate_grad_batches`` works as usual: Lightning divides the returned loss; the reweighter's
 ``interval`` and step count then count micro-batches (``training_step`` calls), not optimizer steps.
-The weights' statistics are logged as ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max``
-and ``reweight/meta_loss`` (per training batch) with Lightning's ``log``.
+The weights' statistics are logged as ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max``,
+``reweight/weight_ess`` (effective sample size) and ``reweight/meta_loss`` (per training batch) with
+Lightning's ``log``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from .._batch import Inputs, as_logits
 from .._docstrings import fill_doc, reweighter_kwargs
+from ..monitor import weight_statistics
 from ..reweighter import MetaReweighter
 from . import require
 from ._common import LateReweighter
@@ -143,8 +145,7 @@ class MetaReweightCallback(Callback):
         if weights is None or self.reweighter is None:
             return
         w = weights.float()
-        low, high = torch.aminmax(w)
-        stats = {"weight_std": w.std(unbiased=False), "weight_min": low, "weight_max": high}
+        stats = weight_statistics(w)
         if self.reweighter.last_meta_loss is not None:
             stats["meta_loss"] = self.reweighter.last_meta_loss.float()
         for key, value in stats.items():

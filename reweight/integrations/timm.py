@@ -155,7 +155,7 @@ class ReweightClassificationTask(ClassificationTask):
         >>> result["loss"].backward()  # the weighted mean of the label-smoothing losses
         >>> optimizer.step()
         >>> task.reweighter.step_count, sorted(task.pop_weight_stats())
-        (1, ['meta_loss', 'weight_max', 'weight_min', 'weight_std'])
+        (1, ['meta_loss', 'weight_ess', 'weight_max', 'weight_min', 'weight_std'])
     """
 
     def __init__(

@@ -16,7 +16,8 @@ tokens for causal LMs, label smoothing included.
   returns the unweighted loss.
 * Checkpoints: the reweighter's state is written to ``checkpoint-*/reweighter.pt`` and restored by
   ``train(resume_from_checkpoint=...)``.
-* Logs: ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max`` and ``reweight/meta_loss``,
+* Logs: ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max``, ``reweight/weight_ess``
+  (effective sample size) and ``reweight/meta_loss``,
   averaged over the steps since the last log, join the Trainer's training logs.
 * Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
   lrs are small; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule.
