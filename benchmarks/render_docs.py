@@ -11,6 +11,7 @@ benchmarks' own ``--report`` code. Text outside the markers is left alone.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -120,6 +121,32 @@ def _cleanlab_cost(table: Path) -> str:
     return _span(values)
 
 
+GPU_CHECK = Path(__file__).resolve().parent / "results" / "gpu_check" / "h200-torch2.11.json"
+
+
+def _gpu(path: Path = GPU_CHECK) -> str:
+    """The GPU check's step-cost ratios (float32) at both batch sizes, and its machine line."""
+    data = json.loads(path.read_text())
+    gpu = data["machine"]["gpus"][0]["name"]
+    lines = [
+        f"{gpu}, torch {data['machine']['torch']}, commit {data['machine']['git_commit']} "
+        f"(`{path.relative_to(path.parents[2])}`); float32, x a plain step timed beside it:",
+        "",
+        "| variant | " + " | ".join(f"{m} b{b.split('=')[1]}" for b in data["timing"] for m in data["timing"][b]["float32"])
+        + " |",
+    ]
+    lines.append("| --- |" + " --- |" * (lines[-1].count("|") - 2))
+    cells = [(b, m) for b in data["timing"] for m in data["timing"][b]["float32"]]
+    variants = list(data["timing"][cells[0][0]]["float32"][cells[0][1]])
+    for v in variants:
+        row = []
+        for b, m in cells:
+            item = data["timing"][b]["float32"][m].get(v, {})
+            row.append(f"{item['ratio']:.2f}x" if "ratio" in item else "n/a")
+        lines.append(f"| {v} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
     both = ["mnist1d", "mnist1d-2pct"]
     return {
@@ -173,6 +200,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "ghost-phases": lambda: _steps(sc, ["phases"]),
         "ghost-components": lambda: _steps(sc, ["components-ghost"]),
         "bn-resnet32": lambda: _steps(sc, ["presets-cpu"]),
+        "gpu-h200": lambda: _gpu(),
         # README.md
         "readme-cost": lambda: _cost_summary(sc),
     }
