@@ -132,11 +132,10 @@ def _gpu(path: Path = GPU_CHECK) -> str:
         f"{gpu}, torch {data['machine']['torch']}, commit {data['machine']['git_commit']} "
         f"(`{path.relative_to(path.parents[2])}`); float32, x a plain step timed beside it:",
         "",
-        "| variant | " + " | ".join(f"{m} b{b.split('=')[1]}" for b in data["timing"] for m in data["timing"][b]["float32"])
-        + " |",
     ]
-    lines.append("| --- |" + " --- |" * (lines[-1].count("|") - 2))
     cells = [(b, m) for b in data["timing"] for m in data["timing"][b]["float32"]]
+    lines.append("| variant | " + " | ".join(f"{m} b{b.split('=')[1]}" for b, m in cells) + " |")
+    lines.append("| --- |" + " --- |" * len(cells))
     variants = list(data["timing"][cells[0][0]]["float32"][cells[0][1]])
     for v in variants:
         row = []

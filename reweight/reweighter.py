@@ -98,10 +98,9 @@ class MetaReweighter:
         collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
             every returned weight of a batch falls below it (with ``"sum"``: all zero), the weights become
             constant over a batch, or a tenth of the batch carries its loss (effective sample size); checked
-            every 50 steps, tunable through ``collapse_monitor``; ``None`` disables it (default: ``1e-3``). A second monitor, ``signal_monitor``
-            (:class:`~reweight.monitor.MetaSignalMonitor`), warns once (``WeakMetaGradientWarning``, naming
-            ``lookahead_lr``) when the meta-gradient stays too small for the net to learn; set it to ``None`` to
-            silence it.
+            every 50 steps, tunable through ``collapse_monitor``; ``None`` disables it (default: ``1e-3``).
+            ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns once
+            (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
         process_group: the data-parallel process group, for a model whose DDP wrapper the reweighter does
             not see (e.g. Lightning's strategies hand over the bare module); by default that of a
             ``DistributedDataParallel`` model, else a single process (default: ``None``).
