@@ -74,10 +74,12 @@ def sharded_layout_problem(module: nn.Module) -> str | None:
     assert kind is not None
     from torch.distributed.tensor import Shard
 
+    named = list(module.named_parameters())
+    plain = next((name for name, p in named if not isinstance(p, kind)), None)
+    if plain is not None:
+        return f"parameter {plain!r} is a plain tensor beside DTensor parameters (a partly sharded model)"
     meshes = set()
-    for name, p in module.named_parameters():
-        if not isinstance(p, kind):
-            return f"parameter {name!r} is a plain tensor beside DTensor parameters (a partly sharded model)"
+    for name, p in named:
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
             return (
                 f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} on a "
