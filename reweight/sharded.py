@@ -147,17 +147,19 @@ def local(t: Tensor) -> Tensor:
 
 
 @contextmanager
-def moved_shards(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], step: VirtualStep) -> Iterator[None]:
+def moved_shards(params: Mapping[str, Tensor], grads: dict[str, Tensor], step: VirtualStep) -> Iterator[None]:
     """``theta_hat = theta - scale * grad - offset`` written in place into each parameter's local shard for the
-    block; the saved local shards are copied back afterwards. The caller reshards the model around it."""
+    block; the saved local shards are copied back afterwards. ``grads`` is emptied once applied (its shards
+    are not held through the block). The caller reshards the model around it."""
     with torch.no_grad():
         shards = {k: local(p) for k, p in params.items()}
         saved = {k: s.clone() for k, s in shards.items()}
         try:
             for k, s in shards.items():
-                s.sub_(local(grads[k]).to(s.dtype), alpha=step.scale[k])
+                s.sub_(local(grads.pop(k)).to(s.dtype), alpha=step.scale[k])
                 if k in step.offset:
                     s.sub_(local(step.offset[k]).to(s.dtype))
+            grads.clear()
             yield
         finally:
             for k, s in shards.items():

@@ -151,13 +151,16 @@ def sharded_ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
         reshard_all(model)
         try:
             with moved_shards(params, weighted, problem.step), torch.enable_grad(), phase("meta_pass"):
+                clear_grads(everything)  # the weighted gradient's shards are freed once applied
                 meta_logits = forward_logits(model, problem.meta_inputs, problem.logits_fn)
                 meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
                 meta_loss.backward()
         finally:
             reshard_all(model)  # nothing of theta_hat stays gathered
-        v = _grads_of(params)
-    tangent = {k: problem.step.scale[k] * v[k] for k in v}
+        tangent = _grads_of(params)  # v, sharded and averaged over the ranks; scaled in place (ours alone)
+    with torch.no_grad():
+        for k, t in tangent.items():
+            t.mul_(problem.step.scale[k])
     with torch.no_grad(), phase("inner_products"):
         products = _inner_products(capture, params, tangent, grads).to(problem.weights.device)
     coefficients = -products.to(problem.weights.dtype) / problem.global_batch_size
