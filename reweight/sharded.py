@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ def sharded_layout_problem(module: nn.Module) -> str | None:
     assert kind is not None
     from torch.distributed.tensor import Shard
 
-    named = list(module.named_parameters())
+    named: list[tuple[str, Any]] = list(module.named_parameters())  # DTensors (checked below)
     plain = next((name for name, p in named if not isinstance(p, kind)), None)
     if plain is not None:
         return f"parameter {plain!r} is a plain tensor beside DTensor parameters (a partly sharded model)"
@@ -82,8 +82,8 @@ def sharded_layout_problem(module: nn.Module) -> str | None:
     for name, p in named:
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
             return (
-                f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} on a "
-                f"{p.device_mesh.ndim}-D mesh (tensor parallelism or HSDP); only FSDP2's Shard(0) on a 1-D mesh is supported"
+                f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D "
+                "mesh (tensor parallelism or HSDP); only FSDP2's Shard(0) on a 1-D mesh is supported"
             )
         meshes.add(p.device_mesh)
     if len(meshes) > 1:
@@ -110,7 +110,7 @@ def fsdp_process_group(module: nn.Module) -> Any | None:
         return None
     for p in module.parameters():
         if isinstance(p, kind):
-            return p.device_mesh.get_group()
+            return cast(Any, p).device_mesh.get_group()
     return None
 
 
@@ -143,7 +143,7 @@ def clear_grads(params: Iterable[Tensor]) -> None:
 def local(t: Tensor) -> Tensor:
     """The local shard of a ``DTensor`` (sharing its storage), or ``t``."""
     kind = dtensor_type()
-    return t.to_local() if kind is not None and isinstance(t, kind) else t
+    return cast(Any, t).to_local() if kind is not None and isinstance(t, kind) else t
 
 
 @contextmanager
@@ -169,7 +169,7 @@ def moved_shards(params: Mapping[str, Tensor], grads: dict[str, Tensor], step: V
 def gathered(t: Tensor) -> Tensor:
     """The full value of a ``DTensor`` (an all-gather, a collective: every rank calls it in the same order)."""
     kind = dtensor_type()
-    return t.full_tensor() if kind is not None and isinstance(t, kind) else t
+    return cast(Any, t).full_tensor() if kind is not None and isinstance(t, kind) else t
 
 
 def forward_logits(module: nn.Module, inputs: Any, logits_fn: Any) -> Tensor:

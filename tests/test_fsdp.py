@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from rank_processes import spawn_ranks
 from torch import nn
-
-import torch.nn.functional as F
 
 from reweight import MetaInfoNet, MetaReweighter
 

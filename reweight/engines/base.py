@@ -176,9 +176,7 @@ def register_engine(
     """
 
     def decorator(fn: Engine) -> Engine:
-        spec = EngineSpec(
-            name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires, sharded
-        )
+        spec = EngineSpec(name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires, sharded)
         _ENGINES.register(name, description=description)(spec)
         return fn
 

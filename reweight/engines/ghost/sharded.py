@@ -93,9 +93,18 @@ class _Gathered:
                     names.append(capture.names[id(t)])
         values = {id(capture.params[k]): gathered(params[k].detach()) for k in names}
         self.tangents = {id(values[id(capture.params[k])]): gathered(tangent[k]) for k in names}
-        self.record = rec._replace(
+        self.record: Record = rec._replace(
             args=_swapped(rec.args, values), kwargs={k: _swapped(v, values) for k, v in rec.kwargs.items()}
         )
+
+    def tangent_of(self, derived: Mapping[int, Tensor]) -> Any:
+        """The record's ``tangent_of``: its gathered parameters' tangents, then ``derived``'s."""
+        return _lookup(self.tangents, derived)
+
+
+def _lookup(first: Mapping[int, Tensor], then: Mapping[int, Tensor]) -> Any:
+    """``tangent_of`` over two tables keyed by tensor id."""
+    return lambda t: first.get(id(t), then.get(id(t)))
 
 
 def _inner_products(
@@ -105,7 +114,7 @@ def _inner_products(
     derived: dict[int, Tensor] = {}  # tangents of tensors computed from parameters alone (small)
     for rec in capture.chain:
         here = _Gathered(rec, capture, params, tangent)
-        out = jvp(here.record, lambda t: here.tangents.get(id(t), derived.get(id(t))))
+        out = jvp(here.record, here.tangent_of(derived))
         if out is not None and rec.output is not None:
             derived[id(rec.output)] = out
     total: Tensor | None = None
@@ -115,12 +124,10 @@ def _inner_products(
         if isinstance(grad, SampleGradients):
             full = {id(t): tangent[capture.names[id(t)]] for t, _ in grad.pairs if id(t) in capture.names}
             held = {k: gathered(v) for k, v in full.items()}
-            part = _sample_contribution(lambda t: held.get(id(t), derived.get(id(t))), grad)
+            part = _sample_contribution(_lookup(held, derived), grad)
         else:
             here = _Gathered(rec, capture, params, tangent)
-            part = rule_for(rec.func).contribution(
-                here.record, lambda t: here.tangents.get(id(t), derived.get(id(t))), grad
-            )
+            part = rule_for(rec.func).contribution(here.record, here.tangent_of(derived), grad)
         if part is not None:
             total = part if total is None else total + part
     if total is None:
