@@ -276,14 +276,6 @@ def check_sync_batchnorm(module: nn.Module, group: DataParallelGroup) -> None:
         )
 
 
-def _sharded_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - a torch built without distributed
-        return None
-    return DTensor
-
-
 def _legacy_fsdp_type() -> type | None:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -292,43 +284,48 @@ def _legacy_fsdp_type() -> type | None:
     return FullyShardedDataParallel
 
 
-def check_parameter_kinds(model: nn.Module, module: nn.Module, lookahead: Iterable[tuple[str, Tensor]]) -> None:
-    """Refuse parameters the look-ahead cannot treat as whole tensors, before anything is built.
+def check_parameter_kinds(model: nn.Module, module: nn.Module, lookahead: Iterable[tuple[str, Tensor]]) -> bool:
+    """Refuse parameters the look-ahead cannot use, before anything is built; whether they are FSDP2 shards.
 
-    The look-ahead replaces each parameter by a plain tensor of the same shape; a sharded parameter
-    (``DTensor``, from FSDP2's ``fully_shard``), a model under the ``FullyShardedDataParallel`` wrapper
-    (flattened shards), or a look-ahead parameter of a tensor subclass it does not know would give a
-    meta-gradient of the shards or of the subclass's storage: a wrong answer that raises nothing.
+    A model under the ``FullyShardedDataParallel`` wrapper (flattened shards), ``DTensor`` parameters that are
+    not FSDP2's plain ``Shard(0)`` on a 1-D mesh (tensor parallelism, HSDP, a mixed-precision or offload
+    policy: :func:`reweight.sharded.sharded_layout_problem`), or a look-ahead parameter of a tensor subclass it
+    does not know would give a meta-gradient of the shards or of the subclass's storage: a wrong answer that
+    raises nothing. FSDP2 shards themselves are accepted here (``True``): the engine selection then keeps
+    the engines that declare ``sharded`` (:class:`~reweight.engines.base.EngineSpec`).
 
     Raises:
         ValueError: naming the parameter or wrapper and the alternative.
     """
+    from .sharded import ALTERNATIVE, dtensor_type, sharded_layout_problem
+
     legacy = _legacy_fsdp_type()
     if legacy is not None and any(isinstance(m, legacy) for m in (model, *module.modules())):
         raise ValueError(
             "the model is wrapped in FullyShardedDataParallel, whose flattened parameter shards the look-ahead "
-            "cannot use; train with DistributedDataParallel (exact under reweighting, see docs/distributed.md)"
+            f"cannot use; use FSDP2's fully_shard (engine 'ghost'), or {ALTERNATIVE}"
         )
-    sharded = _sharded_type()
-    if sharded is not None:
-        names = [name for name, p in module.named_parameters() if isinstance(p, sharded)]
-        if names:
+    sharded = dtensor_type()
+    names = [] if sharded is None else [name for name, p in module.named_parameters() if isinstance(p, sharded)]
+    if names:
+        problem = sharded_layout_problem(module)
+        if problem is not None:
             raise ValueError(
-                f"parameter {names[0]!r} is a DTensor (sharded by FSDP2's fully_shard or tensor parallelism), "
-                "which the look-ahead does not support yet; train with DistributedDataParallel (exact under "
-                "reweighting, see docs/distributed.md)"
+                f"parameter {names[0]!r} is a DTensor the look-ahead cannot use exactly: {problem}; {ALTERNATIVE}"
             )
+        return True
     for name, p in lookahead:
         if type(p) not in (nn.Parameter, Tensor):
             raise ValueError(
                 f"look-ahead parameter {name!r} is a {type(p).__name__}, a tensor subclass the look-ahead does "
                 "not support; exclude it with lookahead= (name patterns or a submodule) or freeze it"
             )
+    return False
 
 
 def data_parallel_group(model: nn.Module, process_group: ProcessGroup | None = None) -> DataParallelGroup:
     """The data-parallel ranks: ``process_group`` if given, else those of a ``DistributedDataParallel``
-    wrapper, else a single process.
+    wrapper, else those of an FSDP2 model's device mesh, else a single process.
 
     Pass ``process_group`` when the reweighter is given the bare module while the forward runs through a
     wrapper it cannot see (Lightning's strategies, for example).
@@ -337,4 +334,6 @@ def data_parallel_group(model: nn.Module, process_group: ProcessGroup | None = N
         return DataParallelGroup(process_group)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return DataParallelGroup(model.process_group)
-    return DataParallelGroup(None)
+    from .sharded import fsdp_process_group
+
+    return DataParallelGroup(fsdp_process_group(model))

@@ -36,6 +36,7 @@ from .monitor import CollapseMonitor, MetaSignalMonitor
 from .net_slot import NetSlot
 from .options import ReweighterOptions, resolve_options
 from .presets import FROM_PRESET
+from .sharded import reshard_all
 from .virtual_step import plan_virtual_step
 
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
@@ -165,19 +166,19 @@ class MetaReweighter:
         params = {k: p for k, p in module.named_parameters() if k in names and p.requires_grad and id(p) in optimized}
         if not params:
             raise ValueError("lookahead selects no parameter that the optimizer trains (requires_grad and in a group)")
-        check_parameter_kinds(model, module, params.items())
+        sharded = check_parameter_kinds(model, module, params.items())  # FSDP2 shards: engines that declare it
         group = data_parallel_group(model, process_group)
         selection = select_engine(
-            options.engine, module, params, world_size=group.world_size, head_mode=options.head_mode
+            options.engine, module, params, world_size=group.world_size, head_mode=options.head_mode, sharded=sharded
         )
         check_sync_batchnorm(module, group)
 
         self.options: ReweighterOptions = options
         self.model, self.module, self.optimizer = model, module, optimizer
         self._lookahead_names = names
-        self._group = group
+        self._group, self._sharded = group, sharded
         self._engine = EngineRunner(
-            selection, module, self._lookahead_params, not group.active, self._explain_engine_failure
+            selection, module, self._lookahead_params, not (group.active or sharded), self._explain_engine_failure
         )
         self._reuse_outputs = not group.active  # DDP's reducer owns the wrapper's graph
         self._head: HeadCapture | None = None
@@ -199,7 +200,6 @@ class MetaReweighter:
         if options.head_mode:  # last: a constructor that raises leaves no hook on the user's model
             self._head = HeadCapture(module)
         self._engine.sync(armed=True)
-
 
     preset = property(lambda self: self.options.preset, doc="The preset the options were resolved from.")
     engine = property(lambda self: self.options.engine, doc="The ``engine`` argument (``'auto'`` or a name).")
@@ -268,13 +268,14 @@ class MetaReweighter:
         return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
 
     def _lookahead_params(self) -> dict[str, Tensor]:
+        if self._sharded:  # FSDP2's root unit keeps its gathered parameters after the caller's forward
+            reshard_all(self.module)
         optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return {
             name: p
             for name, p in self.module.named_parameters()
             if name in self._lookahead_names and p.requires_grad and id(p) in optimized
         }
-
 
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
         return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)
@@ -350,7 +351,6 @@ class MetaReweighter:
             )
         self.last_meta_loss = grad.meta_loss
         return True, None
-
 
     def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         """Meta-update the weighting net (every ``interval`` calls) and return this batch's weights.
@@ -434,7 +434,6 @@ class MetaReweighter:
         self._step_count += 1
         return weights.detach()
 
-
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume: net, meta optimizer, step count, RNG and meta-stream position."""
         return {
@@ -470,7 +469,7 @@ class MetaReweighter:
         engine = state["engine"]
         if not isinstance(engine, str) or engine not in list_engines():
             raise ValueError(f"unknown engine {engine!r} in the saved state; registered: {list_engines()}")
-        check_engine(engine, world_size=self._group.world_size, head_mode=self._head is not None)
+        check_engine(engine, world_size=self._group.world_size, head_mode=self._head is not None, sharded=self._sharded)
         build = self._slot.check_state(state["net"], state["meta_optimizer"], num_classes)
         check_rng_state(state["rng"], self._generator.get_state())
         MetaBatchStream.check_state(state["meta_stream"])

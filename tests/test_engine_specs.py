@@ -132,10 +132,10 @@ def test_sharded_parameters_are_refused():
 
     model, opt, meta, x, y = _setup()
 
-    class FakeShard(DTensor):  # isinstance is all the check reads; no process group needed
+    class FakeShard(DTensor):  # one DTensor beside plain parameters: refused before its mesh is read
         pass
 
     fake = torch.Tensor._make_subclass(FakeShard, model[0].weight.detach(), True)
     model[0]._parameters["weight"] = fake
-    with pytest.raises(ValueError, match="'0.weight' is a DTensor .* DistributedDataParallel"):
+    with pytest.raises(ValueError, match="'0.weight' is a DTensor .* partly sharded .* DistributedDataParallel"):
         MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.5), meta)

@@ -129,6 +129,9 @@ class EngineSpec:
         auto: rank among the engines ``auto`` may pick (lower first); ``None``: never picked by ``auto``.
         requires: called at construction to check that an optional dependency is installed (raises
             ``ImportError`` naming it).
+        sharded: the engine handles look-ahead parameters sharded by FSDP2's ``fully_shard`` (``DTensor``
+            shards, through the module's own forward and backward: :mod:`reweight.sharded`); an engine that
+            does not is refused for such a model at construction.
     """
 
     name: str
@@ -140,6 +143,7 @@ class EngineSpec:
     needs_head: bool = False
     auto: int | None = None
     requires: Callable[[], object] | None = None
+    sharded: bool = False
 
     def __call__(self, problem: MetaProblem) -> MetaGradient:
         return self.fn(problem)
@@ -158,6 +162,7 @@ def register_engine(
     needs_head: bool = False,
     auto: int | None = None,
     requires: Callable[[], object] | None = None,
+    sharded: bool = False,
 ) -> Callable[[Engine], Engine]:
     """Register ``engine(problem) -> MetaGradient`` under ``name`` with what it needs (:class:`EngineSpec`).
 
@@ -171,9 +176,7 @@ def register_engine(
     """
 
     def decorator(fn: Engine) -> Engine:
-        spec = EngineSpec(
-            name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires
-        )
+        spec = EngineSpec(name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires, sharded)
         _ENGINES.register(name, description=description)(spec)
         return fn
 

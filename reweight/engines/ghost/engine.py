@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ..._profiling import phase
+from ...sharded import is_sharded
 from ...virtual_step import apply_virtual_step
 from ..base import MetaGradient, MetaProblem, detached_params, meta_loss_and_gradient, register_engine
 from .capture import ForwardCapture, LayerCapture, captured
@@ -211,14 +212,20 @@ def coefficients_from(
     exactness=ghost_exactness_problem,
     capture=ForwardCapture,
     auto=0,
+    sharded=True,
 )
 def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses.
 
     One backward gives every layer's ``G``; the look-ahead's weighted gradient is formed from them (weights
     multiply, never divide) and they are kept for the inner products, across the meta batch's pass (as
-    per-sample gradients where a rule holds those).
+    per-sample gradients where a rule holds those). On an FSDP2 model every pass goes through the module
+    itself (:func:`.sharded.sharded_ghost_meta_gradient`).
     """
+    if is_sharded(problem.params.values()):
+        from .sharded import sharded_ghost_meta_gradient
+
+        return sharded_ghost_meta_gradient(problem)
     problem, capture, reused = captured(problem)
     grads = layer_output_gradients(problem, capture, retain=reused)
     with torch.no_grad(), phase("weighted_gradient"):

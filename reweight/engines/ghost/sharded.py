@@ -1,0 +1,174 @@
+"""The ghost engine on a model sharded by FSDP2 (``fully_shard``): the same meta-gradient, through the module.
+
+``functional_call`` cannot replace parameters that FSDP's hooks install themselves, so every pass runs the
+module's own forward and backward (:mod:`reweight.sharded`):
+
+1. The training batch's forward under a :class:`LayerCapture` whose tracked tensors are the unsharded
+   parameters each unit installs (a forward pre-hook, after FSDP's, names them), and the backward of the
+   unweighted per-sample losses to the recorded outputs: every layer's ``G`` (as in one process).
+2. The same forward again (same RNG) and the backward of ``mean_i(w_i L_i)``: FSDP reduce-scatters the
+   look-ahead's weighted gradient into sharded ``.grad``, averaged over the ranks (the global batch's).
+3. ``theta_hat`` written in place into the local shards; the meta batch's forward and backward give ``v``
+   as sharded ``.grad`` (averaged over the ranks); the shards are restored.
+4. The per-layer inner products, one record at a time: the layer's tangent ``scale * v`` and its
+   parameters' values are gathered (``full_tensor()``) for that record only and dropped after it.
+
+The user's ``.grad`` are set aside and restored; the optimizer is not touched. A rank holds, beyond what
+FSDP's own forward and backward hold, the captured activations and ``G`` (as ghost in one process), a copy
+of its local shards, and one layer's full parameters and tangent at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..._batch import _tensors
+from ..._profiling import phase
+from ...sharded import clear_grads, forward_logits, gathered, moved_shards, reshard_all, saved_grads
+from ..base import MetaGradient, MetaProblem
+from .capture import LayerCapture
+from .engine import _sample_contribution, layer_output_gradients
+from .records import Record, SampleGradients
+from .rules import rule_for
+from .rules.fallback import jvp
+
+__all__ = ["sharded_ghost_meta_gradient"]
+
+
+def _naming_hooks(model: nn.Module, names: Mapping[str, Tensor], capture: LayerCapture) -> list[Any]:
+    """Forward pre-hooks (after FSDP's own) that name each unit's unsharded look-ahead parameters in
+    ``capture`` while its forward runs."""
+    owners: dict[nn.Module, list[tuple[str, str]]] = {}
+    modules = dict(model.named_modules())
+    for full in names:
+        prefix, _, attr = full.rpartition(".")
+        owners.setdefault(modules[prefix], []).append((attr, full))
+
+    def hook(module: nn.Module, args: Any) -> None:
+        for attr, full in owners[module]:
+            t = getattr(module, attr)
+            capture.names[id(t)] = full
+            capture.params[full] = t
+
+    return [m.register_forward_pre_hook(hook) for m in owners]
+
+
+def _captured_forward(problem: MetaProblem) -> tuple[LayerCapture, Tensor]:
+    capture = LayerCapture({}, _tensors(problem.inputs), problem.weights.shape[0])
+    handles = _naming_hooks(problem.model, problem.params, capture)
+    try:
+        with torch.enable_grad(), capture:
+            logits = forward_logits(problem.model, problem.inputs, problem.logits_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    return capture, logits
+
+
+def _grads_of(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+
+
+def _swapped(obj: Any, values: Mapping[int, Tensor]) -> Any:
+    if isinstance(obj, Tensor):
+        return values.get(id(obj), obj)
+    if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
+        return type(obj)(_swapped(item, values) for item in obj)
+    return obj
+
+
+class _Gathered:
+    """One record's look-ahead parameters and tangents, gathered in full (in the record's argument order, the
+    same on every rank), with the record's arguments pointing to the gathered values."""
+
+    def __init__(self, rec: Record, capture: LayerCapture, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]):
+        names = []
+        for obj in (*rec.args, *rec.kwargs.values()):
+            for t in obj if isinstance(obj, list | tuple) else (obj,):
+                if isinstance(t, Tensor) and id(t) in capture.names and capture.names[id(t)] not in names:
+                    names.append(capture.names[id(t)])
+        values = {id(capture.params[k]): gathered(params[k].detach()) for k in names}
+        self.tangents = {id(values[id(capture.params[k])]): gathered(tangent[k]) for k in names}
+        self.record: Record = rec._replace(
+            args=_swapped(rec.args, values), kwargs={k: _swapped(v, values) for k, v in rec.kwargs.items()}
+        )
+
+    def tangent_of(self, derived: Mapping[int, Tensor]) -> Any:
+        """The record's ``tangent_of``: its gathered parameters' tangents, then ``derived``'s."""
+        return _lookup(self.tangents, derived)
+
+
+def _lookup(first: Mapping[int, Tensor], then: Mapping[int, Tensor]) -> Any:
+    """``tangent_of`` over two tables keyed by tensor id."""
+    return lambda t: first.get(id(t), then.get(id(t)))
+
+
+def _inner_products(
+    capture: LayerCapture, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor], grads: list[Any]
+) -> Tensor:
+    """``sum_layers <J_theta out_i [tangent], G_i>`` per sample, one record's full tensors at a time."""
+    derived: dict[int, Tensor] = {}  # tangents of tensors computed from parameters alone (small)
+    for rec in capture.chain:
+        here = _Gathered(rec, capture, params, tangent)
+        out = jvp(here.record, here.tangent_of(derived))
+        if out is not None and rec.output is not None:
+            derived[id(rec.output)] = out
+    total: Tensor | None = None
+    for rec, grad in zip(capture.records, grads):
+        if grad is None:
+            continue
+        if isinstance(grad, SampleGradients):
+            full = {id(t): tangent[capture.names[id(t)]] for t, _ in grad.pairs if id(t) in capture.names}
+            held = {k: gathered(v) for k, v in full.items()}
+            part = _sample_contribution(_lookup(held, derived), grad)
+        else:
+            here = _Gathered(rec, capture, params, tangent)
+            part = rule_for(rec.func).contribution(here.record, here.tangent_of(derived), grad)
+        if part is not None:
+            total = part if total is None else total + part
+    if total is None:
+        return torch.zeros(capture.n, dtype=problem_dtype(params), device=next(iter(params.values())).device)
+    return total
+
+
+def problem_dtype(params: Mapping[str, Tensor]) -> torch.dtype:
+    return next(iter(params.values())).dtype
+
+
+def sharded_ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
+    """Ghost's meta-gradient on an FSDP2 model, every pass through the module's own forward and backward."""
+    model, params = problem.model, problem.params
+    everything = list(model.parameters())
+    rng = torch.get_rng_state()
+    with saved_grads(model):
+        capture, logits = _captured_forward(problem)
+        capture.check()
+        grads = layer_output_gradients(problem._replace(train_logits=logits), capture, retain=False)
+        del logits
+        torch.set_rng_state(rng)  # the same forward again (dropout masks included)
+        with torch.enable_grad(), phase("weighted_gradient"):
+            losses = problem.loss_fn(forward_logits(model, problem.inputs, problem.logits_fn), problem.targets)
+            (problem.weights.to(losses.dtype) * losses).mean().backward()
+        weighted = _grads_of(params)  # sharded, averaged over the ranks
+        clear_grads(everything)
+        reshard_all(model)
+        try:
+            with moved_shards(params, weighted, problem.step), torch.enable_grad(), phase("meta_pass"):
+                clear_grads(everything)  # the weighted gradient's shards are freed once applied
+                meta_logits = forward_logits(model, problem.meta_inputs, problem.logits_fn)
+                meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
+                meta_loss.backward()
+        finally:
+            reshard_all(model)  # nothing of theta_hat stays gathered
+        tangent = _grads_of(params)  # v, sharded and averaged over the ranks; scaled in place (ours alone)
+    with torch.no_grad():
+        for k, t in tangent.items():
+            t.mul_(problem.step.scale[k])
+    with torch.no_grad(), phase("inner_products"):
+        products = _inner_products(capture, params, tangent, grads).to(problem.weights.device)
+    coefficients = -products.to(problem.weights.dtype) / problem.global_batch_size
+    return MetaGradient(coefficients, meta_loss.detach())

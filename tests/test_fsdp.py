@@ -1,0 +1,227 @@
+"""Models sharded by FSDP: two gloo ranks on the CPU.
+
+An FSDP2 model (``fully_shard`` per Linear, then the root) trained for a few steps with the ``ghost`` engine
+must match one process on the concatenated batches (weights, weighting net, model) and the step must leave
+the user's shards, ``.grad`` and optimizer state as they were. What is not exact is refused when the
+reweighter is built, on every rank, with an error that names the sharding and the alternative
+(DistributedDataParallel): an engine without FSDP2 support (``forward``, ``lookahead="head"``), and a model
+under the legacy ``FullyShardedDataParallel`` wrapper (flattened shards). The look-ahead would otherwise
+differentiate the shards, a wrong answer that raises nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rank_processes import spawn_ranks
+from torch import nn
+
+from reweight import MetaInfoNet, MetaReweighter
+
+WORLD, FEATURES, HIDDEN, CLASSES, SHARD, META_SHARD, STEPS = 2, 6, 16, 3, 6, 5, 3
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.LayerNorm(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+
+
+def _meta(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(rank)
+    return [(torch.randn(5, FEATURES, generator=g), torch.randint(0, CLASSES, (5,), generator=g))]
+
+
+class ZeroNoiseMetaInfoNet(MetaInfoNet):
+    """MetaInfoNet without sampling noise, so its KL penalty's share can be compared across world sizes."""
+
+    def sample_noise(self, mu: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(mu)
+
+
+def _shard(kind: str, index: int, rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100_000 * (kind == "meta") + 100 * index + rank)
+    return torch.randn(size, FEATURES, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
+
+
+def _batch(kind: str, index: int, rank: int | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s shard, or (``rank=None``) the concatenation of every rank's shard."""
+    if rank is not None:
+        return _shard(kind, index, rank, size)
+    shards = [_shard(kind, index, r, size) for r in range(WORLD)]
+    return torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "lossnet": {"net": "lossnet", "meta_sgd": True},  # SGD, not Adam, sees the scale of the net's gradient
+    "metainfonet": {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9},
+    "lossnet_interval": {"net": "lossnet", "interval": 2, "meta_sgd": True, "lookahead_lr": 0.05},
+    # linear_head has no FSDP2 path (auto takes ghost there); the single process runs ghost too
+    "head": {"net": "lossnet", "lookahead": "head", "engine": "ghost", "meta_sgd": True},
+}
+
+
+def _full(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
+
+
+def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """``STEPS`` steps as rank ``rank`` of an FSDP2 model, or (``rank=None``) as one process on all data."""
+    config = dict(config)
+    momentum = config.pop("momentum", 0.0)
+    meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
+    meta_lr = 50.0 if meta_opt is torch.optim.SGD else 0.05
+    if config["net"] == "metainfonet-zero-noise":
+        torch.manual_seed(1)
+        config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0)
+    model = _mlp() if rank is None else _fully_sharded()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
+    meta = [_batch("meta", k, rank, META_SHARD) for k in range(3)]
+    rw = MetaReweighter(
+        model, opt, meta, seed=0, meta_optimizer=lambda p: meta_opt(p, lr=meta_lr), num_classes=CLASSES, **config
+    )
+    weights, untouched = [], []
+    for t in range(STEPS):
+        x, y = _batch("train", t, rank, SHARD)
+        logits = model(x)
+        before = _local_state(model, opt)
+        w = rw.step(x, y, logits)
+        untouched.append(_same(before, _local_state(model, opt)))
+        weights.append(w)
+        opt.zero_grad(set_to_none=t % 2 == 0)  # stale zero .grad on odd steps: the step must keep them
+        (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+        opt.step()
+    return {
+        "model": _full(model.state_dict()),
+        "net": {k: v.clone() for k, v in rw.net.state_dict().items()},
+        "weights": torch.cat(weights),
+        "engine": rw.engine_name,
+        "untouched": untouched,
+    }
+
+
+def _local_state(model: nn.Module, opt: torch.optim.Optimizer) -> list[Any]:
+    def local(t: Any) -> Any:
+        if t is None:
+            return None
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return (t.detach().clone(), t.data_ptr())
+
+    # the optimizer's parameters: the DTensor shards (the root unit's module attributes stay gathered after
+    # the caller's forward until the step reshards them; FSDP gathers them again for the backward)
+    state = [(local(p), local(p.grad)) for g in opt.param_groups for p in g["params"]]
+    state += [(k, local(v)) for s in opt.state.values() for k, v in s.items() if isinstance(v, torch.Tensor)]
+    return state
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    def equal(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, tuple | list):
+            return type(x) is type(y) and len(x) == len(y) and all(equal(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return equal(a, b)
+
+
+def _fully_sharded() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _legacy_wrapped() -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(_mlp(), device_id=torch.device("cpu"))
+
+
+def _construction_error(model: nn.Module, rank: int, **kwargs: Any) -> str:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        MetaReweighter(model, opt, _meta(rank), seed=0, **kwargs)
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
+def _refusals(rank: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    model = _fully_sharded()
+    out["fully_shard_forward"] = _construction_error(model, rank, engine="forward")
+    out["fully_shard_head"] = _construction_error(model, rank, lookahead="head", engine="linear_head")
+    out["fully_shard_kinds"] = sorted({type(p).__name__ for p in model.parameters()})
+    out["legacy"] = _construction_error(_legacy_wrapped(), rank)
+    return out
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        results = {name: _train(config, rank) for name, config in CONFIGS.items()}
+        results["refusals"] = _refusals(rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Any]]:
+    """Run the 2-process group once for every test of this module; returns each rank's results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return spawn_ranks(_worker, (os.path.join(tmp, "init"), tmp), tmp, WORLD, timeout_s=120)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fsdp2_matches_single_process_on_concatenated_batches(ranks, name):
+    single = _train(CONFIGS[name], rank=None)
+    assert single["engine"] == "ghost" and {r[name]["engine"] for r in ranks} == {"ghost"}
+    for rank in ranks:  # every rank holds the same net, and the same gathered model
+        for key, value in single["model"].items():
+            torch.testing.assert_close(rank[name]["model"][key], value, rtol=0, atol=1e-5, msg=f"model {key}")
+        for key, value in single["net"].items():
+            torch.testing.assert_close(rank[name]["net"][key], value, rtol=0, atol=1e-5, msg=f"net {key}")
+    for key in ranks[0][name]["net"]:
+        assert torch.equal(ranks[0][name]["net"][key], ranks[1][name]["net"][key]), key
+    per_step = [torch.cat([r[name]["weights"].view(STEPS, SHARD)[t] for r in ranks]) for t in range(STEPS)]
+    torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
+    assert single["weights"].std() > 1e-3  # the run is not trivial: the weights vary within the batches
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fsdp2_step_leaves_shards_grads_and_optimizer_state_untouched(ranks, name):
+    for rank in ranks:
+        assert rank[name]["untouched"] == [True] * STEPS
+
+
+def test_fully_shard_without_a_sharded_engine_is_refused_at_construction(ranks):
+    for rank in ranks:
+        assert rank["refusals"]["fully_shard_kinds"] == ["DTensor"]  # the parameters really are sharded
+        for key, engine in (("fully_shard_forward", "forward"), ("fully_shard_head", "linear_head")):
+            message = rank["refusals"][key]
+            assert "DTensor shards of FSDP2's fully_shard" in message, message
+            assert f"engine {engine!r} does not support them (engines that do: ['ghost'])" in message, message
+            assert "DistributedDataParallel" in message, message
+
+
+def test_legacy_fsdp_wrapper_is_refused_at_construction(ranks):
+    for rank in ranks:
+        message = rank["refusals"]["legacy"]
+        assert "FullyShardedDataParallel" in message and "DistributedDataParallel" in message, message
+        assert message.startswith("the model is wrapped in FullyShardedDataParallel"), message
