@@ -481,8 +481,12 @@ def _main_grid(dataset: str, schedule: str, variant: str, model: str) -> bool:
 def _optimizer(factory) -> dict:
     """A meta-optimizer factory (``functools.partial`` of an optimizer class, or ``None``: the library's
     default) spelled out as data."""
-    if factory is None:  # MetaReweighter's default meta optimizer
-        return {"name": "Adam", "lr": 1e-3, "weight_decay": 5e-4}
+    if factory is None:  # MetaReweighter's default meta optimizer, read off the one it builds
+        from reweight.options import default_meta_optimizer
+
+        optimizer = default_meta_optimizer([torch.zeros(1, requires_grad=True)])
+        group = optimizer.param_groups[0]
+        return {"name": type(optimizer).__name__, "lr": group["lr"], "weight_decay": group["weight_decay"]}
     return {"name": factory.func.__name__, **factory.keywords}
 
 
@@ -514,6 +518,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             for n, p in inspect.signature(cls.__init__).parameters.items()
             if p.default is not inspect.Parameter.empty
         }
+    warmup = inspect.signature(MetaReweighter.__init__).parameters["meta_warmup"].default
+    opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": "c / sum |c|", **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 

@@ -140,11 +140,18 @@ class NetSlot:
         optimizer: torch.optim.Optimizer,
         lookahead_lr: float | None,
     ) -> None:
-        """One step of the net on the meta-gradient: backpropagate ``sum_i c_i * w_i(phi)`` (plus the net's
-        penalty; exact because ``c`` does not depend on ``phi``), sum the net's gradients over ranks, let the
-        weak-signal ``monitor`` read them, and step the meta optimizer."""
+        """One step of the net on the meta-gradient: backpropagate ``sum_i c_i * w_i(phi) / sum_i |c_i|`` (plus
+        the net's penalty; exact in direction because ``c`` does not depend on ``phi``), sum the net's gradients
+        over ranks, let the weak-signal ``monitor`` read them, warm the meta lr up, and step the meta optimizer.
+
+        Dividing by ``sum |c|`` makes the update's size independent of the training lr's scale (``c`` is
+        proportional to it): SGD at 0.1 and AdamW at 5e-5 move the net alike, and neither Adam's ``eps`` nor
+        a weight decay can outweigh a small meta-gradient."""
         assert self.net is not None and self.optimizer is not None
-        surrogate = meta_part = (coefficients.detach().to(weights.dtype) * weights).sum()
+        c = coefficients.detach().to(weights.dtype)
+        total = self.group.sum_differentiable(c.abs().sum())  # over every rank: the global batch's
+        c = c / torch.where(total > 0, total, torch.ones_like(total))  # sum |c| = 1: no lr scale, no host sync
+        surrogate = meta_part = (c * weights).sum()
         meta_grads = None
         if penalty is not None:  # each rank holds 1/world of the global batch's penalty
             surrogate = surrogate + penalty / self.group.world_size
@@ -158,4 +165,16 @@ class NetSlot:
         self.group.sum_grads_(self.net.parameters())
         if monitor is not None:
             monitor.observe(step, self.net, self.optimizer, optimizer, lookahead_lr, weights, meta_grads)
+        self._warm_up(step)
         self.optimizer.step()
+
+    def _warm_up(self, step: int) -> None:
+        """Each group's lr at ``min(1, (step + 1) / meta_warmup)`` of its own (kept in the group as
+        ``"reweight_lr"``, so that it travels with the optimizer's state and a resume is exact)."""
+        assert self.optimizer is not None
+        warmup = self.options.meta_warmup
+        for group in self.optimizer.param_groups:
+            if warmup == 0 and "reweight_lr" not in group:
+                continue
+            base = group.setdefault("reweight_lr", group["lr"])
+            group["lr"] = base * min(1.0, (step + 1) / warmup) if warmup else base

@@ -76,8 +76,14 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _mlp_head(in_features: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+def _mlp_head(in_features: int, hidden: int, uniform_start: bool) -> nn.Sequential:
+    """Linear-ReLU-Linear to one logit; with ``uniform_start`` the last layer starts at zero, so every sample
+    gets ``sigmoid(0)`` (uniform weights after normalisation) until the meta-gradient says otherwise."""
+    last = nn.Linear(hidden, 1)
+    if uniform_start:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), last)
 
 
 class LabelEmbedding(nn.Module):
@@ -100,14 +106,17 @@ class LossNet(nn.Module):
 
     Args:
         hidden: width of the hidden layer (default: ``100``, as Meta-Weight-Net).
+        uniform_start: start from uniform weights (the last layer at zero): a net that has learned nothing
+            leaves plain training as it is; ``False`` keeps PyTorch's random initialisation, whose weights
+            start unequal and, on large losses, saturated (default: ``True``).
     """
 
     requires_logits = False
 
-    def __init__(self, hidden: int = 100) -> None:
+    def __init__(self, hidden: int = 100, uniform_start: bool = True) -> None:
         super().__init__()
         _check_positive_int("hidden", hidden)
-        self.mlp = _mlp_head(1, hidden)
+        self.mlp = _mlp_head(1, hidden, uniform_start)
 
     def forward(self, loss: Tensor, logits: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
         return torch.sigmoid(self.mlp(loss.unsqueeze(-1).to(next(self.mlp.parameters()).dtype))).squeeze(-1)
@@ -119,15 +128,18 @@ class LogitNet(nn.Module):
     Args:
         num_classes: number of classes ``K``.
         hidden: width of the MLP's hidden layer (default: ``100``).
+        uniform_start: start from uniform weights (the last layer at zero): a net that has learned nothing
+            leaves plain training as it is; ``False`` keeps PyTorch's random initialisation, whose weights
+            start unequal and, on large losses, saturated (default: ``True``).
     """
 
     requires_logits = True
 
-    def __init__(self, num_classes: int, hidden: int = 100) -> None:
+    def __init__(self, num_classes: int, hidden: int = 100, uniform_start: bool = True) -> None:
         super().__init__()
         _check_positive_int("hidden", hidden)
         self.embed = LabelEmbedding(num_classes)
-        self.mlp = _mlp_head(num_classes, hidden)
+        self.mlp = _mlp_head(num_classes, hidden, uniform_start)
 
     def forward(self, loss: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
         z = logits.to(self.embed.proj.weight.dtype)
@@ -151,6 +163,9 @@ class MetaInfoNet(nn.Module):
         skip: concatenate the logits to ``psi`` before the projection (default: ``True``).
         sample_at_weight_time: sample ``psi`` also in ``eval()`` mode, when the returned weights are made;
             by default the mean ``mu`` is used there, so the weights are deterministic (default: ``False``).
+        uniform_start: start from uniform weights (the last layer at zero): a net that has learned nothing
+            leaves plain training as it is; ``False`` keeps PyTorch's random initialisation, whose weights
+            start unequal and, on large losses, saturated (default: ``True``).
     """
 
     requires_logits = True
@@ -163,6 +178,7 @@ class MetaInfoNet(nn.Module):
         kl_weight: float = 0.01,
         skip: bool = True,
         sample_at_weight_time: bool = False,
+        uniform_start: bool = True,
     ) -> None:
         super().__init__()
         _check_positive_int("num_classes", num_classes)
@@ -176,7 +192,7 @@ class MetaInfoNet(nn.Module):
         self.encoder = nn.Linear(num_classes, 2 * bottleneck_dim)
         self.project = nn.Linear(bottleneck_dim + (num_classes if skip else 0), num_classes)
         self.embed = LabelEmbedding(num_classes)
-        self.mlp = _mlp_head(num_classes, hidden)
+        self.mlp = _mlp_head(num_classes, hidden, uniform_start)
 
     def encode(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and scale of ``p(psi | z)``."""

@@ -84,8 +84,12 @@ class MetaReweighter:
             the reference's choice, and users report equal accuracy either way).
         lookahead_lr: learning rate of the look-ahead instead of each group's current ``lr``; useful
             under warmup (lr 0 gives a zero meta-gradient) or with Adam-sized lrs (default: ``None``).
-        meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net
-            (default: Adam, lr 1e-3, weight decay 5e-4, as the paper).
+        meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
+            1e-3, weight decay 5e-4: the paper's values, the decay decoupled so that it cannot outweigh a small
+            meta-gradient).
+        meta_warmup: the meta optimizer's lr rises linearly over this many calls of :meth:`step` (``0``: none),
+            so the net does not commit while the model is still underfit, when the meta-gradient can favour
+            the samples with the largest losses (default: ``300``).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
@@ -143,6 +147,7 @@ class MetaReweighter:
         virtual_step: Literal["sgd", "optimizer"] = FROM_PRESET,
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
+        meta_warmup: int = 300,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
         logits_fn: LogitsFn | None = None,
@@ -155,8 +160,9 @@ class MetaReweighter:
         options = resolve_options(
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
-            meta_optimizer=meta_optimizer, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
-            num_classes=num_classes, on_nonfinite=on_nonfinite, collapse_threshold=collapse_threshold, seed=seed,
+            meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn,
+            logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
+            collapse_threshold=collapse_threshold, seed=seed,
         )  # fmt: skip
         module = unwrap_model(model)
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -220,17 +226,11 @@ class MetaReweighter:
     def on_nonfinite(self, value: str) -> None:
         self.options = self.options.replace(on_nonfinite=value)
 
-    @property
-    def device(self) -> torch.device:
-        """The model's device (where meta batches and the weighting net live)."""
-        for t in self.module.parameters():
-            return t.device
-        return torch.device("cpu")
-
-    @property
-    def step_count(self) -> int:
-        """Number of completed :meth:`step` calls."""
-        return self._step_count
+    device = property(
+        lambda self: next((p.device for p in self.module.parameters()), torch.device("cpu")),
+        doc="The model's device (where meta batches and the weighting net live).",
+    )
+    step_count = property(lambda self: self._step_count, doc="Number of completed :meth:`step` calls.")
 
     @property
     def engine_name(self) -> str:
@@ -491,7 +491,7 @@ class MetaReweighter:
     def __repr__(self) -> str:
         net = self.options.net if isinstance(self.options.net, str) else type(self.options.net).__name__
         return (
-            f"{type(self).__name__}(net={net!r}, preset={self.preset!r}, engine={self.engine_name!r}, "
-            f"interval={self.interval}, "
-            f"normalization={self.normalization!r}, virtual_step={self.virtual_step!r}, step={self._step_count})"
+            f"{type(self).__name__}(net={net!r}, preset={self.preset!r}, engine={self.engine_name!r}, interval="
+            f"{self.interval}, normalization={self.normalization!r}, virtual_step={self.virtual_step!r}, "
+            f"step={self._step_count})"
         )
