@@ -40,16 +40,18 @@ class FixedNoiseMetaInfoNet(MetaInfoNet):
 
 
 def make_net(kind: str, n: int):
+    """A net with every layer's gradient non-zero at the first step (random start: with the default uniform
+    start the last layer's zeros would make the first layer's gradient zero)."""
     torch.manual_seed(5)
     if kind == "metainfonet":
-        return FixedNoiseMetaInfoNet(torch.randn(n, 16), num_classes=3, kl_weight=0.1)
+        return FixedNoiseMetaInfoNet(torch.randn(n, 16), num_classes=3, kl_weight=0.1, uniform_start=False)
     if kind == "logitnet":
         from reweight import LogitNet
 
-        return LogitNet(3)
+        return LogitNet(3, uniform_start=False)
     from reweight import LossNet
 
-    return LossNet()
+    return LossNet(uniform_start=False)
 
 
 def reference_net_grad(model, net, x, y, xm, ym, lrs):
@@ -64,9 +66,19 @@ def reference_net_grad(model, net, x, y, xm, ym, lrs):
     grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
     theta_hat = {k: t - lrs[k] * g for (k, t), g in zip(theta.items(), grads)}
     meta_loss = F.cross_entropy(manual_forward(theta_hat, model, xm), ym)
+    return scaled_net_grad(meta_loss, w, net, penalty)
+
+
+def scaled_net_grad(meta_loss, w, net, penalty=None):
+    """The net's update direction: the meta-gradient divided by its scale ``sum_i |dL_meta/dw_i|``, plus the
+    penalty's gradient."""
+    (c,) = torch.autograd.grad(meta_loss, w, retain_graph=True)
+    grads = torch.autograd.grad(meta_loss, list(net.parameters()), retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g / c.abs().sum() for g, p in zip(grads, net.parameters())]
     if penalty is not None:
-        meta_loss = meta_loss + penalty
-    return torch.autograd.grad(meta_loss, list(net.parameters()))
+        extra = torch.autograd.grad(penalty, list(net.parameters()), allow_unused=True)
+        grads = [g if q is None else g + q for g, q in zip(grads, extra)]
+    return grads
 
 
 def two_group_sgd(model):
@@ -171,9 +183,7 @@ def test_momentum_mirror_gradient_matches_reference(engine):
         buf = opt.state[p]["momentum_buffer"]
         G = g + 1e-2 * t
         theta_hat[k] = t - 0.1 * (G + 0.9 * (0.9 * buf + G))
-    expected = torch.autograd.grad(
-        F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), list(ref_net.parameters())
-    )
+    expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
 
     reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", seed=0)
     reweighter.step(x, y, model(x))
