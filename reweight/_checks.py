@@ -129,8 +129,8 @@ def check_groups(groups: Any, n: int, options: Any, device: torch.device) -> Ten
         raise ValueError(f"groups must have shape ({n},), one group id per sample; got {tuple(groups.shape)}")
     num_groups = options.num_groups
     if num_groups is not None:
-        low, high = torch.aminmax(groups.detach())
-        low, high = int(low), int(high)
+        extremes = torch.aminmax(groups.detach())
+        low, high = int(extremes.min), int(extremes.max)
         if low < 0 or high >= num_groups:
             bad = low if low < 0 else high
             raise ValueError(

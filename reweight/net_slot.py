@@ -132,7 +132,7 @@ class NetSlot:
         return raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
 
     @torch.no_grad()
-    def current_weights(self, net_inputs: tuple[Tensor, ...], finite: Tensor) -> Tensor:
+    def current_weights(self, net_inputs: tuple[Any, ...], finite: Tensor) -> Tensor:
         """The net's normalised weights in eval mode, 0 where the loss or the net's output is not finite;
         uniform over the finite samples for L2RW (whose weights come from a meta update only)."""
         if self.options.is_l2rw:

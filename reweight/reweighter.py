@@ -312,7 +312,7 @@ class MetaReweighter:
         inputs: Inputs,
         targets: Tensor,
         logits: Tensor,
-        net_inputs: tuple[Tensor, ...],
+        net_inputs: tuple[Any, ...],
         meta: tuple[Inputs, Tensor] | None,
         pending: Tensor | None,
     ) -> tuple[bool, Tensor | None]:

@@ -46,11 +46,10 @@ def reads_groups(net: str | nn.Module) -> bool:
 def group_stats(reweighter: MetaReweighter | None) -> dict[str, Tensor]:
     """``{"group_weight/<name>": weight}`` of a net with group weights, on the device (empty otherwise)."""
     weights = None if reweighter is None else reweighter.group_weights
-    if weights is None:
-        names: list[str] = []
-    else:
-        names = list(getattr(reweighter.net, "group_names", None) or range(weights.shape[0]))
-    return {} if weights is None else {f"group_weight/{n}": w for n, w in zip(names, weights.float(), strict=True)}
+    if reweighter is None or weights is None:
+        return {}
+    names = [str(n) for n in getattr(reweighter.net, "group_names", None) or range(weights.shape[0])]
+    return {f"group_weight/{n}": w for n, w in zip(names, weights.float(), strict=True)}
 
 
 def describe_net(net: str | nn.Module) -> str:

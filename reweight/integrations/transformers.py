@@ -260,8 +260,9 @@ class ReweightTrainerMixin(_TrainerBase):
         """The Trainer's column filter keeps the model's arguments and the labels; and ``group_column`` when the
         net reads groups."""
         super()._set_signature_columns_if_needed()
-        if self._reads_groups and self.group_column not in self._signature_columns:
-            self._signature_columns.append(self.group_column)
+        columns = self._signature_columns
+        if self._reads_groups and columns is not None and self.group_column not in columns:
+            columns.append(self.group_column)
 
     def _ensure_reweighter(self, model: nn.Module) -> MetaReweighter:
         """The reweighter on ``model`` (the module the Trainer forwards) and the Trainer's optimizer."""
