@@ -23,6 +23,7 @@ from .engines import MetaGradient, MetaProblem, get_engine, list_engines, regist
 from .losses import cross_entropy
 from .monitor import CollapseMonitor, WeightCollapseWarning
 from .nets import (
+    GroupNet,
     LogitNet,
     LossNet,
     MetaInfoNet,
@@ -47,6 +48,7 @@ __all__ = [
     "LossNet",
     "LogitNet",
     "MetaInfoNet",
+    "GroupNet",
     "WeightingOutput",
     "create_weighting_net",
     "list_weighting_nets",

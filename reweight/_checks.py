@@ -18,6 +18,7 @@ from .losses import PerSampleLoss
 __all__ = [
     "check_batch",
     "check_losses",
+    "check_groups",
     "check_meta_forward",
     "check_meta_labels",
     "step_losses",
@@ -99,6 +100,43 @@ def step_losses(inputs: Inputs, targets: Any, logits: Tensor, options: Any, num_
         losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
     check_losses(losses, n, "loss_fn")
     return losses
+
+
+def check_groups(groups: Any, n: int, options: Any, device: torch.device) -> Tensor | None:
+    """The group ids of ``step(..., groups=g)`` as a ``(n,)`` int64 tensor on ``device`` (``None`` when the net
+    reads no groups), after checking that the net reads them, their shape, dtype and range ``0 .. num_groups-1``.
+
+    The range check reads the ids on the host: ids on the CPU (as a loader yields them) cost no device sync.
+    """
+    net = options.net if isinstance(options.net, str) else type(options.net).__name__
+    if not options.requires_groups:
+        if groups is not None:
+            raise ValueError(
+                f"groups= was given, but net {net!r} does not read group ids; use net='groups' (learned weight "
+                "per source) or a net with requires_groups = True, or drop groups="
+            )
+        return None
+    if groups is None:
+        raise ValueError(
+            f"net {net!r} weights samples by their group: pass step(..., groups=g) with g a (batch,) integer "
+            "tensor of group ids"
+        )
+    if not isinstance(groups, Tensor):
+        raise TypeError(f"groups must be a Tensor of integer group ids, got {type(groups).__name__}")
+    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise TypeError(f"groups must be an integer tensor, got dtype {groups.dtype}")
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), one group id per sample; got {tuple(groups.shape)}")
+    num_groups = options.num_groups
+    if num_groups is not None:
+        extremes = torch.aminmax(groups.detach())
+        low, high = int(extremes.min), int(extremes.max)
+        if low < 0 or high >= num_groups:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"groups holds the id {bad}, out of range for num_groups={num_groups} (ids 0..{num_groups - 1})"
+            )
+    return groups.detach().to(device=device, dtype=torch.long)
 
 
 def check_meta_labels(meta_targets: Tensor, logits: Tensor, meta_loss_fn: PerSampleLoss) -> None:

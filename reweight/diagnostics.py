@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["WeightRecorder", "weight_auroc", "plot_weight_histogram", "plot_weight_vs_loss"]
+__all__ = [
+    "WeightRecorder",
+    "GroupWeightHistory",
+    "group_weights",
+    "weight_auroc",
+    "plot_weight_histogram",
+    "plot_weight_vs_loss",
+    "plot_group_weights",
+]
 
 
 def _np(a: Any) -> np.ndarray:
@@ -118,6 +126,85 @@ class WeightRecorder:
             out["mean_weight_clean"] = float(s["weight"][~c].mean()) if (~c).any() else float("nan")
             out["mean_weight_corrupted"] = float(s["weight"][c].mean()) if c.any() else float("nan")
         return out
+
+
+def group_weights(source: Any) -> dict[str, float]:
+    """The current weight of each group, ``{name: weight}`` (one host sync), from a
+    :class:`~reweight.MetaReweighter` with ``net="groups"`` or a :class:`~reweight.nets.GroupNet`; the weights
+    average to 1 over the groups (1 each at the start: the plain mixture).
+
+    Raises:
+        ValueError: if ``source`` has no group weights.
+
+    Example:
+        >>> from reweight.nets import GroupNet
+        >>> group_weights(GroupNet(2, group_names=["web", "books"]))
+        {'web': 1.0, 'books': 1.0}
+    """
+    net = getattr(source, "net", source)
+    fn = getattr(net, "group_weights", None)
+    if not callable(fn):
+        raise ValueError(f"{type(source).__name__} has no group weights: use net='groups' (net_kwargs num_groups)")
+    weights = _np(fn()).reshape(-1).astype(np.float64)
+    names = list(getattr(net, "group_names", None) or range(len(weights)))
+    return {str(n): float(w) for n, w in zip(names, weights, strict=True)}
+
+
+class GroupWeightHistory:
+    """The group weights over training: call :meth:`record` every few steps, then :meth:`plot` or :meth:`arrays`.
+
+    Example:
+        >>> from reweight.nets import GroupNet
+        >>> history = GroupWeightHistory()
+        >>> history.record(GroupNet(3), step=0)
+        >>> history.arrays()["weights"].shape
+        (1, 3)
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.rows: list[dict[str, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def record(self, source: Any, step: int) -> None:
+        """Add the current weights of ``source`` (see :func:`group_weights`) at ``step`` (one host sync)."""
+        self.steps.append(int(step))
+        self.rows.append(group_weights(source))
+
+    def arrays(self) -> dict[str, Any]:
+        """``steps`` ``(T,)``, ``weights`` ``(T, G)`` and the group ``names``."""
+        names = list(self.rows[0]) if self.rows else []
+        weights = np.array([[r[n] for n in names] for r in self.rows], dtype=np.float64).reshape(len(self.rows), -1)
+        return {"steps": np.array(self.steps, dtype=np.int64), "weights": weights, "names": names}
+
+    def plot(self, path: str | os.PathLike, *, title: str = "") -> str:
+        """:func:`plot_group_weights` of the recorded weights; returns the path."""
+        a = self.arrays()
+        return plot_group_weights(a["steps"], a["weights"], path, names=a["names"], title=title)
+
+
+def plot_group_weights(
+    steps: Any, weights: Any, path: str | os.PathLike, *, names: Any | None = None, title: str = ""
+) -> str:
+    """Line plot of each group's weight ``weights[:, g]`` over ``steps`` (matplotlib, imported here only).
+
+    The dashed line at 1 is the plain mixture (every group counted as sampled).
+    """
+    plt = _pyplot()
+    s, w = _np(steps).reshape(-1), _np(weights)
+    w = w.reshape(len(s), -1)
+    labels = [str(n) for n in names] if names is not None else [str(g) for g in range(w.shape[1])]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for g in range(w.shape[1]):
+        ax.plot(s, w[:, g], label=labels[g])
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("group weight (mean 1)")
+    ax.set_title(title or "learned group weights")
+    ax.legend()
+    return _save(plt, fig, path)
 
 
 def weight_auroc(weights: Any, corrupted: Any) -> float:

@@ -62,6 +62,15 @@ class NetSlot:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"meta_optimizer must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
 
+    def group_weights(self) -> Tensor | None:
+        """The net's current weight per group (:meth:`reweight.nets.GroupNet.group_weights`), detached; ``None``
+        for a net without groups."""
+        fn = getattr(self.net, "group_weights", None)
+        if not callable(fn):
+            return None
+        with torch.no_grad():
+            return fn().detach()
+
     def snapshot(self) -> tuple[Any, ...]:
         return self.net, self.optimizer, self.num_classes
 
@@ -98,11 +107,15 @@ class NetSlot:
             self.net.load_state_dict(net_state)
             self.optimizer.load_state_dict(optimizer_state)
 
-    def raw_weights(self, losses: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The net's raw weights ``(batch,)`` and its penalty, computed in the net's own dtype."""
+    def raw_weights(
+        self, losses: Tensor, logits: Tensor, targets: Tensor, groups: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The net's raw weights ``(batch,)`` and its penalty, computed in the net's own dtype; a net that reads
+        groups (``requires_groups``) gets them as ``groups=``, the others the interface ``(loss, logits, targets)``."""
         assert self.net is not None
+        kwargs = {"groups": groups} if groups is not None else {}
         with torch.autocast(losses.device.type, enabled=False):  # the net and its update stay in its dtype
-            out = self.net(losses, logits, targets)
+            out = self.net(losses, logits, targets, **kwargs)
         raw, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)
         if raw.ndim == 2 and raw.shape[1] == 1:
             raw = raw.squeeze(1)
@@ -119,7 +132,7 @@ class NetSlot:
         return raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
 
     @torch.no_grad()
-    def current_weights(self, net_inputs: tuple[Tensor, Tensor, Tensor], finite: Tensor) -> Tensor:
+    def current_weights(self, net_inputs: tuple[Any, ...], finite: Tensor) -> Tensor:
         """The net's normalised weights in eval mode, 0 where the loss or the net's output is not finite;
         uniform over the finite samples for L2RW (whose weights come from a meta update only)."""
         if self.options.is_l2rw:

@@ -7,7 +7,9 @@ Interface of a weighting net (built-in or user-defined ``nn.Module``)::
 All inputs arrive detached from the classifier. The returned raw weights are non-negative with shape
 ``(batch,)`` (``(batch, 1)`` is accepted); a :class:`WeightingOutput` may also carry a scalar ``penalty``
 that is added to the meta loss (MetaInfoNet's ``lambda * KL``). A net whose class attribute
-``requires_logits`` is true is refused when the model's outputs are not class logits.
+``requires_logits`` is true is refused when the model's outputs are not class logits. A net whose class attribute
+``requires_groups`` is true (:class:`GroupNet`) is called as ``forward(loss, logits, targets, groups=g)`` with the
+``(batch,)`` integer group ids given to ``step(..., groups=g)``; the other nets never see ``groups``.
 
 The reweighter calls the net in ``train()`` mode for the meta update and in ``eval()`` mode when it
 computes the weights it returns, so stochastic nets can sample in one and use the mean in the other.
@@ -30,6 +32,7 @@ __all__ = [
     "LogitNet",
     "MetaInfoNet",
     "LabelEmbedding",
+    "GroupNet",
     "register_weighting_net",
     "create_weighting_net",
     "list_weighting_nets",
@@ -228,3 +231,105 @@ def _logitnet(num_classes: int, **kwargs) -> nn.Module:
 @register_weighting_net("metainfonet", description="LogitNet behind a variational information bottleneck")
 def _metainfonet(num_classes: int, **kwargs) -> nn.Module:
     return MetaInfoNet(num_classes, **kwargs)
+
+
+class GroupNet(nn.Module):
+    """One learned weight per data source (group): every sample of group ``g`` gets ``w_g``, optionally times a
+    per-sample net's weight (``within``), so a noisy source is down-weighted as a whole and its worst samples
+    further.
+
+    ``w = num_groups * softmax(scale * theta)`` with ``theta`` zero at the start: every group starts at weight 1
+    (the plain mixture), the group weights always average to 1, and only their ratios move. With the library's
+    ``normalization="sum"`` a sample of group ``g`` then counts ``w_g`` times a sample of weight 1 in every
+    batch. ``scale`` multiplies the meta optimizer's step in log-weight space: Adam's steps are about its lr
+    whatever the gradient's size, so with the default meta optimizer (Adam, lr 1e-3) a group's log-weight moves
+    by up to ``scale * 1e-3`` per meta update (``scale=20``: a factor e in about 50 updates).
+
+    The meta-gradient of ``theta_g`` is exactly ``scale * w_g * (C_g - mean)`` where ``C_g`` is the sum of the
+    per-sample coefficients ``c_i = dL_meta / dw_i`` over the batch's samples of group ``g``: nothing is
+    approximated (DoReMi and DoGE approximate it by excess losses or gradient alignment).
+
+    The net reads the group ids as ``forward(loss, logits, targets, groups=g)`` (``requires_groups = True``), which
+    :meth:`reweight.MetaReweighter.step` passes from its ``groups=`` argument.
+
+    Args:
+        num_groups: number of groups ``G``; ids are ``0 .. G-1``.
+        within: a per-sample net multiplied in: a registered name (``"lossnet"``, ``"logitnet"``,
+            ``"metainfonet"``) or an ``nn.Module``; ``None`` for group weights alone (default: ``None``).
+        within_kwargs: keyword arguments of the named ``within`` net (default: ``None``).
+        scale: log-weight per unit of ``theta`` (default: ``20.0``).
+        group_names: names of the groups for logs and plots (default: ``"0"``, ``"1"``, ...).
+        num_classes: the class count, for a ``within`` net that reads logits (given by the reweighter).
+    """
+
+    requires_groups = True
+
+    def __init__(
+        self,
+        num_groups: int,
+        within: str | nn.Module | None = None,
+        within_kwargs: dict | None = None,
+        scale: float = 20.0,
+        group_names: list[str] | tuple[str, ...] | None = None,
+        num_classes: int = 1,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("num_groups", num_groups)
+        if not (isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0):
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        names = [str(g) for g in range(num_groups)] if group_names is None else [str(n) for n in group_names]
+        if len(names) != num_groups:
+            raise ValueError(f"group_names has {len(names)} names for num_groups={num_groups}")
+        self.num_groups, self.scale, self.group_names = num_groups, float(scale), names
+        self.theta = nn.Parameter(torch.zeros(num_groups))
+        if isinstance(within, str):
+            if within == "groups" or within not in list_weighting_nets():
+                choices = [n for n in list_weighting_nets() if n != "groups"]
+                raise ValueError(f"within must be one of {choices} or an nn.Module, got {within!r}")
+            within = create_weighting_net(within, num_classes, **(within_kwargs or {}))
+        elif within_kwargs:
+            raise ValueError("within_kwargs applies to a named within net only")
+        if within is not None and not isinstance(within, nn.Module):
+            raise TypeError(f"within must be a net name, an nn.Module or None, got {type(within).__name__}")
+        if getattr(within, "requires_groups", False):
+            raise ValueError("within must be a per-sample net, not one that reads groups")
+        self.within = within
+        self.requires_logits = bool(getattr(within, "requires_logits", False))
+
+    def group_weights(self) -> Tensor:
+        """The current weight of each group, ``(num_groups,)``, averaging to 1 (1 each at the start)."""
+        return self.num_groups * torch.softmax(self.scale * self.theta, dim=0)
+
+    def forward(
+        self, loss: Tensor, logits: Tensor | None = None, targets: Tensor | None = None, *, groups: Tensor
+    ) -> Tensor | WeightingOutput:
+        weights = self.group_weights()[groups.to(self.theta.device).long()]
+        if self.within is None:
+            return weights
+        out = self.within(loss, logits, targets)
+        inner, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)
+        if inner.ndim == 2 and inner.shape[1] == 1:
+            inner = inner.squeeze(1)
+        weights = weights.to(inner.dtype) * inner
+        return weights if penalty is None else WeightingOutput(weights, penalty)
+
+
+def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
+    """Whether the registered net ``name`` built with ``net_kwargs`` reads ``what``: ``"logits"`` (class logits;
+    every named net but ``"lossnet"``, and ``"groups"`` only through a ``within`` net that does) or ``"groups"``."""
+    kwargs = net_kwargs or {}
+    if name == "groups":
+        if what == "groups":
+            return True
+        within = kwargs.get("within")
+        if isinstance(within, nn.Module):
+            return bool(getattr(within, "requires_logits", False))
+        return within is not None and named_net_reads(within, kwargs.get("within_kwargs"), what)
+    return what == "logits" and name not in ("lossnet", "l2rw")
+
+
+@register_weighting_net("groups", description="one learned weight per data source (optionally times a per-sample net)")
+def _groups(num_classes: int, **kwargs) -> nn.Module:
+    if "num_groups" not in kwargs:
+        raise ValueError("net='groups' needs the number of groups: net_kwargs={'num_groups': G}")
+    return GroupNet(num_classes=num_classes, **kwargs)

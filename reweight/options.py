@@ -21,7 +21,7 @@ from ._batch import LogitsFn, as_logits
 from .engines import list_engines
 from .lookahead import LookaheadSpec
 from .losses import PerSampleLoss, cross_entropy
-from .nets import list_weighting_nets
+from .nets import list_weighting_nets, named_net_reads
 from .presets import FROM_PRESET, resolve_preset
 
 __all__ = ["ReweighterOptions", "resolve_options", "default_meta_optimizer", "MetaOptimizerFactory"]
@@ -89,8 +89,22 @@ class ReweighterOptions:
             return False
         if isinstance(self.net, nn.Module):
             return bool(getattr(self.net, "requires_logits", False))
-        return self.net != "lossnet"
+        return named_net_reads(self.net, dict(self.net_kwargs), "logits")
 
+    @property
+    def requires_groups(self) -> bool:
+        """Whether the weighting net reads group ids (``step(..., groups=g)``): ``"groups"`` and modules that
+        declare ``requires_groups = True``."""
+        if isinstance(self.net, nn.Module):
+            return bool(getattr(self.net, "requires_groups", False))
+        return not self.is_l2rw and named_net_reads(self.net, dict(self.net_kwargs), "groups")
+
+    @property
+    def num_groups(self) -> int | None:
+        """The group count of a net that reads groups, if it says (``num_groups``), else ``None``."""
+        if isinstance(self.net, nn.Module):
+            return getattr(self.net, "num_groups", None)
+        return self.net_kwargs.get("num_groups") if self.requires_groups else None
 
     def replace(self, **changes: Any) -> ReweighterOptions:
         """A copy with ``changes``; only ``on_nonfinite`` may change after construction.

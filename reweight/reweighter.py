@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Inputs, LogitsFn, logits_of, unwrap_model
-from ._checks import check_meta_forward, check_meta_labels, naming_batch, prepare_meta_batch, step_losses
+from ._checks import check_groups, check_meta_forward, check_meta_labels, naming_batch, prepare_meta_batch, step_losses
 from ._finite import NonFiniteLossError, finite_or_skip, joint_check
 from ._profiling import phase
 from ._rng import isolated_rng
@@ -247,14 +247,11 @@ class MetaReweighter:
     net = property(lambda self: self._slot.net, doc="The weighting net (``None`` for L2RW, or until built).")
     meta_optimizer = property(lambda self: self._slot.optimizer, doc="The weighting net's optimizer.")
     num_classes = property(lambda self: self._slot.num_classes, doc="Classes the net was built for, if known.")
+    group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
 
-    @property
-    def is_l2rw(self) -> bool:
-        """Whether the weights are L2RW's: non-parametric, no weighting net and no meta optimizer.
-
-        Otherwise :attr:`net` is ``None`` only until the first step infers the number of classes.
-        """
-        return self.options.is_l2rw
+    is_l2rw = property(
+        lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net or meta optimizer)."
+    )
 
     def _net_dtype(self) -> torch.dtype:
         dtypes = [p.dtype for p in self.module.parameters() if p.is_floating_point()]
@@ -313,7 +310,7 @@ class MetaReweighter:
         inputs: Inputs,
         targets: Tensor,
         logits: Tensor,
-        net_inputs: tuple[Tensor, Tensor, Tensor],
+        net_inputs: tuple[Any, ...],
         meta: tuple[Inputs, Tensor] | None,
         pending: Tensor | None,
     ) -> tuple[bool, Tensor | None]:
@@ -352,7 +349,7 @@ class MetaReweighter:
         self.last_meta_loss = grad.meta_loss
         return True, None
 
-    def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
+    def step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None) -> Tensor:
         """Meta-update the weighting net (every ``interval`` calls) and return this batch's weights.
 
         Args:
@@ -360,6 +357,7 @@ class MetaReweighter:
             targets: class indices ``(batch,)``, soft targets ``(batch, K)``, or whatever ``loss_fn`` takes.
             outputs: the model's outputs on ``inputs``, unchanged (a tensor, an object/dict with ``logits``,
                 or whatever ``logits_fn`` maps to the logits); reused, never recomputed, for the real update.
+            groups: ``(batch,)`` integer source ids, for a net that reads them (``net="groups"``); only for such a net.
 
         Returns:
             Detached weights of shape ``(batch,)``: use ``(weights * per_sample_loss).mean()``.
@@ -367,7 +365,8 @@ class MetaReweighter:
         Raises:
             ValueError: on inconsistent batch sizes, labels out of range, an empty batch or meta loader,
                 a meta batch the model cannot take, a loss function that does not return one loss per
-                sample, or outputs that are not logits when the net needs them.
+                sample, outputs that are not logits when the net needs them, or ``groups`` missing, out of
+                range or given to a net that does not read them.
             NonFiniteLossError: on a non-finite loss or meta-gradient with ``on_nonfinite="raise"``.
             DistributedStepError: under data parallelism, on every rank, when these checks failed on any
                 rank; it is also an instance of the first failing rank's error type (docs/distributed.md).
@@ -379,7 +378,7 @@ class MetaReweighter:
         net_before = self._slot.snapshot()
         self._engine.sync(armed=False)  # the look-ahead's own forwards are not the caller's
         try:
-            return self._step(inputs, targets, outputs)
+            return self._step(inputs, targets, outputs, groups)
         except BaseException:
             self._slot.restore(net_before)  # a net built lazily by this step
             self._generator.set_state(rng)
@@ -389,12 +388,13 @@ class MetaReweighter:
         finally:
             self._engine.sync(armed=self._step_count % self.interval == 0)
 
-    def _step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
+    def _step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None) -> Tensor:
         update = self._step_count % self.interval == 0
         rank_seed, meta = self._draw_rank_seed(), None
         try:  # local checks: under DDP, an error must reach every rank before the step's first collective
             logits = logits_of(outputs, self.logits_fn)
             losses = step_losses(inputs, targets, logits, self.options, self.num_classes)
+            groups = check_groups(groups, losses.shape[0], self.options, self.device)
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
                     self._head.features_for(logits)
@@ -416,7 +416,7 @@ class MetaReweighter:
         if self.net is None and not self.is_l2rw:
             self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, self._net_dtype())
         losses = torch.where(finite, losses, torch.zeros_like(losses))
-        net_inputs = (losses, logits.detach(), targets)
+        net_inputs = (losses, logits.detach(), targets, groups)
         applied, weights = False, None
         with isolated_rng(rank_seed, self.device):
             if update and all_finite:

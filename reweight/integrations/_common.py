@@ -18,23 +18,39 @@ from torch import Tensor, nn
 
 from .._batch import unwrap_model
 from ..monitor import weight_statistics
+from ..nets import named_net_reads
 from ..reweighter import MetaReweighter
 
-__all__ = ["LateReweighter", "WeightStats", "needs_class_logits", "describe_net"]
-
-_LOSS_ONLY_NETS = ("lossnet", "l2rw")
+__all__ = ["LateReweighter", "WeightStats", "needs_class_logits", "reads_groups", "describe_net", "group_stats"]
 
 
-def needs_class_logits(net: str | nn.Module) -> bool:
-    """Whether the weighting net ``net`` (a name or a module) reads class logits ``(batch, num_classes)``.
+def needs_class_logits(net: str | nn.Module, net_kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether the weighting net ``net`` (a name with its ``net_kwargs``, or a module) reads class logits
+    ``(batch, num_classes)``.
 
     Example:
-        >>> needs_class_logits("metainfonet"), needs_class_logits("lossnet")
-        (True, False)
+        >>> needs_class_logits("metainfonet"), needs_class_logits("lossnet"), needs_class_logits("groups")
+        (True, False, False)
     """
     if isinstance(net, str):
-        return net not in _LOSS_ONLY_NETS
+        return named_net_reads(net, net_kwargs, "logits")
     return bool(getattr(net, "requires_logits", False))
+
+
+def reads_groups(net: str | nn.Module) -> bool:
+    """Whether the weighting net reads group ids (``step(..., groups=g)``): ``"groups"`` or ``requires_groups``."""
+    if isinstance(net, str):
+        return named_net_reads(net, None, "groups")
+    return bool(getattr(net, "requires_groups", False))
+
+
+def group_stats(reweighter: MetaReweighter | None) -> dict[str, Tensor]:
+    """``{"group_weight/<name>": weight}`` of a net with group weights, on the device (empty otherwise)."""
+    weights = None if reweighter is None else reweighter.group_weights
+    if reweighter is None or weights is None:
+        return {}
+    names = [str(n) for n in getattr(reweighter.net, "group_names", None) or range(weights.shape[0])]
+    return {f"group_weight/{n}": w for n, w in zip(names, weights.float(), strict=True)}
 
 
 def describe_net(net: str | nn.Module) -> str:
@@ -135,7 +151,8 @@ class LateReweighter:
 
 class WeightStats:
     """Running means of the weights' statistics (:func:`reweight.monitor.weight_statistics`: std, min, max,
-    effective sample size) and the meta loss, kept on the device (no host sync per step).
+    effective sample size) and the meta loss (and of each group's weight, for a net with group weights), kept on
+    the device (no host sync per step).
 
     Example:
         >>> stats = WeightStats()
@@ -150,9 +167,13 @@ class WeightStats:
         self._sum: Tensor | None = None
         self._count = 0
         self._meta_count = 0
+        self._groups: dict[str, Tensor] = {}
 
-    def update(self, weights: Tensor, meta_loss: Tensor | None = None) -> None:
-        """Add one batch's ``weights`` (shape ``(batch,)``) and the meta loss of its update, if one ran."""
+    def update(self, weights: Tensor, meta_loss: Tensor | None = None, groups: dict[str, Tensor] | None = None) -> None:
+        """Add one batch's ``weights`` (shape ``(batch,)``), the meta loss of its update, if one ran, and the
+        current group weights ``{"group_weight/<name>": scalar}`` (:func:`group_stats`), if any."""
+        for key, value in (groups or {}).items():
+            self._groups[key] = self._groups[key] + value.detach() if key in self._groups else value.detach()
         stats = weight_statistics(weights)
         has_meta = meta_loss is not None
         device = stats["weight_std"].device
@@ -166,9 +187,12 @@ class WeightStats:
         """The means since the last call (one host sync), then reset; empty if nothing was recorded."""
         if self._sum is None:
             return {}
-        values = (self._sum / self._count).tolist()
+        group_keys = list(self._groups)
+        row = torch.cat([self._sum, *(v.to(self._sum.device).reshape(1) for v in self._groups.values())])
+        values = (row / self._count).tolist()
         out = dict(zip(self._KEYS, values))
         if self._meta_count:
             out["meta_loss"] = values[len(self._KEYS)] * self._count / self._meta_count
-        self._sum, self._count, self._meta_count = None, 0, 0
+        out.update(zip(group_keys, values[len(self._KEYS) + 1 :], strict=True))
+        self._sum, self._count, self._meta_count, self._groups = None, 0, 0, {}
         return out

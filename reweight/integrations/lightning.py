@@ -33,7 +33,7 @@ from .._docstrings import fill_doc, reweighter_kwargs
 from ..monitor import weight_statistics
 from ..reweighter import MetaReweighter
 from . import require
-from ._common import LateReweighter
+from ._common import LateReweighter, group_stats
 
 _lightning = require("lightning", "lightning")
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
@@ -139,8 +139,9 @@ class MetaReweightCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log this batch's weight std, min and max (and the latest meta loss) as ``reweight/*`` with Lightning's
-        ``log``; the values stay on the device until Lightning writes its logs."""
+        """Log this batch's weight std, min and max (the latest meta loss, and each ``group_weight/<name>`` with
+        ``net="groups"``) as ``reweight/*`` with Lightning's ``log``; the values stay on the device until Lightning
+        writes its logs."""
         weights, self._unlogged = self._unlogged, None
         if weights is None or self.reweighter is None:
             return
@@ -148,11 +149,13 @@ class MetaReweightCallback(Callback):
         stats = weight_statistics(w)
         if self.reweighter.last_meta_loss is not None:
             stats["meta_loss"] = self.reweighter.last_meta_loss.float()
+        stats.update(group_stats(self.reweighter))  # net="groups": each source's weight
         for key, value in stats.items():
             pl_module.log(f"reweight/{key}", value, on_step=True, on_epoch=False, batch_size=w.shape[0])
 
-    def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
-        """Weights for this batch (see :meth:`reweight.MetaReweighter.step`); ones, with no meta step, outside training.
+    def step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None) -> Tensor:
+        """Weights for this batch (see :meth:`reweight.MetaReweighter.step`; ``groups``: the source ids, for
+        ``net="groups"``); ones, with no meta step, outside training.
 
         Raises:
             RuntimeError: if called in training before the trainer started (no optimizer yet).
@@ -163,7 +166,7 @@ class MetaReweightCallback(Callback):
                 raise RuntimeError("MetaReweightCallback.step called before training started")
             logits = self._logits_fn(outputs)
             return torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
-        weights = reweighter.step(inputs, targets, outputs)
+        weights = reweighter.step(inputs, targets, outputs, groups=groups)
         self.last_weights = weights
         self._unlogged = weights
         return weights
@@ -178,12 +181,15 @@ class MetaReweightCallback(Callback):
             self._late.load_state_dict(state_dict)
 
 
-def reweight_step(pl_module: LightningModule, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
+def reweight_step(
+    pl_module: LightningModule, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None
+) -> Tensor:
     """Weights for this batch from the trainer's :class:`MetaReweightCallback`; call it in ``training_step``.
 
     Args:
         pl_module: the ``LightningModule`` (``self`` in ``training_step``).
         inputs, targets, outputs: the batch and the module's outputs on it.
+        groups: ``(batch,)`` source ids, for a net that reads them (``net="groups"``) (default: ``None``).
 
     Raises:
         RuntimeError: if the trainer has no ``MetaReweightCallback``.
@@ -193,4 +199,4 @@ def reweight_step(pl_module: LightningModule, inputs: Inputs, targets: Tensor, o
     callbacks = [cb for cb in registered if isinstance(cb, MetaReweightCallback)]
     if len(callbacks) != 1:
         raise RuntimeError(f"the trainer needs exactly one MetaReweightCallback, found {len(callbacks)}")
-    return callbacks[0].step(inputs, targets, outputs)
+    return callbacks[0].step(inputs, targets, outputs, groups)

@@ -17,7 +17,7 @@ task's own state in checkpoints (``get_task_state`` / ``load_task_state``). Repl
 * The reweighter is built by ``bind_optimizer``, before the first forward (so ``lookahead="head"`` works from
   the first step), and rebuilt with its state when ``compile`` / ``prepare_distributed`` wrap the model.
 * Logs: :meth:`ReweightClassificationTask.pop_weight_stats` gives the weights' mean std / min / max and the meta
-  loss since its last call, for timm's ``log_interval`` line.
+  loss since its last call (and each source's weight with ``net="groups"``), for timm's ``log_interval`` line.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .._batch import unwrap_model
 from .._docstrings import fill_doc, reweighter_arg, reweighter_kwargs
 from ..reweighter import MetaReweighter
 from . import require
-from ._common import LateReweighter, WeightStats
+from ._common import LateReweighter, WeightStats, group_stats
 
 _timm = require("timm", "timm")
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
@@ -229,22 +229,24 @@ class ReweightClassificationTask(ClassificationTask):
             raise RuntimeError("call task.bind_optimizer(optimizer) before training")
         return self._late.build(self.trainable_module, self.optimizer)
 
-    def forward(self, input: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise."""
+    def forward(self, input: Tensor, target: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise; ``groups``: the
+        batch's source ids, for a net that reads them (``net="groups"``)."""
         training = unwrap_model(self.trainable_module).training and torch.is_grad_enabled()
         reweighter = self._get_reweighter() if training else None  # before the forward: the head hook sees it
         output = self.trainable_module(input)
         if reweighter is None:
             return {"loss": self.criterion(output, target), "output": output}
-        weights = reweighter.step(input, target, output)
+        weights = reweighter.step(input, target, output, groups=groups)
         losses = self.loss_fn(output, target)
         self.last_weights = weights
-        self._weight_stats.update(weights, reweighter.last_meta_loss)
+        self._weight_stats.update(weights, reweighter.last_meta_loss, group_stats(reweighter))
         return {"loss": (weights.to(losses.dtype) * losses).mean(), "output": output}
 
     def pop_weight_stats(self) -> dict[str, float]:
-        """Means of the weights' std, min and max (and the meta loss) over the training forwards since the last
-        call, for timm's log line (one host sync); empty if there were none.
+        """Means of the weights' std, min and max (and the meta loss, and ``group_weight/<name>`` with
+        ``net="groups"``) over the training forwards since the last call, for timm's log line (one host sync);
+        empty if there were none.
 
         In ``train.py``'s ``log_interval`` branch: ``_logger.info(f"... {task.pop_weight_stats()}")``; the
         class's example calls it.

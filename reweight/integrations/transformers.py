@@ -17,8 +17,10 @@ tokens for causal LMs, label smoothing included.
 * Checkpoints: the reweighter's state is written to ``checkpoint-*/reweighter.pt`` and restored by
   ``train(resume_from_checkpoint=...)``.
 * Logs: ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max``, ``reweight/weight_ess``
-  (effective sample size) and ``reweight/meta_loss``,
-  averaged over the steps since the last log, join the Trainer's training logs.
+  (effective sample size) and ``reweight/meta_loss``, averaged over the steps since the last log, join the
+  Trainer's training logs; with ``net="groups"`` also ``reweight/group_weight/<name>``, each source's weight.
+* Sources: a net that reads group ids (``net="groups"``) gets each sample's source id from the dataset column
+  ``group_column`` (default ``"source"``), kept through the Trainer's column filter and never given to the model.
 * Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
   lrs are small; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule.
 
@@ -43,7 +45,7 @@ from .._docstrings import fill_doc, reweighter_arg, reweighter_kwargs
 from ..presets import FROM_PRESET
 from ..reweighter import MetaReweighter
 from . import require
-from ._common import LateReweighter, WeightStats, describe_net, needs_class_logits
+from ._common import LateReweighter, WeightStats, describe_net, group_stats, needs_class_logits, reads_groups
 
 _transformers = require("transformers", "transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -148,6 +150,9 @@ class ReweightTrainerMixin(_TrainerBase):
         lookahead_lr: {lookahead_lr}; ``None`` follows the schedule (default: the ``preset``'s, ``None``).
         reweight_kwargs: further {reweight_kwargs}. ``meta_loss_fn`` defaults to the task's loss without
             smoothing (default: ``None``).
+        group_column: the dataset column holding each sample's source id (an int in ``0 .. num_groups-1``), read
+            when the net reads groups (``net="groups"``); popped from every batch before the model's forward and
+            dropped from meta batches (default: ``"source"``).
         *args: the Trainer's own positional arguments.
         **kwargs: the Trainer's own keyword arguments.
 
@@ -171,8 +176,13 @@ class ReweightTrainerMixin(_TrainerBase):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         lookahead_lr: float | None = FROM_PRESET,
         reweight_kwargs: dict[str, Any] | None = None,
+        group_column: str = "source",
         **kwargs: Any,
     ) -> None:
+        if not isinstance(group_column, str):
+            raise TypeError(f"group_column must be a str, got {type(group_column).__name__}")
+        self.group_column = group_column
+        self._reads_groups = reads_groups((reweight_kwargs or {}).get("net", "lossnet"))
         if (meta_dataset is None) == (meta_loader is None):
             raise ValueError("pass exactly one of meta_dataset and meta_loader")
         if task not in TASKS:
@@ -195,7 +205,7 @@ class ReweightTrainerMixin(_TrainerBase):
             raise ValueError("ReweightTrainer needs a model or a model_init")
         self.task = _infer_task(unwrap_model(self.model)) if task == "auto" else task
         net = reweight_kwargs.get("net", "lossnet")
-        if self.task in _TOKEN_TASKS and needs_class_logits(net):
+        if self.task in _TOKEN_TASKS and needs_class_logits(net, reweight_kwargs.get("net_kwargs")):
             raise ValueError(
                 f"net={describe_net(net)} needs class logits (batch, num_classes), but a {self.task} model outputs "
                 f"token logits (batch, sequence, vocabulary); use net='lossnet' or net='l2rw', which weight each "
@@ -234,14 +244,25 @@ class ReweightTrainerMixin(_TrainerBase):
             return self._meta_loader_arg
         assert self.meta_dataset is not None  # the constructor takes exactly one of the two
         reference = self.get_test_dataloader(self.meta_dataset)
+        collate = reference.collate_fn
+        if self._reads_groups:  # the group column is kept for training batches; the model never takes it
+            collate = partial(_without_key, collate, self.group_column)
         return DataLoader(
             reference.dataset,
             batch_size=self.meta_batch_size or self.args.per_device_train_batch_size,
             shuffle=True,
-            collate_fn=reference.collate_fn,
+            collate_fn=collate,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The Trainer's column filter keeps the model's arguments and the labels; and ``group_column`` when the
+        net reads groups."""
+        super()._set_signature_columns_if_needed()
+        columns = self._signature_columns
+        if self._reads_groups and columns is not None and self.group_column not in columns:
+            columns.append(self.group_column)
 
     def _ensure_reweighter(self, model: nn.Module) -> MetaReweighter:
         """The reweighter on ``model`` (the module the Trainer forwards) and the Trainer's optimizer."""
@@ -285,14 +306,20 @@ class ReweightTrainerMixin(_TrainerBase):
                 break
         if labels is None:
             raise ValueError(f"ReweightTrainer needs labels in each batch (one of {_LABEL_KEYS}); got {sorted(inputs)}")
+        groups = inputs.pop(self.group_column, None) if self._reads_groups else None
         training = model.training and torch.is_grad_enabled() and self.optimizer is not None
+        if training and self._reads_groups and groups is None:
+            raise ValueError(
+                f"the weighting net reads each sample's source (groups): the batch needs the dataset column "
+                f"group_column={self.group_column!r}; got {sorted(inputs)}"
+            )
         # built before the forward, so that lookahead="head"'s hook on the final Linear sees this batch
         reweighter = self._ensure_reweighter(model) if training else None
         outputs = model(**inputs)
         logits = self.logits_fn(outputs)
         losses = self.per_sample_loss(logits, labels)
         if reweighter is not None:
-            weights = reweighter.step(inputs, labels, outputs).to(losses.dtype)
+            weights = reweighter.step(inputs, labels, outputs, groups=groups).to(losses.dtype)
             self._record(weights)
             if self._token_sums is None:
                 loss = (weights * losses).mean()
@@ -311,7 +338,7 @@ class ReweightTrainerMixin(_TrainerBase):
 
     def _record(self, weights: Tensor) -> None:
         meta_loss = self.reweighter.last_meta_loss if self.reweighter is not None else None
-        self._weight_stats.update(weights, meta_loss)
+        self._weight_stats.update(weights, meta_loss, group_stats(self.reweighter))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's ``log``, with the weight statistics since the last training log added."""
@@ -334,6 +361,13 @@ class ReweightTrainerMixin(_TrainerBase):
                     f"{path} has no {REWEIGHTER_STATE_NAME}: the weighting net starts afresh", RuntimeWarning, 2
                 )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def _without_key(collate: Callable[[list[Any]], Any], key: str, rows: list[Any]) -> Any:
+    batch = collate(rows)
+    if isinstance(batch, dict) and key in batch:
+        batch = {k: v for k, v in batch.items() if k != key}
+    return batch
 
 
 class ReweightTrainer(ReweightTrainerMixin, Trainer):
