@@ -1,0 +1,401 @@
+"""The defaults matrix: do the library's defaults separate corrupted from clean samples, with no knob set?
+
+Four tasks, each with 30-40% corrupted training samples and a small clean meta set, trained for ``--steps``
+steps with no ``lookahead_lr`` and no other option:
+
+- ``cls_sgd``: scikit-learn's digits, 40% uniform label noise, an MLP, SGD lr 0.1 momentum 0.9;
+- ``cls_adamw``: the same with AdamW lr 1e-3;
+- ``lora``: a tiny random Llama (transformers) with LoRA adapters on every projection, AdamW lr 1e-3, 40% of
+  the sequences replaced by random tokens (clean: arithmetic progressions);
+- ``reg``: scikit-learn's ``make_regression``, 30% of the targets shifted by N(0, 5^2), per-sample MSE, SGD
+  lr 0.01 momentum 0.9.
+
+For LossNet, MetaInfoNet (classification) and L2RW, each row holds the AUROC of the returned weights as a
+score for clean samples (pooled over the last 50 steps, and per window of steps: ``traj``), the mean weight
+of clean and corrupted samples, and the test metric against plain training. ``--config earlier`` runs the
+earlier defaults for comparison (Adam with coupled weight decay, the nets' random start, no meta-lr
+warm-up; the coefficients' scaling is part of the update and stays).
+
+    python benchmarks/defaults_matrix.py --seeds 0 1 2            # run (resumes), then print the table
+    python benchmarks/defaults_matrix.py --report                 # the table of the stored rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _store  # noqa: E402
+
+from reweight import MetaReweighter  # noqa: E402
+from reweight.diagnostics import weight_auroc  # noqa: E402
+
+TABLE = Path(__file__).resolve().parent / "results" / "defaults_matrix.jsonl"
+CONFIGS = {
+    "defaults": {},
+    "earlier": {
+        "meta_optimizer": functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=5e-4),
+        "meta_warmup": 0,
+        "uniform_start": False,
+    },
+}
+SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
+    "defaults": {"meta_optimizer": "AdamW(1e-3, wd 5e-4)", "meta_warmup": 300, "uniform_start": True},
+    "earlier": {"meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)", "meta_warmup": 0, "uniform_start": False},
+}
+
+
+def _batches(n, bs, steps, seed):
+    rng = np.random.default_rng(1000 + seed)
+    out, perm = [], np.array([], dtype=np.int64)
+    while len(out) < steps:
+        if len(perm) < bs:
+            perm = np.concatenate([perm, rng.permutation(n)])
+        out.append(perm[:bs])
+        perm = perm[bs:]
+    return out
+
+
+@functools.cache
+def digits_data(seed):
+    from reweight.data import load_digits, meta_split, uniform_noise
+
+    d = load_digits(seed=seed)
+    split = meta_split(d.y_train, 10, num_classes=10, seed=seed)
+    xtr, ytr = d.x_train[split.train], d.y_train[split.train]
+    noisy = uniform_noise(ytr, 0.4, num_classes=10, seed=seed)
+    return dict(
+        x=torch.tensor(xtr),
+        y=torch.tensor(noisy.labels),
+        corrupted=torch.tensor(noisy.corrupted),
+        mx=torch.tensor(d.x_train[split.meta]),
+        my=torch.tensor(d.y_train[split.meta]),
+        tx=torch.tensor(d.x_test),
+        ty=torch.tensor(d.y_test),
+    )
+
+
+def per_sample_ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def per_sample_mse(out, y):
+    return (out.squeeze(-1) - y).pow(2)
+
+
+def task_cls(opt_kind):
+    def setup(seed):
+        d = digits_data(seed)
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        if opt_kind == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        meta = [(d["mx"][i : i + 100], d["my"][i : i + 100]) for i in range(0, len(d["my"]), 100)]
+
+        def fwd(idx):
+            x, y = d["x"][idx], d["y"][idx]
+            return x, y, model(x), d["corrupted"][idx]
+
+        @torch.no_grad()
+        def test():
+            return (model(d["tx"]).argmax(1) == d["ty"]).float().mean().item()
+
+        return dict(
+            model=model,
+            opt=opt,
+            meta=meta,
+            fwd=fwd,
+            test=test,
+            n=len(d["y"]),
+            bs=64,
+            loss_fn=per_sample_ce,
+            num_classes=10,
+            metric="acc",
+            kw={},
+        )
+
+    return setup
+
+
+@functools.cache
+def reg_data(seed):
+    from sklearn.datasets import make_regression  # scikit-learn: the benchmarks' extra
+
+    x, y = make_regression(n_samples=1700, n_features=10, n_informative=8, noise=5.0, random_state=seed)
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean()) / y.std()
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    te, me, tr = perm[:400], perm[400:500], perm[500:]
+    ytr = y[tr].copy()
+    corrupted = rng.random(len(tr)) < 0.3
+    ytr[corrupted] += rng.normal(0, 5.0, corrupted.sum())
+    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return dict(
+        x=f(x[tr]), y=f(ytr), corrupted=torch.tensor(corrupted), mx=f(x[me]), my=f(y[me]), tx=f(x[te]), ty=f(y[te])
+    )
+
+
+def task_reg(seed):
+    d = reg_data(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    meta = [(d["mx"][i : i + 50], d["my"][i : i + 50]) for i in range(0, 100, 50)]
+
+    def fwd(idx):
+        x, y = d["x"][idx], d["y"][idx]
+        return x, y, model(x), d["corrupted"][idx]
+
+    @torch.no_grad()
+    def test():
+        return per_sample_mse(model(d["tx"]), d["ty"]).mean().item()
+
+    return dict(
+        model=model,
+        opt=opt,
+        meta=meta,
+        fwd=fwd,
+        test=test,
+        n=len(d["y"]),
+        bs=64,
+        loss_fn=per_sample_mse,
+        num_classes=1,
+        metric="mse",
+        kw={},
+    )
+
+
+V, T = 64, 24
+
+
+@functools.cache
+def lm_data(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def clean(n):  # arithmetic progressions mod V: start s, stride d in 1..3
+        s = torch.randint(0, V, (n, 1), generator=g)
+        st = torch.randint(1, 4, (n, 1), generator=g)
+        return (s + st * torch.arange(T)) % V
+
+    n = 1200
+    x = clean(n)
+    corrupted = torch.rand(n, generator=g) < 0.4
+    x[corrupted] = torch.randint(0, V, (int(corrupted.sum()), T), generator=g)
+    return dict(x=x, corrupted=corrupted, mx=clean(64), tx=clean(256))
+
+
+def per_seq_lm(logits, ids):
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+class LoRALinear(nn.Module):
+    """peft-style LoRA (r=8, alpha=16, B zero-initialised) around a frozen nn.Linear (no peft needed)."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: int = 16) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def task_lora(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    d = lm_data(seed)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.requires_grad_(False)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(mod, child_name, LoRALinear(child))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    meta = [({"input_ids": d["mx"][i : i + 32]}, d["mx"][i : i + 32]) for i in range(0, 64, 32)]
+
+    def fwd(idx):
+        x = d["x"][idx]
+        return {"input_ids": x}, x, model(input_ids=x), d["corrupted"][idx]
+
+    @torch.no_grad()
+    def test():
+        return per_seq_lm(model(input_ids=d["tx"]).logits, d["tx"]).mean().item()
+
+    return dict(
+        model=model,
+        opt=opt,
+        meta=meta,
+        fwd=fwd,
+        test=test,
+        n=len(d["x"]),
+        bs=16,
+        loss_fn=per_seq_lm,
+        num_classes=1,
+        metric="clean_loss",
+        kw=dict(logits_fn=lambda out: out.logits),
+    )
+
+
+TASKS = {"cls_sgd": task_cls("sgd"), "cls_adamw": task_cls("adamw"), "lora": task_lora, "reg": task_reg}
+NETS_FOR = {
+    "cls_sgd": ["lossnet", "metainfonet", "l2rw"],
+    "cls_adamw": ["lossnet", "metainfonet", "l2rw"],
+    "lora": ["lossnet", "l2rw"],
+    "reg": ["lossnet", "l2rw"],
+}
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _auroc(w: torch.Tensor, corrupted: torch.Tensor) -> float:
+    if corrupted.all() or not corrupted.any():
+        return float("nan")
+    return float(weight_auroc(w.numpy(), corrupted.numpy()))
+
+
+def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
+    """One training run; the result row's ``result``."""
+    torch.set_num_threads(1)
+    s = TASKS[task](seed)
+    model, opt = s["model"], s["opt"]
+    rw = None
+    if net != "plain":
+        options = dict(CONFIGS[config])
+        uniform = options.pop("uniform_start", True)
+        net_kwargs = None if net == "l2rw" else {"uniform_start": uniform}
+        if net == "l2rw":
+            options = {}
+        rw = MetaReweighter(
+            model, opt, s["meta"], net=net, net_kwargs=net_kwargs, seed=seed, loss_fn=s["loss_fn"], **s["kw"], **options
+        )
+    ws, cs = [], []
+    start = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for idx in _batches(s["n"], s["bs"], steps, seed):
+            model.train()
+            inputs, y, out, corrupted = s["fwd"](torch.as_tensor(idx))
+            logits = out.logits if hasattr(out, "logits") else out
+            losses = s["loss_fn"](logits, y)
+            if rw is not None:
+                w = rw.step(inputs, y, out)
+                ws.append(w.float())
+                cs.append(corrupted)
+                loss = (w * losses).mean()
+            else:
+                loss = losses.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    res = {"test": s["test"](), "metric": s["metric"], "seconds": round(time.time() - start, 1)}
+    if rw is None:
+        return res
+    edges = sorted({e for e in [0, 10, 50, *range(100, steps + 1, 50)] if e <= steps} | {steps})
+    windows = list(zip(edges[:-1], edges[1:]))
+    last = max(0, steps - 50)
+    w, c = torch.cat(ws[last:]), torch.cat(cs[last:])
+    res.update(
+        engine=rw.engine_name,
+        warnings=sorted({type(x.message).__name__ for x in caught if "Reweight" in type(x.message).__module__}),
+        windows=edges,
+        traj=[round(_auroc(torch.cat(ws[a:b]), torch.cat(cs[a:b])), 3) for a, b in windows],
+        auroc=round(_auroc(w, c), 3),
+        w_clean=round(w[~c].mean().item(), 3),
+        w_corrupted=round(w[c].mean().item(), 3),
+    )
+    return res
+
+
+def report(table: Path = TABLE, config: str = "defaults") -> str:
+    """Markdown: per task and net, every seed's final AUROC, the lowest windowed AUROC, the mean weights
+    and the test metric against plain training."""
+    rows = [r for r in _store.latest(table) if r["key"]["config"] in (config, "plain")]
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["key"]["task"], r["key"]["net"]), []).append(r)
+    lines = [
+        f"Configuration `{config}`; AUROC of the weights (clean above corrupted), last 50 steps, per seed; "
+        "lowest: the lowest over windows of steps and seeds.",
+        "",
+        "| task | net | AUROC per seed | lowest | weight clean / corrupted | test (plain) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in TASKS:
+        plain = sorted(cells.get((task, "plain"), []), key=lambda r: r["key"]["seed"])
+        plain_test = " ".join(f"{r['result']['test']:.3f}" for r in plain)
+        for net in NETS_FOR[task]:
+            rs = sorted(cells.get((task, net), []), key=lambda r: r["key"]["seed"])
+            if not rs:
+                continue
+            res = [r["result"] for r in rs]
+            lowest = min(v for x in res for v in x["traj"] if not math.isnan(v))
+            weights = f"{np.mean([x['w_clean'] for x in res]):.2f} / {np.mean([x['w_corrupted'] for x in res]):.2f}"
+            tests = " ".join(f"{x['test']:.3f}" for x in res)
+            aurocs = " ".join(f"{x['auroc']:.2f}" for x in res)
+            lines.append(f"| {task} | {net} | {aurocs} | {lowest:.2f} | {weights} | {tests} ({plain_test}) |")
+    lines.append("")
+    lines.append(_store.provenance_note(rows))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--config", default="defaults", choices=list(CONFIGS))
+    p.add_argument("--table", type=Path, default=TABLE)
+    p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
+    args = p.parse_args(argv)
+    if not args.report:
+        for task in args.tasks:
+            for net in ["plain", *NETS_FOR[task]]:
+                config = "plain" if net == "plain" else args.config
+                for seed in args.seeds:
+                    key = {"task": task, "net": net, "config": config, "seed": seed, "steps": args.steps}
+                    if config != "plain":
+                        key["options"] = SPELLED[config]
+                    if _store.find(args.table, key) is not None:
+                        continue
+                    result = run(task, net, args.config, seed, args.steps)
+                    _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
+                    print(f"{task} {net} {config} seed {seed}: {result.get('auroc', '')} test {result['test']:.3f}")
+    print(report(args.table, args.config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
