@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._batch import Inputs, call_model
+from ._compat import compiled_in_place, eager_calls, from_compiled_graph
+
 __all__ = ["LookaheadSpec", "find_head", "lookahead_parameter_names", "HeadCapture"]
 
 LookaheadSpec = str | Sequence[str] | nn.Module
@@ -75,9 +78,14 @@ class HeadCapture:
     The linear-head engine needs the training batch's penultimate features from the user's own forward,
     so that the look-ahead costs no extra forward of the training batch. The hook stores a reference,
     not a copy, and never changes the forward; :meth:`features_for` checks what it caught.
+
+    A compiled forward runs the hook only when it was registered before that forward's first compilation
+    (torch does not recompile for hooks added later); for logits from a compiled graph whose forward the hook
+    did not see, :meth:`features_for` runs one no-grad eager forward of the bare model on the batch instead.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.root = model
         self.name, self.module = find_head(model)
         prefix = f"{self.name}." if self.name else ""
         self.weight_name, self.bias_name = (
@@ -91,18 +99,25 @@ class HeadCapture:
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         self.features = inputs[0]
 
-    def features_for(self, logits: Tensor) -> Tensor:
+    def features_for(self, logits: Tensor, inputs: Inputs | None = None) -> Tensor:
         """The detached input of the head from the forward that produced ``logits``.
 
         The first call also checks that ``logits`` are the head's outputs on those features (the model
-        returns its final Linear's outputs unchanged); later calls check the batch size only.
+        returns its final Linear's outputs unchanged); later calls check the batch size only. When the hook
+        caught no forward of this batch and ``logits`` come from a compiled graph, the features are those
+        of a no-grad eager forward of ``inputs`` (buffers cloned).
 
         Raises:
             ValueError: if no forward was caught, it was of another batch, or the outputs are not the head's.
         """
         features = self.features
-        if features is None or features.ndim == 0 or features.shape[0] != logits.shape[0]:
+        if not self._fits(features, logits) and inputs is not None and from_compiled_graph(logits):
+            with torch.no_grad(), eager_calls(compiled_in_place(self.root)):
+                call_model(self.root, {}, inputs, lambda out: logits)
+            features = self.features
+        if not self._fits(features, logits):
             raise ValueError("lookahead='head': call step() right after the model's forward on this batch")
+        assert features is not None
         if not self._verified:
             with torch.no_grad():
                 recomputed = self.module(features)
@@ -115,6 +130,10 @@ class HeadCapture:
                 )
             self._verified = True
         return features.detach()
+
+    @staticmethod
+    def _fits(features: Tensor | None, logits: Tensor) -> bool:
+        return features is not None and features.ndim > 0 and features.shape[0] == logits.shape[0]
 
     def remove(self) -> None:
         """Remove the hook from the model."""

@@ -16,15 +16,11 @@ from torch import Tensor, nn
 
 from ._batch import Inputs, LogitsFn, logits_of, unwrap_model
 from ._checks import check_meta_forward, check_meta_labels, naming_batch, prepare_meta_batch, step_losses
+from ._compat import is_compiled
 from ._finite import NonFiniteLossError, finite_or_skip, joint_check
 from ._profiling import phase
 from ._rng import isolated_rng
-from ._state import (
-    STATE_VERSION,
-    check_count,
-    check_rng_state,
-    upgrade_state,
-)
+from ._state import STATE_VERSION, check_count, check_rng_state, upgrade_state
 from .distributed import check_parameter_kinds, check_sync_batchnorm, data_parallel_group
 from .engines import MetaProblem, list_engines
 from .engines.runner import EngineRunner
@@ -178,8 +174,9 @@ class MetaReweighter:
         self._lookahead_names = names
         self._group = group
         self._engine = EngineRunner(
-            selection, module, self._lookahead_params, not group.active, self._explain_engine_failure
-        )
+            selection, module, self._lookahead_params, not group.active, self._explain_engine_failure,
+            compiled=is_compiled(model),
+        )  # fmt: skip
         self._reuse_outputs = not group.active  # DDP's reducer owns the wrapper's graph
         self._head: HeadCapture | None = None
         self.collapse_monitor = (
@@ -200,7 +197,6 @@ class MetaReweighter:
         if options.head_mode:  # last: a constructor that raises leaves no hook on the user's model
             self._head = HeadCapture(module)
         self._engine.sync(armed=True)
-
 
     preset = property(lambda self: self.options.preset, doc="The preset the options were resolved from.")
     engine = property(lambda self: self.options.engine, doc="The ``engine`` argument (``'auto'`` or a name).")
@@ -276,7 +272,6 @@ class MetaReweighter:
             if name in self._lookahead_names and p.requires_grad and id(p) in optimized
         }
 
-
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
         return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)
 
@@ -286,7 +281,7 @@ class MetaReweighter:
     def _problem(
         self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor, meta: tuple[Inputs, Tensor] | None
     ) -> MetaProblem:
-        head_features = self._head.features_for(logits) if self._head is not None else None
+        head_features = self._head.features_for(logits, inputs) if self._head is not None else None
         params = self._lookahead_params()
         meta_inputs, meta_targets = meta if meta is not None else self._next_meta_batch()
         reuse = self._reuse_outputs and logits.requires_grad
@@ -352,7 +347,6 @@ class MetaReweighter:
         self.last_meta_loss = grad.meta_loss
         return True, None
 
-
     def step(self, inputs: Inputs, targets: Tensor, outputs: Any) -> Tensor:
         """Meta-update the weighting net (every ``interval`` calls) and return this batch's weights.
 
@@ -398,7 +392,7 @@ class MetaReweighter:
             losses = step_losses(inputs, targets, logits, self.options, self.num_classes)
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
-                    self._head.features_for(logits)
+                    self._head.features_for(logits, inputs)
                 with isolated_rng(rank_seed, self.device):
                     meta = self._next_meta_batch()
                 check_meta_labels(meta[1], logits, self.meta_loss_fn)
@@ -434,7 +428,6 @@ class MetaReweighter:
             self.collapse_monitor.observe(self._step_count, weights, losses)
         self._step_count += 1
         return weights.detach()
-
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume: net, meta optimizer, step count, RNG and meta-stream position."""
