@@ -17,7 +17,9 @@ tokens for causal LMs, label smoothing included.
 * Checkpoints: the reweighter's state is written to ``checkpoint-*/reweighter.pt`` and restored by
   ``train(resume_from_checkpoint=...)``.
 * Logs: ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max`` and ``reweight/meta_loss``,
-  averaged over the steps since the last log, join the Trainer's training logs.
+  averaged over the steps since the last log, join the Trainer's training logs; ``trainer.last_weights`` and
+  ``trainer.last_losses`` hold the latest training micro-batch's per-sample weights and losses (detached), for
+  a :class:`~reweight.diagnostics.WeightRecorder` in a ``TrainerCallback`` (``on_step_end``).
 * Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
   lrs are small; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule.
 
@@ -217,6 +219,8 @@ class ReweightTrainerMixin(_TrainerBase):
             lookahead_lr=lookahead_lr, loss_fn=self.per_sample_loss, meta_loss_fn=self.meta_loss_fn, **reweight_kwargs
         )
         self._weight_stats = WeightStats()
+        self.last_weights: Tensor | None = None  # the latest training micro-batch's, for a WeightRecorder
+        self.last_losses: Tensor | None = None
         self.add_callback(_ReweighterCallback(self))
 
     # ------------------------------------------------------------------ reweighter
@@ -292,6 +296,7 @@ class ReweightTrainerMixin(_TrainerBase):
         losses = self.per_sample_loss(logits, labels)
         if reweighter is not None:
             weights = reweighter.step(inputs, labels, outputs).to(losses.dtype)
+            self.last_losses = losses.detach()
             self._record(weights)
             if self._token_sums is None:
                 loss = (weights * losses).mean()
@@ -309,6 +314,7 @@ class ReweightTrainerMixin(_TrainerBase):
     # ------------------------------------------------------------------ logs and checkpoints
 
     def _record(self, weights: Tensor) -> None:
+        self.last_weights = weights.detach()
         meta_loss = self.reweighter.last_meta_loss if self.reweighter is not None else None
         self._weight_stats.update(weights, meta_loss)
 
