@@ -7,6 +7,7 @@ Reweighting and FaMUS do): the meta-gradient is then that of the restricted prob
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,14 @@ from torch import Tensor, nn
 from ._batch import Inputs, call_model
 from ._compat import compiled_in_place, eager_calls, from_compiled_graph
 
-__all__ = ["LookaheadSpec", "find_head", "lookahead_parameter_names", "HeadCapture"]
+__all__ = [
+    "LookaheadSpec",
+    "find_head",
+    "lookahead_parameter_names",
+    "untrained_lookahead",
+    "LookaheadParams",
+    "HeadCapture",
+]
 
 LookaheadSpec = str | Sequence[str] | nn.Module
 
@@ -70,6 +78,62 @@ def lookahead_parameter_names(model: nn.Module, spec: LookaheadSpec) -> set[str]
             raise ValueError(f"lookahead patterns {list(spec)} match no parameter; parameters are e.g. {names[:5]}")
         return chosen
     raise TypeError(f"lookahead must be a string, a list of strings or an nn.Module, got {type(spec).__name__}")
+
+
+def untrained_lookahead(model: nn.Module, trained: set[str]) -> ValueError:
+    """The error for a look-ahead that selects no trained parameter, naming a pattern that selects some.
+
+    Under LoRA the body and ``lm_head`` are frozen and only the adapters train: the cheap partial look-ahead
+    is then the last block's adapters (``["*layers.1.*lora*"]`` for a two-block model), whose cost is a
+    backward through that block only (docs/llm_finetuning.md).
+    """
+    message = "lookahead selects no parameter that the optimizer trains (requires_grad and in a group)"
+    names = [n for n, _ in model.named_parameters() if n in trained]
+    if not names:
+        return ValueError(message)
+    blocks = [int(m.group(1)) for n in names if (m := re.search(r"layers\.(\d+)\.", n))]
+    if blocks and any("lora" in n for n in names):
+        hint = f'["*layers.{max(blocks)}.*lora*"] (the last block\'s LoRA adapters)'
+    elif blocks:
+        hint = f'["*layers.{max(blocks)}.*"] (the last block\'s trained parameters)'
+    else:
+        hint = f"[{names[-1].rsplit('.', 1)[0] + '.*'!r}] (the last trained module)"
+    return ValueError(
+        f"{message}; the trained parameters are e.g. {names[-3:]}: look ahead on some of them, e.g. "
+        f"lookahead={hint}, or lookahead='full' (see docs/llm_finetuning.md)"
+    )
+
+
+class LookaheadParams:
+    """The look-ahead parameters by name: those of ``names`` that require grad and that ``optimizer`` holds.
+
+    Called every step (by the reweighter and the ghost capture), so the selection is cached and rebuilt only
+    when what it depends on changed: a param group added or a parameter list changed (their lengths and
+    identities), or a selected parameter's ``requires_grad`` flipped. A parameter newly unfrozen, or added to
+    the optimizer in place, is seen through the groups' signature.
+    """
+
+    def __init__(self, module: nn.Module, names: set[str], optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.names, self.optimizer = module, names, optimizer
+        self._signature: tuple[Any, ...] | None = None
+        self._params: dict[str, Tensor] = {}
+        self.groups: dict[str, dict[str, Any]] = {}  # each selected parameter's param group
+
+    def _current_signature(self) -> tuple[Any, ...]:
+        groups = tuple((id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
+        return groups, tuple(p.requires_grad for p in self._params.values())
+
+    def __call__(self) -> dict[str, Tensor]:
+        if self._signature is None or self._signature != self._current_signature():
+            group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+            self._params = {
+                name: p
+                for name, p in self.module.named_parameters()
+                if name in self.names and p.requires_grad and id(p) in group_of
+            }
+            self.groups = {name: group_of[id(p)] for name, p in self._params.items()}
+            self._signature = self._current_signature()
+        return self._params
 
 
 class HeadCapture:

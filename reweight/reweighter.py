@@ -25,7 +25,7 @@ from .distributed import check_parameter_kinds, check_sync_batchnorm, data_paral
 from .engines import MetaProblem, list_engines
 from .engines.runner import EngineRunner
 from .engines.select import check_engine, select_engine
-from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
+from .lookahead import HeadCapture, LookaheadParams, LookaheadSpec, lookahead_parameter_names, untrained_lookahead
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
 from .monitor import CollapseMonitor, MetaSignalMonitor
@@ -161,7 +161,7 @@ class MetaReweighter:
         names = lookahead_parameter_names(module, options.lookahead)
         params = {k: p for k, p in module.named_parameters() if k in names and p.requires_grad and id(p) in optimized}
         if not params:
-            raise ValueError("lookahead selects no parameter that the optimizer trains (requires_grad and in a group)")
+            raise untrained_lookahead(module, {k for k, p in module.named_parameters() if id(p) in optimized})
         check_parameter_kinds(model, module, params.items())
         group = data_parallel_group(model, process_group)
         selection = select_engine(
@@ -171,7 +171,7 @@ class MetaReweighter:
 
         self.options: ReweighterOptions = options
         self.model, self.module, self.optimizer = model, module, optimizer
-        self._lookahead_names = names
+        self._lookahead_params = LookaheadParams(module, names, optimizer)
         self._group = group
         self._engine = EngineRunner(
             selection, module, self._lookahead_params, not group.active, self._explain_engine_failure,
@@ -219,7 +219,9 @@ class MetaReweighter:
 
     @property
     def device(self) -> torch.device:
-        """The model's device (where meta batches and the weighting net live)."""
+        """The model's device (where meta batches and the weighting net live): its look-ahead parameters'."""
+        for t in self._lookahead_params().values():
+            return t.device
         for t in self.module.parameters():
             return t.device
         return torch.device("cpu")
@@ -264,13 +266,6 @@ class MetaReweighter:
         """A seed that differs across data-parallel ranks (each rank draws its own meta batches)."""
         return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
 
-    def _lookahead_params(self) -> dict[str, Tensor]:
-        optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        return {
-            name: p
-            for name, p in self.module.named_parameters()
-            if name in self._lookahead_names and p.requires_grad and id(p) in optimized
-        }
 
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
         return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)
@@ -288,7 +283,9 @@ class MetaReweighter:
         return MetaProblem(
             model=self.module,
             params=params,
-            step=plan_virtual_step(params, self.optimizer, self.virtual_step, self.lookahead_lr),
+            step=plan_virtual_step(
+                params, self.optimizer, self.virtual_step, self.lookahead_lr, self._lookahead_params.groups
+            ),
             inputs=inputs,
             targets=targets,
             weights=weights.detach().to(logits.dtype),
