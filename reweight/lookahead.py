@@ -109,28 +109,27 @@ class LookaheadParams:
 
     Called every step (by the reweighter and the ghost capture), so the selection is cached and rebuilt only
     when what it depends on changed: a param group added or a parameter list changed (their lengths and
-    identities), or a selected parameter's ``requires_grad`` flipped. A parameter newly unfrozen, or added to
-    the optimizer in place, is seen through the groups' signature.
+    identities), or the ``requires_grad`` of a parameter of ``names`` that the optimizer holds flipped (a
+    layer frozen or unfrozen during training).
     """
 
     def __init__(self, module: nn.Module, names: set[str], optimizer: torch.optim.Optimizer) -> None:
         self.module, self.names, self.optimizer = module, names, optimizer
         self._signature: tuple[Any, ...] | None = None
         self._params: dict[str, Tensor] = {}
+        self._candidates: list[Tensor] = []
         self.groups: dict[str, dict[str, Any]] = {}  # each selected parameter's param group
 
     def _current_signature(self) -> tuple[Any, ...]:
         groups = tuple((id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
-        return groups, tuple(p.requires_grad for p in self._params.values())
+        return groups, tuple(p.requires_grad for p in self._candidates)
 
     def __call__(self) -> dict[str, Tensor]:
         if self._signature is None or self._signature != self._current_signature():
             group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            self._params = {
-                name: p
-                for name, p in self.module.named_parameters()
-                if name in self.names and p.requires_grad and id(p) in group_of
-            }
+            chosen = [(n, p) for n, p in self.module.named_parameters() if n in self.names and id(p) in group_of]
+            self._candidates = [p for _, p in chosen]  # frozen ones too: unfreezing one is seen
+            self._params = {name: p for name, p in chosen if p.requires_grad}
             self.groups = {name: group_of[id(p)] for name, p in self._params.items()}
             self._signature = self._current_signature()
         return self._params
