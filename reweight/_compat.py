@@ -29,6 +29,7 @@ __all__ = [
     "is_donated_buffer_error",
     "compiled_in_place",
     "eager_calls",
+    "tensor_version",
     "convolution_backward",
 ]
 
@@ -100,6 +101,13 @@ def eager_calls(modules: list[torch.nn.Module]) -> Iterator[None]:
     finally:
         for m, impl in saved:
             m._compiled_call_impl = impl
+
+
+def tensor_version(t: Tensor) -> int | None:
+    """``t``'s in-place version counter (``Tensor._version``; bumped by every in-place change), or ``None``
+    without it: a cache keyed on it then never hits (slower, never wrong)."""
+    version = getattr(t, "_version", None)
+    return version if isinstance(version, int) else None
 
 
 def profiler_enabled() -> bool:
