@@ -430,3 +430,14 @@ def test_token_level_head_lookahead_equals_reverse_restricted_to_the_lm_head():
     assert not torch.allclose(weights["head", 1], torch.ones(6, dtype=torch.float64))
     for step in range(2):
         torch.testing.assert_close(weights["head", step], weights["reverse", step], rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_trainer_with_head_lookahead_steps_from_the_first_batch(tmp_path):
+    torch._dynamo.reset()
+    compile_args = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    trainer = make_trainer(
+        tmp_path, bert("eager"), text_dataset(8, 1), text_dataset(6, 2), args=compile_args, steps=2,
+        reweight_kwargs={"seed": 0, "lookahead": "head"},
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.reweighter.engine_name == "linear_head" and trainer.reweighter.step_count == 2
