@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +24,12 @@ __all__ = [
     "assert_async",
     "load_jvp_decompositions",
     "compiled_original",
+    "is_compiled",
+    "from_compiled_graph",
+    "is_donated_buffer_error",
+    "compiled_in_place",
+    "eager_calls",
+    "tensor_version",
     "convolution_backward",
 ]
 
@@ -35,6 +42,72 @@ def compiled_original(model: Any) -> Any:
     """
     original = getattr(model, "_orig_mod", None)
     return original if isinstance(original, torch.nn.Module) else None
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether calling ``model`` runs a ``torch.compile``d forward: an ``OptimizedModule`` wrapper, or a module
+    compiled in place by ``nn.Module.compile()`` (its private ``_compiled_call_impl``; without that attribute
+    such a module counts as eager, and :func:`from_compiled_graph` still recognises its outputs)."""
+    if compiled_original(model) is not None:
+        return True
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+def from_compiled_graph(t: Any, limit: int = 64) -> bool:
+    """Whether ``t``'s autograd graph holds a compiled (AOTAutograd) backward within ``limit`` nodes of its root.
+
+    A compiled backward may donate its saved buffers, so its graph must be backpropagated once only
+    (``retain_graph=False``); the reweighter then does not reuse it. The node's class is
+    ``CompiledFunctionBackward``; the walk stops at ``limit`` nodes (a graph whose compiled part lies deeper
+    is caught by :func:`is_donated_buffer_error` instead).
+    """
+    root = getattr(t, "grad_fn", None)
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__.startswith("CompiledFunction"):
+            return True
+        stack.extend(child for child, _ in getattr(node, "next_functions", ()) if child is not None)
+    return False
+
+
+def is_donated_buffer_error(err: BaseException) -> bool:
+    """Whether ``err`` is AOTAutograd's refusal to backpropagate a second time through a compiled backward
+    that donated its buffers (``torch._functorch.config.donated_buffer``); raised before that backward runs,
+    so the graph is intact and the caller may go on without reusing it."""
+    return isinstance(err, RuntimeError) and "donated buffer" in str(err)
+
+
+def compiled_in_place(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of ``module`` (itself included) compiled in place by ``nn.Module.compile()``: those whose
+    private ``_compiled_call_impl`` is set (without that attribute, none: their look-ahead forwards then run
+    compiled, slower to start, never wrong)."""
+    return [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+@contextmanager
+def eager_calls(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Within the block, calling one of ``modules`` runs its eager forward, not the compiled one that
+    ``nn.Module.compile()`` installed; restored on exit (the caller's own calls stay compiled)."""
+    saved = [(m, m._compiled_call_impl) for m in modules]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
+
+
+def tensor_version(t: Tensor) -> int | None:
+    """``t``'s in-place version counter (``Tensor._version``; bumped by every in-place change), or ``None``
+    without it: a cache keyed on it then never hits (slower, never wrong)."""
+    version = getattr(t, "_version", None)
+    return version if isinstance(version, int) else None
 
 
 def profiler_enabled() -> bool:

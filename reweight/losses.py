@@ -5,13 +5,15 @@ A per-sample loss is any callable ``loss_fn(logits, targets) -> Tensor`` of shap
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._compat import assert_async
+from ._compat import assert_async, tensor_version
 
 __all__ = [
     "PerSampleLoss",
@@ -24,6 +26,21 @@ __all__ = [
 ]
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+_LAST_CHECKED: list[Any] = [None, None]  # a weak reference to the labels checked last, and their key
+
+
+def _checked_before(targets: Tensor, num_classes: int) -> bool:
+    """Whether ``targets`` (unchanged since: same version) were the last labels found in ``[0, num_classes)``;
+    a passing check remembers them. A step checks its labels once for the per-sample losses, then again in the
+    engine's passes and the weighting net: the range check is a reduction and a device assert each time."""
+    ref, key = _LAST_CHECKED
+    return ref is not None and ref() is targets and key[0] is not None and key == _key(targets, num_classes)
+
+
+def _key(targets: Tensor, num_classes: int) -> tuple[Any, ...]:
+    return (tensor_version(targets), num_classes, targets.data_ptr(), targets.shape)
 
 
 def check_class_targets(logits: Tensor, targets: Tensor) -> None:
@@ -51,13 +68,14 @@ def check_class_targets(logits: Tensor, targets: Tensor) -> None:
             "targets must be integer class indices of shape (batch,) or soft targets of shape "
             f"(batch, num_classes); got {targets.dtype} of shape {tuple(targets.shape)}"
         )
-    if targets.numel():
+    if targets.numel() and not _checked_before(targets, num_classes):
         in_range = ((targets >= 0) & (targets < num_classes)).all()
         try:  # a device-side assert: no host sync (a CPU tensor is checked at once, a GPU's at its next sync)
             assert_async(in_range, f"labels must lie in [0, {num_classes})")
         except RuntimeError:
             lo, hi = int(targets.min()), int(targets.max())
             raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]") from None
+        _LAST_CHECKED[:] = [weakref.ref(targets), _key(targets, num_classes)]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:

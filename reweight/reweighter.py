@@ -8,6 +8,7 @@ known only through what it declared when registered (:mod:`reweight.engines.sele
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -16,20 +17,16 @@ from torch import Tensor, nn
 
 from ._batch import Inputs, LogitsFn, logits_of, unwrap_model
 from ._checks import check_groups, check_meta_forward, check_meta_labels, naming_batch, prepare_meta_batch, step_losses
+from ._compat import is_compiled
 from ._finite import NonFiniteLossError, finite_or_skip, joint_check
 from ._profiling import phase
 from ._rng import isolated_rng
-from ._state import (
-    STATE_VERSION,
-    check_count,
-    check_rng_state,
-    upgrade_state,
-)
+from ._state import STATE_VERSION, check_count, check_rng_state, upgrade_state
 from .distributed import check_parameter_kinds, check_sync_batchnorm, data_parallel_group
 from .engines import MetaProblem, list_engines
 from .engines.runner import EngineRunner
 from .engines.select import check_engine, select_engine
-from .lookahead import HeadCapture, LookaheadSpec, lookahead_parameter_names
+from .lookahead import HeadCapture, LookaheadParams, LookaheadSpec, lookahead_parameter_names, untrained_lookahead
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
 from .monitor import CollapseMonitor, MetaSignalMonitor
@@ -171,7 +168,7 @@ class MetaReweighter:
         names = lookahead_parameter_names(module, options.lookahead)
         params = {k: p for k, p in module.named_parameters() if k in names and p.requires_grad and id(p) in optimized}
         if not params:
-            raise ValueError("lookahead selects no parameter that the optimizer trains (requires_grad and in a group)")
+            raise untrained_lookahead(module, {k for k, p in module.named_parameters() if id(p) in optimized})
         sharded = check_parameter_kinds(model, module, params.items())  # FSDP2 shards: engines that declare it
         group = data_parallel_group(model, process_group)
         selection = select_engine(
@@ -181,11 +178,12 @@ class MetaReweighter:
 
         self.options: ReweighterOptions = options
         self.model, self.module, self.optimizer = model, module, optimizer
-        self._lookahead_names = names
+        self._lookahead_params = LookaheadParams(module, names, optimizer)
         self._group, self._sharded = group, sharded
         self._engine = EngineRunner(
-            selection, module, self._lookahead_params, not (group.active or sharded), self._explain_engine_failure
-        )
+            selection, module, self._params_now, not (group.active or sharded), self._explain_engine_failure,
+            compiled=is_compiled(model),
+        )  # fmt: skip
         self._reuse_outputs = not group.active  # DDP's reducer owns the wrapper's graph
         self._head: HeadCapture | None = None
         self.collapse_monitor = (
@@ -226,10 +224,12 @@ class MetaReweighter:
     def on_nonfinite(self, value: str) -> None:
         self.options = self.options.replace(on_nonfinite=value)
 
-    device = property(
-        lambda self: next((p.device for p in self.module.parameters()), torch.device("cpu")),
-        doc="The model's device (where meta batches and the weighting net live).",
-    )
+    @property
+    def device(self) -> torch.device:
+        """The model's device (where meta batches and the weighting net live): its look-ahead parameters'."""
+        params = itertools.chain(self._lookahead_params().values(), self.module.parameters())
+        return next((t.device for t in params), torch.device("cpu"))
+
     step_count = property(lambda self: self._step_count, doc="Number of completed :meth:`step` calls.")
 
     @property
@@ -264,15 +264,11 @@ class MetaReweighter:
         """A seed that differs across data-parallel ranks (each rank draws its own meta batches)."""
         return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
 
-    def _lookahead_params(self) -> dict[str, Tensor]:
+    def _params_now(self) -> dict[str, Tensor]:
         if self._sharded:  # FSDP2's root unit keeps its gathered parameters after the caller's forward
             reshard_all(self.module)
-        optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        return {
-            name: p
-            for name, p in self.module.named_parameters()
-            if name in self._lookahead_names and p.requires_grad and id(p) in optimized
-        }
+        return self._lookahead_params()
+
 
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
         return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)
@@ -283,14 +279,16 @@ class MetaReweighter:
     def _problem(
         self, inputs: Inputs, targets: Tensor, logits: Tensor, weights: Tensor, meta: tuple[Inputs, Tensor] | None
     ) -> MetaProblem:
-        head_features = self._head.features_for(logits) if self._head is not None else None
-        params = self._lookahead_params()
+        head_features = self._head.features_for(logits, inputs) if self._head is not None else None
+        params = self._params_now()
         meta_inputs, meta_targets = meta if meta is not None else self._next_meta_batch()
         reuse = self._reuse_outputs and logits.requires_grad
         return MetaProblem(
             model=self.module,
             params=params,
-            step=plan_virtual_step(params, self.optimizer, self.virtual_step, self.lookahead_lr),
+            step=plan_virtual_step(
+                params, self.optimizer, self.virtual_step, self.lookahead_lr, self._lookahead_params.groups
+            ),
             inputs=inputs,
             targets=targets,
             weights=weights.detach().to(logits.dtype),
@@ -397,7 +395,7 @@ class MetaReweighter:
             groups = check_groups(groups, losses.shape[0], self.options, self.device)
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
-                    self._head.features_for(logits)
+                    self._head.features_for(logits, inputs)
                 with isolated_rng(rank_seed, self.device):
                     meta = self._next_meta_batch()
                 check_meta_labels(meta[1], logits, self.meta_loss_fn)

@@ -8,7 +8,7 @@ For plain SGD ``scale`` is the learning rate and ``offset`` is zero. Mirroring `
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ def plan_virtual_step(
     optimizer: torch.optim.Optimizer,
     mode: VirtualStepMode = "sgd",
     lr: float | None = None,
+    groups: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> VirtualStep:
     """The coefficients of the look-ahead for ``params`` under ``optimizer``'s current param groups.
 
@@ -39,11 +40,15 @@ def plan_virtual_step(
         mode: ``"sgd"`` (plain SGD step, as the reference code) or ``"optimizer"`` (mirror the momentum,
             dampening, Nesterov and weight decay of a ``torch.optim.SGD``) (default: ``"sgd"``).
         lr: a look-ahead learning rate replacing every group's ``lr`` (default: ``None``, use the groups').
+        groups: each parameter's param group by name, when the caller holds them (default: ``None``, looked up
+            in ``optimizer.param_groups``).
 
     Raises:
         ValueError: if ``mode="optimizer"`` and the optimizer is not ``torch.optim.SGD``, or uses ``maximize``.
     """
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if groups is None:
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        groups = {name: group_of[id(p)] for name, p in params.items()}
     if mode == "optimizer":
         if not isinstance(optimizer, torch.optim.SGD):
             raise ValueError(
@@ -53,7 +58,7 @@ def plan_virtual_step(
     scale: dict[str, float] = {}
     offset: dict[str, Tensor] = {}
     for name, p in params.items():
-        group = group_of[id(p)]
+        group = groups[name]
         step_lr = float(group["lr"]) if lr is None else lr
         if mode == "sgd":
             scale[name] = step_lr

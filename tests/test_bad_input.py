@@ -272,3 +272,18 @@ def test_token_level_outputs_with_a_logits_net_name_the_nets_that_work():
     rw = MetaReweighter(emb, opt, [(tokens, tokens)], net="metainfonet", loss_fn=seq_loss)
     with pytest.raises(ValueError, match="token-level outputs .* net='lossnet' or net='l2rw'"):
         rw.step(tokens, tokens, emb(tokens))
+
+
+def test_labels_checked_once_per_tensor_until_changed_in_place():
+    from reweight.losses import cross_entropy
+
+    logits, y = torch.zeros(3, 4), torch.tensor([0, 1, 3])
+    cross_entropy(logits, y)
+    cross_entropy(logits, y)  # remembered: no second range check
+    y[0] = 7  # an in-place change bumps the version: checked again
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        cross_entropy(logits, y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        cross_entropy(logits, y)  # a failed check is not remembered
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        cross_entropy(torch.zeros(3, 3), torch.tensor([0, 1, 3]))

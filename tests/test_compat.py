@@ -70,3 +70,18 @@ def test_convolution_backward_and_its_fallback(monkeypatch):
     fallback = _compat.convolution_backward(*args)
     for a, b in zip(native, fallback):
         torch.testing.assert_close(a, b)
+
+
+def test_tensor_version_and_its_fallback(monkeypatch):
+    from reweight.losses import cross_entropy
+
+    t = torch.zeros(2, dtype=torch.long)
+    v = _compat.tensor_version(t)
+    t.add_(1)
+    assert _compat.tensor_version(t) == v + 1
+    monkeypatch.setattr(_compat, "tensor_version", lambda t: None)
+    monkeypatch.setattr("reweight.losses.tensor_version", lambda t: None)
+    cross_entropy(torch.zeros(2, 3), t)
+    t[0] = 5  # without a version the labels are checked every time
+    with pytest.raises(ValueError, match="labels must lie"):
+        cross_entropy(torch.zeros(2, 3), t)

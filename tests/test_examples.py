@@ -85,3 +85,13 @@ def test_benchmark_lambda_sweep_reports_a_choice(bench, tmp_path):
     text = bench.lambda_report(tmp_path, "mnist1d", "flip1-40")
     assert "| 0 |" in text and "| 1 |" in text and "lambda =" in text
     assert "Chosen over all of them: lambda = " in bench.lambda_choice(tmp_path, "mnist1d", ["flip1-40"])
+
+
+def test_lora_example_runs_offline_and_writes_its_figure(tmp_path, capsys):
+    pytest.importorskip("peft")
+    lora = _load("examples/lora_finetune.py", "_example_lora")
+    summary = lora.main(epochs=1, num_train=32, batch_size=16, out=str(tmp_path))
+    assert 0.0 <= summary["auroc"] <= 1.0
+    assert (tmp_path / "weights_clean_vs_corrupted.png").read_bytes()[:8] == PNG
+    out = capsys.readouterr().out
+    assert "engine: ghost" in out and "weight AUROC clean vs corrupted" in out

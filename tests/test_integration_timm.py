@@ -245,3 +245,20 @@ def test_timms_positional_order_is_refused_at_construction():
 
     with pytest.raises(TypeError, match="pass criterion=... by keyword"):
         ReweightClassificationTask(model(), SoftTargetCrossEntropy())
+
+
+def test_training_forward_gives_the_weights_and_losses_a_weight_recorder_takes():
+    from reweight.diagnostics import WeightRecorder
+
+    _, task, optimizer = make_task()
+    recorder = WeightRecorder()
+    x, y = images(4, 3)
+    task.train()
+    out = task(x, y)
+    recorder.record(torch.arange(4), out["losses"], out["weights"], step=0)
+    assert out["weights"] is task.last_weights and out["losses"] is task.last_losses
+    torch.testing.assert_close(out["loss"], (out["weights"] * out["losses"]).mean())
+    assert len(recorder) == 4 and not out["losses"].requires_grad
+    task.eval()
+    with torch.no_grad():
+        assert sorted(task(x, y)) == ["loss", "output"]  # evaluation: timm's own result

@@ -276,12 +276,15 @@ def test_reweighter_state_survives_checkpoint_and_resume(tmp_path):
     )
 
 
-def test_compiled_model_forwards_through_the_wrapper_and_meta_steps_on_the_bare_module(tmp_path):
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # aot_eager: a compiled backward donating buffers
+def test_compiled_model_forwards_through_the_wrapper_and_meta_steps_on_the_bare_module(tmp_path, backend):
+    torch._dynamo.reset()
     model = bert("eager")
     initial = copy.deepcopy(model)
-    compile_args = {"torch_compile": True, "torch_compile_backend": "eager"}
+    compile_args = {"torch_compile": True, "torch_compile_backend": backend}
     trainer = make_trainer(tmp_path, model, text_dataset(8, 1), text_dataset(6, 2), args=compile_args)
     trainer.train()
+    assert trainer.last_weights.shape == trainer.last_losses.shape == (4,)  # for a WeightRecorder
     assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in trainer.models_seen)
     assert trainer.reweighter.module is model  # the look-ahead runs on the bare module
     grads = recorded(trainer)[0]
@@ -400,3 +403,41 @@ def test_model_returning_a_dict_trains_with_logits_fn(tmp_path):
     assert trainer.reweighter.step_count == 1
     weights = trainer.batches[0][1]
     assert not torch.allclose(weights, torch.ones_like(weights))
+
+
+def test_token_level_head_lookahead_equals_reverse_restricted_to_the_lm_head():
+    from reweight import MetaReweighter
+
+    loss = per_sample_loss("causal_lm")
+    rows = text_dataset(12, 3, lm=True)
+    batch = {k: torch.stack([r[k] for r in rows[:6]]) for k in rows[0]}
+    meta = {k: torch.stack([r[k] for r in rows[6:]]) for k in rows[0]}
+    meta_loader = [({"input_ids": meta["input_ids"], "attention_mask": meta["attention_mask"]}, meta["labels"])]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    weights = {}
+    configs = {"head": {"lookahead": "head"}, "reverse": {"lookahead": ["lm_head.*"], "engine": "reverse"}}
+    for name, kw in configs.items():
+        model = llama("eager").double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        reweighter = MetaReweighter(model, opt, meta_loader, loss_fn=loss, seed=0, **kw)
+        for step in range(2):
+            outputs = model(**inputs)
+            weights[name, step] = reweighter.step(inputs, batch["labels"], outputs)
+            opt.zero_grad()
+            (weights[name, step] * loss(outputs.logits, batch["labels"])).mean().backward()
+            opt.step()
+        assert reweighter.engine_name == ("linear_head" if name == "head" else "reverse")
+    assert not torch.allclose(weights["head", 1], torch.ones(6, dtype=torch.float64))
+    for step in range(2):
+        torch.testing.assert_close(weights["head", step], weights["reverse", step], rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_trainer_with_head_lookahead_steps_from_the_first_batch(tmp_path):
+    torch._dynamo.reset()
+    compile_args = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    trainer = make_trainer(
+        tmp_path, bert("eager"), text_dataset(8, 1), text_dataset(6, 2), args=compile_args, steps=2,
+        reweight_kwargs={"seed": 0, "lookahead": "head"},
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.reweighter.engine_name == "linear_head" and trainer.reweighter.step_count == 2

@@ -299,3 +299,21 @@ def test_single_process_engines_are_refused_under_data_parallelism(monkeypatch, 
     assert auto._engine.selection.candidates and not set(auto._engine.selection.candidates) & {"reverse", "higher"}
     monkeypatch.undo()  # one process: the reverse engine stays the last fallback
     assert MetaReweighter(*args, net="l2rw")._engine.selection.candidates[-1] == "reverse"
+
+
+def test_lookahead_params_are_cached_and_follow_the_optimizer_and_requires_grad():
+    from reweight.lookahead import LookaheadParams
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    params = LookaheadParams(model, {n for n, _ in model.named_parameters()}, opt)
+    first = params()
+    assert sorted(first) == ["1.bias", "1.weight"] and params() is first  # cached
+    assert params.groups["1.weight"] is opt.param_groups[0]
+    opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+    assert sorted(params()) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert params.groups["0.weight"]["lr"] == 0.01
+    model[1].weight.requires_grad_(False)
+    assert "1.weight" not in params()
+    model[1].weight.requires_grad_(True)  # unfrozen again (gradual unfreezing)
+    assert "1.weight" in params()

@@ -69,3 +69,13 @@ def test_live_bytes_are_read_per_profiler_range():
     assert phases["b"] == pytest.approx((1.0, 1.0))
     assert phases["step"] == pytest.approx((0.0, 3.0))
     assert step_cost.live_peak_mb(fn) == pytest.approx(3.0)
+
+
+def test_compile_cost_rows_are_their_own_ratios(capsys):
+    import compile_cost
+
+    rows = compile_cost.main(["--model", "mlp", "--modes", "eager", "--repeats", "2", "--batch", "4"])
+    (row,) = rows
+    assert row["plain_ms"] > 0 and row["reweighted_ms"] > 0 and row["ratio"] > 0
+    assert row["added_ms"] == pytest.approx(row["reweighted_ms"] - row["plain_ms"])
+    assert "| mlp | auto | eager |" in capsys.readouterr().out

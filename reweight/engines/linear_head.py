@@ -4,6 +4,13 @@ With ``z = W h + b`` and ``delta_i = dL_i/dz_i``, the per-sample head gradients 
 ``g_i = (delta_i h_i^T, delta_i)``, so the virtual step, ``v`` and ``c_i = -<scale * v, g_i> / n`` need
 only the training batch's features (captured from the caller's forward), one no-grad forward of the
 meta batch and a few small matrix products: no extra forward or backward through the body.
+
+Token-level heads (a causal LM's ``lm_head``: features ``(batch, seq, hidden)``, logits ``(batch, seq,
+vocab)``) use the same closed form over every position: ``delta`` has the logits' shape (zero at ignored
+tokens), the weighted gradient sums ``delta_{i,t} h_{i,t}^T`` over samples and positions, and sample ``i``'s
+inner product sums over its own positions, ``sum_t delta_{i,t}^T (scale * v_W) h_{i,t} + delta_{i,t}^T
+(scale * v_b)``. Its cost is that of the head's forward on the batch (one ``(tokens, vocab) x (vocab,
+hidden)`` product) and one no-grad forward of the meta batch.
 """
 
 from __future__ import annotations
@@ -42,15 +49,16 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
     if not set(problem.params) <= {w_name, b_name}:
         raise ValueError("engine 'linear_head' moves only the final Linear layer; use lookahead='head'")
     h = problem.head_features.detach()
-    if h.ndim != 2:
-        raise ValueError(f"engine 'linear_head' needs (batch, features) inputs to the head, got {tuple(h.shape)}")
+    if h.ndim < 2:
+        raise ValueError(f"engine 'linear_head' needs (batch, ..., features) inputs to the head, got {tuple(h.shape)}")
     weight = problem.params[w_name].detach()
     bias = None if head.module.bias is None else head.module.bias.detach()
     delta = _logit_gradients(problem, F.linear(h.to(weight.dtype), weight, bias))
     h = h.to(delta.dtype)
     n = h.shape[0]
-    scaled = delta * (problem.weights.to(delta.dtype) / n).unsqueeze(1)
-    grads = {w_name: scaled.T @ h}
+    per_sample = (problem.weights.to(delta.dtype) / n).view(n, *[1] * (delta.ndim - 1))
+    scaled = (delta * per_sample).reshape(-1, delta.shape[-1])  # every (sample, position) row
+    grads = {w_name: scaled.T @ h.reshape(-1, h.shape[-1])}
     if b_name in problem.params:
         grads[b_name] = scaled.sum(0)
     grads = problem.group.mean(grads)
@@ -62,6 +70,7 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
     if head.features is None:
         raise RuntimeError(f"the forward of the meta batch did not run the head {head.name!r}")
     meta_h = head.features.detach().to(weight.dtype)
+    head.features = None  # the meta batch's: never taken for a later training batch
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
         meta_bias = leaves.get(b_name, bias) if b_name is not None else None
@@ -69,7 +78,7 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
         meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
         v = dict(zip(leaves, torch.autograd.grad(meta_loss, list(leaves.values()))))
     v = problem.group.mean(v)
-    jvp = ((delta @ (problem.step.scale[w_name] * v[w_name])) * h).sum(1)
+    jvp = ((delta @ (problem.step.scale[w_name] * v[w_name])) * h).reshape(n, -1).sum(1)
     if b_name in v:
-        jvp = jvp + delta @ (problem.step.scale[b_name] * v[b_name])
+        jvp = jvp + (delta @ (problem.step.scale[b_name] * v[b_name])).reshape(n, -1).sum(1)
     return MetaGradient(-jvp / problem.global_batch_size, meta_loss.detach())

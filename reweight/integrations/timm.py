@@ -194,7 +194,8 @@ class ReweightClassificationTask(ClassificationTask):
         self.meta_loader = meta_loader
         self.reweight_kwargs = reweight_kwargs
         self.optimizer: torch.optim.Optimizer | None = None
-        self.last_weights: Tensor | None = None
+        self.last_weights: Tensor | None = None  # the latest training forward's per-sample weights and losses
+        self.last_losses: Tensor | None = None
         self._late = LateReweighter(
             meta_loader, loss_fn=self.loss_fn, meta_loss_fn=self.meta_loss_fn, **reweight_kwargs
         )
@@ -230,8 +231,10 @@ class ReweightClassificationTask(ClassificationTask):
         return self._late.build(self.trainable_module, self.optimizer)
 
     def forward(self, input: Tensor, target: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise; ``groups``: the
-        batch's source ids, for a net that reads them (``net="groups"``)."""
+        """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise; a training forward
+        adds ``"weights"`` and ``"losses"``, the batch's detached per-sample weights and losses (also kept as
+        :attr:`last_weights` and :attr:`last_losses`), for a :class:`~reweight.diagnostics.WeightRecorder`.
+        ``groups``: the batch's source ids, for a net that reads them (``net="groups"``)."""
         training = unwrap_model(self.trainable_module).training and torch.is_grad_enabled()
         reweighter = self._get_reweighter() if training else None  # before the forward: the head hook sees it
         output = self.trainable_module(input)
@@ -239,9 +242,10 @@ class ReweightClassificationTask(ClassificationTask):
             return {"loss": self.criterion(output, target), "output": output}
         weights = reweighter.step(input, target, output, groups=groups)
         losses = self.loss_fn(output, target)
-        self.last_weights = weights
+        self.last_weights, self.last_losses = weights, losses.detach()
         self._weight_stats.update(weights, reweighter.last_meta_loss, group_stats(reweighter))
-        return {"loss": (weights.to(losses.dtype) * losses).mean(), "output": output}
+        loss = (weights.to(losses.dtype) * losses).mean()
+        return {"loss": loss, "output": output, "weights": weights, "losses": self.last_losses}
 
     def pop_weight_stats(self) -> dict[str, float]:
         """Means of the weights' std, min and max (and the meta loss, and ``group_weight/<name>`` with

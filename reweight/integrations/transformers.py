@@ -19,6 +19,8 @@ tokens for causal LMs, label smoothing included.
 * Logs: ``reweight/weight_std``, ``reweight/weight_min``, ``reweight/weight_max``, ``reweight/weight_ess``
   (effective sample size) and ``reweight/meta_loss``, averaged over the steps since the last log, join the
   Trainer's training logs; with ``net="groups"`` also ``reweight/group_weight/<name>``, each source's weight.
+  ``trainer.last_weights`` and ``trainer.last_losses`` hold the latest training micro-batch's per-sample
+  weights and losses (detached), for a :class:`~reweight.diagnostics.WeightRecorder` in a ``TrainerCallback``.
 * Sources: a net that reads group ids (``net="groups"``) gets each sample's source id from the dataset column
   ``group_column`` (default ``"source"``), kept through the Trainer's column filter and never given to the model.
 * Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
@@ -228,6 +230,8 @@ class ReweightTrainerMixin(_TrainerBase):
             lookahead_lr=lookahead_lr, loss_fn=self.per_sample_loss, meta_loss_fn=self.meta_loss_fn, **reweight_kwargs
         )
         self._weight_stats = WeightStats()
+        self.last_weights: Tensor | None = None  # the latest training micro-batch's, for a WeightRecorder
+        self.last_losses: Tensor | None = None
         self.add_callback(_ReweighterCallback(self))
 
     # ------------------------------------------------------------------ reweighter
@@ -320,6 +324,7 @@ class ReweightTrainerMixin(_TrainerBase):
         losses = self.per_sample_loss(logits, labels)
         if reweighter is not None:
             weights = reweighter.step(inputs, labels, outputs, groups=groups).to(losses.dtype)
+            self.last_losses = losses.detach()
             self._record(weights)
             if self._token_sums is None:
                 loss = (weights * losses).mean()
@@ -337,6 +342,7 @@ class ReweightTrainerMixin(_TrainerBase):
     # ------------------------------------------------------------------ logs and checkpoints
 
     def _record(self, weights: Tensor) -> None:
+        self.last_weights = weights.detach()
         meta_loss = self.reweighter.last_meta_loss if self.reweighter is not None else None
         self._weight_stats.update(weights, meta_loss, group_stats(self.reweighter))
 

@@ -168,7 +168,10 @@ class ForwardCapture:
         ]
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.armed or self._active is not None or not torch.is_grad_enabled():
+        # a compiled forward is never captured: the hook traces to nothing, adding no graph break
+        if torch.compiler.is_compiling() or not self.armed or self._active is not None:
+            return
+        if not torch.is_grad_enabled():
             return
         roots = [t for obj in (*args, *kwargs.values()) for t in walk(obj)]
         if not roots or roots[0].ndim == 0:
@@ -178,9 +181,9 @@ class ForwardCapture:
         self._active = capture
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        capture, self._active = self._active, None
-        if capture is None:
+        if torch.compiler.is_compiling() or self._active is None:
             return
+        capture, self._active = self._active, None
         capture.__exit__(None, None, None)
         capture.output = output
         self.latest = capture

@@ -1,0 +1,68 @@
+"""LoRA (peft) on a tiny random Llama: the refusal of a look-ahead on frozen parameters names a pattern that
+works, and the partial look-ahead on the last block's adapters runs ghost exactly (equal to reverse)."""
+
+import os
+
+import pytest
+import torch
+
+if not os.environ.get("CI"):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from reweight import MetaReweighter  # noqa: E402
+from reweight.integrations.transformers import per_sample_loss  # noqa: E402
+
+VOCAB, LENGTH = 32, 8
+
+
+def lora_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=LENGTH,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():  # LoRA's B starts at zero: make the adapters do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.double()
+
+
+def batch(n, seed):
+    ids = torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids}, ids
+
+
+def reweighter(model, **kw):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    return MetaReweighter(model, opt, [batch(6, 1)], loss_fn=per_sample_loss("causal_lm"), seed=0, **kw), opt
+
+
+def test_head_lookahead_under_lora_is_refused_naming_the_last_blocks_adapters():
+    with pytest.raises(ValueError, match=r"lookahead=\[\"\*layers\.1\.\*lora\*\"\]"):
+        reweighter(lora_llama(), lookahead="head")
+
+
+def test_last_block_adapters_lookahead_is_ghost_and_equals_reverse():
+    weights = {}
+    for engine in ("auto", "reverse"):
+        model = lora_llama()
+        rw, opt = reweighter(model, lookahead=["*layers.1.*lora*"], engine=engine)
+        if engine == "auto":
+            assert rw.engine_name == "ghost", rw.engine_reason
+        x, y = batch(5, 2)
+        for step in range(2):
+            out = model(**x)
+            w = rw.step(x, y, out)
+            weights[engine, step] = w
+            opt.zero_grad()
+            (w * per_sample_loss("causal_lm")(out.logits, y)).mean().backward()
+            opt.step()
+    assert not torch.allclose(weights["auto", 1], torch.ones(5, dtype=torch.float64))
+    for step in range(2):
+        torch.testing.assert_close(weights["auto", step], weights["reverse", step], rtol=1e-8, atol=1e-10)
