@@ -61,7 +61,7 @@ def main(
     epochs: int = 4,
     num_train: int = 400,
     batch_size: int = 16,
-    lookahead_lr: float | None = 0.1,
+    lookahead_lr: float | None = None,
     lookahead: str | list[str] = "full",
     meta_lr: float | None = None,
     out: str = "lora_out",
@@ -77,10 +77,11 @@ def main(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss_fn = per_sample_loss("causal_lm")  # each sequence's mean shifted-token cross-entropy
     extra = {} if meta_lr is None else {"meta_optimizer": lambda p: torch.optim.Adam(p, lr=meta_lr, weight_decay=5e-4)}
+    steps = epochs * -(-num_train // batch_size)
     reweighter = MetaReweighter(
         model, optimizer, meta_loader, net="lossnet", loss_fn=loss_fn, lookahead=lookahead,
-        lookahead_lr=lookahead_lr, seed=seed, **extra,
-    )  # fmt: skip
+        lookahead_lr=lookahead_lr, meta_warmup=steps // 10, seed=seed, **extra,
+    )  # fmt: skip  (a short run: the meta lr warms up over its first tenth, not the default 300 steps)
     print(f"engine: {reweighter.engine_name} ({reweighter.engine_reason})")
     recorder = WeightRecorder()
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +116,7 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument(
-        "--lookahead-lr", type=float, default=0.1, help="the look-ahead's lr; 0: the optimizer's (AdamW 1e-3)"
+        "--lookahead-lr", type=float, default=0.0, help="the look-ahead's lr; 0 (default): the optimizer's"
     )
     parser.add_argument("--lookahead", nargs="+", default=["full"], help="'full' or name patterns")
     parser.add_argument("--meta-lr", type=float, default=None, help="the weighting net's Adam lr (default 1e-3)")
