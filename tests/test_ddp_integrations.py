@@ -261,9 +261,7 @@ def _timm_train(rank: int, tmp: str) -> dict[str, Any]:
     from reweight.integrations.timm import ReweightClassificationTask
 
     model = _timm_model()
-    task = ReweightClassificationTask(
-        model, _timm_meta(rank), criterion_kwargs={}, seed=0, verbose=False, **NET
-    )
+    task = ReweightClassificationTask(model, _timm_meta(rank), criterion_kwargs={}, seed=0, verbose=False, **NET)
     optimizer = _timm_optimizer(model)
     task.bind_optimizer(optimizer)
     task.prepare_distributed()  # train.py --distributed: the trainable module becomes DDP(model)
