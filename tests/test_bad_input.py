@@ -239,17 +239,13 @@ def test_logits_fn_serves_step_and_the_lookahead(lookahead):
     meta = [make_batch(6, seed=2)]
     wrapped = ScoresModel()
     plain = wrapped.cnn
+    # a random start and no meta warm-up: the first step's weights depend on the losses and on a full-size
+    # update through the look-ahead (the default uniform start would give every sample weight 1)
+    kwargs = {"lookahead": lookahead, "seed": 0, "meta_warmup": 0, "net_kwargs": {"uniform_start": False}}
     got = MetaReweighter(
-        wrapped,
-        torch.optim.SGD(wrapped.parameters(), lr=0.1),
-        meta,
-        logits_fn=lambda out: out["scores"],
-        lookahead=lookahead,
-        seed=0,
+        wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), meta, logits_fn=lambda out: out["scores"], **kwargs
     ).step(x, y, wrapped(x))
-    want = MetaReweighter(plain, torch.optim.SGD(plain.parameters(), lr=0.1), meta, lookahead=lookahead, seed=0).step(
-        x, y, plain(x)
-    )
+    want = MetaReweighter(plain, torch.optim.SGD(plain.parameters(), lr=0.1), meta, **kwargs).step(x, y, plain(x))
     assert not torch.allclose(want, torch.ones_like(want))
     torch.testing.assert_close(got, want)
 

@@ -188,8 +188,13 @@ def test_rows_carry_provenance_and_expanded_options(bench, tiny_runs):
     assert "--methods" in prov["command"]
     # a preset is stored as the options it stands for, so a preset that changes meaning changes the key
     fast = bench.reweighter_options("metainfonet", "fast", None, False)
-    assert fast["interval"] == 6 and fast["meta_optimizer"] == {"name": "Adam", "lr": 6e-3, "weight_decay": 5e-4}
+    assert fast["interval"] == 6 and fast["meta_optimizer"] == {"name": "AdamW", "lr": 6e-3, "weight_decay": 5e-4}
     assert fast["net_kwargs"]["kl_weight"] == 0.01 and fast["engine"] == "auto"
+    assert fast["net_kwargs"]["uniform_start"] is True
+    assert fast["meta_warmup"] == 300 and fast["meta_signal"] == "c / sum |c|"
     assert bench.reweighter_options("metainfonet", "fast5", None, False)["interval"] == 5
-    assert row["key"]["reweighter"]["meta_optimizer"] == {"name": "Adam", "lr": 1e-3, "weight_decay": 5e-4}
+    key = row["key"]["reweighter"]
+    assert key["meta_optimizer"] == {"name": "AdamW", "lr": 1e-3, "weight_decay": 5e-4}
+    assert key["meta_warmup"] == 300 and key["meta_signal"] == "c / sum |c|"
+    assert key["net_kwargs"] == {"hidden": 100, "uniform_start": True}
     assert bench.reweighter_options("standard", "default", None, True) is None

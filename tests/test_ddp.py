@@ -76,10 +76,15 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     config = dict(config)
     momentum = config.pop("momentum", 0.0)
     meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
-    meta_lr = 50.0 if meta_opt is torch.optim.SGD else 0.05
+    meta_lr = 2.0 if meta_opt is torch.optim.SGD else 0.05
+    # a random start and no meta warm-up: every layer of the net has a gradient to sum over ranks from the
+    # first step and the net moves at its full lr (from the default uniform start, warmed up, it barely moves
+    # in STEPS steps); SGD's lr suits the normalised coefficients (sum |c| = 1 over the global batch)
     if config["net"] == "metainfonet-zero-noise":
         torch.manual_seed(1)
-        config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0)
+        config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0, uniform_start=False)
+    elif config["net"] != "l2rw":
+        config["net_kwargs"] = {"uniform_start": False}
     model = _model()
     wrapped = model if rank is None else nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
@@ -90,7 +95,14 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     else:
         target = wrapped
     rw = MetaReweighter(
-        target, opt, meta, seed=0, meta_optimizer=lambda p: meta_opt(p, lr=meta_lr), num_classes=CLASSES, **config
+        target,
+        opt,
+        meta,
+        seed=0,
+        meta_optimizer=lambda p: meta_opt(p, lr=meta_lr),
+        meta_warmup=0,
+        num_classes=CLASSES,
+        **config,
     )
     weights = []
     for t in range(STEPS):

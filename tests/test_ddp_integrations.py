@@ -36,13 +36,20 @@ from reweight import MetaReweighter  # noqa: E402
 
 WORLD, STEPS, CLASSES = 2, 3, 3
 HF_LOOKAHEAD_LR = 2.0  # the Trainer's lr 0.05 alone moves the weights too little to tell normalisations apart
-META_LR = 50.0  # SGD on the net, not Adam: sees the scale of the net's gradient (as tests/test_ddp.py)
-
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+META_LR = 2.0  # SGD on the net, not Adam: sees the scale of the net's gradient (as tests/test_ddp.py)
 
 
 def _meta_sgd(params):
     return torch.optim.SGD(params, lr=META_LR)
+
+
+# The net every run trains (as tests/test_ddp.py): a random start and no meta warm-up, so that every layer has a
+# gradient to sum over ranks from the first step and the net moves at its full lr within STEPS steps (from the
+# default uniform start, warmed up, the weights stay within 1e-3 of uniform); the SGD lr suits the normalised
+# coefficients (sum |c| = 1 over the global batch)
+NET = {"net": "lossnet", "net_kwargs": {"uniform_start": False}, "meta_warmup": 0, "meta_optimizer": _meta_sgd}
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
 def _cat(batches: list[Any]) -> Any:
@@ -137,7 +144,7 @@ def _hf_train(rank: int, tmp: str, lm: bool) -> dict[str, Any]:
         train_dataset=text_dataset(24, 3 if lm else 1, lm),
         meta_loader=_hf_meta(rank, lm),
         lookahead_lr=HF_LOOKAHEAD_LR,
-        reweight_kwargs={"seed": 0, "net": "lossnet", "meta_optimizer": _meta_sgd},
+        reweight_kwargs={"seed": 0, **NET},
         callbacks=[grads],
     )
     trainer.train()
@@ -180,7 +187,7 @@ def _lightning_train(rank: int, tmp: str) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     module = Lit()
-    callback = MetaReweightCallback(_mlp_meta(rank), net="lossnet", seed=0, meta_optimizer=_meta_sgd)
+    callback = MetaReweightCallback(_mlp_meta(rank), seed=0, **NET)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
@@ -254,9 +261,7 @@ def _timm_train(rank: int, tmp: str) -> dict[str, Any]:
     from reweight.integrations.timm import ReweightClassificationTask
 
     model = _timm_model()
-    task = ReweightClassificationTask(
-        model, _timm_meta(rank), criterion_kwargs={}, net="lossnet", seed=0, verbose=False, meta_optimizer=_meta_sgd
-    )
+    task = ReweightClassificationTask(model, _timm_meta(rank), criterion_kwargs={}, seed=0, verbose=False, **NET)
     optimizer = _timm_optimizer(model)
     task.bind_optimizer(optimizer)
     task.prepare_distributed()  # train.py --distributed: the trainable module becomes DDP(model)
@@ -321,7 +326,7 @@ def ranks() -> list[dict[str, Any]]:
 
 def _single_process(model, optimizer, meta, loss_fn, steps, forward, **kw) -> MetaReweighter:
     """The core on the concatenated batches: ``steps`` is [(inputs, targets)] per step."""
-    rw = MetaReweighter(model, optimizer, meta, net="lossnet", seed=0, meta_optimizer=_meta_sgd, loss_fn=loss_fn, **kw)
+    rw = MetaReweighter(model, optimizer, meta, seed=0, loss_fn=loss_fn, **NET, **kw)
     model.train()
     for inputs, targets in steps:
         outputs = forward(model, inputs)

@@ -78,15 +78,28 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     config = dict(config)
     momentum = config.pop("momentum", 0.0)
     meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
-    meta_lr = 50.0 if meta_opt is torch.optim.SGD else 0.05
+    meta_lr = 2.0 if meta_opt is torch.optim.SGD else 0.05
+    # as tests/test_ddp.py: a random start and no meta warm-up, so that every layer of the net has a gradient
+    # to sum over ranks from the first step and the net moves at its full lr; the SGD lr suits the normalised
+    # coefficients (sum |c| = 1). From the uniform start, normalised weights make the last bias's gradient zero
+    # up to rounding, which Adam's first step turns into a full-lr move of either sign on each side.
     if config["net"] == "metainfonet-zero-noise":
         torch.manual_seed(1)
-        config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0)
+        config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0, uniform_start=False)
+    else:
+        config["net_kwargs"] = {"uniform_start": False}
     model = _mlp() if rank is None else _fully_sharded()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
     meta = [_batch("meta", k, rank, META_SHARD) for k in range(3)]
     rw = MetaReweighter(
-        model, opt, meta, seed=0, meta_optimizer=lambda p: meta_opt(p, lr=meta_lr), num_classes=CLASSES, **config
+        model,
+        opt,
+        meta,
+        seed=0,
+        meta_optimizer=lambda p: meta_opt(p, lr=meta_lr),
+        meta_warmup=0,
+        num_classes=CLASSES,
+        **config,
     )
     weights, untouched = [], []
     for t in range(STEPS):

@@ -79,9 +79,11 @@ def trainer(tmp_path, **kw) -> L.Trainer:
 def test_gradient_is_the_hand_computed_weighted_gradient_and_the_net_learns(tmp_path):
     module = LitClassifier()
     initial = copy.deepcopy(module)
-    net = LossNet(hidden=8)
+    # a random start and no meta warm-up: the one step's weights differ from 1 (the default uniform start
+    # would give every sample weight 1) and the net moves at its full lr
+    net = LossNet(hidden=8, uniform_start=False)
     net_before = copy.deepcopy(net.state_dict())
-    callback = MetaReweightCallback(meta_loader(), net=net, seed=0)
+    callback = MetaReweightCallback(meta_loader(), net=net, seed=0, meta_warmup=0)
     trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, DataLoader(data(8, 1), batch_size=8))
     step = module.steps[0]
     assert not torch.allclose(step["weights"], torch.ones_like(step["weights"]))

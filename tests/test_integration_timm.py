@@ -92,7 +92,9 @@ def test_unsupported_criterion_is_refused():
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
 def test_gradient_is_the_hand_computed_weighted_gradient(name):
-    net = LossNet(hidden=8)
+    # a random start and no meta warm-up (below): the one step's weights are not all 1, as they would be from
+    # the default uniform start with a warmed-up meta lr
+    net = LossNet(hidden=8, uniform_start=False)
     net_before = copy.deepcopy(net.state_dict())
     seen_meta_targets = []
 
@@ -100,7 +102,7 @@ def test_gradient_is_the_hand_computed_weighted_gradient(name):
         seen_meta_targets.append(targets)
         return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
-    m, task, optimizer = make_task(net, CRITERIA[name], meta_loss_fn=meta_loss)
+    m, task, optimizer = make_task(net, CRITERIA[name], meta_loss_fn=meta_loss, meta_warmup=0)
     initial = copy.deepcopy(m)
     mixup = (
         Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=CLASSES) if name == "mixup" else None

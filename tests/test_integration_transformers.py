@@ -179,11 +179,15 @@ def test_unit_weights_reproduce_the_models_own_loss():
 
 def test_gradient_is_the_hand_computed_weighted_gradient_and_the_net_learns(tmp_path):
     model = bert("sdpa")
-    net = LossNet(hidden=8)
+    net = LossNet(hidden=8, uniform_start=False)  # with no meta warm-up: the one step's weights are not all 1
     net_before = copy.deepcopy(net.state_dict())
     initial = copy.deepcopy(model)
     trainer = make_trainer(
-        tmp_path, model, text_dataset(8, 1), text_dataset(6, 2), reweight_kwargs={"net": net, "seed": 0}
+        tmp_path,
+        model,
+        text_dataset(8, 1),
+        text_dataset(6, 2),
+        reweight_kwargs={"net": net, "seed": 0, "meta_warmup": 0},
     )
     trainer.train()
     assert len(trainer.batches) == 1
@@ -336,13 +340,16 @@ def test_bad_arguments_are_refused(tmp_path):
 
 def test_head_lookahead_works_from_the_first_step_and_equals_the_reverse_engine_on_the_head(tmp_path):
     train, meta = text_dataset(8, 1), text_dataset(6, 2)
+    # a random start and no meta warm-up: the weights differ from 1 from the first step, so comparing the two
+    # engines' weights compares their meta-gradients (from the default uniform start they would all be ~1)
+    nonuniform = {"net_kwargs": {"uniform_start": False}, "meta_warmup": 0}
     runs = {}
     for name, kwargs in {
         "head": {"lookahead": "head"},
         "reverse": {"lookahead": ["classifier.*"], "engine": "reverse"},
     }.items():
         trainer = make_trainer(
-            tmp_path / name, bert("eager"), train, meta, steps=2, reweight_kwargs={"seed": 0, **kwargs}
+            tmp_path / name, bert("eager"), train, meta, steps=2, reweight_kwargs={"seed": 0, **nonuniform, **kwargs}
         )
         trainer.train()
         assert trainer.reweighter.step_count == 2
@@ -397,7 +404,13 @@ def test_model_returning_a_dict_trains_with_logits_fn(tmp_path):
         model,
         text_dataset(8, 1),
         text_dataset(6, 2),
-        reweight_kwargs={"seed": 0, "logits_fn": lambda out: out["scores"]},
+        # a random start and no meta warm-up: the one step's weights depend on the scores (not all 1)
+        reweight_kwargs={
+            "seed": 0,
+            "logits_fn": lambda out: out["scores"],
+            "net_kwargs": {"uniform_start": False},
+            "meta_warmup": 0,
+        },
     )
     trainer.train()
     assert trainer.reweighter.step_count == 1

@@ -41,8 +41,9 @@ def test_fast_resolves_to_its_table():
     assert rw.interval == PRESETS["fast"]["interval"] == 6
     rw.step(torch.randn(5, 4), torch.randint(0, 3, (5,)), model(torch.randn(5, 4)))
     group = rw.meta_optimizer.param_groups[0]
-    assert isinstance(rw.meta_optimizer, torch.optim.Adam)
-    assert (group["lr"], group["weight_decay"]) == (6e-3, 5e-4)
+    assert type(rw.meta_optimizer) is torch.optim.AdamW
+    assert (group["reweight_lr"], group["weight_decay"]) == (6e-3, 5e-4)
+    assert group["lr"] == pytest.approx(6e-3 / 300)  # one step into the default meta warm-up
 
 
 def test_explicit_arguments_override_the_preset():
@@ -51,7 +52,9 @@ def test_explicit_arguments_override_the_preset():
     rw = MetaReweighter(model, opt, meta, preset="fast", interval=2, meta_optimizer=factory, seed=0)
     assert rw.interval == 2
     rw.step(torch.randn(5, 4), torch.randint(0, 3, (5,)), model(torch.randn(5, 4)))
-    assert isinstance(rw.meta_optimizer, torch.optim.SGD) and rw.meta_optimizer.param_groups[0]["lr"] == 0.5
+    group = rw.meta_optimizer.param_groups[0]
+    assert isinstance(rw.meta_optimizer, torch.optim.SGD) and group["reweight_lr"] == 0.5
+    assert group["lr"] == pytest.approx(0.5 / 300)  # the given lr, warmed up like the default's
     # an explicit value equal to the exact default still overrides a preset that changes it
     assert MetaReweighter(model, opt, meta, preset="fast", interval=1, seed=0).interval == 1
 

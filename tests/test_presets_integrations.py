@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 if not os.environ.get("CI"):  # CI installs the extras (".[test]") and must run these tests, never skip them
     pytest.importorskip("timm")
@@ -39,4 +40,6 @@ def test_hf_trainer_passes_the_preset(tmp_path):
     hf.train()
     rw = hf.reweighter
     assert rw.preset == "fast" and rw.interval == 6 and rw.lookahead_lr is None
-    assert rw.meta_optimizer.param_groups[0]["lr"] == 6e-3
+    group = rw.meta_optimizer.param_groups[0]
+    assert type(rw.meta_optimizer) is torch.optim.AdamW and group["reweight_lr"] == 6e-3
+    assert rw.step_count == 1 and group["lr"] == pytest.approx(6e-3 / 300)  # one step into the meta warm-up
