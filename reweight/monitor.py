@@ -12,8 +12,8 @@ consecutive positive checks (a single all-zero batch is normal for L2RW). It iss
 DDP each rank checks its own shard.
 
 Remedies: lower the meta learning rate (``meta_optimizer``), keep ``normalization="sum"``, check the meta
-set (clean labels, the training classes and distribution, not too small), or set ``lookahead_lr`` when the
-training lr is in warm-up or Adam-sized. See docs/robustness.md.
+set (clean labels, the training classes and distribution, not too small), or set ``lookahead_lr`` while the
+training lr warms up from 0. See docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -175,11 +175,11 @@ def _coupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
 class MetaSignalMonitor:
     """Warns once when the weighting net's meta-gradient stays below its optimizer's weight-decay pull.
 
-    After a meta update's backward the net's gradient is the meta-gradient alone; an optimizer with coupled
-    weight decay (the default ``Adam(weight_decay=5e-4)``, SGD) then adds ``weight_decay * phi``. While the
-    meta-gradient's norm is the smaller, the net follows its decay rather than the meta set and the weights
-    stay near uniform: this happens with Adam-sized training lrs (the look-ahead, and so the meta-gradient,
-    scales with the lr) and during a warm-up from lr 0 (a zero meta-gradient). The fix is ``lookahead_lr``.
+    After a meta update's backward the net's gradient is the (normalised) meta-gradient alone; a meta optimizer
+    of your own with coupled weight decay (``Adam(weight_decay=...)``, SGD) then adds ``weight_decay * phi``.
+    While the meta-gradient's norm is the smaller, the net follows its decay rather than the meta set and the
+    weights stay near uniform. With the default meta optimizer (AdamW, decoupled decay) this happens only when
+    the meta-gradient is zero: during a training-lr warm-up from 0, where ``lookahead_lr`` is the fix.
 
     A check is weak when the gradient is below the pull (a zero gradient counts as below, even without
     weight decay) *and* the batch's weights are still near uniform (standard deviation below ``spread`` times

@@ -23,8 +23,9 @@ tokens for causal LMs, label smoothing included.
   weights and losses (detached), for a :class:`~reweight.diagnostics.WeightRecorder` in a ``TrainerCallback``.
 * Sources: a net that reads group ids (``net="groups"``) gets each sample's source id from the dataset column
   ``group_column`` (default ``"source"``), kept through the Trainer's column filter and never given to the model.
-* Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero, and AdamW's
-  lrs are small; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule.
+* Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero until the lr
+  rises; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule. AdamW's small lrs
+  need nothing: the net's update does not depend on the lr's scale.
 
 :class:`ReweightTrainer`'s example trains a tiny model end to end.
 """
