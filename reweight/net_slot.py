@@ -153,21 +153,22 @@ class NetSlot:
         optimizer: torch.optim.Optimizer,
         lookahead_lr: float | None,
     ) -> None:
-        """One step of the net on the meta-gradient: backpropagate ``sum_i c_i * w_i(phi) / sum_i |c_i|`` (plus
-        the net's penalty; exact in direction because ``c`` does not depend on ``phi``), sum the net's gradients
-        over ranks, let the weak-signal ``monitor`` read them, warm the meta lr up, and step the meta optimizer.
+        """One step of the net on the meta-gradient: backpropagate ``(sum_i c_i * w_i(phi) + penalty) / sum_i |c_i|``
+        (exact in direction because ``c`` does not depend on ``phi``), sum the net's gradients over ranks, let
+        the weak-signal ``monitor`` read them, warm the meta lr up, and step the meta optimizer.
 
         Dividing by ``sum |c|`` makes the update's size independent of the training lr's scale (``c`` is
         proportional to it): SGD at 0.1 and AdamW at 5e-5 move the net alike, and neither Adam's ``eps`` nor
-        a weight decay can outweigh a small meta-gradient."""
+        a weight decay can outweigh a small meta-gradient. The penalty (MetaInfoNet's KL term) is divided by the
+        same scale, so its balance with the meta-gradient is the one ``kl_weight`` was chosen with."""
         assert self.net is not None and self.optimizer is not None
         c = coefficients.detach().to(weights.dtype)
         total = self.group.sum_differentiable(c.abs().sum())  # over every rank: the global batch's
-        c = c / torch.where(total > 0, total, torch.ones_like(total))  # sum |c| = 1: no lr scale, no host sync
-        surrogate = meta_part = (c * weights).sum()
+        scale = torch.where(total > 0, total, torch.ones_like(total))  # no lr scale, no host sync
+        surrogate = meta_part = (c * weights).sum() / scale
         meta_grads = None
-        if penalty is not None:  # each rank holds 1/world of the global batch's penalty
-            surrogate = surrogate + penalty / self.group.world_size
+        if penalty is not None:  # each rank holds 1/world of the global batch's penalty, scaled alike
+            surrogate = surrogate + penalty / (self.group.world_size * scale)
             if monitor is not None and not self.group.active and monitor.checks_next():
                 # the weak-signal check reads the meta-gradient alone, not the penalty's pull
                 meta_grads = torch.autograd.grad(

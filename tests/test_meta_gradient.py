@@ -70,15 +70,12 @@ def reference_net_grad(model, net, x, y, xm, ym, lrs):
 
 
 def scaled_net_grad(meta_loss, w, net, penalty=None):
-    """The net's update direction: the meta-gradient divided by its scale ``sum_i |dL_meta/dw_i|``, plus the
-    penalty's gradient."""
+    """The net's update direction: the gradient of the meta loss plus the penalty, divided by the meta-gradient's
+    scale ``sum_i |dL_meta/dw_i|``."""
     (c,) = torch.autograd.grad(meta_loss, w, retain_graph=True)
-    grads = torch.autograd.grad(meta_loss, list(net.parameters()), retain_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g / c.abs().sum() for g, p in zip(grads, net.parameters())]
-    if penalty is not None:
-        extra = torch.autograd.grad(penalty, list(net.parameters()), allow_unused=True)
-        grads = [g if q is None else g + q for g, q in zip(grads, extra)]
-    return grads
+    total = meta_loss if penalty is None else meta_loss + penalty
+    grads = torch.autograd.grad(total, list(net.parameters()), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g / c.abs().sum() for g, p in zip(grads, net.parameters())]
 
 
 def two_group_sgd(model):
