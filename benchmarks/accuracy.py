@@ -519,7 +519,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             if p.default is not inspect.Parameter.empty
         }
     warmup = inspect.signature(MetaReweighter.__init__).parameters["meta_warmup"].default
-    opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": "c / sum |c|", **opts}
+    signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
+    opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 

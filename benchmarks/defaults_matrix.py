@@ -50,9 +50,20 @@ CONFIGS = {
         "uniform_start": False,
     },
 }
+SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
-    "defaults": {"meta_optimizer": "AdamW(1e-3, wd 5e-4)", "meta_warmup": 300, "uniform_start": True},
-    "earlier": {"meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)", "meta_warmup": 0, "uniform_start": False},
+    "defaults": {
+        "meta_optimizer": "AdamW(1e-3, wd 5e-4)",
+        "meta_warmup": 300,
+        "uniform_start": True,
+        "meta_signal": SIGNAL,
+    },
+    "earlier": {
+        "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
+        "meta_warmup": 0,
+        "uniform_start": False,
+        "meta_signal": SIGNAL,
+    },
 }
 
 

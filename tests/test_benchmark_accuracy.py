@@ -191,10 +191,10 @@ def test_rows_carry_provenance_and_expanded_options(bench, tiny_runs):
     assert fast["interval"] == 6 and fast["meta_optimizer"] == {"name": "AdamW", "lr": 6e-3, "weight_decay": 5e-4}
     assert fast["net_kwargs"]["kl_weight"] == 0.01 and fast["engine"] == "auto"
     assert fast["net_kwargs"]["uniform_start"] is True
-    assert fast["meta_warmup"] == 300 and fast["meta_signal"] == "c / sum |c|"
+    assert fast["meta_warmup"] == 300 and fast["meta_signal"] == "(sum c_i w_i + penalty) / sum |c_i|"
     assert bench.reweighter_options("metainfonet", "fast5", None, False)["interval"] == 5
     key = row["key"]["reweighter"]
     assert key["meta_optimizer"] == {"name": "AdamW", "lr": 1e-3, "weight_decay": 5e-4}
-    assert key["meta_warmup"] == 300 and key["meta_signal"] == "c / sum |c|"
+    assert key["meta_warmup"] == 300 and key["meta_signal"] == "(sum c_i w_i + penalty) / sum |c_i|"
     assert key["net_kwargs"] == {"hidden": 100, "uniform_start": True}
     assert bench.reweighter_options("standard", "default", None, True) is None
