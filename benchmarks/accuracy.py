@@ -137,6 +137,10 @@ VARIANTS: dict[str, dict] = {
     "k6m": {"interval": 6, "meta_lr": 6e-3},
     # preset="fast" as it was before the k6m screen moved it to interval 6 (cells computed with it)
     "fast5": {"interval": 5, "meta_lr": 5e-3},
+    # the defaults that need no knob, spelled out (uniform start, AdamW, meta-lr warm-up; the surrogate divided
+    # by the coefficients' scale, which no option turns off, is in each row's key as meta_signal); "default"
+    # rows before them ran Adam with coupled decay, a random start and no warm-up
+    "nokn": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "net_kwargs": {"uniform_start": True}},
 }
 
 
@@ -145,7 +149,8 @@ def reweighter_kwargs(variant: dict) -> dict:
     kwargs = dict(variant)
     if "meta_lr" in kwargs:
         wd = kwargs.pop("meta_wd", 5e-4)
-        kwargs["meta_optimizer"] = functools.partial(torch.optim.Adam, lr=kwargs.pop("meta_lr"), weight_decay=wd)
+        cls = torch.optim.AdamW if kwargs.pop("meta_decoupled", False) else torch.optim.Adam
+        kwargs["meta_optimizer"] = functools.partial(cls, lr=kwargs.pop("meta_lr"), weight_decay=wd)
     return kwargs
 
 

@@ -181,6 +181,13 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "flip2-40"], ["standard", "l2rw", "lossnet", "logitnet", "metainfonet"],
             ["default", "kl0"], SEEDS5, "paper",
         ),
+        "stability-nokn": lambda: _stability(
+            table, ["flip1-40", "flip2-40", "uniform-40"], ["metainfonet", "lossnet"], ["nokn"], list(range(10)),
+            "paper", "bn",
+        ),
+        "stability-standard-bn": lambda: _stability(
+            table, ["flip1-40", "flip2-40", "uniform-40"], ["standard"], ["default"], list(range(10)), "paper", "bn"
+        ),
         "collapse-bn": lambda: _stability(
             table, ["flip1-40", "flip2-40"], ["standard", "metainfonet"],
             ["default", "kl0", "kl01", "sampled", "nowd", "la01"], SEEDS5, "paper", "bn",
