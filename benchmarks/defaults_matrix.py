@@ -353,7 +353,12 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
 def report(table: Path = TABLE, config: str = "defaults") -> str:
     """Markdown: per task and net, every seed's final AUROC, the lowest windowed AUROC, the mean weights
     and the test metric against plain training."""
-    rows = [r for r in _store.latest(table) if r["key"]["config"] in (config, "plain")]
+    rows = [
+        r
+        for r in _store.latest(table)
+        if r["key"]["config"] == "plain"
+        or (r["key"]["config"] == config and r["key"].get("options") == SPELLED[config])
+    ]
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["key"]["task"], r["key"]["net"]), []).append(r)
