@@ -345,24 +345,31 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     )
     try:
         results: dict[str, Any] = {name: _train(config, rank) for name, config in DDP_CONFIGS.items()}
-        try:  # an out-of-range id on one rank only: every rank raises, none hangs
-            model = nn.Sequential(nn.Linear(FEATURES, CLASSES))
-            wrapped = nn.parallel.DistributedDataParallel(model)
-            rw = MetaReweighter(
-                wrapped, torch.optim.SGD(model.parameters(), lr=0.1), [_batch("meta", 0, rank, 4)[:2]],
-                net="groups", net_kwargs={"num_groups": GROUPS}, seed=0,
-            )  # fmt: skip
-            x, y, g = _batch("train", 0, rank, SHARD)
-            if rank == 1:
-                g = g.clone()
-                g[0] = GROUPS
-            rw.step(x, y, wrapped(x), groups=g)
-            results["bad_ids"] = "accepted"
-        except ValueError as err:
-            results["bad_ids"] = str(err)
+        results["bad_ids"] = _bad_ids_on_one_rank(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _bad_ids_on_one_rank(rank: int) -> str:
+    """An out-of-range id on one rank only: every rank raises, none hangs. A function of its own, so that the
+    DDP wrapper and the graph of its forward are freed before the process group is destroyed (a gloo rank
+    aborts at exit otherwise)."""
+    model = nn.Sequential(nn.Linear(FEATURES, CLASSES))
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    rw = MetaReweighter(
+        wrapped, torch.optim.SGD(model.parameters(), lr=0.1), [_batch("meta", 0, rank, 4)[:2]],
+        net="groups", net_kwargs={"num_groups": GROUPS}, seed=0,
+    )  # fmt: skip
+    x, y, g = _batch("train", 0, rank, SHARD)
+    if rank == 1:
+        g = g.clone()
+        g[0] = GROUPS
+    try:
+        rw.step(x, y, wrapped(x), groups=g)
+    except ValueError as err:
+        return str(err)
+    return "accepted"
 
 
 @pytest.fixture(scope="module")
