@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,7 +70,6 @@ class ReweighterOptions:
     on_nonfinite: str
     collapse_threshold: float | None
     seed: int | None
-    given: Mapping[str, bool] = field(default_factory=dict)  # which preset options the caller set
 
     @property
     def is_l2rw(self) -> bool:
@@ -211,5 +210,4 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         on_nonfinite=a["on_nonfinite"],
         collapse_threshold=None if threshold is None else float(threshold),
         seed=a["seed"],
-        given=given,
     )
