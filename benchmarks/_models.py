@@ -1,5 +1,5 @@
-"""Models and synthetic batches for the benchmarks: ResNet-32 (CIFAR style, BatchNorm or GroupNorm) and a
-small pre-norm text transformer."""
+"""Models and synthetic batches for the benchmarks: CIFAR-style ResNets (ResNet-32 with BatchNorm or GroupNorm,
+ResNet-20 with BatchNorm) and a small pre-norm text transformer."""
 
 from __future__ import annotations
 
@@ -29,19 +29,20 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet32(nn.Module):
-    """ResNet-32 for 32x32 inputs (He et al. 2016): 3 stages of 5 basic blocks, 16/32/64 channels.
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016): 3 stages of ``blocks`` (n) basic blocks, 16/32/64
+    channels; ``blocks=5`` is ResNet-32, ``blocks=3`` ResNet-20.
 
     ``norm="group"`` replaces every BatchNorm by a GroupNorm (8 channels per group): no layer couples samples.
     """
 
-    def __init__(self, num_classes: int = 10, norm: str = "batch") -> None:
+    def __init__(self, num_classes: int = 10, norm: str = "batch", blocks: int = 5) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn = _norm(norm, 16)
         layers, cin = [], 16
         for cout, stride in [(16, 1), (32, 2), (64, 2)]:
-            for i in range(5):
+            for i in range(blocks):
                 layers.append(BasicBlock(cin, cout, stride if i == 0 else 1, norm))
                 cin = cout
         self.layers = nn.Sequential(*layers)
@@ -93,17 +94,21 @@ def mnist1d_cnn(batch_norm: bool = False) -> nn.Module:
     )
 
 
+MODELS = ("resnet32", "resnet32gn", "resnet20", "transformer")
+
+
 def make_problem(name: str, batch: int, meta_batch: int, seed: int = 0):
     """``(model, train batch, meta batch, num_classes)`` with synthetic data."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    if name in ("resnet32", "resnet32gn"):
-        model, k = ResNet32(10, "batch" if name == "resnet32" else "group"), 10
+    if name in ("resnet32", "resnet32gn", "resnet20"):
+        blocks = 3 if name == "resnet20" else 5
+        model, k = CifarResNet(10, "group" if name == "resnet32gn" else "batch", blocks), 10
         x, xm = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(meta_batch, 3, 32, 32, generator=g)
     elif name == "transformer":
         model, k = TextTransformer(), 4
         x, xm = torch.randint(0, 1000, (batch, 32), generator=g), torch.randint(0, 1000, (meta_batch, 32), generator=g)
     else:
-        raise ValueError(f"unknown model {name!r}; choose resnet32, resnet32gn or transformer")
+        raise ValueError(f"unknown model {name!r}; choose {', '.join(MODELS)}")
     y, ym = torch.randint(0, k, (batch,), generator=g), torch.randint(0, k, (meta_batch,), generator=g)
     return model, (x, y), (xm, ym), k

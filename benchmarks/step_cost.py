@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
-from _models import make_problem  # noqa: E402
+from _models import MODELS, make_problem  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.presets import PRESETS  # noqa: E402
@@ -47,7 +47,7 @@ TABLE = _store.RESULTS / "step_cost.jsonl"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # "plain", "reference", "floor" or "reweight"
+    kind: str  # "plain", "reference", "floor", "floor-in-place" or "reweight"
     engine: str = "-"
     lookahead: str = "-"
     interval: int = 1
@@ -59,6 +59,8 @@ def variants() -> list[Variant]:
     out = [Variant("plain", "plain"), Variant("reference flow (MW-Net code)", "reference", engine="reverse*")]
     for meta in (100, 25):
         out.append(Variant(f"head floor (plain + no-grad meta fwd), m={meta}", "floor", meta_batch=meta))
+    # the same passes in the order a reweighted step runs them: the meta forward while the batch's graph is alive
+    out.append(Variant("head floor in place (fwd, no-grad meta fwd, bwd), m=100", "floor-in-place"))
     for lookahead, engines in [
         ("full", ["ghost", "ghost_lean", "forward", "reverse", "finite_difference", "higher"]),
         ("head", ["linear_head", "forward", "reverse", "finite_difference", "higher"]),
@@ -120,6 +122,20 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
             with torch.no_grad():
                 buffers = {k: b.clone() for k, b in model.named_buffers()}
                 functional_call(model, buffers, (xm,))
+
+        return step
+
+    if variant.kind == "floor-in-place":
+
+        def step():
+            logits = model(x)
+            with torch.no_grad():
+                buffers = {k: b.clone() for k, b in model.named_buffers()}
+                functional_call(model, buffers, (xm,))
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
         return step
 
@@ -478,8 +494,9 @@ def main(argv: list[str] | None = None) -> None:
         "--model",
         nargs="+",
         default=["resnet32", "resnet32gn", "transformer"],
-        choices=["resnet32", "resnet32gn", "transformer"],
+        choices=MODELS,
     )
+    parser.add_argument("--batch", type=int, default=100, help="training batch size (the meta batch is the variant's)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument(
@@ -520,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch != 100 and (args.memory or args.memory_only or args.phases or args.components):
+        parser.error("--batch applies to the timings only; memory, phases and components use batch 100")
     if args.report:
         print(report(args.table, args.report))
         return
@@ -539,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     prov = _store.provenance([__file__, *(sys.argv[1:] if argv is None else argv)])
     options = {"repeats": args.repeats, "clock": args.clock, "allocator": args.allocator, "block": args.block}
     options["threads"] = args.threads
+    if args.batch != 100:  # rows of the default batch keep the options they were recorded with
+        options["batch"] = args.batch
     rows = []
 
     def add(model_name: str, name: str, measure: str, result: dict, variant: Variant | None = None, **key) -> None:
@@ -563,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         for model_name in args.model:
             setups: dict[int, Setup] = {}
             for variant in tqdm(selected, desc=model_name):
-                setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch))
+                setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch, args.batch))
                 try:
                     timing = {} if args.memory_only else time_variant(setup, variant, args.repeats, args.block)
                     if args.memory:
