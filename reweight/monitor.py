@@ -91,6 +91,9 @@ class CollapseMonitor:
             batch carries its loss; healthy runs on 40-60% label noise stay above 0.3).
         every: check on steps ``0, every, 2 * every, ...`` only; each check is one host sync (default: ``50``).
         patience: warn after this many consecutive positive checks (default: ``2``).
+        constant_after: constant weights are flagged from this step on (default: ``0``). The named nets start
+            from uniform weights by design, so :class:`~reweight.MetaReweighter` sets it to its ``meta_warmup``:
+            a net still close to its start under the warm-up or a long ``interval`` is not a collapse.
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -104,23 +107,31 @@ class CollapseMonitor:
     """
 
     def __init__(
-        self, threshold: float = 1e-3, rtol: float = 1e-4, every: int = 50, patience: int = 2, min_ess: float = 0.1
+        self,
+        threshold: float = 1e-3,
+        rtol: float = 1e-4,
+        every: int = 50,
+        patience: int = 2,
+        min_ess: float = 0.1,
+        constant_after: int = 0,
     ) -> None:
         for name, value in (("threshold", threshold), ("rtol", rtol), ("min_ess", min_ess)):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name, value in (("every", every), ("patience", patience)):
+        counts = (("every", every, 1), ("patience", patience, 1), ("constant_after", constant_after, 0))
+        for name, value, least in counts:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         self.threshold = float(threshold)
         self.rtol = float(rtol)
         self.min_ess = float(min_ess)
         self.every = every
         self.patience = patience
+        self.constant_after = constant_after
         self.fired_at: int | None = None
         self._streak = 0
 
@@ -128,13 +139,13 @@ class CollapseMonitor:
         """Check a batch's ``weights`` and per-sample ``losses`` (shape ``(batch,)``) on checking steps."""
         if self.fired_at is not None or step % self.every or weights.numel() == 0:
             return
-        reason = self._reason(weights.detach(), losses.detach())
+        reason = self._reason(weights.detach(), losses.detach(), step >= self.constant_after)
         self._streak = self._streak + 1 if reason else 0
         if reason and self._streak >= self.patience:
             self.fired_at = step
             warnings.warn(f"weight collapse at step {step}: {reason}. {_REMEDY}", WeightCollapseWarning, stacklevel=3)
 
-    def _reason(self, w: Tensor, losses: Tensor) -> str | None:
+    def _reason(self, w: Tensor, losses: Tensor, constant: bool = True) -> str | None:
         w = w.float()
         low, high = torch.aminmax(w)
         ess = effective_sample_size(w)
@@ -148,9 +159,12 @@ class CollapseMonitor:
                 f"{self.min_ess:.0%}); if MetaInfoNet, raise its kl_weight (net_kwargs); in any case try a lower "
                 "meta learning rate"
             )
-        if w.numel() > 1 and high - low <= self.rtol * scale:
+        if constant and w.numel() > 1 and high - low <= self.rtol * scale:
             if loss_high - loss_low > self.rtol * max(abs(loss_high), abs(loss_low)):
-                return f"the weights are constant over a batch whose losses vary ({low:.6g} to {high:.6g})"
+                return (
+                    f"the weights are constant ({low:.6g} to {high:.6g}) over a batch whose losses vary "
+                    f"({loss_low:.4g} to {loss_high:.4g})"
+                )
         return None
 
     def reset(self) -> None:

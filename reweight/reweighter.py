@@ -186,9 +186,8 @@ class MetaReweighter:
         )  # fmt: skip
         self._reuse_outputs = not group.active  # DDP's reducer owns the wrapper's graph
         self._head: HeadCapture | None = None
-        self.collapse_monitor = (
-            None if options.collapse_threshold is None else CollapseMonitor(options.collapse_threshold)
-        )
+        threshold, warmup = options.collapse_threshold, options.meta_warmup
+        self.collapse_monitor = None if threshold is None else CollapseMonitor(threshold, constant_after=warmup)
         self.signal_monitor: MetaSignalMonitor | None = MetaSignalMonitor()  # None silences it
         seed = options.seed if options.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._generator = torch.Generator().manual_seed(seed)

@@ -94,11 +94,33 @@ def test_the_default_monitor_does_not_flag_the_uniform_start(net):
     assert not caught
 
 
+@pytest.mark.parametrize("interval", [6, 10])
+def test_the_default_monitor_does_not_flag_the_uniform_start_under_an_interval(interval):
+    """With a meta update every ``interval`` steps the warmed-up net is still within 1e-4 of uniform at the
+    checks of steps 0, 50 and 100: by design, not a collapse. The constant-weights check starts when the meta
+    warm-up ends."""
+    rw, caught = _run("lossnet", 101, num_classes=3, interval=interval)
+    assert rw.collapse_monitor is not None and rw.collapse_monitor.constant_after == rw.options.meta_warmup == 300
+    assert not caught
+
+
+def test_constant_weights_are_flagged_from_constant_after_on():
+    monitor = CollapseMonitor(every=1, patience=1, constant_after=3)
+    flat, losses = torch.ones(4), torch.tensor([0.5, 1.0, 2.0, 4.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            monitor.observe(step, flat, losses)
+    expected = r"at step 3: the weights are constant \(1 to 1\) over a batch whose losses vary \(0.5 to 4\)"
+    with pytest.warns(WeightCollapseWarning, match=expected):
+        monitor.observe(3, flat, losses)
+
+
 def test_checks_only_every_k_steps():
     monitor = CollapseMonitor(every=10)
     calls = []
     reason = monitor._reason
-    monitor._reason = lambda w, losses: calls.append(1) or reason(w, losses)
+    monitor._reason = lambda w, losses, constant: calls.append(1) or reason(w, losses, constant)
     _run("lossnet", 35, monitor)
     assert len(calls) == 4  # steps 0, 10, 20, 30: one host sync each
 
