@@ -87,6 +87,25 @@ def _span(values) -> str:
     return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x to {hi:.2f}x"
 
 
+HEAD_FLOOR_RUNS = ("head-floor-resnet20-bn-system", "head-floor-resnet20-bn-retain")
+
+
+def _head_floor(sc: Path) -> str:
+    """The two ResNet-20 runs' tables and, per allocator, the head look-ahead against both floors."""
+    rows = _store.latest(sc)
+    lines = []
+    for run in HEAD_FLOOR_RUNS:
+        head = _ratio(rows, run, "resnet20", "linear_head/head/k=1")
+        before = _ratio(rows, run, "resnet20", "head floor (plain + no-grad meta fwd), m=100")
+        in_place = _ratio(rows, run, "resnet20", "head floor in place (fwd, no-grad meta fwd, bwd), m=100")
+        lines.append(
+            f"- `{run}`: `lookahead=\"head\"` {head:.2f}x a plain step; the floor in place {in_place:.2f}x "
+            f"({head / in_place - 1:+.1%}); the floor with the meta forward after the step {before:.2f}x "
+            f"({head / before - 1:+.1%})."
+        )
+    return step_cost.report(sc, list(HEAD_FLOOR_RUNS)) + "\n\n" + "\n".join(lines)
+
+
 def _cost_summary(sc: Path) -> str:
     """The README's cost figures, read off the step-cost table's current runs."""
     rows = _store.latest(sc)
@@ -207,6 +226,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "ghost-phases": lambda: _steps(sc, ["phases"]),
         "ghost-components": lambda: _steps(sc, ["components-ghost"]),
         "bn-resnet32": lambda: _steps(sc, ["presets-cpu"]),
+        "head-floor": lambda: _head_floor(sc),
         "gpu-h200": lambda: _gpu(),
         # docs/robustness.md
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
