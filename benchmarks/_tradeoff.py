@@ -121,6 +121,45 @@ def stability_table(cells: dict, dataset: str, settings: list[str], methods: lis
     return "\n".join(lines) + "\n"
 
 
+def _curve_facts(run: dict) -> tuple[float, float, float, float]:
+    """(drop from the highest test accuracy to the last, the weights' largest per-epoch std, the rise of the
+    meta loss after its minimum, the meta-set accuracy's drop from its highest to its last)."""
+    res = run["result"]
+    meta_loss = res["curves"]["meta_loss"]
+    low = int(np.argmin(meta_loss))
+    meta_drop = 100 * (max(res["meta_acc"]) - _tail_mean(res["meta_acc"]))
+    return _max_drop(run), max(res["curves"]["w_std"]), max(meta_loss[low:]) - meta_loss[low], meta_drop
+
+
+def curves_table(cells: dict, dataset: str, settings: list[str], methods: list[str], drop: float = 4.0) -> str:
+    """Markdown: per method and setting, the seeds whose test accuracy ends more than ``drop`` points below
+    their own highest, each with what the per-epoch curves show (the weights' largest std, the meta loss's rise
+    after its minimum, the meta-set accuracy's drop), against the medians of the other seeds."""
+    lines = [
+        f"| method | setting | seeds ending > {drop:g} below their best: drop / largest weight std / meta-loss rise "
+        "/ meta-acc drop | the other seeds (median): largest weight std / meta-loss rise / meta-acc drop |",
+        "| --- | --- | --- | --- |",
+    ]
+    for m in methods:
+        for s in settings:
+            runs = sorted(cells.get((dataset, s, m), []), key=lambda r: r["key"]["seed"])
+            if not runs or "curves" not in runs[0]["result"]:
+                continue
+            facts = {r["key"]["seed"]: _curve_facts(r) for r in runs}
+            fell = [k for k, f in facts.items() if f[0] > drop]
+            rest = [f for k, f in facts.items() if k not in fell]
+            said = "; ".join(
+                f"seed {k}: {facts[k][0]:.1f} / {facts[k][1]:.2f} / {facts[k][2]:.2f} / {facts[k][3]:.1f}" for k in fell
+            )
+            med = (
+                " / ".join(f"{np.median([f[i] for f in rest]):.{d}f}" for i, d in ((1, 2), (2, 2), (3, 1)))
+                if rest
+                else "–"
+            )
+            lines.append(f"| {m} | {s} | {said or 'none'} | {med} |")
+    return "\n".join(lines) + "\n"
+
+
 def curves_png(cells: dict, dataset: str, setting: str, methods: list[str], path: Path) -> Path:
     """Per-epoch curves of each run of ``methods`` on one setting: test and meta accuracy, the mean weight of
     corrupted and clean samples, the weights' standard deviation and the meta loss (one row per method)."""

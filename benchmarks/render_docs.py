@@ -62,6 +62,12 @@ def _stability(table: Path, settings, methods, variants, seeds, schedule="gentle
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
 
 
+def _curves(table: Path, settings, methods, variants, seeds, model: str) -> str:
+    cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
+    rows = acc._with_variants(methods, tuple(variants))
+    return _tradeoff.curves_table(cells, "mnist1d", settings, rows) + "\n" + acc._note(cells, "mnist1d", settings, rows)
+
+
 def _gain(table: Path) -> str:
     variants = ("default", "fast", "fast5")
     cells = acc._cells(table, SEEDS5, "gentle", variants, "plain")
@@ -203,6 +209,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "stability-nokn": lambda: _stability(
             table, ["flip1-40", "flip2-40", "uniform-40"], ["metainfonet", "lossnet"], ["nokn"], list(range(10)),
             "paper", "bn",
+        ),
+        "stability-curves": lambda: _curves(
+            table, ["flip1-40", "flip2-40", "uniform-40"], ["metainfonet", "lossnet"], ["nokn"], list(range(10)), "bn"
         ),
         "stability-standard-bn": lambda: _stability(
             table, ["flip1-40", "flip2-40", "uniform-40"], ["standard"], ["default"], list(range(10)), "paper", "bn"
