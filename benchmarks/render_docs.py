@@ -25,9 +25,10 @@ import _store  # noqa: E402
 import _tradeoff  # noqa: E402
 import accuracy as acc  # noqa: E402
 import defaults_matrix  # noqa: E402
+import source_weights  # noqa: E402
 import step_cost  # noqa: E402
 
-PAGES = ("docs/results.md", "docs/benchmarks.md", "docs/robustness.md", "README.md")
+PAGES = ("docs/results.md", "docs/benchmarks.md", "docs/robustness.md", "docs/source_weighting.md", "README.md")
 S4 = ["flip1-40", "flip2-40", "uniform-40", "lt-50"]
 S6 = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
 SEEDS5 = [0, 1, 2, 3, 4]
@@ -240,6 +241,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         # docs/robustness.md
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
+        # docs/source_weighting.md
+        "sources-classification": lambda: source_weights.report("classification"),
+        "sources-lm": lambda: source_weights.report("lm"),
         # README.md
         "readme-cost": lambda: _cost_summary(sc),
     }

@@ -6,6 +6,7 @@ mixture of a simplex grid (the oracle, chosen on the test metric), the learned w
 per step. One JSON Lines row per (task, seed) in ``benchmarks/results/source_weights.jsonl`` with its provenance.
 
     python benchmarks/source_weights.py [--seeds 0 1 2 3 4] [--steps-cls 400] [--steps-lm 300] [--grid 2]
+    python benchmarks/source_weights.py --report       # the tables of docs/source_weighting.md, from the rows
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _store import RESULTS, append, canonical, find, provenance  # noqa: E402
+from _store import RESULTS, append, canonical, find, latest, provenance, provenance_note  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = RESULTS / "source_weights.jsonl"
@@ -76,6 +78,55 @@ def main(seeds: list[int], steps_cls: int, steps_lm: int, grid: int, force: bool
     return rows
 
 
+RANDOM = {"classification": "uniform_labels", "lm": "random"}  # the source with no signal at all
+
+
+def _ms(values: list[float], digits: int = 3) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "–"
+
+
+def report(task: str, table: Path = TABLE) -> str:
+    """The per-seed table of one mixture (uniform, learned, learned + within, the oracle and its mixture, the
+    learned weights, the cost per step), the mean ± sd row, and what every seed shows: which source the learned
+    weights rank first and last, and the learned metric against the uniform mixture and the oracle."""
+    rows = sorted((r for r in latest(table) if r["key"]["task"] == task), key=lambda r: r["key"]["seed"])
+    if not rows:
+        raise SystemExit(f"no rows of task {task!r} in {table}")
+    within = rows[0]["key"]["within"]
+    extra = [f"learned + {within}"] if within else []
+    head = ["seed", "uniform", "learned", *extra, "oracle (mixture)", "learned weights", "cost per step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        res, sec = r["result"], r["result"]["sec_per_step"]
+        cells = [str(r["key"]["seed"]), f"{res['uniform']:.3f}", f"{res['learned']:.3f}"]
+        cells += [f"{res[f'learned+{within}']:.3f}"] if within else []
+        mixture = ", ".join(f"{m:g}" for m in res["oracle_mixture"])
+        weights = " / ".join(f"{res['group_weights'][name]:.2f}" for name in _example().NAMES[task])
+        cost = f"{sec['learned'] * 1e3:.0f} / {sec['uniform'] * 1e3:.0f} ms = {sec['learned'] / sec['uniform']:.1f}x"
+        lines.append("| " + " | ".join([*cells, f"{res['oracle']:.3f} ({mixture})", weights, cost]) + " |")
+    col = lambda name: [r["result"][name] for r in rows]  # noqa: E731
+    means = [_ms(col("uniform")), _ms(col("learned")), *([_ms(col(f"learned+{within}"))] if within else [])]
+    lines.append("| mean ± sd | " + " | ".join([*means, _ms(col("oracle")), "", ""]) + " |")
+    names = _example().NAMES[task]  # the target-like (clean) source first
+    noise = RANDOM[task]
+    better = (lambda a, b: a >= b) if rows[0]["result"]["higher_is_better"] else (lambda a, b: a <= b)
+    order = [sorted(names, key=lambda n: -r["result"]["group_weights"][n]) for r in rows]
+    gap = [r["result"]["learned"] - r["result"]["oracle"] for r in rows]
+    n = len(rows)
+    lines += [
+        "",
+        f"Learned weights in the order {' / '.join(names)}. Over the {n} seeds: *{names[0]}* ranked first in "
+        f"{sum(o[0] == names[0] for o in order)}, *{noise}* ranked last in {sum(o[-1] == noise for o in order)}; "
+        f"the learned {rows[0]['result']['metric']} no worse than the uniform mixture's in "
+        f"{sum(better(r['result']['learned'], r['result']['uniform']) for r in rows)}, no worse than the oracle's in "
+        f"{sum(better(r['result']['learned'], r['result']['oracle']) for r in rows)}; learned minus oracle "
+        f"{_ms(gap)}.",
+        "",
+        provenance_note(rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -83,5 +134,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps-lm", type=int, default=300)
     parser.add_argument("--grid", type=int, default=2)
     parser.add_argument("--force", action="store_true", help="re-measure rows already in the table")
+    parser.add_argument("--report", action="store_true", help="print the tables from the rows and exit")
     a = parser.parse_args()
-    main(a.seeds, a.steps_cls, a.steps_lm, a.grid, a.force)
+    if a.report:
+        print("\n".join(report(task) for task in ("classification", "lm")))
+    else:
+        main(a.seeds, a.steps_cls, a.steps_lm, a.grid, a.force)
