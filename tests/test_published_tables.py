@@ -54,3 +54,59 @@ def test_a_changed_figure_is_caught(render, renderers):
 def test_an_unknown_table_is_an_error(render):
     with pytest.raises(KeyError, match="no renderer"):
         render.render_page("<!-- table:nope -->\nx\n<!-- /table:nope -->", {})
+
+
+def _tiny_table(path, bests):
+    """A synthetic accuracy table: Standard on one cell, one row per seed."""
+    import json
+
+    rows = [
+        {
+            "key": {"dataset": "mnist1d", "setting": "flip1-40", "method": "standard", "seed": seed,
+                    "net_kwargs": None, "schedule": "gentle", "variant": "default", "model": "plain"},
+            "result": {"best": best, "last": best},
+        }
+        for seed, best in enumerate(bests)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_figure_renders_from_the_results(render, tmp_path):
+    kinds = render.figures(_tiny_table(tmp_path / "accuracy.jsonl", [0.5, 0.6, 0.7]))
+    text = "Standard: <!-- fig:acc mnist1d flip1-40 standard seeds=0-2 -->?<!-- /fig -->, so."
+    out = render.render_page(text, {}, kinds)
+    assert out == "Standard: <!-- fig:acc mnist1d flip1-40 standard seeds=0-2 -->60.0 ± 10.0<!-- /fig -->, so."
+    assert render.render_page(out, {}, kinds) == out  # a page that matches its rendering is left as it is
+
+
+def test_a_stale_figure_is_caught(render, tmp_path, monkeypatch):
+    table = _tiny_table(tmp_path / "accuracy.jsonl", [0.5, 0.6, 0.7])
+    page = tmp_path / "page.md"
+    page.write_text("<!-- fig:acc mnist1d flip1-40 standard seeds=0-2 -->60.0 ± 10.0<!-- /fig -->\n")
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    monkeypatch.setattr(render, "PAGES", ("page.md",))
+    monkeypatch.setattr(render, "renderers", lambda: {})
+    figures = render.figures
+    monkeypatch.setattr(render, "figures", lambda: figures(table))
+    assert render.main(["--check"]) == 0
+    _tiny_table(table, [0.5, 0.6, 0.75])  # the results change; the typed figure is now stale
+    assert render.main(["--check"]) == 1
+    assert render.main([]) == 0 and "61.7 ± 12.6" in page.read_text()
+    assert render.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        ("<!-- fig:nope mnist1d -->1<!-- /fig -->", "unknown figure kind 'nope'"),
+        ("<!-- fig:acc mnist1d lt-50 standard -->1<!-- /fig -->", "no rows"),
+        ("<!-- fig:acc mnist1d -->1<!-- /fig -->", "missing"),
+        ("<!-- fig:acc mnist1d flip1-40 standard -->1", "without its"),
+    ],
+)
+def test_a_bad_figure_marker_is_an_error(render, tmp_path, marker, message):
+    kinds = render.figures(_tiny_table(tmp_path / "accuracy.jsonl", [0.5, 0.6, 0.7]))
+    with pytest.raises(ValueError, match=message) as e:
+        render.render_page(marker, {}, kinds)
+    assert marker.partition("-->")[0] in str(e.value)  # the error names the marker
