@@ -230,6 +230,9 @@ FIELDS = {  # a figure's field: the value of one run, and how _ms formats it (sc
     "last": (lambda r: r["result"]["last"], 100.0, 1),
     "auroc": (lambda r: r["result"].get("auroc"), 1.0, 3),
     "before": (lambda r: r["result"]["before_finetune"]["best"], 100.0, 1),  # a "+finetune" run before it
+    "precision": (lambda r: r["result"]["cleanlab"]["precision"], 100.0, 1),  # cleanlab's flagged set
+    "recall": (lambda r: r["result"]["cleanlab"]["recall"], 100.0, 1),
+    "flagged": (lambda r: r["result"]["cleanlab"]["flagged"], 1.0, 0),
 }
 
 
@@ -237,8 +240,8 @@ def figures(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Ca
     """Single figures for prose, by kind; each takes the marker's positional arguments and its options.
 
     - ``acc DATASET SETTING METHOD[~VARIANT]`` [schedule=gentle] [model=plain] [seeds=0-4] [field=best]:
-      mean ± std over the seeds, as the accuracy tables print it (field best, last, auroc, or before: a
-      ``+finetune`` run's best before fine-tuning);
+      mean ± std over the seeds, as the accuracy tables print it (field best, last, auroc, before: a
+      ``+finetune`` run's best before fine-tuning, or cleanlab's precision, recall, flagged);
     - ``cost DATASET SETTING METHOD[~VARIANT]`` [schedule] [model] [seeds]: training passes relative to
       Standard, as the cost tables print it;
     - ``step RUN MODEL VARIANT`` [field=ratio]: a ratio of ``step_cost.jsonl``, as its tables print it
