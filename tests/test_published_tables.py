@@ -1,5 +1,6 @@
-"""The published tables are the output of the result tables: every ``<!-- table:NAME -->`` block of the docs
-and the README equals what ``benchmarks/render_docs.py`` renders from ``benchmarks/results/*.jsonl``."""
+"""The published tables and figures are the output of the result tables: every ``<!-- table:NAME -->`` block and
+every ``<!-- fig:... -->`` figure of the docs and the README equals what ``benchmarks/render_docs.py`` renders
+from ``benchmarks/results/*.jsonl``."""
 
 import importlib.util
 import sys
@@ -29,25 +30,33 @@ def renderers(render):
     return {name: once(name, fn) for name, fn in render.renderers().items()}
 
 
+@pytest.fixture(scope="module")
+def kinds(render):
+    return render.figures()
+
+
 @pytest.mark.parametrize("page", ["docs/results.md", "docs/benchmarks.md", "README.md"])
-def test_page_matches_its_rendering(render, renderers, page):
+def test_page_matches_its_rendering(render, renderers, kinds, page):
     text = (ROOT / page).read_text()
     names = [m.group(2) for m in render.BLOCK.finditer(text)]
     assert len(names) == len(set(names)) and text.count("<!-- table:") == len(names), "unbalanced markers"
-    rendered = render.render_page(text, renderers)
+    rendered = render.render_page(text, renderers, kinds)
     stale = [
         m.group(2)
         for m, n in zip(render.BLOCK.finditer(text), render.BLOCK.finditer(rendered))
         if m.group(3) != n.group(3)
     ]
     assert not stale, f"{page}: tables differ from the results (run python benchmarks/render_docs.py): {stale}"
+    pairs = zip(render.FIG.finditer(text), render.FIG.finditer(rendered))
+    stale = [f"{m.group(1)}{m.group(4)} (now {n.group(4)})" for m, n in pairs if m.group(4) != n.group(4)]
+    assert not stale, f"{page}: figures differ from the results (run python benchmarks/render_docs.py): {stale}"
 
 
-def test_a_changed_figure_is_caught(render, renderers):
+def test_a_changed_figure_is_caught(render, renderers, kinds):
     text = (ROOT / "docs/results.md").read_text()
     assert "<!-- table:guide -->" in text
     edited = text.replace("| mnist1d | flip1-20 |", "| mnist1d | flip1-20 | 99.9 |", 1)
-    assert render.render_page(edited, renderers) == text
+    assert render.render_page(edited, renderers, kinds) == text
     assert edited != text
 
 
