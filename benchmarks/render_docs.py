@@ -1,8 +1,9 @@
-"""Regenerate the published tables of the docs from the committed result tables.
+"""Regenerate the published tables and figures of the docs from the committed result tables.
 
 Each generated block of a page sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; NAME is a
 renderer below, which reads ``benchmarks/results/accuracy.jsonl`` or ``step_cost.jsonl`` through the
-benchmarks' own ``--report`` code. Text outside the markers is left alone.
+benchmarks' own ``--report`` code. A single figure inside prose sits between ``<!-- fig:KIND ARGS -->`` and
+``<!-- /fig -->`` (see ``figures``). Text outside the markers is left alone.
 
     python benchmarks/render_docs.py           # rewrite the blocks in place
     python benchmarks/render_docs.py --check   # exit 1, naming the blocks, if a page differs from its rendering
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ import _store  # noqa: E402
 import _tradeoff  # noqa: E402
 import accuracy as acc  # noqa: E402
 import defaults_matrix  # noqa: E402
+import numpy as np  # noqa: E402
 import source_weights  # noqa: E402
 import step_cost  # noqa: E402
 
@@ -249,11 +252,89 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
     }
 
 
+def _seeds(text: str) -> list[int]:
+    """``0-4`` or ``0,1,2``."""
+    lo, dash, hi = text.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if dash else [int(k) for k in text.split(",")]
+
+
+FIELDS = {  # a figure's field: the value of one run, and how _ms formats it (scale, digits)
+    "best": (lambda r: r["result"]["best"], 100.0, 1),
+    "last": (lambda r: r["result"]["last"], 100.0, 1),
+    "auroc": (lambda r: r["result"].get("auroc"), 1.0, 3),
+    "before": (lambda r: r["result"]["before_finetune"]["best"], 100.0, 1),  # a "+finetune" run before it
+    "precision": (lambda r: r["result"]["cleanlab"]["precision"], 100.0, 1),  # cleanlab's flagged set
+    "recall": (lambda r: r["result"]["cleanlab"]["recall"], 100.0, 1),
+    "flagged": (lambda r: r["result"]["cleanlab"]["flagged"], 1.0, 0),
+}
+
+
+def figures(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[..., str]]:
+    """Single figures for prose, by kind; each takes the marker's positional arguments and its options.
+
+    - ``acc DATASET SETTING METHOD[~VARIANT]`` [schedule=gentle] [model=plain] [seeds=0-4] [field=best]:
+      mean ± std over the seeds, as the accuracy tables print it (field best, last, auroc, before: a
+      ``+finetune`` run's best before fine-tuning, or cleanlab's precision, recall, flagged);
+    - ``cost DATASET SETTING METHOD[~VARIANT]`` [schedule] [model] [seeds]: training passes relative to
+      Standard, as the cost tables print it;
+    - ``step RUN MODEL VARIANT`` [field=ratio]: a ratio of ``step_cost.jsonl``, as its tables print it
+      (quote a variant with spaces).
+    """
+    cache: dict[tuple, dict] = {}
+
+    def cells(seeds="0-4", schedule="gentle", model="plain", variant="default"):
+        k = (seeds, schedule, model, variant)
+        if k not in cache:
+            cache[k] = acc._cells(table, _seeds(seeds), schedule, (variant,), model)
+        return cache[k]
+
+    def runs(ds, setting, method, **opts):
+        rs = cells(variant=method.partition("~")[2] or "default", **opts).get((ds, setting, method), [])
+        if not rs:
+            raise LookupError("no rows")
+        return rs
+
+    def accuracy(ds, setting, method, field="best", **opts):
+        value, scale, digits = FIELDS[field]
+        return acc._ms([value(r) for r in runs(ds, setting, method, **opts)], scale, digits)
+
+    def cost(ds, setting, method, **opts):
+        runs(ds, setting, method, **opts)
+        rel = acc._relative_cost(cells(variant=method.partition("~")[2] or "default", **opts), ds, setting, method)
+        if not rel["passes"]:
+            raise LookupError("no cost recorded")
+        return f"{np.mean(rel['passes']):.2f}x"
+
+    def step(run, model, variant, field="ratio"):
+        value = _ratio(_store.latest(sc), run, model, variant, field)
+        if value is None:
+            raise LookupError("no rows")
+        return f"{value:.2f}x"
+
+    return {"acc": accuracy, "cost": cost, "step": step}
+
+
 BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+FIG = re.compile(r"(<!-- fig:([\w-]+)((?: [^>]*?)?) -->)(.*?)(<!-- /fig -->)")  # on one line
 
 
-def render_page(text: str, table_renderers: dict[str, Callable[[], str]]) -> str:
-    """``text`` with every marked block replaced by its renderer's output."""
+def render_figure(m: re.Match, kinds: dict[str, Callable[..., str]]) -> str:
+    """The figure a ``fig`` marker asks for; a ValueError naming the marker if it cannot be rendered."""
+    kind, words = m.group(2), shlex.split(m.group(3))
+    args = [w for w in words if "=" not in w or w.partition("=")[0] not in ("schedule", "model", "seeds", "field")]
+    opts = dict(w.split("=", 1) for w in words if w not in args)
+    try:
+        if kind not in kinds:
+            raise LookupError(f"unknown figure kind {kind!r} (known: {', '.join(kinds)})")
+        return kinds[kind](*args, **opts)
+    except (LookupError, TypeError, ValueError) as e:
+        raise ValueError(f"{m.group(1)}: {e}") from None
+
+
+def render_page(
+    text: str, table_renderers: dict[str, Callable[[], str]], kinds: dict[str, Callable[..., str]] | None = None
+) -> str:
+    """``text`` with every marked block replaced by its renderer's output and every figure by its value."""
 
     def sub(m: re.Match) -> str:
         name = m.group(2)
@@ -262,19 +343,25 @@ def render_page(text: str, table_renderers: dict[str, Callable[[], str]]) -> str
         body = table_renderers[name]().strip("\n")
         return f"{m.group(1)}{body}\n{m.group(4)}"
 
-    return BLOCK.sub(sub, text)
+    text = BLOCK.sub(sub, text)
+    if text.count("<!-- fig:") != len(FIG.findall(text)):
+        bad = [line for line in text.splitlines() if line.count("<!-- fig:") != len(FIG.findall(line))]
+        raise ValueError(f"a fig marker without its <!-- /fig --> on the same line: {bad[0]!r}")
+    if kinds is None and FIG.search(text):
+        kinds = figures()
+    return FIG.sub(lambda m: m.group(1) + render_figure(m, kinds) + m.group(5), text)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="compare only; exit 1 if a page differs")
     args = p.parse_args(argv)
-    table_renderers = renderers()
+    table_renderers, kinds = renderers(), figures()
     stale = []
     for page in PAGES:
         path = ROOT / page
         old = path.read_text()
-        new = render_page(old, table_renderers)
+        new = render_page(old, table_renderers, kinds)
         if new != old:
             stale.append(page)
             if not args.check:

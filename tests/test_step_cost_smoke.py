@@ -12,7 +12,9 @@ import step_cost  # noqa: E402
 SUBSETS = {
     # every engine and look-ahead on the quicker model; the ResNet's own code paths once
     "transformer": lambda v: v.interval == 1 or v.name == "forward/full/k=10",
-    "resnet32": lambda v: v.kind in ("plain", "reference", "floor", "floor-in-place") or v.name == "linear_head/head/k=1",
+    "resnet32": lambda v: (
+        v.kind in ("plain", "reference", "floor", "floor-in-place") or v.name == "linear_head/head/k=1"
+    ),
 }
 
 
