@@ -217,6 +217,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "stability-curves": lambda: _curves(
             table, ["flip1-40", "flip2-40", "uniform-40"], ["metainfonet", "lossnet"], ["nokn"], list(range(10)), "bn"
         ),
+        "protocol2-uniform-current": lambda: _acc(
+            table, ["mnist1d-2pct"], ["uniform-40"], ["standard", "lossnet", "logitnet", "metainfonet"], SEEDS5,
+            ("exact", "nokn"),
+        ),
         "stability-standard-bn": lambda: _stability(
             table, ["flip1-40", "flip2-40", "uniform-40"], ["standard"], ["default"], list(range(10)), "paper", "bn"
         ),
