@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +28,7 @@ from torch import nn
 from reweight import MetaInfoNet, MetaReweighter
 
 WORLD, FEATURES, HIDDEN, CLASSES, SHARD, META_SHARD, STEPS = 2, 6, 16, 3, 6, 5, 3
+VOCAB, LENGTH, DIM = 11, 5, 8
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -33,6 +36,79 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.LayerNorm(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer block: ``nn.MultiheadAttention`` (batch first) and a GELU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.attn = nn.MultiheadAttention(DIM, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(h)
+        h = h + self.attn(x, x, x, need_weights=False)[0]
+        return h + self.mlp(self.norm2(h))
+
+
+class _Transformer(nn.Module):
+    """Token embedding plus a bare position table (an ``nn.Parameter`` of the root), two blocks, a final
+    LayerNorm, mean pooling over the sequence and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Parameter(0.5 * torch.randn(1, LENGTH, DIM))
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+        self.norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
+
+
+def _transformer() -> nn.Module:
+    torch.manual_seed(0)
+    return _Transformer()
+
+
+def _cnn() -> nn.Module:
+    """Two Conv2d + GroupNorm + ReLU blocks on 3x8x8 images, average pooling and a Linear head."""
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(2, cout), nn.ReLU())
+
+    return nn.Sequential(block(3, 4, 1), block(4, 6, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, CLASSES))
+
+
+def _shard_units(model: nn.Module, units: list[nn.Module]) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit)
+    return fully_shard(model)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], list[nn.Module]]]] = {
+    # the single-process model, and the sub-modules fully_shard makes units of (then the root)
+    "mlp": (_mlp, lambda m: [layer for layer in m if isinstance(layer, nn.Linear)]),
+    "transformer": (_transformer, lambda m: list(m.blocks)),
+    "cnn": (_cnn, lambda m: [m[0], m[1]]),
+}
+
+
+def _inputs(model: str, size: int, g: torch.Generator) -> torch.Tensor:
+    if model == "transformer":
+        return torch.randint(0, VOCAB, (size, LENGTH), generator=g)
+    if model == "cnn":
+        return torch.randn(size, 3, 8, 8, generator=g)
+    return torch.randn(size, FEATURES, generator=g)
 
 
 def _meta(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -47,25 +123,31 @@ class ZeroNoiseMetaInfoNet(MetaInfoNet):
         return torch.zeros_like(mu)
 
 
-def _shard(kind: str, index: int, rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _shard(model: str, kind: str, index: int, rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100_000 * (kind == "meta") + 100 * index + rank)
-    return torch.randn(size, FEATURES, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
+    return _inputs(model, size, g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
-def _batch(kind: str, index: int, rank: int | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(model: str, kind: str, index: int, rank: int | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank ``rank``'s shard, or (``rank=None``) the concatenation of every rank's shard."""
     if rank is not None:
-        return _shard(kind, index, rank, size)
-    shards = [_shard(kind, index, r, size) for r in range(WORLD)]
+        return _shard(model, kind, index, rank, size)
+    shards = [_shard(model, kind, index, r, size) for r in range(WORLD)]
     return torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
 
 
-CONFIGS: dict[str, dict[str, Any]] = {
-    "lossnet": {"net": "lossnet", "meta_sgd": True},  # SGD, not Adam, sees the scale of the net's gradient
-    "metainfonet": {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9},
-    "lossnet_interval": {"net": "lossnet", "interval": 2, "meta_sgd": True, "lookahead_lr": 0.05},
+LOSSNET = {"net": "lossnet", "meta_sgd": True}  # SGD, not Adam, sees the scale of the net's gradient
+METAINFONET = {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9}
+CONFIGS: dict[str, dict[str, Any]] = {  # each run: a model of MODELS and the reweighter's options
+    "lossnet": {"model": "mlp", **LOSSNET},
+    "metainfonet": {"model": "mlp", **METAINFONET},
+    "lossnet_interval": {"model": "mlp", "net": "lossnet", "interval": 2, "meta_sgd": True, "lookahead_lr": 0.05},
     # linear_head has no FSDP2 path (auto takes ghost there); the single process runs ghost too
-    "head": {"net": "lossnet", "lookahead": "head", "engine": "ghost", "meta_sgd": True},
+    "head": {"model": "mlp", "net": "lossnet", "lookahead": "head", "engine": "ghost", "meta_sgd": True},
+    "transformer_lossnet": {"model": "transformer", **LOSSNET},
+    "transformer_metainfonet": {"model": "transformer", **METAINFONET},
+    "cnn_lossnet": {"model": "cnn", **LOSSNET},
+    "cnn_metainfonet": {"model": "cnn", **METAINFONET},
 }
 
 
@@ -76,6 +158,7 @@ def _full(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     """``STEPS`` steps as rank ``rank`` of an FSDP2 model, or (``rank=None``) as one process on all data."""
     config = dict(config)
+    name = config.pop("model")
     momentum = config.pop("momentum", 0.0)
     meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
     meta_lr = 2.0 if meta_opt is torch.optim.SGD else 0.05
@@ -88,9 +171,12 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0, uniform_start=False)
     else:
         config["net_kwargs"] = {"uniform_start": False}
-    model = _mlp() if rank is None else _fully_sharded()
+    build, units = MODELS[name]
+    model = build()
+    if rank is not None:
+        model = _shard_units(model, units(model))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
-    meta = [_batch("meta", k, rank, META_SHARD) for k in range(3)]
+    meta = [_batch(name, "meta", k, rank, META_SHARD) for k in range(3)]
     rw = MetaReweighter(
         model,
         opt,
@@ -103,7 +189,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     )
     weights, untouched = [], []
     for t in range(STEPS):
-        x, y = _batch("train", t, rank, SHARD)
+        x, y = _batch(name, "train", t, rank, SHARD)
         logits = model(x)
         before = _local_state(model, opt)
         w = rw.step(x, y, logits)
@@ -147,13 +233,8 @@ def _same(a: list[Any], b: list[Any]) -> bool:
 
 
 def _fully_sharded() -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
     model = _mlp()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+    return _shard_units(model, MODELS["mlp"][1](model))
 
 
 def _legacy_wrapped() -> nn.Module:
@@ -181,13 +262,21 @@ def _refusals(rank: int) -> dict[str, Any]:
     return out
 
 
+def _run(name: str, rank: int) -> dict[str, Any]:
+    """``_train`` of one run, or the traceback of its failure (the other runs go on)."""
+    try:
+        return _train(CONFIGS[name], rank)
+    except Exception:  # noqa: BLE001  (reported by the test of this run)
+        return {"error": traceback.format_exc()}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     try:
-        results = {name: _train(config, rank) for name, config in CONFIGS.items()}
+        results = {name: _run(name, rank) for name in CONFIGS}
         results["refusals"] = _refusals(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -203,6 +292,8 @@ def ranks() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fsdp2_matches_single_process_on_concatenated_batches(ranks, name):
+    for rank in ranks:
+        assert "error" not in rank[name], rank[name]["error"]
     single = _train(CONFIGS[name], rank=None)
     assert single["engine"] == "ghost" and {r[name]["engine"] for r in ranks} == {"ghost"}
     for rank in ranks:  # every rank holds the same net, and the same gathered model
