@@ -1,8 +1,11 @@
 """Models sharded by FSDP: two gloo ranks on the CPU.
 
-An FSDP2 model (``fully_shard`` per Linear, then the root) trained for a few steps with the ``ghost`` engine
+FSDP2 models (``fully_shard`` per unit, then the root) trained for a few steps with the ``ghost`` engine
 must match one process on the concatenated batches (weights, weighting net, model) and the step must leave
-the user's shards, ``.grad`` and optimizer state as they were. What is not exact is refused when the
+the user's shards, ``.grad`` and optimizer state as they were: an MLP with LayerNorm (per Linear), a
+transformer with an embedding, a bare position table and ``nn.MultiheadAttention`` (per block), a GroupNorm
+CNN (per conv block), and peft LoRA on the MLP and the transformer (frozen base weights and trained adapters
+in one unit), whose look-ahead must move the adapters alone. What is not exact is refused when the
 reweighter is built, on every rank, with an error that names the sharding and the alternative
 (DistributedDataParallel): an engine without FSDP2 support (``forward``, ``lookahead="head"``), and a model
 under the legacy ``FullyShardedDataParallel`` wrapper (flattened shards). The look-ahead would otherwise
@@ -11,10 +14,12 @@ differentiate the shards, a wrong answer that raises nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -95,16 +100,40 @@ def _shard_units(model: nn.Module, units: list[nn.Module]) -> nn.Module:
     return fully_shard(model)
 
 
+def _lora(build: Callable[[], nn.Module], targets: list[str]) -> nn.Module:
+    """``build()`` under peft's LoRA on ``targets`` (rank 2), its base weights frozen; LoRA's B starts at zero,
+    so it is drawn here for the adapters to do something."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.3)
+    return model
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], list[nn.Module]]]] = {
     # the single-process model, and the sub-modules fully_shard makes units of (then the root)
     "mlp": (_mlp, lambda m: [layer for layer in m if isinstance(layer, nn.Linear)]),
     "transformer": (_transformer, lambda m: list(m.blocks)),
     "cnn": (_cnn, lambda m: [m[0], m[1]]),
+    # LoRA: each adapted Linear a unit (its frozen base weight and trained adapters together), then the root
+    "lora_mlp": (lambda: _lora(_mlp, ["0", "3"]), _lora_layers),
+    # LoRA on the blocks' MLPs: each block a unit of frozen attention and norms and trained adapters
+    "lora_transformer": (lambda: _lora(_transformer, ["mlp.0", "mlp.2"]), lambda m: list(m.base_model.model.blocks)),
 }
+HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
 def _inputs(model: str, size: int, g: torch.Generator) -> torch.Tensor:
-    if model == "transformer":
+    if model.endswith("transformer"):
         return torch.randint(0, VOCAB, (size, LENGTH), generator=g)
     if model == "cnn":
         return torch.randn(size, 3, 8, 8, generator=g)
@@ -149,6 +178,9 @@ CONFIGS: dict[str, dict[str, Any]] = {  # each run: a model of MODELS and the re
     "cnn_lossnet": {"model": "cnn", **LOSSNET},
     "cnn_metainfonet": {"model": "cnn", **METAINFONET},
 }
+if HAS_PEFT:
+    CONFIGS["lora_mlp_lossnet"] = {"model": "lora_mlp", **LOSSNET}
+    CONFIGS["lora_transformer_metainfonet"] = {"model": "lora_transformer", **METAINFONET}
 
 
 def _full(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -175,7 +207,8 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     model = build()
     if rank is not None:
         model = _shard_units(model, units(model))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
+    opt = torch.optim.SGD(trained, lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
     meta = [_batch(name, "meta", k, rank, META_SHARD) for k in range(3)]
     rw = MetaReweighter(
         model,
@@ -187,12 +220,13 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         num_classes=CLASSES,
         **config,
     )
-    weights, untouched = [], []
+    weights, untouched, moved = [], [], []
     for t in range(STEPS):
         x, y = _batch(name, "train", t, rank, SHARD)
         logits = model(x)
         before = _local_state(model, opt)
-        w = rw.step(x, y, logits)
+        with _watching_moves(model, moved):
+            w = rw.step(x, y, logits)
         untouched.append(_same(before, _local_state(model, opt)))
         weights.append(w)
         opt.zero_grad(set_to_none=t % 2 == 0)  # stale zero .grad on odd steps: the step must keep them
@@ -204,7 +238,30 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         "weights": torch.cat(weights),
         "engine": rw.engine_name,
         "untouched": untouched,
+        "moved": moved,
     }
+
+
+@contextmanager
+def _watching_moves(model: nn.Module, moved: list[set[str]]) -> Iterator[None]:
+    """Record in ``moved``, for each look-ahead of a sharded step, the names of the parameters whose local
+    shard the look-ahead changed (as the meta batch's forward sees them)."""
+    import reweight.engines.ghost.sharded as ghost_sharded
+
+    original = ghost_sharded.moved_shards
+
+    @contextmanager
+    def watched(params: Any, grads: Any, step: Any) -> Iterator[None]:
+        before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+        with original(params, grads, step):
+            moved.append({n for n, p in model.named_parameters() if not torch.equal(p.to_local(), before[n])})
+            yield
+
+    ghost_sharded.moved_shards = watched  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ghost_sharded.moved_shards = original
 
 
 def _local_state(model: nn.Module, opt: torch.optim.Optimizer) -> list[Any]:
@@ -312,6 +369,18 @@ def test_fsdp2_matches_single_process_on_concatenated_batches(ranks, name):
 def test_fsdp2_step_leaves_shards_grads_and_optimizer_state_untouched(ranks, name):
     for rank in ranks:
         assert rank[name]["untouched"] == [True] * STEPS
+
+
+@pytest.mark.parametrize("name", [name for name in CONFIGS if name.startswith("lora")])
+def test_fsdp2_lora_lookahead_moves_the_adapters_alone(ranks, name):
+    for rank in ranks:
+        assert "error" not in rank[name], rank[name]["error"]
+    adapters = {key for key in ranks[0][name]["model"] if ".lora_" in key}
+    frozen = set(ranks[0][name]["model"]) - adapters
+    assert adapters and any(key.endswith("base_layer.weight") for key in frozen)
+    # every look-ahead (one per step) moved every adapter (on one rank's shard or the other) and nothing else
+    moved = [set().union(*(rank[name]["moved"][t] for rank in ranks)) for t in range(STEPS)]
+    assert moved == [adapters] * STEPS, moved
 
 
 def test_fully_shard_without_a_sharded_engine_is_refused_at_construction(ranks):
