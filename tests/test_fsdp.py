@@ -92,12 +92,12 @@ def _cnn() -> nn.Module:
     return nn.Sequential(block(3, 4, 1), block(4, 6, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, CLASSES))
 
 
-def _shard_units(model: nn.Module, units: list[nn.Module]) -> nn.Module:
+def _shard_units(model: nn.Module, units: list[nn.Module], reshard_after_forward: bool = True) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for unit in units:
-        fully_shard(unit)
-    return fully_shard(model)
+        fully_shard(unit, reshard_after_forward=reshard_after_forward)
+    return fully_shard(model, reshard_after_forward=reshard_after_forward)
 
 
 def _lora(build: Callable[[], nn.Module], targets: list[str]) -> nn.Module:
@@ -175,6 +175,8 @@ CONFIGS: dict[str, dict[str, Any]] = {  # each run: a model of MODELS and the re
     "head": {"model": "mlp", "net": "lossnet", "lookahead": "head", "engine": "ghost", "meta_sgd": True},
     "transformer_lossnet": {"model": "transformer", **LOSSNET},
     "transformer_metainfonet": {"model": "transformer", **METAINFONET},
+    # every unit keeps its parameters gathered from the forward to the backward
+    "transformer_kept_lossnet": {"model": "transformer", "reshard_after_forward": False, **LOSSNET},
     "cnn_lossnet": {"model": "cnn", **LOSSNET},
     "cnn_metainfonet": {"model": "cnn", **METAINFONET},
 }
@@ -191,6 +193,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     """``STEPS`` steps as rank ``rank`` of an FSDP2 model, or (``rank=None``) as one process on all data."""
     config = dict(config)
     name = config.pop("model")
+    reshard_after_forward = config.pop("reshard_after_forward", True)
     momentum = config.pop("momentum", 0.0)
     meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
     meta_lr = 2.0 if meta_opt is torch.optim.SGD else 0.05
@@ -206,7 +209,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     build, units = MODELS[name]
     model = build()
     if rank is not None:
-        model = _shard_units(model, units(model))
+        model = _shard_units(model, units(model), reshard_after_forward)
     trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
     opt = torch.optim.SGD(trained, lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
     meta = [_batch(name, "meta", k, rank, META_SHARD) for k in range(3)]
