@@ -4,14 +4,16 @@
 module's own forward and backward (:mod:`reweight.sharded`):
 
 1. The training batch's forward under a :class:`LayerCapture` whose tracked tensors are the unsharded
-   parameters each unit installs (a forward pre-hook, after FSDP's, names them), and the backward of the
+   parameters each unit installs (a forward pre-hook on every unit, after FSDP's, names them), and the backward of the
    unweighted per-sample losses to the recorded outputs: every layer's ``G`` (as in one process).
 2. The same forward again (same RNG) and the backward of ``mean_i(w_i L_i)``: FSDP reduce-scatters the
    look-ahead's weighted gradient into sharded ``.grad``, averaged over the ranks (the global batch's).
 3. ``theta_hat`` written in place into the local shards; the meta batch's forward and backward give ``v``
    as sharded ``.grad`` (averaged over the ranks); the shards are restored.
 4. The per-layer inner products, one record at a time: the layer's tangent ``scale * v`` and its
-   parameters' values are gathered (``full_tensor()``) for that record only and dropped after it.
+   parameters' values are gathered (``full_tensor()``) for that record only and dropped after it; tensors
+   computed from parameters alone are recomputed from the gathered values (the captured ones are views of
+   unsharded storage FSDP has freed).
 
 The user's ``.grad`` are set aside and restored; the optimizer is not touched. A rank holds, beyond what
 FSDP's own forward and backward hold, the captured activations and ``G`` (as ghost in one process), a copy
@@ -110,7 +112,7 @@ class _Gathered:
         params: Mapping[str, Tensor],
         tangent: Mapping[str, Tensor],
         derived: Mapping[int, tuple[Tensor, Tensor | None]],
-    ):
+    ) -> None:
         values: dict[int, Tensor] = {}
         self.tangents: dict[int, Tensor] = {}
         for obj in (*rec.args, *rec.kwargs.values()):
