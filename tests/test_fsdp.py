@@ -3,13 +3,14 @@
 FSDP2 models (``fully_shard`` per unit, then the root) trained for a few steps with the ``ghost`` engine
 must match one process on the concatenated batches (weights, weighting net, model) and the step must leave
 the user's shards, ``.grad`` and optimizer state as they were: an MLP with LayerNorm (per Linear), a
-transformer with an embedding, a bare position table and ``nn.MultiheadAttention`` (per block), a GroupNorm
-CNN (per conv block), and peft LoRA on the MLP and the transformer (frozen base weights and trained adapters
-in one unit), whose look-ahead must move the adapters alone. What is not exact is refused when the
-reweighter is built, on every rank, with an error that names the sharding and the alternative
-(DistributedDataParallel): an engine without FSDP2 support (``forward``, ``lookahead="head"``), and a model
-under the legacy ``FullyShardedDataParallel`` wrapper (flattened shards). The look-ahead would otherwise
-differentiate the shards, a wrong answer that raises nothing.
+transformer with an embedding, a bare position table and ``nn.MultiheadAttention`` (per block; also with
+one block called twice, and with ``reshard_after_forward=False``), a GroupNorm CNN (per conv block), and
+peft LoRA on the MLP and the transformer (frozen base weights and trained adapters in one unit), whose
+look-ahead must move the adapters alone. What is not exact is refused when the reweighter is built, on
+every rank, with an error that names the sharding and the alternative (DistributedDataParallel): an engine
+without FSDP2 support (``forward``, ``lookahead="head"``), and a model under the legacy
+``FullyShardedDataParallel`` wrapper (flattened shards). The look-ahead would otherwise differentiate the
+shards, a wrong answer that raises nothing.
 """
 
 from __future__ import annotations
@@ -59,27 +60,28 @@ class _Block(nn.Module):
 
 
 class _Transformer(nn.Module):
-    """Token embedding plus a bare position table (an ``nn.Parameter`` of the root), two blocks, a final
-    LayerNorm, mean pooling over the sequence and a Linear head."""
+    """Token embedding plus a bare position table (an ``nn.Parameter`` of the root), two blocks (or, with
+    ``shared``, one block applied twice), a final LayerNorm, mean pooling over the sequence and a Linear head."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
         self.pos = nn.Parameter(0.5 * torch.randn(1, LENGTH, DIM))
-        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+        self.blocks = nn.ModuleList(_Block() for _ in range(1 if shared else 2))
+        self.order = [0, 0] if shared else [0, 1]
         self.norm = nn.LayerNorm(DIM)
         self.head = nn.Linear(DIM, CLASSES)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
-        for block in self.blocks:
-            h = block(h)
+        for i in self.order:
+            h = self.blocks[i](h)
         return self.head(self.norm(h).mean(1))
 
 
-def _transformer() -> nn.Module:
+def _transformer(shared: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return _Transformer()
+    return _Transformer(shared)
 
 
 def _cnn() -> nn.Module:
@@ -123,6 +125,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], list[nn.M
     # the single-process model, and the sub-modules fully_shard makes units of (then the root)
     "mlp": (_mlp, lambda m: [layer for layer in m if isinstance(layer, nn.Linear)]),
     "transformer": (_transformer, lambda m: list(m.blocks)),
+    # one unit called twice per forward (its parameters gathered twice)
+    "shared_transformer": (lambda: _transformer(shared=True), lambda m: list(m.blocks)),
     "cnn": (_cnn, lambda m: [m[0], m[1]]),
     # LoRA: each adapted Linear a unit (its frozen base weight and trained adapters together), then the root
     "lora_mlp": (lambda: _lora(_mlp, ["0", "3"]), _lora_layers),
@@ -177,6 +181,7 @@ CONFIGS: dict[str, dict[str, Any]] = {  # each run: a model of MODELS and the re
     "transformer_metainfonet": {"model": "transformer", **METAINFONET},
     # every unit keeps its parameters gathered from the forward to the backward
     "transformer_kept_lossnet": {"model": "transformer", "reshard_after_forward": False, **LOSSNET},
+    "shared_transformer_lossnet": {"model": "shared_transformer", **LOSSNET},
     "cnn_lossnet": {"model": "cnn", **LOSSNET},
     "cnn_metainfonet": {"model": "cnn", **METAINFONET},
 }
