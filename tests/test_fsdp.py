@@ -327,6 +327,23 @@ def _refusals(rank: int) -> dict[str, Any]:
     return out
 
 
+def _dropout_masks(rank: int) -> dict[str, Any]:
+    """One meta update of an FSDP2 MLP with dropout: the masks its forwards drew inside ``step``, in order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.Tanh(), nn.Dropout(0.5), nn.Linear(HIDDEN, CLASSES))
+    model = _shard_units(model, [model[0], model[3]])
+    masks: list[torch.Tensor] = []
+    model[2].register_forward_hook(lambda module, args, out: masks.append((args[0] != 0) & (out == 0)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [_batch("mlp", "meta", 0, rank, META_SHARD)]
+    rw = MetaReweighter(model, opt, meta, seed=0, meta_warmup=0, net_kwargs={"uniform_start": False})
+    x, y = _batch("mlp", "train", 0, rank, SHARD)
+    logits = model(x)
+    masks.clear()
+    weights = rw.step(x, y, logits)
+    return {"masks": masks, "weights": weights, "engine": rw.engine_name}
+
+
 def _run(name: str, rank: int) -> dict[str, Any]:
     """``_train`` of one run, or the traceback of its failure (the other runs go on)."""
     try:
@@ -343,6 +360,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         results = {name: _run(name, rank) for name in CONFIGS}
         results["refusals"] = _refusals(rank)
+        results["dropout"] = _dropout_masks(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -377,6 +395,16 @@ def test_fsdp2_matches_single_process_on_concatenated_batches(ranks, name):
 def test_fsdp2_step_leaves_shards_grads_and_optimizer_state_untouched(ranks, name):
     for rank in ranks:
         assert rank[name]["untouched"] == [True] * STEPS
+
+
+def test_fsdp2_second_training_forward_replays_the_first_ones_dropout_masks(ranks):
+    for rank in ranks:
+        result = rank["dropout"]
+        assert result["engine"] == "ghost"
+        train = [m for m in result["masks"] if m.shape == (SHARD, HIDDEN)]  # the meta batch has META_SHARD rows
+        assert len(train) == 2 and len(result["masks"]) == 3  # G's forward, the weighted gradient's, the meta's
+        assert torch.equal(train[0], train[1]) and 0.2 < train[0].float().mean() < 0.8
+        assert torch.isfinite(result["weights"]).all() and result["weights"].std() > 0
 
 
 @pytest.mark.parametrize("name", [name for name in CONFIGS if name.startswith("lora")])

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..._batch import _tensors
 from ..._profiling import phase
+from ..._rng import replayable_rng
 from ...sharded import (
     clear_grads,
     dtensor_type,
@@ -181,13 +182,13 @@ def sharded_ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Ghost's meta-gradient on an FSDP2 model, every pass through the module's own forward and backward."""
     model, params = problem.model, problem.params
     everything = list(model.parameters())
-    rng = torch.get_rng_state()
-    with saved_grads(model):
+    device = next(iter(params.values())).device
+    with replayable_rng(device) as rewind, saved_grads(model):
         capture, logits = _captured_forward(problem)
         capture.check()
         grads = layer_output_gradients(problem._replace(train_logits=logits), capture, retain=False)
         del logits
-        torch.set_rng_state(rng)  # the same forward again (dropout masks included)
+        rewind()  # the same forward again: the same dropout masks (CPU and accelerator RNG)
         with torch.enable_grad(), phase("weighted_gradient"):
             losses = problem.loss_fn(forward_logits(model, problem.inputs, problem.logits_fn), problem.targets)
             (problem.weights.to(losses.dtype) * losses).mean().backward()
