@@ -58,7 +58,8 @@ def is_sharded(tensors: Iterable[Tensor]) -> bool:
     return kind is not None and any(isinstance(t, kind) for t in tensors)
 
 
-def _fsdp_states(module: nn.Module) -> list[Any]:
+def fsdp_units(module: nn.Module) -> list[Any]:
+    """The modules ``fully_shard`` made units of (``FSDPModule``), in ``modules()`` order."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
@@ -88,7 +89,7 @@ def sharded_layout_problem(module: nn.Module) -> str | None:
         meshes.add(p.device_mesh)
     if len(meshes) > 1:
         return "the DTensor parameters live on different device meshes"
-    fsdp = _fsdp_states(module)
+    fsdp = fsdp_units(module)
     if not fsdp:
         return "the DTensor parameters are not managed by fully_shard (no FSDPModule in the model)"
     for m in fsdp:
@@ -116,7 +117,7 @@ def fsdp_process_group(module: nn.Module) -> Any | None:
 
 def reshard_all(module: nn.Module) -> None:
     """Free every unit's unsharded parameters (the next forward gathers the shards' current values)."""
-    for m in _fsdp_states(module):
+    for m in fsdp_units(module):
         m.reshard()
 
 

@@ -454,3 +454,33 @@ def test_compiled_trainer_with_head_lookahead_steps_from_the_first_batch(tmp_pat
     )  # fmt: skip
     trainer.train()
     assert trainer.reweighter.engine_name == "linear_head" and trainer.reweighter.step_count == 2
+
+
+def test_bf16_on_the_cpu_steps_under_autocast_with_finite_weights(tmp_path):
+    """``bf16=True`` with ``use_cpu=True``: the Trainer's forward (and the meta step inside compute_loss) runs
+    under bf16 autocast; the weights stay float32, finite and off uniform, and the model and net train."""
+    model = bert("sdpa")
+    dtypes = []
+    # the classifier's output: accelerate casts the model's outputs back to float32
+    model.classifier.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    net = LossNet(hidden=8, uniform_start=False)  # with no meta warm-up: the weights move from the first step
+    net_before = copy.deepcopy(net.state_dict())
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        text_dataset(12, 1),
+        text_dataset(6, 2),
+        steps=3,
+        args={"bf16": True},
+        reweight_kwargs={"net": net, "seed": 0, "meta_warmup": 0},
+    )
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16" and dtypes and set(dtypes) == {torch.bfloat16}
+    weights = torch.stack([w for _, w in trainer.batches])
+    assert weights.shape == (3, 4) and weights.dtype == torch.float32
+    assert torch.isfinite(weights).all() and weights.std() > 1e-4
+    assert torch.isfinite(trainer.reweighter.last_meta_loss)
+    assert all(torch.isfinite(g).all() for step in recorded(trainer) for g in step.values())
+    after = trainer.reweighter.net.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(net_before[k], v) for k, v in after.items())

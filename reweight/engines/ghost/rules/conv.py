@@ -68,7 +68,9 @@ class ConvRule(Rule):
                 rec,
                 grad.reshape(1, -1, *grad.shape[2:]),
                 x.detach().reshape(1, -1, *x.shape[2:]),
-                weight.detach().repeat(n, *[1] * (weight.ndim - 1)),
+                # the kernel's shape only: a weight gradient does not read the weight (whose storage an
+                # FSDP2 unit has freed by the time the first layers' gradients are held)
+                weight.new_zeros((n * weight.shape[0], *weight.shape[1:])),
                 need_weight=True,
                 need_bias=False,
                 batch_groups=n,
