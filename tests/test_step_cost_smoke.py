@@ -79,3 +79,17 @@ def test_compile_cost_rows_are_their_own_ratios(capsys):
     assert row["plain_ms"] > 0 and row["reweighted_ms"] > 0 and row["ratio"] > 0
     assert row["added_ms"] == pytest.approx(row["reweighted_ms"] - row["plain_ms"])
     assert "| mlp | auto | eager |" in capsys.readouterr().out
+
+
+def test_llama_lora_rows_time_ghost_and_forward_on_the_adapters():
+    setup = step_cost.Setup("llama_lora", 2, batch=2)
+    assert isinstance(setup.x, dict) and setup.loss_fn is not None
+    trained = setup.fresh()[1].param_groups[0]["params"]
+    assert trained and all(p.requires_grad for p in trained)  # the LoRA adapters only
+    for engine in ("ghost", "forward"):
+        row = step_cost.time_variant(setup, step_cost.Variant(f"{engine}/full/k=1", "reweight", engine, "full"), 1)
+        assert row["plain_ms"] > 0 and row["ratio"] == pytest.approx(row["step_ms"] / row["plain_ms"], rel=1e-9)
+    with pytest.raises(NotImplementedError):
+        step_cost.make_step(setup, step_cost.Variant("reference flow (MW-Net code)", "reference"))
+    compiled = step_cost.compiled_variant(step_cost.Variant("ghost/full/k=1", "reweight", "ghost", "full"))
+    assert compiled.name == "ghost/full/k=1 compiled" and compiled.compiled
