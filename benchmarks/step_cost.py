@@ -268,9 +268,16 @@ def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], N
         def forward_with_grad():
             F.cross_entropy(model(x), y)
 
+        def compiled_meta_forward_backward():  # the meta pass through the compiled model (the engine's is eager)
+            leaves = {f"_orig_mod.{k}": p.clone().requires_grad_() for k, p in params.items()}
+            state = {**leaves, **{f"_orig_mod.{k}": b for k, b in buffers().items()}}
+            loss = F.cross_entropy(functional_call(compiled_model, state, (xm,)), ym)
+            torch.autograd.grad(loss, list(leaves.values()))
+
         ghost = Variant("ghost/full/k=1", "reweight", "ghost", "full", 1, len(ym))
         parts |= {
             "compiled plain step (forward + backward)": compiled_plain,
+            "meta forward + backward at theta_hat, through the compiled model": compiled_meta_forward_backward,
             "forward of the batch with grad": forward_with_grad,
             "ghost/full/k=1 step": make_step(setup, ghost),
             "ghost/full/k=1 compiled step": make_step(setup, compiled_variant(ghost)),
@@ -558,6 +565,78 @@ def report(table: Path, runs: list[str]) -> str:
                 out.append(render_phases(model, phases))
         out.append(_store.provenance_note(rs))
     return "\n\n".join(out)
+
+
+def compile_report(table: Path, runs: list[str]) -> str:
+    """Eager against compiled, per model and variant of ``runs`` (``--modes eager compiled``): each step's ms,
+    its ratio to its own plain step (the compiled plain step's: to the eager one) and the ms it adds."""
+    lines = [
+        "| model | variant | eager ms | x eager plain | added ms | compiled ms | x compiled plain | added ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rs = [r for r in _store.latest(table) if r["key"]["run"] in runs and r["key"]["measure"] == "timing"]
+    if not rs:
+        raise SystemExit(f"no timing rows of runs {runs} in {table}")
+    for model in dict.fromkeys(r["key"]["model"] for r in rs):
+        by = {r["key"]["variant"]: r["result"] for r in rs if r["key"]["model"] == model}
+        for name in [n for n in by if not n.endswith(" compiled")]:
+            e, c = by[name], by.get(f"{name} compiled")
+            added = "-" if name == "plain" else f"{e['step_ms'] - e['plain_ms']:.1f}"
+            cells = [f"{e['step_ms']:.1f}", f"{e['ratio']:.2f}", added]
+            if c is None:
+                cells += ["-", "-", "-"]
+            else:
+                added = "-" if name == "plain" else f"{c['step_ms'] - c['plain_ms']:.1f}"
+                cells += [f"{c['step_ms']:.1f}", f"{c['ratio']:.2f}", added]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    opts = rs[0].get("options") or {}
+    head = f"Runs {', '.join(runs)}; options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + "."
+    return "\n".join([head, "", *lines, "", _store.provenance_note(rs)])
+
+
+ACCOUNTING = [  # (part, its component in the eager step, in the compiled step)
+    ("the user's forward and backward (a plain step)", "plain step (forward + backward)",
+     "compiled plain step (forward + backward)"),
+    ("ghost: its own forward of the batch, captured", None, "ghost: its own forward of the batch, captured"),
+    ("the capture of the user's forward (captured forward less a forward with grad)", "capture", None),
+    ("ghost: backward to the layer outputs", "ghost: backward to the layer outputs, with the per-sample gradients "
+     "it keeps", "same"),
+    ("ghost: weighted gradient from the layer gradients", "ghost: weighted gradient from the layer gradients", "same"),
+    ("meta forward + backward at theta_hat", "meta forward + backward at theta_hat", "same"),
+    ("ghost: per-layer inner products", "ghost: per-layer inner products", "same"),
+]  # fmt: skip
+
+
+def compile_accounting(table: Path, run: str) -> str:
+    """Where a ghost step's time goes, eager and with the model compiled, from the components of ``run``
+    (``--components --modes compiled``): each part's median ms, the rest (the step less its parts: the
+    weighting net's passes and update, RNG isolation, checks), and each step's ratio to its plain step."""
+    rs = [r for r in _store.latest(table) if r["key"]["run"] == run and r["key"]["measure"] == "component"]
+    if not rs:
+        raise SystemExit(f"no component rows of run {run!r} in {table}")
+    out = []
+    for model in dict.fromkeys(r["key"]["model"] for r in rs):
+        ms = {r["key"]["variant"]: r["result"]["ms"] for r in rs if r["key"]["model"] == model}
+        ms["capture"] = ms["ghost: its own forward of the batch, captured"] - ms["forward of the batch with grad"]
+        steps = (ms["ghost/full/k=1 step"], ms["ghost/full/k=1 compiled step"])
+        lines = [f"### {model}", "", "| part | eager step ms | compiled step ms |", "| --- | ---: | ---: |"]
+        totals = [0.0, 0.0]
+        for part, eager, compiled in ACCOUNTING:
+            cells = []
+            for i, name in enumerate((eager, eager if compiled == "same" else compiled)):
+                cells.append("-" if name is None else f"{ms[name]:.1f}")
+                totals[i] += 0.0 if name is None else ms[name]
+            lines.append(f"| {part} | {cells[0]} | {cells[1]} |")
+        rest = [f"{step - total:.1f}" for step, total in zip(steps, totals)]
+        plains = (ms[ACCOUNTING[0][1]], ms[ACCOUNTING[0][2]])
+        lines.append(f"| the rest (the step less the parts above) | {rest[0]} | {rest[1]} |")
+        lines.append(f"| the reweighted step (ghost/full/k=1) | {steps[0]:.1f} | {steps[1]:.1f} |")
+        lines.append(f"| x its plain step | {steps[0] / plains[0]:.2f} | {steps[1] / plains[1]:.2f} |")
+        out.append("\n".join(lines))
+    opts = rs[0].get("options") or {}
+    head = f"Run {run}; options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+    head += "; median ms of each part."
+    return "\n\n".join([head, *out, _store.provenance_note(rs)])
 
 
 def main(argv: list[str] | None = None) -> None:
