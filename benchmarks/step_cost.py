@@ -211,35 +211,45 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
     return step
 
 
+def _run(model: Callable, state: dict, inputs) -> torch.Tensor:
+    """``model``'s logits run statelessly with ``state`` (inputs as keyword arguments when a dict)."""
+    if isinstance(inputs, dict):
+        out = functional_call(model, state, args=(), kwargs=inputs)
+    else:
+        out = functional_call(model, state, (inputs,))
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], None]]:
     """The passes an exact meta step is made of, each runnable alone (for the cost accounting). With
     ``compiled``, also what a ``torch.compile``d model's reweighted step is made of: the compiled plain step,
-    the eager forward of the batch with grad, the ghost engine's captured forward and weighted gradient, and
-    whole ghost steps, eager and compiled."""
+    the meta pass through the compiled model, the eager forward of the batch with grad, the ghost engine's
+    captured forward and weighted gradient, and whole ghost steps, eager and compiled. The look-ahead
+    parameters are the trained ones (a LoRA model's adapters)."""
     model = copy.deepcopy(setup.model)
     x, y, xm, ym = setup.x, setup.y, setup.xm, setup.ym
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     tangent = {k: 1e-3 * torch.randn_like(p) for k, p in params.items()}
 
     def buffers():
         return {k: b.clone() for k, b in model.named_buffers()}
 
     def plain():
-        loss = F.cross_entropy(model(x), y)
+        loss = setup.loss(setup.call(model, x), y).mean()
         model.zero_grad(set_to_none=True)
         loss.backward()
 
     def forward_no_grad():
         with torch.no_grad():
-            functional_call(model, buffers(), (x,))
+            _run(model, buffers(), x)
 
     def forward_and_weighted_gradient():  # the user's forward, then grad of mean(w * L) with retain_graph
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        torch.autograd.grad(losses.mean(), list(model.parameters()), retain_graph=True)
+        losses = setup.loss(setup.call(model, x), y)
+        torch.autograd.grad(losses.mean(), [p for p in model.parameters() if p.requires_grad], retain_graph=True)
 
     def meta_forward_backward():
         leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
-        loss = F.cross_entropy(functional_call(model, {**leaves, **buffers()}, (xm,)), ym)
+        loss = setup.loss(_run(model, {**leaves, **buffers()}, xm), ym).mean()
         torch.autograd.grad(loss, list(leaves.values()))
 
     def jvp() -> torch.Tensor:
@@ -247,7 +257,7 @@ def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], N
 
         with torch.no_grad(), fwAD.dual_level():
             duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
-            losses = F.cross_entropy(functional_call(model, {**duals, **buffers()}, (x,)), y, reduction="none")
+            losses = setup.loss(_run(model, {**duals, **buffers()}, x), y)
             return fwAD.unpack_dual(losses).tangent
 
     parts = {
@@ -256,22 +266,22 @@ def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], N
         "forward + weighted gradient (retain_graph)": forward_and_weighted_gradient,
         "meta forward + backward at theta_hat": meta_forward_backward,
         "JVP of the per-sample losses": jvp,
-    } | ghost_components(model, x, y, tangent, compiled)
+    } | ghost_components(setup, model, tangent, compiled)
     if compiled:
         compiled_model = torch.compile(copy.deepcopy(setup.model))
 
         def compiled_plain():
-            loss = F.cross_entropy(compiled_model(x), y)
+            loss = setup.loss(setup.call(compiled_model, x), y).mean()
             compiled_model.zero_grad(set_to_none=True)
             loss.backward()
 
         def forward_with_grad():
-            F.cross_entropy(model(x), y)
+            setup.loss(setup.call(model, x), y)
 
         def compiled_meta_forward_backward():  # the meta pass through the compiled model (the engine's is eager)
             leaves = {f"_orig_mod.{k}": p.clone().requires_grad_() for k, p in params.items()}
             state = {**leaves, **{f"_orig_mod.{k}": b for k, b in buffers().items()}}
-            loss = F.cross_entropy(functional_call(compiled_model, state, (xm,)), ym)
+            loss = setup.loss(_run(compiled_model, state, xm), ym).mean()
             torch.autograd.grad(loss, list(leaves.values()))
 
         ghost = Variant("ghost/full/k=1", "reweight", "ghost", "full", 1, len(ym))
@@ -285,9 +295,7 @@ def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], N
     return parts
 
 
-def ghost_components(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tangent: dict, accounting: bool = False
-) -> dict:
+def ghost_components(setup: Setup, model: torch.nn.Module, tangent: dict, accounting: bool = False) -> dict:
     """The ghost engine's own passes: its backward of the unweighted losses to the recorded layer outputs,
     and the per-layer inner products (on a capture of one forward with grad, made once here); with
     ``accounting``, also its captured forward of the batch and its weighted gradient."""
@@ -299,18 +307,21 @@ def ghost_components(
 
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return {}  # ghost refuses BatchNorm in train mode
-    leaves = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
-    capture = LayerCapture(leaves, [x], x.shape[0])
-    with capture:
-        logits = functional_call(model, {**leaves, **{k: b.clone() for k, b in model.named_buffers()}}, (x,))
-    problem = SimpleNamespace(train_logits=logits, loss_fn=cross_entropy, targets=y)  # what the function reads
-    grads: list = []
-    coef = torch.full((x.shape[0],), 1.0 / x.shape[0])
+    x, y = setup.x, setup.y
+    roots, n = (list(x.values()) if isinstance(x, dict) else [x]), len(y)
 
-    def captured_forward():  # the engine's own forward of the batch, recorded (a compiled model's only)
-        params = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
-        with LayerCapture(params, [x], x.shape[0]):
-            functional_call(model, {**params, **{k: b.clone() for k, b in model.named_buffers()}}, (x,))
+    def captured_forward() -> tuple[LayerCapture, torch.Tensor]:  # the engine's own forward of the batch, recorded
+        leaves = {k: p.detach().requires_grad_() for k, p in model.named_parameters() if p.requires_grad}
+        capture = LayerCapture(leaves, roots, n)
+        with capture:
+            logits = _run(model, {**leaves, **{k: b.clone() for k, b in model.named_buffers()}}, x)
+        return capture, logits
+
+    capture, logits = captured_forward()
+    loss_fn = setup.loss_fn or cross_entropy
+    problem = SimpleNamespace(train_logits=logits, loss_fn=loss_fn, targets=y)  # what the function reads
+    grads: list = []
+    coef = torch.full((n,), 1.0 / n)
 
     def weighted_gradient():
         with torch.no_grad():
