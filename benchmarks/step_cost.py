@@ -287,7 +287,7 @@ def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], N
         ghost = Variant("ghost/full/k=1", "reweight", "ghost", "full", 1, len(ym))
         parts |= {
             "compiled plain step (forward + backward)": compiled_plain,
-            "meta forward + backward at theta_hat, through the compiled model": compiled_meta_forward_backward,
+            COMPILED_META: compiled_meta_forward_backward,
             "forward of the batch with grad": forward_with_grad,
             "ghost/full/k=1 step": make_step(setup, ghost),
             "ghost/full/k=1 compiled step": make_step(setup, compiled_variant(ghost)),
@@ -595,8 +595,9 @@ def compile_report(table: Path, runs: list[str]) -> str:
     rs = [r for r in _store.latest(table) if r["key"]["run"] in runs and r["key"]["measure"] == "timing"]
     if not rs:
         raise SystemExit(f"no timing rows of runs {runs} in {table}")
-    for model in dict.fromkeys(r["key"]["model"] for r in rs):
-        by = {r["key"]["variant"]: r["result"] for r in rs if r["key"]["model"] == model}
+    in_order = sorted(rs, key=lambda r: runs.index(r["key"]["run"]))  # the runs' order, then the rows'
+    for run, model in dict.fromkeys((r["key"]["run"], r["key"]["model"]) for r in in_order):
+        by = {r["key"]["variant"]: r["result"] for r in rs if (r["key"]["run"], r["key"]["model"]) == (run, model)}
         for name in [n for n in by if not n.endswith(" compiled")]:
             e, c = by[name], by.get(f"{name} compiled")
             added = "-" if name == "plain" else f"{e['step_ms'] - e['plain_ms']:.1f}"
@@ -625,6 +626,9 @@ ACCOUNTING = [  # (part, its component in the eager step, in the compiled step)
 ]  # fmt: skip
 
 
+COMPILED_META = "meta forward + backward at theta_hat, through the compiled model"
+
+
 def compile_accounting(table: Path, run: str) -> str:
     """Where a ghost step's time goes, eager and with the model compiled, from the components of ``run``
     (``--components --modes compiled``): each part's median ms, the rest (the step less its parts: the
@@ -650,6 +654,9 @@ def compile_accounting(table: Path, run: str) -> str:
         lines.append(f"| the rest (the step less the parts above) | {rest[0]} | {rest[1]} |")
         lines.append(f"| the reweighted step (ghost/full/k=1) | {steps[0]:.1f} | {steps[1]:.1f} |")
         lines.append(f"| x its plain step | {steps[0] / plains[0]:.2f} | {steps[1] / plains[1]:.2f} |")
+        forward, meta = ms["forward of the batch with grad"], ms[COMPILED_META]
+        lines.append(f"| not in the steps: a forward of the batch with grad | {forward:.1f} | {forward:.1f} |")
+        lines.append(f"| not in the steps: the meta forward + backward through the compiled model | - | {meta:.1f} |")
         out.append("\n".join(lines))
     opts = rs[0].get("options") or {}
     head = f"Run {run}; options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
