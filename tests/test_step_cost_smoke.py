@@ -93,3 +93,30 @@ def test_llama_lora_rows_time_ghost_and_forward_on_the_adapters():
         step_cost.make_step(setup, step_cost.Variant("reference flow (MW-Net code)", "reference"))
     compiled = step_cost.compiled_variant(step_cost.Variant("ghost/full/k=1", "reweight", "ghost", "full"))
     assert compiled.name == "ghost/full/k=1 compiled" and compiled.compiled
+
+
+def test_compiled_variants_and_their_accounting_render_beside_the_eager_ones(tmp_path, monkeypatch):
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch.compiler.reset()
+    table = tmp_path / "step_cost.jsonl"
+    small = ["--model", "mlp", "--repeats", "1", "--batch", "4", "--meta-batch", "4", "--clock", "cpu"]
+    small += ["--table", str(table), "--modes", "eager", "compiled"]
+    step_cost.main(small + ["--only", "ghost/full/k=1", "--exact", "--run", "c"])
+    rows = step_cost._store.rows(table)
+    names = [r["key"]["variant"] for r in rows]
+    assert names == ["plain", "ghost/full/k=1", "plain compiled", "ghost/full/k=1 compiled"]
+    assert rows[-1]["variant"]["compiled"] and rows[-1]["variant"]["meta_batch"] == 4
+    assert rows[0]["options"]["modes"] == ["eager", "compiled"] and rows[0]["options"]["batch"] == 4
+    text = step_cost.compile_report(table, ["c"])
+    cells = [[c.strip() for c in line.split("|")[2:9]] for line in text.splitlines() if line.startswith("| mlp |")]
+    by = {c[0]: c[1:] for c in cells}
+    assert "-" not in by["ghost/full/k=1"] and by["plain"][2] == "-" and by["plain"][4] != "-"
+
+    step_cost.main(small + ["--components", "--run", "a"])
+    text = step_cost.compile_accounting(table, "a")
+    assert "| ghost: its own forward of the batch, captured | - |" in text
+    assert "| the reweighted step (ghost/full/k=1) |" in text and "| x its plain step |" in text
