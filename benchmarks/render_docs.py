@@ -210,6 +210,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "gpu-h200": lambda: _gpu(),
         "compile-cost": lambda: step_cost.compile_report(sc, ["compile-ghost", "compile-llama-lora"]),
         "compile-accounting": lambda: step_cost.compile_accounting(sc, "compile-accounting"),
+        "compile-accounting-retain": lambda: step_cost.compile_accounting(sc, "compile-accounting-retain"),
         # docs/robustness.md
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
