@@ -1,11 +1,15 @@
 """Models and synthetic batches for the benchmarks: CIFAR-style ResNets (ResNet-32 with BatchNorm or GroupNorm,
-ResNet-20 with BatchNorm) and a small pre-norm text transformer."""
+ResNet-20 with BatchNorm), a small pre-norm text transformer, a small MLP, timm's ViT-Tiny on 32x32 images and a
+tiny random Llama with LoRA."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -94,11 +98,15 @@ def mnist1d_cnn(batch_norm: bool = False) -> nn.Module:
     )
 
 
-MODELS = ("resnet32", "resnet32gn", "resnet20", "transformer")
+MODELS = ("resnet32", "resnet32gn", "resnet20", "transformer", "mlp", "vit", "llama_lora")
 
 
 def make_problem(name: str, batch: int, meta_batch: int, seed: int = 0):
-    """``(model, train batch, meta batch, num_classes)`` with synthetic data."""
+    """``(model, train batch, meta batch, num_classes)`` with synthetic data (``name`` one of :data:`MODELS`).
+
+    ``llama_lora``'s inputs are ``{"input_ids": ids}`` and its targets the ids themselves (a causal LM:
+    :func:`per_sample_loss` gives its loss); ``num_classes`` is then the vocabulary size.
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if name in ("resnet32", "resnet32gn", "resnet20"):
@@ -108,7 +116,45 @@ def make_problem(name: str, batch: int, meta_batch: int, seed: int = 0):
     elif name == "transformer":
         model, k = TextTransformer(), 4
         x, xm = torch.randint(0, 1000, (batch, 32), generator=g), torch.randint(0, 1000, (meta_batch, 32), generator=g)
+    elif name == "mlp":
+        model, k = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 10)), 10
+        x, xm = torch.randn(batch, 32, generator=g), torch.randn(meta_batch, 32, generator=g)
+    elif name == "vit":  # timm's ViT-Tiny (192 wide, 12 blocks) on 32x32 images, patch 4: 64 tokens
+        import timm
+
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
+        x, xm = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(meta_batch, 3, 32, 32, generator=g)
+        k = 10
+    elif name == "llama_lora":
+        model, k = tiny_llama_lora(), 256
+        ids, idm = torch.randint(0, k, (batch, 32), generator=g), torch.randint(0, k, (meta_batch, 32), generator=g)
+        return model, ({"input_ids": ids}, ids), ({"input_ids": idm}, idm), k
     else:
-        raise ValueError(f"unknown model {name!r}; choose {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     y, ym = torch.randint(0, k, (batch,), generator=g), torch.randint(0, k, (meta_batch,), generator=g)
     return model, (x, y), (xm, ym), k
+
+
+def tiny_llama_lora() -> nn.Module:
+    """A 2-block random Llama (hidden 64, 4 heads, SDPA attention, vocabulary 256) with a LoRA adapter (r=8) on
+    every projection: only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=targets))
+
+
+def per_sample_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample training loss of model ``name`` on its logits: the causal LM loss of each sequence for
+    ``llama_lora``, cross-entropy for the classifiers."""
+    if name == "llama_lora":
+        from reweight.integrations.transformers import per_sample_loss as hf_loss
+
+        return hf_loss("causal_lm")
+    return partial(F.cross_entropy, reduction="none")

@@ -35,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Packages recorded when installed; the frameworks only when the benchmark imported them.
 PACKAGES = ("torch", "numpy", "mnist1d", "scikit-learn", "cleanlab")
 IF_IMPORTED = ("transformers", "timm", "peft", "lightning")
+# What "uncommitted changes" covers: the code, not the result tables runs append to or the docs.
+CODE = (".", ":(exclude)benchmarks/results", ":(exclude)docs", ":(exclude)*.md")
 
 __all__ = ["append", "rows", "latest", "find", "canonical", "provenance", "code_versions", "provenance_note"]
 
@@ -114,7 +116,7 @@ def _static() -> dict:
     import reweight
 
     commit = _git("rev-parse", "HEAD")
-    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no", "--", *CODE))
     return {
         "library": {"name": "reweight", "version": reweight.__version__, "commit": commit, "dirty": dirty},
         "python": platform.python_version(),
@@ -147,8 +149,8 @@ def _packages() -> dict:
 
 def provenance(argv: list[str] | None = None, **extra) -> dict:
     """Where and with what a row is measured now: library version and commit (and whether the working tree
-    had uncommitted changes), package versions, CPU model, torch threads, UTC date, the command line.
-    ``extra`` entries are added as they are (e.g. ``clock="cpu"``)."""
+    had uncommitted changes to code, see :data:`CODE`), package versions, CPU model, torch threads, UTC date,
+    the command line. ``extra`` entries are added as they are (e.g. ``clock="cpu"``)."""
     import torch
 
     argv = sys.argv if argv is None else argv

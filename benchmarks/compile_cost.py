@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import TextTransformer  # noqa: E402
+from _models import make_problem, per_sample_loss  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 
@@ -34,45 +34,10 @@ CLOCK: Callable[[], float] = time.process_time
 
 
 def make_model(name: str, batch: int, seed: int = 0):
-    """``(model, inputs, targets, meta inputs, meta targets, loss_fn)`` with synthetic data."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    loss_fn = None
-    if name == "mlp":
-        model = torch.nn.Sequential(
-            torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 10)
-        )
-        x, xm = torch.randn(batch, 32, generator=g), torch.randn(batch, 32, generator=g)
-        k = 10
-    elif name == "transformer":  # the step_cost.py benchmark transformer
-        model, k = TextTransformer(), 4
-        x, xm = (torch.randint(0, 1000, (batch, 32), generator=g) for _ in range(2))
-    elif name == "vit":  # timm's ViT-Tiny (192 wide, 12 blocks) on 32x32 images, patch 4: 64 tokens
-        import timm
-
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
-        x, xm = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(batch, 3, 32, 32, generator=g)
-        k = 10
-    elif name == "llama_lora":  # a 2-block random Llama (hidden 64) with LoRA r=8 on every projection
-        from peft import LoraConfig, get_peft_model
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from reweight.integrations.transformers import per_sample_loss
-
-        config = LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=32,
-        )  # fmt: skip
-        config._attn_implementation = "sdpa"
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=targets))
-        ids, idm = (torch.randint(0, 256, (batch, 32), generator=g) for _ in range(2))
-        lm_loss = per_sample_loss("causal_lm")
-        return model, {"input_ids": ids}, ids, {"input_ids": idm}, idm, lm_loss
-    else:
-        raise ValueError(f"unknown model {name!r}")
-    y, ym = torch.randint(0, k, (batch,), generator=g), torch.randint(0, k, (batch,), generator=g)
-    return model, x, y, xm, ym, loss_fn
+    """``(model, inputs, targets, meta inputs, meta targets, loss_fn)`` with synthetic data (``_models``'s
+    builders; the meta batch as large as the training batch); ``loss_fn`` is ``None`` for cross-entropy."""
+    model, (x, y), (xm, ym), _ = make_problem(name, batch, batch, seed)
+    return model, x, y, xm, ym, per_sample_loss(name) if name == "llama_lora" else None
 
 
 def _loss(loss_fn, out, y):

@@ -11,8 +11,15 @@ Every measurement is appended as a row of ``benchmarks/results/step_cost.jsonl``
 run name given by ``--run``, with the options and provenance of the run; the tables printed are rendered
 from those rows, and ``--report RUN ...`` renders them again from the table alone.
 
+``--modes eager compiled`` adds each plain and reweighting variant with the model under ``torch.compile``
+(inductor; the reweighter gets the compiled wrapper), timed against a compiled plain step; with
+``--components`` it adds the parts of a compiled model's ghost step. ``--model`` also takes ``mlp``, ``vit``
+(timm's ViT-Tiny on 32x32 images) and ``llama_lora`` (a tiny random Llama with LoRA adapters, causal LM loss).
+
     python benchmarks/step_cost.py --model resnet32 transformer --repeats 7 --memory --run my-machine
     python benchmarks/step_cost.py --report my-machine
+    python benchmarks/step_cost.py --model llama_lora --only ghost/full/k=1 forward/full/k=1 --exact \
+        --modes eager compiled --batch 16 --meta-batch 16 --clock cpu --run my-compile
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +42,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
-from _models import MODELS, make_problem  # noqa: E402
+from _models import MODELS, make_problem, per_sample_loss  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.presets import PRESETS  # noqa: E402
@@ -53,6 +60,13 @@ class Variant:
     interval: int = 1
     meta_batch: int = 100
     preset: str | None = None  # MetaReweighter(preset=...): engine, look-ahead and interval from the preset
+    compiled: bool = False  # the model under torch.compile (the reweighter gets the compiled wrapper)
+
+
+def compiled_variant(variant: Variant) -> Variant:
+    """``variant`` with the model compiled: timed against a compiled plain step (a plain step's compiled
+    variant against the eager plain step)."""
+    return replace(variant, name=f"{variant.name} compiled", compiled=True)
 
 
 def variants() -> list[Variant]:
@@ -78,24 +92,44 @@ def variants() -> list[Variant]:
 
 
 class Setup:
-    """A model, its optimizer and batches; ``plain_step`` and the variant's step act on their own copies."""
+    """A model, its optimizer and batches; ``plain_step`` and the variant's step act on their own copies.
+
+    ``loss`` is the model's per-sample loss of its output (:func:`_models.per_sample_loss`; a Hugging Face
+    output's ``logits``), ``call`` calls a model on inputs (keyword arguments when they are a dict)."""
 
     def __init__(self, model_name: str, meta_batch: int, batch: int = 100, device: str | torch.device = "cpu") -> None:
         self.model, (self.x, self.y), (self.xm, self.ym), self.k = make_problem(model_name, batch, meta_batch)
         self.model.to(device).train()
-        self.x, self.y, self.xm, self.ym = (t.to(device) for t in (self.x, self.y, self.xm, self.ym))
+        self.x, self.y, self.xm, self.ym = (_to(t, device) for t in (self.x, self.y, self.xm, self.ym))
+        self.loss_fn = per_sample_loss(model_name) if model_name == "llama_lora" else None
+        self._loss = per_sample_loss(model_name)
+
+    def loss(self, out, y: torch.Tensor) -> torch.Tensor:
+        return self._loss(out if isinstance(out, torch.Tensor) else out.logits, y)
+
+    @staticmethod
+    def call(model: Callable, x):
+        return model(**x) if isinstance(x, dict) else model(x)
 
     def fresh(self):
         model = copy.deepcopy(self.model)
-        return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+        trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA model's adapters
+        return model, torch.optim.SGD(trained, lr=LR, momentum=0.9, weight_decay=5e-4)
+
+
+def _to(t, device):
+    return {k: v.to(device) for k, v in t.items()} if isinstance(t, dict) else t.to(device)
 
 
 def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
     model, opt = setup.fresh()
     x, y, xm, ym = setup.x, setup.y, setup.xm, setup.ym
+    forward = torch.compile(model) if variant.compiled else model
+    if variant.kind in ("floor", "reference") and (variant.compiled or setup.loss_fn is not None):
+        raise NotImplementedError(f"{variant.kind} variants run on eager classifiers only")
 
     def weighted_update(weights):
-        loss = (weights * F.cross_entropy(logits_holder[0], y, reduction="none")).mean()
+        loss = (weights * setup.loss(logits_holder[0], y)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -105,7 +139,7 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
     if variant.kind == "plain":
 
         def step():
-            loss = F.cross_entropy(model(x), y)
+            loss = setup.loss(setup.call(forward, x), y).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -170,11 +204,12 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
 
         return step
 
+    kw = {} if setup.loss_fn is None else {"loss_fn": setup.loss_fn}
     if variant.preset is not None:
-        reweighter = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", preset=variant.preset, seed=0)
+        reweighter = MetaReweighter(forward, opt, [(xm, ym)], net="lossnet", preset=variant.preset, seed=0, **kw)
     else:
         reweighter = MetaReweighter(
-            model,
+            forward,
             opt,
             [(xm, ym)],
             net="lossnet",
@@ -182,41 +217,55 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
             lookahead=variant.lookahead,
             interval=variant.interval,
             seed=0,
+            **kw,
         )
 
     def step():
-        logits_holder[:] = [model(x)]
+        logits_holder[:] = [setup.call(forward, x)]
         weighted_update(reweighter.step(x, y, logits_holder[0]))
 
     return step
 
 
-def components(setup: Setup) -> dict[str, Callable[[], None]]:
-    """The passes an exact meta step is made of, each runnable alone (for the cost accounting)."""
+def _run(model: Callable, state: dict, inputs) -> torch.Tensor:
+    """``model``'s logits run statelessly with ``state`` (inputs as keyword arguments when a dict)."""
+    if isinstance(inputs, dict):
+        out = functional_call(model, state, args=(), kwargs=inputs)
+    else:
+        out = functional_call(model, state, (inputs,))
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def components(setup: Setup, compiled: bool = False) -> dict[str, Callable[[], None]]:
+    """The passes an exact meta step is made of, each runnable alone (for the cost accounting). With
+    ``compiled``, also what a ``torch.compile``d model's reweighted step is made of: the compiled plain step,
+    the meta pass through the compiled model, the eager forward of the batch with grad, the ghost engine's
+    captured forward and weighted gradient, and whole ghost steps, eager and compiled. The look-ahead
+    parameters are the trained ones (a LoRA model's adapters)."""
     model = copy.deepcopy(setup.model)
     x, y, xm, ym = setup.x, setup.y, setup.xm, setup.ym
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     tangent = {k: 1e-3 * torch.randn_like(p) for k, p in params.items()}
 
     def buffers():
         return {k: b.clone() for k, b in model.named_buffers()}
 
     def plain():
-        loss = F.cross_entropy(model(x), y)
+        loss = setup.loss(setup.call(model, x), y).mean()
         model.zero_grad(set_to_none=True)
         loss.backward()
 
     def forward_no_grad():
         with torch.no_grad():
-            functional_call(model, buffers(), (x,))
+            _run(model, buffers(), x)
 
     def forward_and_weighted_gradient():  # the user's forward, then grad of mean(w * L) with retain_graph
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        torch.autograd.grad(losses.mean(), list(model.parameters()), retain_graph=True)
+        losses = setup.loss(setup.call(model, x), y)
+        torch.autograd.grad(losses.mean(), [p for p in model.parameters() if p.requires_grad], retain_graph=True)
 
     def meta_forward_backward():
         leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
-        loss = F.cross_entropy(functional_call(model, {**leaves, **buffers()}, (xm,)), ym)
+        loss = setup.loss(_run(model, {**leaves, **buffers()}, xm), ym).mean()
         torch.autograd.grad(loss, list(leaves.values()))
 
     def jvp() -> torch.Tensor:
@@ -224,61 +273,117 @@ def components(setup: Setup) -> dict[str, Callable[[], None]]:
 
         with torch.no_grad(), fwAD.dual_level():
             duals = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
-            losses = F.cross_entropy(functional_call(model, {**duals, **buffers()}, (x,)), y, reduction="none")
+            losses = setup.loss(_run(model, {**duals, **buffers()}, x), y)
             return fwAD.unpack_dual(losses).tangent
 
-    return {
+    parts = {
         "plain step (forward + backward)": plain,
         "no-grad forward of the batch": forward_no_grad,
         "forward + weighted gradient (retain_graph)": forward_and_weighted_gradient,
         "meta forward + backward at theta_hat": meta_forward_backward,
         "JVP of the per-sample losses": jvp,
-    } | ghost_components(model, x, y, tangent)
+    } | ghost_components(setup, model, tangent, compiled)
+    if compiled:
+        compiled_model = torch.compile(copy.deepcopy(setup.model))
+
+        def compiled_plain():
+            loss = setup.loss(setup.call(compiled_model, x), y).mean()
+            compiled_model.zero_grad(set_to_none=True)
+            loss.backward()
+
+        def forward_with_grad():
+            setup.loss(setup.call(model, x), y)
+
+        def compiled_meta_forward_backward():  # the meta pass through the compiled model (the engine's is eager)
+            leaves = {f"_orig_mod.{k}": p.clone().requires_grad_() for k, p in params.items()}
+            state = {**leaves, **{f"_orig_mod.{k}": b for k, b in buffers().items()}}
+            loss = setup.loss(_run(compiled_model, state, xm), ym).mean()
+            torch.autograd.grad(loss, list(leaves.values()))
+
+        ghost = Variant("ghost/full/k=1", "reweight", "ghost", "full", 1, len(ym))
+        parts |= {
+            "compiled plain step (forward + backward)": compiled_plain,
+            COMPILED_META: compiled_meta_forward_backward,
+            "forward of the batch with grad": forward_with_grad,
+            "ghost/full/k=1 step": make_step(setup, ghost),
+            "ghost/full/k=1 compiled step": make_step(setup, compiled_variant(ghost)),
+        }
+    return parts
 
 
-def ghost_components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tangent: dict) -> dict:
+def ghost_components(setup: Setup, model: torch.nn.Module, tangent: dict, accounting: bool = False) -> dict:
     """The ghost engine's own passes: its backward of the unweighted losses to the recorded layer outputs,
-    and the per-layer inner products (on a capture of one forward with grad, made once here)."""
+    and the per-layer inner products (on a capture of one forward with grad, made once here); with
+    ``accounting``, also its captured forward of the batch and its weighted gradient."""
     from types import SimpleNamespace
 
-    from reweight.engines.ghost import LayerCapture, layer_output_gradients
+    from reweight.engines.ghost import LayerCapture, layer_output_gradients, weighted_gradients
+    from reweight.engines.ghost import inner_products as ghost_inner_products
     from reweight.losses import cross_entropy
 
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return {}  # ghost refuses BatchNorm in train mode
-    leaves = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
-    capture = LayerCapture(leaves, [x], x.shape[0])
-    with capture:
-        logits = functional_call(model, {**leaves, **{k: b.clone() for k, b in model.named_buffers()}}, (x,))
-    problem = SimpleNamespace(train_logits=logits, loss_fn=cross_entropy, targets=y)  # what the function reads
+    x, y = setup.x, setup.y
+    roots, n = (list(x.values()) if isinstance(x, dict) else [x]), len(y)
+
+    def captured_forward() -> tuple[LayerCapture, torch.Tensor]:  # the engine's own forward of the batch, recorded
+        leaves = {k: p.detach().requires_grad_() for k, p in model.named_parameters() if p.requires_grad}
+        capture = LayerCapture(leaves, roots, n)
+        with capture:
+            logits = _run(model, {**leaves, **{k: b.clone() for k, b in model.named_buffers()}}, x)
+        return capture, logits
+
+    capture, logits = captured_forward()
+    loss_fn = setup.loss_fn or cross_entropy
+    problem = SimpleNamespace(train_logits=logits, loss_fn=loss_fn, targets=y)  # what the function reads
     grads: list = []
+    coef = torch.full((n,), 1.0 / n)
+
+    def weighted_gradient():
+        with torch.no_grad():
+            weighted_gradients(capture, grads, coef)
 
     def backward_to_layer_outputs():  # with the per-sample gradients formed on the way, as the engine does
         grads[:] = layer_output_gradients(problem, capture, retain=True)  # type: ignore[arg-type]
 
     def inner_products():
         with torch.no_grad():
-            capture.inner_products(tangent, grads)
+            ghost_inner_products(capture, tangent, grads)
 
     backward_to_layer_outputs()
-    return {
+    parts = {
         "ghost: backward to the layer outputs, with the per-sample gradients it keeps": backward_to_layer_outputs,
         "ghost: per-layer inner products": inner_products,
     }
+    if accounting:
+        parts["ghost: its own forward of the batch, captured"] = captured_forward
+        parts["ghost: weighted gradient from the layer gradients"] = weighted_gradient
+    return parts
 
 
-def time_components(setup: Setup, repeats: int) -> dict[str, float]:
-    """Median cost of each pass relative to an interleaved plain step."""
-    parts = components(setup)
+def time_components(setup: Setup, repeats: int, compiled: bool = False) -> dict[str, dict[str, float]]:
+    """Median cost of each pass relative to an interleaved (eager) plain step, and its median time in ms; a
+    pass torch cannot run on the model (forward AD through a CPU flash attention) is left out."""
+    parts = components(setup, compiled)
     plain = parts["plain step (forward + backward)"]
-    for fn in parts.values():
-        fn()
+    for name, fn in list(parts.items()):
+        try:
+            fn()
+        except NotImplementedError as err:
+            print(f"{name}: not applicable ({str(err).splitlines()[0]})", file=sys.stderr)
+            del parts[name]
+    for _ in range(2 if compiled else 0):  # further warm-up (compilation)
+        for fn in parts.values():
+            fn()
     ratios: dict[str, list[float]] = {name: [] for name in parts}
+    times: dict[str, list[float]] = {name: [] for name in parts}
     for _ in range(repeats):
         for name, fn in parts.items():
             p = timed(plain, 1)
-            ratios[name].append(timed(fn, 1) / p)
-    return {name: statistics.median(r) for name, r in ratios.items()}
+            times[name].append(timed(fn, 1))
+            ratios[name].append(times[name][-1] / p)
+    median = statistics.median
+    return {name: {"ratio": median(ratios[name]), "ms": 1e3 * median(times[name])} for name in parts}
 
 
 CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time
@@ -293,11 +398,15 @@ def timed(fn: Callable[[], None], calls: int) -> float:
 
 def time_variant(setup: Setup, variant: Variant, repeats: int, block: int = 1) -> dict:
     """Median per-repeat ratio of the variant's step time to a plain step's; each repeat times ``block``
-    consecutive plain steps, then ``block`` consecutive variant steps (times its interval: amortised)."""
-    plain = make_step(setup, Variant("plain", "plain"))
+    consecutive plain steps, then ``block`` consecutive variant steps (times its interval: amortised). A
+    compiled variant is timed against a compiled plain step, the compiled plain step against the eager one."""
+    if variant.compiled:
+        torch.compiler.reset()  # earlier variants' compiled code counts against the recompile limit
+    plain = make_step(setup, Variant("plain", "plain", compiled=variant.compiled and variant.kind != "plain"))
     step = make_step(setup, variant)
     calls = block * variant.interval
-    plain(), step()  # warm-up: allocator, oneDNN primitives, lazy imports
+    for _ in range(3 if variant.compiled else 1):  # warm-up: compilation, allocator, oneDNN primitives, lazy imports
+        plain(), step()
     ratios, plain_times, times = [], [], []
     for _ in range(repeats):
         p = timed(plain, block)
@@ -372,7 +481,7 @@ def render_phases(model_name: str, phases: dict[str, dict[str, tuple[float, floa
     return "\n".join(lines)
 
 
-def measure_memory(model_name: str, variant: Variant) -> tuple[float, float, float]:
+def measure_memory(model_name: str, variant: Variant, batch: int = 100) -> tuple[float, float, float]:
     """Peak RSS growth over the RSS after setup, the process's peak RSS, and the peak of live tensor
     bytes (:func:`live_peak_mb`), in MiB, over ``max(3, interval)`` steps of ``variant``; run in a fresh
     process.
@@ -381,7 +490,7 @@ def measure_memory(model_name: str, variant: Variant) -> tuple[float, float, flo
     (``ru_maxrss`` is no use here: Linux carries it over from the parent across ``exec``). The live-bytes
     peak is taken afterwards, over as many further steps.
     """
-    setup = Setup(model_name, variant.meta_batch)
+    setup = Setup(model_name, variant.meta_batch, batch)
     step = make_step(setup, variant)
     steps = max(3, variant.interval)
     before = _status_mb("VmRSS")
@@ -398,8 +507,8 @@ def measure_memory(model_name: str, variant: Variant) -> tuple[float, float, flo
     return peak - before, peak, live_peak_mb(more_steps)
 
 
-def memory_in_subprocess(model_name: str, variant: Variant, allocator: str) -> tuple[float, ...]:
-    cmd = [sys.executable, __file__, "--model", model_name, "--allocator", allocator]
+def memory_in_subprocess(model_name: str, variant: Variant, allocator: str, batch: int = 100) -> tuple[float, ...]:
+    cmd = [sys.executable, __file__, "--model", model_name, "--allocator", allocator, "--batch", str(batch)]
     out = subprocess.run(cmd + ["--memory-of", json.dumps(asdict(variant))], capture_output=True, text=True, check=True)
     return tuple(float(v) for v in out.stdout.strip().splitlines()[-1].split())
 
@@ -447,10 +556,14 @@ def render(model_name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_components(model_name: str, ratios: dict[str, float], repeats) -> str:
+def render_components(model_name: str, results: dict[str, dict[str, float]], repeats) -> str:
     lines = [f"### {model_name}: cost of each pass, x a plain step (median of {repeats})", ""]
-    lines += ["| pass | x plain step |", "| --- | --- |"]
-    lines += [f"| {name} | {ratio:.2f} |" for name, ratio in ratios.items()]
+    if all("ms" in r for r in results.values()):
+        lines += ["| pass | x plain step | ms |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {r['ratio']:.2f} | {r['ms']:.1f} |" for name, r in results.items()]
+    else:
+        lines += ["| pass | x plain step |", "| --- | --- |"]
+        lines += [f"| {name} | {r['ratio']:.2f} |" for name, r in results.items()]
     return "\n".join(lines)
 
 
@@ -474,8 +587,8 @@ def report(table: Path, runs: list[str]) -> str:
                     by.setdefault(r["key"]["variant"], {**r["variant"]}).update(r["result"])
                 out.append(render(model, list(by.values())))
             if "component" in measures:
-                ratios = {r["key"]["variant"]: r["result"]["ratio"] for r in mine if r["key"]["measure"] == "component"}
-                out.append(render_components(model, ratios, opts.get("repeats", "?")))
+                results = {r["key"]["variant"]: r["result"] for r in mine if r["key"]["measure"] == "component"}
+                out.append(render_components(model, results, opts.get("repeats", "?")))
             if "phase" in measures:
                 phases: dict[str, dict[str, tuple[float, float]]] = {}
                 for r in mine:
@@ -488,6 +601,85 @@ def report(table: Path, runs: list[str]) -> str:
     return "\n\n".join(out)
 
 
+def compile_report(table: Path, runs: list[str]) -> str:
+    """Eager against compiled, per model and variant of ``runs`` (``--modes eager compiled``): each step's ms,
+    its ratio to its own plain step (the compiled plain step's: to the eager one) and the ms it adds."""
+    lines = [
+        "| model | variant | eager ms | x eager plain | added ms | compiled ms | x compiled plain | added ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rs = [r for r in _store.latest(table) if r["key"]["run"] in runs and r["key"]["measure"] == "timing"]
+    if not rs:
+        raise SystemExit(f"no timing rows of runs {runs} in {table}")
+    in_order = sorted(rs, key=lambda r: runs.index(r["key"]["run"]))  # the runs' order, then the rows'
+    for run, model in dict.fromkeys((r["key"]["run"], r["key"]["model"]) for r in in_order):
+        by = {r["key"]["variant"]: r["result"] for r in rs if (r["key"]["run"], r["key"]["model"]) == (run, model)}
+        for name in [n for n in by if not n.endswith(" compiled")]:
+            e, c = by[name], by.get(f"{name} compiled")
+            added = "-" if name == "plain" else f"{e['step_ms'] - e['plain_ms']:.1f}"
+            cells = [f"{e['step_ms']:.1f}", f"{e['ratio']:.2f}", added]
+            if c is None:
+                cells += ["-", "-", "-"]
+            else:
+                added = "-" if name == "plain" else f"{c['step_ms'] - c['plain_ms']:.1f}"
+                cells += [f"{c['step_ms']:.1f}", f"{c['ratio']:.2f}", added]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    opts = rs[0].get("options") or {}
+    head = f"Runs {', '.join(runs)}; options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + "."
+    return "\n".join([head, "", *lines, "", _store.provenance_note(rs)])
+
+
+ACCOUNTING = [  # (part, its component in the eager step, in the compiled step)
+    ("the user's forward and backward (a plain step)", "plain step (forward + backward)",
+     "compiled plain step (forward + backward)"),
+    ("ghost: its own forward of the batch, captured", None, "ghost: its own forward of the batch, captured"),
+    ("the capture of the user's forward (captured forward less a forward with grad)", "capture", None),
+    ("ghost: backward to the layer outputs", "ghost: backward to the layer outputs, with the per-sample gradients "
+     "it keeps", "same"),
+    ("ghost: weighted gradient from the layer gradients", "ghost: weighted gradient from the layer gradients", "same"),
+    ("meta forward + backward at theta_hat", "meta forward + backward at theta_hat", "same"),
+    ("ghost: per-layer inner products", "ghost: per-layer inner products", "same"),
+]  # fmt: skip
+
+
+COMPILED_META = "meta forward + backward at theta_hat, through the compiled model"
+
+
+def compile_accounting(table: Path, run: str) -> str:
+    """Where a ghost step's time goes, eager and with the model compiled, from the components of ``run``
+    (``--components --modes compiled``): each part's median ms, the rest (the step less its parts: the
+    weighting net's passes and update, RNG isolation, checks), and each step's ratio to its plain step."""
+    rs = [r for r in _store.latest(table) if r["key"]["run"] == run and r["key"]["measure"] == "component"]
+    if not rs:
+        raise SystemExit(f"no component rows of run {run!r} in {table}")
+    out = []
+    for model in dict.fromkeys(r["key"]["model"] for r in rs):
+        ms = {r["key"]["variant"]: r["result"]["ms"] for r in rs if r["key"]["model"] == model}
+        ms["capture"] = ms["ghost: its own forward of the batch, captured"] - ms["forward of the batch with grad"]
+        steps = (ms["ghost/full/k=1 step"], ms["ghost/full/k=1 compiled step"])
+        lines = [f"### {model}", "", "| part | eager step ms | compiled step ms |", "| --- | ---: | ---: |"]
+        totals = [0.0, 0.0]
+        for part, eager, compiled in ACCOUNTING:
+            cells = []
+            for i, name in enumerate((eager, eager if compiled == "same" else compiled)):
+                cells.append("-" if name is None else f"{ms[name]:.1f}")
+                totals[i] += 0.0 if name is None else ms[name]
+            lines.append(f"| {part} | {cells[0]} | {cells[1]} |")
+        rest = [f"{step - total:.1f}" for step, total in zip(steps, totals)]
+        plains = (ms[ACCOUNTING[0][1]], ms[ACCOUNTING[0][2]])
+        lines.append(f"| the rest (the step less the parts above) | {rest[0]} | {rest[1]} |")
+        lines.append(f"| the reweighted step (ghost/full/k=1) | {steps[0]:.1f} | {steps[1]:.1f} |")
+        lines.append(f"| x its plain step | {steps[0] / plains[0]:.2f} | {steps[1] / plains[1]:.2f} |")
+        forward, meta = ms["forward of the batch with grad"], ms[COMPILED_META]
+        lines.append(f"| not in the steps: a forward of the batch with grad | {forward:.1f} | {forward:.1f} |")
+        lines.append(f"| not in the steps: the meta forward + backward through the compiled model | - | {meta:.1f} |")
+        out.append("\n".join(lines))
+    opts = rs[0].get("options") or {}
+    head = f"Run {run}; options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+    head += "; median ms of each part."
+    return "\n\n".join([head, *out, _store.provenance_note(rs)])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -496,7 +688,17 @@ def main(argv: list[str] | None = None) -> None:
         default=["resnet32", "resnet32gn", "transformer"],
         choices=MODELS,
     )
-    parser.add_argument("--batch", type=int, default=100, help="training batch size (the meta batch is the variant's)")
+    parser.add_argument("--batch", type=int, default=100, help="training batch size (default: 100)")
+    parser.add_argument(
+        "--meta-batch", type=int, default=None, help="meta batch size of every variant (default: each variant's own)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "compiled"],
+        help="eager, and/or the plain and reweighting variants with the model under torch.compile (inductor)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument(
@@ -514,6 +716,7 @@ def main(argv: list[str] | None = None) -> None:
         "loop runs reweighted steps back to back, which the C allocator may treat differently)",
     )
     parser.add_argument("--only", nargs="*", default=None, help="substrings selecting variants by name")
+    parser.add_argument("--exact", action="store_true", help="--only names variants in full (plain always runs)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
     parser.add_argument("--table", type=Path, default=TABLE, help="the table rows are appended to and read from")
     parser.add_argument(
@@ -537,8 +740,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.batch != 100 and (args.memory or args.memory_only or args.phases or args.components):
-        parser.error("--batch applies to the timings only; memory, phases and components use batch 100")
+    if args.batch != 100 and args.phases:
+        parser.error("--phases runs at batch 100")
     if args.report:
         print(report(args.table, args.report))
         return
@@ -551,15 +754,15 @@ def main(argv: list[str] | None = None) -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     if args.memory_of:
-        print(*measure_memory(args.model[0], Variant(**json.loads(args.memory_of))))
+        print(*measure_memory(args.model[0], Variant(**json.loads(args.memory_of)), args.batch))
         return
 
     run = args.run or "step-cost-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     prov = _store.provenance([__file__, *(sys.argv[1:] if argv is None else argv)])
     options = {"repeats": args.repeats, "clock": args.clock, "allocator": args.allocator, "block": args.block}
     options["threads"] = args.threads
-    if args.batch != 100:  # rows of the default batch keep the options they were recorded with
-        options["batch"] = args.batch
+    if args.batch != 100 or args.meta_batch is not None or args.modes != ["eager"]:
+        options.update(batch=args.batch, meta_batch=args.meta_batch, modes=args.modes)
     rows = []
 
     def add(model_name: str, name: str, measure: str, result: dict, variant: Variant | None = None, **key) -> None:
@@ -568,11 +771,21 @@ def main(argv: list[str] | None = None) -> None:
             row["variant"] = asdict(variant)
         rows.append({**row, "options": options, "result": result, "provenance": prov})
 
-    selected = [v for v in variants() if args.only is None or any(s in v.name for s in args.only + ["plain"])]
+    def chosen(v: Variant) -> bool:
+        if args.only is None or v.name == "plain":
+            return True
+        return v.name in args.only if args.exact else any(s in v.name for s in args.only + ["plain"])
+
+    selected = [v for v in variants() if chosen(v)]
+    if args.meta_batch is not None:
+        selected = [replace(v, meta_batch=args.meta_batch) for v in selected]
+    compiled = [compiled_variant(v) for v in selected if v.kind in ("plain", "reweight") and v.preset is None]
+    selected = (selected if "eager" in args.modes else []) + (compiled if "compiled" in args.modes else [])
     if args.components:
         for model_name in args.model:
-            for name, ratio in time_components(Setup(model_name, 100), args.repeats).items():
-                add(model_name, name, "component", {"ratio": ratio})
+            setup = Setup(model_name, args.meta_batch or 100, args.batch)
+            for name, result in time_components(setup, args.repeats, "compiled" in args.modes).items():
+                add(model_name, name, "component", result)
     elif args.phases:
         for model_name in args.model:
             for variant in tqdm([v for v in selected if v.kind == "reweight"], desc=model_name):
@@ -584,11 +797,13 @@ def main(argv: list[str] | None = None) -> None:
         for model_name in args.model:
             setups: dict[int, Setup] = {}
             for variant in tqdm(selected, desc=model_name):
-                setup = setups.setdefault(variant.meta_batch, Setup(model_name, variant.meta_batch, args.batch))
+                if variant.meta_batch not in setups:
+                    setups[variant.meta_batch] = Setup(model_name, variant.meta_batch, args.batch)
+                setup = setups[variant.meta_batch]
                 try:
                     timing = {} if args.memory_only else time_variant(setup, variant, args.repeats, args.block)
                     if args.memory:
-                        mem = memory_in_subprocess(model_name, variant, args.allocator)
+                        mem = memory_in_subprocess(model_name, variant, args.allocator, args.batch)
                 except (NotImplementedError, subprocess.CalledProcessError) as err:  # ghost on a BatchNorm model
                     tqdm.write(f"{variant.name:45s} not applicable: {str(err).splitlines()[0]}")
                     continue

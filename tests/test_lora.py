@@ -69,3 +69,29 @@ def test_last_block_adapters_lookahead_is_ghost_and_equals_reverse():
     assert not torch.allclose(weights["auto", 1], torch.ones(5, dtype=torch.float64))
     for step in range(2):
         torch.testing.assert_close(weights["auto", step], weights["reverse", step], rtol=1e-8, atol=1e-10)
+
+
+def test_compiled_lora_llama_steps_like_the_eager_one_in_one_graph():
+    from torch._dynamo.utils import counters
+
+    weights = {}
+    for compiled in (False, True):
+        torch.compiler.reset()
+        counters.clear()
+        model = lora_llama()
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        rw, opt = reweighter(forward, meta_warmup=0, net_kwargs={"uniform_start": False})
+        assert rw.engine_name == "ghost", rw.engine_reason
+        x, y = batch(5, 2)
+        for step in range(2):
+            out = forward(**x)
+            w = rw.step(x, y, out)
+            weights[compiled, step] = w
+            opt.zero_grad()
+            (w * per_sample_loss("causal_lm")(out.logits, y)).mean().backward()
+            opt.step()
+        if compiled:  # the engine's own forward runs eagerly: no graph break, no recompilation
+            assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    for step in range(2):
+        torch.testing.assert_close(weights[True, step], weights[False, step], rtol=1e-8, atol=1e-10)
+    torch.compiler.reset()

@@ -81,3 +81,44 @@ def test_compile_cost_rows_are_their_own_ratios(capsys):
     assert row["plain_ms"] > 0 and row["reweighted_ms"] > 0 and row["ratio"] > 0
     assert row["added_ms"] == pytest.approx(row["reweighted_ms"] - row["plain_ms"])
     assert "| mlp | auto | eager |" in capsys.readouterr().out
+
+
+def test_llama_lora_rows_time_ghost_and_forward_on_the_adapters():
+    setup = step_cost.Setup("llama_lora", 2, batch=2)
+    assert isinstance(setup.x, dict) and setup.loss_fn is not None
+    trained = setup.fresh()[1].param_groups[0]["params"]
+    assert trained and all(p.requires_grad for p in trained)  # the LoRA adapters only
+    for engine in ("ghost", "forward"):
+        row = step_cost.time_variant(setup, step_cost.Variant(f"{engine}/full/k=1", "reweight", engine, "full"), 1)
+        assert row["plain_ms"] > 0 and row["ratio"] == pytest.approx(row["step_ms"] / row["plain_ms"], rel=1e-9)
+    with pytest.raises(NotImplementedError):
+        step_cost.make_step(setup, step_cost.Variant("reference flow (MW-Net code)", "reference"))
+    compiled = step_cost.compiled_variant(step_cost.Variant("ghost/full/k=1", "reweight", "ghost", "full"))
+    assert compiled.name == "ghost/full/k=1 compiled" and compiled.compiled
+
+
+def test_compiled_variants_and_their_accounting_render_beside_the_eager_ones(tmp_path, monkeypatch):
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch.compiler.reset()
+    table = tmp_path / "step_cost.jsonl"
+    small = ["--model", "mlp", "--repeats", "1", "--batch", "4", "--meta-batch", "4", "--clock", "cpu"]
+    small += ["--table", str(table), "--modes", "eager", "compiled"]
+    step_cost.main(small + ["--only", "ghost/full/k=1", "--exact", "--run", "c"])
+    rows = step_cost._store.rows(table)
+    names = [r["key"]["variant"] for r in rows]
+    assert names == ["plain", "ghost/full/k=1", "plain compiled", "ghost/full/k=1 compiled"]
+    assert rows[-1]["variant"]["compiled"] and rows[-1]["variant"]["meta_batch"] == 4
+    assert rows[0]["options"]["modes"] == ["eager", "compiled"] and rows[0]["options"]["batch"] == 4
+    text = step_cost.compile_report(table, ["c"])
+    cells = [[c.strip() for c in line.split("|")[2:9]] for line in text.splitlines() if line.startswith("| mlp |")]
+    by = {c[0]: c[1:] for c in cells}
+    assert "-" not in by["ghost/full/k=1"] and by["plain"][2] == "-" and by["plain"][4] != "-"
+
+    step_cost.main(small + ["--components", "--run", "a"])
+    text = step_cost.compile_accounting(table, "a")
+    assert "| ghost: its own forward of the batch, captured | - |" in text
+    assert "| the reweighted step (ghost/full/k=1) |" in text and "| x its plain step |" in text
