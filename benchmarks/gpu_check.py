@@ -1,5 +1,6 @@
 """One run on a CUDA machine: the machine, the step-cost table timed on the GPU, host synchronisations per
-reweighted step, the attention (SDPA) kernel each pass ran, and the DDP equality checks on NCCL.
+reweighted step, the attention (SDPA) kernel each pass ran, and, on two GPUs, the DDP and FSDP2 equality checks
+on NCCL.
 
     python benchmarks/gpu_check.py --out gpu_check --budget-s 420
     python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gpu_check   # the same code, tiny, on the CPU
@@ -35,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 START = time.monotonic()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-sys.path.append(str(ROOT / "tests"))  # rank_processes and test_ddp, for the DDP check only
+sys.path.append(str(ROOT / "tests"))  # rank_processes, test_ddp and test_fsdp, for the equality checks only
 NO_CUDA = "no CUDA device: nothing to check"
 MODELS = ["transformer", "resnet32gn", "resnet32"]
 SMOKE_MODELS = ["transformer", "resnet32"]  # the ResNet with BatchNorm: the engines that refuse it are recorded so
@@ -249,7 +250,29 @@ def ddp_on(device: torch.device):
         test_ddp._model, test_ddp._batch = model, batch
 
 
-def _ddp_worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
+@contextlib.contextmanager
+def fsdp_on(device: torch.device):
+    """tests/test_fsdp.py's models and batches, on ``device``."""
+    import test_fsdp
+
+    models, batch = dict(test_fsdp.MODELS), test_fsdp._batch
+    test_fsdp.MODELS.update({k: (lambda b=b: b().to(device), units) for k, (b, units) in models.items()})
+    test_fsdp._batch = lambda *a: tuple(t.to(device) for t in batch(*a))
+    try:
+        yield test_fsdp
+    finally:
+        test_fsdp.MODELS.update(models)
+        test_fsdp._batch = batch
+
+
+# the runs of each equality check: every configuration of tests/test_ddp.py; of tests/test_fsdp.py, one per model
+EQUALITY = {
+    "ddp": (ddp_on, None),
+    "fsdp2": (fsdp_on, ("lossnet", "metainfonet", "transformer_lossnet", "transformer_metainfonet", "cnn_lossnet")),
+}
+
+
+def _equality_worker(rank: int, init_file: str, out_dir: str, backend: str, kind: str) -> None:
     import torch.distributed as dist
 
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
@@ -258,25 +281,29 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=120))
+    context, names = EQUALITY[kind]
     try:
-        with ddp_on(device) as t:
-            results = {name: _to_cpu(t._train(config, rank)) for name, config in t.CONFIGS.items()}
+        with context(device) as t:
+            results = {name: _to_cpu(t._train(t.CONFIGS[name], rank)) for name in names or t.CONFIGS}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def ddp_check(backend: str, timeout_s: float) -> dict:
-    """tests/test_ddp.py's equality checks on two ranks: weighting nets and models bit-identical across ranks, and
-    the model, net and weights within 1e-5 of one process trained on the concatenated batches."""
+def equality_check(kind: str, backend: str, timeout_s: float) -> dict:
+    """The equality checks of tests/test_ddp.py (``kind="ddp"``) or tests/test_fsdp.py (``"fsdp2"``) on two ranks:
+    weighting nets and (gathered) models bit-identical across ranks, and the model, net and weights within 1e-5 of
+    one process trained on the concatenated batches."""
     from rank_processes import spawn_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = spawn_ranks(_ddp_worker, (os.path.join(tmp, "init"), tmp, backend), tmp, 2, timeout_s=timeout_s)
+        args = (os.path.join(tmp, "init"), tmp, backend, kind)
+        ranks = spawn_ranks(_equality_worker, args, tmp, 2, timeout_s=timeout_s)
     out = {"backend": backend}
-    with ddp_on(torch.device("cuda:0" if backend == "nccl" else "cpu")) as t:
-        for name, config in t.CONFIGS.items():
-            single, (a, b) = _to_cpu(t._train(config, None)), (r[name] for r in ranks)
+    context, _ = EQUALITY[kind]
+    with context(torch.device("cuda:0" if backend == "nccl" else "cpu")) as t:
+        for name in ranks[0]:
+            single, (a, b) = _to_cpu(t._train(t.CONFIGS[name], None)), (r[name] for r in ranks)
             same = all(torch.equal(a[p][k], b[p][k]) for p in ("net", "model") for k in a[p])
             weights = torch.cat([torch.cat([r[name]["weights"].view(t.STEPS, t.SHARD)[s] for r in ranks])
                                  for s in range(t.STEPS)])
@@ -434,13 +461,15 @@ def run(check: Check) -> None:
     for dtype in args.dtypes[1:]:
         timing(args.batch, dtype)
     gpus = torch.cuda.device_count() if cuda else 0
-    if cuda and gpus < 2:
-        check.report["ddp"] = {"status": "skipped: one GPU" if gpus == 1 else f"skipped: {gpus} GPUs"}
-    elif not cuda and not args.ddp:
-        check.report["ddp"] = {"status": "skipped: --device cpu without --ddp"}
-    else:
-        left = check.deadline - time.monotonic()  # the ranks are killed well before the item's own deadline
-        check.item("ddp", ("nccl" if cuda else "gloo",), lambda: ddp_check("nccl" if cuda else "gloo", left - 20), 40)
+    backend = "nccl" if cuda else "gloo"
+    for kind in EQUALITY:
+        if cuda and gpus < 2:
+            check.report[kind] = {"status": "skipped: one GPU" if gpus == 1 else f"skipped: {gpus} GPUs"}
+        elif not cuda and not args.ddp:
+            check.report[kind] = {"status": "skipped: --device cpu without --ddp"}
+        else:
+            left = check.deadline - time.monotonic()  # the ranks are killed well before the item's own deadline
+            check.item(kind, (backend,), lambda k=kind, s=left: equality_check(k, backend, s - 20), 40)
     if args.large_batch:
         for dtype in args.dtypes:
             timing(args.large_batch, dtype)
@@ -486,14 +515,16 @@ def markdown(report: dict) -> str:
                                                       if op != "aten::scaled_dot_product_attention")
                                  for w, ops in found.items()) if "status" not in found else found["status"]
                 lines.append(f"| {dtype} | {v} | {text} |")
-    lines += ["", "## DDP equality checks (tests/test_ddp.py's configurations on two ranks)", ""]
-    for backend, rows in report.get("ddp", {}).items():
-        if not isinstance(rows, dict) or "status" in rows:  # skipped, or the item's failure
-            lines.append(f"{backend}: {rows if not isinstance(rows, dict) else rows['status'] + ': ' + _why(rows)}")
-            continue
-        lines += ["| config | ranks identical | max diff to one process | engine | ok |", "| --- |" + " --- |" * 4]
-        lines += [f"| {n} | {c['ranks_identical']} | {c['max_diff_to_single']:.2g} | {c['engine']} | {c['ok']} |"
-                  for n, c in rows.items() if isinstance(c, dict)]
+    for kind, title in (("ddp", "DDP"), ("fsdp2", "FSDP2")):
+        source = f"tests/test_{kind.rstrip('2')}.py"
+        lines += ["", f"## {title} equality checks ({source}'s configurations on two ranks)", ""]
+        for backend, rows in report.get(kind, {}).items():
+            if not isinstance(rows, dict) or "status" in rows:  # skipped, or the item's failure
+                lines.append(f"{backend}: {rows if not isinstance(rows, dict) else rows['status'] + ': ' + _why(rows)}")
+                continue
+            lines += ["| config | ranks identical | max diff to one process | engine | ok |", "| --- |" + " --- |" * 4]
+            lines += [f"| {n} | {c['ranks_identical']} | {c['max_diff_to_single']:.2g} | {c['engine']} | {c['ok']} |"
+                      for n, c in rows.items() if isinstance(c, dict)]
     bad = [i for i in report["items"] if i["status"] not in ("ok", "not applicable")]
     lines += ["", f"## Items not run or failed ({len(bad)} of {len(report['items'])})", ""]
     lines += [f"- {i['item']}: {i['status']}: {_why(i)}".splitlines()[0] for i in bad]
@@ -514,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per variant (medians)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (each x the interval) before timing")
     parser.add_argument("--sync-steps", type=int, default=4, help="steps whose synchronisations are counted")
-    parser.add_argument("--ddp", action="store_true", help="with --device cpu: run the DDP check on gloo")
+    parser.add_argument("--ddp", action="store_true", help="with --device cpu: run the DDP and FSDP2 checks on gloo")
     parser.add_argument("--commit", help="the tree's commit, recorded instead of git's answer (a copy without .git)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -43,12 +43,12 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_section_and_describes_the_machine(smoke):
     report, md, cpu_s = smoke
-    assert {"machine", "timing", "syncs", "sdpa", "ddp", "items", "elapsed_s", "finished"} <= set(report)
+    assert {"machine", "timing", "syncs", "sdpa", "ddp", "fsdp2", "items", "elapsed_s", "finished"} <= set(report)
     assert "fatal" not in report
     assert {"torch", "python", "cpu_model", "cpu_count", "git_commit", "cuda_available"} <= set(report["machine"])
-    assert report["ddp"] == {"status": "skipped: --device cpu without --ddp"}
+    assert report["ddp"] == report["fsdp2"] == {"status": "skipped: --device cpu without --ddp"}
     for title in ("## Step cost, batch=2, float32", "## Step cost, batch=2, bf16", "## Host synchronisations",
-                  "## Attention operators", "## DDP"):
+                  "## Attention operators", "## DDP", "## FSDP2"):
         assert title in md
     assert cpu_s < 60  # CPU seconds of the run (the wall time depends on what else the machine runs)
 
@@ -122,3 +122,17 @@ def test_a_failing_item_is_recorded_and_the_next_runs(tmp_path):
     assert [i["status"] for i in check.report["items"]] == ["error", "not applicable", "ok"]
     assert check.report["s"]["a"]["error"] == "RuntimeError: boom" and check.report["s"]["c"] == {"x": 1}
     assert json.loads((tmp_path / "gpu_check.json").read_text())["s"]["c"] == {"x": 1}
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_equality_check_on_two_gloo_ranks(kind):
+    """The check the script runs with NCCL on two GPUs, here on gloo: every run equal to one process, the
+    nets and gathered models identical across ranks, FSDP2 on the sharded ghost path."""
+    out = gpu_check.equality_check(kind, "gloo", timeout_s=150)
+    names = gpu_check.EQUALITY[kind][1]
+    rows = {k: v for k, v in out.items() if k != "backend"}
+    assert out["backend"] == "gloo" and rows and (names is None or set(rows) == set(names))
+    for name, row in rows.items():
+        assert row["ok"] and row["ranks_identical"] and row["max_diff_to_single"] <= 1e-5, (name, row)
+        if kind == "fsdp2":
+            assert row["engine"] == "ghost", (name, row)
