@@ -46,7 +46,8 @@ from _models import mnist1d_cnn  # noqa: E402
 
 TABLE = _store.RESULTS / "accuracy.jsonl"
 METHODS = ("standard", "finetune", "l2rw", "lossnet", "logitnet", "metainfonet")
-REWEIGHTING = ("l2rw", "lossnet", "logitnet", "metainfonet")
+REWEIGHTING = ("l2rw", "lossnet", "logitnet", "metainfonet", "gated")
+EXTRA_NETS = ("gated",)  # reweighting methods outside the main grid
 # What a user would do instead (issue 10): the clean data merged into the training set, a robust loss that
 # needs no clean data, confident learning (cleanlab), and reweighting followed by fine-tuning on the meta set.
 ALTERNATIVES = (
@@ -71,6 +72,7 @@ NAMES = {
     "lossnet": "LossNet",
     "logitnet": "LogitNet",
     "metainfonet": "MetaInfoNet",
+    "gated": "Gated",
     "merged": "Merged",
     "gce": "GCE",
     "cleanlab": "cleanlab",
@@ -515,7 +517,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
     opts = {**PRESETS["exact"], **opts}
     opts["meta_optimizer"] = _optimizer(opts["meta_optimizer"])
-    cls = {"lossnet": nets.LossNet, "logitnet": nets.LogitNet, "metainfonet": nets.MetaInfoNet}.get(base)
+    cls = {"lossnet": nets.LossNet, "logitnet": nets.LogitNet, "metainfonet": nets.MetaInfoNet, "gated": nets.GatedNet}
+    cls = cls.get(base)
     defaults = {}
     if cls is not None:
         defaults = {
@@ -647,7 +650,7 @@ def report(
             lines.append("| method | " + " | ".join(noisy) + " |")
             lines.append("| --- |" + " --- |" * len(noisy))
             for m in methods:
-                if m.partition("~")[0] not in ("l2rw", "lossnet", "logitnet", "metainfonet"):
+                if m.partition("~")[0] not in REWEIGHTING:
                     continue
                 row = [_ms([r["result"].get("auroc") for r in cell.get((ds, s, m), [])], 1.0, 3) for s in noisy]
                 lines.append(f"| {_row_name(m)} | " + " | ".join(row) + " |")
@@ -893,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=ALL_DATASETS)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ALTERNATIVES)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_NETS + ALTERNATIVES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--results", type=Path, default=TABLE, help="the table (default: benchmarks/results/accuracy.jsonl)")
     p.add_argument("--report", action="store_true", help="print markdown tables of the cached results and exit")
