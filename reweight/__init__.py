@@ -23,6 +23,7 @@ from .engines import MetaGradient, MetaProblem, get_engine, list_engines, regist
 from .losses import cross_entropy
 from .monitor import CollapseMonitor, WeightCollapseWarning
 from .nets import (
+    GatedNet,
     GroupNet,
     LogitNet,
     LossNet,
@@ -48,6 +49,7 @@ __all__ = [
     "LossNet",
     "LogitNet",
     "MetaInfoNet",
+    "GatedNet",
     "GroupNet",
     "WeightingOutput",
     "create_weighting_net",

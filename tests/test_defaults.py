@@ -15,7 +15,7 @@ from reweight import MetaReweighter
 from reweight.nets import create_weighting_net
 
 CLASSES = 3
-NAMED = ["lossnet", "logitnet", "metainfonet"]
+NAMED = ["lossnet", "logitnet", "metainfonet", "gated"]
 
 
 def _parts(seed: int = 0):

@@ -45,6 +45,14 @@ def make_net(kind: str, n: int):
     torch.manual_seed(5)
     if kind == "metainfonet":
         return FixedNoiseMetaInfoNet(torch.randn(n, 16), num_classes=3, kl_weight=0.1, uniform_start=False)
+    if kind == "gated":  # the two nets and a gate away from 1/2, so that every part has its own gradient
+        from reweight import GatedNet
+
+        net = GatedNet(3, uniform_start=False)
+        net.info_net = FixedNoiseMetaInfoNet(torch.randn(n, 16), num_classes=3, kl_weight=0.1, uniform_start=False)
+        with torch.no_grad():
+            net.gate.fill_(0.07)
+        return net
     if kind == "logitnet":
         from reweight import LogitNet
 
@@ -85,7 +93,7 @@ def two_group_sgd(model):
 
 
 @pytest.mark.parametrize("engine", [*ENGINES, "finite_difference"])
-@pytest.mark.parametrize("kind", ["lossnet", "logitnet", "metainfonet"])
+@pytest.mark.parametrize("kind", ["lossnet", "logitnet", "metainfonet", "gated"])
 def test_net_gradient_matches_reference(kind, engine):
     model = make_cnn(torch.float64)
     x, y = make_batch(12, seed=1)
