@@ -39,6 +39,7 @@ M = [
     "standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune", "logitnet",
     "logitnet+finetune", "metainfonet", "metainfonet+finetune",
 ]
+GATED_ROWS = ["standard", "lossnet", "metainfonet", "gated"]
 FAST_METHODS = ["lossnet", "lossnet+finetune", "metainfonet", "metainfonet+finetune"]
 P1_METHODS = [
     "standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune", "logitnet", "metainfonet",
@@ -211,11 +212,16 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["default", "kl0"], SEEDS5, "paper",
         ),
         "stability-nokn": lambda: _stability(
-            table, ["flip1-40", "flip2-40", "uniform-40"], ["metainfonet", "lossnet"], ["nokn"], list(range(10)),
-            "paper", "bn",
+            table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "lossnet"], ["nokn"],
+            list(range(10)), "paper", "bn",
         ),
         "stability-curves": lambda: _curves(
-            table, ["flip1-40", "flip2-40", "uniform-40"], ["metainfonet", "lossnet"], ["nokn"], list(range(10)), "bn"
+            table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "lossnet"], ["nokn"],
+            list(range(10)), "bn",
+        ),
+        "gated-protocol1": lambda: _acc(table, ["mnist1d"], ["flip1-40", "uniform-40"], GATED_ROWS, SEEDS5, ("nokn",)),
+        "gated-protocol2": lambda: _acc(
+            table, ["mnist1d-2pct"], ["flip1-40", "uniform-40"], GATED_ROWS, SEEDS5, ("nokn",)
         ),
         "protocol2-uniform-current": lambda: _acc(
             table, ["mnist1d-2pct"], ["uniform-40"], ["standard", "lossnet", "logitnet", "metainfonet"], SEEDS5,
