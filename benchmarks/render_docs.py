@@ -32,6 +32,7 @@ import source_weights  # noqa: E402
 import step_cost  # noqa: E402
 
 PAGES = ("docs/results.md", "docs/benchmarks.md", "docs/robustness.md", "docs/source_weighting.md", "README.md")
+S3 = ["flip1-40", "flip2-40", "uniform-40"]
 S4 = ["flip1-40", "flip2-40", "uniform-40", "lt-50"]
 S6 = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
 SEEDS5 = [0, 1, 2, 3, 4]
@@ -219,10 +220,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "lossnet"], ["nokn"],
             list(range(10)), "bn",
         ),
-        "gated-protocol1": lambda: _acc(table, ["mnist1d"], ["flip1-40", "uniform-40"], GATED_ROWS, SEEDS5, ("nokn",)),
-        "gated-protocol2": lambda: _acc(
-            table, ["mnist1d-2pct"], ["flip1-40", "uniform-40"], GATED_ROWS, SEEDS5, ("nokn",)
-        ),
+        "gated-protocol1": lambda: _acc(table, ["mnist1d"], S3, GATED_ROWS, SEEDS5, ("nokn",)),
+        "gated-protocol2": lambda: _acc(table, ["mnist1d-2pct"], S3, GATED_ROWS, SEEDS5, ("nokn",)),
         "protocol2-uniform-current": lambda: _acc(
             table, ["mnist1d-2pct"], ["uniform-40"], ["standard", "lossnet", "logitnet", "metainfonet"], SEEDS5,
             ("exact", "nokn"),
