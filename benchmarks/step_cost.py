@@ -214,7 +214,7 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
             [(xm, ym)],
             net="lossnet",
             engine=variant.engine,
-            lookahead=variant.lookahead,
+            lookahead=variant.lookahead if variant.lookahead in ("full", "head") else [variant.lookahead],
             interval=variant.interval,
             seed=0,
             **kw,
@@ -717,6 +717,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="*", default=None, help="substrings selecting variants by name")
     parser.add_argument("--exact", action="store_true", help="--only names variants in full (plain always runs)")
+    parser.add_argument(
+        "--lookahead",
+        default=None,
+        metavar="PATTERN",
+        help="the full look-ahead's variants move only the parameters matching PATTERN (MetaReweighter's "
+        "lookahead=, e.g. '*layers.1.*lora*'); their names say so",
+    )
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per variant")
     parser.add_argument("--table", type=Path, default=TABLE, help="the table rows are appended to and read from")
     parser.add_argument(
@@ -777,6 +784,13 @@ def main(argv: list[str] | None = None) -> None:
         return v.name in args.only if args.exact else any(s in v.name for s in args.only + ["plain"])
 
     selected = [v for v in variants() if chosen(v)]
+    if args.lookahead is not None:  # a partial look-ahead: the full look-ahead's variants, renamed
+        selected = [
+            replace(v, lookahead=args.lookahead, name=v.name.replace("/full/", f"/{args.lookahead}/"))
+            if v.lookahead == "full" and v.preset is None
+            else v
+            for v in selected
+        ]
     if args.meta_batch is not None:
         selected = [replace(v, meta_batch=args.meta_batch) for v in selected]
     compiled = [compiled_variant(v) for v in selected if v.kind in ("plain", "reweight") and v.preset is None]

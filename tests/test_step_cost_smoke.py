@@ -122,3 +122,16 @@ def test_compiled_variants_and_their_accounting_render_beside_the_eager_ones(tmp
     text = step_cost.compile_accounting(table, "a")
     assert "| ghost: its own forward of the batch, captured | - |" in text
     assert "| the reweighted step (ghost/full/k=1) |" in text and "| x its plain step |" in text
+
+
+def test_a_partial_lookahead_renames_the_full_variants(tmp_path):
+    pytest.importorskip("peft")
+    table = tmp_path / "step_cost.jsonl"
+    args = ["--model", "llama_lora", "--only", "ghost/full/k=1", "--exact", "--lookahead", "*layers.1.*lora*"]
+    step_cost.main(args + ["--batch", "2", "--meta-batch", "2", "--repeats", "1", "--clock", "cpu"]
+                   + ["--table", str(table), "--run", "partial"])  # fmt: skip
+    rows = {r["key"]["variant"]: r for r in step_cost._store.rows(table)}
+    assert set(rows) == {"plain", "ghost/*layers.1.*lora*/k=1"}
+    variant = rows["ghost/*layers.1.*lora*/k=1"]["variant"]
+    assert variant["lookahead"] == "*layers.1.*lora*" and variant["engine"] == "ghost"
+    assert rows["ghost/*layers.1.*lora*/k=1"]["result"]["ratio"] > 0
