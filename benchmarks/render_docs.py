@@ -31,7 +31,10 @@ import numpy as np  # noqa: E402
 import source_weights  # noqa: E402
 import step_cost  # noqa: E402
 
-PAGES = ("docs/results.md", "docs/benchmarks.md", "docs/robustness.md", "docs/source_weighting.md", "README.md")
+PAGES = (
+    "docs/results.md", "docs/benchmarks.md", "docs/robustness.md", "docs/source_weighting.md",
+    "docs/llm_finetuning.md", "README.md",
+)
 S3 = ["flip1-40", "flip2-40", "uniform-40"]
 S4 = ["flip1-40", "flip2-40", "uniform-40", "lt-50"]
 S6 = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
@@ -256,6 +259,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         # docs/robustness.md
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
+        # docs/llm_finetuning.md
+        "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),
         # docs/source_weighting.md
         "sources-classification": lambda: source_weights.report("classification"),
         "sources-lm": lambda: source_weights.report("lm"),
