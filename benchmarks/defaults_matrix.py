@@ -280,8 +280,8 @@ def task_lora(seed):
 
 TASKS = {"cls_sgd": task_cls("sgd"), "cls_adamw": task_cls("adamw"), "lora": task_lora, "reg": task_reg}
 NETS_FOR = {
-    "cls_sgd": ["lossnet", "metainfonet", "l2rw"],
-    "cls_adamw": ["lossnet", "metainfonet", "l2rw"],
+    "cls_sgd": ["lossnet", "metainfonet", "gated", "l2rw"],
+    "cls_adamw": ["lossnet", "metainfonet", "gated", "l2rw"],
     "lora": ["lossnet", "l2rw"],
     "reg": ["lossnet", "l2rw"],
 }

@@ -85,6 +85,19 @@ def _gain(table: Path) -> str:
     return text + "\n" + acc._note(cells, "mnist1d", S4, ["standard", *acc._with_variants(methods, variants)])
 
 
+def _gain_current(table: Path) -> str:
+    """``preset="fast"`` against the exact defaults (``nokn``), both protocols, on the flips."""
+    variants = ("nokn", "fast")
+    methods = ["metainfonet", "gated", "lossnet"]
+    cells = acc._cells(table, SEEDS5, "gentle", variants, "plain")
+    parts = []
+    for ds in ("mnist1d", "mnist1d-2pct"):
+        text = _tradeoff.gain_table(cells, ds, ["flip1-40", "flip2-40"], methods, "nokn", ["fast"])
+        parts.append(f"{ds}:\n\n{text}")
+    rows = ["standard", *acc._with_variants(methods, variants)]
+    return "\n".join(parts) + "\n" + acc._note(cells, ["mnist1d", "mnist1d-2pct"], ["flip1-40", "flip2-40"], rows)
+
+
 def _steps(table: Path, runs: list[str]) -> str:
     return step_cost.report(table, runs)
 
@@ -206,6 +219,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "flip2-40"], ["metainfonet"], ["default", "fast5", "k5m10", "k6m"], [0, 1, 2]
         ),
         "fast-keeps": lambda: _gain(table),
+        "fast-keeps-current": lambda: _gain_current(table),
         "preset-cost": lambda: _steps(sc, ["presets-cpu"]),
         "preset-passes": lambda: acc.cost_report(
             table, ["mnist1d"], S4, ["standard", "finetune", "metainfonet", "lossnet"], SEEDS5, "gentle",
