@@ -143,6 +143,8 @@ VARIANTS: dict[str, dict] = {
     # by the coefficients' scale, which no option turns off, is in each row's key as meta_signal); "default"
     # rows before them ran Adam with coupled decay, a random start and no warm-up
     "nokn": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    # preset="fast" on the same defaults ("fast" rows before them ran the preset on the earlier defaults)
+    "fastnokn": {"preset": "fast", "meta_warmup": 300, "net_kwargs": {"uniform_start": True}},
 }
 
 
@@ -591,7 +593,13 @@ def _cells(root: Path, seeds, schedule: str, variants: tuple[str, ...], model: s
         if variant not in (*variants, "default") or k.get("model", "plain") != model:  # rows pick the variants
             continue
         m = k["method"] + ("" if variant == "default" else f"~{variant}")
-        cell.setdefault((k["dataset"], k["setting"], m), []).append(r)
+        runs = cell.setdefault((k["dataset"], k["setting"], m), [])
+        if any(other["key"]["seed"] == k["seed"] for other in runs):  # one variant name, two sets of options
+            raise ValueError(
+                f"two runs of {k['dataset']} {k['setting']} {m} seed {k['seed']} with different options: a variant "
+                "whose options changed needs a new name"
+            )
+        runs.append(r)
     return cell
 
 
