@@ -382,7 +382,7 @@ def test_meta_batches_come_from_the_trainers_collator_with_its_column_filter(tmp
     assert sorted(int(i) for b in batches for i in b["labels"]) == sorted(int(r["labels"]) for r in meta)
 
 
-@pytest.mark.parametrize("net", ["metainfonet", "logitnet"])
+@pytest.mark.parametrize("net", ["metainfonet", "logitnet", "gated"])
 def test_token_task_refuses_a_net_that_needs_class_logits(tmp_path, net):
     rows = text_dataset(4, 3, lm=True)
     with pytest.raises(ValueError, match="net='lossnet' or net='l2rw'"):
