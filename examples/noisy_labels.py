@@ -1,12 +1,13 @@
 """The demo: a 1-D CNN on MNIST-1D with 40% Flip-1 label noise, with and without meta reweighting.
 
-Trains Standard, LossNet (Meta-Weight-Net) and MetaInfoNet on ONE schedule (same model initialisation,
+Trains Standard, LossNet (Meta-Weight-Net), MetaInfoNet and the gated net (the two blended by a gate the
+meta set learns) on ONE schedule (same model initialisation,
 data, batches, optimizer and learning-rate schedule), prints a results table and writes into ``--out``
 (default ``outputs/``):
 
 - ``weights_clean_vs_corrupted.png``: per-sample weight distributions of clean and corrupted samples
   (the paper's Figure 1), averaged over the last epoch;
-- ``test_accuracy.png``: test accuracy per epoch of the three runs;
+- ``test_accuracy.png``: test accuracy per epoch of the runs;
 - ``weight_vs_loss.png`` and ``lowest_weights_<net>.csv``: the diagnostics API (the lowest-weight samples
   are the likely mislabelled ones).
 
@@ -40,7 +41,7 @@ from reweight.diagnostics import WeightRecorder, plot_weight_vs_loss, weight_aur
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _models import mnist1d_cnn  # noqa: E402  (the 1-D CNN of benchmarks/accuracy.py, defined once)
 
-METHODS = {"Standard": None, "LossNet": "lossnet", "MetaInfoNet": "metainfonet"}
+METHODS = {"Standard": None, "LossNet": "lossnet", "MetaInfoNet": "metainfonet", "Gated": "gated"}
 
 
 def make_data(num_samples: int, noise: float, seed: int) -> dict:
@@ -85,7 +86,7 @@ def train(data: dict, net: str | None, epochs: int, seed: int, desc: str) -> dic
             model.eval()
             acc.append((model(data["xt"]).argmax(1) == data["yt"]).float().mean().item())
             model.train()
-    return {"acc": acc, "recorder": rec, "last_epoch": epochs - 1}
+    return {"acc": acc, "recorder": rec, "last_epoch": epochs - 1, "net": rw.net if rw is not None else None}
 
 
 def plot_figure1(runs: dict, corrupted: np.ndarray, path: str) -> str:
@@ -151,13 +152,16 @@ def main(
         auroc = "–" if np.isnan(row["auroc"]) else f"{row['auroc']:.3f}"
         print(f"| {name} | {100 * row['final']:.1f}% | {100 * row['last']:.1f}% | {auroc} |")
 
+    g = float(runs["Gated"]["net"].trust_in_loss())
+    print(f"Gated: the learned gate gives LossNet {g:.0%} of the weight and MetaInfoNet {1 - g:.0%}")
+
     files = [plot_figure1(runs, c, os.path.join(out, "weights_clean_vs_corrupted.png"))]
     files.append(plot_accuracy(runs, os.path.join(out, "test_accuracy.png")))
     s = runs["MetaInfoNet"]["recorder"].per_sample(since_step=runs["MetaInfoNet"]["last_epoch"])
     title = f"MetaInfoNet, last epoch ({noise:.0%} Flip-1)"
     path = os.path.join(out, "weight_vs_loss.png")
     files.append(plot_weight_vs_loss(s["loss"], s["weight"], path, c[s["index"]], title=title))
-    for name in ("LossNet", "MetaInfoNet"):
+    for name in ("LossNet", "MetaInfoNet", "Gated"):
         rec = runs[name]["recorder"]
         path = rec.export_lowest(os.path.join(out, f"lowest_weights_{name.lower()}.csv"), 200, runs[name]["last_epoch"])
         files.append(path)
