@@ -1,6 +1,8 @@
 """Spawning the ranks of a data-parallel test. A module of its own, not ``conftest``: a spawned rank re-imports
 its test module, and there ``conftest`` may name the repository root's instead of this folder's."""
 
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -21,3 +23,26 @@ def spawn_ranks(worker, args: tuple, out_dir: str, nprocs: int, timeout_s: float
             raise TimeoutError(f"the {nprocs} DDP workers did not finish within {timeout_s} s")
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
 
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(rank: int, world: int, port: int) -> None:
+    """Set the environment ``torchrun`` gives rank ``rank`` of ``world`` on one node (the frameworks' launchers
+    read it), offline, one thread."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        NODE_RANK="0",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )

@@ -15,7 +15,6 @@ Lightning's legacy ``FSDPStrategy`` (FSDP1) refuses the CPU in the Trainer's con
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from datetime import timedelta
 from typing import Any
@@ -30,7 +29,7 @@ if not os.environ.get("CI"):  # CI installs the extras (".[test]") and must run 
     pytest.importorskip("transformers")
     pytest.importorskip("lightning")
 
-from rank_processes import spawn_ranks  # noqa: E402
+from rank_processes import free_port, launcher_env, spawn_ranks  # noqa: E402
 from test_ddp_integrations import (  # noqa: E402
     HF_LOOKAHEAD_LR,
     NET,
@@ -141,17 +140,7 @@ def _hf_fsdp2_config(rank: int, tmp: str) -> dict[str, Any]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        NODE_RANK="0",
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
+    launcher_env(rank, WORLD, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:
@@ -162,16 +151,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        return spawn_ranks(_worker, (_free_port(), tmp), tmp, WORLD, timeout_s=300)
+        return spawn_ranks(_worker, (free_port(), tmp), tmp, WORLD, timeout_s=300)
 
 
 @pytest.mark.parametrize("name", ["lightning", "hf"])
