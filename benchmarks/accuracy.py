@@ -145,6 +145,11 @@ VARIANTS: dict[str, dict] = {
     "nokn": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "net_kwargs": {"uniform_start": True}},
     # preset="fast" on the same defaults ("fast" rows before them ran the preset on the earlier defaults)
     "fastnokn": {"preset": "fast", "meta_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    # the same with a floor on the weights' effective sample size (a share of the batch)
+    "ess20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+              "net_kwargs": {"uniform_start": True}},
+    "ess40": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4,
+              "net_kwargs": {"uniform_start": True}},
 }
 
 
@@ -529,6 +534,9 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             if p.default is not inspect.Parameter.empty
         }
     warmup = inspect.signature(MetaReweighter.__init__).parameters["meta_warmup"].default
+    min_ess = kwargs.pop("min_ess", inspect.signature(MetaReweighter.__init__).parameters["min_ess"].default)
+    if min_ess:  # in the key when the floor is on (rows without it ran without one)
+        opts["min_ess"] = min_ess
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

@@ -123,25 +123,46 @@ class NetSlot:
             raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
         return raw, penalty
 
-    def normalize(self, raw: Tensor) -> Tensor:
+    def normalize(self, raw: Tensor, keep: Tensor | None = None) -> Tensor:
         """``"sum"``: raw weights over their sum over every rank, times the global batch size, with Algorithm 1's
-        delta guard (a zero sum gives zeros) computed without a host sync; ``"none"``: ``raw``."""
-        if self.options.normalization == "none":
-            return raw
-        total = self.group.sum_differentiable(raw.sum())
-        return raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
+        delta guard (a zero sum gives zeros) computed without a host sync; ``"none"``: ``raw``. Then the
+        ``min_ess`` floor (:meth:`floor_ess`) over the samples in ``keep`` (all when ``None``)."""
+        if self.options.normalization == "sum":
+            total = self.group.sum_differentiable(raw.sum())
+            raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
+        return self.floor_ess(raw, keep)
+
+    def floor_ess(self, weights: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Blend ``weights`` toward their mean just enough that the effective sample size
+        ``(sum w)^2 / sum w^2`` of the global batch (the samples in ``keep``) is at least ``min_ess`` of it.
+
+        The blend keeps the sum and the order of the weights; its share is computed without a gradient and
+        without a host sync, so the net's meta-gradient is the weights' own scaled by ``1 - share``."""
+        floor = self.options.min_ess
+        if floor == 0:
+            return weights
+        mask = torch.ones_like(weights) if keep is None else keep.to(weights.dtype)
+        with torch.no_grad():
+            w = weights * mask
+            count, s1, s2 = (self.group.sum_differentiable(t) for t in (mask.sum(), w.sum(), (w * w).sum()))
+            count = count.clamp(min=1)
+            mean = s1 / count
+            var = (s2 / count - mean * mean).clamp(min=0)
+            allowed = mean * mean * (1 / floor - 1)  # the largest variance with ESS >= floor
+            scale = torch.where(var > allowed, torch.sqrt(allowed / torch.where(var > 0, var, 1)), 1)
+        return torch.where(mask > 0, scale * weights + (1 - scale) * mean, weights)
 
     @torch.no_grad()
     def current_weights(self, net_inputs: tuple[Any, ...], finite: Tensor) -> Tensor:
         """The net's normalised weights in eval mode, 0 where the loss or the net's output is not finite;
         uniform over the finite samples for L2RW (whose weights come from a meta update only)."""
         if self.options.is_l2rw:
-            return self.normalize(finite.to(torch.get_default_dtype()))
+            return self.normalize(finite.to(torch.get_default_dtype()), finite)
         assert self.net is not None
         self.net.eval()
         raw, _ = self.raw_weights(*net_inputs)
         keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
-        return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)))
+        return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)), keep)
 
     def update(
         self,

@@ -63,6 +63,7 @@ class ReweighterOptions:
     lookahead_lr: float | None
     meta_optimizer: MetaOptimizerFactory
     meta_warmup: int
+    min_ess: float
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
     logits_fn: LogitsFn
@@ -183,6 +184,11 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         if a[name] is not None and not callable(a[name]):
             raise TypeError(f"{name} must be callable, got {type(a[name]).__name__}")
     _check_int("meta_warmup", a["meta_warmup"], 0)
+    min_ess = a["min_ess"]
+    if isinstance(min_ess, bool) or not isinstance(min_ess, numbers.Real):
+        raise TypeError(f"min_ess must be a number, got {type(min_ess).__name__}")
+    if not 0 <= float(min_ess) < 1:
+        raise ValueError(f"min_ess must be in [0, 1) (a share of the batch; 0 turns the floor off), got {min_ess!r}")
     if a["num_classes"] is not None:
         _check_int("num_classes", a["num_classes"], 1)
     threshold = a["collapse_threshold"]
@@ -203,6 +209,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         lookahead_lr=lr,
         meta_optimizer=a["meta_optimizer"] or default_meta_optimizer,
         meta_warmup=a["meta_warmup"],
+        min_ess=float(min_ess),
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,
         logits_fn=a["logits_fn"] if a["logits_fn"] is not None else as_logits,

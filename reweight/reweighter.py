@@ -87,6 +87,9 @@ class MetaReweighter:
         meta_warmup: the meta optimizer's lr rises linearly over this many calls of :meth:`step` (``0``: none),
             so the net does not commit while the model is still underfit, when the meta-gradient can favour
             the samples with the largest losses (default: ``300``).
+        min_ess: the least share of the batch that carries its loss: weights whose effective sample size
+            ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
+            kept (``0``: no floor) (default: ``0.0``).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
@@ -145,6 +148,7 @@ class MetaReweighter:
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
         meta_warmup: int = 300,
+        min_ess: float = 0.0,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
         logits_fn: LogitsFn | None = None,
@@ -157,8 +161,8 @@ class MetaReweighter:
         options = resolve_options(
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
-            meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn,
-            logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
+            meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, min_ess=min_ess, loss_fn=loss_fn,
+            meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
             collapse_threshold=collapse_threshold, seed=seed,
         )  # fmt: skip
         module = unwrap_model(model)
