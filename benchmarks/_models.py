@@ -76,25 +76,26 @@ class TextTransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-def mnist1d_cnn(batch_norm: bool = False) -> nn.Module:
+def mnist1d_cnn(batch_norm: bool = False, width: int = 32) -> nn.Module:
     """The small 1-D CNN of the MNIST-1D benchmark and demo: input ``(batch, 1, 40)``, 10 classes.
 
     ``batch_norm`` puts a BatchNorm after each convolution (else an ``nn.Identity``, so that both variants
-    have the same layer indices and, under one seed, the same initial weights).
+    have the same layer indices and, under one seed, the same initial weights); ``width`` is the channel
+    count of every convolution (32: the benchmark's 10k-parameter net).
     """
     norm = nn.BatchNorm1d if batch_norm else (lambda _: nn.Identity())
     return nn.Sequential(
-        nn.Conv1d(1, 32, 5, padding=2),
-        norm(32),
+        nn.Conv1d(1, width, 5, padding=2),
+        norm(width),
         nn.ReLU(),
-        nn.Conv1d(32, 32, 3, stride=2, padding=1),
-        norm(32),
+        nn.Conv1d(width, width, 3, stride=2, padding=1),
+        norm(width),
         nn.ReLU(),
-        nn.Conv1d(32, 32, 3, stride=2, padding=1),
-        norm(32),
+        nn.Conv1d(width, width, 3, stride=2, padding=1),
+        norm(width),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(32 * 10, 10),
+        nn.Linear(width * 10, 10),
     )
 
 

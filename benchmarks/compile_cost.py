@@ -56,7 +56,7 @@ def make_steps(
         forward = torch.compile(model) if compiled else model
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         kw: dict = {"lookahead": lookahead} if loss_fn is None else {"loss_fn": loss_fn, "lookahead": lookahead}
-        rw = MetaReweighter(forward, opt, [(xm, ym)], seed=0, engine=engine, **kw) if reweight else None
+        rw = MetaReweighter(forward, opt, [(xm, ym)], net="lossnet", seed=0, engine=engine, **kw) if reweight else None
         call = (lambda f, i: f(**i)) if isinstance(x, dict) else (lambda f, i: f(i))
 
         def step(forward=forward, opt=opt, rw=rw, call=call) -> None:

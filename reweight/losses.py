@@ -5,6 +5,7 @@ A per-sample loss is any callable ``loss_fn(logits, targets) -> Tensor`` of shap
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from ._compat import assert_async, tensor_version
 __all__ = [
     "PerSampleLoss",
     "cross_entropy",
+    "is_class_cross_entropy",
     "check_class_targets",
     "binary_cross_entropy",
     "sequence_cross_entropy",
@@ -103,6 +105,19 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0
     if targets.ndim == 1:
         targets = targets.long()
     return F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+
+
+def is_class_cross_entropy(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is :func:`cross_entropy` (also a ``functools.partial`` of it, e.g. label smoothing):
+    a loss on class logits ``(batch, num_classes)``.
+
+    Example:
+        >>> is_class_cross_entropy(functools.partial(cross_entropy, label_smoothing=0.1))
+        True
+    """
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return loss_fn is cross_entropy
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 from ._batch import LogitsFn, as_logits
 from .engines import list_engines
 from .lookahead import LookaheadSpec
-from .losses import PerSampleLoss, cross_entropy
+from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import list_weighting_nets, named_net_reads
 from .presets import FROM_PRESET, resolve_preset
 
@@ -29,6 +29,9 @@ __all__ = ["ReweighterOptions", "resolve_options", "default_meta_optimizer", "Me
 MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 NORMALIZATIONS = ("sum", "none")
+# net="auto": the gated net (LossNet and MetaInfoNet, blended by a gate learned on the meta set) when the
+# training loss is cross-entropy on class logits; LossNet, which reads the loss alone, for any other loss.
+AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
@@ -133,7 +136,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 def _check_net(net: Any, net_kwargs: Any) -> None:
     if isinstance(net, str):
-        _choice("net", net, [*list_weighting_nets(), "l2rw"])
+        _choice("net", net, ["auto", *list_weighting_nets(), "l2rw"])
     elif not isinstance(net, nn.Module):
         raise TypeError(f"net must be a registered name or an nn.Module, got {type(net).__name__}")
     if net_kwargs is None:
@@ -142,6 +145,8 @@ def _check_net(net: Any, net_kwargs: Any) -> None:
         raise ValueError("net_kwargs applies to a named net only; configure your own module directly")
     if net == "l2rw":
         raise ValueError("net='l2rw' has no weighting net: net_kwargs does not apply")
+    if net == "auto":
+        raise ValueError("net_kwargs applies to a named net; net='auto' picks one by the loss: name it (e.g. 'gated')")
     if not isinstance(net_kwargs, dict):
         raise TypeError(f"net_kwargs must be a dict or None, got {type(net_kwargs).__name__}")
 
@@ -197,8 +202,11 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["seed"] is not None and (isinstance(a["seed"], bool) or not isinstance(a["seed"], int)):
         raise TypeError(f"seed must be an int or None, got {type(a['seed']).__name__}")
     loss_fn = a["loss_fn"] if a["loss_fn"] is not None else cross_entropy
+    net = a["net"]
+    if isinstance(net, str) and net == "auto":
+        net = AUTO_NET if is_class_cross_entropy(loss_fn) else AUTO_NET_OTHER
     return ReweighterOptions(
-        net=a["net"],
+        net=net,
         net_kwargs=dict(a["net_kwargs"] or {}),
         preset=preset,
         interval=a["interval"],

@@ -51,14 +51,16 @@ class MetaReweighter:
         optimizer: the classifier's optimizer; its param groups' current ``lr`` drive the look-ahead.
         meta_loader: re-iterable of clean ``(inputs, targets)`` batches (or dicts with ``"labels"``),
             cycled forever and moved to the model's device.
-        net: ``"lossnet"``, ``"logitnet"``, ``"metainfonet"``, ``"l2rw"`` (non-parametric) or an
-            ``nn.Module`` following the interface in :mod:`reweight.nets` (default: ``"lossnet"``).
+        net: ``"auto"``, ``"lossnet"``, ``"logitnet"``, ``"metainfonet"``, ``"gated"``, ``"l2rw"`` (non-parametric)
+            or an ``nn.Module`` following the interface in :mod:`reweight.nets`. ``"auto"`` is ``"gated"``
+            when ``loss_fn`` is :func:`reweight.losses.cross_entropy` (the default), else ``"lossnet"``
+            (default: ``"auto"``).
         net_kwargs: keyword arguments of the named net, e.g. ``{"kl_weight": 0.1}`` (default: ``None``).
         preset: a named bundle of the options ``interval``, ``engine``, ``lookahead``, ``normalization``,
             ``virtual_step``, ``lookahead_lr`` and ``meta_optimizer`` (:data:`reweight.presets.PRESETS`); each
             of them given explicitly overrides the preset. ``"exact"`` is Algorithm 1 as written (the values
             documented below); ``"fast"`` meta-updates every 6th step with a 6x meta learning rate
-            (``interval=6``, ``meta_optimizer`` Adam lr 6e-3, weight decay 5e-4) (default: ``"exact"``).
+            (``interval=6``, ``meta_optimizer`` AdamW lr 6e-3, weight decay 5e-4) (default: ``"exact"``).
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
             call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
             so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).
@@ -137,7 +139,7 @@ class MetaReweighter:
         optimizer: torch.optim.Optimizer,
         meta_loader: Iterable[Any],
         *,
-        net: str | nn.Module = "lossnet",
+        net: str | nn.Module = "auto",
         net_kwargs: dict[str, Any] | None = None,
         preset: str = "exact",
         interval: int = FROM_PRESET,

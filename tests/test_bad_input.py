@@ -191,7 +191,7 @@ def test_wrong_loss_shape_and_outputs_type(setup):
         ({"num_classes": 0}, ValueError, "num_classes"),
         ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
         ({"net": "metainfonet", "net_kwargs": {"kl_weight": -1}, "num_classes": 3}, ValueError, "kl_weight"),
-        ({"net_kwargs": {"hidden": 0}}, ValueError, "hidden"),
+        ({"net": "lossnet", "net_kwargs": {"hidden": 0}}, ValueError, "hidden"),
     ],
 )
 def test_constructor_validation(setup, kwargs, error, match):
@@ -241,7 +241,13 @@ def test_logits_fn_serves_step_and_the_lookahead(lookahead):
     plain = wrapped.cnn
     # a random start and no meta warm-up: the first step's weights depend on the losses and on a full-size
     # update through the look-ahead (the default uniform start would give every sample weight 1)
-    kwargs = {"lookahead": lookahead, "seed": 0, "meta_warmup": 0, "net_kwargs": {"uniform_start": False}}
+    kwargs = {
+        "lookahead": lookahead,
+        "seed": 0,
+        "meta_warmup": 0,
+        "net": "lossnet",
+        "net_kwargs": {"uniform_start": False},
+    }
     got = MetaReweighter(
         wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), meta, logits_fn=lambda out: out["scores"], **kwargs
     ).step(x, y, wrapped(x))

@@ -147,6 +147,7 @@ def test_training_lrs_1000_times_apart_move_the_net_alike():
             model,
             opt,
             meta,
+            net="lossnet",
             net_kwargs={"uniform_start": False},
             meta_optimizer=lambda p, meta_lr=meta_lr: torch.optim.SGD(p, lr=meta_lr),
             meta_warmup=0,

@@ -210,6 +210,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         torch.manual_seed(1)
         config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0, uniform_start=False)
     else:
+        config.setdefault("net", "lossnet")
         config["net_kwargs"] = {"uniform_start": False}
     build, units = MODELS[name]
     model = build()
@@ -336,7 +337,7 @@ def _dropout_masks(rank: int) -> dict[str, Any]:
     model[2].register_forward_hook(lambda module, args, out: masks.append((args[0] != 0) & (out == 0)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     meta = [_batch("mlp", "meta", 0, rank, META_SHARD)]
-    rw = MetaReweighter(model, opt, meta, seed=0, meta_warmup=0, net_kwargs={"uniform_start": False})
+    rw = MetaReweighter(model, opt, meta, net="lossnet", seed=0, meta_warmup=0, net_kwargs={"uniform_start": False})
     x, y = _batch("mlp", "train", 0, rank, SHARD)
     logits = model(x)
     masks.clear()

@@ -232,7 +232,10 @@ def test_causal_lm_with_sdpa_weights_token_sums_over_all_accumulated_tokens(tmp_
 def test_warmup_from_lr_zero_needs_a_lookahead_lr(tmp_path, lookahead_lr):
     args = {"lr_scheduler_type": "linear", "warmup_steps": 5}  # the first step's lr is 0
     meta = [dict(row, idx=torch.tensor(i)) for i, row in enumerate(text_dataset(6, 2))]  # an unused column
-    trainer = make_trainer(tmp_path, bert("eager"), text_dataset(8, 1), meta, args=args, lookahead_lr=lookahead_lr)
+    trainer = make_trainer(
+        tmp_path, bert("eager"), text_dataset(8, 1), meta, args=args, lookahead_lr=lookahead_lr,
+        reweight_kwargs={"seed": 0, "net": "lossnet"},
+    )  # LossNet: no penalty of its own, so a zero meta-gradient leaves its gradient zero
     assert set(next(iter(trainer.get_meta_dataloader()))) == {"input_ids", "attention_mask", "labels"}
     trainer.train()
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.05 / 5)  # one warmup step of five taken
@@ -342,7 +345,7 @@ def test_head_lookahead_works_from_the_first_step_and_equals_the_reverse_engine_
     train, meta = text_dataset(8, 1), text_dataset(6, 2)
     # a random start and no meta warm-up: the weights differ from 1 from the first step, so comparing the two
     # engines' weights compares their meta-gradients (from the default uniform start they would all be ~1)
-    nonuniform = {"net_kwargs": {"uniform_start": False}, "meta_warmup": 0}
+    nonuniform = {"net": "lossnet", "net_kwargs": {"uniform_start": False}, "meta_warmup": 0}
     runs = {}
     for name, kwargs in {
         "head": {"lookahead": "head"},
@@ -408,6 +411,7 @@ def test_model_returning_a_dict_trains_with_logits_fn(tmp_path):
         reweight_kwargs={
             "seed": 0,
             "logits_fn": lambda out: out["scores"],
+            "net": "lossnet",
             "net_kwargs": {"uniform_start": False},
             "meta_warmup": 0,
         },

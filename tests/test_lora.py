@@ -54,7 +54,12 @@ def test_last_block_adapters_lookahead_is_ghost_and_equals_reverse():
         model = lora_llama()
         # the net at full meta lr from a random start, so that the weights move in two steps
         rw, opt = reweighter(
-            model, lookahead=["*layers.1.*lora*"], engine=engine, meta_warmup=0, net_kwargs={"uniform_start": False}
+            model,
+            lookahead=["*layers.1.*lora*"],
+            engine=engine,
+            meta_warmup=0,
+            net="lossnet",
+            net_kwargs={"uniform_start": False},
         )
         if engine == "auto":
             assert rw.engine_name == "ghost", rw.engine_reason
@@ -80,7 +85,7 @@ def test_compiled_lora_llama_steps_like_the_eager_one_in_one_graph():
         counters.clear()
         model = lora_llama()
         forward = torch.compile(model, backend="aot_eager") if compiled else model
-        rw, opt = reweighter(forward, meta_warmup=0, net_kwargs={"uniform_start": False})
+        rw, opt = reweighter(forward, meta_warmup=0, net="lossnet", net_kwargs={"uniform_start": False})
         assert rw.engine_name == "ghost", rw.engine_reason
         x, y = batch(5, 2)
         for step in range(2):

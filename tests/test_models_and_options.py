@@ -131,9 +131,8 @@ def test_soft_targets_and_model_output_objects(net):
 def test_returned_weights_give_algorithm_1_loss():
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
-    rw = MetaReweighter(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
-    )
+    meta = [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net="lossnet")
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
     logits = model(x)
     weights = rw.step(x, y, logits)
@@ -142,7 +141,9 @@ def test_returned_weights_give_algorithm_1_loss():
         raw = rw.net.eval()(losses)
     torch.testing.assert_close((weights * losses).mean(), (raw * losses).sum() / raw.sum())
     torch.testing.assert_close(weights.sum(), torch.tensor(9.0))
-    rw_none = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), [(x, y)], normalization="none")
+    rw_none = MetaReweighter(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), [(x, y)], net="lossnet", normalization="none"
+    )
     w = rw_none.step(x, y, logits)
     with torch.no_grad():
         torch.testing.assert_close(w, rw_none.net.eval()(losses))
@@ -202,9 +203,8 @@ def test_lookahead_follows_scheduler_lr():
 
 def test_default_meta_optimizer_is_adam_as_the_paper():
     model = nn.Linear(5, 3)
-    rw = MetaReweighter(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
-    )
+    meta = [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net="lossnet")
     assert isinstance(rw.meta_optimizer, torch.optim.Adam)
     group = rw.meta_optimizer.param_groups[0]
     assert group["lr"] == 1e-3 and group["weight_decay"] == 5e-4

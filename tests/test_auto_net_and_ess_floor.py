@@ -1,0 +1,158 @@
+"""``net="auto"`` (the default: the gated net for cross-entropy on class logits, LossNet for any other loss) and
+``min_ess``, the floor on the weights' effective sample size."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.losses import cross_entropy
+from reweight.monitor import effective_sample_size
+from reweight.nets import GatedNet, LossNet
+
+CLASSES = 3
+
+
+def _parts(seed: int = 0, out: int = CLASSES):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, out))
+    g = torch.Generator().manual_seed(seed)
+    meta = [(torch.randn(6, 4, generator=g), torch.randint(0, CLASSES, (6,), generator=g)) for _ in range(3)]
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), meta
+
+
+def _batch(t: int, n: int = 16):
+    g = torch.Generator().manual_seed(1000 + t)
+    return torch.randn(n, 4, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------ net="auto"
+
+
+@pytest.mark.parametrize("loss_fn", [None, cross_entropy, functools.partial(cross_entropy, label_smoothing=0.1)])
+def test_auto_is_the_gated_net_for_cross_entropy_on_class_logits(loss_fn):
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, loss_fn=loss_fn, seed=0)
+    assert rw.options.net == "gated" and "net='gated'" in repr(rw)
+    x, y = _batch(0)
+    rw.step(x, y, model(x))
+    assert isinstance(rw.net, GatedNet)
+
+
+def test_auto_is_lossnet_for_any_other_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    meta = [(torch.randn(6, 4), torch.randn(6))]
+
+    def mse(pred, target):
+        return (pred.squeeze(-1) - target) ** 2
+
+    rw = MetaReweighter(model, opt, meta, loss_fn=mse, seed=0)
+    assert rw.options.net == "lossnet" and isinstance(rw.net, LossNet)
+    x = torch.randn(8, 4)
+    assert rw.step(x, torch.randn(8), model(x)).shape == (8,)
+
+
+def test_auto_with_net_kwargs_is_refused_naming_the_choice():
+    model, opt, meta = _parts()
+    with pytest.raises(ValueError, match="net='auto' picks one by the loss"):
+        MetaReweighter(model, opt, meta, net_kwargs={"hidden": 10})
+
+
+# -------------------------------------------------------------------------------------------------- min_ess
+
+
+class Spread(nn.Module):
+    """A user's net whose weights ``exp(a * loss)`` are far from uniform (an effective sample size well below
+    the batch), so that a floor has work to do."""
+
+    def __init__(self, a: float = 4.0) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, loss, logits=None, targets=None):
+        return torch.exp(self.a * loss.to(self.a.dtype))
+
+
+@pytest.mark.parametrize("value,error", [(-0.1, ValueError), (1.0, ValueError), ("0.2", TypeError), (True, TypeError)])
+def test_min_ess_outside_zero_to_one_is_refused(value, error):
+    model, opt, meta = _parts()
+    with pytest.raises(error, match="min_ess"):
+        MetaReweighter(model, opt, meta, min_ess=value)
+
+
+def _weights(net: str, min_ess: float, steps: int = 4, **kwargs) -> list[torch.Tensor]:
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net=Spread() if net == "spread" else net, min_ess=min_ess, seed=0,
+                        **kwargs)  # fmt: skip
+    out = []
+    for t in range(steps):
+        x, y = _batch(t)
+        logits = model(x)
+        w = rw.step(x, y, logits)
+        out.append(w)
+        opt.zero_grad()
+        (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+        opt.step()
+    return out
+
+
+@pytest.mark.parametrize("net", ["l2rw", "spread"])
+def test_the_floor_holds_and_keeps_the_order_and_the_sum(net):
+    free = _weights(net, 0.0, steps=1)[0]
+    floored = _weights(net, 0.6, steps=1)[0]
+    assert float(effective_sample_size(free)) < 0.6  # the floor has work to do
+    assert float(effective_sample_size(floored)) >= 0.6 * (1 - 1e-5)
+    torch.testing.assert_close(floored.sum(), free.sum())
+    # a blend toward the mean: floored = s * free + (1 - s) * mean, the same s for every sample
+    s = (floored - floored.mean()) / (free - free.mean())
+    torch.testing.assert_close(s, s.mean().expand_as(s))
+    assert 0 < float(s.mean()) < 1
+
+
+def test_the_floor_leaves_weights_above_it_unchanged():
+    free = _weights("l2rw", 0.0, steps=1)[0]
+    ess = float(effective_sample_size(free))
+    torch.testing.assert_close(_weights("l2rw", ess * 0.9, steps=1)[0], free)
+
+
+def test_a_sample_with_a_non_finite_loss_keeps_weight_zero_under_the_floor():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net=Spread(), min_ess=0.9, on_nonfinite="skip", seed=0)
+    x, y = _batch(0)
+    logits = model(x).detach().clone()
+    logits[3, 0] = float("nan")
+    w = rw.step(x, y, logits)
+    assert w[3] == 0 and torch.isfinite(w).all()
+    kept = torch.cat([w[:3], w[4:]])
+    assert float(effective_sample_size(kept)) >= 0.9 * (1 - 1e-5)
+
+
+def test_the_floor_scales_the_nets_meta_gradient_by_one_minus_the_blend():
+    """The blend's share carries no gradient: one meta update with the floor moves the net by ``s`` times the
+    update without it, ``s`` the share of the net's own weights kept (read from the same net before the update).
+    A tiny look-ahead lr keeps the coefficients (which depend on the weights through the look-ahead) equal."""
+    deltas, shares = [], []
+    for floor in (0.0, 0.9):
+        model, opt, meta = _parts()
+        net = Spread().double()
+        start = [p.detach().clone() for p in net.parameters()]
+        rw = MetaReweighter(model, opt, meta, net=net, min_ess=floor, seed=0, meta_warmup=0, lookahead_lr=1e-6,
+                            meta_optimizer=lambda p: torch.optim.SGD(p, lr=1.0))  # fmt: skip
+        x, y = _batch(0)
+        logits = model(x)
+        with torch.no_grad():
+            raw = net(cross_entropy(logits, y))
+            free = raw * (raw.numel() / raw.sum())
+            floored = rw._slot.floor_ess(free)
+        shares.append(float((floored - floored.mean()).norm() / (free - free.mean()).norm()))
+        rw.step(x, y, logits)
+        deltas.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(net.parameters(), start)]))
+    assert shares[0] == pytest.approx(1.0) and 0 < shares[1] < 1
+    torch.testing.assert_close(deltas[1], shares[1] * deltas[0], rtol=1e-4, atol=0)
