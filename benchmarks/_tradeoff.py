@@ -95,14 +95,15 @@ def _max_drop(run: dict) -> float:
     return 100 * (max(run["result"]["test_acc"]) - run["result"]["last"])
 
 
-def stability_table(cells: dict, dataset: str, settings: list[str], methods: list[str]) -> str:
+def stability_table(cells: dict, dataset: str, settings: list[str], methods: list[str], fit: bool = False) -> str:
     """Markdown: per method and setting, the meta-set accuracy over the last 10% of epochs and its drop from
     the run's best (what a configuration is chosen by), the test accuracy best / last, mean (best - last) and
-    the worst seed's drop from its own highest test accuracy to its last (late-collapse statistics)."""
+    the worst seed's drop from its own highest test accuracy to its last (late-collapse statistics); with
+    ``fit``, also the final accuracy on the observed (noisy) training labels (how far the model memorises)."""
     lines = [
         "| method | setting | seeds | meta last | meta max - last | best | last | mean (best - last) "
-        "| worst seed: max test - last |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| worst seed: max test - last |" + (" fit of the observed labels |" if fit else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if fit else ""),
     ]
     for m in methods:
         for s in settings:
@@ -117,6 +118,7 @@ def stability_table(cells: dict, dataset: str, settings: list[str], methods: lis
                 f"| {m} | {s} | {len(runs)} | {np.mean(meta_last):.1f} | {np.mean(meta_drop):.1f} | "
                 f"{_mean(runs, 'best'):.1f} | {_mean(runs, 'last'):.1f} | "
                 f"{np.mean(diff):+.1f} | {_max_drop(worst):.1f} (seed {worst['key']['seed']}) |"
+                + (f" {100 * np.mean([r['result']['train_acc_observed'] for r in runs]):.1f} |" if fit else "")
             )
     return "\n".join(lines) + "\n"
 

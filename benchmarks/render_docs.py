@@ -71,6 +71,13 @@ def _stability(table: Path, settings, methods, variants, seeds, schedule="gentle
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
 
 
+def _stability_rows(table: Path, settings, rows, variants, seeds, model="bn", fit=False) -> str:
+    """The stability table of named rows (``method~variant``, or a method under ``"default"``), paper schedule."""
+    cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
+    text = _tradeoff.stability_table(cells, "mnist1d", settings, rows, fit=fit)
+    return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
+
+
 def _curves(table: Path, settings, methods, variants, seeds, model: str) -> str:
     cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
     rows = acc._with_variants(methods, tuple(variants))
@@ -229,9 +236,15 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "flip2-40"], ["standard", "l2rw", "lossnet", "logitnet", "metainfonet"],
             ["default", "kl0"], SEEDS5, "paper",
         ),
-        "stability-nokn": lambda: _stability(
-            table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "lossnet"], ["nokn"],
-            list(range(10)), "paper", "bn",
+        "stability-nokn": lambda: _stability_rows(
+            table, S3, ["gated~nokn", "metainfonet~nokn", "logitnet~nokn", "lossnet~nokn", "l2rw"], ["nokn"],
+            list(range(10)),
+        ),
+        "stability-ess-floor": lambda: _stability_rows(
+            table, S3, ["gated~nokn", "gated~ess20"], ["nokn", "ess20"], list(range(10))
+        ),
+        "stability-wide": lambda: _stability_rows(
+            table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn"], ["nokn"], SEEDS5, "bnwide", fit=True
         ),
         "stability-curves": lambda: _curves(
             table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "lossnet"], ["nokn"],
