@@ -240,6 +240,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, ["gated~nokn", "metainfonet~nokn", "logitnet~nokn", "lossnet~nokn", "l2rw"], ["nokn"],
             list(range(10)),
         ),
+        "guide-current": lambda: acc.guide_report(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("nokn",),
+            "plain",
+        ),
         "stability-ess-floor": lambda: _stability_rows(
             table, S3, ["gated~nokn", "gated~ess20"], ["nokn", "ess20"], list(range(10))
         ),

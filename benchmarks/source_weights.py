@@ -34,10 +34,18 @@ def _example():
     return module
 
 
+def _key(ex, task: str, seed: int, steps: int, grid: int) -> dict:
+    """A row's identity: the mixture, seed, run length, oracle grid, the per-sample net multiplied in, and the
+    reweighter options the example passes (``{}``: the library defaults)."""
+    within = "lossnet" if task == "classification" else None
+    reweight = ex.TASKS[task]["reweight"]
+    return canonical({"task": task, "seed": seed, "steps": steps, "grid": grid, "within": within, "reweight": reweight})
+
+
 def run(task: str, seed: int, steps: int, grid: int, table: Path = TABLE, force: bool = False) -> dict:
     ex = _example()
     within = "lossnet" if task == "classification" else None
-    key = canonical({"task": task, "seed": seed, "steps": steps, "grid": grid, "within": within})
+    key = _key(ex, task, seed, steps, grid)
     if not force and (row := find(table, key)) is not None:
         return row
     r = ex.compare(task, seed, steps, grid, within=within)
@@ -89,9 +97,11 @@ def report(task: str, table: Path = TABLE) -> str:
     """The per-seed table of one mixture (uniform, learned, learned + within, the oracle and its mixture, the
     learned weights, the cost per step), the mean ± sd row, and what every seed shows: which source the learned
     weights rank first and last, and the learned metric against the uniform mixture and the oracle."""
-    rows = sorted((r for r in latest(table) if r["key"]["task"] == task), key=lambda r: r["key"]["seed"])
+    reweight = canonical(_example().TASKS[task]["reweight"])  # the rows of the example's current options
+    rows = [r for r in latest(table) if r["key"]["task"] == task and r["key"].get("reweight") == reweight]
+    rows.sort(key=lambda r: r["key"]["seed"])
     if not rows:
-        raise SystemExit(f"no rows of task {task!r} in {table}")
+        raise SystemExit(f"no rows of task {task!r} with reweighter options {reweight} in {table}")
     within = rows[0]["key"]["within"]
     extra = [f"learned + {within}"] if within else []
     head = ["seed", "uniform", "learned", *extra, "oracle (mixture)", "learned weights", "cost per step"]
