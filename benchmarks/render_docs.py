@@ -252,7 +252,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn"], ["nokn"], SEEDS5, "bnwide", fit=True
         ),
         "stability-curves": lambda: _curves(
-            table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "lossnet"], ["nokn"],
+            table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "logitnet", "lossnet"], ["nokn"],
             list(range(10)), "bn",
         ),
         "gated-protocol1": lambda: _acc(table, ["mnist1d"], S3, GATED_ROWS, SEEDS5, ("nokn",)),

@@ -270,12 +270,15 @@ class GatedNet(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def trust_in_loss(self) -> Tensor:
-        """``g``: the share of LossNet's weights in the blend (``1/2`` at the start)."""
+        """``g``: the share of LossNet's weights in the blend (``1/2`` at the start), detached."""
+        return self._gate().detach()
+
+    def _gate(self) -> Tensor:
         return torch.sigmoid(self.scale * self.gate)
 
     def forward(self, loss: Tensor, logits: Tensor, targets: Tensor) -> WeightingOutput:
         info = self.info_net(loss, logits, targets)
-        g = self.trust_in_loss().to(info.weights.dtype)
+        g = self._gate().to(info.weights.dtype)
         weights = g * self.loss_net(loss).to(info.weights.dtype) + (1 - g) * info.weights
         return WeightingOutput(weights, info.penalty)
 

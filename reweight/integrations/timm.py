@@ -94,6 +94,8 @@ def per_sample_criterion(criterion: Callable[..., Any]) -> Callable[[Tensor, Ten
             smooth_dense=criterion.smooth_dense,
         )
     if isinstance(criterion, nn.CrossEntropyLoss):
+        if criterion.weight is None and criterion.ignore_index == -100:  # the library's own (net="auto": gated)
+            return partial(_losses.cross_entropy, label_smoothing=criterion.label_smoothing)
         return partial(_torch_cross_entropy, criterion=criterion)
     raise ValueError(
         f"no per-sample version of {type(criterion).__name__}; supported: {_SUPPORTED}. "
