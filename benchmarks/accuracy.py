@@ -521,6 +521,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     import inspect
 
     from reweight import nets
+    from reweight.options import L2RW_MIN_ESS
     from reweight.presets import PRESETS, resolve_preset
 
     base = method.partition("+")[0]
@@ -544,6 +545,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         }
     warmup = inspect.signature(MetaReweighter.__init__).parameters["meta_warmup"].default
     min_ess = kwargs.pop("min_ess", inspect.signature(MetaReweighter.__init__).parameters["min_ess"].default)
+    if min_ess is None:  # the library's per-net default
+        min_ess = L2RW_MIN_ESS if base == "l2rw" else 0.0
     if min_ess:  # in the key when the floor is on (rows without it ran without one)
         opts["min_ess"] = min_ess
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)

@@ -237,7 +237,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["default", "kl0"], SEEDS5, "paper",
         ),
         "stability-nokn": lambda: _stability_rows(
-            table, S3, ["gated~nokn", "metainfonet~nokn", "logitnet~nokn", "lossnet~nokn", "l2rw"], ["nokn"],
+            table, S3, ["gated~nokn", "metainfonet~nokn", "logitnet~nokn", "lossnet~nokn", "l2rw~l2ess20", "l2rw"],
+            ["nokn", "l2ess20"],
             list(range(10)),
         ),
         "guide-current": lambda: acc.guide_report(

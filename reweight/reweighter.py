@@ -91,7 +91,7 @@ class MetaReweighter:
             the samples with the largest losses (default: ``300``).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
-            kept (``0``: no floor) (default: ``0.0``).
+            kept (``0``: no floor) (default: ``None``: ``0.2`` for L2RW, ``0`` for the nets).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
@@ -150,7 +150,7 @@ class MetaReweighter:
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
         meta_warmup: int = 300,
-        min_ess: float = 0.0,
+        min_ess: float | None = None,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
         logits_fn: LogitsFn | None = None,

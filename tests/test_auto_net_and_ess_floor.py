@@ -156,3 +156,13 @@ def test_the_floor_scales_the_nets_meta_gradient_by_one_minus_the_blend():
         deltas.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(net.parameters(), start)]))
     assert shares[0] == pytest.approx(1.0) and 0 < shares[1] < 1
     torch.testing.assert_close(deltas[1], shares[1] * deltas[0], rtol=1e-4, atol=0)
+
+
+def test_the_default_floor_is_a_fifth_of_the_batch_for_l2rw_and_none_for_the_nets():
+    model, opt, meta = _parts()
+    assert MetaReweighter(model, opt, meta, net="l2rw").options.min_ess == 0.2
+    assert MetaReweighter(model, opt, meta, net="l2rw", min_ess=0).options.min_ess == 0.0
+    assert MetaReweighter(model, opt, meta).options.min_ess == 0.0
+    assert MetaReweighter(model, opt, meta, net="lossnet").options.min_ess == 0.0
+    for default, explicit in zip(_weights("l2rw", None, steps=3), _weights("l2rw", 0.2, steps=3), strict=True):
+        torch.testing.assert_close(default, explicit, rtol=0, atol=0)
