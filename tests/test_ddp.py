@@ -64,6 +64,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "metainfonet": {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9},
     "logitnet": {"net": "logitnet", "interval": 2, "normalization": "none", "lookahead_lr": 0.05},
     "l2rw": {"net": "l2rw"},
+    # a floor that binds on every batch: its blend is computed over the global batch
+    "lossnet_ess_floor": {"net": "lossnet", "meta_sgd": True, "min_ess": 0.999},
     "linear_head": {"net": "lossnet", "lookahead": "head", "meta_sgd": True},
     "finite_difference": {"net": "lossnet", "engine": "finite_difference", "meta_sgd": True},
     # the reweighter gets the bare module and the group explicitly, as under Lightning's strategies
