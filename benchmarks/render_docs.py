@@ -327,6 +327,8 @@ def figures(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Ca
       ``+finetune`` run's best before fine-tuning, or cleanlab's precision, recall, flagged);
     - ``cost DATASET SETTING METHOD[~VARIANT]`` [schedule] [model] [seeds]: training passes relative to
       Standard, as the cost tables print it;
+    - ``meta DATASET SETTING METHOD[~VARIANT] OTHER[~VARIANT]`` [schedule=paper] [model=bn] [seeds=0-9]: the
+      difference of their mean meta-set accuracy over the last 10% of epochs ("meta last"), in points;
     - ``step RUN MODEL VARIANT`` [field=ratio]: a ratio of ``step_cost.jsonl``, as its tables print it
       (quote a variant with spaces).
     """
@@ -355,13 +357,18 @@ def figures(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Ca
             raise LookupError("no cost recorded")
         return f"{np.mean(rel['passes']):.2f}x"
 
+    def meta(ds, setting, method, against, schedule="paper", model="bn", seeds="0-9"):
+        opts = {"schedule": schedule, "model": model, "seeds": seeds}
+        last = lambda m: np.mean([_tradeoff._tail_mean(r["result"]["meta_acc"]) for r in runs(ds, setting, m, **opts)])  # noqa: E731
+        return f"{100 * (last(method) - last(against)):+.1f}"
+
     def step(run, model, variant, field="ratio"):
         value = _ratio(_store.latest(sc), run, model, variant, field)
         if value is None:
             raise LookupError("no rows")
         return f"{value:.2f}x"
 
-    return {"acc": accuracy, "cost": cost, "step": step}
+    return {"acc": accuracy, "cost": cost, "meta": meta, "step": step}
 
 
 BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

@@ -33,8 +33,8 @@ NORMALIZATIONS = ("sum", "none")
 # training loss is cross-entropy on class logits; LossNet, which reads the loss alone, for any other loss.
 AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # min_ess=None: L2RW's weights (each batch's clamped meta-gradient) often rest on a few samples, and a floor of a
-# fifth of the batch raised its meta-set accuracy on both flips of the stability benchmark; the nets' did not
-# change with one, so they get none.
+# fifth of the batch raised its meta-set accuracy on both flips of the stability benchmark (and lowered it by
+# less under uniform noise); the nets' did not rise with one, so they get none.
 L2RW_MIN_ESS = 0.2
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
