@@ -732,11 +732,13 @@ def guide_report(
     schedule: str = "gentle",
     variants: tuple[str, ...] = ("default",),
     model: str = "plain",
+    default: str | None = None,
 ) -> str:
     """The decision guide: per dataset and setting, the most accurate method, the cheapest method within noise
     of it (gap of the mean "best" accuracies at most the larger of the two standard deviations), Standard, and
     the methods below Standard by more than the larger standard deviation. Only methods with every seed asked
-    for (or, without ``seeds``, five) and a measured cost take part."""
+    for (or, without ``seeds``, five) and a measured cost take part. ``default`` (a row name) adds a column with
+    that method's figure and whether it is within noise of the most accurate."""
     cell = _cells(root, seeds, schedule, variants, model)
     methods = _with_variants(methods, variants)
     need = len(seeds) if seeds is not None else 5
@@ -744,8 +746,8 @@ def guide_report(
     fmt = lambda v: f"{100 * np.mean(v):.1f} ± {100 * sd(v):.1f}"  # noqa: E731
     lines = [
         "| dataset | setting | use (the cheapest within noise of the best) | most accurate | Standard "
-        "| below Standard |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| below Standard |" + (f" the default ({_row_name(default)}) |" if default else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if default else ""),
     ]
     for s in settings:
         for ds in datasets:
@@ -766,7 +768,11 @@ def guide_report(
             verdict = "" if cheap.partition("+")[0].partition("~")[0] in REWEIGHTING else "not reweight: "
             top = "the same" if best == cheap else say[best]
             bad = ", ".join(f"{_row_name(k)} ({fmt(cands[k][3])})" for k in below) or "none"
-            lines.append(f"| {ds} | {s} | **{verdict}{say[cheap]}** | {top} | {fmt(std[3])} | {bad} |")
+            row = f"| {ds} | {s} | **{verdict}{say[cheap]}** | {top} | {fmt(std[3])} | {bad} |"
+            if default:
+                where = "within noise of the best" if default in near else "below the best beyond noise"
+                row += f" {fmt(cands[default][3])} ({where}) |" if default in cands else " - |"
+            lines.append(row)
     lines += ["", _note(cell, datasets, settings, methods)]
     return "\n".join(lines) + "\n"
 

@@ -244,13 +244,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("nokn",),
-            "plain",
+            "plain", default="gated~nokn",
         ),
         "stability-ess-floor": lambda: _stability_rows(
             table, S3, ["gated~nokn", "gated~ess20"], ["nokn", "ess20"], list(range(10))
         ),
         "stability-wide": lambda: _stability_rows(
-            table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn"], ["nokn"], SEEDS5, "bnwide", fit=True
+            table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn", "lossnet~nokn", "metainfonet~nokn"], ["nokn"],
+            SEEDS5, "bnwide", fit=True,
         ),
         "stability-curves": lambda: _curves(
             table, ["flip1-40", "flip2-40", "uniform-40"], ["gated", "metainfonet", "logitnet", "lossnet"], ["nokn"],
