@@ -148,6 +148,8 @@ VARIANTS: dict[str, dict] = {
     # a fast candidate for the gated net: interval 6 with a 3x meta lr (AdamW), the defaults otherwise
     "f6m3": {"interval": 6, "meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300,
              "net_kwargs": {"uniform_start": True}},
+    "f6m9": {"interval": 6, "meta_lr": 9e-3, "meta_decoupled": True, "meta_warmup": 300,
+             "net_kwargs": {"uniform_start": True}},
     # the same with a floor on the weights' effective sample size (a share of the batch)
     "ess20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
               "net_kwargs": {"uniform_start": True}},
