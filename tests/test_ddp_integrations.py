@@ -162,7 +162,6 @@ def _hf_train(rank: int, tmp: str, lm: bool) -> dict[str, Any]:
 
 def _lightning_train(rank: int, tmp: str) -> dict[str, Any]:
     import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
 
     from reweight.integrations.lightning import MetaReweightCallback, reweight_step
 
@@ -187,10 +186,25 @@ def _lightning_train(rank: int, tmp: str) -> dict[str, Any]:
 
     module = Lit()
     callback = MetaReweightCallback(_mlp_meta(rank), seed=0, **NET)
+    trainer = fit_lightning(module, callback, "ddp", tmp)
+    return {
+        "world_size": trainer.world_size,
+        "batches": module.batches,
+        "model": _state(module.net),
+        "net": _state(callback.reweighter.net),
+    }
+
+
+def fit_lightning(module: Any, callback: Any, strategy: Any, tmp: str) -> Any:
+    """Fit ``module`` for ``STEPS`` steps on ``WORLD`` CPU ranks under ``strategy`` with ``callback``, on the MLP's
+    batches of 4 (this rank's view of a DistributedSampler), with nothing but the training loop enabled."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy="ddp",
+        strategy=strategy,
         max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,
@@ -202,12 +216,7 @@ def _lightning_train(rank: int, tmp: str) -> dict[str, Any]:
     )
     x, y = _mlp_batch(24, 7)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
-    return {
-        "world_size": trainer.world_size,
-        "batches": module.batches,
-        "model": _state(module.net),
-        "net": _state(callback.reweighter.net),
-    }
+    return trainer
 
 
 def _mlp() -> nn.Module:

@@ -37,10 +37,10 @@ from test_ddp_integrations import (  # noqa: E402
     _cat,
     _hf_meta,
     _mlp,
-    _mlp_batch,
     _mlp_meta,
     _single_process,
     _state,
+    fit_lightning,
 )
 from test_integration_transformers import bert, make_trainer, text_dataset  # noqa: E402
 
@@ -60,7 +60,6 @@ def _lightning_fsdp2(rank: int, tmp: str) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
-    from torch.utils.data import DataLoader, TensorDataset
 
     from reweight.integrations.lightning import MetaReweightCallback, reweight_step
 
@@ -92,21 +91,7 @@ def _lightning_fsdp2(rank: int, tmp: str) -> dict[str, Any]:
 
     module = Lit()
     callback = MetaReweightCallback(_mlp_meta(rank), seed=0, **NET)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=os.path.join(tmp, "lightning"),
-        callbacks=[callback],
-    )
-    x, y = _mlp_batch(24, 7)
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    fit_lightning(module, callback, ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), tmp)
     return {
         "kinds": sorted({type(p).__name__ for p in module.parameters()}),
         "engine": callback.reweighter.engine_name,

@@ -43,6 +43,19 @@ def reweighter(model, **kw):
     return MetaReweighter(model, opt, [batch(6, 1)], loss_fn=per_sample_loss("causal_lm"), seed=0, **kw), opt
 
 
+def two_steps(rw, opt, forward, x, y) -> list[torch.Tensor]:
+    """Two reweighted steps of ``forward`` on the batch ``(x, y)``; the weights of each."""
+    weights = []
+    for _ in range(2):
+        out = forward(**x)
+        w = rw.step(x, y, out)
+        weights.append(w)
+        opt.zero_grad()
+        (w * per_sample_loss("causal_lm")(out.logits, y)).mean().backward()
+        opt.step()
+    return weights
+
+
 def test_head_lookahead_under_lora_is_refused_naming_the_last_blocks_adapters():
     with pytest.raises(ValueError, match=r"lookahead=\[\"\*layers\.1\.\*lora\*\"\]"):
         reweighter(lora_llama(), lookahead="head")
@@ -63,14 +76,8 @@ def test_last_block_adapters_lookahead_is_ghost_and_equals_reverse():
         )
         if engine == "auto":
             assert rw.engine_name == "ghost", rw.engine_reason
-        x, y = batch(5, 2)
-        for step in range(2):
-            out = model(**x)
-            w = rw.step(x, y, out)
+        for step, w in enumerate(two_steps(rw, opt, model, *batch(5, 2))):
             weights[engine, step] = w
-            opt.zero_grad()
-            (w * per_sample_loss("causal_lm")(out.logits, y)).mean().backward()
-            opt.step()
     assert not torch.allclose(weights["auto", 1], torch.ones(5, dtype=torch.float64))
     for step in range(2):
         torch.testing.assert_close(weights["auto", step], weights["reverse", step], rtol=1e-8, atol=1e-10)
@@ -87,14 +94,8 @@ def test_compiled_lora_llama_steps_like_the_eager_one_in_one_graph():
         forward = torch.compile(model, backend="aot_eager") if compiled else model
         rw, opt = reweighter(forward, meta_warmup=0, net="lossnet", net_kwargs={"uniform_start": False})
         assert rw.engine_name == "ghost", rw.engine_reason
-        x, y = batch(5, 2)
-        for step in range(2):
-            out = forward(**x)
-            w = rw.step(x, y, out)
+        for step, w in enumerate(two_steps(rw, opt, forward, *batch(5, 2))):
             weights[compiled, step] = w
-            opt.zero_grad()
-            (w * per_sample_loss("causal_lm")(out.logits, y)).mean().backward()
-            opt.step()
         if compiled:  # the engine's own forward runs eagerly: no graph break, no recompilation
             assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     for step in range(2):
