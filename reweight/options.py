@@ -36,8 +36,20 @@ AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # fifth of the batch raised its meta-set accuracy on both flips of the stability benchmark (and lowered it by
 # less under uniform noise); the nets' did not rise with one, so they get none.
 L2RW_MIN_ESS = 0.2
+# meta_warmup=None: the per-sample nets' lr rises over 300 steps, so that they do not commit while the model is
+# underfit; the group net alone (no ``within`` net) has one parameter per source and starts as the plain mixture,
+# and without the warm-up it reaches the best fixed mixture's target loss on the causal-LM mixture of the
+# source-weights benchmark (docs/source_weighting.md), with the classification mixture level.
+META_WARMUP, GROUPS_META_WARMUP = 300, 0
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
+
+
+def _group_weights_alone(net: Any, net_kwargs: dict | None) -> bool:
+    """Whether ``net`` is the group net with no per-sample net multiplied in (by name or as a module)."""
+    if isinstance(net, str):
+        return net == "groups" and (net_kwargs or {}).get("within") is None
+    return bool(getattr(net, "requires_groups", False)) and getattr(net, "within", None) is None
 
 
 def default_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -192,7 +204,10 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     for name in ("loss_fn", "meta_loss_fn", "meta_optimizer", "logits_fn"):
         if a[name] is not None and not callable(a[name]):
             raise TypeError(f"{name} must be callable, got {type(a[name]).__name__}")
-    _check_int("meta_warmup", a["meta_warmup"], 0)
+    warmup = a["meta_warmup"]
+    if warmup is None:
+        warmup = GROUPS_META_WARMUP if _group_weights_alone(a["net"], a["net_kwargs"]) else META_WARMUP
+    _check_int("meta_warmup", warmup, 0)
     min_ess = a["min_ess"]
     if min_ess is None:
         min_ess = L2RW_MIN_ESS if a["net"] == "l2rw" else 0.0
@@ -222,7 +237,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         virtual_step=a["virtual_step"],
         lookahead_lr=lr,
         meta_optimizer=a["meta_optimizer"] or default_meta_optimizer,
-        meta_warmup=a["meta_warmup"],
+        meta_warmup=warmup,
         min_ess=float(min_ess),
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,

@@ -88,7 +88,7 @@ class MetaReweighter:
             meta-gradient).
         meta_warmup: the meta optimizer's lr rises linearly over this many calls of :meth:`step` (``0``: none),
             so the net does not commit while the model is still underfit, when the meta-gradient can favour
-            the samples with the largest losses (default: ``300``).
+            the samples with the largest losses (default: ``None``: ``300``; ``0`` for the group net alone).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
             kept (``0``: no floor) (default: ``None``: ``0.2`` for L2RW, ``0`` for the nets).
@@ -149,7 +149,7 @@ class MetaReweighter:
         virtual_step: Literal["sgd", "optimizer"] = FROM_PRESET,
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
-        meta_warmup: int = 300,
+        meta_warmup: int | None = None,
         min_ess: float | None = None,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,

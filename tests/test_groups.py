@@ -135,6 +135,34 @@ def test_group_weights_start_equal_and_reach_every_sample():
     torch.testing.assert_close(w, expected)
 
 
+@pytest.mark.parametrize(
+    ("net", "net_kwargs", "warmup"),
+    [
+        ("groups", {"num_groups": GROUPS}, 0),
+        ("groups", {"num_groups": GROUPS, "within": "lossnet"}, 300),
+        ("lossnet", None, 300),
+        (GroupNet(GROUPS, num_classes=CLASSES), None, 0),
+    ],
+)
+def test_meta_warmup_default_is_none_for_the_group_net_alone(net, net_kwargs, warmup):
+    model = _mlp()
+    opt, meta = torch.optim.SGD(model.parameters(), lr=0.1), [_data(10, 2)[:2]]
+    rw = MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs)
+    assert rw.options.meta_warmup == warmup
+    assert MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs, meta_warmup=7).options.meta_warmup == 7
+
+
+def test_group_net_takes_a_full_meta_step_from_the_first_update():
+    model = _mlp()
+    x, y, g = _data(12, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = MetaReweighter(model, opt, [_data(10, 2)[:2]], net="groups", net_kwargs={"num_groups": GROUPS}, seed=0)
+    rw.step(x, y, model(x), groups=g)
+    moved = rw.net.theta.detach()[g.unique()]  # a group absent from the batch gets no gradient
+    # Adam's first step is lr * sign(gradient): 1e-3 per group present, not 1e-3 / 300
+    torch.testing.assert_close(moved.abs(), torch.full_like(moved, 1e-3), rtol=0, atol=1e-6)
+
+
 def test_within_multiplies_group_and_sample_weights():
     net = _group_net("lossnet")
     loss = torch.rand(8, dtype=torch.float64)
