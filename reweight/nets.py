@@ -296,9 +296,9 @@ class GroupNet(nn.Module):
     ``w = num_groups * softmax(scale * theta)`` with ``theta`` zero at the start: every group starts at weight 1
     (the plain mixture), the group weights always average to 1, and only their ratios move. With the library's
     ``normalization="sum"`` a sample of group ``g`` then counts ``w_g`` times a sample of weight 1 in every
-    batch. ``scale`` multiplies the meta optimizer's step in log-weight space: Adam's steps are about its lr
-    whatever the gradient's size, so with the default meta optimizer (Adam, lr 1e-3) a group's log-weight moves
-    by up to ``scale * 1e-3`` per meta update (``scale=20``: a factor e in about 50 updates).
+    batch. ``scale`` sets how far a meta update moves the log-weights: with the group net's default meta optimizer
+    (SGD, lr 1e-3, no warm-up) a group's log-weight moves by ``scale**2 * 1e-3 * w_g * (C_g - mean) / sum_i |c_i|``
+    per update, in proportion to the harm or help its samples do, so the weights end in that order.
 
     The meta-gradient of ``theta_g`` is exactly ``scale * w_g * (C_g - mean)`` where ``C_g`` is the sum of the
     per-sample coefficients ``c_i = dL_meta / dw_i`` over the batch's samples of group ``g``: nothing is

@@ -24,7 +24,9 @@ from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import list_weighting_nets, named_net_reads
 from .presets import FROM_PRESET, resolve_preset
 
-__all__ = ["ReweighterOptions", "resolve_options", "default_meta_optimizer", "MetaOptimizerFactory"]
+__all__ = [
+    "ReweighterOptions", "resolve_options", "default_meta_optimizer", "group_meta_optimizer", "MetaOptimizerFactory"
+]
 
 MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -37,10 +39,10 @@ AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # less under uniform noise); the nets' did not rise with one, so they get none.
 L2RW_MIN_ESS = 0.2
 # meta_warmup=None: the per-sample nets' lr rises over 300 steps, so that they do not commit while the model is
-# underfit; the group net alone (no ``within`` net) has one parameter per source and starts as the plain mixture,
-# and without the warm-up it reaches the best fixed mixture's target loss on the causal-LM mixture of the
-# source-weights benchmark (docs/source_weighting.md), with the classification mixture level.
+# underfit; the group net alone (no ``within`` net) has one parameter per source, starts as the plain mixture and
+# takes SGD's steps (group_meta_optimizer), so it needs no warm-up (docs/source_weighting.md).
 META_WARMUP, GROUPS_META_WARMUP = 300, 0
+GROUPS_META_LR = 1e-3
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
@@ -60,6 +62,17 @@ def default_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimi
     the net back to its start instead of letting it learn.
     """
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4)
+
+
+def group_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of the group net alone (``net="groups"`` without ``within``) when none is given: SGD, lr 1e-3.
+
+    SGD's steps follow the meta-gradient's size (made free of the training lr's scale by the reweighter), so a
+    source that hurts the meta loss more falls faster and the group weights end in the order of the harm each
+    source does; Adam's steps are nearly the same size whatever the gradient, and every source it pushes down
+    falls at the same rate. The lr was chosen on the meta sets of the source-weights benchmark.
+    """
+    return torch.optim.SGD(params, lr=GROUPS_META_LR)
 
 
 @dataclass(frozen=True)
@@ -204,9 +217,10 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     for name in ("loss_fn", "meta_loss_fn", "meta_optimizer", "logits_fn"):
         if a[name] is not None and not callable(a[name]):
             raise TypeError(f"{name} must be callable, got {type(a[name]).__name__}")
+    groups_alone = _group_weights_alone(a["net"], a["net_kwargs"])
     warmup = a["meta_warmup"]
     if warmup is None:
-        warmup = GROUPS_META_WARMUP if _group_weights_alone(a["net"], a["net_kwargs"]) else META_WARMUP
+        warmup = GROUPS_META_WARMUP if groups_alone else META_WARMUP
     _check_int("meta_warmup", warmup, 0)
     min_ess = a["min_ess"]
     if min_ess is None:
@@ -236,7 +250,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         normalization=a["normalization"],
         virtual_step=a["virtual_step"],
         lookahead_lr=lr,
-        meta_optimizer=a["meta_optimizer"] or default_meta_optimizer,
+        meta_optimizer=a["meta_optimizer"] or (group_meta_optimizer if groups_alone else default_meta_optimizer),
         meta_warmup=warmup,
         min_ess=float(min_ess),
         loss_fn=loss_fn,

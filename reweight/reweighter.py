@@ -85,7 +85,7 @@ class MetaReweighter:
             under warmup (lr 0 gives a zero meta-gradient) or with Adam-sized lrs (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
             1e-3, weight decay 5e-4: the paper's values, the decay decoupled so that it cannot outweigh a small
-            meta-gradient).
+            meta-gradient; SGD, lr 1e-3, for the group net alone, see :func:`~reweight.options.group_meta_optimizer`).
         meta_warmup: the meta optimizer's lr rises linearly over this many calls of :meth:`step` (``0``: none),
             so the net does not commit while the model is still underfit, when the meta-gradient can favour
             the samples with the largest losses (default: ``None``: ``300``; ``0`` for the group net alone).

@@ -22,6 +22,7 @@ from torch import nn
 
 from reweight import MetaReweighter
 from reweight.nets import GroupNet
+from reweight.options import group_meta_optimizer
 
 FEATURES, CLASSES, GROUPS = 6, 3, 3
 
@@ -152,15 +153,23 @@ def test_meta_warmup_default_is_none_for_the_group_net_alone(net, net_kwargs, wa
     assert MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs, meta_warmup=7).options.meta_warmup == 7
 
 
-def test_group_net_takes_a_full_meta_step_from_the_first_update():
+def test_group_net_alone_takes_sgd_steps_from_the_first_update():
+    """Its default optimizer is SGD (lr 1e-3) with no warm-up: the first update is ``-1e-3 * gradient``, so groups
+    move in proportion to their meta-gradients (Adam would move each by about its lr, whatever the gradient)."""
+    x, y, _ = _data(12, seed=1)
+    g = torch.arange(12) % GROUPS  # every group present
+    meta = [_data(10, 2)[:2]]
+    kwargs = {"net": "groups", "net_kwargs": {"num_groups": GROUPS}, "seed": 0}
     model = _mlp()
-    x, y, g = _data(12, seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rw = MetaReweighter(model, opt, [_data(10, 2)[:2]], net="groups", net_kwargs={"num_groups": GROUPS}, seed=0)
+    probe = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, meta_optimizer=_sgd, **kwargs)
+    probe.step(x, y, model(x), groups=g)
+    grad = probe.net.theta.grad.detach().clone()
+    model = _mlp()
+    rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, **kwargs)
+    assert rw.options.meta_optimizer is group_meta_optimizer and rw.options.meta_warmup == 0
     rw.step(x, y, model(x), groups=g)
-    moved = rw.net.theta.detach()[g.unique()]  # a group absent from the batch gets no gradient
-    # Adam's first step is lr * sign(gradient): 1e-3 per group present, not 1e-3 / 300
-    torch.testing.assert_close(moved.abs(), torch.full_like(moved, 1e-3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rw.net.theta.detach(), (-1e-3 * grad).to(rw.net.theta.dtype))
+    assert grad.abs().unique().numel() == GROUPS  # unequal gradients: a sign step would not match
 
 
 def test_within_multiplies_group_and_sample_weights():
