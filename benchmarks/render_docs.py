@@ -300,6 +300,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         # docs/source_weighting.md
         "sources-classification": lambda: source_weights.report("classification"),
         "sources-lm": lambda: source_weights.report("lm"),
+        "sources-choice": lambda: source_weights.choice_report(),
         # README.md
         "readme-cost": lambda: _cost_summary(sc),
     }

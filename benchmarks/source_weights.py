@@ -6,12 +6,14 @@ mixture of a simplex grid (the oracle, chosen on the test metric), the learned w
 per step. One JSON Lines row per (task, seed) in ``benchmarks/results/source_weights.jsonl`` with its provenance.
 
     python benchmarks/source_weights.py [--seeds 0 1 2 3 4] [--steps-cls 400] [--steps-lm 300] [--grid 2]
+    python benchmarks/source_weights.py --choose       # the group net's meta-optimizer candidates (meta set)
     python benchmarks/source_weights.py --report       # the tables of docs/source_weighting.md, from the rows
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -88,9 +90,69 @@ def main(seeds: list[int], steps_cls: int, steps_lm: int, grid: int, force: bool
 
 RANDOM = {"classification": "uniform_labels", "lm": "random"}  # the source with no signal at all
 
+# The group net's meta optimizer and warm-up, chosen on the meta set (the rows' "meta_metric"): the former
+# defaults (AdamW with the per-sample nets' 300-step warm-up), AdamW without it, and SGD at three lrs.
+CHOICE_TABLE = RESULTS / "source_weights_choice.jsonl"
+CANDIDATES: dict[str, dict] = {
+    "adamw, warm-up 300": {"optimizer": "adamw", "lr": 1e-3, "meta_warmup": 300},
+    "adamw, no warm-up": {"optimizer": "adamw", "lr": 1e-3, "meta_warmup": 0},
+    "sgd 1e-4": {"optimizer": "sgd", "lr": 1e-4, "meta_warmup": 0},
+    "sgd 3e-4": {"optimizer": "sgd", "lr": 3e-4, "meta_warmup": 0},
+    "sgd 1e-3": {"optimizer": "sgd", "lr": 1e-3, "meta_warmup": 0},
+}
+
+
+def _candidate_kwargs(candidate: dict) -> dict:
+    if candidate["optimizer"] == "adamw":
+        factory = functools.partial(torch.optim.AdamW, lr=candidate["lr"], weight_decay=5e-4)
+    else:
+        factory = functools.partial(torch.optim.SGD, lr=candidate["lr"])
+    return {"meta_optimizer": factory, "meta_warmup": candidate["meta_warmup"]}
+
+
+def choose(seeds: list[int], steps: dict[str, int], force: bool = False, table: Path = CHOICE_TABLE) -> None:
+    """The learned group weights of every candidate on both mixtures: test and meta metric, final weights."""
+    torch.set_num_threads(1)
+    ex = _example()
+    for seed in seeds:
+        for task in ("classification", "lm"):
+            data = ex.TASKS[task]["data"](seed)
+            for name, candidate in CANDIDATES.items():
+                key = canonical({"task": task, "seed": seed, "steps": steps[task], "candidate": candidate})
+                if not force and find(table, key) is not None:
+                    continue
+                r = ex.train(task, data, seed, steps[task], "learned", **_candidate_kwargs(candidate))
+                result = {"metric": r["metric"], "meta_metric": r["meta_metric"], "group_weights": r["group_weights"]}
+                append(table, {"key": key, "result": result, "provenance": provenance()})
+                print(f"{task} seed {seed} {name}: test {r['metric']:.4f} meta {r['meta_metric']:.4f}", flush=True)
+
+
+def choice_report(table: Path = CHOICE_TABLE) -> str:
+    """Per mixture and candidate: the meta-set and test metric (mean ± sd over the seeds), and in how many seeds
+    the source with no signal (random labels, random tokens) ends with the lowest weight."""
+    rows = latest(table)
+    lines = []
+    for task, title in (("classification", "Classification (MNIST-1D), accuracy"), ("lm", "Causal LM, target loss")):
+        names, noise = _example().NAMES[task], RANDOM[task]
+        lines += [f"{title}:", "", f"| candidate | meta set | test set | *{noise}* lowest |", "|" + " --- |" * 4]
+        for name, candidate in CANDIDATES.items():
+            ours = canonical(candidate)
+            seeds = [r["result"] for r in rows if r["key"]["task"] == task and r["key"]["candidate"] == ours]
+            if seeds:
+                meta, test = [v["meta_metric"] for v in seeds], [v["metric"] for v in seeds]
+                last = sum(min(names, key=v["group_weights"].__getitem__) == noise for v in seeds)
+                lines.append(f"| {name} | {_ms(meta)} | {_ms(test)} | {last} of {len(seeds)} |")
+        lines.append("")
+    return "\n".join(lines) + provenance_note(rows) + "\n"
+
 
 def _ms(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "–"
+
+
+def _paired(diffs: list[float], digits: int = 3) -> str:
+    se = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return f"{np.mean(diffs):+.{digits}f} ± {se:.{digits}f}"
 
 
 def report(task: str, table: Path = TABLE) -> str:
@@ -130,7 +192,7 @@ def report(task: str, table: Path = TABLE) -> str:
         f"the learned {rows[0]['result']['metric']} no worse than the uniform mixture's in "
         f"{sum(better(r['result']['learned'], r['result']['uniform']) for r in rows)}, no worse than the oracle's in "
         f"{sum(better(r['result']['learned'], r['result']['oracle']) for r in rows)}; learned minus oracle "
-        f"{_ms(gap)}.",
+        f"{_paired(gap)} (mean ± standard error over the seeds).",
         "",
         provenance_note(rows),
     ]
@@ -145,8 +207,12 @@ if __name__ == "__main__":
     parser.add_argument("--grid", type=int, default=2)
     parser.add_argument("--force", action="store_true", help="re-measure rows already in the table")
     parser.add_argument("--report", action="store_true", help="print the tables from the rows and exit")
+    parser.add_argument("--choose", action="store_true", help="run the group net's meta-optimizer candidates")
     a = parser.parse_args()
     if a.report:
         print("\n".join(report(task) for task in ("classification", "lm")))
+        print(choice_report())
+    elif a.choose:
+        choose(a.seeds, {"classification": a.steps_cls, "lm": a.steps_lm}, a.force)
     else:
         main(a.seeds, a.steps_cls, a.steps_lm, a.grid, a.force)

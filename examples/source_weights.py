@@ -221,6 +221,7 @@ def train(
             history.record(rw, t + 1)
     seconds = (time.perf_counter() - start) / steps
     out = {"metric": evaluate(task, model, data["test"]), "sec_per_step": seconds, "history": history}
+    out["meta_metric"] = evaluate(task, model, data["meta"])  # the same metric on the meta set, to choose by
     if rw is not None:
         out["group_weights"] = history.rows[-1]
     return out

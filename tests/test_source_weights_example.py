@@ -43,3 +43,14 @@ def test_benchmark_writes_rows_with_provenance(tmp_path):
     assert again == json.loads(table.read_text().splitlines()[0]) and len(table.read_text().splitlines()) == 1
     assert {"uniform", "learned", "oracle", "learned+lossnet", "group_weights"} <= set(row["result"])
     assert "commit" in json.dumps(row["provenance"]) or "version" in row["provenance"]
+
+
+def test_choice_sweep_writes_one_row_per_candidate_and_reports_them(tmp_path):
+    bench = _load("benchmarks/source_weights.py", "_bench_source_weights")
+    table = tmp_path / "choice.jsonl"
+    bench.choose([0], {"classification": 2, "lm": 2}, table=table)
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert len(rows) == 2 * len(bench.CANDIDATES)
+    assert all({"metric", "meta_metric", "group_weights"} <= set(r["result"]) for r in rows)
+    text = bench.choice_report(table)
+    assert all(f"| {name} |" in text for name in bench.CANDIDATES) and text.count("of 1 |") == len(rows)
