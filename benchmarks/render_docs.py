@@ -92,18 +92,21 @@ def _gain(table: Path) -> str:
     return text + "\n" + acc._note(cells, "mnist1d", S4, ["standard", *acc._with_variants(methods, variants)])
 
 
-def _gain_current(table: Path, methods=("metainfonet", "gated", "lossnet"), fast=("fastnokn",)) -> str:
+def _gain_current(
+    table: Path, methods=("metainfonet", "gated", "lossnet"), fast=("fastnokn",), seeds=SEEDS5,
+    datasets=("mnist1d", "mnist1d-2pct"), settings=("flip1-40", "flip2-40"),
+) -> str:  # fmt: skip
     """``preset="fast"`` (and other ``fast`` variants) against the exact defaults (``nokn``), both protocols, on
     the flips."""
     variants = ("nokn", *fast)
     methods = list(methods)
-    cells = acc._cells(table, SEEDS5, "gentle", variants, "plain")
+    cells = acc._cells(table, list(seeds), "gentle", variants, "plain")
     parts = []
-    for ds in ("mnist1d", "mnist1d-2pct"):
-        text = _tradeoff.gain_table(cells, ds, ["flip1-40", "flip2-40"], methods, "nokn", list(fast))
+    for ds in datasets:
+        text = _tradeoff.gain_table(cells, ds, list(settings), methods, "nokn", list(fast))
         parts.append(f"{ds}:\n\n{text}")
     rows = ["standard", *acc._with_variants(methods, variants)]
-    return "\n".join(parts) + "\n" + acc._note(cells, ["mnist1d", "mnist1d-2pct"], ["flip1-40", "flip2-40"], rows)
+    return "\n".join(parts) + "\n" + acc._note(cells, list(datasets), list(settings), rows)
 
 
 def _steps(table: Path, runs: list[str]) -> str:
@@ -229,6 +232,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "fast-keeps": lambda: _gain(table),
         "fast-keeps-current": lambda: _gain_current(table),
         "fast-screen-gated": lambda: _gain_current(table, ["gated"], ("fastnokn", "f6m3", "f6m9")),
+        "fast-gated-ten-seeds": lambda: _gain_current(
+            table, ["gated"], ("fastnokn",), range(10), ("mnist1d-2pct",), ("flip2-40",)
+        ),
         "preset-cost": lambda: _steps(sc, ["presets-cpu"]),
         "preset-passes": lambda: acc.cost_report(
             table, ["mnist1d"], S4, ["standard", "finetune", "metainfonet", "lossnet"], SEEDS5, "gentle",

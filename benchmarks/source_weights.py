@@ -143,7 +143,7 @@ def choice_report(table: Path = CHOICE_TABLE) -> str:
                 last = sum(min(names, key=v["group_weights"].__getitem__) == noise for v in seeds)
                 lines.append(f"| {name} | {_ms(meta)} | {_ms(test)} | {last} of {len(seeds)} |")
         lines.append("")
-    return "\n".join(lines) + provenance_note(rows) + "\n"
+    return "\n".join(lines) + "\n" + provenance_note(rows) + "\n"
 
 
 def _ms(values: list[float], digits: int = 3) -> str:
@@ -173,7 +173,7 @@ def report(task: str, table: Path = TABLE) -> str:
         cells = [str(r["key"]["seed"]), f"{res['uniform']:.3f}", f"{res['learned']:.3f}"]
         cells += [f"{res[f'learned+{within}']:.3f}"] if within else []
         mixture = ", ".join(f"{m:g}" for m in res["oracle_mixture"])
-        weights = " / ".join(f"{res['group_weights'][name]:.2f}" for name in _example().NAMES[task])
+        weights = " / ".join(f"{res['group_weights'][name]:.3g}" for name in _example().NAMES[task])
         cost = f"{sec['learned'] * 1e3:.0f} / {sec['uniform'] * 1e3:.0f} ms = {sec['learned'] / sec['uniform']:.1f}x"
         lines.append("| " + " | ".join([*cells, f"{res['oracle']:.3f} ({mixture})", weights, cost]) + " |")
     col = lambda name: [r["result"][name] for r in rows]  # noqa: E731
