@@ -526,7 +526,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     import inspect
 
     from reweight import nets
-    from reweight.options import L2RW_MIN_ESS
+    from reweight.options import L2RW_MIN_ESS, META_WARMUP
     from reweight.presets import PRESETS, resolve_preset
 
     base = method.partition("+")[0]
@@ -549,6 +549,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             if p.default is not inspect.Parameter.empty
         }
     warmup = inspect.signature(MetaReweighter.__init__).parameters["meta_warmup"].default
+    if warmup is None:  # the library's per-net default (the benchmark's nets are per-sample nets)
+        warmup = META_WARMUP
     min_ess = kwargs.pop("min_ess", inspect.signature(MetaReweighter.__init__).parameters["min_ess"].default)
     if min_ess is None:  # the library's per-net default
         min_ess = L2RW_MIN_ESS if base == "l2rw" else 0.0
