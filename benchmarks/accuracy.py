@@ -507,12 +507,14 @@ def _main_grid(dataset: str, schedule: str, variant: str, model: str) -> bool:
 
 
 def _optimizer(factory) -> dict:
-    """A meta-optimizer factory (``functools.partial`` of an optimizer class, or ``None``: the library's
-    default) spelled out as data."""
-    if factory is None:  # MetaReweighter's default meta optimizer, read off the one it builds
-        from reweight.options import default_meta_optimizer
+    """A meta-optimizer factory (``functools.partial`` of an optimizer class, ``None``: the library's default, or
+    a preset's :class:`~reweight.presets.DefaultMetaOptimizer`) spelled out as data."""
+    from reweight.options import META_LR, default_meta_optimizer
+    from reweight.presets import DefaultMetaOptimizer
 
-        optimizer = default_meta_optimizer([torch.zeros(1, requires_grad=True)])
+    if factory is None or isinstance(factory, DefaultMetaOptimizer):  # the per-sample nets' own, read off
+        scale = 1.0 if factory is None else factory.lr_scale
+        optimizer = default_meta_optimizer([torch.zeros(1, requires_grad=True)], lr=META_LR * scale)
         group = optimizer.param_groups[0]
         return {"name": type(optimizer).__name__, "lr": group["lr"], "weight_decay": group["weight_decay"]}
     return {"name": factory.func.__name__, **factory.keywords}

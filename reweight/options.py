@@ -8,6 +8,7 @@ preset, then checks types and values and names the argument and the allowed valu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
@@ -22,7 +23,7 @@ from .engines import list_engines
 from .lookahead import LookaheadSpec
 from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import list_weighting_nets, named_net_reads
-from .presets import FROM_PRESET, resolve_preset
+from .presets import FROM_PRESET, DefaultMetaOptimizer, resolve_preset
 
 __all__ = [
     "ReweighterOptions", "resolve_options", "default_meta_optimizer", "group_meta_optimizer", "MetaOptimizerFactory"
@@ -42,7 +43,7 @@ L2RW_MIN_ESS = 0.2
 # underfit; the group net alone (no ``within`` net) has one parameter per source, starts as the plain mixture and
 # takes SGD's steps (group_meta_optimizer), so it needs no warm-up (docs/source_weighting.md).
 META_WARMUP, GROUPS_META_WARMUP = 300, 0
-GROUPS_META_LR = 1e-3
+META_LR, GROUPS_META_LR = 1e-3, 1e-3
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
@@ -54,17 +55,18 @@ def _group_weights_alone(net: Any, net_kwargs: dict | None) -> bool:
     return bool(getattr(net, "requires_groups", False)) and getattr(net, "within", None) is None
 
 
-def default_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The weighting net's optimizer when none is given: AdamW, lr 1e-3, weight decay 5e-4.
+def default_meta_optimizer(params: Iterable[nn.Parameter], lr: float = META_LR) -> torch.optim.Optimizer:
+    """The weighting net's optimizer when none is given: AdamW, lr 1e-3, weight decay 5e-4 (``preset="fast"``
+    scales ``lr``).
 
     The paper's lr and decay, with the decay decoupled: Adam's coupled decay is added to the gradient, and
     whenever the meta-gradient is small (a small training lr, as in fine-tuning) it outweighs it and pulls
     the net back to its start instead of letting it learn.
     """
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
 
 
-def group_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def group_meta_optimizer(params: Iterable[nn.Parameter], lr: float = GROUPS_META_LR) -> torch.optim.Optimizer:
     """The optimizer of the group net alone (``net="groups"`` without ``within``) when none is given: SGD, lr 1e-3.
 
     SGD's steps follow the meta-gradient's size (made free of the training lr's scale by the reweighter), so a
@@ -72,7 +74,7 @@ def group_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimize
     source does; Adam's steps are nearly the same size whatever the gradient, and every source it pushes down
     falls at the same rate. The lr was chosen on the meta sets of the source-weights benchmark.
     """
-    return torch.optim.SGD(params, lr=GROUPS_META_LR)
+    return torch.optim.SGD(params, lr=lr)
 
 
 @dataclass(frozen=True)
@@ -214,10 +216,15 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         lr = float(lr)
     if a["virtual_step"] == "optimizer" and not isinstance(optimizer, torch.optim.SGD):
         raise ValueError(f"virtual_step='optimizer' mirrors torch.optim.SGD only, got {type(optimizer).__name__}")
+    groups_alone = _group_weights_alone(a["net"], a["net_kwargs"])
+    own, own_lr = (group_meta_optimizer, GROUPS_META_LR) if groups_alone else (default_meta_optimizer, META_LR)
+    if a["meta_optimizer"] is None:
+        a["meta_optimizer"] = own
+    elif isinstance(a["meta_optimizer"], DefaultMetaOptimizer):  # a preset's "the default, lr scaled"
+        a["meta_optimizer"] = functools.partial(own, lr=own_lr * a["meta_optimizer"].lr_scale)
     for name in ("loss_fn", "meta_loss_fn", "meta_optimizer", "logits_fn"):
         if a[name] is not None and not callable(a[name]):
             raise TypeError(f"{name} must be callable, got {type(a[name]).__name__}")
-    groups_alone = _group_weights_alone(a["net"], a["net_kwargs"])
     warmup = a["meta_warmup"]
     if warmup is None:
         warmup = GROUPS_META_WARMUP if groups_alone else META_WARMUP
@@ -250,7 +257,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         normalization=a["normalization"],
         virtual_step=a["virtual_step"],
         lookahead_lr=lr,
-        meta_optimizer=a["meta_optimizer"] or (group_meta_optimizer if groups_alone else default_meta_optimizer),
+        meta_optimizer=a["meta_optimizer"],
         meta_warmup=warmup,
         min_ess=float(min_ess),
         loss_fn=loss_fn,

@@ -60,7 +60,7 @@ class MetaReweighter:
             ``virtual_step``, ``lookahead_lr`` and ``meta_optimizer`` (:data:`reweight.presets.PRESETS`); each
             of them given explicitly overrides the preset. ``"exact"`` is Algorithm 1 as written (the values
             documented below); ``"fast"`` meta-updates every 6th step with a 6x meta learning rate
-            (``interval=6``, ``meta_optimizer`` AdamW lr 6e-3, weight decay 5e-4) (default: ``"exact"``).
+            (``interval=6``, the net's default ``meta_optimizer`` at lr 6e-3) (default: ``"exact"``).
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
             call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
             so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).

@@ -172,6 +172,16 @@ def test_group_net_alone_takes_sgd_steps_from_the_first_update():
     assert grad.abs().unique().numel() == GROUPS  # unequal gradients: a sign step would not match
 
 
+def test_fast_preset_scales_each_nets_own_meta_optimizer():
+    model = _mlp()
+    opt, meta = torch.optim.SGD(model.parameters(), lr=0.1), [_data(10, 2)[:2]]
+    for within, cls in ((None, torch.optim.SGD), ("lossnet", torch.optim.AdamW)):
+        kwargs = {"num_groups": GROUPS, "within": within}
+        rw = MetaReweighter(model, opt, meta, net="groups", net_kwargs=kwargs, preset="fast")
+        group = rw.meta_optimizer.param_groups[0]
+        assert type(rw.meta_optimizer) is cls and group.get("reweight_lr", group["lr"]) == pytest.approx(6e-3)
+
+
 def test_within_multiplies_group_and_sample_weights():
     net = _group_net("lossnet")
     loss = torch.rand(8, dtype=torch.float64)
