@@ -255,7 +255,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             "plain", default="gated~nokn",
         ),
         "stability-ess-floor": lambda: _stability_rows(
-            table, S3, ["gated~nokn", "gated~ess20"], ["nokn", "ess20"], list(range(10))
+            table, S3, ["gated~nokn", "gated~ess20", "gated~sampledw"], ["nokn", "ess20", "sampledw"], list(range(10))
         ),
         "stability-wide": lambda: _stability_rows(
             table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn", "lossnet~nokn", "metainfonet~nokn"], ["nokn"],
