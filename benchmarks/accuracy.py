@@ -156,6 +156,11 @@ VARIANTS: dict[str, dict] = {
     "l2ess20": {"min_ess": 0.2},  # L2RW (no net) with the floor, the library's defaults otherwise
     "ess40": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4,
               "net_kwargs": {"uniform_start": True}},
+    # MetaInfoNet with a tighter bottleneck (kl_weight 0.1 and 1.0) on the current defaults
+    "kl10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300,
+             "net_kwargs": {"uniform_start": True, "kl_weight": 0.1}},
+    "kl100": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300,
+              "net_kwargs": {"uniform_start": True, "kl_weight": 1.0}},
     # the gated net with MetaInfoNet's psi sampled also when the returned weights are made (issue 19's lead)
     "sampledw": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300,
                  "net_kwargs": {"uniform_start": True, "info_kwargs": {"sample_at_weight_time": True}}},
