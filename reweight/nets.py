@@ -129,6 +129,9 @@ class LossNet(nn.Module):
 class LogitNet(nn.Module):
     """``sigmoid(MLP(z * e(y)))`` on the detached logits ``z`` and a learned label embedding (paper §4.2).
 
+    Suits class-dependent label flips; under uniform noise it can end below plain training (docs/results.md,
+    "Decision guide under the current defaults"), where :class:`GatedNet`, which also reads the loss, does not.
+
     Args:
         num_classes: number of classes ``K``.
         hidden: width of the MLP's hidden layer (default: ``100``).
@@ -152,6 +155,8 @@ class LogitNet(nn.Module):
 
 class MetaInfoNet(nn.Module):
     """LogitNet behind a variational information bottleneck on the logits (paper §4.3, Eqs. 5-7).
+
+    Like :class:`LogitNet` it suits class-dependent flips and can end below plain training under uniform noise.
 
     ``mu, s = Linear(K, 2d)(z)``, ``sigma = softplus(s - 5)`` (Alemi et al.), ``psi = mu + sigma * eps``;
     with ``skip`` the logits are concatenated to ``psi``; ``Linear(d [+ K], K)`` projects back to ``K``;
