@@ -190,7 +190,8 @@ def plot_group_weights(
 ) -> str:
     """Line plot of each group's weight ``weights[:, g]`` over ``steps`` (matplotlib, imported here only).
 
-    The dashed line at 1 is the plain mixture (every group counted as sampled).
+    The weights are drawn on a log scale (the group net moves their logarithms, and the order of the small ones
+    is what a user looks for); the dashed line at 1 is the plain mixture (every group counted as sampled).
     """
     plt = _pyplot()
     s, w = _np(steps).reshape(-1), _np(weights)
@@ -200,8 +201,9 @@ def plot_group_weights(
     for g in range(w.shape[1]):
         ax.plot(s, w[:, g], label=labels[g])
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("group weight (mean 1)")
+    ax.set_ylabel("group weight (mean 1, log scale)")
     ax.set_title(title or "learned group weights")
     ax.legend()
     return _save(plt, fig, path)
