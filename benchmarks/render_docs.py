@@ -307,6 +307,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "sources-classification": lambda: source_weights.report("classification"),
         "sources-lm": lambda: source_weights.report("lm"),
         "sources-choice": lambda: source_weights.choice_report(),
+        "sources-equal": lambda: source_weights.equal_report(),
         # README.md
         "readme-cost": lambda: _cost_summary(sc),
     }

@@ -7,6 +7,7 @@ per step. One JSON Lines row per (task, seed) in ``benchmarks/results/source_wei
 
     python benchmarks/source_weights.py [--seeds 0 1 2 3 4] [--steps-cls 400] [--steps-lm 300] [--grid 2]
     python benchmarks/source_weights.py --choose       # the group net's meta-optimizer candidates (meta set)
+    python benchmarks/source_weights.py --equal        # three equally clean sources: nothing to learn
     python benchmarks/source_weights.py --report       # the tables of docs/source_weighting.md, from the rows
 """
 
@@ -100,6 +101,41 @@ CANDIDATES: dict[str, dict] = {
     "sgd 3e-4": {"optimizer": "sgd", "lr": 3e-4, "meta_warmup": 0},
     "sgd 1e-3": {"optimizer": "sgd", "lr": 1e-3, "meta_warmup": 0},
 }
+
+
+EQUAL_TABLE = RESULTS / "source_weights_equal.jsonl"
+
+
+def equal_sources(seeds: list[int], steps: int, force: bool = False, table: Path = EQUAL_TABLE) -> None:
+    """The learned group weights (library defaults) and the uniform mixture on three equally clean sources."""
+    torch.set_num_threads(1)
+    ex = _example()
+    for seed in seeds:
+        key = canonical({"task": "classification-equal", "seed": seed, "steps": steps, "reweight": {}})
+        if not force and find(table, key) is not None:
+            continue
+        data = ex.TASKS["classification-equal"]["data"](seed)
+        uniform = ex.train("classification-equal", data, seed, steps, "uniform")
+        learned = ex.train("classification-equal", data, seed, steps, "learned")
+        result = {"uniform": uniform["metric"], "learned": learned["metric"], "group_weights": learned["group_weights"],
+                  "meta_uniform": uniform["meta_metric"], "meta_learned": learned["meta_metric"]}  # fmt: skip
+        append(table, {"key": key, "result": result, "provenance": provenance()})
+        print(f"equal sources seed {seed}: uniform {uniform['metric']:.4f} learned {learned['metric']:.4f}", flush=True)
+
+
+def equal_report(table: Path = EQUAL_TABLE) -> str:
+    """Per seed: test accuracy of the uniform mixture and of the learned weights, and the learned weights."""
+    rows = sorted(latest(table), key=lambda r: r["key"]["seed"])
+    names = _example().NAMES["classification-equal"]
+    lines = ["| seed | uniform | learned | learned weights | largest / smallest |", "|" + " --- |" * 5]
+    for r in rows:
+        res = r["result"]
+        w = [res["group_weights"][n] for n in names]
+        cells = [str(r["key"]["seed"]), f"{res['uniform']:.3f}", f"{res['learned']:.3f}"]
+        lines.append("| " + " | ".join([*cells, " / ".join(f"{v:.2f}" for v in w), f"{max(w) / min(w):.1f}"]) + " |")
+    diff = [r["result"]["learned"] - r["result"]["uniform"] for r in rows]
+    lines += ["", f"Learned minus uniform {_paired(diff)} (mean ± standard error over the {len(rows)} seeds).", ""]
+    return "\n".join(lines) + provenance_note(rows) + "\n"
 
 
 def _candidate_kwargs(candidate: dict) -> dict:
@@ -208,10 +244,14 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true", help="re-measure rows already in the table")
     parser.add_argument("--report", action="store_true", help="print the tables from the rows and exit")
     parser.add_argument("--choose", action="store_true", help="run the group net's meta-optimizer candidates")
+    parser.add_argument("--equal", action="store_true", help="run the mixture of three equally clean sources")
     a = parser.parse_args()
     if a.report:
         print("\n".join(report(task) for task in ("classification", "lm")))
         print(choice_report())
+        print(equal_report())
+    elif a.equal:
+        equal_sources(a.seeds, a.steps_cls, a.force)
     elif a.choose:
         choose(a.seeds, {"classification": a.steps_cls, "lm": a.steps_lm}, a.force)
     else:

@@ -39,16 +39,20 @@ from reweight.losses import causal_lm_loss
 NAMES = {
     "classification": ["clean", "flipped60", "uniform_labels"],
     "lm": ["target", "random", "other_pattern"],
+    "classification-equal": ["clean_a", "clean_b", "clean_c"],  # three equally clean sources
 }
-PER_SOURCE = {"classification": 32, "lm": 16}  # samples of each source in every batch
+PER_SOURCE = {"classification": 32, "lm": 16, "classification-equal": 32}  # samples of each source per batch
 GRID = 2  # the oracle's simplex grid: mixtures (i/2, j/2, k/2) and the uniform one
 
 
 # ---------------------------------------------------------------- data
 
 
-def classification_data(seed: int, num_samples: int = 4000, meta_size: int = 100) -> dict[str, Any]:
-    """MNIST-1D split into three sources of equal size, a clean meta set and the test set."""
+def classification_data(
+    seed: int, num_samples: int = 4000, meta_size: int = 100, corrupt: bool = True
+) -> dict[str, Any]:
+    """MNIST-1D split into three sources of equal size, a clean meta set and the test set; with ``corrupt=False``
+    the three sources are equally clean (a mixture with nothing to learn)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -63,7 +67,9 @@ def classification_data(seed: int, num_samples: int = 4000, meta_size: int = 100
     sources = []
     for k, idx in enumerate(parts):
         labels = y[idx].clone()
-        if k == 1:  # 60% flipped to another class
+        if not corrupt:
+            pass
+        elif k == 1:  # 60% flipped to another class
             flip = torch.rand(len(idx), generator=g) < 0.6
             other = (labels + torch.randint(1, 10, (len(idx),), generator=g)) % 10
             labels = torch.where(flip, other, labels)
@@ -157,6 +163,10 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "target loss",
     },
 }
+# The classification mixture with three equally clean sources: what the learned weights do with nothing to learn.
+TASKS["classification-equal"] = {
+    **TASKS["classification"], "data": lambda seed: classification_data(seed, corrupt=False)
+}
 
 
 # ---------------------------------------------------------------- training
@@ -168,7 +178,7 @@ def evaluate(task: str, model: nn.Module, test: tuple[torch.Tensor, torch.Tensor
     x, y = test
     out = torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
     model.train()
-    if task == "classification":
+    if task.startswith("classification"):  # accuracy; the LM: per-token loss
         return float((out.argmax(-1) == y).float().mean())
     return float(causal_lm_loss(out, y).mean())
 

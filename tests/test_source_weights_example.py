@@ -54,3 +54,13 @@ def test_choice_sweep_writes_one_row_per_candidate_and_reports_them(tmp_path):
     assert all({"metric", "meta_metric", "group_weights"} <= set(r["result"]) for r in rows)
     text = bench.choice_report(table)
     assert all(f"| {name} |" in text for name in bench.CANDIDATES) and text.count("of 1 |") == len(rows)
+
+
+def test_equal_sources_rows_and_report(tmp_path):
+    bench = _load("benchmarks/source_weights.py", "_bench_source_weights")
+    table = tmp_path / "equal.jsonl"
+    bench.equal_sources([0], 2, table=table)
+    bench.equal_sources([0], 2, table=table)  # found, not re-measured
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert len(rows) == 1 and {"uniform", "learned", "group_weights"} <= set(rows[0]["result"])
+    assert "| 0 |" in bench.equal_report(table) and "Learned minus uniform" in bench.equal_report(table)
