@@ -135,7 +135,7 @@ def equal_report(table: Path = EQUAL_TABLE) -> str:
         lines.append("| " + " | ".join([*cells, " / ".join(f"{v:.2f}" for v in w), f"{max(w) / min(w):.1f}"]) + " |")
     diff = [r["result"]["learned"] - r["result"]["uniform"] for r in rows]
     lines += ["", f"Learned minus uniform {_paired(diff)} (mean ± standard error over the {len(rows)} seeds).", ""]
-    return "\n".join(lines) + provenance_note(rows) + "\n"
+    return "\n".join(lines) + "\n" + provenance_note(rows) + "\n"
 
 
 def _candidate_kwargs(candidate: dict) -> dict:
