@@ -144,9 +144,6 @@ class LogitNet(nn.Module):
         uniform_start: start from uniform weights (the last layer at zero): a net that has learned nothing
             leaves plain training as it is; ``False`` keeps PyTorch's random initialisation, whose weights
             start unequal and, on large losses, saturated (default: ``True``).
-        log_probs: read ``log_softmax(z)`` instead of ``z``: the same information without the per-sample shift
-            that softmax ignores, and the sample's loss ``-log_softmax(z)_y`` a linear read-out of it
-            (default: ``False``).
     """
 
     requires_logits = True
@@ -187,7 +184,6 @@ class MetaInfoNet(nn.Module):
         uniform_start: start from uniform weights (the last layer at zero): a net that has learned nothing
             leaves plain training as it is; ``False`` keeps PyTorch's random initialisation, whose weights
             start unequal and, on large losses, saturated (default: ``True``).
-        log_probs: read ``log_softmax(z)`` instead of ``z``, as :class:`LogitNet` (default: ``False``).
     """
 
     requires_logits = True
