@@ -156,9 +156,6 @@ VARIANTS: dict[str, dict] = {
     "l2ess20": {"min_ess": 0.2},  # L2RW (no net) with the floor, the library's defaults otherwise
     "ess40": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4,
               "net_kwargs": {"uniform_start": True}},
-    # the logit nets reading log-probabilities (log_softmax of the logits) instead of the raw logits
-    "lsm": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300,
-            "net_kwargs": {"uniform_start": True, "log_probs": True}},
     # MetaInfoNet with a tighter bottleneck (kl_weight 0.1 and 1.0) on the current defaults
     "kl10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300,
              "net_kwargs": {"uniform_start": True, "kl_weight": 0.1}},

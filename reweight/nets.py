@@ -90,12 +90,6 @@ def _mlp_head(in_features: int, hidden: int, uniform_start: bool) -> nn.Sequenti
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), last)
 
 
-def _logit_input(logits: Tensor, log_probs: bool) -> Tensor:
-    """The logits as the logit nets read them: raw, or shifted to log-probabilities (``log_softmax``), which
-    removes the shift that carries no class information and makes the sample's loss ``-z_y`` a linear read-out."""
-    return F.log_softmax(logits, dim=-1) if log_probs else logits
-
-
 class LabelEmbedding(nn.Module):
     """``e(y) = W onehot(y)``: a bias-free linear map of the (possibly soft) label to ``R^K`` (paper §4.2)."""
 
@@ -148,17 +142,14 @@ class LogitNet(nn.Module):
 
     requires_logits = True
 
-    def __init__(
-        self, num_classes: int, hidden: int = 100, uniform_start: bool = True, log_probs: bool = False
-    ) -> None:
+    def __init__(self, num_classes: int, hidden: int = 100, uniform_start: bool = True) -> None:
         super().__init__()
         _check_positive_int("hidden", hidden)
-        self.log_probs = bool(log_probs)
         self.embed = LabelEmbedding(num_classes)
         self.mlp = _mlp_head(num_classes, hidden, uniform_start)
 
     def forward(self, loss: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
-        z = _logit_input(logits.to(self.embed.proj.weight.dtype), self.log_probs)
+        z = logits.to(self.embed.proj.weight.dtype)
         return torch.sigmoid(self.mlp(z * self.embed(targets))).squeeze(-1)
 
 
@@ -197,12 +188,10 @@ class MetaInfoNet(nn.Module):
         skip: bool = True,
         sample_at_weight_time: bool = False,
         uniform_start: bool = True,
-        log_probs: bool = False,
     ) -> None:
         super().__init__()
         _check_positive_int("num_classes", num_classes)
         _check_positive_int("bottleneck_dim", bottleneck_dim)
-        self.log_probs = bool(log_probs)
         _check_positive_int("hidden", hidden)
         if not kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
@@ -224,7 +213,7 @@ class MetaInfoNet(nn.Module):
         return torch.randn_like(mu)
 
     def forward(self, loss: Tensor, logits: Tensor, targets: Tensor) -> WeightingOutput:
-        z = _logit_input(logits.to(self.encoder.weight.dtype), self.log_probs)
+        z = logits.to(self.encoder.weight.dtype)
         mu, sigma = self.encode(z)
         sample = self.training or self.sample_at_weight_time
         psi = mu + sigma * self.sample_noise(mu) if sample else mu
