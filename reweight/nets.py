@@ -302,8 +302,9 @@ class GroupNet(nn.Module):
     (the plain mixture), the group weights always average to 1, and only their ratios move. With the library's
     ``normalization="sum"`` a sample of group ``g`` then counts ``w_g`` times a sample of weight 1 in every
     batch. ``scale`` sets how far a meta update moves the log-weights: with the group net's default meta optimizer
-    (SGD, lr 1e-3, no warm-up) a group's log-weight moves by ``scale**2 * 1e-3 * w_g * (C_g - mean) / sum_i |c_i|``
-    per update, in proportion to the harm or help its samples do, so the weights end in that order.
+    (SGD, lr 1e-3, no warm-up) a group's log-weight moves by about
+    ``scale**2 * 1e-3 * w_g * (C_g - mean) / sum_i |c_i|`` per update, in proportion to the harm or help its
+    samples do, so the weights end in that order.
 
     The meta-gradient of ``theta_g`` is exactly ``scale * w_g * (C_g - mean)`` where ``C_g`` is the sum of the
     per-sample coefficients ``c_i = dL_meta / dw_i`` over the batch's samples of group ``g``: nothing is
