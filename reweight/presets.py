@@ -32,6 +32,7 @@ class _FromPreset:
 #: Sentinel default of the options a preset may set (typed ``Any`` so that it fits every annotation).
 FROM_PRESET: Any = _FromPreset()
 
+
 @dataclass(frozen=True)
 class DefaultMetaOptimizer:
     """The net's own default meta optimizer with its lr times ``lr_scale``: AdamW (lr 1e-3, weight decay 5e-4) for
