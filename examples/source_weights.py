@@ -67,13 +67,11 @@ def classification_data(
     sources = []
     for k, idx in enumerate(parts):
         labels = y[idx].clone()
-        if not corrupt:
-            pass
-        elif k == 1:  # 60% flipped to another class
+        if corrupt and k == 1:  # 60% flipped to another class
             flip = torch.rand(len(idx), generator=g) < 0.6
             other = (labels + torch.randint(1, 10, (len(idx),), generator=g)) % 10
             labels = torch.where(flip, other, labels)
-        elif k == 2:  # uniformly relabelled
+        elif corrupt and k == 2:  # uniformly relabelled
             labels = torch.randint(0, 10, (len(idx),), generator=g)
         sources.append((x[idx], labels))
     x_test = torch.tensor(np.asarray(d["x_test"], np.float32))[:, None, :]
