@@ -202,6 +202,10 @@ def plot_group_weights(
         ax.plot(s, w[:, g], label=labels[g])
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter  # plain numbers: no mathtext fonts needed
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("group weight (mean 1, log scale)")
     ax.set_title(title or "learned group weights")
