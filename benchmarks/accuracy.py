@@ -153,6 +153,8 @@ VARIANTS: dict[str, dict] = {
     # the same with a floor on the weights' effective sample size (a share of the batch)
     "ess20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
               "net_kwargs": {"uniform_start": True}},
+    "ess10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.1,
+              "net_kwargs": {"uniform_start": True}},
     "l2ess20": {"min_ess": 0.2},  # L2RW (no net) with the floor, the library's defaults otherwise
     "ess40": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4,
               "net_kwargs": {"uniform_start": True}},
