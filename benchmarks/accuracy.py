@@ -35,6 +35,7 @@ from torch import nn
 from reweight import MetaReweighter
 from reweight.data import flip1_noise, flip2_noise, load_dataset, long_tail, meta_split, uniform_noise
 from reweight.diagnostics import WeightRecorder
+from reweight.monitor import effective_sample_size
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests): find the helpers beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -289,10 +290,12 @@ def _train(
     tail = max(1, math.ceil(0.1 * cfg.epochs))
     test_acc, meta_acc = [], []
     corrupted = torch.from_numpy(d["corrupted"])
-    curves: dict[str, list[float]] = {"w_corrupted": [], "w_clean": [], "w_std": [], "meta_loss": []}
+    curves: dict[str, list[float]] = {
+        "w_corrupted": [], "w_clean": [], "w_std": [], "meta_loss": [], "ess_mean": [], "ess_min": []
+    }
     for epoch in range(cfg.epochs):
         w_sum = torch.zeros(2, dtype=torch.float64)  # per epoch: sum of weights of clean / corrupted samples
-        w_sq, meta_losses = 0.0, []
+        w_sq, meta_losses, ess = 0.0, [], []
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
@@ -305,6 +308,7 @@ def _train(
             if rw is not None:
                 w_sum.index_add_(0, corrupted[idx].long(), w.double())
                 w_sq += float((w.double() ** 2).sum())
+                ess.append(float(effective_sample_size(w)))
                 if rw.last_meta_loss is not None:
                     meta_losses.append(float(rw.last_meta_loss))
             opt.zero_grad()
@@ -321,6 +325,8 @@ def _train(
             curves["w_clean"].append(float(w_sum[0]) / (n - n_bad))
             curves["w_std"].append(math.sqrt(max(w_sq / n - (float(w_sum.sum()) / n) ** 2, 0.0)))
             curves["meta_loss"].append(float(np.mean(meta_losses)) if meta_losses else float("nan"))
+            curves["ess_mean"].append(float(np.mean(ess)))  # the batches' effective sample size, a share
+            curves["ess_min"].append(float(np.min(ess)))
     out: dict = {"test_acc": test_acc, "meta_acc": meta_acc}
     if evaluate:  # how far the model fits the observed (noisy) training labels at the end
         with counter.paused():
