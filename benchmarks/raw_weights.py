@@ -1,0 +1,105 @@
+"""The weighting net's raw outputs over one run of the accuracy benchmark, before the batch normalisation.
+
+With ``normalization="sum"`` the weights are the net's sigmoid outputs divided by their batch mean, so the
+outputs' common scale is free: once most outputs sink into the sigmoid's lower tail, the normalised weights
+behave like a softmax over the batch whose sharpness nothing bounds. This script shows that drift: per
+twentieth of the run, the mean and the largest raw output over every call of the net (look-ahead and
+weight-time calls alike), their ratio, the gated net's LossNet share ``g`` and its LossNet's mean output, and the
+batches' effective sample size and test accuracy from the run's own curves.
+
+    python benchmarks/raw_weights.py --setting flip1-40 --seed 2        # gated net, BN CNN, paper schedule
+
+Nothing is stored: the run is one cell of ``benchmarks/accuracy.py`` (the same data, model, schedule and
+options), repeated with forward hooks on the weighting net.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accuracy  # noqa: E402
+
+from reweight.nets import GatedNet, LossNet, WeightingOutput  # noqa: E402
+
+BUCKETS = 20
+
+
+def _hooks(log: dict[str, list[float]]):
+    """Forward hooks recording the raw outputs of every weighting net call (and the gated net's parts)."""
+
+    def hook(module: nn.Module, args, out) -> None:
+        weights = out.weights if isinstance(out, WeightingOutput) else out
+        if not isinstance(weights, torch.Tensor) or weights.numel() == 0:
+            return
+        w = weights.detach().float()
+        if isinstance(module, GatedNet):
+            log["mean"].append(float(w.mean()))
+            log["max"].append(float(w.max()))
+            log["gate"].append(float(module.trust_in_loss()))
+        elif isinstance(module, LossNet):
+            log["loss_net_mean"].append(float(w.mean()))
+
+    return hook
+
+
+def _buckets(values: list[float]) -> list[float]:
+    """Means over ``BUCKETS`` consecutive, equal shares of the calls (NaN for an empty share)."""
+    return [float(np.mean(part)) if len(part) else float("nan") for part in np.array_split(values, BUCKETS)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist1d", choices=sorted(accuracy.CONFIGS))
+    p.add_argument("--setting", default="flip1-40")
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--variant", default="nokn", choices=sorted(accuracy.VARIANTS))
+    p.add_argument("--model", default="bn", choices=accuracy.MODELS)
+    p.add_argument("--schedule", default="paper", choices=sorted(accuracy.SCHEDULES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
+    p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = dataclasses.replace(accuracy.CONFIGS[args.dataset], **accuracy.SCHEDULES[args.schedule])
+    overrides = {"epochs": args.epochs, "num_samples": args.num_samples}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    log: dict[str, list[float]] = defaultdict(list)
+    handle = nn.modules.module.register_module_forward_hook(_hooks(log))
+    try:
+        out = accuracy.train_run(
+            args.dataset, args.setting, "gated", args.seed, cfg, None, accuracy.VARIANTS[args.variant],
+            accuracy._main_grid(args.dataset, args.schedule, args.variant, args.model), args.model,
+        )
+    finally:
+        handle.remove()
+    curves, epochs = out["curves"], len(out["test_acc"])
+    per = lambda name: [curves[name][min(epochs - 1, b * epochs // BUCKETS)] for b in range(BUCKETS)]  # noqa: E731
+    columns = {
+        "raw mean": _buckets(log["mean"]),
+        "raw max / mean": [m / a for m, a in zip(_buckets(log["max"]), _buckets(log["mean"]))],
+        "g (LossNet share)": _buckets(log["gate"]),
+        "LossNet mean": _buckets(log["loss_net_mean"]),
+        "batch ESS": per("ess_mean"),
+        "test acc": [out["test_acc"][min(epochs - 1, b * epochs // BUCKETS)] for b in range(BUCKETS)],
+    }
+    print(f"{args.dataset} {args.setting} gated~{args.variant}.{args.model}@{args.schedule} seed {args.seed}")
+    print("| epoch | " + " | ".join(columns) + " |")
+    print("| --- " * (len(columns) + 1) + "|")
+    for b in range(BUCKETS):
+        row = " | ".join(f"{columns[c][b]:.3g}" for c in columns)
+        print(f"| {b * epochs // BUCKETS} | {row} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
