@@ -7,10 +7,12 @@ twentieth of the run, the mean and the largest raw output over every call of the
 weight-time calls alike), their ratio, the gated net's LossNet share ``g`` and its LossNet's mean output, and the
 batches' effective sample size and test accuracy from the run's own curves.
 
-    python benchmarks/raw_weights.py --setting flip1-40 --seed 2        # gated net, BN CNN, paper schedule
+    python benchmarks/raw_weights.py --setting flip1-40 --seed 2           # run (once) and print
+    python benchmarks/raw_weights.py --setting flip1-40 --seed 2 --report  # print the stored row
 
-Nothing is stored: the run is one cell of ``benchmarks/accuracy.py`` (the same data, model, schedule and
-options), repeated with forward hooks on the weighting net.
+The run is one cell of ``benchmarks/accuracy.py`` (the same data, model, schedule and options, so the same
+test accuracies), repeated with forward hooks on the weighting net; its row is appended to
+``benchmarks/results/raw_weights.jsonl`` with its provenance.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _store  # noqa: E402
 import accuracy  # noqa: E402
 
 from reweight.nets import GatedNet, LossNet, WeightingOutput  # noqa: E402
 
 BUCKETS = 20
+COLUMNS = ("raw mean", "raw max / mean", "g (LossNet share)", "LossNet mean", "batch ESS", "test acc")
 
 
 def _hooks(log: dict[str, list[float]]):
@@ -57,19 +61,11 @@ def _buckets(values: list[float]) -> list[float]:
     return [float(np.mean(part)) if len(part) else float("nan") for part in np.array_split(values, BUCKETS)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist1d", choices=sorted(accuracy.CONFIGS))
-    p.add_argument("--setting", default="flip1-40")
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--variant", default="nokn", choices=sorted(accuracy.VARIANTS))
-    p.add_argument("--model", default="bn", choices=accuracy.MODELS)
-    p.add_argument("--schedule", default="paper", choices=sorted(accuracy.SCHEDULES))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
-    p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+TABLE = Path(__file__).resolve().parent / "results" / "raw_weights.jsonl"
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One run of the cell with hooks on the weighting net: the columns of the table, per share of the run."""
     cfg = dataclasses.replace(accuracy.CONFIGS[args.dataset], **accuracy.SCHEDULES[args.schedule])
     overrides = {"epochs": args.epochs, "num_samples": args.num_samples}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
@@ -83,21 +79,59 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         handle.remove()
     curves, epochs = out["curves"], len(out["test_acc"])
-    per = lambda name: [curves[name][min(epochs - 1, b * epochs // BUCKETS)] for b in range(BUCKETS)]  # noqa: E731
-    columns = {
+    at = [min(epochs - 1, b * epochs // BUCKETS) for b in range(BUCKETS)]
+    return {
+        "epoch": at,
         "raw mean": _buckets(log["mean"]),
         "raw max / mean": [m / a for m, a in zip(_buckets(log["max"]), _buckets(log["mean"]))],
         "g (LossNet share)": _buckets(log["gate"]),
         "LossNet mean": _buckets(log["loss_net_mean"]),
-        "batch ESS": per("ess_mean"),
-        "test acc": [out["test_acc"][min(epochs - 1, b * epochs // BUCKETS)] for b in range(BUCKETS)],
+        "batch ESS": [curves["ess_mean"][e] for e in at],
+        "test acc": [out["test_acc"][e] for e in at],
     }
-    print(f"{args.dataset} {args.setting} gated~{args.variant}.{args.model}@{args.schedule} seed {args.seed}")
-    print("| epoch | " + " | ".join(columns) + " |")
-    print("| --- " * (len(columns) + 1) + "|")
-    for b in range(BUCKETS):
-        row = " | ".join(f"{columns[c][b]:.3g}" for c in columns)
-        print(f"| {b * epochs // BUCKETS} | {row} |")
+
+
+def table(row: dict) -> str:
+    """The markdown table of one stored row."""
+    k, columns = row["key"], row["result"]
+    names = COLUMNS
+    lines = [
+        f"{k['dataset']} {k['setting']}, gated~{k['variant']}, model {k['model']}, schedule {k['schedule']}, "
+        f"seed {k['seed']}:",
+        "",
+        "| epoch | " + " | ".join(names) + " |",
+        "| --- " * (len(names) + 1) + "|",
+    ]
+    for b, epoch in enumerate(columns["epoch"]):
+        lines.append(f"| {epoch} | " + " | ".join(f"{columns[c][b]:.3g}" for c in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist1d", choices=sorted(accuracy.CONFIGS))
+    p.add_argument("--setting", default="flip1-40")
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--variant", default="nokn", choices=sorted(accuracy.VARIANTS))
+    p.add_argument("--model", default="bn", choices=accuracy.MODELS)
+    p.add_argument("--schedule", default="paper", choices=sorted(accuracy.SCHEDULES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", type=Path, default=TABLE, help="the table (default: results/raw_weights.jsonl)")
+    p.add_argument("--report", action="store_true", help="print the stored row of this cell and exit")
+    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
+    p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    key = {name: getattr(args, name) for name in ("dataset", "setting", "seed", "variant", "model", "schedule")}
+    key.update(epochs=args.epochs, num_samples=args.num_samples)
+    row = _store.find(args.results, key)
+    if row is None and not args.report:
+        row = {"key": key, "result": measure(args), "provenance": _store.provenance(sys.argv if argv is None else argv)}
+        _store.append(args.results, row)
+    if row is None:
+        print(f"no stored row for {key} in {args.results}", file=sys.stderr)
+        return 1
+    print(table(row))
     return 0
 
 

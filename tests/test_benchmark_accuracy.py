@@ -201,20 +201,27 @@ def test_rows_carry_provenance_and_expanded_options(bench, tiny_runs):
 
 
 def test_raw_weights_reads_the_same_run_as_the_table(bench, capsys, tmp_path):
-    """benchmarks/raw_weights.py repeats one cell with hooks: its test accuracies are the cached row's."""
+    """benchmarks/raw_weights.py repeats one cell with hooks: its test accuracies are the cached row's, and its
+    stored row is printed again by --report without a run."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import raw_weights
 
+    rows = tmp_path / "raw_weights.jsonl"
     args = ["--setting", "flip1-40", "--seed", "0", "--model", "plain", "--schedule", "gentle", "--epochs", "5",
-            "--num-samples", "600"]
+            "--num-samples", "600", "--results", str(rows)]
+    assert raw_weights.main(args + ["--report"]) == 1  # nothing stored yet
+    capsys.readouterr()
     assert raw_weights.main(args) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1].startswith("| epoch | raw mean | raw max / mean |") and len(lines) == 3 + raw_weights.BUCKETS
-    raw_means = [float(line.split("|")[2]) for line in lines[3:]]
+    printed = capsys.readouterr().out
+    lines = printed.strip().splitlines()
+    assert lines[2].startswith("| epoch | raw mean | raw max / mean |") and len(lines) == 4 + raw_weights.BUCKETS
+    raw_means = [float(line.split("|")[2]) for line in lines[4:]]
     assert all(0 < m < 1 for m in raw_means)  # sigmoid outputs, before the batch normalisation
+    assert raw_weights.main(args + ["--report"]) == 0 and capsys.readouterr().out == printed
+    assert len(rows.read_text().splitlines()) == 1
     table = tmp_path / "accuracy.jsonl"
     tiny = ["--datasets", "mnist1d", "--settings", "flip1-40", "--seeds", "0", "--epochs", "5", "--num-samples", "600"]
     assert bench.main(tiny + ["--methods", "gated", "--variants", "nokn", "--results", str(table)]) == 0
     cached = json.loads(table.read_text().splitlines()[0])["result"]["test_acc"]
-    printed = [float(line.split("|")[-2]) for line in lines[3:]]
-    assert printed[0] == pytest.approx(cached[0], abs=5e-4) and printed[-1] == pytest.approx(cached[-1], abs=5e-4)
+    test_acc = [float(line.split("|")[-2]) for line in lines[4:]]
+    assert test_acc[0] == pytest.approx(cached[0], abs=5e-4) and test_acc[-1] == pytest.approx(cached[-1], abs=5e-4)
