@@ -28,6 +28,7 @@ import _tradeoff  # noqa: E402
 import accuracy as acc  # noqa: E402
 import defaults_matrix  # noqa: E402
 import numpy as np  # noqa: E402
+import raw_weights  # noqa: E402
 import source_weights  # noqa: E402
 import step_cost  # noqa: E402
 
@@ -205,6 +206,13 @@ def _gpu(path: Path = GPU_CHECK) -> str:
     return "\n".join(lines)
 
 
+def _raw_weights(seeds) -> str:
+    """The stored raw-output tables of the gated net (Flip-1 40%, BN CNN, paper schedule) of ``seeds``."""
+    rows = [r for r in _store.latest(raw_weights.TABLE) if r["key"]["seed"] in seeds and not r["key"]["epochs"]]
+    rows.sort(key=lambda r: seeds.index(r["key"]["seed"]))
+    return "\n\n".join([*map(raw_weights.table, rows), _store.provenance_note(rows)])
+
+
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
     both = ["mnist1d", "mnist1d-2pct"]
     return {
@@ -254,6 +262,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("nokn",),
             "plain", default="gated~nokn",
         ),
+        "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(
             table, S3, ["gated~nokn", "gated~ess20", "gated~sampledw"], ["nokn", "ess20", "sampledw"], list(range(10))
         ),
