@@ -123,6 +123,41 @@ def stability_table(cells: dict, dataset: str, settings: list[str], methods: lis
     return "\n".join(lines) + "\n"
 
 
+def _paired(values: list[float]) -> str:
+    """Mean ± standard error of paired differences."""
+    se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{np.mean(values):+.2f} ± {se:.2f}"
+
+
+def paired_table(cells: dict, dataset: str, settings: list[str], base: str, methods: list[str]) -> str:
+    """Markdown: each of ``methods`` against ``base`` over the seeds both ran, paired: the meta set's figures
+    a configuration is chosen by (accuracy over the last 10% of epochs, in points; the look-ahead's meta loss
+    over the last four epochs) and, beside them, the test set's (last, and the worst seed's drop from its own
+    highest test accuracy, for both)."""
+    lines = [
+        f"| method | setting | seeds | meta last - {base}'s | meta loss (last 4 epochs) - {base}'s | "
+        f"test last - {base}'s | worst seed's test drop (against {base}'s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in methods:
+        for s in settings:
+            mine = {r["key"]["seed"]: r for r in cells.get((dataset, s, m), [])}
+            theirs = {r["key"]["seed"]: r for r in cells.get((dataset, s, base), [])}
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                continue
+            pairs = [(mine[i]["result"], theirs[i]["result"]) for i in seeds]
+            meta = [100 * (_tail_mean(a["meta_acc"]) - _tail_mean(b["meta_acc"])) for a, b in pairs]
+            loss = [np.mean(a["curves"]["meta_loss"][-4:]) - np.mean(b["curves"]["meta_loss"][-4:]) for a, b in pairs]
+            test = [100 * (a["last"] - b["last"]) for a, b in pairs]
+            worst = max(_max_drop(mine[i]) for i in seeds), max(_max_drop(theirs[i]) for i in seeds)
+            lines.append(
+                f"| {m} | {s} | {len(seeds)} | {_paired(meta)} | {_paired(loss)} | {_paired(test)} | "
+                f"{worst[0]:.1f} ({worst[1]:.1f}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _curve_facts(run: dict) -> tuple[float, float, float, float]:
     """(drop from the highest test accuracy to the last, the weights' largest per-epoch std, the rise of the
     meta loss after its minimum, the meta-set accuracy's drop from its highest to its last)."""

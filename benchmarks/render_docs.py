@@ -79,6 +79,13 @@ def _stability_rows(table: Path, settings, rows, variants, seeds, model="bn", fi
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
 
 
+def _paired_rows(table: Path, settings, base: str, rows, variants, seeds, model="bn") -> str:
+    """The paired comparison of named rows against ``base`` (paper schedule), with the provenance note."""
+    cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
+    text = _tradeoff.paired_table(cells, "mnist1d", settings, base, rows)
+    return text + "\n" + acc._note(cells, "mnist1d", settings, [base, *rows])
+
+
 def _curves(table: Path, settings, methods, variants, seeds, model: str) -> str:
     cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
     rows = acc._with_variants(methods, tuple(variants))
@@ -264,7 +271,16 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(
-            table, S3, ["gated~nokn", "gated~ess20", "gated~sampledw"], ["nokn", "ess20", "sampledw"], list(range(10))
+            table, S3, ["gated~nokn", "gated~ess10", "gated~ess20", "gated~sampledw"],
+            ["nokn", "ess10", "ess20", "sampledw"], list(range(10)),
+        ),
+        "stability-ess-floor-20": lambda: _stability_rows(
+            table, S3, ["gated~nokn", "gated~ess20"], ["nokn", "ess20"], list(range(20))
+        ),
+        "ess-floor-paired": lambda: _paired_rows(
+            table, S3, "gated~nokn", ["gated~ess10", "gated~ess20", "gated~sampledw"],
+            ["nokn", "ess10", "ess20", "sampledw"],
+            list(range(20)),
         ),
         "stability-wide": lambda: _stability_rows(
             table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn", "lossnet~nokn", "metainfonet~nokn"], ["nokn"],
