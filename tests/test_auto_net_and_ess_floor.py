@@ -158,11 +158,13 @@ def test_the_floor_scales_the_nets_meta_gradient_by_one_minus_the_blend():
     torch.testing.assert_close(deltas[1], shares[1] * deltas[0], rtol=1e-4, atol=0)
 
 
-def test_the_default_floor_is_a_fifth_of_the_batch_for_l2rw_and_none_for_the_nets():
+@pytest.mark.parametrize("net", ["l2rw", "auto", "gated", "lossnet", "logitnet", "metainfonet"])
+def test_the_default_floor_is_a_fifth_of_the_batch(net):
     model, opt, meta = _parts()
-    assert MetaReweighter(model, opt, meta, net="l2rw").options.min_ess == 0.2
-    assert MetaReweighter(model, opt, meta, net="l2rw", min_ess=0).options.min_ess == 0.0
-    assert MetaReweighter(model, opt, meta).options.min_ess == 0.0
-    assert MetaReweighter(model, opt, meta, net="lossnet").options.min_ess == 0.0
+    assert MetaReweighter(model, opt, meta, net=net).options.min_ess == 0.2
+    assert MetaReweighter(model, opt, meta, net=net, min_ess=0).options.min_ess == 0.0
+
+
+def test_l2rw_weights_under_the_default_are_those_of_the_explicit_floor():
     for default, explicit in zip(_weights("l2rw", None, steps=3), _weights("l2rw", 0.2, steps=3), strict=True):
         torch.testing.assert_close(default, explicit, rtol=0, atol=0)

@@ -137,20 +137,21 @@ def test_group_weights_start_equal_and_reach_every_sample():
 
 
 @pytest.mark.parametrize(
-    ("net", "net_kwargs", "warmup"),
+    ("net", "net_kwargs", "warmup", "floor"),
     [
-        ("groups", {"num_groups": GROUPS}, 0),
-        ("groups", {"num_groups": GROUPS, "within": "lossnet"}, 300),
-        ("lossnet", None, 300),
-        (GroupNet(GROUPS, num_classes=CLASSES), None, 0),
+        ("groups", {"num_groups": GROUPS}, 0, 0.0),
+        ("groups", {"num_groups": GROUPS, "within": "lossnet"}, 300, 0.2),
+        ("lossnet", None, 300, 0.2),
+        (GroupNet(GROUPS, num_classes=CLASSES), None, 0, 0.0),
     ],
 )
-def test_meta_warmup_default_is_none_for_the_group_net_alone(net, net_kwargs, warmup):
+def test_warmup_and_floor_are_off_for_the_group_net_alone(net, net_kwargs, warmup, floor):
     model = _mlp()
     opt, meta = torch.optim.SGD(model.parameters(), lr=0.1), [_data(10, 2)[:2]]
     rw = MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs)
-    assert rw.options.meta_warmup == warmup
-    assert MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs, meta_warmup=7).options.meta_warmup == 7
+    assert rw.options.meta_warmup == warmup and rw.options.min_ess == floor
+    explicit = MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs, meta_warmup=7, min_ess=0.5)
+    assert explicit.options.meta_warmup == 7 and explicit.options.min_ess == 0.5
 
 
 def test_group_net_alone_takes_sgd_steps_from_the_first_update():
