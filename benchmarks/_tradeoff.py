@@ -129,30 +129,41 @@ def _paired(values: list[float]) -> str:
     return f"{np.mean(values):+.2f} ± {se:.2f}"
 
 
-def paired_table(cells: dict, dataset: str, settings: list[str], base: str, methods: list[str]) -> str:
-    """Markdown: each of ``methods`` against ``base`` over the seeds both ran, paired: the meta set's figures
-    a configuration is chosen by (accuracy over the last 10% of epochs, in points; the look-ahead's meta loss
-    over the last four epochs) and, beside them, the test set's (last, and the worst seed's drop from its own
-    highest test accuracy, for both)."""
+def paired_table(
+    cells: dict, dataset: str, settings: list[str], pairs: list[tuple[str, str]], drop: float = 4.0
+) -> str:
+    """Markdown: each ``(row, base)`` pair over the seeds both ran, paired, per setting and over all of them
+    ("all": every setting's seeds pooled): the meta set's figures a configuration is chosen by (accuracy over
+    the last 10% of epochs, in points; the look-ahead's meta loss over the last four epochs; the lowest seed's
+    meta-set accuracy, for both) and, beside them, the test set's (last; the seeds ending more than ``drop``
+    points below their own highest test accuracy, and the worst seed's drop, for both)."""
     lines = [
-        f"| method | setting | seeds | meta last - {base}'s | meta loss (last 4 epochs) - {base}'s | "
-        f"test last - {base}'s | worst seed's test drop (against {base}'s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| row | against | setting | seeds | meta last | meta loss (last 4 epochs) | lowest seed's meta last "
+        f"| test last | seeds > {drop:g} below their best | worst seed's test drop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for m in methods:
-        for s in settings:
-            mine = {r["key"]["seed"]: r for r in cells.get((dataset, s, m), [])}
-            theirs = {r["key"]["seed"]: r for r in cells.get((dataset, s, base), [])}
-            seeds = sorted(set(mine) & set(theirs))
-            if not seeds:
+    for row, base in pairs:
+        pooled: list[tuple[dict, dict]] = []
+        for s in [*settings, "all"]:
+            if s == "all":
+                pairs_s = pooled
+            else:
+                mine = {r["key"]["seed"]: r for r in cells.get((dataset, s, row), [])}
+                theirs = {r["key"]["seed"]: r for r in cells.get((dataset, s, base), [])}
+                pairs_s = [(mine[i], theirs[i]) for i in sorted(set(mine) & set(theirs))]
+                pooled += pairs_s
+            if not pairs_s or (s == "all" and len(settings) < 2):
                 continue
-            pairs = [(mine[i]["result"], theirs[i]["result"]) for i in seeds]
-            meta = [100 * (_tail_mean(a["meta_acc"]) - _tail_mean(b["meta_acc"])) for a, b in pairs]
-            loss = [np.mean(a["curves"]["meta_loss"][-4:]) - np.mean(b["curves"]["meta_loss"][-4:]) for a, b in pairs]
-            test = [100 * (a["last"] - b["last"]) for a, b in pairs]
-            worst = max(_max_drop(mine[i]) for i in seeds), max(_max_drop(theirs[i]) for i in seeds)
+            res = [(a["result"], b["result"]) for a, b in pairs_s]
+            meta = [100 * (_tail_mean(a["meta_acc"]) - _tail_mean(b["meta_acc"])) for a, b in res]
+            loss = [np.mean(a["curves"]["meta_loss"][-4:]) - np.mean(b["curves"]["meta_loss"][-4:]) for a, b in res]
+            test = [100 * (a["last"] - b["last"]) for a, b in res]
+            lowest = [min(100 * _tail_mean(p[k]["result"]["meta_acc"]) for p in pairs_s) for k in (0, 1)]
+            falls = [sum(_max_drop(p[k]) > drop for p in pairs_s) for k in (0, 1)]
+            worst = [max(_max_drop(p[k]) for p in pairs_s) for k in (0, 1)]
             lines.append(
-                f"| {m} | {s} | {len(seeds)} | {_paired(meta)} | {_paired(loss)} | {_paired(test)} | "
+                f"| {row} | {base} | {s} | {len(res)} | {_paired(meta)} | {_paired(loss)} | "
+                f"{lowest[0]:.1f} ({lowest[1]:.1f}) | {_paired(test)} | {falls[0]} ({falls[1]}) | "
                 f"{worst[0]:.1f} ({worst[1]:.1f}) |"
             )
     return "\n".join(lines) + "\n"

@@ -79,11 +79,11 @@ def _stability_rows(table: Path, settings, rows, variants, seeds, model="bn", fi
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
 
 
-def _paired_rows(table: Path, settings, base: str, rows, variants, seeds, model="bn") -> str:
-    """The paired comparison of named rows against ``base`` (paper schedule), with the provenance note."""
+def _paired_rows(table: Path, settings, pairs, variants, seeds, model="bn") -> str:
+    """The paired comparison of ``(row, base)`` pairs (paper schedule), with the provenance note."""
     cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
-    text = _tradeoff.paired_table(cells, "mnist1d", settings, base, rows)
-    return text + "\n" + acc._note(cells, "mnist1d", settings, [base, *rows])
+    text = _tradeoff.paired_table(cells, "mnist1d", settings, pairs)
+    return text + "\n" + acc._note(cells, "mnist1d", settings, list(dict.fromkeys(m for p in pairs for m in p)))
 
 
 def _curves(table: Path, settings, methods, variants, seeds, model: str) -> str:
@@ -259,10 +259,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "flip2-40"], ["standard", "l2rw", "lossnet", "logitnet", "metainfonet"],
             ["default", "kl0"], SEEDS5, "paper",
         ),
-        "stability-nokn": lambda: _stability_rows(
-            table, S3, ["gated~nokn", "metainfonet~nokn", "logitnet~nokn", "lossnet~nokn", "l2rw~l2ess20", "l2rw"],
-            ["nokn", "l2ess20"],
-            list(range(10)),
+        "stability-defaults": lambda: _stability_rows(
+            table, S3,
+            [f"{m}~{v}" for v in ("ess20", "nokn") for m in ("gated", "metainfonet", "logitnet", "lossnet")]
+            + ["l2rw~l2ess20", "l2rw"],
+            ["nokn", "ess20", "l2ess20"], list(range(10)),
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
@@ -278,9 +279,16 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, ["gated~nokn", "gated~ess20"], ["nokn", "ess20"], list(range(20))
         ),
         "ess-floor-paired": lambda: _paired_rows(
-            table, S3, "gated~nokn", ["gated~ess10", "gated~ess20", "gated~sampledw"],
-            ["nokn", "ess10", "ess20", "sampledw"],
-            list(range(20)),
+            table, S3, [(f"gated~{v}", "gated~nokn") for v in ("ess20", "ess10", "sampledw")],
+            ["nokn", "ess10", "ess20", "sampledw"], list(range(20)),
+        ),
+        "stability-nets-floor": lambda: _stability_rows(
+            table, S3, [f"{m}~{v}" for m in ("metainfonet", "logitnet", "lossnet") for v in ("nokn", "ess20")],
+            ["nokn", "ess20"], list(range(10)),
+        ),
+        "nets-floor-paired": lambda: _paired_rows(
+            table, S3, [(f"{m}~ess20", f"{m}~nokn") for m in ("metainfonet", "logitnet", "lossnet")],
+            ["nokn", "ess20"], list(range(10)),
         ),
         "stability-wide": lambda: _stability_rows(
             table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn", "lossnet~nokn", "metainfonet~nokn"], ["nokn"],

@@ -156,8 +156,8 @@ class CollapseMonitor:
         if w.numel() > 1 and ess < self.min_ess:
             return (
                 f"a few samples carry each batch's loss (effective sample size {ess:.0%} of the batch, below "
-                f"{self.min_ess:.0%}); min_ess=0.2 bounds it (the weights are blended toward their mean until a "
-                "fifth of the batch carries its loss), or try a lower meta learning rate"
+                f"{self.min_ess:.0%}); keep the floor min_ess at its default 0.2 or raise it (the weights are blended "
+                "toward their mean until that share of the batch carries its loss), or try a lower meta learning rate"
             )
         if constant and w.numel() > 1 and high - low <= self.rtol * scale:
             if loss_high - loss_low > self.rtol * max(abs(loss_high), abs(loss_low)):
