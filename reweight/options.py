@@ -39,8 +39,9 @@ AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # the nets' sigmoid outputs can sink into their exponential tail, where the normalised weights are a softmax
 # whose sharpness nothing limits; on the stability benchmark (BN CNN, paper schedule, 20 seeds) three of twenty
 # Flip-1 runs of the gated net fell 7-32 points that way, and none with the floor. L2RW's weights (each batch's
-# clamped meta-gradient) rest on a few samples by construction. The group net alone gets none: its weights may
-# rightly concentrate on one small source (docs/results.md, "A floor on the effective sample size").
+# clamped meta-gradient) rest on a few samples by construction. The group net gets none, with or without a
+# ``within`` net: its weights may rightly rest on one small source (docs/results.md, "A floor on the effective
+# sample size").
 MIN_ESS, GROUPS_MIN_ESS = 0.2, 0.0
 # meta_warmup=None: the per-sample nets' lr rises over 300 steps, so that they do not commit while the model is
 # underfit; the group net alone (no ``within`` net) has one parameter per source, starts as the plain mixture and
@@ -49,6 +50,11 @@ META_WARMUP, GROUPS_META_WARMUP = 300, 0
 META_LR, GROUPS_META_LR = 1e-3, 1e-3
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
+
+
+def _is_group_net(net: Any) -> bool:
+    """Whether ``net`` is the group net, by name or as a module (with or without a ``within`` net)."""
+    return net == "groups" if isinstance(net, str) else bool(getattr(net, "requires_groups", False))
 
 
 def _group_weights_alone(net: Any, net_kwargs: dict | None) -> bool:
@@ -234,7 +240,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     _check_int("meta_warmup", warmup, 0)
     min_ess = a["min_ess"]
     if min_ess is None:
-        min_ess = GROUPS_MIN_ESS if groups_alone else MIN_ESS
+        min_ess = GROUPS_MIN_ESS if _is_group_net(a["net"]) else MIN_ESS
     if isinstance(min_ess, bool) or not isinstance(min_ess, numbers.Real):
         raise TypeError(f"min_ess must be a number or None, got {type(min_ess).__name__}")
     if not 0 <= float(min_ess) < 1:

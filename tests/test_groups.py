@@ -140,12 +140,12 @@ def test_group_weights_start_equal_and_reach_every_sample():
     ("net", "net_kwargs", "warmup", "floor"),
     [
         ("groups", {"num_groups": GROUPS}, 0, 0.0),
-        ("groups", {"num_groups": GROUPS, "within": "lossnet"}, 300, 0.2),
+        ("groups", {"num_groups": GROUPS, "within": "lossnet"}, 300, 0.0),
         ("lossnet", None, 300, 0.2),
         (GroupNet(GROUPS, num_classes=CLASSES), None, 0, 0.0),
     ],
 )
-def test_warmup_and_floor_are_off_for_the_group_net_alone(net, net_kwargs, warmup, floor):
+def test_warmup_is_off_for_the_group_net_alone_and_the_floor_for_any_group_net(net, net_kwargs, warmup, floor):
     model = _mlp()
     opt, meta = torch.optim.SGD(model.parameters(), lr=0.1), [_data(10, 2)[:2]]
     rw = MetaReweighter(model, opt, meta, net=net, net_kwargs=net_kwargs)
