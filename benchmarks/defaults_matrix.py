@@ -14,7 +14,7 @@ For LossNet, MetaInfoNet (classification) and L2RW, each row holds the AUROC of 
 score for clean samples (pooled over the last 50 steps, and per window of steps: ``traj``), the mean weight
 of clean and corrupted samples, and the test metric against plain training. ``--config earlier`` runs the
 earlier defaults for comparison (Adam with coupled weight decay, the nets' random start, no meta-lr
-warm-up; the coefficients' scaling is part of the update and stays).
+warm-up, no floor on the effective sample size; the coefficients' scaling is part of the update and stays).
 
     python benchmarks/defaults_matrix.py --seeds 0 1 2            # run (resumes), then print the table
     python benchmarks/defaults_matrix.py --report                 # the table of the stored rows
@@ -48,6 +48,7 @@ CONFIGS = {
         "meta_optimizer": functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=5e-4),
         "meta_warmup": 0,
         "uniform_start": False,
+        "min_ess": 0.0,
     },
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
@@ -57,6 +58,7 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "meta_warmup": 300,
         "uniform_start": True,
         "meta_signal": SIGNAL,
+        "min_ess": 0.2,
     },
     "earlier": {
         "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
