@@ -102,16 +102,16 @@ def _gain(table: Path) -> str:
 
 def _gain_current(
     table: Path, methods=("metainfonet", "gated", "lossnet"), fast=("fastnokn",), seeds=SEEDS5,
-    datasets=("mnist1d", "mnist1d-2pct"), settings=("flip1-40", "flip2-40"),
+    datasets=("mnist1d", "mnist1d-2pct"), settings=("flip1-40", "flip2-40"), exact="nokn",
 ) -> str:  # fmt: skip
-    """``preset="fast"`` (and other ``fast`` variants) against the exact defaults (``nokn``), both protocols, on
-    the flips."""
-    variants = ("nokn", *fast)
+    """``preset="fast"`` (and other ``fast`` variants) against the exact step (``exact``: the defaults without the
+    floor, ``nokn``, or with it, ``ess20``), both protocols, on the flips."""
+    variants = (exact, *fast)
     methods = list(methods)
     cells = acc._cells(table, list(seeds), "gentle", variants, "plain")
     parts = []
     for ds in datasets:
-        text = _tradeoff.gain_table(cells, ds, list(settings), methods, "nokn", list(fast))
+        text = _tradeoff.gain_table(cells, ds, list(settings), methods, exact, list(fast))
         parts.append(f"{ds}:\n\n{text}")
     rows = ["standard", *acc._with_variants(methods, variants)]
     return "\n".join(parts) + "\n" + acc._note(cells, list(datasets), list(settings), rows)
@@ -250,6 +250,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "fast-gated-ten-seeds": lambda: _gain_current(
             table, ["gated"], ("fastnokn",), range(10), ("mnist1d-2pct",), ("flip2-40",)
         ),
+        "fast-gated-floor": lambda: _gain_current(table, ["gated"], ("fastess20",), exact="ess20")
+        + "\n\n"
+        + _gain_current(table, ["gated"], ("fastess20",), range(10), ("mnist1d-2pct",), ("flip2-40",), exact="ess20"),
         "preset-cost": lambda: _steps(sc, ["presets-cpu"]),
         "preset-passes": lambda: acc.cost_report(
             table, ["mnist1d"], S4, ["standard", "finetune", "metainfonet", "lossnet"], SEEDS5, "gentle",
@@ -267,8 +270,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("nokn",),
-            "plain", default="gated~nokn",
+            ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("ess20",),
+            "plain", default="gated~ess20",
         ),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(
