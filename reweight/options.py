@@ -37,8 +37,8 @@ NORMALIZATIONS = ("sum", "none")
 AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # min_ess=None: a fifth of the batch at least carries its loss, for every per-sample weighting. Without a bound
 # the nets' sigmoid outputs can sink into their exponential tail, where the normalised weights are a softmax
-# whose sharpness nothing limits; on the stability benchmark (BN CNN, paper schedule, 20 seeds) three of twenty
-# Flip-1 runs of the gated net fell 7-32 points that way, and none with the floor. L2RW's weights (each batch's
+# whose sharpness nothing limits; on the stability benchmark (BN CNN, paper schedule, 20 seeds) four of twenty
+# Flip-1 runs of the gated net fell 6.7 to 32.5 points that way, and none with the floor. L2RW's weights (each batch's
 # clamped meta-gradient) rest on a few samples by construction. The group net gets none, with or without a
 # ``within`` net: its weights may rightly rest on one small source (docs/results.md, "A floor on the effective
 # sample size").
