@@ -91,7 +91,7 @@ class MetaReweighter:
             the samples with the largest losses (default: ``None``: ``300``; ``0`` for the group net alone).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
-            kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, see options.MIN_ESS).
+            kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, which may favour one source).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
