@@ -287,11 +287,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-nets-floor": lambda: _stability_rows(
             table, S3, [f"{m}~{v}" for m in ("metainfonet", "logitnet", "lossnet") for v in ("nokn", "ess20")],
-            ["nokn", "ess20"], list(range(10)),
+            ["nokn", "ess20"], list(range(20)),
         ),
         "nets-floor-paired": lambda: _paired_rows(
             table, S3, [(f"{m}~ess20", f"{m}~nokn") for m in ("metainfonet", "logitnet", "lossnet")],
-            ["nokn", "ess20"], list(range(10)),
+            ["nokn", "ess20"], list(range(20)),
         ),
         "stability-wide": lambda: _stability_rows(
             table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn", "lossnet~nokn", "metainfonet~nokn"], ["nokn"],
