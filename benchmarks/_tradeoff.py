@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["gain_table", "stability_table", "curves_png"]
+__all__ = ["mean_se", "gain_table", "stability_table", "paired_table", "curves_png"]
+
+
+def mean_se(diffs, digits: int = 2) -> str:
+    """``mean ± standard error`` of paired differences (NaN error for a single one)."""
+    se = np.std(diffs, ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return f"{np.mean(diffs):+.{digits}f} ± {se:.{digits}f}"
 
 
 def _mean(runs: list[dict], which: str) -> float | None:
@@ -79,7 +85,7 @@ def gain_table(
                 parts = []
                 for which in ("best", "last"):
                     d = np.array([100 * (own[k]["result"][which] - ref[k]["result"][which]) for k in seeds])
-                    parts.append(f"{d.mean():+.1f} ± {d.std(ddof=1) / math.sqrt(len(d)):.1f}")
+                    parts.append(mean_se(d, 1))
                 row.append(" / ".join(parts))
             lines.append(f"| {m} | {v} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -123,12 +129,6 @@ def stability_table(cells: dict, dataset: str, settings: list[str], methods: lis
     return "\n".join(lines) + "\n"
 
 
-def _paired(values: list[float]) -> str:
-    """Mean ± standard error of paired differences."""
-    se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{np.mean(values):+.2f} ± {se:.2f}"
-
-
 def paired_table(
     cells: dict, dataset: str, settings: list[str], pairs: list[tuple[str, str]], drop: float = 4.0
 ) -> str:
@@ -162,8 +162,8 @@ def paired_table(
             falls = [sum(_max_drop(p[k]) > drop for p in pairs_s) for k in (0, 1)]
             worst = [max(_max_drop(p[k]) for p in pairs_s) for k in (0, 1)]
             lines.append(
-                f"| {row} | {base} | {s} | {len(res)} | {_paired(meta)} | {_paired(loss)} | "
-                f"{lowest[0]:.1f} ({lowest[1]:.1f}) | {_paired(test)} | {falls[0]} ({falls[1]}) | "
+                f"| {row} | {base} | {s} | {len(res)} | {mean_se(meta)} | {mean_se(loss)} | "
+                f"{lowest[0]:.1f} ({lowest[1]:.1f}) | {mean_se(test)} | {falls[0]} ({falls[1]}) | "
                 f"{worst[0]:.1f} ({worst[1]:.1f}) |"
             )
     return "\n".join(lines) + "\n"

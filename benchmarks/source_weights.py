@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _store import RESULTS, append, canonical, find, latest, provenance, provenance_note  # noqa: E402
+from _tradeoff import mean_se  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = RESULTS / "source_weights.jsonl"
@@ -134,7 +135,7 @@ def equal_report(table: Path = EQUAL_TABLE) -> str:
         cells = [str(r["key"]["seed"]), f"{res['uniform']:.3f}", f"{res['learned']:.3f}"]
         lines.append("| " + " | ".join([*cells, " / ".join(f"{v:.2f}" for v in w), f"{max(w) / min(w):.1f}"]) + " |")
     diff = [r["result"]["learned"] - r["result"]["uniform"] for r in rows]
-    lines += ["", f"Learned minus uniform {_paired(diff)} (mean ± standard error over the {len(rows)} seeds).", ""]
+    lines += ["", f"Learned minus uniform {mean_se(diff, 3)} (mean ± standard error over the {len(rows)} seeds).", ""]
     return "\n".join(lines) + "\n" + provenance_note(rows) + "\n"
 
 
@@ -186,11 +187,6 @@ def _ms(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "–"
 
 
-def _paired(diffs: list[float], digits: int = 3) -> str:
-    se = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return f"{np.mean(diffs):+.{digits}f} ± {se:.{digits}f}"
-
-
 def report(task: str, table: Path = TABLE) -> str:
     """The per-seed table of one mixture (uniform, learned, learned + within, the oracle and its mixture, the
     learned weights, the cost per step), the mean ± sd row, and what every seed shows: which source the learned
@@ -228,7 +224,7 @@ def report(task: str, table: Path = TABLE) -> str:
         f"the learned {rows[0]['result']['metric']} no worse than the uniform mixture's in "
         f"{sum(better(r['result']['learned'], r['result']['uniform']) for r in rows)}, no worse than the oracle's in "
         f"{sum(better(r['result']['learned'], r['result']['oracle']) for r in rows)}; learned minus oracle "
-        f"{_paired(gap)} (mean ± standard error over the seeds).",
+        f"{mean_se(gap, 3)} (mean ± standard error over the seeds).",
         "",
         provenance_note(rows),
     ]

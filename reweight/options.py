@@ -59,9 +59,8 @@ def _is_group_net(net: Any) -> bool:
 
 def _group_weights_alone(net: Any, net_kwargs: dict | None) -> bool:
     """Whether ``net`` is the group net with no per-sample net multiplied in (by name or as a module)."""
-    if isinstance(net, str):
-        return net == "groups" and (net_kwargs or {}).get("within") is None
-    return bool(getattr(net, "requires_groups", False)) and getattr(net, "within", None) is None
+    within = (net_kwargs or {}).get("within") if isinstance(net, str) else getattr(net, "within", None)
+    return _is_group_net(net) and within is None
 
 
 def default_meta_optimizer(params: Iterable[nn.Parameter], lr: float = META_LR) -> torch.optim.Optimizer:
