@@ -3,6 +3,7 @@ its test module, and there ``conftest`` may name the repository root's instead o
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -10,11 +11,24 @@ import torch
 import torch.multiprocessing as mp
 
 
+def _run_then_exit(rank: int, worker, args: tuple) -> None:
+    """``worker(rank, *args)``, then leave at once. Under torch 2.14.1 a gloo rank occasionally aborts in the
+    interpreter's teardown ("terminate called without an active exception", SIGABRT) after its work and its
+    ``destroy_process_group`` are done; a finished rank therefore skips that teardown. A rank that raises
+    still exits with the error."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(worker, args: tuple, out_dir: str, nprocs: int, timeout_s: float) -> list:
     """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes, each saving ``rank{r}.pt`` in ``out_dir``;
     the saved objects by rank. Kills them all and raises ``TimeoutError`` after ``timeout_s`` (a collective
     one rank never joins hangs the others)."""
-    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _run_then_exit, args=(worker, args), nprocs=nprocs, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
