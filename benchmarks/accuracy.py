@@ -169,11 +169,18 @@ VARIANTS: dict[str, dict] = {
                  "net_kwargs": {"uniform_start": True, "info_kwargs": {"sample_at_weight_time": True}}},
     # preset="fast" on the defaults with the floor (ess20's options at interval 6 with the 6x meta lr)
     "fastess20": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "net_kwargs": {"uniform_start": True}},
+    # ess20 with the weights normalised within each class (the net ranks a class's samples among themselves)
+    "cls20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+              "net_kwargs": {"uniform_start": True}},
+    "fastcls20": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                  "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
+# Likewise a variant that names no normalisation ran with "sum" (the default became "class" for class labels).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
+    _variant.setdefault("normalization", "sum")
 
 
 def reweighter_kwargs(variant: dict) -> dict:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._batch import Inputs, batch_size, call_model, split_batch, to_device
 from ._rng import isolated_rng
-from .losses import PerSampleLoss
+from .losses import PerSampleLoss, check_class_targets
 
 __all__ = [
     "check_batch",
@@ -99,6 +99,14 @@ def step_losses(inputs: Inputs, targets: Any, logits: Tensor, options: Any, num_
     with torch.no_grad():
         losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
     check_losses(losses, n, "loss_fn")
+    if options.normalization == "class":
+        try:
+            check_class_targets(logits, targets)
+        except ValueError as err:
+            raise ValueError(
+                f"normalization='class' weighs the samples of each class among themselves and needs class labels: "
+                f"{err}; use normalization='sum' for other targets"
+            ) from None
     return losses
 
 

@@ -17,7 +17,28 @@ from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .options import ReweighterOptions
 
-__all__ = ["NetSlot"]
+__all__ = ["NetSlot", "class_members", "class_normalize"]
+
+
+def class_members(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``(batch, num_classes)`` class membership: the one-hot rows of class indices, or soft targets as given."""
+    if targets.ndim == 1:
+        return torch.nn.functional.one_hot(targets.long(), num_classes).to(dtype)
+    return targets.detach().to(dtype)
+
+
+def class_normalize(raw: Tensor, members: Tensor, group: DataParallelGroup) -> Tensor:
+    """Raw weights rescaled within each class so that a class's weights sum to its count in the global batch:
+    the net ranks the samples of a class among themselves and leaves each class its share of the loss.
+
+    A class whose raw weights are all zero keeps zeros (Algorithm 1's delta guard, per class). With soft
+    ``members`` a sample's scale is the membership-weighted mean of its classes' scales; the weights still sum
+    to the batch size."""
+    with torch.no_grad():
+        counts = group.sum_differentiable(members.sum(0))
+    totals = group.sum_differentiable(members.T @ raw)
+    scale = counts / (totals + (totals == 0).to(raw.dtype))
+    return raw * (members @ scale)
 
 
 class NetSlot:
@@ -123,13 +144,19 @@ class NetSlot:
             raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
         return raw, penalty
 
-    def normalize(self, raw: Tensor, keep: Tensor | None = None) -> Tensor:
-        """``"sum"``: raw weights over their sum over every rank, times the global batch size, with Algorithm 1's
-        delta guard (a zero sum gives zeros) computed without a host sync; ``"none"``: ``raw``. Then the
-        ``min_ess`` floor (:meth:`floor_ess`) over the samples in ``keep`` (all when ``None``)."""
-        if self.options.normalization == "sum":
+    def normalize(self, raw: Tensor, net_inputs: tuple[Any, ...], keep: Tensor | None = None) -> Tensor:
+        """Normalise the raw weights of the batch whose net inputs are ``(losses, logits, targets, ...)``, then
+        apply the ``min_ess`` floor (:meth:`floor_ess`) over the samples in ``keep`` (all when ``None``).
+
+        ``"sum"``: the raw weights over their sum over every rank, times the global batch size, with Algorithm
+        1's delta guard (a zero sum gives zeros); ``"class"``: the same within each class of the targets
+        (:func:`class_normalize`); ``"none"``: ``raw``. No host sync."""
+        mode = self.options.normalization
+        if mode == "sum":
             total = self.group.sum_differentiable(raw.sum())
             raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
+        elif mode == "class":
+            raw = class_normalize(raw, class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype), self.group)
         return self.floor_ess(raw, keep)
 
     def floor_ess(self, weights: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -157,12 +184,12 @@ class NetSlot:
         """The net's normalised weights in eval mode, 0 where the loss or the net's output is not finite;
         uniform over the finite samples for L2RW (whose weights come from a meta update only)."""
         if self.options.is_l2rw:
-            return self.normalize(finite.to(torch.get_default_dtype()), finite)
+            return self.normalize(finite.to(torch.get_default_dtype()), net_inputs, finite)
         assert self.net is not None
         self.net.eval()
         raw, _ = self.raw_weights(*net_inputs)
         keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
-        return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)), keep)
+        return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)), net_inputs, keep)
 
     def update(
         self,

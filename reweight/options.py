@@ -31,7 +31,14 @@ __all__ = [
 
 MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-NORMALIZATIONS = ("sum", "none")
+NORMALIZATIONS = ("sum", "class", "none")
+# normalization=None: "class" for the per-sample weights of class labels (the training loss is cross-entropy on
+# class logits), so that the net ranks the samples of each class among themselves and every class keeps its
+# share of the loss. With "sum" the nets also move weight between classes, and under label noise on balanced
+# classes they moved it onto the classes the model had already learned, which then kept the others from being
+# learned: LogitNet and MetaInfoNet ended below plain training under uniform noise (docs/results.md, "Weights
+# within each class"). "sum" for any other loss, and for the group net, whose weights move mass between
+# sources by design; with imbalanced classes (a long tail), "sum" lets the net weight the rare classes up.
 # net="auto": the gated net (LossNet and MetaInfoNet, blended by a gate learned on the meta set) when the
 # training loss is cross-entropy on class logits; LossNet, which reads the loss alone, for any other loss.
 AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
@@ -212,7 +219,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         source = f" (set by preset={preset!r}; pass interval=1)" if not given["interval"] else ""
         raise ValueError(f"interval must be 1 for net='l2rw': its weights come from each batch's meta-gradient{source}")
     _choice("engine", a["engine"], ["auto", *list_engines()])
-    _choice("normalization", a["normalization"], NORMALIZATIONS)
+    if a["normalization"] is not None:
+        _choice("normalization", a["normalization"], NORMALIZATIONS)
     _choice("virtual_step", a["virtual_step"], VIRTUAL_STEPS)
     _choice("on_nonfinite", a["on_nonfinite"], ON_NONFINITE)
     lr = a["lookahead_lr"]
@@ -252,6 +260,9 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["seed"] is not None and (isinstance(a["seed"], bool) or not isinstance(a["seed"], int)):
         raise TypeError(f"seed must be an int or None, got {type(a['seed']).__name__}")
     loss_fn = a["loss_fn"] if a["loss_fn"] is not None else cross_entropy
+    normalization = a["normalization"]
+    if normalization is None:
+        normalization = "class" if is_class_cross_entropy(loss_fn) and not _is_group_net(a["net"]) else "sum"
     net = a["net"]
     if isinstance(net, str) and net == "auto":
         net = AUTO_NET if is_class_cross_entropy(loss_fn) else AUTO_NET_OTHER
@@ -262,7 +273,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         interval=a["interval"],
         engine=a["engine"],
         lookahead=a["lookahead"],
-        normalization=a["normalization"],
+        normalization=normalization,
         virtual_step=a["virtual_step"],
         lookahead_lr=lr,
         meta_optimizer=a["meta_optimizer"],

@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "interval": 1,
         "engine": "auto",
         "lookahead": "full",
-        "normalization": "sum",
+        "normalization": None,
         "virtual_step": "sgd",
         "lookahead_lr": None,
         "meta_optimizer": None,

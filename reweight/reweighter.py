@@ -77,7 +77,10 @@ class MetaReweighter:
             :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
         normalization: ``"sum"`` divides the raw weights by their sum, with the delta guard of Algorithm 1
             line 6 computed without a host sync, then multiplies by the batch size so that uniform weights
-            give the plain mean loss; ``"none"`` returns raw weights (default: ``"sum"``).
+            give the plain mean loss; ``"class"`` does the same within each class of the targets, so the net
+            ranks a class's samples among themselves and each class keeps its share of the loss; ``"none"``
+            returns raw weights (default: ``None``: ``"class"`` when ``loss_fn`` is cross-entropy on class
+            labels and the net is per-sample, else ``"sum"``; pass ``"sum"`` to let the net weight rare classes up).
         virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code; or ``"optimizer"``, which
             mirrors ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``;
             the reference's choice, and users report equal accuracy either way).
@@ -145,7 +148,7 @@ class MetaReweighter:
         interval: int = FROM_PRESET,
         engine: str = FROM_PRESET,
         lookahead: LookaheadSpec = FROM_PRESET,
-        normalization: Literal["sum", "none"] = FROM_PRESET,
+        normalization: Literal["sum", "class", "none"] | None = FROM_PRESET,
         virtual_step: Literal["sgd", "optimizer"] = FROM_PRESET,
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
@@ -213,7 +216,7 @@ class MetaReweighter:
     preset = property(lambda self: self.options.preset, doc="The preset the options were resolved from.")
     engine = property(lambda self: self.options.engine, doc="The ``engine`` argument (``'auto'`` or a name).")
     interval = property(lambda self: self.options.interval, doc="Calls between meta updates.")
-    normalization = property(lambda self: self.options.normalization, doc="``'sum'`` or ``'none'``.")
+    normalization = property(lambda self: self.options.normalization, doc="``'sum'``, ``'class'`` or ``'none'``.")
     virtual_step = property(lambda self: self.options.virtual_step, doc="``'sgd'`` or ``'optimizer'``.")
     lookahead_lr = property(lambda self: self.options.lookahead_lr, doc="The look-ahead's fixed lr, if any.")
     loss_fn = property(lambda self: self.options.loss_fn, doc="Per-sample training loss.")
@@ -330,12 +333,12 @@ class MetaReweighter:
             ):
                 return False, None
             self.last_meta_loss = grad.meta_loss
-            return True, self._slot.normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()))
+            return True, self._slot.normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()), net_inputs)
         assert self.net is not None
         self.net.train()
         with torch.enable_grad():
             raw, penalty = self._slot.raw_weights(*net_inputs)
-            weights = self._slot.normalize(raw)
+            weights = self._slot.normalize(raw, net_inputs)
             grad = self._engine(self._problem(inputs, targets, logits, weights, meta))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):

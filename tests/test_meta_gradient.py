@@ -62,7 +62,19 @@ def make_net(kind: str, n: int):
     return LossNet(uniform_start=False)
 
 
-def reference_net_grad(model, net, x, y, xm, ym, lrs):
+def normalized(raw, y, normalization):
+    """The reweighter's normalisations written out: over the batch (``"sum"``) or within each class (``"class"``)."""
+    if normalization == "sum":
+        return raw * (len(y) / raw.sum())
+    w = torch.zeros_like(raw)
+    for c in y.unique():
+        members = y == c
+        total = raw[members].sum()
+        w = w + torch.where(members, raw * (members.sum() / total) if total != 0 else raw * 0, 0)
+    return w
+
+
+def reference_net_grad(model, net, x, y, xm, ym, lrs, normalization="class"):
     model = copy.deepcopy(model)
     net = copy.deepcopy(net).train()
     theta = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
@@ -70,7 +82,7 @@ def reference_net_grad(model, net, x, y, xm, ym, lrs):
     losses = F.cross_entropy(logits, y, reduction="none")
     out = net(losses.detach(), logits.detach(), y)
     raw, penalty = (out.weights, out.penalty) if isinstance(out, tuple) else (out, None)
-    w = raw * (len(y) / raw.sum())
+    w = normalized(raw, y, normalization)
     grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
     theta_hat = {k: t - lrs[k] * g for (k, t), g in zip(theta.items(), grads)}
     meta_loss = F.cross_entropy(manual_forward(theta_hat, model, xm), ym)
@@ -92,18 +104,19 @@ def two_group_sgd(model):
     return torch.optim.SGD([{"params": conv, "lr": LR_CONV}, {"params": rest, "lr": LR_REST}], lr=0.05)
 
 
+@pytest.mark.parametrize("normalization", ["sum", "class"])
 @pytest.mark.parametrize("engine", [*ENGINES, "finite_difference"])
 @pytest.mark.parametrize("kind", ["lossnet", "logitnet", "metainfonet", "gated"])
-def test_net_gradient_matches_reference(kind, engine):
+def test_net_gradient_matches_reference(kind, engine, normalization):
     model = make_cnn(torch.float64)
     x, y = make_batch(12, seed=1)
     xm, ym = make_batch(10, seed=2)
     net = make_net(kind, 12).double()
     lrs = {k: LR_CONV if k.startswith("conv") else LR_REST for k, _ in model.named_parameters()}
-    expected = reference_net_grad(model, net, x, y, xm, ym, lrs)
+    expected = reference_net_grad(model, net, x, y, xm, ym, lrs, normalization)
 
     opt = two_group_sgd(model)
-    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, seed=0)
+    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, normalization=normalization, seed=0)
     # plain SGD as the meta optimizer so the applied update reveals the gradient exactly
     before = [p.detach().clone() for p in net.parameters()]
     reweighter.step(x, y, model(x))
@@ -114,8 +127,9 @@ def test_net_gradient_matches_reference(kind, engine):
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
 
 
+@pytest.mark.parametrize("normalization", ["sum", "class"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_l2rw_weights_match_reference(engine):
+def test_l2rw_weights_match_reference(engine, normalization):
     model = make_cnn(torch.float64)
     x, y = make_batch(12, seed=1)
     xm, ym = make_batch(10, seed=2)
@@ -127,10 +141,11 @@ def test_l2rw_weights_match_reference(engine):
     grads = torch.autograd.grad((eps * losses).sum(), list(theta.values()), create_graph=True)
     theta_hat = {k: t - lrs[k] * g for (k, t), g in zip(theta.items(), grads)}
     (g_eps,) = torch.autograd.grad(F.cross_entropy(manual_forward(theta_hat, ref, xm), ym), eps)
-    w = torch.clamp(-g_eps, min=0)
-    expected = w / w.sum() * 12
+    expected = normalized(torch.clamp(-g_eps, min=0), y, normalization)
 
-    reweighter = MetaReweighter(model, two_group_sgd(model), [(xm, ym)], net="l2rw", engine=engine, seed=0)
+    reweighter = MetaReweighter(
+        model, two_group_sgd(model), [(xm, ym)], net="l2rw", engine=engine, normalization=normalization, seed=0
+    )
     got = reweighter.step(x, y, model(x))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
     assert (got == 0).any() and (got > 0).any()  # the clamp is active on this batch
@@ -190,7 +205,9 @@ def test_momentum_mirror_gradient_matches_reference(engine):
         theta_hat[k] = t - 0.1 * (G + 0.9 * (0.9 * buf + G))
     expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
 
-    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", seed=0)
+    reweighter = MetaReweighter(
+        model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", normalization="sum", seed=0
+    )
     reweighter.step(x, y, model(x))
     for e, p in zip(expected, net.parameters()):
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-12)
