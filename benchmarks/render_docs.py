@@ -86,6 +86,14 @@ def _paired_rows(table: Path, settings, pairs, variants, seeds, model="bn") -> s
     return text + "\n" + acc._note(cells, "mnist1d", settings, list(dict.fromkeys(m for p in pairs for m in p)))
 
 
+def _paired_gentle(table: Path, datasets, settings, pairs, variants, seeds) -> str:
+    """The paired comparison of ``(row, base)`` pairs on the gentle schedule's protocols, one table per dataset."""
+    cells = acc._cells(table, seeds, "gentle", tuple(dict.fromkeys(["default", *variants])), "plain")
+    rows = list(dict.fromkeys(m for p in pairs for m in p))
+    parts = [f"{d}:\n\n" + _tradeoff.paired_table(cells, d, settings, pairs) for d in datasets]
+    return "\n".join(parts) + "\n" + acc._note(cells, datasets, settings, rows)
+
+
 def _curves(table: Path, settings, methods, variants, seeds, model: str) -> str:
     cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
     rows = acc._with_variants(methods, tuple(variants))
@@ -220,6 +228,9 @@ def _raw_weights(seeds) -> str:
     return "\n\n".join([*map(raw_weights.table, rows), _store.provenance_note(rows)])
 
 
+NETS4 = ("gated", "metainfonet", "logitnet", "lossnet")
+
+
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
     both = ["mnist1d", "mnist1d-2pct"]
     return {
@@ -270,8 +281,26 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("cls20",),
+            "plain", default="gated~cls20",
+        ),
+        "guide-sum": lambda: acc.guide_report(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("ess20",),
             "plain", default="gated~ess20",
+        ),
+        "class-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            [(f"{m}~cls20", f"{m}~ess20") for m in NETS4], ["ess20", "cls20"], SEEDS5,
+        ),
+        "class-long-tail": lambda: _acc(
+            table, ["mnist1d-2pct"], ["lt-50"], ["standard", *NETS4], SEEDS5, ("ess20", "cls20")
+        ),
+        "stability-class": lambda: _stability_rows(
+            table, S3, [f"{m}~{v}" for m in NETS4 for v in ("ess20", "cls20")], ["ess20", "cls20"], list(range(10))
+        ),
+        "class-paired-bn": lambda: _paired_rows(
+            table, S3, [(f"{m}~cls20", f"{m}~ess20") for m in NETS4], ["ess20", "cls20"], list(range(10))
         ),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(

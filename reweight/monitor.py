@@ -3,7 +3,7 @@
 Two symptoms are watched on the weights :meth:`MetaReweighter.step` returns:
 
 - every weight of the batch is below ``threshold``: with ``normalization="none"`` the net switched the
-  batch off and training stalls; with ``"sum"`` (mean weight 1) this means all raw weights were zero;
+  batch off and training stalls; with ``"sum"`` or ``"class"`` (mean weight 1) this means all raw weights were zero;
 - the weights are (nearly) constant over a batch whose losses are not: the net ignores its inputs and
   reweighting has degenerated into plain (re-scaled) training.
 
@@ -11,7 +11,7 @@ Checking costs one host sync, so it runs every ``every`` steps only, and warns a
 consecutive positive checks (a single all-zero batch is normal for L2RW). It issues no collective: under
 DDP each rank checks its own shard.
 
-Remedies: lower the meta learning rate (``meta_optimizer``), keep ``normalization="sum"``, check the meta
+Remedies: lower the meta learning rate (``meta_optimizer``), keep a normalisation (not ``"none"``), check the meta
 set (clean labels, the training classes and distribution, not too small), or set ``lookahead_lr`` while the
 training lr warms up from 0. See docs/robustness.md.
 """
@@ -68,7 +68,7 @@ def weight_statistics(weights: Tensor) -> dict[str, Tensor]:
 
 
 _REMEDY = (
-    "Remedies: lower the meta learning rate (meta_optimizer), use normalization='sum', check the meta set "
+    "Remedies: lower the meta learning rate (meta_optimizer), use normalization='class' or 'sum', check the meta set "
     "(clean labels, the training classes and distribution, enough samples), or set lookahead_lr during "
     "warm-up; see docs/robustness.md"
 )

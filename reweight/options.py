@@ -32,13 +32,14 @@ __all__ = [
 MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 NORMALIZATIONS = ("sum", "class", "none")
-# normalization=None: "class" for the per-sample weights of class labels (the training loss is cross-entropy on
-# class logits), so that the net ranks the samples of each class among themselves and every class keeps its
-# share of the loss. With "sum" the nets also move weight between classes, and under label noise on balanced
-# classes they moved it onto the classes the model had already learned, which then kept the others from being
-# learned: LogitNet and MetaInfoNet ended below plain training under uniform noise (docs/results.md, "Weights
-# within each class"). "sum" for any other loss, and for the group net, whose weights move mass between
-# sources by design; with imbalanced classes (a long tail), "sum" lets the net weight the rare classes up.
+# normalization=None: "class" for a per-sample net that reads the class logits (LogitNet, MetaInfoNet, the gated
+# net, a module with requires_logits) under cross-entropy, so that it ranks the samples of each class among
+# themselves and every class keeps its share of the loss. With "sum" these nets also move weight between classes,
+# and under label noise on balanced classes they moved it onto the classes the model had already learned, which
+# kept the others from being learned: LogitNet and MetaInfoNet ended below plain training under uniform noise
+# (docs/results.md, "Weights within each class"). "sum" for LossNet and L2RW (whose class-level weighting,
+# by the loss alone, helped LossNet there), for any other loss, and for the group net, whose weights move mass
+# between sources by design. With imbalanced classes (a long tail), "sum" lets a net weight the rare classes up.
 # net="auto": the gated net (LossNet and MetaInfoNet, blended by a gate learned on the meta set) when the
 # training loss is cross-entropy on class logits; LossNet, which reads the loss alone, for any other loss.
 AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
@@ -260,20 +261,17 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["seed"] is not None and (isinstance(a["seed"], bool) or not isinstance(a["seed"], int)):
         raise TypeError(f"seed must be an int or None, got {type(a['seed']).__name__}")
     loss_fn = a["loss_fn"] if a["loss_fn"] is not None else cross_entropy
-    normalization = a["normalization"]
-    if normalization is None:
-        normalization = "class" if is_class_cross_entropy(loss_fn) and not _is_group_net(a["net"]) else "sum"
     net = a["net"]
     if isinstance(net, str) and net == "auto":
         net = AUTO_NET if is_class_cross_entropy(loss_fn) else AUTO_NET_OTHER
-    return ReweighterOptions(
+    options = ReweighterOptions(
         net=net,
         net_kwargs=dict(a["net_kwargs"] or {}),
         preset=preset,
         interval=a["interval"],
         engine=a["engine"],
         lookahead=a["lookahead"],
-        normalization=normalization,
+        normalization=a["normalization"] or "sum",
         virtual_step=a["virtual_step"],
         lookahead_lr=lr,
         meta_optimizer=a["meta_optimizer"],
@@ -287,3 +285,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         collapse_threshold=None if threshold is None else float(threshold),
         seed=a["seed"],
     )
+    if a["normalization"] is None and options.requires_logits and is_class_cross_entropy(loss_fn) and not (
+        _is_group_net(net)
+    ):
+        options = dataclasses.replace(options, normalization="class")
+    return options

@@ -75,12 +75,10 @@ class MetaReweighter:
         lookahead: parameters moved by the look-ahead, the others held fixed: ``"full"``, ``"head"``
             (the final ``nn.Linear``; its input is captured by a forward hook, removed by
             :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
-        normalization: ``"sum"`` divides the raw weights by their sum, with the delta guard of Algorithm 1
-            line 6 computed without a host sync, then multiplies by the batch size so that uniform weights
-            give the plain mean loss; ``"class"`` does the same within each class of the targets, so the net
-            ranks a class's samples among themselves and each class keeps its share of the loss; ``"none"``
-            returns raw weights (default: ``None``: ``"class"`` when ``loss_fn`` is cross-entropy on class
-            labels and the net is per-sample, else ``"sum"``; pass ``"sum"`` to let the net weight rare classes up).
+        normalization: ``"sum"``: raw weights over their sum (Algorithm 1's delta guard, no host sync) times the
+            batch size, so uniform weights give the plain mean loss; ``"class"``: the same within each class of
+            the targets (each class keeps its share of the loss; ``"sum"`` lets the net weight rare classes up);
+            ``"none"``: raw weights (default: ``None``: ``"class"`` for nets reading the logits under cross-entropy).
         virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code; or ``"optimizer"``, which
             mirrors ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``;
             the reference's choice, and users report equal accuracy either way).
@@ -276,7 +274,6 @@ class MetaReweighter:
         if self._sharded:  # FSDP2's root unit keeps its gathered parameters after the caller's forward
             reshard_all(self.module)
         return self._lookahead_params()
-
 
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
         return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)

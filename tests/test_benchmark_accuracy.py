@@ -225,3 +225,30 @@ def test_raw_weights_reads_the_same_run_as_the_table(bench, capsys, tmp_path):
     cached = json.loads(table.read_text().splitlines()[0])["result"]["test_acc"]
     test_acc = [float(line.split("|")[-2]) for line in lines[4:]]
     assert test_acc[0] == pytest.approx(cached[0], abs=5e-4) and test_acc[-1] == pytest.approx(cached[-1], abs=5e-4)
+
+
+def test_class_weights_reads_the_same_run_as_the_table(bench, capsys, tmp_path):
+    """benchmarks/class_weights.py repeats one cell with a hook: its test accuracies are the cached row's, each
+    fifth of the run has every class's mean weight, and --report prints the stored row again without a run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import class_weights
+
+    rows = tmp_path / "class_weights.jsonl"
+    args = ["--dataset", "mnist1d", "--setting", "uniform-40", "--method", "logitnet", "--variant", "ess20",
+            "--epochs", "5", "--num-samples", "600", "--results", str(rows)]  # fmt: skip
+    assert class_weights.main(args + ["--report"]) == 1  # nothing stored yet
+    capsys.readouterr()
+    assert class_weights.main(args) == 0
+    printed = capsys.readouterr().out
+    lines = printed.strip().splitlines()
+    assert lines[2].startswith("| fifth of the run | class 0 |") and len(lines) == 4 + class_weights.PARTS
+    stored = json.loads(rows.read_text())["result"]
+    for weights, fit in zip(stored["weight"], stored["fit"]):
+        assert len(weights) == len(fit) == 10 and all(w > 0 for w in weights) and all(0 <= f <= 1 for f in fit)
+    assert class_weights.main(args + ["--report"]) == 0 and capsys.readouterr().out == printed
+    table = tmp_path / "accuracy.jsonl"
+    tiny = ["--datasets", "mnist1d", "--settings", "uniform-40", "--seeds", "0", "--epochs", "5", "--num-samples"]
+    assert bench.main(tiny + ["600", "--methods", "logitnet", "--variants", "ess20", "--results", str(table)]) == 0
+    cached = json.loads(table.read_text().splitlines()[0])["result"]["test_acc"]
+    assert stored["test_acc"] == pytest.approx(cached, abs=5e-4)
+    assert class_weights.rank_correlation([1, 2, 3], [3, 4, 5]) == pytest.approx(1.0)

@@ -218,7 +218,8 @@ def test_lookahead_lr_overrides_group_lr():
     x, y = make_batch(12, seed=1)
     xm, ym = make_batch(10, seed=2)
     net = make_net("lossnet", 12).double()
-    expected = reference_net_grad(model, net, x, y, xm, ym, {k: 0.5 for k, _ in model.named_parameters()})
+    lrs = {k: 0.5 for k, _ in model.named_parameters()}
+    expected = reference_net_grad(model, net, x, y, xm, ym, lrs, normalization="sum")  # LossNet's default
     reweighter = MetaReweighter(model, two_group_sgd(model), [(xm, ym)], net=net, lookahead_lr=0.5, seed=0)
     reweighter.step(x, y, model(x))
     for e, p in zip(expected, net.parameters()):

@@ -1,0 +1,120 @@
+"""``normalization="class"``: the weights normalised within each class of the targets, the default for the
+per-sample weighting of class labels (its gradient against an independent reference on every engine is in
+``test_meta_gradient.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.distributed import DataParallelGroup
+from reweight.net_slot import class_members, class_normalize
+
+CLASSES = 3
+
+
+def _parts(out: int = CLASSES):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, out))
+    g = torch.Generator().manual_seed(0)
+    meta = [(torch.randn(6, 4, generator=g), torch.randint(0, CLASSES, (6,), generator=g)) for _ in range(3)]
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), meta
+
+
+class ByLoss(nn.Module):
+    """A user's net with unequal weights: ``exp(loss)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, loss, logits=None, targets=None):
+        return torch.exp(self.a * loss.to(self.a.dtype))
+
+
+def _mse(pred, target):
+    return (pred.squeeze(-1) - target) ** 2
+
+
+class ByLogits(ByLoss):
+    requires_logits = True
+
+
+@pytest.mark.parametrize("net", ["auto", "gated", "logitnet", "metainfonet", "module"])
+def test_the_default_is_class_for_nets_that_read_the_logits_under_cross_entropy(net):
+    model, opt, meta = _parts()
+    spec = ByLogits() if net == "module" else net
+    assert MetaReweighter(model, opt, meta, net=spec).normalization == "class"
+    assert MetaReweighter(model, opt, meta, net=spec, normalization="sum").normalization == "sum"
+
+
+@pytest.mark.parametrize("net", ["lossnet", "l2rw", "module"])
+def test_the_default_is_sum_for_the_loss_alone(net):
+    model, opt, meta = _parts()
+    spec = ByLoss() if net == "module" else net
+    assert MetaReweighter(model, opt, meta, net=spec).normalization == "sum"
+    assert MetaReweighter(model, opt, meta, net=spec, normalization="class").normalization == "class"
+
+
+def test_the_default_is_sum_for_other_losses_and_for_the_group_net():
+    model, opt, meta = _parts(out=1)
+    assert MetaReweighter(model, opt, meta, loss_fn=_mse, net="lossnet").normalization == "sum"
+    model, opt, meta = _parts()
+    for kwargs in ({"num_groups": 2}, {"num_groups": 2, "within": "logitnet"}):
+        assert MetaReweighter(model, opt, meta, net="groups", net_kwargs=kwargs).normalization == "sum"
+
+
+def test_each_class_keeps_its_count_and_the_ranking_within_it():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net=ByLogits(), min_ess=0, seed=0)
+    x, y = torch.randn(30, 4), torch.arange(30) % CLASSES
+    y[:6] = 0  # unequal class counts
+    w = rw.step(x, y, model(x))
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none").detach()
+    for c in range(CLASSES):
+        members = y == c
+        torch.testing.assert_close(w[members].sum(), members.sum().to(w.dtype))
+        expected = torch.exp(losses[members]) / torch.exp(losses[members]).mean()
+        torch.testing.assert_close(w[members], expected)
+
+
+def test_uniform_raw_weights_stay_uniform_and_a_zero_class_stays_zero():
+    group = DataParallelGroup(None)
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    members = class_members(y, CLASSES, torch.float64)
+    ones = torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(class_normalize(ones, members, group), ones)
+    raw = torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0, 5.0], dtype=torch.float64)
+    w = class_normalize(raw, members, group)
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.5, 1.0], dtype=torch.float64))
+
+
+def test_soft_targets_keep_the_batch_total():
+    group = DataParallelGroup(None)
+    g = torch.Generator().manual_seed(0)
+    soft = torch.softmax(torch.randn(8, CLASSES, generator=g), -1).double()
+    raw = torch.rand(8, generator=g).double() + 0.1
+    w = class_normalize(raw, class_members(soft, CLASSES, torch.float64), group)
+    torch.testing.assert_close(w.sum(), torch.tensor(8.0).double())
+    ones = class_normalize(torch.ones(8, dtype=torch.float64), class_members(soft, CLASSES, torch.float64), group)
+    torch.testing.assert_close(ones, torch.ones(8, dtype=torch.float64))
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net=ByLogits(), min_ess=0, seed=0)
+    x = torch.randn(8, 4)
+    out = rw.step(x, soft.float(), model(x))
+    torch.testing.assert_close(out.sum(), torch.tensor(8.0))
+
+
+def test_targets_that_are_not_class_labels_are_refused_naming_the_option():
+    model, opt, meta = _parts(out=1)
+    meta = [(torch.randn(6, 4), torch.randn(6))]
+    rw = MetaReweighter(model, opt, meta, loss_fn=_mse, net="lossnet", normalization="class", seed=0)
+    x = torch.randn(8, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="normalization='class'.*needs class labels.*normalization='sum'"):
+        rw.step(x, torch.randn(8), model(x))
+    assert rw.step_count == 0
+    for b, p in zip(before, model.parameters()):
+        torch.testing.assert_close(b, p.detach(), rtol=0, atol=0)
