@@ -1,10 +1,11 @@
 """How a weighting net spreads the batch's weight over the classes, over one run of the accuracy benchmark.
 
 With ``normalization="sum"`` a net that reads the logits can also move weight between classes. This script shows
-where it moves it: per fifth of the run, each observed class's mean weight (the weights the run trained with,
-made at weight time) and the share of that class's training samples whose observed label the model predicts,
-and the rank correlation between the two over the classes. A positive correlation means the net gives more
-weight to the classes the model already fits.
+where it moves it: per fifth of the run, for each observed class, the net's mean output over the batch mean at
+weight time (the weights a ``"sum"`` run trains with, before the ``min_ess`` floor; under ``"class"`` every class's
+weights average 1 by construction, so there the column shows what the net would do without it) and the share of
+that class's training samples whose observed label the model predicts, and the rank correlation between the two
+over the classes. A positive correlation means the net favours the classes the model already fits.
 
     python benchmarks/class_weights.py --method logitnet --variant ess20   # run (once) and print
     python benchmarks/class_weights.py --method logitnet --variant ess20 --report
@@ -38,8 +39,8 @@ TABLE = Path(__file__).resolve().parent / "results" / "class_weights.jsonl"
 
 
 def _hook(calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]], top: list[nn.Module]):
-    """A forward hook recording, for each weight-time call of the run's net (eval mode), the observed labels,
-    the weights normalised over the batch and whether the model predicts the observed label."""
+    """A forward hook recording, for each weight-time call of the run's net (eval mode), its outputs over their
+    batch mean, the observed labels and whether the model predicts the observed label."""
 
     def hook(module: nn.Module, args, out) -> None:
         if type(module) not in NETS or module.training:
@@ -91,8 +92,8 @@ def table(row: dict) -> str:
     classes = len(r["weight"][0])
     lines = [
         f"{k['dataset']} {k['setting']}, {k['method']}~{k['variant']}, seed {k['seed']} (test last "
-        f"{100 * r['last']:.1f}): each class's mean weight (the share of its samples whose observed label the "
-        "model predicts)",
+        f"{100 * r['last']:.1f}): each class's mean of the net's outputs over their batch mean (the share of its "
+        "samples whose observed label the model predicts)",
         "",
         "| fifth of the run | " + " | ".join(f"class {c}" for c in range(classes)) + " | rank correlation |",
         "| --- " * (classes + 2) + "|",

@@ -22,6 +22,7 @@ from .distributed import DistributedStepError
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines, register_engine
 from .losses import cross_entropy
 from .monitor import CollapseMonitor, WeightCollapseWarning
+from .net_slot import ClassNormalizationWarning
 from .nets import (
     GatedNet,
     GroupNet,
@@ -46,6 +47,7 @@ __all__ = [
     "DistributedStepError",
     "CollapseMonitor",
     "WeightCollapseWarning",
+    "ClassNormalizationWarning",
     "LossNet",
     "LogitNet",
     "MetaInfoNet",

@@ -4,6 +4,7 @@ state is loaded."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -17,7 +18,30 @@ from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .options import ReweighterOptions
 
-__all__ = ["NetSlot", "class_members", "class_normalize"]
+__all__ = ["NetSlot", "ClassNormalizationWarning", "class_members", "class_normalize"]
+
+
+class ClassNormalizationWarning(UserWarning):
+    """``normalization="class"`` on batches where many samples are alone in their class: such a sample always
+    gets weight 1, so the net has little to rank (warned once, at the first batch)."""
+
+
+def warn_if_classes_are_thin(targets: Tensor, num_classes: int, share: float = 0.25) -> None:
+    """Warn when more than ``share`` of the batch's samples (class indices) are the only one of their class in
+    it. One host sync; called once per reweighter."""
+    if targets.ndim != 1 or targets.numel() == 0:
+        return
+    counts = torch.bincount(targets.detach().long(), minlength=num_classes)
+    alone, n = int((counts == 1).sum()), targets.numel()
+    if alone > share * n:
+        warnings.warn(
+            f"normalization='class': {alone} of the batch's {n} samples are the only one of their class in it, and "
+            f"a sample alone in its class always gets weight 1, so the net can reweight few samples; with "
+            f"{num_classes} classes, batches of at least {4 * num_classes} samples let it rank them, or pass "
+            "normalization='sum'",
+            ClassNormalizationWarning,
+            stacklevel=5,
+        )
 
 
 def class_members(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -56,6 +80,7 @@ class NetSlot:
         self.net: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_classes = options.num_classes
+        self.checked_class_counts = False  # normalization="class": the first batch's class counts are checked
 
     def _create(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
         assert isinstance(self.options.net, str)
@@ -156,6 +181,9 @@ class NetSlot:
             total = self.group.sum_differentiable(raw.sum())
             raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
         elif mode == "class":
+            if not self.checked_class_counts:
+                self.checked_class_counts = True
+                warn_if_classes_are_thin(net_inputs[2], net_inputs[1].shape[-1])
             raw = class_normalize(raw, class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype), self.group)
         return self.floor_ess(raw, keep)
 

@@ -4,11 +4,13 @@ per-sample weighting of class labels (its gradient against an independent refere
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from reweight import MetaReweighter
+from reweight import ClassNormalizationWarning, MetaReweighter
 from reweight.distributed import DataParallelGroup
 from reweight.net_slot import class_members, class_normalize
 
@@ -118,3 +120,18 @@ def test_targets_that_are_not_class_labels_are_refused_naming_the_option():
     assert rw.step_count == 0
     for b, p in zip(before, model.parameters()):
         torch.testing.assert_close(b, p.detach(), rtol=0, atol=0)
+
+
+def test_batches_with_many_samples_alone_in_their_class_warn_once():
+    model, opt, meta = _parts(out=10)
+    meta = [(torch.randn(6, 4), torch.randint(0, 10, (6,)))]
+    rw = MetaReweighter(model, opt, meta, net="logitnet", seed=0)
+    x = torch.randn(8, 4)
+    with pytest.warns(ClassNormalizationWarning, match="8 of the batch's 8 samples are the only one of their class"):
+        weights = rw.step(x, torch.arange(8), model(x))
+    torch.testing.assert_close(weights, torch.ones(8))  # alone in its class: weight 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClassNormalizationWarning)
+        rw.step(x, torch.arange(8), model(x))  # once only
+        rw2 = MetaReweighter(model, opt, meta, net="logitnet", seed=0)
+        rw2.step(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), model(x))  # every class has company: no warning

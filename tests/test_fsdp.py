@@ -170,10 +170,15 @@ def _batch(model: str, kind: str, index: int, rank: int | None, size: int) -> tu
 
 
 LOSSNET = {"net": "lossnet", "meta_sgd": True}  # SGD, not Adam, sees the scale of the net's gradient
-METAINFONET = {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9}
+# Adam on the MetaInfoNet runs: normalised weights make some of the net's gradient zero up to rounding, and
+# within classes (the default for a net that reads the logits) more of it, which Adam's first steps turn into
+# full-lr moves of either sign; so these runs normalise over the batch, and the class normalisation is checked
+# with LossNet's SGD meta optimizer (SGD at this lr makes the bottleneck's KL term diverge)
+METAINFONET = {"net": "metainfonet-zero-noise", "virtual_step": "optimizer", "momentum": 0.9, "normalization": "sum"}
 CONFIGS: dict[str, dict[str, Any]] = {  # each run: a model of MODELS and the reweighter's options
     "lossnet": {"model": "mlp", **LOSSNET},
     "metainfonet": {"model": "mlp", **METAINFONET},
+    "cnn_lossnet_class": {"model": "cnn", **LOSSNET, "normalization": "class"},
     "lossnet_interval": {"model": "mlp", "net": "lossnet", "interval": 2, "meta_sgd": True, "lookahead_lr": 0.05},
     # linear_head has no FSDP2 path (auto takes ghost there); the single process runs ghost too
     "head": {"model": "mlp", "net": "lossnet", "lookahead": "head", "engine": "ghost", "meta_sgd": True},

@@ -53,7 +53,7 @@ def test_all_zero_weights_warn_once_naming_the_step(normalization):
     assert len(caught) == 1  # once, although every later check is positive too
     message = str(caught[0].message)
     assert "at step 5:" in message and "below 0.001" in message  # checks on steps 0 and 5
-    assert "meta learning rate" in message and "normalization='sum'" in message and "meta set" in message
+    assert "meta learning rate" in message and "normalization='class' or 'sum'" in message and "meta set" in message
     assert rw.collapse_monitor.fired_at == 5
 
 
