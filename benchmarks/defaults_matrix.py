@@ -49,6 +49,7 @@ CONFIGS = {
         "meta_warmup": 0,
         "uniform_start": False,
         "min_ess": 0.0,
+        "normalization": "sum",  # the default before the nets that read the logits were normalised within classes
     },
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
@@ -59,6 +60,7 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "uniform_start": True,
         "meta_signal": SIGNAL,
         "min_ess": 0.2,
+        "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
     },
     "earlier": {
         "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
