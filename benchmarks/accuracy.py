@@ -659,9 +659,13 @@ def _cells(root: Path, seeds, schedule: str, variants: tuple[str, ...], model: s
 
 
 def _with_variants(methods, variants: tuple[str, ...]) -> list[str]:
-    """Rows: each reweighting method (or its "+finetune") once per variant, every other method once."""
+    """Rows: each reweighting method (or its "+finetune") once per variant, every other method once; a method
+    given as ``method~variant`` once, as given."""
     out = []
     for m in methods:
+        if "~" in m:
+            out.append(m)
+            continue
         vs = variants if m.partition("+")[0] in REWEIGHTING else ("default",)
         out += [m + ("" if v == "default" else f"~{v}") for v in vs]
     return out

@@ -26,6 +26,7 @@ if str(HERE) not in sys.path:
 import _store  # noqa: E402
 import _tradeoff  # noqa: E402
 import accuracy as acc  # noqa: E402
+import class_weights  # noqa: E402
 import defaults_matrix  # noqa: E402
 import numpy as np  # noqa: E402
 import raw_weights  # noqa: E402
@@ -221,6 +222,15 @@ def _gpu(path: Path = GPU_CHECK) -> str:
     return "\n".join(lines)
 
 
+def _class_weights() -> str:
+    """benchmarks/class_weights.py's stored rows: LogitNet and MetaInfoNet, with "sum" and with "class"."""
+    rows = _store.latest(class_weights.TABLE)
+    order = [(m, v) for m in ("logitnet", "metainfonet") for v in ("ess20", "cls20")]
+    full = [r for r in rows if not r["key"]["epochs"] and r["key"]["seed"] == 0]
+    picked = [r for mv in order for r in full if (r["key"]["method"], r["key"]["variant"]) == mv]
+    return "\n\n".join(class_weights.table(r) for r in picked) + "\n\n" + _store.provenance_note(picked)
+
+
 def _raw_weights(seeds) -> str:
     """The stored raw-output tables of the gated net (Flip-1 40%, BN CNN, paper schedule) of ``seeds``."""
     rows = [r for r in _store.latest(raw_weights.TABLE) if r["key"]["seed"] in seeds and not r["key"]["epochs"]]
@@ -229,6 +239,7 @@ def _raw_weights(seeds) -> str:
 
 
 NETS4 = ("gated", "metainfonet", "logitnet", "lossnet")
+LOGIT_NETS = ("gated", "metainfonet", "logitnet")  # the nets whose default normalisation is "class"
 
 
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
@@ -281,13 +292,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("cls20",),
-            "plain", default="gated~cls20",
-        ),
-        "guide-sum": lambda: acc.guide_report(
-            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet", "logitnet", "metainfonet", "gated"], SEEDS5, "gentle", ("ess20",),
-            "plain", default="gated~ess20",
+            ["standard", "finetune", "lossnet~ess20", *(f"{m}~cls20" for m in ("logitnet", "metainfonet", "gated"))],
+            SEEDS5, "gentle", ("cls20", "ess20"), "plain", default="gated~cls20",
         ),
         "class-paired": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
@@ -297,11 +303,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["mnist1d-2pct"], ["lt-50"], ["standard", *NETS4], SEEDS5, ("ess20", "cls20")
         ),
         "stability-class": lambda: _stability_rows(
-            table, S3, [f"{m}~{v}" for m in NETS4 for v in ("ess20", "cls20")], ["ess20", "cls20"], list(range(10))
+            table, S3,
+            [*(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20", "l2rw~l2ess20", *(f"{m}~ess20" for m in LOGIT_NETS)],
+            ["cls20", "ess20", "l2ess20"], list(range(10)),
         ),
         "class-paired-bn": lambda: _paired_rows(
-            table, S3, [(f"{m}~cls20", f"{m}~ess20") for m in NETS4], ["ess20", "cls20"], list(range(10))
+            table, S3, [(f"{m}~cls20", f"{m}~ess20") for m in LOGIT_NETS], ["ess20", "cls20"], list(range(20))
         ),
+        "class-weights": lambda: _class_weights(),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(
             table, S3, ["gated~nokn", "gated~ess10", "gated~ess20", "gated~sampledw"],

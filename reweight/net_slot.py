@@ -40,7 +40,7 @@ def warn_if_classes_are_thin(targets: Tensor, num_classes: int, share: float = 0
             f"{num_classes} classes, batches of at least {4 * num_classes} samples let it rank them, or pass "
             "normalization='sum'",
             ClassNormalizationWarning,
-            stacklevel=5,
+            stacklevel=6,  # the caller of MetaReweighter.step
         )
 
 
