@@ -18,11 +18,11 @@ Example:
     (torch.Size([16]), 1.0)
 """
 
+from .class_checks import ClassNormalizationWarning, ClassShareWarning
 from .distributed import DistributedStepError
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines, register_engine
 from .losses import cross_entropy
 from .monitor import CollapseMonitor, WeightCollapseWarning
-from .net_slot import ClassNormalizationWarning
 from .nets import (
     GatedNet,
     GroupNet,
@@ -48,6 +48,7 @@ __all__ = [
     "CollapseMonitor",
     "WeightCollapseWarning",
     "ClassNormalizationWarning",
+    "ClassShareWarning",
     "LossNet",
     "LogitNet",
     "MetaInfoNet",

@@ -4,7 +4,6 @@ state is loaded."""
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -13,35 +12,13 @@ from torch import Tensor, nn
 
 from ._rng import isolated_rng
 from ._state import check_optimizer_state, check_tensor_shapes
+from .class_checks import ClassShares, warn_if_classes_are_thin
 from .distributed import DataParallelGroup
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .options import ReweighterOptions
 
-__all__ = ["NetSlot", "ClassNormalizationWarning", "class_members", "class_normalize"]
-
-
-class ClassNormalizationWarning(UserWarning):
-    """``normalization="class"`` on batches where many samples are alone in their class: such a sample always
-    gets weight 1, so the net has little to rank (warned once, at the first batch)."""
-
-
-def warn_if_classes_are_thin(targets: Tensor, num_classes: int, share: float = 0.25) -> None:
-    """Warn when more than ``share`` of the batch's samples (class indices) are the only one of their class in
-    it. One host sync; called once per reweighter."""
-    if targets.ndim != 1 or targets.numel() == 0:
-        return
-    counts = torch.bincount(targets.detach().long(), minlength=num_classes)
-    alone, n = int((counts == 1).sum()), targets.numel()
-    if alone > share * n:
-        warnings.warn(
-            f"normalization='class': {alone} of the batch's {n} samples are the only one of their class in it, and "
-            f"a sample alone in its class always gets weight 1, so the net can reweight few samples; with "
-            f"{num_classes} classes, batches of at least {4 * num_classes} samples let it rank them, or pass "
-            "normalization='sum'",
-            ClassNormalizationWarning,
-            stacklevel=6,  # the caller of MetaReweighter.step
-        )
+__all__ = ["NetSlot", "class_members", "class_normalize"]
 
 
 def class_members(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -57,12 +34,20 @@ def class_normalize(raw: Tensor, members: Tensor, group: DataParallelGroup) -> T
 
     A class whose raw weights are all zero keeps zeros (Algorithm 1's delta guard, per class). With soft
     ``members`` a sample's scale is the membership-weighted mean of its classes' scales; the weights still sum
-    to the batch size."""
+    to the batch size.
+
+    Each class's raw weights are first divided by a constant of that class (the sum over ranks of its largest
+    raw weight on each, without a gradient). The normalisation is free of any such constant, so neither the
+    weights nor their gradient change; but a class whose raw weights sink into a sigmoid's tail (1e-20 and
+    below) keeps sums near 1, whose reciprocal and its derivative stay finite."""
     with torch.no_grad():
-        counts = group.sum_differentiable(members.sum(0))
-    totals = group.sum_differentiable(members.T @ raw)
+        peaks = (raw.detach()[:, None] * (members > 0)).amax(0) if raw.numel() else members.sum(0)
+        counts, peaks = group.sum_differentiable(torch.stack([members.sum(0), peaks.to(members.dtype)]))
+        peaks = peaks + (peaks == 0).to(peaks.dtype)
+    scaled = members * (raw[:, None] / peaks)
+    totals = group.sum_differentiable(scaled.sum(0))
     scale = counts / (totals + (totals == 0).to(raw.dtype))
-    return raw * (members @ scale)
+    return scaled @ scale
 
 
 class NetSlot:
@@ -81,6 +66,7 @@ class NetSlot:
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_classes = options.num_classes
         self.checked_class_counts = False  # normalization="class": the first batch's class counts are checked
+        self.shares = ClassShares() if options.normalization == "class" else None
 
     def _create(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
         assert isinstance(self.options.net, str)
@@ -107,6 +93,12 @@ class NetSlot:
         self.optimizer = self.options.meta_optimizer(self.net.parameters())
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"meta_optimizer must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+
+    def count_meta(self, meta: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
+        """Count a meta batch's labels for the class-share check of ``normalization="class"``; return the batch."""
+        if self.shares is not None:
+            self.shares.add_meta(meta[1], self.num_classes)
+        return meta
 
     def group_weights(self) -> Tensor | None:
         """The net's current weight per group (:meth:`reweight.nets.GroupNet.group_weights`), detached; ``None``
@@ -184,7 +176,10 @@ class NetSlot:
             if not self.checked_class_counts:
                 self.checked_class_counts = True
                 warn_if_classes_are_thin(net_inputs[2], net_inputs[1].shape[-1])
-            raw = class_normalize(raw, class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype), self.group)
+            members = class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype)
+            if self.shares is not None:
+                self.shares.add_train(members)
+            raw = class_normalize(raw, members, self.group)
         return self.floor_ess(raw, keep)
 
     def floor_ess(self, weights: Tensor, keep: Tensor | None = None) -> Tensor:

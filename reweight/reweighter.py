@@ -276,7 +276,7 @@ class MetaReweighter:
         return self._lookahead_params()
 
     def _next_meta_batch(self) -> tuple[Inputs, Tensor]:
-        return prepare_meta_batch(self._meta_stream.next(), self.module, self.device)
+        return self._slot.count_meta(prepare_meta_batch(self._meta_stream.next(), self.module, self.device))
 
     def _explain_engine_failure(self, problem: MetaProblem, err: Exception) -> None:
         check_meta_forward(self.module, problem.meta_inputs, problem.inputs, self.logits_fn, err)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from reweight import ClassNormalizationWarning, MetaReweighter
+from reweight import ClassNormalizationWarning, ClassShareWarning, MetaReweighter
+from reweight.class_checks import ClassShares
 from reweight.distributed import DataParallelGroup
 from reweight.net_slot import class_members, class_normalize
 
@@ -135,3 +136,72 @@ def test_batches_with_many_samples_alone_in_their_class_warn_once():
         rw.step(x, torch.arange(8), model(x))  # once only
         rw2 = MetaReweighter(model, opt, meta, net="logitnet", seed=0)
         rw2.step(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), model(x))  # every class has company: no warning
+
+
+def _long_tail_run(train_labels, meta_labels, steps: int, **kwargs) -> list[warnings.WarningMessage]:
+    """``steps`` reweighted steps of batch 30 whose labels cycle through ``train_labels``, against meta batches
+    of 30 drawn from ``meta_labels``; the warnings they raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [(torch.randn(30, 4), meta_labels[i * 30 : (i + 1) * 30]) for i in range(len(meta_labels) // 30)]
+    rw = MetaReweighter(model, opt, meta, net="logitnet", seed=0, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            x, y = torch.randn(30, 4), train_labels[(i * 30) % len(train_labels) :][:30]
+            rw.step(x, y, model(x))
+    return [w for w in caught if issubclass(w.category, ClassShareWarning)]
+
+
+def test_training_class_shares_unlike_the_meta_sets_warn_once_with_the_alternative():
+    tail = torch.tensor([0] * 24 + [1] * 5 + [2] * 1)  # 80% / 17% / 3% of every training batch
+    balanced = torch.arange(150) % CLASSES
+    # 150 samples per side reach 50 per class after the 5th step; no warning before it, one after
+    assert _long_tail_run(tail, balanced, 4) == []
+    caught = _long_tail_run(tail, balanced, 12)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "class 0 holds 80% of the training samples and 33% of the meta samples" in message
+    assert "pass normalization='sum'" in message
+    assert caught[0].filename == __file__  # points at the caller of step
+    assert _long_tail_run(tail, balanced, 12, normalization="sum") == []  # 'sum' can rebalance: nothing to say
+
+
+def test_balanced_classes_with_label_noise_do_not_warn():
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randint(0, CLASSES, (360,), generator=g)  # uniform noise keeps the classes' shares
+    assert _long_tail_run(noisy, torch.arange(150) % CLASSES, 12) == []
+    # the same long tail in both sets: the normalisation keeps the shares the meta set has too
+    tail = torch.tensor([0] * 24 + [1] * 5 + [2] * 1)
+    assert _long_tail_run(tail, tail.repeat(5), 12) == []
+
+
+def test_class_shares_distance_and_soft_meta_targets():
+    shares = ClassShares(per_class=1, threshold=0.2)
+    shares.add_meta(torch.full((3, CLASSES), 1 / CLASSES), CLASSES)  # soft meta targets count by probability
+    torch.testing.assert_close(shares.meta, torch.ones(CLASSES))
+    with pytest.warns(ClassShareWarning, match="total variation 0.67"):
+        shares.add_train(torch.eye(CLASSES)[[0, 0, 0]])  # all class 0 against a uniform meta set: 1 - 1/3
+    assert shares.done
+
+
+def test_a_class_deep_in_the_sigmoid_tail_keeps_finite_weights_and_gradient():
+    """Raw weights of 1e-30 (a sigmoid at -69): the class's sum is 4e-30, whose reciprocal's derivative overflows
+    float32; the normalisation divides each class by its largest raw weight first, which changes nothing else."""
+    members = torch.eye(2)[[0, 0, 1, 1]]
+    small = torch.tensor([1e-30, 3e-30, 0.5, 0.2], dtype=torch.float64)
+    v = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+
+    raw32 = small.float().requires_grad_()
+    out = class_normalize(raw32, members, DataParallelGroup())
+    (grad32,) = torch.autograd.grad((out * v.float()).sum(), raw32)
+
+    raw64 = small.clone().requires_grad_()  # the reference: the plain formula in float64, where nothing overflows
+    scale = members.double().sum(0) / (members.double().T @ raw64)
+    ref = raw64 * (members.double() @ scale)
+    (grad64,) = torch.autograd.grad((ref * v).sum(), raw64)
+
+    assert torch.isfinite(out).all() and torch.isfinite(grad32).all()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad32.double(), grad64, rtol=1e-5, atol=0)
