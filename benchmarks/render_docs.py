@@ -275,6 +275,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "fast-gated-floor": lambda: _gain_current(table, ["gated"], ("fastess20",), exact="ess20")
         + "\n\n"
         + _gain_current(table, ["gated"], ("fastess20",), range(10), ("mnist1d-2pct",), ("flip2-40",), exact="ess20"),
+        "fast-gated-class": lambda: _gain_current(
+            table, ["gated"], ("fastcls20",), settings=("flip1-40", "flip2-40", "uniform-40"), exact="cls20"
+        )
+        + "\n\n"
+        + _gain_current(table, ["gated"], ("fastcls20",), range(10), ("mnist1d-2pct",), ("flip2-40",), exact="cls20"),
         "preset-cost": lambda: _steps(sc, ["presets-cpu"]),
         "preset-passes": lambda: acc.cost_report(
             table, ["mnist1d"], S4, ["standard", "finetune", "metainfonet", "lossnet"], SEEDS5, "gentle",
@@ -332,7 +337,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["nokn", "ess20"], list(range(20)),
         ),
         "stability-wide": lambda: _stability_rows(
-            table, ["flip1-40", "uniform-40"], ["standard", "gated~nokn", "lossnet~nokn", "metainfonet~nokn"], ["nokn"],
+            table, ["flip1-40", "uniform-40"],
+            ["standard", "gated~nokn", "gated~cls20", "lossnet~nokn", "metainfonet~nokn"], ["nokn", "cls20"],
             SEEDS5, "bnwide", fit=True,
         ),
         "stability-curves": lambda: _curves(

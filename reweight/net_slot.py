@@ -47,7 +47,7 @@ def class_normalize(raw: Tensor, members: Tensor, group: DataParallelGroup) -> T
     scaled = members * (raw[:, None] / peaks)
     totals = group.sum_differentiable(scaled.sum(0))
     scale = counts / (totals + (totals == 0).to(raw.dtype))
-    return scaled @ scale
+    return (scaled * scale).sum(1)  # not a matmul: autocast would run it in half precision
 
 
 class NetSlot:

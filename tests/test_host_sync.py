@@ -76,16 +76,31 @@ def syncs_per_step(steps: int = 3, **kwargs) -> list[list[str]]:
 def test_at_most_one_sync_per_step(engine, net):
     if engine == "higher":
         pytest.importorskip("higher")
-    for sites in syncs_per_step(engine=engine, net=net, collapse_threshold=None):
-        assert len(sites) <= 1, sites
+    for i, sites in enumerate(syncs_per_step(engine=engine, net=net, collapse_threshold=None)):
+        once = [s for s in sites if s.startswith("class_checks.py")]
+        # normalization="class" (MetaInfoNet's default here) checks the first batch's class counts, once
+        assert len(once) == (1 if net == "metainfonet" and i == 0 else 0), sites
+        assert len(sites) - len(once) <= 1, sites
+
+
+def test_class_checks_sync_twice_in_a_run():
+    """The class normalisation's two once-only checks: the first batch's class counts, and the class shares
+    of training against meta batches once each side has 50 samples per class (150 here: the meta batches of 10
+    reach it in the 15th step, the training batches of 12 in the 13th)."""
+    per_step = syncs_per_step(steps=16, net="metainfonet", collapse_threshold=None)
+    checks = [i for i, sites in enumerate(per_step) for s in sites if s.startswith("class_checks.py")]
+    assert checks == [0, 14], per_step
+    assert all(len(sites) <= 2 for sites in per_step), per_step
 
 
 def test_one_sync_per_step_with_head_lookahead_interval_and_collapse_monitor():
     per_step = syncs_per_step(steps=4, lookahead="head", interval=2)
     # steps 1 and 3 do not update the net: one sync (the training losses' finite check)
     assert [len(s) for s in per_step[1:]] == [1, 1, 1], per_step
-    # step 0 also makes the once-only check that the outputs are the head's, and the collapse check (every 50)
-    assert len(per_step[0]) == 3, per_step[0]
+    # step 0 also makes the once-only checks that the outputs are the head's and of the batch's class counts
+    # (the default net normalises within classes), and the collapse check (every 50)
+    assert len(per_step[0]) == 4, per_step[0]
+    assert sum(s.startswith("class_checks.py") for s in per_step[0]) == 1, per_step[0]
     assert any(s.startswith("lookahead.py") for s in per_step[0]) and any("monitor.py" in s for s in per_step[0])
 
 
