@@ -174,6 +174,9 @@ VARIANTS: dict[str, dict] = {
               "net_kwargs": {"uniform_start": True}},
     "fastcls20": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                   "net_kwargs": {"uniform_start": True}},
+    # the fast preset's interval with a 9x meta lr (the fast preset has 6x), class normalisation
+    "f6m9cls20": {"interval": 6, "meta_lr": 9e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                  "normalization": "class", "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
