@@ -280,6 +280,13 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         )
         + "\n\n"
         + _gain_current(table, ["gated"], ("fastcls20",), range(10), ("mnist1d-2pct",), ("flip2-40",), exact="cls20"),
+        "fast-screen-class": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40"], [("gated~f6m9cls20", "gated~fastcls20")],
+            ["fastcls20", "f6m9cls20"], SEEDS5,
+        )
+        + "\n\n"
+        + _gain_current(table, ["gated"], ("fastcls20", "f6m9cls20"), range(10), ("mnist1d-2pct",), ("flip2-40",),
+                        exact="cls20"),
         "preset-cost": lambda: _steps(sc, ["presets-cpu"]),
         "preset-passes": lambda: acc.cost_report(
             table, ["mnist1d"], S4, ["standard", "finetune", "metainfonet", "lossnet"], SEEDS5, "gentle",
