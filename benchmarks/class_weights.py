@@ -23,12 +23,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _store  # noqa: E402
+import _one_cell  # noqa: E402
 import accuracy  # noqa: E402
 
 from reweight.nets import GatedNet, LogitNet, LossNet, MetaInfoNet, WeightingOutput  # noqa: E402
@@ -105,32 +104,13 @@ def table(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist1d-2pct", choices=sorted(accuracy.CONFIGS))
-    p.add_argument("--setting", default="uniform-40")
+    p = _one_cell.parser(
+        __doc__, TABLE, dataset="mnist1d-2pct", setting="uniform-40", seed=0, variant="ess20",
+        model="plain", schedule="gentle"
+    )
     p.add_argument("--method", default="logitnet", choices=("gated", "logitnet", "lossnet", "metainfonet"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", default="ess20", choices=sorted(accuracy.VARIANTS))
-    p.add_argument("--model", default="plain", choices=accuracy.MODELS)
-    p.add_argument("--schedule", default="gentle", choices=sorted(accuracy.SCHEDULES))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", type=Path, default=TABLE, help="the table (default: results/class_weights.jsonl)")
-    p.add_argument("--report", action="store_true", help="print the stored row of this cell and exit")
-    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
-    p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     names = ("dataset", "setting", "method", "seed", "variant", "model", "schedule", "epochs", "num_samples")
-    key = {name: getattr(args, name) for name in names}
-    row = _store.find(args.results, key)
-    if row is None and not args.report:
-        row = {"key": key, "result": measure(args), "provenance": _store.provenance(sys.argv if argv is None else argv)}
-        _store.append(args.results, row)
-    if row is None:
-        print(f"no stored row for {key} in {args.results}", file=sys.stderr)
-        return 1
-    print(table(row))
-    return 0
+    return _one_cell.run(p.parse_args(argv), names, measure, table, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _store  # noqa: E402
+import _one_cell  # noqa: E402
 import accuracy  # noqa: E402
 
 from reweight.nets import GatedNet, LossNet, WeightingOutput  # noqa: E402
@@ -108,31 +108,11 @@ def table(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist1d", choices=sorted(accuracy.CONFIGS))
-    p.add_argument("--setting", default="flip1-40")
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--variant", default="nokn", choices=sorted(accuracy.VARIANTS))
-    p.add_argument("--model", default="bn", choices=accuracy.MODELS)
-    p.add_argument("--schedule", default="paper", choices=sorted(accuracy.SCHEDULES))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", type=Path, default=TABLE, help="the table (default: results/raw_weights.jsonl)")
-    p.add_argument("--report", action="store_true", help="print the stored row of this cell and exit")
-    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
-    p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    key = {name: getattr(args, name) for name in ("dataset", "setting", "seed", "variant", "model", "schedule")}
-    key.update(epochs=args.epochs, num_samples=args.num_samples)
-    row = _store.find(args.results, key)
-    if row is None and not args.report:
-        row = {"key": key, "result": measure(args), "provenance": _store.provenance(sys.argv if argv is None else argv)}
-        _store.append(args.results, row)
-    if row is None:
-        print(f"no stored row for {key} in {args.results}", file=sys.stderr)
-        return 1
-    print(table(row))
-    return 0
+    p = _one_cell.parser(
+        __doc__, TABLE, dataset="mnist1d", setting="flip1-40", seed=2, variant="nokn",
+        model="bn", schedule="paper"
+    )
+    return _one_cell.run(p.parse_args(argv), _one_cell.CELL, measure, table, argv)
 
 
 if __name__ == "__main__":
