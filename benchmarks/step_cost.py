@@ -61,6 +61,7 @@ class Variant:
     meta_batch: int = 100
     preset: str | None = None  # MetaReweighter(preset=...): engine, look-ahead and interval from the preset
     compiled: bool = False  # the model under torch.compile (the reweighter gets the compiled wrapper)
+    net: str = "lossnet"  # the reweighter's net (--net; the gated net, the default, reads the logits too)
 
 
 def compiled_variant(variant: Variant) -> Variant:
@@ -206,13 +207,13 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
 
     kw = {} if setup.loss_fn is None else {"loss_fn": setup.loss_fn}
     if variant.preset is not None:
-        reweighter = MetaReweighter(forward, opt, [(xm, ym)], net="lossnet", preset=variant.preset, seed=0, **kw)
+        reweighter = MetaReweighter(forward, opt, [(xm, ym)], net=variant.net, preset=variant.preset, seed=0, **kw)
     else:
         reweighter = MetaReweighter(
             forward,
             opt,
             [(xm, ym)],
-            net="lossnet",
+            net=variant.net,
             engine=variant.engine,
             lookahead=variant.lookahead if variant.lookahead in ("full", "head") else [variant.lookahead],
             interval=variant.interval,
@@ -745,6 +746,9 @@ def main(argv: list[str] | None = None) -> None:
         help="glibc malloc as configured (system), or told to keep freed memory (retain: no page faults "
         "from re-touching returned memory; see retain_freed_memory)",
     )
+    parser.add_argument(
+        "--net", default="lossnet", help="the weighting net of the reweighted variants (default: lossnet)"
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch != 100 and args.phases:
@@ -770,6 +774,8 @@ def main(argv: list[str] | None = None) -> None:
     options["threads"] = args.threads
     if args.batch != 100 or args.meta_batch is not None or args.modes != ["eager"]:
         options.update(batch=args.batch, meta_batch=args.meta_batch, modes=args.modes)
+    if args.net != "lossnet":
+        options["net"] = args.net
     rows = []
 
     def add(model_name: str, name: str, measure: str, result: dict, variant: Variant | None = None, **key) -> None:
@@ -793,6 +799,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     if args.meta_batch is not None:
         selected = [replace(v, meta_batch=args.meta_batch) for v in selected]
+    if args.net != "lossnet":
+        selected = [replace(v, net=args.net) if v.kind == "reweight" else v for v in selected]
     compiled = [compiled_variant(v) for v in selected if v.kind in ("plain", "reweight") and v.preset is None]
     selected = (selected if "eager" in args.modes else []) + (compiled if "compiled" in args.modes else [])
     if args.components:
