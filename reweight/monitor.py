@@ -74,6 +74,21 @@ _REMEDY = (
 )
 
 
+def _in_zero_classes(weights: Tensor, classes: Tensor | None, num_classes: int | None) -> Tensor:
+    """How many samples belong to a class whose weights in the batch are all zero; 0 without ``classes`` (class
+    indices, or soft targets whose non-zero entries name a sample's classes). No host sync."""
+    if classes is None or num_classes is None or classes.shape[0] != weights.shape[0]:
+        return weights.new_zeros(())
+    if classes.ndim == 1:
+        members = torch.nn.functional.one_hot(classes.long(), num_classes).bool()
+    else:
+        members = classes > 0
+    present = members.any(0)
+    class_max = torch.where(members, weights[:, None], torch.zeros_like(weights)[:, None]).amax(0)
+    dead = present & (class_max == 0)
+    return (members & dead[None, :]).any(1).sum().to(weights.dtype)
+
+
 class WeightCollapseWarning(RuntimeWarning):
     """The weighting net's outputs collapsed (all below the threshold, constant over a batch, or carried by a
     few samples)."""
@@ -135,24 +150,36 @@ class CollapseMonitor:
         self.fired_at: int | None = None
         self._streak = 0
 
-    def observe(self, step: int, weights: Tensor, losses: Tensor) -> None:
-        """Check a batch's ``weights`` and per-sample ``losses`` (shape ``(batch,)``) on checking steps."""
+    def observe(
+        self, step: int, weights: Tensor, losses: Tensor, classes: Tensor | None = None, num_classes: int | None = None
+    ) -> None:
+        """Check a batch's ``weights`` and per-sample ``losses`` (shape ``(batch,)``) on checking steps; given the
+        samples' ``classes`` among ``num_classes`` (under ``normalization="class"``), also that no class present
+        in the batch has all its weights at zero."""
         if self.fired_at is not None or step % self.every or weights.numel() == 0:
             return
-        reason = self._reason(weights.detach(), losses.detach(), step >= self.constant_after)
+        dead = _in_zero_classes(weights.detach().float(), classes, num_classes)
+        reason = self._reason(weights.detach(), losses.detach(), step >= self.constant_after, dead)
         self._streak = self._streak + 1 if reason else 0
         if reason and self._streak >= self.patience:
             self.fired_at = step
             warnings.warn(f"weight collapse at step {step}: {reason}. {_REMEDY}", WeightCollapseWarning, stacklevel=3)
 
-    def _reason(self, w: Tensor, losses: Tensor, constant: bool = True) -> str | None:
+    def _reason(self, w: Tensor, losses: Tensor, constant: bool = True, dead: Tensor | None = None) -> str | None:
         w = w.float()
         low, high = torch.aminmax(w)
         ess = effective_sample_size(w)
-        stats = torch.stack([low, high, w.abs().max(), ess, *torch.aminmax(losses.float())]).tolist()  # one sync
-        low, high, scale, ess, loss_low, loss_high = stats
+        dead = w.new_zeros(()) if dead is None else dead
+        stats = torch.stack([low, high, w.abs().max(), ess, *torch.aminmax(losses.float()), dead]).tolist()  # one sync
+        low, high, scale, ess, loss_low, loss_high, dead = stats
         if high < self.threshold:
             return f"all weights of the batch are below {self.threshold:g} (largest {high:.3g})"
+        if dead:
+            return (
+                f"{dead:.0f} of the batch's {w.numel()} samples belong to classes whose weights are all zero, so "
+                "normalization='class' cannot give those classes their share of the loss (the net's outputs for "
+                "them are zero or have underflowed)"
+            )
         if w.numel() > 1 and ess < self.min_ess:
             return (
                 f"a few samples carry each batch's loss (effective sample size {ess:.0%} of the batch, below "

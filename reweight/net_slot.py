@@ -94,6 +94,13 @@ class NetSlot:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"meta_optimizer must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
 
+    def class_labels(self, net_inputs: tuple[Any, ...]) -> tuple[Tensor | None, int | None]:
+        """The batch's targets and class count under ``normalization="class"`` (for the collapse monitor), else
+        ``(None, None)``."""
+        if self.options.normalization != "class":
+            return None, None
+        return net_inputs[2].detach(), net_inputs[1].shape[-1]
+
     def count_meta(self, meta: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
         """Count a meta batch's labels for the class-share check of ``normalization="class"``; return the batch."""
         if self.shares is not None:

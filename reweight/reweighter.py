@@ -105,9 +105,9 @@ class MetaReweighter:
             with a non-finite loss get weight 0) (default: ``"raise"``).
         collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
             every returned weight of a batch falls below it (with ``"sum"``: all zero), the weights become
-            constant over a batch, or a tenth of the batch carries its loss (effective sample size); checked
-            every 50 steps, tunable through ``collapse_monitor``; ``None`` disables it (default: ``1e-3``).
-            ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns once
+            constant, a tenth of the batch carries its loss (effective sample size) or (``"class"``) a class's
+            weights are all zero; checked every 50 steps, tunable through ``collapse_monitor``; ``None`` disables
+            it (default: ``1e-3``). ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns once
             (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
         process_group: the data-parallel process group, for a model whose DDP wrapper the reweighter does
             not see (e.g. Lightning's strategies hand over the bare module); by default that of a
@@ -433,7 +433,7 @@ class MetaReweighter:
             joint_check(done, "a per-sample training loss", pending, self._group, self.on_nonfinite)
         self.last_update_skipped = update and not applied
         if self.collapse_monitor is not None:
-            self.collapse_monitor.observe(self._step_count, weights, losses)
+            self.collapse_monitor.observe(self._step_count, weights, losses, *self._slot.class_labels(net_inputs))
         self._step_count += 1
         return weights.detach()
 

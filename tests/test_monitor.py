@@ -120,7 +120,7 @@ def test_checks_only_every_k_steps():
     monitor = CollapseMonitor(every=10)
     calls = []
     reason = monitor._reason
-    monitor._reason = lambda w, losses, constant: calls.append(1) or reason(w, losses, constant)
+    monitor._reason = lambda *args: calls.append(1) or reason(*args)
     _run("lossnet", 35, monitor)
     assert len(calls) == 4  # steps 0, 10, 20, 30: one host sync each
 
@@ -178,3 +178,38 @@ def test_collapse_onto_a_few_samples_warns_after_a_sustained_stretch():
         for step in range(3, 6):
             monitor.observe(step, peaked, losses)
     assert monitor.fired_at == 5
+
+
+class ZeroForClass0(nn.Module):
+    """Raw weights ``sigmoid(loss)``, but exactly zero for every sample labelled 0 (a class whose outputs have
+    underflowed)."""
+
+    requires_logits = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, loss, logits, targets):
+        return torch.sigmoid(loss) * (targets != 0) + 0 * self.unused
+
+
+def test_a_class_with_all_weights_zero_warns_under_the_class_normalisation():
+    rw, caught = _run(ZeroForClass0(), 12, CollapseMonitor(every=5, patience=2), normalization="class")
+    assert len(caught) == 1 and rw.collapse_monitor.fired_at == 5
+    message = str(caught[0].message)
+    assert "samples belong to classes whose weights are all zero" in message and "normalization='class'" in message
+    # under "sum" a zero weight is the net's choice for a sample, not a class losing its share: no warning
+    _, caught = _run(ZeroForClass0(), 12, CollapseMonitor(every=5, patience=2), normalization="sum")
+    assert caught == []
+
+
+def test_zero_class_count_with_soft_targets_and_absent_classes():
+    from reweight.monitor import _in_zero_classes
+
+    w = torch.tensor([0.0, 0.0, 1.5, 1.5])
+    assert _in_zero_classes(w, torch.tensor([0, 0, 1, 1]), 4) == 2  # classes 2 and 3 are absent, not dead
+    assert _in_zero_classes(w, torch.tensor([1, 0, 0, 1]), 4) == 0  # each class has a zero and a positive weight
+    soft = torch.tensor([[1.0, 0.0], [0.7, 0.3], [0.0, 1.0], [0.0, 1.0]])
+    assert _in_zero_classes(w, soft, 2) == 2  # class 0 is dead; sample 1 also belongs to class 1
+    assert _in_zero_classes(w, None, None) == 0
