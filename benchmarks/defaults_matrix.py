@@ -347,11 +347,17 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
         warnings=sorted({type(x.message).__name__ for x in caught if "Reweight" in type(x.message).__module__}),
         windows=edges,
         traj=[round(_auroc(torch.cat(ws[a:b]), torch.cat(cs[a:b])), 3) for a, b in windows],
+        traj_ratio=[round(_ratio(torch.cat(ws[a:b]), torch.cat(cs[a:b])), 3) for a, b in windows],
         auroc=round(_auroc(w, c), 3),
         w_clean=round(w[~c].mean().item(), 3),
         w_corrupted=round(w[c].mean().item(), 3),
     )
     return res
+
+
+def _ratio(weights: torch.Tensor, corrupted: torch.Tensor) -> float:
+    """The corrupted samples' mean weight over the clean samples' (above 1: the weights favour the corrupted)."""
+    return (weights[corrupted].mean() / weights[~corrupted].mean()).item()
 
 
 def report(table: Path = TABLE, config: str = "defaults") -> str:
@@ -368,10 +374,12 @@ def report(table: Path = TABLE, config: str = "defaults") -> str:
         cells.setdefault((r["key"]["task"], r["key"]["net"]), []).append(r)
     lines = [
         f"Configuration `{config}`; AUROC of the weights (clean above corrupted), last 50 steps, per seed; "
-        "lowest: the lowest over windows of steps and seeds.",
+        "lowest: the lowest over windows of steps and seeds; most inverted: the largest ratio of the corrupted "
+        "samples' mean weight to the clean samples' over windows and seeds (above 1: the weights favour the "
+        "corrupted), with its window.",
         "",
-        "| task | net | AUROC per seed | lowest | weight clean / corrupted | test (plain) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| task | net | AUROC per seed | lowest | most inverted | weight clean / corrupted | test (plain) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in TASKS:
         plain = sorted(cells.get((task, "plain"), []), key=lambda r: r["key"]["seed"])
@@ -385,10 +393,22 @@ def report(table: Path = TABLE, config: str = "defaults") -> str:
             weights = f"{np.mean([x['w_clean'] for x in res]):.2f} / {np.mean([x['w_corrupted'] for x in res]):.2f}"
             tests = " ".join(f"{x['test']:.3f}" for x in res)
             aurocs = " ".join(f"{x['auroc']:.2f}" for x in res)
-            lines.append(f"| {task} | {net} | {aurocs} | {lowest:.2f} | {weights} | {tests} ({plain_test}) |")
+            inverted = _most_inverted(res)
+            cells_text = f"{aurocs} | {lowest:.2f} | {inverted} | {weights} | {tests} ({plain_test})"
+            lines.append(f"| {task} | {net} | {cells_text} |")
     lines.append("")
     lines.append(_store.provenance_note(rows))
     return "\n".join(lines)
+
+
+def _most_inverted(results: list[dict]) -> str:
+    """The largest corrupted / clean mean-weight ratio over windows and seeds, and its window's steps."""
+    if not all("traj_ratio" in x for x in results):
+        return "-"
+    ratio, a, b = max(
+        (r, a, b) for x in results for r, a, b in zip(x["traj_ratio"], x["windows"], x["windows"][1:]) if r == r
+    )
+    return f"{ratio:.2f} (steps {a}-{b})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="defaults", choices=list(CONFIGS))
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
+    p.add_argument("--again", action="store_true", help="measure stored keys again (the latest row counts)")
     args = p.parse_args(argv)
     if not args.report:
         for task in args.tasks:
@@ -408,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                     key = {"task": task, "net": net, "config": config, "seed": seed, "steps": args.steps}
                     if config != "plain":
                         key["options"] = SPELLED[config]
-                    if _store.find(args.table, key) is not None:
+                    if not args.again and _store.find(args.table, key) is not None:
                         continue
                     result = run(task, net, args.config, seed, args.steps)
                     _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
