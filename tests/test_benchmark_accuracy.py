@@ -252,3 +252,20 @@ def test_class_weights_reads_the_same_run_as_the_table(bench, capsys, tmp_path):
     cached = json.loads(table.read_text().splitlines()[0])["result"]["test_acc"]
     assert stored["test_acc"] == pytest.approx(cached, abs=5e-4)
     assert class_weights.rank_correlation([1, 2, 3], [3, 4, 5]) == pytest.approx(1.0)
+
+
+def test_defaults_matrix_sizes_the_most_inverted_window():
+    """The defaults matrix's 'most inverted' cell: the largest corrupted / clean mean-weight ratio over windows
+    and seeds (NaN windows skipped) with its window; '-' for rows measured before the ratio was recorded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import defaults_matrix
+
+    w, corrupted = torch.tensor([1.0, 3.0, 1.0, 1.0]), torch.tensor([False, True, False, True])
+    assert defaults_matrix._ratio(w, corrupted) == pytest.approx(2.0)
+    edges = [0, 10, 50, 100]
+    rows = [
+        {"traj_ratio": [1.0, 0.5, float("nan")], "windows": edges},
+        {"traj_ratio": [0.9, 1.2, 0.3], "windows": edges},
+    ]
+    assert defaults_matrix._most_inverted(rows) == "1.20 (steps 10-50)"
+    assert defaults_matrix._most_inverted([{"traj": [0.9], "windows": edges}]) == "-"
