@@ -174,6 +174,9 @@ VARIANTS: dict[str, dict] = {
               "net_kwargs": {"uniform_start": True}},
     "fastcls20": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                   "net_kwargs": {"uniform_start": True}},
+    # cls20 with a 3x meta lr: does a net that moves faster track the losses' shift as the model fits the noise?
+    "cls20m3": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                "net_kwargs": {"uniform_start": True}},
     # the fast preset's interval with a 9x meta lr (the fast preset has 6x), class normalisation
     "f6m9cls20": {"interval": 6, "meta_lr": 9e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                   "normalization": "class", "net_kwargs": {"uniform_start": True}},
