@@ -177,6 +177,8 @@ VARIANTS: dict[str, dict] = {
     # cls20 with a 3x meta lr: does a net that moves faster track the losses' shift as the model fits the noise?
     "cls20m3": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                 "net_kwargs": {"uniform_start": True}},
+    "ess20m3": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                "net_kwargs": {"uniform_start": True}},  # LossNet's defaults ("sum") with the 3e-3 meta lr
     # the fast preset's interval with a 9x meta lr (the fast preset has 6x), class normalisation
     "f6m9cls20": {"interval": 6, "meta_lr": 9e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                   "normalization": "class", "net_kwargs": {"uniform_start": True}},
