@@ -51,11 +51,21 @@ CONFIGS = {
         "min_ess": 0.0,
         "normalization": "sum",  # the default before the nets that read the logits were normalised within classes
     },
+    # the defaults with a 3e-3 meta lr (the screen against the falls under uniform noise, docs/results.md)
+    "meta3": {"meta_optimizer": functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=5e-4)},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
     "defaults": {
         "meta_optimizer": "AdamW(1e-3, wd 5e-4)",
+        "meta_warmup": 300,
+        "uniform_start": True,
+        "meta_signal": SIGNAL,
+        "min_ess": 0.2,
+        "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
+    },
+    "meta3": {
+        "meta_optimizer": "AdamW(3e-3, wd 5e-4)",
         "meta_warmup": 300,
         "uniform_start": True,
         "meta_signal": SIGNAL,
