@@ -240,6 +240,9 @@ def _raw_weights(seeds) -> str:
 
 NETS4 = ("gated", "metainfonet", "logitnet", "lossnet")
 LOGIT_NETS = ("gated", "metainfonet", "logitnet")  # the nets whose default normalisation is "class"
+# a 3e-3 meta lr against the defaults (1e-3), each net at its own normalisation
+M3_PAIRS = [*((f"{m}~cls20m3", f"{m}~cls20") for m in LOGIT_NETS), ("lossnet~ess20m3", "lossnet~ess20")]
+M3_VARIANTS = ["cls20", "cls20m3", "ess20", "ess20m3"]
 
 
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
@@ -322,6 +325,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "class-paired-bn": lambda: _paired_rows(
             table, S3, [(f"{m}~cls20", f"{m}~ess20") for m in LOGIT_NETS], ["ess20", "cls20"], list(range(20))
         ),
+        "meta-lr-bn": lambda: _stability_rows(
+            table, S3, [row for row, _ in M3_PAIRS], ["cls20m3", "ess20m3"], list(range(10))
+        ),
+        "meta-lr-bn-paired": lambda: _paired_rows(table, S3, M3_PAIRS, M3_VARIANTS, list(range(10))),
+        "meta-lr-gentle-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], M3_PAIRS, M3_VARIANTS, SEEDS5
+        ),
+        "defaults-matrix-meta3": lambda: defaults_matrix.report(defaults_matrix.TABLE, "meta3"),
         "class-weights": lambda: _class_weights(),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(
