@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ._rng import isolated_rng
 from ._state import check_optimizer_state, check_tensor_shapes
-from .class_checks import ClassShares, warn_if_classes_are_thin
+from .class_checks import ClassChecks
 from .distributed import DataParallelGroup
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
@@ -65,8 +65,7 @@ class NetSlot:
         self.net: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_classes = options.num_classes
-        self.checked_class_counts = False  # normalization="class": the first batch's class counts are checked
-        self.shares = ClassShares() if options.normalization == "class" else None
+        self.class_checks = ClassChecks() if options.normalization == "class" else None
 
     def _create(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
         assert isinstance(self.options.net, str)
@@ -102,10 +101,17 @@ class NetSlot:
         return net_inputs[2].detach(), net_inputs[1].shape[-1]
 
     def count_meta(self, meta: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
-        """Count a meta batch's labels for the class-share check of ``normalization="class"``; return the batch."""
-        if self.shares is not None:
-            self.shares.add_meta(meta[1], self.num_classes)
+        """Count a meta batch's labels for the class checks of ``normalization="class"``; return the batch."""
+        if self.class_checks is not None:
+            self.class_checks.meta(meta[1], self.num_classes)
         return meta
+
+    def count_batch(self, net_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Count a step's training labels (net inputs ``(losses, logits, targets, ...)``) for the class checks of
+        ``normalization="class"``, once per step; return the net inputs."""
+        if self.class_checks is not None:
+            self.class_checks.train(net_inputs[2], net_inputs[1].shape[-1])
+        return net_inputs
 
     def group_weights(self) -> Tensor | None:
         """The net's current weight per group (:meth:`reweight.nets.GroupNet.group_weights`), detached; ``None``
@@ -180,13 +186,7 @@ class NetSlot:
             total = self.group.sum_differentiable(raw.sum())
             raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
         elif mode == "class":
-            if not self.checked_class_counts:
-                self.checked_class_counts = True
-                warn_if_classes_are_thin(net_inputs[2], net_inputs[1].shape[-1])
-            members = class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype)
-            if self.shares is not None:
-                self.shares.add_train(members)
-            raw = class_normalize(raw, members, self.group)
+            raw = class_normalize(raw, class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype), self.group)
         return self.floor_ess(raw, keep)
 
     def floor_ess(self, weights: Tensor, keep: Tensor | None = None) -> Tensor:

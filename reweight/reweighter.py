@@ -419,7 +419,7 @@ class MetaReweighter:
         if self.net is None and not self.is_l2rw:
             self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, self._net_dtype())
         losses = torch.where(finite, losses, torch.zeros_like(losses))
-        net_inputs = (losses, logits.detach(), targets, groups)
+        net_inputs = self._slot.count_batch((losses, logits.detach(), targets, groups))
         applied, weights = False, None
         with isolated_rng(rank_seed, self.device):
             if update and all_finite:
