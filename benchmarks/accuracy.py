@@ -182,6 +182,17 @@ VARIANTS: dict[str, dict] = {
     # the fast preset's interval with a 9x meta lr (the fast preset has 6x), class normalisation
     "f6m9cls20": {"interval": 6, "meta_lr": 9e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                   "normalization": "class", "net_kwargs": {"uniform_start": True}},
+    # the meta lr scaled by the training lr's decay (meta_follows_lr): a net that moves fast while the model is
+    # trained at full lr and slows with it, against the late falls under a fast meta lr at small training lrs
+    "cls20f": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+               "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    "cls20m3f": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                 "normalization": "class", "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    # the same rising over 900 steps: identical to the defaults over the first 300 (lr 1e-3 at step 300)
+    "cls20r": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 900, "min_ess": 0.2, "normalization": "class",
+               "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    "ess20m3f": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                 "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.

@@ -257,16 +257,26 @@ class NetSlot:
         self.group.sum_grads_(self.net.parameters())
         if monitor is not None:
             monitor.observe(step, self.net, self.optimizer, optimizer, lookahead_lr, weights, meta_grads)
-        self._warm_up(step)
+        self._schedule(step, optimizer)
         self.optimizer.step()
 
-    def _warm_up(self, step: int) -> None:
-        """Each group's lr at ``min(1, (step + 1) / meta_warmup)`` of its own (kept in the group as
-        ``"reweight_lr"``, so that it travels with the optimizer's state and a resume is exact)."""
+    def _schedule(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Each group's lr at ``min(1, (step + 1) / meta_warmup)`` of its own, times (``meta_follows_lr``) the
+        training lr over the largest training lr seen at a meta update. The group's own lr and that largest lr
+        are kept in the group (``"reweight_lr"``, ``"reweight_peak_lr"``), so they travel with the optimizer's
+        state and a resume is exact."""
         assert self.optimizer is not None
-        warmup = self.options.meta_warmup
+        warmup, follows = self.options.meta_warmup, self.options.meta_follows_lr
+        factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if follows:
+            lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            current = sum(lrs) / len(lrs)
         for group in self.optimizer.param_groups:
-            if warmup == 0 and "reweight_lr" not in group:
+            if warmup == 0 and not follows and "reweight_lr" not in group:
                 continue
             base = group.setdefault("reweight_lr", group["lr"])
-            group["lr"] = base * min(1.0, (step + 1) / warmup) if warmup else base
+            ratio = 1.0
+            if follows:
+                peak = group["reweight_peak_lr"] = max(group.get("reweight_peak_lr", 0.0), current)
+                ratio = current / peak if peak > 0 else 1.0
+            group["lr"] = base * factor * ratio

@@ -56,6 +56,8 @@ MIN_ESS, GROUPS_MIN_ESS = 0.2, 0.0
 # takes SGD's steps (group_meta_optimizer), so it needs no warm-up (docs/source_weighting.md).
 META_WARMUP, GROUPS_META_WARMUP = 300, 0
 META_LR, GROUPS_META_LR = 1e-3, 1e-3
+# meta_follows_lr=None: the meta lr is not scaled by the training lr's decay.
+META_FOLLOWS_LR = False
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
@@ -113,6 +115,7 @@ class ReweighterOptions:
     lookahead_lr: float | None
     meta_optimizer: MetaOptimizerFactory
     meta_warmup: int
+    meta_follows_lr: bool
     min_ess: float
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -246,6 +249,11 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if warmup is None:
         warmup = GROUPS_META_WARMUP if groups_alone else META_WARMUP
     _check_int("meta_warmup", warmup, 0)
+    follows = a["meta_follows_lr"]
+    if follows is None:
+        follows = META_FOLLOWS_LR
+    if not isinstance(follows, bool):
+        raise TypeError(f"meta_follows_lr must be a bool or None, got {type(follows).__name__}")
     min_ess = a["min_ess"]
     if min_ess is None:
         min_ess = GROUPS_MIN_ESS if _is_group_net(a["net"]) else MIN_ESS
@@ -276,6 +284,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         lookahead_lr=lr,
         meta_optimizer=a["meta_optimizer"],
         meta_warmup=warmup,
+        meta_follows_lr=follows,
         min_ess=float(min_ess),
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,

@@ -79,17 +79,17 @@ class MetaReweighter:
             batch size, so uniform weights give the plain mean loss; ``"class"``: the same within each class of
             the targets (each class keeps its share of the loss; ``"sum"`` lets the net weight rare classes up);
             ``"none"``: raw weights (default: ``None``: ``"class"`` for nets reading the logits under cross-entropy).
-        virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code; or ``"optimizer"``, which
-            mirrors ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``;
-            the reference's choice, and users report equal accuracy either way).
-        lookahead_lr: learning rate of the look-ahead instead of each group's current ``lr``; useful
-            under warmup (lr 0 gives a zero meta-gradient) or with Adam-sized lrs (default: ``None``).
+        virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code, or ``"optimizer"``, which mirrors
+            ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``).
+        lookahead_lr: the look-ahead's lr instead of each group's current ``lr`` (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
             1e-3, weight decay 5e-4: the paper's values, the decay decoupled so that it cannot outweigh a small
             meta-gradient; SGD, lr 1e-3, for the group net alone, see :func:`~reweight.options.group_meta_optimizer`).
         meta_warmup: the meta optimizer's lr rises linearly over this many calls of :meth:`step` (``0``: none),
             so the net does not commit while the model is still underfit, when the meta-gradient can favour
             the samples with the largest losses (default: ``None``: ``300``; ``0`` for the group net alone).
+        meta_follows_lr: scale the meta lr by the training lr over the largest training lr seen at a meta
+            update, so that the net slows as the training lr decays (default: ``None``: ``False``).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
             kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, which may favour one source).
@@ -109,9 +109,8 @@ class MetaReweighter:
             weights are all zero; checked every 50 steps, tunable through ``collapse_monitor``; ``None`` disables
             it (default: ``1e-3``). ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns once
             (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
-        process_group: the data-parallel process group, for a model whose DDP wrapper the reweighter does
-            not see (e.g. Lightning's strategies hand over the bare module); by default that of a
-            ``DistributedDataParallel`` model, else a single process (default: ``None``).
+        process_group: the data-parallel group of a model whose DDP wrapper the reweighter does not see (Lightning's
+            strategies hand over the bare module) (default: ``None``: a ``DistributedDataParallel`` model's, else none).
         seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout,
             MetaInfoNet's sampling); drawn from torch's global RNG when ``None`` (default: ``None``).
 
@@ -151,6 +150,7 @@ class MetaReweighter:
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
         meta_warmup: int | None = None,
+        meta_follows_lr: bool | None = None,
         min_ess: float | None = None,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
@@ -164,9 +164,9 @@ class MetaReweighter:
         options = resolve_options(
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
-            meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, min_ess=min_ess, loss_fn=loss_fn,
-            meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
-            collapse_threshold=collapse_threshold, seed=seed,
+            meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
+            loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes,
+            on_nonfinite=on_nonfinite, collapse_threshold=collapse_threshold, seed=seed,
         )  # fmt: skip
         module = unwrap_model(model)
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -234,3 +234,24 @@ def test_a_resume_mid_warm_up_continues_exactly():
     assert [g["lr"] for g in rw.meta_optimizer.param_groups] == want_lrs == [1e-3, 4e-3]
     for key, value in want_net.items():
         assert torch.equal(rw.net.state_dict()[key], value), key
+
+
+def test_meta_lr_follows_the_training_lrs_decay_from_its_peak():
+    """With ``meta_follows_lr`` the meta lr is its warmed-up value times the training lr over the largest
+    training lr seen so far: a warm-up of the training lr leaves it whole, a decay scales it down."""
+    warmup = 4
+    model, meta = _parts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = MetaReweighter(model, opt, meta, meta_optimizer=_two_group_adamw, meta_warmup=warmup, meta_follows_lr=True)
+    assert rw.options.meta_follows_lr is True
+    training_lrs = [0.05, 0.1, 0.2, 0.2, 0.02, 0.02, 0.002, 0.2]
+    for k, lr in enumerate(training_lrs, start=1):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _train(rw, model, opt, range(k - 1, k))
+        ratio = lr / max(training_lrs[:k])
+        for g, base in zip(rw.meta_optimizer.param_groups, (1e-3, 4e-3)):
+            assert g["lr"] == pytest.approx(base * min(1.0, k / warmup) * ratio, rel=1e-12), k
+            assert g["reweight_peak_lr"] == max(training_lrs[:k])
+    with pytest.raises(TypeError, match="meta_follows_lr must be a bool"):
+        MetaReweighter(model, opt, meta, meta_follows_lr=1)
