@@ -191,6 +191,12 @@ VARIANTS: dict[str, dict] = {
     # the same rising over 900 steps: identical to the defaults over the first 300 (lr 1e-3 at step 300)
     "cls20r": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 900, "min_ess": 0.2, "normalization": "class",
                "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    # 3e-3 reached by a slower rise that keeps the default's lr over the first 300 steps ("p") or is below it
+    # there ("q"), following the training lr's decay
+    "cls20p": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_shape": "p", "meta_warmup": 300, "min_ess": 0.2,
+               "normalization": "class", "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    "cls20q": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_shape": "q", "meta_warmup": 300, "min_ess": 0.2,
+               "normalization": "class", "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
     "ess20m3f": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                  "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
 }
@@ -202,13 +208,44 @@ for _variant in VARIANTS.values():
     _variant.setdefault("normalization", "sum")
 
 
+# Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3
+# (``t``: meta updates so far): "p" keeps the default's 1e-3 at step 300 and rises to 3e-3 by step 600; "q" rises
+# as (t / 520)^2, 1e-3 at step 300 and 3e-3 at step 520.
+_SHAPES = {
+    "p": lambda t: (1.0 + 2.0 * min(1.0, max(0.0, (t - 300) / 300))) / 3.0,
+    "q": lambda t: min(1.0, (t / 520) ** 2) / min(1.0, t / 300),
+}
+
+
+class ShapedAdamW(torch.optim.AdamW):
+    """AdamW whose lr is multiplied by ``_SHAPES[shape](t)`` at its ``t``-th step (a screen of warm-up shapes)."""
+
+    def __init__(self, params, shape: str, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.shape, self.t = _SHAPES[shape], 0
+
+    def step(self, closure=None):
+        self.t += 1
+        lrs = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * self.shape(self.t)
+        try:
+            return super().step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
+
+
 def reweighter_kwargs(variant: dict) -> dict:
     """MetaReweighter keyword arguments of a variant (``meta_lr`` becomes a meta-optimizer factory)."""
     kwargs = dict(variant)
     if "meta_lr" in kwargs:
         wd = kwargs.pop("meta_wd", 5e-4)
         cls = torch.optim.AdamW if kwargs.pop("meta_decoupled", False) else torch.optim.Adam
-        kwargs["meta_optimizer"] = functools.partial(cls, lr=kwargs.pop("meta_lr"), weight_decay=wd)
+        shape = kwargs.pop("meta_shape", None)
+        extra = {} if shape is None else {"shape": shape}
+        cls = cls if shape is None else ShapedAdamW
+        kwargs["meta_optimizer"] = functools.partial(cls, lr=kwargs.pop("meta_lr"), weight_decay=wd, **extra)
     return kwargs
 
 
