@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
+from accuracy import ShapedAdamW  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.diagnostics import weight_auroc  # noqa: E402
@@ -53,6 +54,11 @@ CONFIGS = {
     },
     # the defaults with a 3e-3 meta lr (the screen against the falls under uniform noise, docs/results.md)
     "meta3": {"meta_optimizer": functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=5e-4)},
+    # 3e-3 reached by the slower rises "p" and "q" of the accuracy benchmark, following the training lr's decay
+    "rampp": {"meta_optimizer": functools.partial(ShapedAdamW, lr=3e-3, weight_decay=5e-4, shape="p"),
+              "meta_follows_lr": True},
+    "rampq": {"meta_optimizer": functools.partial(ShapedAdamW, lr=3e-3, weight_decay=5e-4, shape="q"),
+              "meta_follows_lr": True},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -71,6 +77,18 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "meta_signal": SIGNAL,
         "min_ess": 0.2,
         "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
+    },
+    **{
+        f"ramp{shape}": {
+            "meta_optimizer": f"AdamW(3e-3, wd 5e-4), rise {shape} (benchmarks/accuracy.py _SHAPES)",
+            "meta_warmup": 300,
+            "meta_follows_lr": True,
+            "uniform_start": True,
+            "meta_signal": SIGNAL,
+            "min_ess": 0.2,
+            "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
+        }
+        for shape in "pq"
     },
     "earlier": {
         "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
