@@ -197,6 +197,9 @@ VARIANTS: dict[str, dict] = {
                "normalization": "class", "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
     "cls20q": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_shape": "q", "meta_warmup": 300, "min_ess": 0.2,
                "normalization": "class", "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    # the fast preset (fastcls20) with the meta lr following the training lr's decay
+    "fastcls20f": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                   "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
     "ess20m3f": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                  "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
 }
