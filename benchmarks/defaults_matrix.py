@@ -37,7 +37,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
-from accuracy import ShapedAdamW  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.diagnostics import weight_auroc  # noqa: E402
@@ -54,11 +53,6 @@ CONFIGS = {
     },
     # the defaults with a 3e-3 meta lr (the screen against the falls under uniform noise, docs/results.md)
     "meta3": {"meta_optimizer": functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=5e-4)},
-    # 3e-3 reached by the slower rises "p" and "q" of the accuracy benchmark, following the training lr's decay
-    "rampp": {"meta_optimizer": functools.partial(ShapedAdamW, lr=3e-3, weight_decay=5e-4, shape="p"),
-              "meta_follows_lr": True},
-    "rampq": {"meta_optimizer": functools.partial(ShapedAdamW, lr=3e-3, weight_decay=5e-4, shape="q"),
-              "meta_follows_lr": True},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -77,18 +71,6 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "meta_signal": SIGNAL,
         "min_ess": 0.2,
         "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
-    },
-    **{
-        f"ramp{shape}": {
-            "meta_optimizer": f"AdamW(3e-3, wd 5e-4), rise {shape} (benchmarks/accuracy.py _SHAPES)",
-            "meta_warmup": 300,
-            "meta_follows_lr": True,
-            "uniform_start": True,
-            "meta_signal": SIGNAL,
-            "min_ess": 0.2,
-            "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
-        }
-        for shape in "pq"
     },
     "earlier": {
         "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
@@ -388,22 +370,25 @@ def _ratio(weights: torch.Tensor, corrupted: torch.Tensor) -> float:
     return (weights[corrupted].mean() / weights[~corrupted].mean()).item()
 
 
-def report(table: Path = TABLE, config: str = "defaults") -> str:
+def report(table: Path = TABLE, config: str = "defaults", steps: int = 300) -> str:
     """Markdown: per task and net, every seed's final AUROC, the lowest windowed AUROC, the mean weights
-    and the test metric against plain training."""
+    and the test metric against plain training, for the runs of ``steps`` steps."""
     rows = [
         r
         for r in _store.latest(table)
-        if r["key"]["config"] == "plain"
-        or (r["key"]["config"] == config and r["key"].get("options") == SPELLED[config])
+        if r["key"]["steps"] == steps
+        and (
+            r["key"]["config"] == "plain"
+            or (r["key"]["config"] == config and r["key"].get("options") == SPELLED[config])
+        )
     ]
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["key"]["task"], r["key"]["net"]), []).append(r)
     lines = [
-        f"Configuration `{config}`; AUROC of the weights (clean above corrupted), last 50 steps, per seed; "
-        "lowest: the lowest over windows of steps and seeds; most inverted: the largest ratio of the corrupted "
-        "samples' mean weight to the clean samples' over windows and seeds (above 1: the weights favour the "
+        f"Configuration `{config}`, {steps} steps; AUROC of the weights (clean above corrupted), last 50 steps, "
+        "per seed; lowest: the lowest over windows of steps and seeds; most inverted: the largest ratio of the "
+        "corrupted samples' mean weight to the clean samples' over windows and seeds (above 1: the weights favour the "
         "corrupted), with its window.",
         "",
         "| task | net | AUROC per seed | lowest | most inverted | weight clean / corrupted | test (plain) |",
@@ -462,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run(task, net, args.config, seed, args.steps)
                     _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
                     print(f"{task} {net} {config} seed {seed}: {result.get('auroc', '')} test {result['test']:.3f}")
-    print(report(args.table, args.config))
+    print(report(args.table, args.config, args.steps))
     return 0
 
 

@@ -243,6 +243,7 @@ LOGIT_NETS = ("gated", "metainfonet", "logitnet")  # the nets whose default norm
 # a 3e-3 meta lr against the defaults (1e-3), each net at its own normalisation
 M3_PAIRS = [*((f"{m}~cls20m3", f"{m}~cls20") for m in LOGIT_NETS), ("lossnet~ess20m3", "lossnet~ess20")]
 M3_VARIANTS = ["cls20", "cls20m3", "ess20", "ess20m3"]
+FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
 
 
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
@@ -333,6 +334,24 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], M3_PAIRS, M3_VARIANTS, SEEDS5
         ),
         "defaults-matrix-meta3": lambda: defaults_matrix.report(defaults_matrix.TABLE, "meta3"),
+        "follow-bn": lambda: _stability_rows(
+            table, S3, [f"gated~{v}" for v in ("cls20", *FOLLOW_VARIANTS)], ["cls20", *FOLLOW_VARIANTS], list(range(10))
+        ),
+        "follow-bn-paired": lambda: _paired_rows(
+            table, S3, [(f"gated~{v}", "gated~cls20") for v in FOLLOW_VARIANTS], ["cls20", *FOLLOW_VARIANTS],
+            list(range(10)),
+        ),
+        "follow-gentle-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            [(f"metainfonet~{v}", "metainfonet~cls20") for v in ("cls20m3", "cls20m3f", "cls20r", "cls20p", "cls20q")],
+            ["cls20", "cls20m3", "cls20m3f", "cls20r", "cls20p", "cls20q"], SEEDS5,
+        ),
+        "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
+        "defaults-matrix-meta3-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "meta3", 600),
+        "fast-follow": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40"], [("gated~fastcls20f", "gated~fastcls20")],
+            ["fastcls20", "fastcls20f"], SEEDS5,
+        ),
         "class-weights": lambda: _class_weights(),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(

@@ -88,8 +88,8 @@ class MetaReweighter:
         meta_warmup: the meta optimizer's lr rises linearly over this many calls of :meth:`step` (``0``: none),
             so the net does not commit while the model is still underfit, when the meta-gradient can favour
             the samples with the largest losses (default: ``None``: ``300``; ``0`` for the group net alone).
-        meta_follows_lr: scale the meta lr by the training lr over the largest training lr seen at a meta
-            update, so that the net slows as the training lr decays (default: ``None``: ``False``).
+        meta_follows_lr: scale the meta lr by the training lr over the largest one seen at a meta update, so the
+            net slows as the training lr decays (an expert's option, docs/results.md) (default: ``None``: ``False``).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
             kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, which may favour one source).
