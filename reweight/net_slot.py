@@ -264,7 +264,8 @@ class NetSlot:
         """Each group's lr at ``min(1, (step + 1) / meta_warmup)`` of its own, times (``meta_follows_lr``) the
         training lr over the largest training lr seen at a meta update. The group's own lr and that largest lr
         are kept in the group (``"reweight_lr"``, ``"reweight_peak_lr"``), so they travel with the optimizer's
-        state and a resume is exact."""
+        state and a resume is exact. The training lrs are read as floats: a tensor lr on an accelerator costs
+        a host sync per meta update, with ``meta_follows_lr`` only."""
         assert self.optimizer is not None
         warmup, follows = self.options.meta_warmup, self.options.meta_follows_lr
         factor = min(1.0, (step + 1) / warmup) if warmup else 1.0

@@ -255,3 +255,39 @@ def test_meta_lr_follows_the_training_lrs_decay_from_its_peak():
             assert g["reweight_peak_lr"] == max(training_lrs[:k])
     with pytest.raises(TypeError, match="meta_follows_lr must be a bool"):
         MetaReweighter(model, opt, meta, meta_follows_lr=1)
+
+
+def test_a_resume_keeps_the_peak_training_lr_the_meta_lr_follows():
+    """The largest training lr seen travels in the meta optimizer's state: a run resumed after the training lr
+    decayed continues with the same meta lrs and ends with the same net as one run straight through."""
+    schedule = [0.1, 0.1, 0.2, 0.05, 0.05, 0.01, 0.01, 0.002]
+    stop = 5
+
+    def build(seed=0):
+        model, meta = _parts()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rw = MetaReweighter(model, opt, meta, meta_warmup=2, meta_follows_lr=True, seed=seed)
+        return rw, model, opt
+
+    def train(rw, model, opt, steps):
+        for t in steps:
+            for group in opt.param_groups:
+                group["lr"] = schedule[t]
+            _train(rw, model, opt, range(t, t + 1))
+
+    rw, model, opt = build()
+    train(rw, model, opt, range(len(schedule)))
+    want_net, want_lrs = copy.deepcopy(rw.net.state_dict()), [g["lr"] for g in rw.meta_optimizer.param_groups]
+
+    rw, model, opt = build()
+    train(rw, model, opt, range(stop))
+    state = torch.load(io.BytesIO(_save(rw, model, opt)), weights_only=False)
+    rw, model, opt = build(seed=1)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rw.load_state_dict(state["rw"])
+    assert [g["reweight_peak_lr"] for g in rw.meta_optimizer.param_groups] == [0.2]
+    train(rw, model, opt, range(stop, len(schedule)))
+    assert [g["lr"] for g in rw.meta_optimizer.param_groups] == want_lrs == [pytest.approx(1e-3 * 0.002 / 0.2)]
+    for key, value in want_net.items():
+        assert torch.equal(rw.net.state_dict()[key], value), key
