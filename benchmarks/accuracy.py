@@ -200,8 +200,6 @@ VARIANTS: dict[str, dict] = {
     # the fast preset (fastcls20) with the meta lr following the training lr's decay
     "fastcls20f": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                    "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
-    "ess20m3f": {"meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
-                 "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
