@@ -375,9 +375,14 @@ class GroupNet(nn.Module):
         return weights if penalty is None else WeightingOutput(weights, penalty)
 
 
+_READS_LOGITS = {"lossnet": False, "l2rw": False, "logitnet": True, "metainfonet": True, "gated": True}
+
+
 def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
     """Whether the registered net ``name`` built with ``net_kwargs`` reads ``what``: ``"logits"`` (class logits;
-    every named net but ``"lossnet"``, and ``"groups"`` only through a ``within`` net that does) or ``"groups"``."""
+    every built-in net but ``"lossnet"``, and ``"groups"`` only through a ``within`` net that does) or
+    ``"groups"``. A net registered by the user is built once, for two classes and without drawing from the
+    global RNG, and asked (its ``requires_logits`` / ``requires_groups``)."""
     kwargs = net_kwargs or {}
     if name == "groups":
         if what == "groups":
@@ -386,7 +391,11 @@ def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
         if isinstance(within, nn.Module):
             return bool(getattr(within, "requires_logits", False))
         return within is not None and named_net_reads(within, kwargs.get("within_kwargs"), what)
-    return what == "logits" and name not in ("lossnet", "l2rw")
+    if name in _READS_LOGITS:
+        return what == "logits" and _READS_LOGITS[name]
+    with torch.random.fork_rng(devices=[]):
+        net = create_weighting_net(name, 2, **kwargs)
+    return bool(getattr(net, f"requires_{what}", False))
 
 
 @register_weighting_net("groups", description="one learned weight per data source (optionally times a per-sample net)")

@@ -137,7 +137,7 @@ class ReweighterOptions:
         """Whether the look-ahead moves the final Linear layer only (``lookahead="head"``)."""
         return isinstance(self.lookahead, str) and self.lookahead == "head"
 
-    @property
+    @functools.cached_property
     def requires_logits(self) -> bool:
         """Whether the weighting net reads class logits (every net but LossNet and L2RW)."""
         if self.is_l2rw:
@@ -146,7 +146,7 @@ class ReweighterOptions:
             return bool(getattr(self.net, "requires_logits", False))
         return named_net_reads(self.net, dict(self.net_kwargs), "logits")
 
-    @property
+    @functools.cached_property
     def requires_groups(self) -> bool:
         """Whether the weighting net reads group ids (``step(..., groups=g)``): ``"groups"`` and modules that
         declare ``requires_groups = True``."""

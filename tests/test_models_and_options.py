@@ -182,6 +182,50 @@ def test_user_defined_net_with_penalty():
         rw.step(x, y, model(x)[:, :1])
 
 
+class LossOnlyNet(nn.Module):
+    """A user's net that reads the loss alone (``requires_logits = False``)."""
+
+    requires_logits = False
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        self.slope = nn.Parameter(torch.zeros(()))
+
+    def forward(self, loss, logits=None, targets=None):
+        return torch.sigmoid(-self.slope * loss)
+
+
+def test_a_registered_net_that_reads_the_loss_alone_trains_a_regressor():
+    """A net registered by name is asked what it reads (its ``requires_logits``), as a module passed as ``net=``
+    is: a loss-only net serves a regression, which a net reading logits is refused for; asking builds it once,
+    without drawing from the global RNG."""
+    from reweight import list_weighting_nets, register_weighting_net
+    from reweight.nets import _NETS
+
+    register_weighting_net("test_loss_only")(LossOnlyNet)
+    try:
+        assert "test_loss_only" in list_weighting_nets()
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mse = lambda out, y: (out.squeeze(-1) - y) ** 2  # noqa: E731
+        meta = [(torch.randn(8, 4), torch.randn(8))]
+        state = torch.random.get_rng_state()
+        rw = MetaReweighter(model, opt, meta, net="test_loss_only", loss_fn=mse, seed=0)
+        assert not rw.options.requires_logits and rw.options.normalization == "sum"
+        assert torch.equal(torch.random.get_rng_state(), state)
+        x, y = torch.randn(6, 4), torch.randn(6)
+        state = torch.random.get_rng_state()
+        w = rw.step(x, y, model(x))
+        assert w.shape == (6,) and torch.isfinite(w).all()
+        assert torch.equal(torch.random.get_rng_state(), state)
+        with pytest.raises(ValueError, match="needs class logits"):
+            rw2 = MetaReweighter(model, opt, meta, net="metainfonet", loss_fn=mse, seed=0)
+            rw2.step(x, y, model(x))
+    finally:
+        _NETS.unregister("test_loss_only")
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_lookahead_follows_scheduler_lr():
     """The look-ahead reads each group's lr at every step: changing it changes the meta-gradient exactly
