@@ -343,7 +343,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "follow-gentle-paired": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            [(f"metainfonet~{v}", "metainfonet~cls20") for v in ("cls20m3", "cls20m3f", "cls20r", "cls20p", "cls20q")],
+            [(f"metainfonet~{v}", "metainfonet~cls20") for v in ("cls20m3", "cls20m3f", "cls20r", "cls20p", "cls20q")]
+            + [("gated~cls20m3f", "gated~cls20")],
             ["cls20", "cls20m3", "cls20m3f", "cls20r", "cls20p", "cls20q"], SEEDS5,
         ),
         "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
