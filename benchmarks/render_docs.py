@@ -285,8 +285,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         + "\n\n"
         + _gain_current(table, ["gated"], ("fastcls20",), range(10), ("mnist1d-2pct",), ("flip2-40",), exact="cls20"),
         "fast-screen-class": lambda: _paired_gentle(
-            table, both, ["flip1-40", "flip2-40", "uniform-40"], [("gated~f6m9cls20", "gated~fastcls20")],
-            ["fastcls20", "f6m9cls20"], SEEDS5,
+            table, both, ["flip1-40", "flip2-40", "uniform-40"],
+            [("gated~f6m9cls20", "gated~fastcls20"), ("gated~f6m7cls20", "gated~fastcls20")],
+            ["fastcls20", "f6m9cls20", "f6m7cls20"], SEEDS5,
         )
         + "\n\n"
         + _gain_current(table, ["gated"], ("fastcls20", "f6m9cls20"), range(10), ("mnist1d-2pct",), ("flip2-40",),
