@@ -81,7 +81,8 @@ class MetaReweighter:
             ``"none"``: raw weights (default: ``None``: ``"class"`` for nets reading the logits under cross-entropy).
         virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code, or ``"optimizer"``, which mirrors
             ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``).
-        lookahead_lr: the look-ahead's lr instead of each group's current ``lr`` (default: ``None``).
+        lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
+            look-ahead, and so the meta-gradient, starts at zero (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
             1e-3, weight decay 5e-4: the paper's values, the decay decoupled so that it cannot outweigh a small
             meta-gradient; SGD, lr 1e-3, for the group net alone, see :func:`~reweight.options.group_meta_optimizer`).
@@ -117,9 +118,8 @@ class MetaReweighter:
     Raises:
         TypeError: if an argument has the wrong type.
         ValueError: if an argument has a wrong value (the message names it and the allowed values), including
-            ``net_kwargs`` that the named net refuses, ``net_kwargs`` with ``net="l2rw"``, the
-            single-process engines ``"reverse"`` and ``"higher"`` under data parallelism, and parameters
-            the look-ahead cannot use (FSDP shards, ``DTensor``, unknown tensor subclasses).
+            ``net_kwargs`` the named net refuses or given with ``net="l2rw"``, ``"reverse"`` and ``"higher"`` under
+            data parallelism, and parameters the look-ahead cannot use (FSDP shards, ``DTensor``, tensor subclasses).
         ImportError: if ``engine="higher"`` and the ``higher`` package is not installed.
 
     Example:
