@@ -348,6 +348,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             + [("gated~cls20m3f", "gated~cls20")],
             ["cls20", "cls20m3", "cls20m3f", "cls20r", "cls20p", "cls20q"], SEEDS5,
         ),
+        "follow-wide": lambda: _stability_rows(
+            table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "gated~cls20m3", "gated~cls20m3f"],
+            ["cls20", "cls20m3", "cls20m3f"], SEEDS5, "bnwide", fit=True,
+        ),
         "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
         "defaults-matrix-meta3-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "meta3", 600),
         "fast-follow": lambda: _paired_gentle(
