@@ -391,8 +391,8 @@ def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
         if isinstance(within, nn.Module):
             return bool(getattr(within, "requires_logits", False))
         return within is not None and named_net_reads(within, kwargs.get("within_kwargs"), what)
-    if name in _READS_LOGITS:
-        return what == "logits" and _READS_LOGITS[name]
+    if name in _READS_LOGITS or name not in _NETS:  # built-in, or "auto" (gated or LossNet) / unknown: as before
+        return what == "logits" and _READS_LOGITS.get(name, True)
     with torch.random.fork_rng(devices=[]):
         net = create_weighting_net(name, 2, **kwargs)
     return bool(getattr(net, f"requires_{what}", False))

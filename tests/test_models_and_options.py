@@ -226,6 +226,17 @@ def test_a_registered_net_that_reads_the_loss_alone_trains_a_regressor():
         _NETS.unregister("test_loss_only")
 
 
+def test_what_a_net_reads_is_answered_for_auto_and_every_built_in_name():
+    """The integrations ask before the net is chosen: ``"auto"`` (the gated net or LossNet, by the loss) counts as
+    reading logits and no groups, as the built-in names answer from their classes."""
+    from reweight.integrations._common import needs_class_logits, reads_groups
+
+    assert needs_class_logits("auto") and not reads_groups("auto")
+    names = ("lossnet", "logitnet", "metainfonet", "gated", "l2rw")
+    assert [needs_class_logits(n) for n in names] == [False, True, True, True, False]
+    assert reads_groups("groups") and not reads_groups("gated")
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_lookahead_follows_scheduler_lr():
     """The look-ahead reads each group's lr at every step: changing it changes the meta-gradient exactly
