@@ -203,6 +203,14 @@ VARIANTS: dict[str, dict] = {
     # the fast preset (fastcls20) with the meta lr following the training lr's decay
     "fastcls20f": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                    "meta_follows_lr": True, "net_kwargs": {"uniform_start": True}},
+    # the defaults with each sample's loss history read by the nets that read the loss (loss_history=True; the
+    # harness passes the batch's indices as sample_ids): cls20 (gated net), ess20 (LossNet), the fast preset
+    "cls20h": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+               "loss_history": True, "net_kwargs": {"uniform_start": True}},
+    "ess20h": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "loss_history": True,
+               "net_kwargs": {"uniform_start": True}},
+    "fastcls20h": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                   "loss_history": True, "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
@@ -375,7 +383,8 @@ def _train(
             xb, yb = x[idx], y[idx]
             logits = model(xb)
             losses = loss_fn(logits, yb)
-            w = rw.step(xb, yb, logits) if rw is not None else torch.ones_like(losses)
+            ids = idx if rw is not None and rw.options.loss_history else None  # the samples' indices
+            w = rw.step(xb, yb, logits, sample_ids=ids) if rw is not None else torch.ones_like(losses)
             if rw is not None and epoch >= cfg.epochs - tail:
                 rec.record(idx, losses.detach(), w, epoch)
             if rw is not None:

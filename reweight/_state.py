@@ -27,14 +27,21 @@ __all__ = [
 ]
 
 #: Version written by :meth:`MetaReweighter.state_dict`.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 #: Keys of a current-version state.
-STATE_KEYS = frozenset({"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream"})
+STATE_KEYS = frozenset(
+    {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history"}
+)
+
+
+def _add_loss_history(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no loss history (``loss_history=True`` came with version 2)."""
+    return {**state, "loss_history": None}
+
 
 #: ``UPGRADES[v]`` maps a version-``v`` state to a version-``v + 1`` one (a new dict; the input is not modified).
-#: Version 1 is the first format, so there is nothing to upgrade yet.
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _add_loss_history}
 
 
 def _is_int(value: Any) -> bool:

@@ -14,6 +14,7 @@ from ._rng import isolated_rng
 from ._state import check_optimizer_state, check_tensor_shapes
 from .class_checks import ClassChecks
 from .distributed import DataParallelGroup
+from .loss_history import LossHistory, check_history_group, check_history_state
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .options import ReweighterOptions
@@ -66,6 +67,21 @@ class NetSlot:
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_classes = options.num_classes
         self.class_checks = ClassChecks() if options.normalization == "class" else None
+        check_history_group(options.loss_history, group.world_size)
+        self.history = LossHistory() if options.loss_history else None
+
+    def recall(self, sample_ids: Tensor | None, losses: Tensor) -> Tensor | None:
+        """The batch's loss history for a net that reads it (``None`` otherwise)."""
+        return None if self.history is None or sample_ids is None else self.history.lookup(sample_ids, losses)
+
+    def history_state(self) -> dict[str, Any] | None:
+        """The loss history's state (``None`` when it is off)."""
+        return None if self.history is None else self.history.state_dict()
+
+    def remember(self, sample_ids: Tensor | None, losses: Tensor, finite: Tensor) -> None:
+        """Fold the step's finite losses into the loss history (nothing when it is off)."""
+        if self.history is not None and sample_ids is not None:
+            self.history.record(sample_ids, losses, finite)
 
     def _create(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
         assert isinstance(self.options.net, str)
@@ -128,9 +144,10 @@ class NetSlot:
     def restore(self, snapshot: tuple[Any, ...]) -> None:
         self.net, self.optimizer, self.num_classes = snapshot
 
-    def check_state(self, net_state: Any, optimizer_state: Any, num_classes: int | None) -> bool:
-        """Check a saved net and meta-optimizer state against this slot (a template of the named net for
-        ``num_classes`` if not built yet); return whether loading it builds the net first."""
+    def check_state(self, net_state: Any, optimizer_state: Any, num_classes: int | None, history: Any = None) -> bool:
+        """Check a saved net, meta-optimizer and loss-history state against this slot (a template of the named net
+        for ``num_classes`` if not built yet); return whether loading it builds the net first."""
+        check_history_state(history, self.history)
         build = self.net is None and not self.options.is_l2rw and num_classes is not None
         if self.net is not None:
             assert self.optimizer is not None
@@ -146,10 +163,12 @@ class NetSlot:
         check_optimizer_state(optimizer_state, groups, num_params)
         return build
 
-    def load(
-        self, net_state: Any, optimizer_state: Any, num_classes: int | None, build: bool, device: Any, dtype: Any
-    ) -> None:
-        """Load what :meth:`check_state` accepted (building the net first when it said so)."""
+    def load(self, state: Any, num_classes: int | None, build: bool, device: Any, dtype: Any) -> None:
+        """Load the ``"net"``, ``"meta_optimizer"`` and ``"loss_history"`` entries of a reweighter ``state`` that
+        :meth:`check_state` accepted (building the net first when it said so)."""
+        net_state, optimizer_state = state["net"], state["meta_optimizer"]
+        if self.history is not None:
+            self.history.load_state_dict(state["loss_history"])
         if build:
             self.build(num_classes, device, dtype)
         self.num_classes = num_classes
@@ -159,12 +178,20 @@ class NetSlot:
             self.optimizer.load_state_dict(optimizer_state)
 
     def raw_weights(
-        self, losses: Tensor, logits: Tensor, targets: Tensor, groups: Tensor | None = None
+        self,
+        losses: Tensor,
+        logits: Tensor,
+        targets: Tensor,
+        groups: Tensor | None = None,
+        history: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The net's raw weights ``(batch,)`` and its penalty, computed in the net's own dtype; a net that reads
-        groups (``requires_groups``) gets them as ``groups=``, the others the interface ``(loss, logits, targets)``."""
+        groups (``requires_groups``) gets them as ``groups=``, one that reads the loss history as ``history=``,
+        the others the interface ``(loss, logits, targets)``."""
         assert self.net is not None
         kwargs = {"groups": groups} if groups is not None else {}
+        if history is not None:
+            kwargs["history"] = history
         with torch.autocast(losses.device.type, enabled=False):  # the net and its update stay in its dtype
             out = self.net(losses, logits, targets, **kwargs)
         raw, penalty = (out.weights, out.penalty) if isinstance(out, WeightingOutput) else (out, None)

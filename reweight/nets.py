@@ -9,7 +9,10 @@ All inputs arrive detached from the classifier. The returned raw weights are non
 that is added to the meta loss (MetaInfoNet's ``lambda * KL``). A net whose class attribute
 ``requires_logits`` is true is refused when the model's outputs are not class logits. A net whose class attribute
 ``requires_groups`` is true (:class:`GroupNet`) is called as ``forward(loss, logits, targets, groups=g)`` with the
-``(batch,)`` integer group ids given to ``step(..., groups=g)``; the other nets never see ``groups``.
+``(batch,)`` integer group ids given to ``step(..., groups=g)``; the other nets never see ``groups``. A net whose
+``requires_history`` is true (:class:`LossNet` and :class:`GatedNet` built with ``history=True``, which
+``MetaReweighter(..., loss_history=True)`` does) is called with ``history=h``, each sample's moving average of its
+past training losses (:mod:`reweight.loss_history`).
 
 The reweighter calls the net in ``train()`` mode for the meta update and in ``eval()`` mode when it
 computes the weights it returns, so stochastic nets can sample in one and use the mean in the other.
@@ -80,6 +83,11 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def _check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def _mlp_head(in_features: int, hidden: int, uniform_start: bool) -> nn.Sequential:
     """Linear-ReLU-Linear to one logit; with ``uniform_start`` the last layer starts at zero, so every sample
     gets ``sigmoid(0)`` (uniform weights after normalisation) until the meta-gradient says otherwise."""
@@ -106,24 +114,37 @@ class LabelEmbedding(nn.Module):
 
 
 class LossNet(nn.Module):
-    """Meta-Weight-Net: ``sigmoid(MLP(loss))``, Linear(1, hidden)-ReLU-Linear(hidden, 1).
+    """Meta-Weight-Net: ``sigmoid(MLP(loss))``, Linear(1, hidden)-ReLU-Linear(hidden, 1); with ``history``,
+    ``sigmoid(MLP([loss, history]))`` on the loss and the sample's moving average of its past losses.
 
     Args:
         hidden: width of the hidden layer (default: ``100``, as Meta-Weight-Net).
         uniform_start: start from uniform weights (the last layer at zero): a net that has learned nothing
             leaves plain training as it is; ``False`` keeps PyTorch's random initialisation, whose weights
             start unequal and, on large losses, saturated (default: ``True``).
+        history: also read ``history=`` (:mod:`reweight.loss_history`; set by ``MetaReweighter(...,
+            loss_history=True)``) (default: ``False``).
     """
 
     requires_logits = False
 
-    def __init__(self, hidden: int = 100, uniform_start: bool = True) -> None:
+    def __init__(self, hidden: int = 100, uniform_start: bool = True, history: bool = False) -> None:
         super().__init__()
         _check_positive_int("hidden", hidden)
-        self.mlp = _mlp_head(1, hidden, uniform_start)
+        _check_bool("history", history)
+        self.requires_history = history
+        self.mlp = _mlp_head(2 if history else 1, hidden, uniform_start)
 
-    def forward(self, loss: Tensor, logits: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
-        return torch.sigmoid(self.mlp(loss.unsqueeze(-1).to(next(self.mlp.parameters()).dtype))).squeeze(-1)
+    def forward(
+        self, loss: Tensor, logits: Tensor | None = None, targets: Tensor | None = None, history: Tensor | None = None
+    ) -> Tensor:
+        if not self.requires_history:
+            features = loss.unsqueeze(-1)
+        elif history is None:
+            raise ValueError("this LossNet reads the loss history: call it with history= (loss_history=True)")
+        else:
+            features = torch.stack([loss, history.to(loss.dtype)], -1)
+        return torch.sigmoid(self.mlp(features.to(next(self.mlp.parameters()).dtype))).squeeze(-1)
 
 
 class LogitNet(nn.Module):
@@ -254,6 +275,7 @@ class GatedNet(nn.Module):
         loss_kwargs: keyword arguments of :class:`LossNet`.
         info_kwargs: keyword arguments of :class:`MetaInfoNet`.
         uniform_start: passed to both nets (default: ``True``).
+        history: LossNet also reads the loss history (:class:`LossNet`'s ``history``) (default: ``False``).
     """
 
     requires_logits = True
@@ -265,12 +287,14 @@ class GatedNet(nn.Module):
         loss_kwargs: dict | None = None,
         info_kwargs: dict | None = None,
         uniform_start: bool = True,
+        history: bool = False,
     ) -> None:
         super().__init__()
         if not (isinstance(scale, int | float) and scale > 0):
             raise ValueError(f"scale must be a number > 0, got {scale!r}")
         self.scale = float(scale)
-        self.loss_net = LossNet(**{"uniform_start": uniform_start, **(loss_kwargs or {})})
+        self.loss_net = LossNet(**{"uniform_start": uniform_start, "history": history, **(loss_kwargs or {})})
+        self.requires_history = self.loss_net.requires_history
         self.info_net = MetaInfoNet(num_classes, **{"uniform_start": uniform_start, **(info_kwargs or {})})
         self.gate = nn.Parameter(torch.zeros(()))
 
@@ -281,10 +305,10 @@ class GatedNet(nn.Module):
     def _gate(self) -> Tensor:
         return torch.sigmoid(self.scale * self.gate)
 
-    def forward(self, loss: Tensor, logits: Tensor, targets: Tensor) -> WeightingOutput:
+    def forward(self, loss: Tensor, logits: Tensor, targets: Tensor, history: Tensor | None = None) -> WeightingOutput:
         info = self.info_net(loss, logits, targets)
         g = self._gate().to(info.weights.dtype)
-        weights = g * self.loss_net(loss).to(info.weights.dtype) + (1 - g) * info.weights
+        weights = g * self.loss_net(loss, history=history).to(info.weights.dtype) + (1 - g) * info.weights
         return WeightingOutput(weights, info.penalty)
 
 
@@ -381,8 +405,9 @@ _READS_LOGITS = {"lossnet": False, "l2rw": False, "logitnet": True, "metainfonet
 def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
     """Whether the registered net ``name`` built with ``net_kwargs`` reads ``what``: ``"logits"`` (class logits;
     every built-in net but ``"lossnet"``, and ``"groups"`` only through a ``within`` net that does) or
-    ``"groups"``. A net registered by the user is built once, for two classes and without drawing from the
-    global RNG, and asked (its ``requires_logits`` / ``requires_groups``)."""
+    ``"groups"`` or ``"history"`` (the loss history: ``"lossnet"`` and ``"gated"`` with ``history=True``). A net
+    registered by the user is built once, for two classes and without drawing from the global RNG, and asked (its
+    ``requires_logits`` / ``requires_groups`` / ``requires_history``)."""
     kwargs = net_kwargs or {}
     if name == "groups":
         if what == "groups":
@@ -392,6 +417,8 @@ def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
             return bool(getattr(within, "requires_logits", False))
         return within is not None and named_net_reads(within, kwargs.get("within_kwargs"), what)
     if name in _READS_LOGITS or name not in _NETS:  # built-in, or "auto" (gated or LossNet) / unknown: as before
+        if what == "history":
+            return name in ("lossnet", "gated") and kwargs.get("history") is True
         return what == "logits" and _READS_LOGITS.get(name, True)
     with torch.random.fork_rng(devices=[]):
         net = create_weighting_net(name, 2, **kwargs)

@@ -60,6 +60,8 @@ META_LR, GROUPS_META_LR = 1e-3, 1e-3
 # the decay is lower on the meta set on every noise of the stability benchmark: after the decay the net keeps
 # correcting the weights as the model fits the noisy labels (docs/results.md, "A meta lr that follows...").
 META_FOLLOWS_LR = False
+# loss_history=True: the named nets that read the loss get it as ``history=True`` (reweight.loss_history).
+HISTORY_NETS = ("lossnet", "gated")
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
@@ -119,6 +121,7 @@ class ReweighterOptions:
     meta_warmup: int
     meta_follows_lr: bool
     min_ess: float
+    loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
     logits_fn: LogitsFn
@@ -153,6 +156,13 @@ class ReweighterOptions:
         if isinstance(self.net, nn.Module):
             return bool(getattr(self.net, "requires_groups", False))
         return not self.is_l2rw and named_net_reads(self.net, dict(self.net_kwargs), "groups")
+
+    @functools.cached_property
+    def requires_history(self) -> bool:
+        """Whether the weighting net reads each sample's loss history (``step(..., sample_ids=ids)``)."""
+        if isinstance(self.net, nn.Module):
+            return bool(getattr(self.net, "requires_history", False))
+        return not self.is_l2rw and named_net_reads(self.net, dict(self.net_kwargs), "history")
 
     @property
     def num_groups(self) -> int | None:
@@ -263,6 +273,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         raise TypeError(f"min_ess must be a number or None, got {type(min_ess).__name__}")
     if not 0 <= float(min_ess) < 1:
         raise ValueError(f"min_ess must be in [0, 1) (a share of the batch; 0 turns the floor off), got {min_ess!r}")
+    if not isinstance(a["loss_history"], bool):
+        raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")
     if a["num_classes"] is not None:
         _check_int("num_classes", a["num_classes"], 1)
     threshold = a["collapse_threshold"]
@@ -274,9 +286,12 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     net = a["net"]
     if isinstance(net, str) and net == "auto":
         net = AUTO_NET if is_class_cross_entropy(loss_fn) else AUTO_NET_OTHER
+    net_kwargs = dict(a["net_kwargs"] or {})
+    if a["loss_history"] and isinstance(net, str) and net in HISTORY_NETS:
+        net_kwargs["history"] = True
     options = ReweighterOptions(
         net=net,
-        net_kwargs=dict(a["net_kwargs"] or {}),
+        net_kwargs=net_kwargs,
         preset=preset,
         interval=a["interval"],
         engine=a["engine"],
@@ -288,6 +303,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         meta_warmup=warmup,
         meta_follows_lr=follows,
         min_ess=float(min_ess),
+        loss_history=a["loss_history"],
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,
         logits_fn=a["logits_fn"] if a["logits_fn"] is not None else as_logits,
@@ -300,4 +316,19 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         _is_group_net(net)
     ):
         options = dataclasses.replace(options, normalization="class")
+    _check_history(options)
     return options
+
+
+def _check_history(options: ReweighterOptions) -> None:
+    """``loss_history`` and a net that reads the history go together: refuse one without the other."""
+    net = options.net if isinstance(options.net, str) else type(options.net).__name__
+    if options.loss_history and not options.requires_history:
+        raise ValueError(
+            f"loss_history=True, but net {net!r} does not read the loss history: use net='auto', 'gated' or "
+            "'lossnet' (the nets that read the loss), or a module with requires_history = True"
+        )
+    if options.requires_history and not options.loss_history:
+        raise ValueError(
+            f"net {net!r} reads each sample's loss history: pass loss_history=True and step(..., sample_ids=ids)"
+        )

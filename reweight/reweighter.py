@@ -27,6 +27,7 @@ from .engines import MetaProblem, list_engines
 from .engines.runner import EngineRunner
 from .engines.select import check_engine, select_engine
 from .lookahead import HeadCapture, LookaheadParams, LookaheadSpec, lookahead_parameter_names, untrained_lookahead
+from .loss_history import check_sample_ids
 from .losses import PerSampleLoss, cross_entropy
 from .meta_stream import MetaBatchStream
 from .monitor import CollapseMonitor, MetaSignalMonitor
@@ -94,6 +95,9 @@ class MetaReweighter:
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
             kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, which may favour one source).
+        loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
+            tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``
+            (:mod:`reweight.loss_history`; not under data parallelism) (default: ``False``).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
@@ -152,6 +156,7 @@ class MetaReweighter:
         meta_warmup: int | None = None,
         meta_follows_lr: bool | None = None,
         min_ess: float | None = None,
+        loss_history: bool = False,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
         logits_fn: LogitsFn | None = None,
@@ -165,8 +170,8 @@ class MetaReweighter:
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
-            loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes,
-            on_nonfinite=on_nonfinite, collapse_threshold=collapse_threshold, seed=seed,
+            loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
+            num_classes=num_classes, on_nonfinite=on_nonfinite, collapse_threshold=collapse_threshold, seed=seed,
         )  # fmt: skip
         module = unwrap_model(model)
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -255,9 +260,7 @@ class MetaReweighter:
     num_classes = property(lambda self: self._slot.num_classes, doc="Classes the net was built for, if known.")
     group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
 
-    is_l2rw = property(
-        lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net or meta optimizer)."
-    )
+    is_l2rw = property(lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net).")
 
     def _net_dtype(self) -> torch.dtype:
         dtypes = [p.dtype for p in self.module.parameters() if p.is_floating_point()]
@@ -288,25 +291,15 @@ class MetaReweighter:
         params = self._params_now()
         meta_inputs, meta_targets = meta if meta is not None else self._next_meta_batch()
         reuse = self._reuse_outputs and logits.requires_grad
+        groups = self._lookahead_params.groups
+        step = plan_virtual_step(params, self.optimizer, self.virtual_step, self.lookahead_lr, groups)
         return MetaProblem(
-            model=self.module,
-            params=params,
-            step=plan_virtual_step(
-                params, self.optimizer, self.virtual_step, self.lookahead_lr, self._lookahead_params.groups
-            ),
-            inputs=inputs,
-            targets=targets,
-            weights=weights.detach().to(logits.dtype),
-            meta_inputs=meta_inputs,
-            meta_targets=meta_targets,
-            loss_fn=self.loss_fn,
-            meta_loss_fn=naming_batch(self.meta_loss_fn, "meta batch", "meta_loss_fn"),
-            train_logits=logits if reuse else None,
-            group=self._group,
-            head=self._head,
-            head_features=head_features,
+            model=self.module, params=params, step=step, inputs=inputs, targets=targets,
+            weights=weights.detach().to(logits.dtype), meta_inputs=meta_inputs, meta_targets=meta_targets,
+            loss_fn=self.loss_fn, meta_loss_fn=naming_batch(self.meta_loss_fn, "meta batch", "meta_loss_fn"),
+            train_logits=logits if reuse else None, group=self._group, head=self._head, head_features=head_features,
             logits_fn=self.logits_fn,
-        )
+        )  # fmt: skip
 
     def _meta_update(
         self,
@@ -352,7 +345,10 @@ class MetaReweighter:
         self.last_meta_loss = grad.meta_loss
         return True, None
 
-    def step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None) -> Tensor:
+    def step(
+        self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None, *,
+        sample_ids: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """Meta-update the weighting net (every ``interval`` calls) and return this batch's weights.
 
         Args:
@@ -361,6 +357,7 @@ class MetaReweighter:
             outputs: the model's outputs on ``inputs``, unchanged (a tensor, an object/dict with ``logits``,
                 or whatever ``logits_fn`` maps to the logits); reused, never recomputed, for the real update.
             groups: ``(batch,)`` integer source ids, for a net that reads them (``net="groups"``); only for such a net.
+            sample_ids: ``(batch,)`` integer ids of the samples (their indices in the dataset), with ``loss_history``.
 
         Returns:
             Detached weights of shape ``(batch,)``: use ``(weights * per_sample_loss).mean()``.
@@ -368,8 +365,8 @@ class MetaReweighter:
         Raises:
             ValueError: on inconsistent batch sizes, labels out of range, an empty batch or meta loader,
                 a meta batch the model cannot take, a loss function that does not return one loss per
-                sample, outputs that are not logits when the net needs them, or ``groups`` missing, out of
-                range or given to a net that does not read them.
+                sample, outputs that are not logits when the net needs them, ``groups`` missing, out of range or
+                given to a net that does not read them, or ``sample_ids`` missing, malformed or not wanted.
             NonFiniteLossError: on a non-finite loss or meta-gradient with ``on_nonfinite="raise"``.
             DistributedStepError: under data parallelism, on every rank, when these checks failed on any
                 rank; it is also an instance of the first failing rank's error type (docs/distributed.md).
@@ -381,7 +378,7 @@ class MetaReweighter:
         net_before = self._slot.snapshot()
         self._engine.sync(armed=False)  # the look-ahead's own forwards are not the caller's
         try:
-            return self._step(inputs, targets, outputs, groups)
+            return self._step(inputs, targets, outputs, groups, sample_ids)
         except BaseException:
             self._slot.restore(net_before)  # a net built lazily by this step
             self._generator.set_state(rng)
@@ -391,13 +388,14 @@ class MetaReweighter:
         finally:
             self._engine.sync(armed=self._step_count % self.interval == 0)
 
-    def _step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None) -> Tensor:
+    def _step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None, ids: Tensor | None) -> Tensor:
         update = self._step_count % self.interval == 0
         rank_seed, meta = self._draw_rank_seed(), None
         try:  # local checks: under DDP, an error must reach every rank before the step's first collective
             logits = logits_of(outputs, self.logits_fn)
             losses = step_losses(inputs, targets, logits, self.options, self.num_classes)
             groups = check_groups(groups, losses.shape[0], self.options, self.device)
+            ids = check_sample_ids(ids, losses.shape[0], self.options.loss_history)
             if update and self._group.active:  # what the meta update would meet past its first collective
                 if self._head is not None:
                     self._head.features_for(logits, inputs)
@@ -419,7 +417,7 @@ class MetaReweighter:
         if self.net is None and not self.is_l2rw:
             self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, self._net_dtype())
         losses = torch.where(finite, losses, torch.zeros_like(losses))
-        net_inputs = self._slot.count_batch((losses, logits.detach(), targets, groups))
+        net_inputs = self._slot.count_batch((losses, logits.detach(), targets, groups, self._slot.recall(ids, losses)))
         applied, weights = False, None
         with isolated_rng(rank_seed, self.device):
             if update and all_finite:
@@ -434,6 +432,7 @@ class MetaReweighter:
         self.last_update_skipped = update and not applied
         if self.collapse_monitor is not None:
             self.collapse_monitor.observe(self._step_count, weights, losses, *self._slot.class_labels(net_inputs))
+        self._slot.remember(ids, losses, finite)
         self._step_count += 1
         return weights.detach()
 
@@ -448,6 +447,7 @@ class MetaReweighter:
             "meta_optimizer": {} if self.meta_optimizer is None else self.meta_optimizer.state_dict(),
             "rng": self._generator.get_state(),
             "meta_stream": self._meta_stream.state_dict(),
+            "loss_history": self._slot.history_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -473,11 +473,11 @@ class MetaReweighter:
         if not isinstance(engine, str) or engine not in list_engines():
             raise ValueError(f"unknown engine {engine!r} in the saved state; registered: {list_engines()}")
         check_engine(engine, world_size=self._group.world_size, head_mode=self._head is not None, sharded=self._sharded)
-        build = self._slot.check_state(state["net"], state["meta_optimizer"], num_classes)
+        build = self._slot.check_state(state["net"], state["meta_optimizer"], num_classes, state["loss_history"])
         check_rng_state(state["rng"], self._generator.get_state())
         MetaBatchStream.check_state(state["meta_stream"])
 
-        self._slot.load(state["net"], state["meta_optimizer"], num_classes, build, self.device, self._net_dtype())
+        self._slot.load(state, num_classes, build, self.device, self._net_dtype())
         self._engine.restore(engine)
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])

@@ -1,0 +1,138 @@
+"""Each training sample's past losses, kept by its id: the input that tells a memorised noisy sample from a clean one.
+
+Once the model has fitted a noisy label, the sample's loss and logits look like a clean sample's; its losses on
+earlier visits (high while the label disagreed with what the model learned from the rest) do not. With
+``MetaReweighter(..., loss_history=True)`` and ``step(..., sample_ids=ids)``, the nets that read the loss
+(:class:`~reweight.nets.LossNet`, the gated net's LossNet) also read each sample's exponential moving average of
+its training losses over its earlier visits (:data:`HISTORY_DECAY` per visit); a sample seen for the first time
+reads its current loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["HISTORY_DECAY", "LossHistory", "check_sample_ids", "check_history_group", "check_history_state"]
+
+# The moving average keeps 0.9 of the history per visit (each sample is visited once per epoch by a shuffled
+# loader, so the history spans about ten epochs). On the stability benchmark (BN CNN, paper schedule, 10 seeds)
+# the gated net reading it ended above the one that does not on every noise, on the meta set and in test
+# accuracy (docs/results.md, "Each sample's loss history").
+HISTORY_DECAY = 0.9
+
+
+def check_sample_ids(sample_ids: Any, n: int, wanted: bool) -> Tensor | None:
+    """The ids of ``step(..., sample_ids=ids)`` as a ``(n,)`` int64 tensor where they are (``None`` when the loss
+    history is off), after checking that the history is on, and their shape, dtype and sign.
+
+    The sign check reads the ids on the host: ids on the CPU (as a loader yields them) cost no device sync.
+    """
+    if not wanted:
+        if sample_ids is not None:
+            raise ValueError(
+                "sample_ids= was given, but loss_history is off: pass MetaReweighter(..., loss_history=True) for the "
+                "nets to read each sample's past losses, or drop sample_ids="
+            )
+        return None
+    if sample_ids is None:
+        raise ValueError(
+            "loss_history=True reads each sample's past losses: pass step(..., sample_ids=ids) with ids a (batch,) "
+            "integer tensor of the samples' indices in the dataset"
+        )
+    if not isinstance(sample_ids, Tensor) or sample_ids.shape != (n,):
+        shape = tuple(sample_ids.shape) if isinstance(sample_ids, Tensor) else type(sample_ids).__name__
+        raise ValueError(f"sample_ids must be a ({n},) integer tensor (one id per sample of the batch), got {shape}")
+    if sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
+        raise ValueError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
+    if n and int(sample_ids.min()) < 0:
+        raise ValueError(f"sample_ids must be >= 0 (the samples' indices in the dataset), got {int(sample_ids.min())}")
+    return sample_ids.long()
+
+
+def check_history_group(loss_history: bool, world_size: int) -> None:
+    """Refuse the loss history under data parallelism: each rank would keep the history of the samples it drew,
+    and a shuffled sampler deals a sample to another rank in the next epoch."""
+    if loss_history and world_size > 1:
+        raise ValueError(
+            f"loss_history=True is not supported under data parallelism (world size {world_size}): each rank would "
+            "see only its own share of a sample's visits; train without it (loss_history=False)"
+        )
+
+
+def check_history_state(state: Any, history: LossHistory | None) -> None:
+    """Check a saved ``"loss_history"`` entry against this reweighter's (``None`` when the history is off)."""
+    if history is None:
+        if state is not None:
+            raise ValueError("reweighter state holds a loss history, but this reweighter has loss_history=False")
+        return
+    if state is None:
+        raise ValueError("reweighter state holds no loss history, but this reweighter has loss_history=True")
+    history.check_state(state)
+
+
+class LossHistory:
+    """Per-sample exponential moving average of the training loss, indexed by sample id; grows with the ids.
+
+    The store lives on the losses' device in float32; ids given on the CPU (as a loader yields them) are sized on
+    the host, so a step costs no device sync.
+
+    Args:
+        decay: share of the history kept at each visit (default: :data:`HISTORY_DECAY`).
+    """
+
+    def __init__(self, decay: float = HISTORY_DECAY) -> None:
+        self.decay = float(decay)
+        self.average = torch.zeros(0)
+        self.seen = torch.zeros(0, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return int(self.seen.shape[0])
+
+    def _place(self, ids: Tensor, device: torch.device) -> Tensor:
+        """``ids`` on ``device``, after growing the store to hold them and moving it there."""
+        size = max(len(self), int(ids.max()) + 1) if ids.numel() else len(self)
+        if size > len(self) or self.average.device != device:
+            average = torch.zeros(size, device=device)
+            seen = torch.zeros(size, dtype=torch.bool, device=device)
+            average[: len(self)] = self.average.to(device)
+            seen[: len(self)] = self.seen.to(device)
+            self.average, self.seen = average, seen
+        return ids.to(device)
+
+    def lookup(self, ids: Tensor, losses: Tensor) -> Tensor:
+        """Each sample's history; its current loss where it has none yet. Detached, in ``losses``' dtype."""
+        ids = self._place(ids, losses.device)
+        return torch.where(self.seen[ids], self.average[ids].to(losses.dtype), losses.detach())
+
+    def record(self, ids: Tensor, losses: Tensor, finite: Tensor) -> None:
+        """Fold this visit's ``losses`` into the history of ``ids``; a non-finite loss leaves a sample's history as
+        it was."""
+        ids = self._place(ids, losses.device)
+        average, current = self.average[ids], losses.detach().float()
+        new = torch.where(self.seen[ids], self.decay * average + (1 - self.decay) * current, current)
+        self.average[ids] = torch.where(finite, new, average)
+        self.seen[ids] = self.seen[ids] | finite
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "average": self.average.clone(), "seen": self.seen.clone()}
+
+    @staticmethod
+    def check_state(state: Any) -> None:
+        """Refuse a malformed saved history (reads only)."""
+        if not isinstance(state, Mapping) or set(state) != {"decay", "average", "seen"}:
+            raise ValueError("reweighter state: loss_history must be a dict with 'decay', 'average' and 'seen'")
+        average, seen = state["average"], state["seen"]
+        if not (
+            isinstance(average, Tensor) and isinstance(seen, Tensor) and average.ndim == 1
+            and average.shape == seen.shape and seen.dtype == torch.bool
+        ):
+            raise ValueError("reweighter state: loss_history needs a 1-D 'average' and a boolean 'seen' of its length")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check_state(state)
+        self.decay = float(state["decay"])
+        self.average, self.seen = state["average"].float().clone(), state["seen"].clone()
