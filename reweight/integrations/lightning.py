@@ -153,9 +153,13 @@ class MetaReweightCallback(Callback):
         for key, value in stats.items():
             pl_module.log(f"reweight/{key}", value, on_step=True, on_epoch=False, batch_size=w.shape[0])
 
-    def step(self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None) -> Tensor:
+    def step(
+        self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None, *,
+        sample_ids: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """Weights for this batch (see :meth:`reweight.MetaReweighter.step`; ``groups``: the source ids, for
-        ``net="groups"``); ones, with no meta step, outside training.
+        ``net="groups"``; ``sample_ids``: the samples' indices, with ``loss_history=True``); ones, with no meta
+        step, outside training.
 
         Raises:
             RuntimeError: if called in training before the trainer started (no optimizer yet).
@@ -166,7 +170,7 @@ class MetaReweightCallback(Callback):
                 raise RuntimeError("MetaReweightCallback.step called before training started")
             logits = self._logits_fn(outputs)
             return torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
-        weights = reweighter.step(inputs, targets, outputs, groups=groups)
+        weights = reweighter.step(inputs, targets, outputs, groups=groups, sample_ids=sample_ids)
         self.last_weights = weights
         self._unlogged = weights
         return weights
@@ -182,14 +186,16 @@ class MetaReweightCallback(Callback):
 
 
 def reweight_step(
-    pl_module: LightningModule, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None
-) -> Tensor:
+    pl_module: LightningModule, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None, *,
+    sample_ids: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """Weights for this batch from the trainer's :class:`MetaReweightCallback`; call it in ``training_step``.
 
     Args:
         pl_module: the ``LightningModule`` (``self`` in ``training_step``).
         inputs, targets, outputs: the batch and the module's outputs on it.
         groups: ``(batch,)`` source ids, for a net that reads them (``net="groups"``) (default: ``None``).
+        sample_ids: ``(batch,)`` indices of the samples in the dataset, with ``loss_history=True`` (default: ``None``).
 
     Raises:
         RuntimeError: if the trainer has no ``MetaReweightCallback``.
@@ -199,4 +205,4 @@ def reweight_step(
     callbacks = [cb for cb in registered if isinstance(cb, MetaReweightCallback)]
     if len(callbacks) != 1:
         raise RuntimeError(f"the trainer needs exactly one MetaReweightCallback, found {len(callbacks)}")
-    return callbacks[0].step(inputs, targets, outputs, groups)
+    return callbacks[0].step(inputs, targets, outputs, groups, sample_ids=sample_ids)

@@ -232,17 +232,20 @@ class ReweightClassificationTask(ClassificationTask):
             raise RuntimeError("call task.bind_optimizer(optimizer) before training")
         return self._late.build(self.trainable_module, self.optimizer)
 
-    def forward(self, input: Tensor, target: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, input: Tensor, target: Tensor, groups: Tensor | None = None, sample_ids: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """``{"loss", "output"}``: the reweighted loss in training, timm's criterion otherwise; a training forward
         adds ``"weights"`` and ``"losses"``, the batch's detached per-sample weights and losses (also kept as
         :attr:`last_weights` and :attr:`last_losses`), for a :class:`~reweight.diagnostics.WeightRecorder`.
-        ``groups``: the batch's source ids, for a net that reads them (``net="groups"``)."""
+        ``groups``: the batch's source ids, for a net that reads them (``net="groups"``); ``sample_ids``: the
+        samples' indices in the dataset, with ``loss_history=True``."""
         training = unwrap_model(self.trainable_module).training and torch.is_grad_enabled()
         reweighter = self._get_reweighter() if training else None  # before the forward: the head hook sees it
         output = self.trainable_module(input)
         if reweighter is None:
             return {"loss": self.criterion(output, target), "output": output}
-        weights = reweighter.step(input, target, output, groups=groups)
+        weights = reweighter.step(input, target, output, groups=groups, sample_ids=sample_ids)
         losses = self.loss_fn(output, target)
         self.last_weights, self.last_losses = weights, losses.detach()
         self._weight_stats.update(weights, reweighter.last_meta_loss, group_stats(reweighter))

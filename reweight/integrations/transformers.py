@@ -23,6 +23,9 @@ tokens for causal LMs, label smoothing included.
   weights and losses (detached), for a :class:`~reweight.diagnostics.WeightRecorder` in a ``TrainerCallback``.
 * Sources: a net that reads group ids (``net="groups"``) gets each sample's source id from the dataset column
   ``group_column`` (default ``"source"``), kept through the Trainer's column filter and never given to the model.
+* Loss history: with ``reweight_kwargs={"loss_history": True}`` each sample's index comes from the dataset column
+  ``id_column`` (default ``"sample_id"``, e.g. ``dataset.add_column("sample_id", range(len(dataset)))``), kept
+  and popped alike.
 * Warmup: a linear warmup starting at lr 0 makes the look-ahead (and the meta-gradient) zero until the lr
   rises; pass ``lookahead_lr`` (e.g. ``0.1``) to decouple the look-ahead from the schedule. AdamW's small lrs
   need nothing: the net's update does not depend on the lr's scale.
@@ -156,6 +159,9 @@ class ReweightTrainerMixin(_TrainerBase):
         group_column: the dataset column holding each sample's source id (an int in ``0 .. num_groups-1``), read
             when the net reads groups (``net="groups"``); popped from every batch before the model's forward and
             dropped from meta batches (default: ``"source"``).
+        id_column: the dataset column holding each sample's index in the dataset, read with
+            ``reweight_kwargs={"loss_history": True}``; popped and dropped like ``group_column`` (default:
+            ``"sample_id"``).
         *args: the Trainer's own positional arguments.
         **kwargs: the Trainer's own keyword arguments.
 
@@ -180,12 +186,18 @@ class ReweightTrainerMixin(_TrainerBase):
         lookahead_lr: float | None = FROM_PRESET,
         reweight_kwargs: dict[str, Any] | None = None,
         group_column: str = "source",
+        id_column: str = "sample_id",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(group_column, str):
-            raise TypeError(f"group_column must be a str, got {type(group_column).__name__}")
-        self.group_column = group_column
+        for name, value in (("group_column", group_column), ("id_column", id_column)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        self.group_column, self.id_column = group_column, id_column
         self._reads_groups = reads_groups((reweight_kwargs or {}).get("net", "lossnet"))
+        self._reads_ids = (reweight_kwargs or {}).get("loss_history") is True
+        # the dataset columns kept for training batches and never given to the model
+        kept = ((group_column, self._reads_groups), (id_column, self._reads_ids))
+        self._extra_columns = [column for column, wanted in kept if wanted]
         if (meta_dataset is None) == (meta_loader is None):
             raise ValueError("pass exactly one of meta_dataset and meta_loader")
         if task not in TASKS:
@@ -250,8 +262,8 @@ class ReweightTrainerMixin(_TrainerBase):
         assert self.meta_dataset is not None  # the constructor takes exactly one of the two
         reference = self.get_test_dataloader(self.meta_dataset)
         collate = reference.collate_fn
-        if self._reads_groups:  # the group column is kept for training batches; the model never takes it
-            collate = partial(_without_key, collate, self.group_column)
+        if self._extra_columns:  # kept for training batches; the model never takes them
+            collate = partial(_without_keys, collate, self._extra_columns)
         return DataLoader(
             reference.dataset,
             batch_size=self.meta_batch_size or self.args.per_device_train_batch_size,
@@ -263,11 +275,12 @@ class ReweightTrainerMixin(_TrainerBase):
 
     def _set_signature_columns_if_needed(self) -> None:
         """The Trainer's column filter keeps the model's arguments and the labels; and ``group_column`` when the
-        net reads groups."""
+        net reads groups, ``id_column`` with the loss history."""
         super()._set_signature_columns_if_needed()
         columns = self._signature_columns
-        if self._reads_groups and columns is not None and self.group_column not in columns:
-            columns.append(self.group_column)
+        for column in self._extra_columns:
+            if columns is not None and column not in columns:
+                columns.append(column)
 
     def _ensure_reweighter(self, model: nn.Module) -> MetaReweighter:
         """The reweighter on ``model`` (the module the Trainer forwards) and the Trainer's optimizer."""
@@ -312,7 +325,13 @@ class ReweightTrainerMixin(_TrainerBase):
         if labels is None:
             raise ValueError(f"ReweightTrainer needs labels in each batch (one of {_LABEL_KEYS}); got {sorted(inputs)}")
         groups = inputs.pop(self.group_column, None) if self._reads_groups else None
+        ids = inputs.pop(self.id_column, None) if self._reads_ids else None
         training = model.training and torch.is_grad_enabled() and self.optimizer is not None
+        if training and self._reads_ids and ids is None:
+            raise ValueError(
+                f"loss_history=True reads each sample's past losses: the batch needs the dataset column "
+                f"id_column={self.id_column!r} (each sample's index); got {sorted(inputs)}"
+            )
         if training and self._reads_groups and groups is None:
             raise ValueError(
                 f"the weighting net reads each sample's source (groups): the batch needs the dataset column "
@@ -324,7 +343,7 @@ class ReweightTrainerMixin(_TrainerBase):
         logits = self.logits_fn(outputs)
         losses = self.per_sample_loss(logits, labels)
         if reweighter is not None:
-            weights = reweighter.step(inputs, labels, outputs, groups=groups).to(losses.dtype)
+            weights = reweighter.step(inputs, labels, outputs, groups=groups, sample_ids=ids).to(losses.dtype)
             self.last_losses = losses.detach()
             self._record(weights)
             if self._token_sums is None:
@@ -370,10 +389,10 @@ class ReweightTrainerMixin(_TrainerBase):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
-def _without_key(collate: Callable[[list[Any]], Any], key: str, rows: list[Any]) -> Any:
+def _without_keys(collate: Callable[[list[Any]], Any], keys: list[str], rows: list[Any]) -> Any:
     batch = collate(rows)
-    if isinstance(batch, dict) and key in batch:
-        batch = {k: v for k, v in batch.items() if k != key}
+    if isinstance(batch, dict) and any(key in batch for key in keys):
+        batch = {k: v for k, v in batch.items() if k not in keys}
     return batch
 
 
