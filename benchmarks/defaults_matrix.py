@@ -53,6 +53,9 @@ CONFIGS = {
     },
     # the defaults with a 3e-3 meta lr (the screen against the falls under uniform noise, docs/results.md)
     "meta3": {"meta_optimizer": functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=5e-4)},
+    # the defaults with each sample's loss history (loss_history=True, the batches' indices as sample_ids), for
+    # the nets that read the loss
+    "history": {"loss_history": True},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -71,6 +74,15 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "meta_signal": SIGNAL,
         "min_ess": 0.2,
         "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
+    },
+    "history": {
+        "meta_optimizer": "AdamW(1e-3, wd 5e-4)",
+        "meta_warmup": 300,
+        "uniform_start": True,
+        "meta_signal": SIGNAL,
+        "min_ess": 0.2,
+        "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
+        "loss_history": True,
     },
     "earlier": {
         "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
@@ -299,6 +311,12 @@ NETS_FOR = {
     "lora": ["lossnet", "l2rw"],
     "reg": ["lossnet", "l2rw"],
 }
+READS_LOSS = ("lossnet", "gated")  # the nets that loss_history applies to
+
+
+def nets_for(task: str, config: str) -> list[str]:
+    """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss)."""
+    return [n for n in NETS_FOR[task] if config != "history" or n in READS_LOSS]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -335,7 +353,8 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
             logits = out.logits if hasattr(out, "logits") else out
             losses = s["loss_fn"](logits, y)
             if rw is not None:
-                w = rw.step(inputs, y, out)
+                ids = torch.as_tensor(idx) if rw.options.loss_history else None  # the samples' indices
+                w = rw.step(inputs, y, out, sample_ids=ids)
                 ws.append(w.float())
                 cs.append(corrupted)
                 loss = (w * losses).mean()
@@ -397,7 +416,7 @@ def report(table: Path = TABLE, config: str = "defaults", steps: int = 300) -> s
     for task in TASKS:
         plain = sorted(cells.get((task, "plain"), []), key=lambda r: r["key"]["seed"])
         plain_test = " ".join(f"{r['result']['test']:.3f}" for r in plain)
-        for net in NETS_FOR[task]:
+        for net in nets_for(task, config):
             rs = sorted(cells.get((task, net), []), key=lambda r: r["key"]["seed"])
             if not rs:
                 continue
@@ -436,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.report:
         for task in args.tasks:
-            for net in ["plain", *NETS_FOR[task]]:
+            for net in ["plain", *nets_for(task, args.config)]:
                 config = "plain" if net == "plain" else args.config
                 for seed in args.seeds:
                     key = {"task": task, "net": net, "config": config, "seed": seed, "steps": args.steps}
