@@ -274,3 +274,25 @@ def test_a_non_finite_loss_leaves_that_sample_s_history_unchanged():
     assert store.average[first] == before[0][first] and store.seen[first] == before[1][first]
     others = ids[1:]
     assert store.seen[others].all()
+
+
+def test_with_index_gives_a_loop_its_sample_ids():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from reweight.data import WithIndex
+
+    model, meta = _parts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = MetaReweighter(model, opt, meta, loss_history=True, seed=0)
+    loader = DataLoader(WithIndex(TensorDataset(X, Y)), batch_size=8, shuffle=True)
+    for _ in range(2):
+        for ids, (x, y) in loader:
+            assert torch.equal(x, X[ids]) and torch.equal(y, Y[ids])
+            logits = model(x)
+            weights = rw.step(x, y, logits, sample_ids=ids)
+            opt.zero_grad()
+            (weights * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+            opt.step()
+    assert rw._slot.history is not None and bool(rw._slot.history.seen.all()) and len(rw._slot.history) == N
+    with pytest.raises(TypeError, match="map-style"):
+        WithIndex(iter(range(3)))

@@ -3,7 +3,8 @@
 Label noise (:func:`uniform_noise`, :func:`flip1_noise`, :func:`flip2_noise`) returns the noisy labels,
 a mask of the corrupted samples and the class transition matrix; :func:`long_tail` subsamples to an
 exponential class profile; :func:`meta_split` draws a clean, class-balanced meta set. Everything is pure
-numpy; the dataset loaders import ``mnist1d`` / ``scikit-learn`` only when called.
+numpy; the dataset loaders import ``mnist1d`` / ``scikit-learn`` only when called. :class:`WithIndex` gives each
+sample its index, the ``sample_ids`` of ``MetaReweighter(..., loss_history=True)``.
 
 Example:
     >>> import numpy as np
@@ -15,6 +16,7 @@ Example:
 """
 
 from .datasets import Dataset, load_dataset, load_digits, load_mnist1d
+from .indexed import WithIndex
 from .long_tail import LongTail, long_tail, long_tail_counts
 from .noise import (
     NoisyLabels,
@@ -46,4 +48,5 @@ __all__ = [
     "load_dataset",
     "load_mnist1d",
     "load_digits",
+    "WithIndex",
 ]
