@@ -202,6 +202,23 @@ class DataParallelGroup:
         first = gathered[min(failures)]
         raise _combined(_resolve(first[0]))(failures, self.world_size) from error
 
+    def cat(self, t: Tensor) -> Tensor:
+        """Every rank's ``t`` concatenated in rank order along the first dimension, whose sizes may differ (two
+        collectives; one host sync, for the sizes); ``t`` itself in a single process."""
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        size = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.process_group)
+        counts = torch.cat(sizes).tolist()
+        padded = t.new_zeros((max(counts), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.process_group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
     def sum_differentiable(self, t: Tensor) -> Tensor:
         """Sum of ``t`` over ranks, differentiable (the gradient is summed back)."""
         if not self.active:

@@ -5,7 +5,8 @@ earlier visits (high while the label disagreed with what the model learned from 
 ``MetaReweighter(..., loss_history=True)`` and ``step(..., sample_ids=ids)``, the nets that read the loss
 (:class:`~reweight.nets.LossNet`, the gated net's LossNet) also read each sample's exponential moving average of
 its training losses over its earlier visits (:data:`HISTORY_DECAY` per visit); a sample seen for the first time
-reads its current loss.
+reads its current loss. Under data parallelism every rank keeps the whole history: each step's ids and losses
+are gathered from every rank (two small collectives and one host sync per step).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HISTORY_DECAY", "LossHistory", "check_sample_ids", "check_history_group", "check_history_state"]
+__all__ = ["HISTORY_DECAY", "LossHistory", "check_sample_ids", "check_history_state"]
 
 # The moving average keeps 0.9 of the history per visit (each sample is visited once per epoch by a shuffled
 # loader, so the history spans about ten epochs). On the stability benchmark (BN CNN, paper schedule, 10 seeds)
@@ -51,16 +52,6 @@ def check_sample_ids(sample_ids: Any, n: int, wanted: bool) -> Tensor | None:
     if n and int(sample_ids.min()) < 0:
         raise ValueError(f"sample_ids must be >= 0 (the samples' indices in the dataset), got {int(sample_ids.min())}")
     return sample_ids.long()
-
-
-def check_history_group(loss_history: bool, world_size: int) -> None:
-    """Refuse the loss history under data parallelism: each rank would keep the history of the samples it drew,
-    and a shuffled sampler deals a sample to another rank in the next epoch."""
-    if loss_history and world_size > 1:
-        raise ValueError(
-            f"loss_history=True is not supported under data parallelism (world size {world_size}): each rank would "
-            "see only its own share of a sample's visits; train without it (loss_history=False)"
-        )
 
 
 def check_history_state(state: Any, history: LossHistory | None) -> None:

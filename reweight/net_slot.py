@@ -14,7 +14,7 @@ from ._rng import isolated_rng
 from ._state import check_optimizer_state, check_tensor_shapes
 from .class_checks import ClassChecks
 from .distributed import DataParallelGroup
-from .loss_history import LossHistory, check_history_group, check_history_state
+from .loss_history import LossHistory, check_history_state
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .options import ReweighterOptions
@@ -67,7 +67,6 @@ class NetSlot:
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_classes = options.num_classes
         self.class_checks = ClassChecks() if options.normalization == "class" else None
-        check_history_group(options.loss_history, group.world_size)
         self.history = LossHistory() if options.loss_history else None
 
     def recall(self, sample_ids: Tensor | None, losses: Tensor) -> Tensor | None:
@@ -79,9 +78,16 @@ class NetSlot:
         return None if self.history is None else self.history.state_dict()
 
     def remember(self, sample_ids: Tensor | None, losses: Tensor, finite: Tensor) -> None:
-        """Fold the step's finite losses into the loss history (nothing when it is off)."""
-        if self.history is not None and sample_ids is not None:
-            self.history.record(sample_ids, losses, finite)
+        """Fold the step's finite losses into the loss history (nothing when it is off). Under data parallelism
+        every rank folds in the global batch's, so that each holds the whole history whichever rank a sample
+        was dealt to."""
+        if self.history is None or sample_ids is None:
+            return
+        if self.group.active:  # ids (exact in float64 below 2**53), losses and finite flags in one gather
+            rows = torch.stack([sample_ids.to(losses.device, torch.float64), losses.double(), finite.double()], 1)
+            rows = self.group.cat(rows)
+            sample_ids, losses, finite = rows[:, 0].long(), rows[:, 1].to(losses.dtype), rows[:, 2] > 0
+        self.history.record(sample_ids, losses, finite)
 
     def _create(self, num_classes: int, device: torch.device | None = None) -> nn.Module:
         assert isinstance(self.options.net, str)

@@ -70,7 +70,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "finite_difference": {"net": "lossnet", "engine": "finite_difference", "meta_sgd": True},
     # the reweighter gets the bare module and the group explicitly, as under Lightning's strategies
     "bare_module_process_group": {"net": "lossnet", "meta_sgd": True, "bare": True},
+    # each sample's loss history: the samples are dealt to the other rank on later steps, so each rank's net
+    # reads the history its batch got on both ranks (the global batch's losses are gathered each step)
+    "lossnet_history": {"net": "lossnet", "meta_sgd": True, "loss_history": True},
 }
+
+
+def _ids(index: int, rank: int | None) -> torch.Tensor:
+    """Step ``index``'s sample ids: 12 of 16 samples, shifted by 5 a step, so that a sample returns on the other
+    rank; rank ``rank``'s shard, or the whole global batch."""
+    ids = (torch.arange(WORLD * SHARD) + 5 * index) % 16
+    return ids if rank is None else ids[rank * SHARD : (rank + 1) * SHARD]
 
 
 def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
@@ -110,7 +120,8 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     for t in range(STEPS):
         x, y = _batch("train", t, rank, SHARD)
         logits = wrapped(x)
-        w = rw.step(x, y, logits)
+        ids = _ids(t, rank) if config.get("loss_history") else None
+        w = rw.step(x, y, logits, sample_ids=ids)
         weights.append(w)
         opt.zero_grad()
         (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
@@ -121,6 +132,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         "net": net,
         "weights": torch.cat(weights),
         "engine": rw.engine_name,
+        "history": rw.state_dict()["loss_history"],
     }
 
 
@@ -205,6 +217,15 @@ def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
     torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
     # the run is not trivial: the weights vary within the batches
     assert single["weights"].std() > 1e-3
+
+
+def test_every_rank_keeps_the_global_loss_history(ranks):
+    """Each rank's history holds every sample of the global batches, as one process on all the data does."""
+    single = _train(CONFIGS["lossnet_history"], rank=None)["history"]
+    for rank in ranks:
+        history = rank["lossnet_history"]["history"]
+        assert torch.equal(history["seen"], single["seen"]) and bool(history["seen"].all())
+        torch.testing.assert_close(history["average"], single["average"], rtol=0, atol=1e-6)
 
 
 def test_auto_engine_under_ddp_is_ghost_where_exact(ranks):

@@ -189,6 +189,8 @@ CONFIGS: dict[str, dict[str, Any]] = {  # each run: a model of MODELS and the re
     "shared_transformer_lossnet": {"model": "shared_transformer", **LOSSNET},
     "cnn_lossnet": {"model": "cnn", **LOSSNET},
     "cnn_metainfonet": {"model": "cnn", **METAINFONET},
+    # each sample's loss history, gathered over ranks: samples return on the other rank on later steps
+    "lossnet_history": {"model": "mlp", **LOSSNET, "loss_history": True},
 }
 if HAS_PEFT:
     CONFIGS["lora_mlp_lossnet"] = {"model": "lora_mlp", **LOSSNET}
@@ -239,8 +241,12 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         x, y = _batch(name, "train", t, rank, SHARD)
         logits = model(x)
         before = _local_state(model, opt)
+        ids = None
+        if config.get("loss_history"):  # 2 * SHARD of 16 sample ids, shifted by 5 a step; this rank's shard
+            ids = (torch.arange(2 * SHARD) + 5 * t) % 16
+            ids = ids if rank is None else ids[rank * SHARD : (rank + 1) * SHARD]
         with _watching_moves(model, moved):
-            w = rw.step(x, y, logits)
+            w = rw.step(x, y, logits, sample_ids=ids)
         untouched.append(_same(before, _local_state(model, opt)))
         weights.append(w)
         opt.zero_grad(set_to_none=t % 2 == 0)  # stale zero .grad on odd steps: the step must keep them

@@ -83,6 +83,27 @@ def test_at_most_one_sync_per_step(engine, net):
         assert len(sites) - len(once) <= 1, sites
 
 
+def test_the_loss_history_reads_its_cpu_ids_on_the_host_and_adds_no_other_sync():
+    """``loss_history=True`` with the ids on the CPU (as a loader yields them): the only added reads are of the ids
+    themselves (their sign and largest value), host-side by construction; the history's lookups and updates
+    happen where the losses are."""
+    model = model_for("auto")
+    x, y = make_batch(12)
+    ids = torch.arange(12)
+    rw = MetaReweighter(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), [make_batch(10, seed=2)], net="lossnet",
+        loss_history=True, collapse_threshold=None, seed=0,
+    )  # fmt: skip
+    for _ in range(3):
+        logits = model(x)
+        with CountSyncs() as counter:
+            rw.step(x, y, logits, sample_ids=ids)
+        history = [s for s in counter.sites if s.startswith("loss_history.py")]
+        assert ids.device.type == "cpu" and len(history) <= 3, counter.sites  # min, then max at lookup and record
+        assert len(counter.sites) - len(history) <= 1, counter.sites
+        F.cross_entropy(logits, y).backward()
+
+
 def test_class_checks_sync_twice_in_a_run():
     """The class normalisation's two once-only checks: the first batch's class counts, and the class shares
     of training against meta batches once each side has 50 samples per class (150 here: the training batch is

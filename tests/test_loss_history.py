@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reweight import MetaReweighter
-from reweight.loss_history import HISTORY_DECAY, LossHistory, check_history_group
+from reweight.loss_history import HISTORY_DECAY, LossHistory
 from reweight.nets import GatedNet, LossNet, MetaInfoNet
 
 CLASSES = 3
@@ -249,13 +249,6 @@ def test_a_module_that_reads_the_history_is_given_it():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rw = MetaReweighter(model, opt, meta, net=_Reads(), loss_history=True, seed=0)
     assert len(_train(rw, model, opt, range(3))) == 3
-
-
-def test_refused_under_data_parallelism():
-    check_history_group(True, 1)
-    check_history_group(False, 4)
-    with pytest.raises(ValueError, match="data parallelism"):
-        check_history_group(True, 2)
 
 
 def test_a_non_finite_loss_leaves_that_sample_s_history_unchanged():
