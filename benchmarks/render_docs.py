@@ -243,6 +243,10 @@ LOGIT_NETS = ("gated", "metainfonet", "logitnet")  # the nets whose default norm
 # a 3e-3 meta lr against the defaults (1e-3), each net at its own normalisation
 M3_PAIRS = [*((f"{m}~cls20m3", f"{m}~cls20") for m in LOGIT_NETS), ("lossnet~ess20m3", "lossnet~ess20")]
 M3_VARIANTS = ["cls20", "cls20m3", "ess20", "ess20m3"]
+# each sample's loss history (loss_history=True) against the same net without it
+HISTORY_ROWS = ("gated~cls20", "gated~cls20h", "lossnet~ess20", "lossnet~ess20h")
+HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~ess20")]
+HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
 
 
@@ -358,6 +362,28 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, both, ["flip1-40", "flip2-40", "uniform-40"], [("gated~fastcls20f", "gated~fastcls20")],
             ["fastcls20", "fastcls20f"], SEEDS5,
         ),
+        "history-bn": lambda: _stability_rows(
+            table, S3, ["standard", *HISTORY_ROWS], HISTORY_VARIANTS, list(range(10))
+        ),
+        "history-bn-paired": lambda: _paired_rows(table, S3, HISTORY_PAIRS, HISTORY_VARIANTS, list(range(10))),
+        "history-gentle-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], HISTORY_PAIRS, HISTORY_VARIANTS, SEEDS5
+        ),
+        "history-gentle": lambda: _acc(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], ["standard", *HISTORY_ROWS], SEEDS5,
+            HISTORY_VARIANTS,
+        ),
+        "history-wide": lambda: _stability_rows(
+            table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "gated~cls20h"], ["cls20", "cls20h"], SEEDS5,
+            "bnwide", fit=True,
+        ),
+        "history-fast": lambda: _gain_current(
+            table, ("gated",), ("fastcls20h",), SEEDS5, exact="cls20h"
+        ) + "\n" + _gain_current(
+            table, ("gated",), ("fastcls20h",), list(range(10)), ("mnist1d-2pct",), ("flip2-40",), exact="cls20h"
+        ),
+        "defaults-matrix-history-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 600),
+        "defaults-matrix-history": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 300),
         "class-weights": lambda: _class_weights(),
         "raw-weights": lambda: _raw_weights([2, 4]),
         "stability-ess-floor": lambda: _stability_rows(

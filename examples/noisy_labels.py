@@ -1,9 +1,9 @@
 """The demo: a 1-D CNN on MNIST-1D with 40% Flip-1 label noise, with and without meta reweighting.
 
-Trains Standard, LossNet (Meta-Weight-Net), MetaInfoNet and the gated net (the two blended by a gate the
-meta set learns) on ONE schedule (same model initialisation,
-data, batches, optimizer and learning-rate schedule), prints a results table and writes into ``--out``
-(default ``outputs/``):
+Trains Standard, LossNet (Meta-Weight-Net), MetaInfoNet, the gated net (the two blended by a gate the
+meta set learns) and the gated net reading each sample's loss history (``loss_history=True``, the batch's
+indices as ``sample_ids``) on ONE schedule (same model initialisation, data, batches, optimizer and
+learning-rate schedule), prints a results table and writes into ``--out`` (default ``outputs/``):
 
 - ``weights_clean_vs_corrupted.png``: per-sample weight distributions of clean and corrupted samples
   (the paper's Figure 1), averaged over the last epoch;
@@ -41,7 +41,10 @@ from reweight.diagnostics import WeightRecorder, plot_weight_vs_loss, weight_aur
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _models import mnist1d_cnn  # noqa: E402  (the 1-D CNN of benchmarks/accuracy.py, defined once)
 
-METHODS = {"Standard": None, "LossNet": "lossnet", "MetaInfoNet": "metainfonet", "Gated": "gated"}
+METHODS = {
+    "Standard": None, "LossNet": "lossnet", "MetaInfoNet": "metainfonet", "Gated": "gated", "Gated + history": "gated"
+}
+HISTORY = {"Gated + history"}  # loss_history=True: step(..., sample_ids=idx)
 
 
 def make_data(num_samples: int, noise: float, seed: int) -> dict:
@@ -60,15 +63,16 @@ def make_data(num_samples: int, noise: float, seed: int) -> dict:
     }
 
 
-def train(data: dict, net: str | None, epochs: int, seed: int, desc: str) -> dict:
-    """One run; the schedule is identical for every ``net`` (``None`` is standard training)."""
+def train(data: dict, net: str | None, epochs: int, seed: int, desc: str, history: bool = False) -> dict:
+    """One run; the schedule is identical for every ``net`` (``None`` is standard training); ``history`` gives
+    the net each sample's loss history."""
     torch.manual_seed(seed)
     model = mnist1d_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(0.6 * epochs), round(0.8 * epochs)], 0.1)
     g = torch.Generator().manual_seed(seed)
     meta_loader = torch.utils.data.DataLoader(data["meta"], batch_size=100, shuffle=True, generator=g)
-    rw = MetaReweighter(model, opt, meta_loader, net=net, seed=seed) if net else None
+    rw = MetaReweighter(model, opt, meta_loader, net=net, loss_history=history, seed=seed) if net else None
     rec = WeightRecorder()
     n, acc = len(data["y"]), []
     for epoch in tqdm(range(epochs), desc=f"{desc:<12}", leave=True):
@@ -76,7 +80,8 @@ def train(data: dict, net: str | None, epochs: int, seed: int, desc: str) -> dic
             x, y = data["x"][idx], data["y"][idx]
             logits = model(x)
             losses = F.cross_entropy(logits, y, reduction="none")
-            weights = rw.step(x, y, logits) if rw else torch.ones_like(losses)  # the added line
+            ids = idx if history else None  # the samples' indices, for the loss history
+            weights = rw.step(x, y, logits, sample_ids=ids) if rw else torch.ones_like(losses)  # the added line
             rec.record(idx, losses.detach(), weights, step=epoch)
             opt.zero_grad()
             (weights * losses).mean().backward()
@@ -92,7 +97,7 @@ def train(data: dict, net: str | None, epochs: int, seed: int, desc: str) -> dic
 def plot_figure1(runs: dict, corrupted: np.ndarray, path: str) -> str:
     """Weight histograms of clean (green) vs corrupted (red) samples, one panel per reweighting method."""
     names = [m for m in runs if METHODS[m]]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         s = runs[name]["recorder"].per_sample(since_step=runs[name]["last_epoch"])
         w, c = s["weight"], corrupted[s["index"]]
@@ -135,7 +140,7 @@ def main(
         f"MNIST-1D: {len(data['y'])} training samples, {c.mean():.1%} corrupted (Flip-1, p={noise}), "
         f"{len(data['meta'])} clean meta samples, {len(data['yt'])} test samples"
     )
-    runs = {name: train(data, net, epochs, seed, name) for name, net in METHODS.items()}
+    runs = {name: train(data, net, epochs, seed, name, name in HISTORY) for name, net in METHODS.items()}
 
     tail = max(1, round(0.1 * epochs))
     table: dict[str, dict[str, float]] = {}
@@ -161,9 +166,10 @@ def main(
     title = f"MetaInfoNet, last epoch ({noise:.0%} Flip-1)"
     path = os.path.join(out, "weight_vs_loss.png")
     files.append(plot_weight_vs_loss(s["loss"], s["weight"], path, c[s["index"]], title=title))
-    for name in ("LossNet", "MetaInfoNet", "Gated"):
+    for name in ("LossNet", "MetaInfoNet", "Gated", "Gated + history"):
         rec = runs[name]["recorder"]
-        path = rec.export_lowest(os.path.join(out, f"lowest_weights_{name.lower()}.csv"), 200, runs[name]["last_epoch"])
+        stem = name.lower().replace(" + ", "_")
+        path = rec.export_lowest(os.path.join(out, f"lowest_weights_{stem}.csv"), 200, runs[name]["last_epoch"])
         files.append(path)
         low = rec.lowest_weight_ids(200, runs[name]["last_epoch"])
         print(f"{name}: {c[low].mean():.0%} of its 200 lowest-weight samples are corrupted (base rate {c.mean():.0%})")

@@ -30,7 +30,7 @@ def bench():
 
 def test_demo_runs_and_writes_its_figures(demo, tmp_path, capsys):
     table = demo.main(epochs=2, num_samples=600, out=str(tmp_path))
-    assert set(table) == {"Standard", "LossNet", "MetaInfoNet", "Gated"}
+    assert set(table) == {"Standard", "LossNet", "MetaInfoNet", "Gated", "Gated + history"}
     for row in table.values():
         assert 0.0 <= row["final"] <= 1.0 and 0.0 <= row["last"] <= 1.0
     assert 0.0 <= table["MetaInfoNet"]["auroc"] <= 1.0
