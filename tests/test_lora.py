@@ -101,3 +101,26 @@ def test_compiled_lora_llama_steps_like_the_eager_one_in_one_graph():
     for step in range(2):
         torch.testing.assert_close(weights[True, step], weights[False, step], rtol=1e-8, atol=1e-10)
     torch.compiler.reset()
+
+
+def test_a_peft_model_without_task_type_is_trained_as_the_causal_lm_it_wraps(tmp_path):
+    """``get_peft_model`` without ``task_type`` returns a generic ``PeftModel``: the Trainer integration reads the
+    task from the model it wraps, and trains it with the causal-LM loss (here with the loss history)."""
+    from transformers import TrainingArguments
+
+    from reweight.integrations.transformers import ReweightTrainer, _infer_task
+
+    model = lora_llama().float()
+    assert type(model).__name__ == "PeftModel" and _infer_task(model) == "causal_lm"
+    rows = [{"input_ids": ids, "labels": ids.clone(), "sample_id": i} for i, ids in enumerate(batch(16, 2)[1])]
+    meta = [{"input_ids": ids, "labels": ids.clone()} for ids in batch(8, 3)[1]]
+    args = TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=8, use_cpu=True, report_to=[], save_strategy="no",
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = ReweightTrainer(
+        model=model, args=args, train_dataset=rows, meta_dataset=meta, reweight_kwargs={"loss_history": True, "seed": 0}
+    )
+    trainer.train()
+    assert trainer.task == "causal_lm" and trainer.reweighter.step_count == 2
+    assert bool(trainer.reweighter.state_dict()["loss_history"]["seen"].all())
