@@ -75,15 +75,6 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "min_ess": 0.2,
         "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
     },
-    "history": {
-        "meta_optimizer": "AdamW(1e-3, wd 5e-4)",
-        "meta_warmup": 300,
-        "uniform_start": True,
-        "meta_signal": SIGNAL,
-        "min_ess": 0.2,
-        "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
-        "loss_history": True,
-    },
     "earlier": {
         "meta_optimizer": "Adam(1e-3, wd 5e-4, coupled)",
         "meta_warmup": 0,
@@ -91,6 +82,9 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "meta_signal": SIGNAL,
     },
 }
+
+
+SPELLED["history"] = {**SPELLED["defaults"], "loss_history": True}
 
 
 def _batches(n, bs, steps, seed):

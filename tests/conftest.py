@@ -111,3 +111,12 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
         h = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out(h.transpose(1, 2).reshape(x.shape))
+
+
+def tiny_classifier(seed: int = 0, num_classes: int = 3):
+    """A 4-8-``num_classes`` tanh MLP seeded by ``seed`` and three meta batches of 6 samples drawn from ``seed``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, num_classes))
+    g = torch.Generator().manual_seed(seed)
+    meta = [(torch.randn(6, 4, generator=g), torch.randint(0, num_classes, (6,), generator=g)) for _ in range(3)]
+    return model, meta

@@ -14,16 +14,14 @@ from torch import nn
 from reweight import MetaReweighter
 from reweight.nets import create_weighting_net
 
+from conftest import tiny_classifier
+
 CLASSES = 3
 NAMED = ["lossnet", "logitnet", "metainfonet", "gated"]
 
 
 def _parts(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, CLASSES))
-    g = torch.Generator().manual_seed(seed)
-    meta = [(torch.randn(6, 4, generator=g), torch.randint(0, CLASSES, (6,), generator=g)) for _ in range(3)]
-    return model, meta
+    return tiny_classifier(seed, CLASSES)
 
 
 def _batch(t: int):

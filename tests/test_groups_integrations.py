@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reweight import MetaReweighter
@@ -115,39 +114,14 @@ def test_hf_trainer_reads_the_source_column_and_logs_group_weights(tmp_path):
 
 
 def test_lightning_callback_logs_group_weights(tmp_path):
-    L = pytest.importorskip("lightning")
-    from torch.utils.data import DataLoader, TensorDataset
+    pytest.importorskip("lightning")
+    from lightning_fit import fit_passing
 
-    from reweight.integrations.lightning import MetaReweightCallback, reweight_step
+    from reweight.integrations.lightning import MetaReweightCallback
 
-    class Lit(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, CLASSES))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y, g = batch
-            logits = self(x)
-            w = reweight_step(self, x, y, logits, groups=g)
-            return (w * F.cross_entropy(logits, y, reduction="none")).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    gen = torch.Generator().manual_seed(1)
-    train = TensorDataset(torch.randn(16, 6, generator=gen), torch.randint(0, CLASSES, (16,), generator=gen),
-                          torch.arange(16) % 2)  # fmt: skip
     meta = [(torch.randn(6, 6), torch.randint(0, CLASSES, (6,)))]
     callback = MetaReweightCallback(meta, net="groups", net_kwargs={"num_groups": 2}, seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, max_steps=2, callbacks=[callback], default_root_dir=str(tmp_path),
-    )  # fmt: skip
-    trainer.fit(Lit(), DataLoader(train, batch_size=8))
+    trainer = fit_passing(callback, torch.arange(16) % 2, "groups", 2, str(tmp_path))
     logged = trainer.logged_metrics
     gw = callback.reweighter.group_weights
     assert float(logged["reweight/group_weight/0"]) == pytest.approx(float(gw[0]), rel=1e-6)

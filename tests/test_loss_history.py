@@ -15,16 +15,14 @@ from reweight import MetaReweighter
 from reweight.loss_history import HISTORY_DECAY, LossHistory
 from reweight.nets import GatedNet, LossNet, MetaInfoNet
 
+from conftest import tiny_classifier
+
 CLASSES = 3
 N = 20  # dataset size: the batches draw ids from 0 .. N-1
 
 
 def _parts(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, CLASSES))
-    g = torch.Generator().manual_seed(seed)
-    meta = [(torch.randn(6, 4, generator=g), torch.randint(0, CLASSES, (6,), generator=g)) for _ in range(3)]
-    return model, meta
+    return tiny_classifier(seed, CLASSES)
 
 
 DATA_G = torch.Generator().manual_seed(7)

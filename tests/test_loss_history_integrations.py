@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 CLASSES = 3
 
@@ -60,39 +58,14 @@ def test_hf_trainer_reads_the_id_column(tmp_path):
 
 
 def test_lightning_reweight_step_passes_sample_ids(tmp_path):
-    L = pytest.importorskip("lightning")
-    from torch.utils.data import DataLoader, TensorDataset
+    pytest.importorskip("lightning")
+    from lightning_fit import fit_passing
 
-    from reweight.integrations.lightning import MetaReweightCallback, reweight_step
+    from reweight.integrations.lightning import MetaReweightCallback
 
-    class Lit(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, CLASSES))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y, ids = batch
-            logits = self(x)
-            w = reweight_step(self, x, y, logits, sample_ids=ids)
-            return (w * F.cross_entropy(logits, y, reduction="none")).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    gen = torch.Generator().manual_seed(1)
-    train = TensorDataset(torch.randn(16, 6, generator=gen), torch.randint(0, CLASSES, (16,), generator=gen),
-                          torch.arange(16))  # fmt: skip
     meta = [(torch.randn(6, 6), torch.randint(0, CLASSES, (6,)))]
     callback = MetaReweightCallback(meta, net="lossnet", loss_history=True, seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, max_steps=1, callbacks=[callback], default_root_dir=str(tmp_path),
-    )  # fmt: skip
-    trainer.fit(Lit(), DataLoader(train, batch_size=8))
+    fit_passing(callback, torch.arange(16), "sample_ids", 1, str(tmp_path))
     assert _seen(callback.reweighter) == set(range(8))
 
 
