@@ -62,6 +62,7 @@ class Variant:
     preset: str | None = None  # MetaReweighter(preset=...): engine, look-ahead and interval from the preset
     compiled: bool = False  # the model under torch.compile (the reweighter gets the compiled wrapper)
     net: str = "lossnet"  # the reweighter's net (--net; the gated net, the default, reads the logits too)
+    loss_history: bool = False  # MetaReweighter(loss_history=True), the batch's sample ids given to each step
 
 
 def compiled_variant(variant: Variant) -> Variant:
@@ -89,6 +90,8 @@ def variants() -> list[Variant]:
     for preset in PRESETS:
         interval = PRESETS[preset].get("interval", PRESETS["exact"]["interval"])
         out.append(Variant(f"preset={preset}", "reweight", "auto", "full", interval, preset=preset))
+        name = f"preset={preset}, loss history"
+        out.append(Variant(name, "reweight", "auto", "full", interval, preset=preset, loss_history=True))
     return out
 
 
@@ -206,6 +209,8 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
         return step
 
     kw = {} if setup.loss_fn is None else {"loss_fn": setup.loss_fn}
+    kw["loss_history"] = variant.loss_history
+    ids = torch.arange(setup.y.shape[0]) if variant.loss_history else None  # the same samples each step
     if variant.preset is not None:
         reweighter = MetaReweighter(forward, opt, [(xm, ym)], net=variant.net, preset=variant.preset, seed=0, **kw)
     else:
@@ -223,7 +228,7 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
 
     def step():
         logits_holder[:] = [setup.call(forward, x)]
-        weighted_update(reweighter.step(x, y, logits_holder[0]))
+        weighted_update(reweighter.step(x, y, logits_holder[0], sample_ids=ids))
 
     return step
 
