@@ -366,6 +366,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, ["standard", *HISTORY_ROWS], HISTORY_VARIANTS, list(range(10))
         ),
         "history-bn-paired": lambda: _paired_rows(table, S3, HISTORY_PAIRS, HISTORY_VARIANTS, list(range(10))),
+        "history-bn-20": lambda: _stability_rows(
+            table, S3, ["gated~cls20", "gated~cls20h"], ["cls20", "cls20h"], list(range(20))
+        )
+        + "\n"
+        + _paired_rows(table, S3, HISTORY_PAIRS[:1], ["cls20", "cls20h"], list(range(20))),
         "history-gentle-paired": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], HISTORY_PAIRS, HISTORY_VARIANTS, SEEDS5
         ),
