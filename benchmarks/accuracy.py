@@ -641,10 +641,10 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     cls = cls.get(base)
     defaults = {}
     if cls is not None:
-        defaults = {
+        defaults = {  # "history" is set by loss_history, which the key holds among the reweighter's options
             n: p.default
             for n, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
+            if p.default is not inspect.Parameter.empty and n != "history"
         }
     warmup = inspect.signature(MetaReweighter.__init__).parameters["meta_warmup"].default
     if warmup is None:  # the library's per-net default (the benchmark's nets are per-sample nets)
