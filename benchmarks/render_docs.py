@@ -372,7 +372,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         + "\n"
         + _paired_rows(table, S3, HISTORY_PAIRS[:1], ["cls20", "cls20h"], list(range(20))),
         "history-gentle-paired": lambda: _paired_gentle(
-            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], HISTORY_PAIRS, HISTORY_VARIANTS, SEEDS5
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            [*HISTORY_PAIRS, ("lossnet~cls20h", "lossnet~ess20")], HISTORY_VARIANTS, SEEDS5,
         ),
         "history-gentle": lambda: _acc(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], ["standard", *HISTORY_ROWS], SEEDS5,

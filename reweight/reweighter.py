@@ -96,8 +96,8 @@ class MetaReweighter:
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
             kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, which may favour one source).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
-            tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``
-            (:mod:`reweight.loss_history`) (default: ``False``).
+            tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
+            with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
             class indices or soft targets).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
