@@ -132,8 +132,13 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         "net": net,
         "weights": torch.cat(weights),
         "engine": rw.engine_name,
-        "history": rw.state_dict()["loss_history"],
+        "history": _history_tensors(rw.state_dict()["loss_history"]),
     }
+
+
+def _history_tensors(history: dict[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    """The loss history's tensors (every value of a run's result is a tensor or a dict of them: gpu_check)."""
+    return None if history is None else {"average": history["average"], "seen": history["seen"]}
 
 
 def _nonfinite_agreement(rank: int) -> dict[str, Any]:
