@@ -99,7 +99,8 @@ def per_sample_loss(
 def _infer_task(module: nn.Module) -> str:
     """The task of ``module`` by its class name, or by its base model's under a peft wrapper (a ``PeftModel``
     built without ``task_type`` keeps the generic class name)."""
-    base = module.get_base_model() if callable(getattr(module, "get_base_model", None)) else module
+    get_base_model = getattr(module, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else module
     name = type(base).__name__
     if name.endswith(_CAUSAL_SUFFIXES):
         return "causal_lm"
