@@ -24,20 +24,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HISTORY_DECAY", "LossHistory", "check_sample_ids", "check_history_state"]
+__all__ = ["HISTORY_DECAY", "MAX_SAMPLE_ID", "LossHistory", "check_sample_ids", "check_history_state"]
 
 # The moving average keeps 0.9 of the history per visit (each sample is visited once per epoch by a shuffled
 # loader, so the history spans about ten epochs); the one value measured. On the stability benchmark (BN CNN,
 # paper schedule, 10 seeds) the gated net reading it was level on Flip-1 and ahead under Flip-2 and uniform
 # noise, on the meta set and in test accuracy, with no late falls (docs/results.md, "Each sample's loss history").
 HISTORY_DECAY = 0.9
+# The store is dense, one float and one flag per index up to the largest id: ids are the samples' indices.
+MAX_SAMPLE_ID = 2**31
 
 
 def check_sample_ids(sample_ids: Any, n: int, wanted: bool) -> Tensor | None:
     """The ids of ``step(..., sample_ids=ids)`` as a ``(n,)`` int64 tensor where they are (``None`` when the loss
     history is off), after checking that the history is on, and their shape, dtype and sign.
 
-    The sign check reads the ids on the host: ids on the CPU (as a loader yields them) cost no device sync.
+    The range check reads the ids on the host: ids on the CPU (as a loader yields them) cost no device sync.
     """
     if not wanted:
         if sample_ids is not None:
@@ -56,8 +58,15 @@ def check_sample_ids(sample_ids: Any, n: int, wanted: bool) -> Tensor | None:
         raise ValueError(f"sample_ids must be a ({n},) integer tensor (one id per sample of the batch), got {shape}")
     if sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
         raise ValueError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
-    if n and int(sample_ids.min()) < 0:
-        raise ValueError(f"sample_ids must be >= 0 (the samples' indices in the dataset), got {int(sample_ids.min())}")
+    if n:
+        low, high = (int(v) for v in torch.aminmax(sample_ids))
+        if low < 0:
+            raise ValueError(f"sample_ids must be >= 0 (the samples' indices in the dataset), got {low}")
+        if high >= MAX_SAMPLE_ID:
+            raise ValueError(
+                f"sample_ids must be below {MAX_SAMPLE_ID} (the history keeps 5 bytes for every index up to the "
+                f"largest): pass the samples' indices 0 .. N-1 in the dataset, not hashes or global ids; got {high}"
+            )
     return sample_ids.long()
 
 
@@ -75,8 +84,9 @@ def check_history_state(state: Any, history: LossHistory | None) -> None:
 class LossHistory:
     """Per-sample exponential moving average of the training loss, indexed by sample id; grows with the ids.
 
-    The store lives on the losses' device in float32; ids given on the CPU (as a loader yields them) are sized on
-    the host, so a step costs no device sync.
+    The store lives on the losses' device in float32, one value and one flag per index up to the largest id seen;
+    ids given on the CPU (as a loader yields them) are sized on the host, so a step costs no device sync. A
+    sample given twice in one step (sampling with replacement) has one of its two visits recorded.
 
     Args:
         decay: share of the history kept at each visit (default: :data:`HISTORY_DECAY`).

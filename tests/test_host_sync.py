@@ -99,7 +99,8 @@ def test_the_loss_history_reads_its_cpu_ids_on_the_host_and_adds_no_other_sync()
         with CountSyncs() as counter:
             rw.step(x, y, logits, sample_ids=ids)
         history = [s for s in counter.sites if s.startswith("loss_history.py")]
-        assert ids.device.type == "cpu" and len(history) <= 3, counter.sites  # min, then max at lookup and record
+        # their least and largest at the check, then the largest at the lookup and at the record
+        assert ids.device.type == "cpu" and len(history) <= 4, counter.sites
         assert len(counter.sites) - len(history) <= 1, counter.sites
         F.cross_entropy(logits, y).backward()
 

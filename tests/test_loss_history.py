@@ -199,6 +199,7 @@ def test_missing_or_unwanted_sample_ids_are_refused_and_nothing_changes():
         (torch.arange(7), r"\(8,\) integer tensor"),
         (torch.arange(8.0), "integer tensor"),
         (torch.arange(8) - 1, ">= 0"),
+        (torch.arange(8) + 2**31 - 4, "below 2147483648"),
         ([0, 1, 2, 3, 4, 5, 6, 7], "integer tensor"),
     ]:
         with pytest.raises(ValueError, match=match):
