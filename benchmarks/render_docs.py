@@ -388,6 +388,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ) + "\n" + _gain_current(
             table, ("gated",), ("fastcls20h",), list(range(10)), ("mnist1d-2pct",), ("flip2-40",), exact="cls20h"
         ),
+        "history-fast-10": lambda: _gain_current(
+            table, ("gated",), ("fastcls20h",), list(range(10)), ("mnist1d",), ("flip1-40", "flip2-40"), exact="cls20h"
+        ),
         "history-cost": lambda: _steps(sc, ["presets-history-cpu"]),
         "defaults-matrix-history-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 600),
         "defaults-matrix-history": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 300),
