@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HISTORY_DECAY", "MAX_SAMPLE_ID", "LossHistory", "check_sample_ids", "check_history_state"]
+__all__ = [
+    "HISTORY_DECAY", "MAX_SAMPLE_ID", "LossHistory", "LossHistoryWarning", "check_sample_ids", "check_history_state"
+]
 
 # The moving average keeps 0.9 of the history per visit (each sample is visited once per epoch by a shuffled
 # loader, so the history spans about ten epochs); the one value measured. On the stability benchmark (BN CNN,
@@ -33,6 +35,10 @@ __all__ = ["HISTORY_DECAY", "MAX_SAMPLE_ID", "LossHistory", "check_sample_ids", 
 HISTORY_DECAY = 0.9
 # The store is dense, one float and one flag per index up to the largest id: ids are the samples' indices.
 MAX_SAMPLE_ID = 2**31
+
+
+class LossHistoryWarning(UserWarning):
+    """``loss_history=True`` with LossNet alone on class labels, where it was measured to cost accuracy."""
 
 
 def check_sample_ids(sample_ids: Any, n: int, wanted: bool) -> Tensor | None:

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from ._batch import LogitsFn, as_logits
 from .engines import list_engines
 from .lookahead import LookaheadSpec
+from .loss_history import LossHistoryWarning
 from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import list_weighting_nets, named_net_reads
 from .presets import FROM_PRESET, DefaultMetaOptimizer, resolve_preset
@@ -321,8 +323,17 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
 
 
 def _check_history(options: ReweighterOptions) -> None:
-    """``loss_history`` and a net that reads the history go together: refuse one without the other."""
+    """``loss_history`` and a net that reads the history go together: refuse one without the other. LossNet
+    alone with it on class labels gets a :class:`~reweight.loss_history.LossHistoryWarning` (measured losses)."""
     net = options.net if isinstance(options.net, str) else type(options.net).__name__
+    if options.loss_history and net == "lossnet" and is_class_cross_entropy(options.loss_fn):
+        warnings.warn(
+            "loss_history=True with net='lossnet' on class labels: LossNet alone with the history lost up to 13 "
+            "points of test accuracy where the model fits little of the label noise (docs/results.md, \"Each "
+            "sample's loss history\"); the gated net (net='auto' or 'gated') reads the history without that loss",
+            LossHistoryWarning,
+            stacklevel=4,
+        )
     if options.loss_history and not options.requires_history:
         raise ValueError(
             f"loss_history=True, but net {net!r} does not read the loss history: use net='auto', 'gated' or "

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from reweight import MetaReweighter
-from reweight.loss_history import HISTORY_DECAY, LossHistory
+from reweight.loss_history import HISTORY_DECAY, LossHistory, LossHistoryWarning
 from reweight.nets import GatedNet, LossNet, MetaInfoNet
 
 from conftest import tiny_classifier
+
+# most runs here use LossNet on class labels, the smallest net that reads the history (its warning is tested below)
+pytestmark = pytest.mark.filterwarnings("ignore::reweight.loss_history.LossHistoryWarning")
 
 CLASSES = 3
 N = 20  # dataset size: the batches draw ids from 0 .. N-1
@@ -288,3 +291,18 @@ def test_with_index_gives_a_loop_its_sample_ids():
     assert rw._slot.history is not None and bool(rw._slot.history.seen.all()) and len(rw._slot.history) == N
     with pytest.raises(TypeError, match="map-style"):
         WithIndex(iter(range(3)))
+
+
+def test_lossnet_alone_on_class_labels_is_warned_and_the_nets_measured_safe_are_not():
+    import warnings
+
+    model, meta = _parts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(LossHistoryWarning, match="net='auto' or 'gated'"):
+        MetaReweighter(model, opt, meta, net="lossnet", loss_history=True)
+    mse = lambda out, t: (out[:, 0] - t.float()).pow(2)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossHistoryWarning)
+        MetaReweighter(model, opt, meta, loss_history=True)  # auto: the gated net
+        MetaReweighter(model, opt, meta, net="gated", loss_history=True)
+        MetaReweighter(model, opt, meta, net="lossnet", loss_history=True, loss_fn=mse)  # not class labels
