@@ -40,6 +40,7 @@ import _store  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
 from reweight.diagnostics import weight_auroc  # noqa: E402
+from reweight.nets import HISTORY_NETS  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "defaults_matrix.jsonl"
 CONFIGS = {
@@ -305,12 +306,11 @@ NETS_FOR = {
     "lora": ["lossnet", "l2rw"],
     "reg": ["lossnet", "l2rw"],
 }
-READS_LOSS = ("lossnet", "gated")  # the nets that loss_history applies to
 
 
 def nets_for(task: str, config: str) -> list[str]:
     """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss)."""
-    return [n for n in NETS_FOR[task] if config != "history" or n in READS_LOSS]
+    return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 
 
 # ----------------------------------------------------------------------------- one run

@@ -400,6 +400,8 @@ class GroupNet(nn.Module):
 
 
 _READS_LOGITS = {"lossnet": False, "l2rw": False, "logitnet": True, "metainfonet": True, "gated": True}
+#: The built-in nets that read the loss, and so can read its history (``history=True``, set by ``loss_history``).
+HISTORY_NETS = ("lossnet", "gated")
 
 
 def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
@@ -418,7 +420,7 @@ def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
         return within is not None and named_net_reads(within, kwargs.get("within_kwargs"), what)
     if name in _READS_LOGITS or name not in _NETS:  # built-in, or "auto" (gated or LossNet) / unknown: as before
         if what == "history":
-            return name in ("lossnet", "gated") and kwargs.get("history") is True
+            return name in HISTORY_NETS and kwargs.get("history") is True
         return what == "logits" and _READS_LOGITS.get(name, True)
     with torch.random.fork_rng(devices=[]):
         net = create_weighting_net(name, 2, **kwargs)

@@ -24,7 +24,7 @@ from .engines import list_engines
 from .lookahead import LookaheadSpec
 from .loss_history import LossHistoryWarning
 from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
-from .nets import list_weighting_nets, named_net_reads
+from .nets import HISTORY_NETS, list_weighting_nets, named_net_reads
 from .presets import FROM_PRESET, DefaultMetaOptimizer, resolve_preset
 
 __all__ = [
@@ -62,8 +62,7 @@ META_LR, GROUPS_META_LR = 1e-3, 1e-3
 # the decay is lower on the meta set on every noise of the stability benchmark: after the decay the net keeps
 # correcting the weights as the model fits the noisy labels (docs/results.md, "A meta lr that follows...").
 META_FOLLOWS_LR = False
-# loss_history=True: the named nets that read the loss get it as ``history=True`` (reweight.loss_history).
-HISTORY_NETS = ("lossnet", "gated")
+# loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
