@@ -159,6 +159,8 @@ VARIANTS: dict[str, dict] = {
     "l2ess20": {"min_ess": 0.2},  # L2RW (no net) with the floor, the library's defaults otherwise
     # L2RW with its weights normalised within each class (each class keeps its share of the batch's loss)
     "l2cls20": {"min_ess": 0.2, "normalization": "class"},
+    "l2cls40": {"min_ess": 0.4, "normalization": "class"},  # the same with a higher floor
+    "l2cls60": {"min_ess": 0.6, "normalization": "class"},
     "ess40": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4,
               "net_kwargs": {"uniform_start": True}},
     # MetaInfoNet with a tighter bottleneck (kl_weight 0.1 and 1.0) on the current defaults
