@@ -66,7 +66,7 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "uniform_start": True,
         "meta_signal": SIGNAL,
         "min_ess": 0.2,
-        "normalization": "class for the nets that read the logits (metainfonet, gated), else sum",
+        "normalization": "class for the nets that read the logits (metainfonet, gated) and for l2rw, else sum",
     },
     "meta3": {
         "meta_optimizer": "AdamW(3e-3, wd 5e-4)",
@@ -86,6 +86,9 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 
 
 SPELLED["history"] = {**SPELLED["defaults"], "loss_history": True}
+# L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
+# default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
+L2RW_OPTIONS = {"earlier": {"normalization": "sum"}, "meta3": {"normalization": "sum"}}
 
 
 def _batches(n, bs, steps, seed):
@@ -333,7 +336,7 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
         uniform = options.pop("uniform_start", True)
         net_kwargs = None if net == "l2rw" else {"uniform_start": uniform}
         if net == "l2rw":
-            options = {}
+            options = dict(L2RW_OPTIONS.get(config, {}))
         rw = MetaReweighter(
             model, opt, s["meta"], net=net, net_kwargs=net_kwargs, seed=seed, loss_fn=s["loss_fn"], **s["kw"], **options
         )

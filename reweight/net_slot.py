@@ -117,8 +117,9 @@ class NetSlot:
 
     def class_labels(self, net_inputs: tuple[Any, ...]) -> tuple[Tensor | None, int | None]:
         """The batch's targets and class count under ``normalization="class"`` (for the collapse monitor), else
-        ``(None, None)``."""
-        if self.options.normalization != "class":
+        ``(None, None)``; also for L2RW, whose weights for a class are all zero when none of its samples pulls
+        the way the meta batch does (its rule, not a collapse)."""
+        if self.options.normalization != "class" or self.options.is_l2rw:
             return None, None
         return net_inputs[2].detach(), net_inputs[1].shape[-1]
 

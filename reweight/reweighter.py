@@ -77,9 +77,9 @@ class MetaReweighter:
             (the final ``nn.Linear``; its input is captured by a forward hook, removed by
             :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
         normalization: ``"sum"``: raw weights over their sum (Algorithm 1's delta guard, no host sync) times the
-            batch size, so uniform weights give the plain mean loss; ``"class"``: the same within each class of
-            the targets (each class keeps its share of the loss; ``"sum"`` lets the net weight rare classes up);
-            ``"none"``: raw weights (default: ``None``: ``"class"`` for nets reading the logits under cross-entropy).
+            batch size, so uniform weights give the plain mean loss; ``"class"``: the same within each class (each
+            keeps its share of the loss; ``"sum"`` lets the net weight rare classes up); ``"none"``: raw weights
+            (default: ``None``: ``"class"`` under cross-entropy for nets reading the logits and L2RW, else ``"sum"``).
         virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code, or ``"optimizer"``, which mirrors
             ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``).
         lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
@@ -94,7 +94,7 @@ class MetaReweighter:
             net slows as the training lr decays (an expert's option, docs/results.md) (default: ``None``: ``False``).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
-            kept (``0``: no floor) (default: ``None``: ``0.2``; ``0`` for the group net, which may favour one source).
+            kept (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW; ``0`` for the group net).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).

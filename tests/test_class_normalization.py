@@ -45,15 +45,15 @@ class ByLogits(ByLoss):
     requires_logits = True
 
 
-@pytest.mark.parametrize("net", ["auto", "gated", "logitnet", "metainfonet", "module"])
-def test_the_default_is_class_for_nets_that_read_the_logits_under_cross_entropy(net):
+@pytest.mark.parametrize("net", ["auto", "gated", "logitnet", "metainfonet", "l2rw", "module"])
+def test_the_default_is_class_for_nets_that_read_the_logits_and_l2rw_under_cross_entropy(net):
     model, opt, meta = _parts()
     spec = ByLogits() if net == "module" else net
     assert MetaReweighter(model, opt, meta, net=spec).normalization == "class"
     assert MetaReweighter(model, opt, meta, net=spec, normalization="sum").normalization == "sum"
 
 
-@pytest.mark.parametrize("net", ["lossnet", "l2rw", "module"])
+@pytest.mark.parametrize("net", ["lossnet", "module"])
 def test_the_default_is_sum_for_the_loss_alone(net):
     model, opt, meta = _parts()
     spec = ByLoss() if net == "module" else net
@@ -63,7 +63,8 @@ def test_the_default_is_sum_for_the_loss_alone(net):
 
 def test_the_default_is_sum_for_other_losses_and_for_the_group_net():
     model, opt, meta = _parts(out=1)
-    assert MetaReweighter(model, opt, meta, loss_fn=_mse, net="lossnet").normalization == "sum"
+    for net in ("lossnet", "l2rw"):
+        assert MetaReweighter(model, opt, meta, loss_fn=_mse, net=net).normalization == "sum"
     model, opt, meta = _parts()
     for kwargs in ({"num_groups": 2}, {"num_groups": 2, "within": "logitnet"}):
         assert MetaReweighter(model, opt, meta, net="groups", net_kwargs=kwargs).normalization == "sum"
@@ -184,3 +185,26 @@ def test_class_shares_distance_and_soft_meta_targets():
     with pytest.warns(ClassShareWarning, match="total variation 0.67"):
         checks.train(torch.tensor([0, 0, 0]), CLASSES)  # all class 0 against a uniform meta set: 1 - 1/3
     assert checks.done
+
+
+def test_l2rw_weights_each_class_among_itself_and_a_class_it_zeroes_is_not_a_collapse():
+    """L2RW's weights (the clamped coefficients) sum to each class's count where any is positive; a class whose
+    samples all pull against the meta batch gets none, by L2RW's rule, and the collapse monitor stays quiet."""
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net="l2rw", min_ess=0, seed=0)
+    rw.collapse_monitor.every, rw.collapse_monitor.patience = 1, 1
+    x, y = torch.randn(30, 4), torch.arange(30) % CLASSES
+    zeroed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a WeightCollapseWarning fails the test
+        for _ in range(20):
+            w = rw.step(x, y, model(x))
+            for c in range(CLASSES):
+                total = float(w[y == c].sum())
+                assert total == pytest.approx(10.0, abs=1e-4) or total == 0.0
+                zeroed += total == 0.0
+            assert (w >= 0).all()
+            opt.zero_grad()
+            (w * nn.functional.cross_entropy(model(x), y, reduction="none")).mean().backward()
+            opt.step()
+    assert zeroed > 0  # the case the monitor must not call a collapse did occur

@@ -216,7 +216,7 @@ def test_meta_loader_raising_mid_iteration(good, failures, net, interval, seed):
             raised += 1
             assert rw.step_count == steps
         else:
-            check_weights(weights, 5, "sum", torch.ones(5, dtype=torch.bool))
+            check_weights(weights, 5, rw.normalization, torch.ones(5, dtype=torch.bool))
     assert raised == failures
     assert loader.failures == 0
 
