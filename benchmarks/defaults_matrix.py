@@ -65,7 +65,7 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
         "meta_warmup": 300,
         "uniform_start": True,
         "meta_signal": SIGNAL,
-        "min_ess": 0.2,
+        "min_ess": "0.2 (0.4 for l2rw within classes)",
         "normalization": "class for the nets that read the logits (metainfonet, gated) and for l2rw, else sum",
     },
     "meta3": {

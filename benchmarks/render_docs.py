@@ -241,6 +241,8 @@ def _raw_weights(seeds) -> str:
 NETS4 = ("gated", "metainfonet", "logitnet", "lossnet")
 LOGIT_NETS = ("gated", "metainfonet", "logitnet")  # the nets whose default normalisation is "class"
 L2RW_SETTINGS = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
+L2RW_VARIANTS = ["l2ess20", "l2cls20", "l2cls40", "l2cls60"]  # "sum" with L2RW's former floor, then "class" and floors
+L2RW_PAIRS = [("l2rw~l2cls20", "l2rw~l2ess20"), ("l2rw~l2cls40", "l2rw~l2cls20"), ("l2rw~l2cls60", "l2rw~l2cls40")]
 # a 3e-3 meta lr against the defaults (1e-3), each net at its own normalisation
 M3_PAIRS = [*((f"{m}~cls20m3", f"{m}~cls20") for m in LOGIT_NETS), ("lossnet~ess20m3", "lossnet~ess20")]
 M3_VARIANTS = ["cls20", "cls20m3", "ess20", "ess20m3"]
@@ -330,20 +332,12 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["cls20", "ess20", "l2ess20"], list(range(10)),
         ),
         "l2rw-class-bn": lambda: _stability_rows(
-            table, S3, ["standard", "l2rw~l2ess20", "l2rw~l2cls20", "l2rw~l2cls40"], ["l2ess20", "l2cls20", "l2cls40"],
-            list(range(10)),
+            table, S3, ["standard", *(f"l2rw~{v}" for v in L2RW_VARIANTS)], L2RW_VARIANTS, list(range(10))
         ),
-        "l2rw-class-bn-paired": lambda: _paired_rows(
-            table, S3, [("l2rw~l2cls20", "l2rw~l2ess20"), ("l2rw~l2cls40", "l2rw~l2cls20")],
-            ["l2ess20", "l2cls20", "l2cls40"], list(range(10)),
-        ),
-        "l2rw-class-gentle": lambda: _acc(
-            table, both, L2RW_SETTINGS, ["standard", "l2rw", "l2rw~l2ess20", "l2rw~l2cls20", "l2rw~l2cls40"], SEEDS5,
-            ("l2ess20", "l2cls20", "l2cls40"),
-        ),
+        "l2rw-class-bn-paired": lambda: _paired_rows(table, S3, L2RW_PAIRS, L2RW_VARIANTS, list(range(10))),
+        "l2rw-class-gentle": lambda: _acc(table, both, L2RW_SETTINGS, ["standard", "l2rw"], SEEDS5, L2RW_VARIANTS),
         "l2rw-class-gentle-paired": lambda: _paired_gentle(
-            table, both, L2RW_SETTINGS, [("l2rw~l2cls20", "l2rw~l2ess20"), ("l2rw~l2cls40", "l2rw~l2cls20")],
-            ["l2ess20", "l2cls20", "l2cls40"], SEEDS5,
+            table, both, L2RW_SETTINGS, L2RW_PAIRS, L2RW_VARIANTS, SEEDS5
         ),
         "class-paired-bn": lambda: _paired_rows(
             table, S3, [(f"{m}~cls20", f"{m}~ess20") for m in LOGIT_NETS], ["ess20", "cls20"], list(range(20))

@@ -93,8 +93,8 @@ class MetaReweighter:
         meta_follows_lr: scale the meta lr by the training lr over the largest one seen at a meta update, so the
             net slows as the training lr decays (an expert's option, docs/results.md) (default: ``None``: ``False``).
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
-            ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum
-            kept (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW; ``0`` for the group net).
+            ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum kept
+            (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW under ``"class"``; ``0``: group net).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
