@@ -57,6 +57,8 @@ CONFIGS = {
     # the defaults with each sample's loss history (loss_history=True, the batches' indices as sample_ids), for
     # the nets that read the loss
     "history": {"loss_history": True},
+    # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
+    "l2rw-floor40": {},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -86,9 +88,10 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 
 
 SPELLED["history"] = {**SPELLED["defaults"], "loss_history": True}
+SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
-L2RW_OPTIONS = {"earlier": {"normalization": "sum"}, "meta3": {"normalization": "sum"}}
+L2RW_OPTIONS = {"earlier": {"normalization": "sum"}, "meta3": {"normalization": "sum"}, "l2rw-floor40": {"min_ess": 0.4}}
 
 
 def _batches(n, bs, steps, seed):
@@ -312,7 +315,10 @@ NETS_FOR = {
 
 
 def nets_for(task: str, config: str) -> list[str]:
-    """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss)."""
+    """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss; ``"l2rw-floor40"``:
+    L2RW)."""
+    if config == "l2rw-floor40":
+        return ["l2rw"]
     return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 
 
