@@ -91,7 +91,11 @@ SPELLED["history"] = {**SPELLED["defaults"], "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
-L2RW_OPTIONS = {"earlier": {"normalization": "sum"}, "meta3": {"normalization": "sum"}, "l2rw-floor40": {"min_ess": 0.4}}
+L2RW_OPTIONS = {
+    "earlier": {"normalization": "sum"},
+    "meta3": {"normalization": "sum"},
+    "l2rw-floor40": {"min_ess": 0.4},
+}
 
 
 def _batches(n, bs, steps, seed):

@@ -328,8 +328,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20", "l2rw~l2ess20", *(f"{m}~ess20" for m in LOGIT_NETS)],
-            ["cls20", "ess20", "l2ess20"], list(range(10)),
+            [*(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20", "l2rw~l2cls40", *(f"{m}~ess20" for m in LOGIT_NETS)],
+            ["cls20", "ess20", "l2cls40"], list(range(10)),
         ),
         "l2rw-class-bn": lambda: _stability_rows(
             table, S3, ["standard", *(f"l2rw~{v}" for v in L2RW_VARIANTS)], L2RW_VARIANTS, list(range(10))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ._batch import Inputs, batch_size, call_model, split_batch, to_device
 from ._rng import isolated_rng
 from .losses import PerSampleLoss, check_class_targets
+from .options import ReweighterOptions, settle_normalization
 
 __all__ = [
     "check_batch",
@@ -91,14 +92,17 @@ def check_batch(inputs: Inputs, targets: Any, logits: Tensor, *, net: str | None
     return n
 
 
-def step_losses(inputs: Inputs, targets: Any, logits: Tensor, options: Any, num_classes: int | None) -> Tensor:
-    """The training batch's per-sample losses (detached), after every check of what ``step`` was given
-    (``options``: the reweighter's :class:`~reweight.options.ReweighterOptions`)."""
+def step_losses(
+    inputs: Inputs, targets: Any, logits: Tensor, options: ReweighterOptions, num_classes: int | None
+) -> tuple[Tensor, ReweighterOptions]:
+    """The training batch's per-sample losses (detached), after every check of what ``step`` was given, and the
+    reweighter's ``options`` with ``normalization="auto"`` settled by this batch (:func:`settle_normalization`)."""
     net = options.net if isinstance(options.net, str) else type(options.net).__name__
     n = check_batch(inputs, targets, logits, net=net if options.requires_logits else None, num_classes=num_classes)
     with torch.no_grad():
         losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
     check_losses(losses, n, "loss_fn")
+    options = settle_normalization(options, logits, targets)
     if options.normalization == "class":
         try:
             check_class_targets(logits, targets)
@@ -107,7 +111,7 @@ def step_losses(inputs: Inputs, targets: Any, logits: Tensor, options: Any, num_
                 f"normalization='class' weighs the samples of each class among themselves and needs class labels: "
                 f"{err}; use normalization='sum' for other targets"
             ) from None
-    return losses
+    return losses, options
 
 
 def check_groups(groups: Any, n: int, options: Any, device: torch.device) -> Tensor | None:

@@ -69,6 +69,12 @@ class NetSlot:
         self.class_checks = ClassChecks() if options.normalization == "class" else None
         self.history = LossHistory() if options.loss_history else None
 
+    def settle(self, options: ReweighterOptions) -> None:
+        """Adopt ``options`` whose ``normalization="auto"`` the first batch settled (a no-op afterwards)."""
+        if options.normalization != self.options.normalization or options.min_ess != self.options.min_ess:
+            self.options = options
+            self.class_checks = ClassChecks() if options.normalization == "class" else None
+
     def recall(self, sample_ids: Tensor | None, losses: Tensor) -> Tensor | None:
         """The batch's loss history for a net that reads it (``None`` otherwise)."""
         return None if self.history is None or sample_ids is None else self.history.lookup(sample_ids, losses)
@@ -229,8 +235,8 @@ class NetSlot:
 
         The blend keeps the sum and the order of the weights; its share is computed without a gradient and
         without a host sync, so the net's meta-gradient is the weights' own scaled by ``1 - share``."""
-        floor = self.options.min_ess
-        if floor == 0:
+        floor = self.options.min_ess  # None only before the first batch settles it
+        if not floor:
             return weights
         mask = torch.ones_like(weights) if keep is None else keep.to(weights.dtype)
         with torch.no_grad():

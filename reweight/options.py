@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._batch import LogitsFn, as_logits
 from .engines import list_engines
@@ -124,13 +124,13 @@ class ReweighterOptions:
     interval: int
     engine: str
     lookahead: LookaheadSpec
-    normalization: str
+    normalization: str  # "auto" until the first batch settles it (settle_normalization)
     virtual_step: str
     lookahead_lr: float | None
     meta_optimizer: MetaOptimizerFactory
     meta_warmup: int
     meta_follows_lr: bool
-    min_ess: float
+    min_ess: float | None  # None: L2RW's, settled with normalization="auto"
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -322,14 +322,30 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         collapse_threshold=None if threshold is None else float(threshold),
         seed=a["seed"],
     )
-    if a["normalization"] is None and (options.requires_logits or options.is_l2rw) and is_class_cross_entropy(
-        loss_fn
-    ) and not _is_group_net(net):
-        options = dataclasses.replace(options, normalization="class")
-    if a["min_ess"] is None and options.is_l2rw and options.normalization == "class":
-        options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS)
+    if a["normalization"] is None and (options.requires_logits or options.is_l2rw) and not _is_group_net(net):
+        # "class" on class labels: known now under the library's cross-entropy, from the first batch for another loss
+        options = dataclasses.replace(options, normalization="class" if is_class_cross_entropy(loss_fn) else "auto")
+    if a["min_ess"] is None and options.is_l2rw and options.normalization != "sum":
+        options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
     _check_history(options)
     return options
+
+
+def settle_normalization(options: ReweighterOptions, logits: Tensor, targets: Tensor) -> ReweighterOptions:
+    """``options`` with ``normalization="auto"`` (the default under a loss other than the library's
+    cross-entropy, for the nets that read the logits and L2RW) settled from the first batch: ``"class"`` when the
+    targets are integer class indices ``(batch,)`` of logits ``(batch, K)`` with ``K >= 2``, else ``"sum"``
+    (regression, soft or binary targets, token-level outputs); L2RW's default floor with it. Structural: no
+    host sync."""
+    if options.normalization != "auto":
+        return options
+    labels = logits.ndim == 2 and logits.shape[1] >= 2 and targets.ndim == 1
+    labels = labels and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    mode = "class" if labels else "sum"
+    min_ess = options.min_ess
+    if min_ess is None:  # L2RW's, decided with its normalisation
+        min_ess = L2RW_MIN_ESS if mode == "class" else MIN_ESS
+    return dataclasses.replace(options, normalization=mode, min_ess=min_ess)
 
 
 def _check_history(options: ReweighterOptions) -> None:

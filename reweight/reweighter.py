@@ -76,10 +76,9 @@ class MetaReweighter:
         lookahead: parameters moved by the look-ahead, the others held fixed: ``"full"``, ``"head"``
             (the final ``nn.Linear``; its input is captured by a forward hook, removed by
             :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
-        normalization: ``"sum"``: raw weights over their sum (Algorithm 1's delta guard, no host sync) times the
-            batch size, so uniform weights give the plain mean loss; ``"class"``: the same within each class (each
-            keeps its share of the loss; ``"sum"`` lets the net weight rare classes up); ``"none"``: raw weights
-            (default: ``None``: ``"class"`` under cross-entropy for nets reading the logits and L2RW, else ``"sum"``).
+        normalization: ``"sum"``: raw weights over their sum (delta guard, no host sync) times the batch size;
+            ``"class"``: the same within each class (each keeps its share; ``"sum"`` lets rare classes weigh more);
+            ``"none"``: raw (default: ``None``: ``"class"`` on class labels for nets reading logits and L2RW, else sum).
         virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code, or ``"optimizer"``, which mirrors
             ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``).
         lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
@@ -98,8 +97,7 @@ class MetaReweighter:
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
-        loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy,
-            class indices or soft targets).
+        loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy, class or soft).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
         logits_fn: where the logits are in the model's outputs, e.g. ``lambda out: out["scores"]``; applied to
             the ``outputs`` given to :meth:`step` and to every forward of the look-ahead (default: a tensor,
@@ -219,7 +217,8 @@ class MetaReweighter:
     preset = property(lambda self: self.options.preset, doc="The preset the options were resolved from.")
     engine = property(lambda self: self.options.engine, doc="The ``engine`` argument (``'auto'`` or a name).")
     interval = property(lambda self: self.options.interval, doc="Calls between meta updates.")
-    normalization = property(lambda self: self.options.normalization, doc="``'sum'``, ``'class'`` or ``'none'``.")
+    normalization = property(lambda self: self.options.normalization, doc="``'sum'``, ``'class'``, ``'none'``, or "
+                             "``'auto'`` until the first batch settles it (integer class labels: ``'class'``).")
     virtual_step = property(lambda self: self.options.virtual_step, doc="``'sgd'`` or ``'optimizer'``.")
     lookahead_lr = property(lambda self: self.options.lookahead_lr, doc="The look-ahead's fixed lr, if any.")
     loss_fn = property(lambda self: self.options.loss_fn, doc="Per-sample training loss.")
@@ -393,7 +392,8 @@ class MetaReweighter:
         rank_seed, meta = self._draw_rank_seed(), None
         try:  # local checks: under DDP, an error must reach every rank before the step's first collective
             logits = logits_of(outputs, self.logits_fn)
-            losses = step_losses(inputs, targets, logits, self.options, self.num_classes)
+            losses, self.options = step_losses(inputs, targets, logits, self.options, self.num_classes)
+            self._slot.settle(self.options)
             groups = check_groups(groups, losses.shape[0], self.options, self.device)
             ids = check_sample_ids(ids, losses.shape[0], self.options.loss_history)
             if update and self._group.active:  # what the meta update would meet past its first collective

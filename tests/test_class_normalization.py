@@ -63,8 +63,13 @@ def test_the_default_is_sum_for_the_loss_alone(net):
 
 def test_the_default_is_sum_for_other_losses_and_for_the_group_net():
     model, opt, meta = _parts(out=1)
-    for net in ("lossnet", "l2rw"):
-        assert MetaReweighter(model, opt, meta, loss_fn=_mse, net=net).normalization == "sum"
+    assert MetaReweighter(model, opt, meta, loss_fn=_mse, net="lossnet").normalization == "sum"
+    meta = [(x, y.float()) for x, y in meta]
+    rw = MetaReweighter(model, opt, meta, loss_fn=_mse, net="l2rw")
+    assert rw.normalization == "auto"  # L2RW under a loss of the user's: the first batch's targets decide
+    x = torch.randn(6, 4)
+    rw.step(x, torch.randn(6), model(x))
+    assert (rw.normalization, rw.options.min_ess) == ("sum", 0.2)
     model, opt, meta = _parts()
     for kwargs in ({"num_groups": 2}, {"num_groups": 2, "within": "logitnet"}):
         assert MetaReweighter(model, opt, meta, net="groups", net_kwargs=kwargs).normalization == "sum"
@@ -208,3 +213,82 @@ def test_l2rw_weights_each_class_among_itself_and_a_class_it_zeroes_is_not_a_col
             (w * nn.functional.cross_entropy(model(x), y, reduction="none")).mean().backward()
             opt.step()
     assert zeroed > 0  # the case the monitor must not call a collapse did occur
+
+
+def _own_cross_entropy(logits, targets):
+    """A user's per-sample cross-entropy: not the library's function, the same loss."""
+    return nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("net", ["gated", "metainfonet", "logitnet", "l2rw"])
+def test_a_users_own_cross_entropy_gets_the_class_default_from_the_first_batch(net):
+    """The default follows the labels, not the loss function's identity: a user's own cross-entropy on class
+    indices gets ``"class"`` (and L2RW its floor of 0.4) at the first step, with the same weights as the
+    library's cross-entropy on every step."""
+    runs = []
+    for loss_fn in (None, _own_cross_entropy):
+        model, opt, meta = _parts()
+        rw = MetaReweighter(model, opt, meta, net=net, loss_fn=loss_fn, seed=0)
+        assert rw.normalization == ("class" if loss_fn is None else "auto")
+        weights = []
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(12, 4, generator=g), torch.randint(0, CLASSES, (12,), generator=g)
+            w = rw.step(x, y, model(x))
+            weights.append(w)
+            opt.zero_grad()
+            (w * nn.functional.cross_entropy(model(x), y, reduction="none")).mean().backward()
+            opt.step()
+        assert rw.normalization == "class"
+        assert rw.options.min_ess == (0.4 if net == "l2rw" else 0.2)
+        runs.append(weights)
+    for library, own in zip(*runs, strict=True):
+        torch.testing.assert_close(own, library, rtol=0, atol=0)
+
+
+class _Tokens(nn.Module):
+    """Token logits ``(batch, 2, 5)``: one loss per sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.inner(x).reshape(-1, 1, 5).expand(-1, 2, 5)
+
+
+def _loss_of_any_target(out, t):
+    if out.ndim == 3:
+        return nn.functional.cross_entropy(out.transpose(1, 2), t, reduction="none").mean(1)
+    if t.ndim == 2:
+        return nn.functional.cross_entropy(out, t, reduction="none")
+    return (out[:, 0] - t.float()) ** 2
+
+
+@pytest.mark.parametrize("case", ["soft targets", "binary logits", "float labels", "token logits"])
+def test_targets_that_are_not_class_indices_settle_the_default_to_sum(case):
+    torch.manual_seed(0)
+    model = _Tokens() if case == "token logits" else nn.Linear(4, 1 if case == "binary logits" else CLASSES)
+    x = torch.randn(6, 4)
+    y = {
+        "soft targets": torch.softmax(torch.randn(6, CLASSES), -1),
+        "binary logits": torch.randint(0, 2, (6,)),
+        "float labels": torch.rand(6),
+        "token logits": torch.randint(0, 5, (6, 2)),
+    }[case]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = MetaReweighter(model, opt, [(x, y)], net="l2rw", loss_fn=_loss_of_any_target, seed=0)
+    assert rw.normalization == "auto"
+    rw.step(x, y, model(x))
+    assert (rw.normalization, rw.options.min_ess) == ("sum", 0.2)
+
+
+def test_a_first_step_that_fails_its_checks_settles_nothing():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net="metainfonet", loss_fn=_own_cross_entropy, seed=0)
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="batch sizes disagree"):
+        rw.step(x, torch.randint(0, CLASSES, (5,)), model(x))
+    assert rw.normalization == "auto"
+    rw.step(x, torch.randint(0, CLASSES, (6,)), model(x))
+    assert rw.normalization == "class"
