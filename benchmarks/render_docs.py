@@ -471,6 +471,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         # docs/robustness.md
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
+        "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         # docs/llm_finetuning.md
         "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),
         # docs/source_weighting.md

@@ -34,16 +34,18 @@ __all__ = [
 MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 NORMALIZATIONS = ("sum", "class", "none")
-# normalization=None: "class" for a per-sample net that reads the class logits (LogitNet, MetaInfoNet, the gated
-# net, a module with requires_logits) under cross-entropy, so that it ranks the samples of each class among
+# normalization=None: "class" on class labels for a per-sample net that reads the class logits (LogitNet,
+# MetaInfoNet, the gated net, a module with requires_logits), so that it ranks the samples of each class among
 # themselves and every class keeps its share of the loss. With "sum" these nets also move weight between classes,
 # and under label noise on balanced classes they moved it onto the classes the model had already learned, which
 # kept the others from being learned: LogitNet and MetaInfoNet ended below plain training under uniform noise
 # (docs/results.md, "Weights within each class"). "class" for L2RW too: with "sum" its clamped meta-gradients
 # rested each batch on the few classes the meta batch pulled toward, and it ended below plain training on every
 # noise cell of MNIST-1D (docs/results.md, "L2RW within each class"). "sum" for LossNet (whose class-level
-# weighting, by the loss alone, helped it), for any other loss, and for the group net, whose weights move mass
+# weighting, by the loss alone, helped it), for other targets, and for the group net, whose weights move mass
 # between sources by design. With imbalanced classes (a long tail), "sum" lets a net weight the rare classes up.
+# Class labels are known at construction under the library's cross-entropy; under a loss of the user's the first
+# batch settles it ("auto" until then: integer class indices of (batch, K >= 2) logits; settle_normalization).
 # net="auto": the gated net (LossNet and MetaInfoNet, blended by a gate learned on the meta set) when the
 # training loss is cross-entropy on class logits; LossNet, which reads the loss alone, for any other loss.
 AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
