@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ._batch import Inputs, batch_size, call_model, split_batch, to_device
 from ._rng import isolated_rng
 from .losses import PerSampleLoss, check_class_targets
-from .options import ReweighterOptions, settle_normalization
+from .options import ReweighterOptions, settle_options
 
 __all__ = [
     "check_batch",
@@ -96,13 +96,16 @@ def step_losses(
     inputs: Inputs, targets: Any, logits: Tensor, options: ReweighterOptions, num_classes: int | None
 ) -> tuple[Tensor, ReweighterOptions]:
     """The training batch's per-sample losses (detached), after every check of what ``step`` was given, and the
-    reweighter's ``options`` with ``normalization="auto"`` settled by this batch (:func:`settle_normalization`)."""
+    reweighter's ``options`` with what the first batch settles settled by it (:func:`settle_options`)."""
     net = options.net if isinstance(options.net, str) else type(options.net).__name__
     n = check_batch(inputs, targets, logits, net=net if options.requires_logits else None, num_classes=num_classes)
     with torch.no_grad():
         losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
     check_losses(losses, n, "loss_fn")
-    options = settle_normalization(options, logits, targets)
+    if options.net == "auto" or options.normalization == "auto":
+        options = settle_options(options, logits, targets)
+        if options.requires_logits:  # the gated net: the logits' checks it would have had
+            check_batch(inputs, targets, logits, net=str(options.net), num_classes=num_classes)
     if options.normalization == "class":
         try:
             check_class_targets(logits, targets)

@@ -4,6 +4,7 @@ state is loaded."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -17,7 +18,7 @@ from .distributed import DataParallelGroup
 from .loss_history import LossHistory, check_history_state
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
-from .options import ReweighterOptions
+from .options import AUTO_NET, AUTO_NET_OTHER, ReweighterOptions, settled
 
 __all__ = ["NetSlot", "class_members", "class_normalize"]
 
@@ -70,10 +71,25 @@ class NetSlot:
         self.history = LossHistory() if options.loss_history else None
 
     def settle(self, options: ReweighterOptions) -> None:
-        """Adopt ``options`` whose ``normalization="auto"`` the first batch settled (a no-op afterwards)."""
-        if options.normalization != self.options.normalization or options.min_ess != self.options.min_ess:
+        """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"`` or
+        ``normalization="auto"`` (a no-op afterwards)."""
+        fields = ("net", "normalization", "min_ess")
+        if any(getattr(options, f) != getattr(self.options, f) for f in fields):
             self.options = options
             self.class_checks = ClassChecks() if options.normalization == "class" else None
+
+    def settled_by_state(self, net_state: Any, num_classes: int | None) -> ReweighterOptions:
+        """This slot's options with a pending ``net="auto"`` settled by a saved net's layout (the gated net's or
+        LossNet's); unchanged when nothing is pending or no net was saved."""
+        if self.options.net != "auto" or not net_state or not isinstance(net_state, Mapping):
+            return self.options
+        for name, classes in ((AUTO_NET, num_classes), (AUTO_NET_OTHER, 1)):
+            if classes is None:
+                continue
+            candidate = settled(self.options, name)
+            if set(NetSlot(candidate, self.init_seed, self.group).template(classes).state_dict()) == set(net_state):
+                return candidate
+        return self.options  # no match: check_state refuses it against this slot
 
     def recall(self, sample_ids: Tensor | None, losses: Tensor) -> Tensor | None:
         """The batch's loss history for a net that reads it (``None`` otherwise)."""
@@ -111,7 +127,7 @@ class NetSlot:
     def build(self, num_classes: int | None, device: torch.device, dtype: torch.dtype) -> None:
         """Build the net (a named one for ``num_classes``) and its optimizer; nothing for L2RW."""
         self.num_classes = num_classes
-        if self.options.is_l2rw:
+        if self.options.is_l2rw or self.options.net == "auto":  # net="auto": built once the first batch settles it
             return
         spec = self.options.net
         net = spec if isinstance(spec, nn.Module) else self._create(num_classes or 1)
@@ -157,18 +173,21 @@ class NetSlot:
     def restore(self, snapshot: tuple[Any, ...]) -> None:
         self.net, self.optimizer, self.num_classes = snapshot
 
-    def check_state(self, net_state: Any, optimizer_state: Any, num_classes: int | None, history: Any = None) -> bool:
-        """Check a saved net, meta-optimizer and loss-history state against this slot (a template of the named net
-        for ``num_classes`` if not built yet); return whether loading it builds the net first."""
-        check_history_state(history, self.history)
-        build = self.net is None and not self.options.is_l2rw and num_classes is not None
+    def check_state(self, state: Mapping[str, Any], num_classes: int | None, options: ReweighterOptions) -> bool:
+        """Check the ``"net"``, ``"meta_optimizer"`` and ``"loss_history"`` entries of a reweighter ``state`` against
+        this slot with ``options`` (a template of the named net for ``num_classes`` if not built yet; ``options``
+        settle a pending ``net="auto"``, :meth:`settled_by_state`); return whether loading builds the net first."""
+        net_state, optimizer_state = state["net"], state["meta_optimizer"]
+        check_history_state(state["loss_history"], self.history)
+        classes = num_classes if options.requires_logits else num_classes or 1  # LossNet's size is the class-free 1
+        build = self.net is None and not options.is_l2rw and options.net != "auto" and classes is not None
         if self.net is not None:
             assert self.optimizer is not None
             layout, groups = self.net.state_dict(), [len(g["params"]) for g in self.optimizer.param_groups]
             num_params = len(list(self.net.parameters()))
         elif build:
-            assert num_classes is not None
-            template = self.template(num_classes)
+            assert classes is not None
+            template = NetSlot(options, self.init_seed, self.group).template(classes)
             layout, groups, num_params = template.state_dict(), None, len(list(template.parameters()))
         else:  # L2RW, or a net whose class count is still unknown: nothing to load
             layout, groups, num_params = {}, None, 0
@@ -176,9 +195,12 @@ class NetSlot:
         check_optimizer_state(optimizer_state, groups, num_params)
         return build
 
-    def load(self, state: Any, num_classes: int | None, build: bool, device: Any, dtype: Any) -> None:
+    def load(
+        self, state: Any, num_classes: int | None, build: bool, device: Any, dtype: Any, options: ReweighterOptions
+    ) -> None:
         """Load the ``"net"``, ``"meta_optimizer"`` and ``"loss_history"`` entries of a reweighter ``state`` that
-        :meth:`check_state` accepted (building the net first when it said so)."""
+        :meth:`check_state` accepted with ``options`` (building the net first when it said so)."""
+        self.settle(options)
         net_state, optimizer_state = state["net"], state["meta_optimizer"]
         if self.history is not None:
             self.history.load_state_dict(state["loss_history"])

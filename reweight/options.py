@@ -45,9 +45,10 @@ NORMALIZATIONS = ("sum", "class", "none")
 # weighting, by the loss alone, helped it), for other targets, and for the group net, whose weights move mass
 # between sources by design. With imbalanced classes (a long tail), "sum" lets a net weight the rare classes up.
 # Class labels are known at construction under the library's cross-entropy; under a loss of the user's the first
-# batch settles it ("auto" until then: integer class indices of (batch, K >= 2) logits; settle_normalization).
-# net="auto": the gated net (LossNet and MetaInfoNet, blended by a gate learned on the meta set) when the
-# training loss is cross-entropy on class logits; LossNet, which reads the loss alone, for any other loss.
+# batch settles it ("auto" until then: integer class indices of (batch, K >= 2) logits; settle_options).
+# net="auto": the gated net (LossNet and MetaInfoNet, blended by a gate learned on the meta set) on class labels;
+# LossNet, which reads the loss alone, otherwise. Known at construction under the library's cross-entropy, settled
+# by the first batch under a loss of the user's (settle_options).
 AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # min_ess=None: a fifth of the batch at least carries its loss, for every per-sample net. Without a bound
 # the nets' sigmoid outputs can sink into their exponential tail, where the normalised weights are a softmax
@@ -120,13 +121,13 @@ class ReweighterOptions:
     always callables).
     """
 
-    net: str | nn.Module
+    net: str | nn.Module  # "auto" until the first batch settles it under a loss of the user's (settle_options)
     net_kwargs: Mapping[str, Any]
     preset: str
     interval: int
     engine: str
     lookahead: LookaheadSpec
-    normalization: str  # "auto" until the first batch settles it (settle_normalization)
+    normalization: str  # "auto" until the first batch settles it (settle_options)
     virtual_step: str
     lookahead_lr: float | None
     meta_optimizer: MetaOptimizerFactory
@@ -154,8 +155,9 @@ class ReweighterOptions:
 
     @functools.cached_property
     def requires_logits(self) -> bool:
-        """Whether the weighting net reads class logits (every net but LossNet and L2RW)."""
-        if self.is_l2rw:
+        """Whether the weighting net reads class logits (every net but LossNet and L2RW; ``net="auto"`` waiting for
+        the first batch does not yet)."""
+        if self.is_l2rw or self.net == "auto":
             return False
         if isinstance(self.net, nn.Module):
             return bool(getattr(self.net, "requires_logits", False))
@@ -174,6 +176,8 @@ class ReweighterOptions:
         """Whether the weighting net reads each sample's loss history (``step(..., sample_ids=ids)``)."""
         if isinstance(self.net, nn.Module):
             return bool(getattr(self.net, "requires_history", False))
+        if self.net == "auto":  # the gated net or LossNet: both read it with loss_history
+            return self.loss_history
         return not self.is_l2rw and named_net_reads(self.net, dict(self.net_kwargs), "history")
 
     @property
@@ -220,7 +224,7 @@ def _check_net(net: Any, net_kwargs: Any) -> None:
     if net == "l2rw":
         raise ValueError("net='l2rw' has no weighting net: net_kwargs does not apply")
     if net == "auto":
-        raise ValueError("net_kwargs applies to a named net; net='auto' picks one by the loss: name it (e.g. 'gated')")
+        raise ValueError("net_kwargs applies to a named net; net='auto' picks one by the labels: name one ('gated')")
     if not isinstance(net_kwargs, dict):
         raise TypeError(f"net_kwargs must be a dict or None, got {type(net_kwargs).__name__}")
 
@@ -296,8 +300,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         raise TypeError(f"seed must be an int or None, got {type(a['seed']).__name__}")
     loss_fn = a["loss_fn"] if a["loss_fn"] is not None else cross_entropy
     net = a["net"]
-    if isinstance(net, str) and net == "auto":
-        net = AUTO_NET if is_class_cross_entropy(loss_fn) else AUTO_NET_OTHER
+    if isinstance(net, str) and net == "auto" and is_class_cross_entropy(loss_fn):
+        net = AUTO_NET  # under a loss of the user's the first batch settles it (settle_options)
     net_kwargs = dict(a["net_kwargs"] or {})
     if a["loss_history"] and isinstance(net, str) and net in HISTORY_NETS:
         net_kwargs["history"] = True
@@ -324,7 +328,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         collapse_threshold=None if threshold is None else float(threshold),
         seed=a["seed"],
     )
-    if a["normalization"] is None and (options.requires_logits or options.is_l2rw) and not _is_group_net(net):
+    reads_logits = options.requires_logits or options.is_l2rw or options.net == "auto"
+    if a["normalization"] is None and reads_logits and not _is_group_net(net):
         # "class" on class labels: known now under the library's cross-entropy, from the first batch for another loss
         options = dataclasses.replace(options, normalization="class" if is_class_cross_entropy(loss_fn) else "auto")
     if a["min_ess"] is None and options.is_l2rw and options.normalization != "sum":
@@ -333,21 +338,31 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     return options
 
 
-def settle_normalization(options: ReweighterOptions, logits: Tensor, targets: Tensor) -> ReweighterOptions:
-    """``options`` with ``normalization="auto"`` (the default under a loss other than the library's
-    cross-entropy, for the nets that read the logits and L2RW) settled from the first batch: ``"class"`` when the
-    targets are integer class indices ``(batch,)`` of logits ``(batch, K)`` with ``K >= 2``, else ``"sum"``
-    (regression, soft or binary targets, token-level outputs); L2RW's default floor with it. Structural: no
-    host sync."""
-    if options.normalization != "auto":
+def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) -> ReweighterOptions:
+    """``options`` with what a loss other than the library's cross-entropy leaves to the first batch settled by
+    it: whether the targets are class labels, integer class indices ``(batch,)`` of logits ``(batch, K)`` with
+    ``K >= 2`` (not regression, soft or binary targets, token-level outputs). Then ``net="auto"`` is the gated net
+    (else LossNet) and ``normalization="auto"`` is ``"class"`` (else ``"sum"``), with L2RW's default floor.
+    Structural: no host sync."""
+    if options.net != "auto" and options.normalization != "auto":
         return options
     labels = logits.ndim == 2 and logits.shape[1] >= 2 and targets.ndim == 1
     labels = labels and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
-    mode = "class" if labels else "sum"
-    min_ess = options.min_ess
-    if min_ess is None:  # L2RW's, decided with its normalisation
-        min_ess = L2RW_MIN_ESS if mode == "class" else MIN_ESS
-    return dataclasses.replace(options, normalization=mode, min_ess=min_ess)
+    return settled(options, AUTO_NET if labels else AUTO_NET_OTHER)
+
+
+def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
+    """``options`` with a pending ``net="auto"`` settled to ``auto_net`` (the gated net on class labels, LossNet
+    otherwise) and ``normalization="auto"`` to ``"class"`` on class labels, else ``"sum"``."""
+    labels = auto_net == AUTO_NET
+    changes: dict[str, Any] = {}
+    if options.net == "auto":
+        changes.update(net=auto_net, net_kwargs={"history": True} if options.loss_history else {})
+    if options.normalization == "auto":
+        changes["normalization"] = "class" if labels else "sum"
+        if options.min_ess is None:  # L2RW's, decided with its normalisation
+            changes["min_ess"] = L2RW_MIN_ESS if labels else MIN_ESS
+    return dataclasses.replace(options, **changes)
 
 
 def _check_history(options: ReweighterOptions) -> None:

@@ -43,9 +43,9 @@ __all__ = ["MetaReweighter", "NonFiniteLossError"]
 class MetaReweighter:
     """Learns per-sample loss weights from a clean meta set (Algorithm 1 of MetaInfoNet).
 
-    Each :meth:`step` takes the batch the user just forwarded, updates the weighting net on one meta
-    batch at the looked-ahead parameters (every ``interval`` calls), and returns detached weights of
-    shape ``(batch,)`` such that ``(weights * per_sample_loss).mean()`` is the reweighted training loss.
+    Each :meth:`step` takes the batch the user just forwarded, updates the weighting net on one meta batch at the
+    looked-ahead parameters (every ``interval`` calls), and returns detached weights of shape ``(batch,)``
+    such that ``(weights * per_sample_loss).mean()`` is the reweighted training loss.
 
     Args:
         model: the classifier; any ``nn.Module`` (DDP / ``torch.compile`` wrappers are unwrapped).
@@ -53,9 +53,8 @@ class MetaReweighter:
         meta_loader: re-iterable of clean ``(inputs, targets)`` batches (or dicts with ``"labels"``),
             cycled forever and moved to the model's device.
         net: ``"auto"``, ``"lossnet"``, ``"logitnet"``, ``"metainfonet"``, ``"gated"``, ``"l2rw"`` (non-parametric)
-            or an ``nn.Module`` following the interface in :mod:`reweight.nets`. ``"auto"`` is ``"gated"``
-            when ``loss_fn`` is :func:`reweight.losses.cross_entropy` (the default), else ``"lossnet"``
-            (default: ``"auto"``).
+            or an ``nn.Module`` following the interface in :mod:`reweight.nets`. ``"auto"``: ``"gated"`` on class
+            labels, else ``"lossnet"`` (under your own ``loss_fn`` the first batch decides) (default: ``"auto"``).
         net_kwargs: keyword arguments of the named net, e.g. ``{"kl_weight": 0.1}`` (default: ``None``).
         preset: a named bundle of the options ``interval``, ``engine``, ``lookahead``, ``normalization``,
             ``virtual_step``, ``lookahead_lr`` and ``meta_optimizer`` (:data:`reweight.presets.PRESETS`); each
@@ -454,13 +453,13 @@ class MetaReweighter:
         """Restore :meth:`state_dict`, upgrading a state of an older version first.
 
         Every field is checked before anything changes (a named net not built yet is checked against a
-        template on the ``meta`` device), so a refused state leaves the reweighter exactly as it was.
+        template on the ``meta`` device; a saved net settles a pending ``net="auto"``), so a refused state leaves
+        the reweighter exactly as it was.
 
         Raises:
             TypeError: if ``state`` is not a mapping.
-            ValueError: on a missing key, a newer or unknown version, a bad step count or class count, an
-                unknown or unusable engine, a net or meta-optimizer state that does not match this
-                reweighter's, or a malformed RNG or meta-stream entry.
+            ValueError: on a missing key, a newer or unknown version, a bad step or class count, an unknown or
+                unusable engine, a net or meta-optimizer state unlike this reweighter's, a malformed RNG or meta stream.
             ImportError: if the state's engine is ``"higher"`` and the package is not installed.
         """
         state = upgrade_state(state)
@@ -473,11 +472,12 @@ class MetaReweighter:
         if not isinstance(engine, str) or engine not in list_engines():
             raise ValueError(f"unknown engine {engine!r} in the saved state; registered: {list_engines()}")
         check_engine(engine, world_size=self._group.world_size, head_mode=self._head is not None, sharded=self._sharded)
-        build = self._slot.check_state(state["net"], state["meta_optimizer"], num_classes, state["loss_history"])
+        options = self._slot.settled_by_state(state["net"], num_classes)  # a pending net="auto": the saved net's
+        build = self._slot.check_state(state, num_classes, options)
         check_rng_state(state["rng"], self._generator.get_state())
         MetaBatchStream.check_state(state["meta_stream"])
-
-        self._slot.load(state, num_classes, build, self.device, self._net_dtype())
+        self.options = options  # every check passed: load
+        self._slot.load(state, num_classes, build, self.device, self._net_dtype(), options)
         self._engine.restore(engine)
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])

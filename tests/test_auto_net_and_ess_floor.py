@@ -1,5 +1,5 @@
-"""``net="auto"`` (the default: the gated net for cross-entropy on class logits, LossNet for any other loss) and
-``min_ess``, the floor on the weights' effective sample size."""
+"""``net="auto"`` (the default: the gated net on class labels, LossNet otherwise; under a loss of the user's the
+first batch decides) and ``min_ess``, the floor on the weights' effective sample size."""
 
 from __future__ import annotations
 
@@ -44,24 +44,110 @@ def test_auto_is_the_gated_net_for_cross_entropy_on_class_logits(loss_fn):
     assert isinstance(rw.net, GatedNet)
 
 
-def test_auto_is_lossnet_for_any_other_loss():
-    torch.manual_seed(0)
+def _mse(pred, target):
+    return (pred.squeeze(-1) - target) ** 2
+
+
+def _own_ce(logits, targets):
+    """A user's per-sample cross-entropy: the same loss, not the library's function."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _regression_parts(seed: int = 0):
+    torch.manual_seed(seed)
     model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    meta = [(torch.randn(6, 4), torch.randn(6))]
+    g = torch.Generator().manual_seed(seed)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), [(torch.randn(6, 4, generator=g), torch.randn(6))]
 
-    def mse(pred, target):
-        return (pred.squeeze(-1) - target) ** 2
 
-    rw = MetaReweighter(model, opt, meta, loss_fn=mse, seed=0)
-    assert rw.options.net == "lossnet" and isinstance(rw.net, LossNet)
+def test_auto_is_lossnet_for_regression_targets():
+    model, opt, meta = _regression_parts()
+    rw = MetaReweighter(model, opt, meta, loss_fn=_mse, seed=0)
+    assert rw.options.net == "auto" and rw.net is None  # a loss of the user's: the first batch decides
     x = torch.randn(8, 4)
     assert rw.step(x, torch.randn(8), model(x)).shape == (8,)
+    assert rw.options.net == "lossnet" and isinstance(rw.net, LossNet) and rw.normalization == "sum"
+
+
+def _train(rw, model, opt, batches, start: int = 0):
+    out, regression = [], isinstance(model, nn.Linear)  # _regression_parts' model: float targets
+    for t in range(start, start + batches):
+        x, y = _batch(t)
+        y = y.float() if regression else y
+        w = rw.step(x, y, model(x))
+        out.append(w)
+        opt.zero_grad()
+        (w * rw.loss_fn(model(x), y)).mean().backward()
+        opt.step()
+    return out
+
+
+@pytest.mark.parametrize("task", ["classes", "regression"])
+def test_auto_under_a_users_loss_is_what_the_labels_call_for_with_the_same_weights(task):
+    """A user's own cross-entropy gets the gated net and ``"class"`` (as the library's cross-entropy does), a
+    regression loss LossNet and ``"sum"``; the weights are those of naming that net, step for step."""
+    runs = []
+    for explicit in (False, True):
+        if task == "classes":
+            model, opt, meta = _parts()
+            kwargs = {"loss_fn": cross_entropy if explicit else _own_ce}
+        else:
+            model, opt, meta = _regression_parts()
+            kwargs = {"loss_fn": _mse, **({"net": "lossnet"} if explicit else {})}
+        rw = MetaReweighter(model, opt, meta, seed=0, **kwargs)
+        runs.append(_train(rw, model, opt, 4))
+        assert rw.options.net == ("gated" if task == "classes" else "lossnet")
+        assert rw.normalization == ("class" if task == "classes" else "sum")
+    for own, named in zip(*runs, strict=True):
+        torch.testing.assert_close(own, named, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task", ["classes", "regression"])
+def test_a_pending_auto_net_is_settled_by_a_loaded_state_and_resumes_exactly(task):
+    def parts():
+        return _parts() if task == "classes" else _regression_parts()
+
+    loss = _own_ce if task == "classes" else _mse
+    model, opt, meta = parts()
+    rw = MetaReweighter(model, opt, meta, loss_fn=loss, seed=0)
+    whole = _train(rw, model, opt, 5)
+
+    model, opt, meta = parts()
+    first = MetaReweighter(model, opt, meta, loss_fn=loss, seed=0)
+    _train(first, model, opt, 3)
+    state = first.state_dict()
+    resumed = MetaReweighter(model, opt, meta, loss_fn=loss, seed=1)
+    assert resumed.options.net == "auto"
+    resumed.load_state_dict(state)
+    assert resumed.options.net == first.options.net and resumed.normalization == first.normalization
+    rest = _train(resumed, model, opt, 2, start=3)
+    for a, b in zip(whole[3:], rest, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_state_saved_before_the_first_step_leaves_auto_pending():
+    model, opt, meta = _parts()
+    state = MetaReweighter(model, opt, meta, loss_fn=_own_ce, seed=0).state_dict()
+    rw = MetaReweighter(model, opt, meta, loss_fn=_own_ce, seed=0)
+    rw.load_state_dict(state)
+    assert rw.options.net == "auto" and rw.net is None
+    _train(rw, model, opt, 1)
+    assert isinstance(rw.net, GatedNet)
+
+
+def test_auto_under_a_users_loss_reads_the_history_with_the_net_it_settles_on():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, loss_fn=_own_ce, loss_history=True, seed=0)
+    x, y = _batch(0)
+    with pytest.raises(ValueError, match="sample_ids"):
+        rw.step(x, y, model(x))
+    rw.step(x, y, model(x), sample_ids=torch.arange(16))
+    assert isinstance(rw.net, GatedNet) and rw.net.requires_history
 
 
 def test_auto_with_net_kwargs_is_refused_naming_the_choice():
     model, opt, meta = _parts()
-    with pytest.raises(ValueError, match="net='auto' picks one by the loss"):
+    with pytest.raises(ValueError, match="net='auto' picks one by the labels"):
         MetaReweighter(model, opt, meta, net_kwargs={"hidden": 10})
 
 
