@@ -29,6 +29,7 @@ import accuracy as acc  # noqa: E402
 import class_weights  # noqa: E402
 import defaults_matrix  # noqa: E402
 import numpy as np  # noqa: E402
+import own_loss  # noqa: E402
 import raw_weights  # noqa: E402
 import source_weights  # noqa: E402
 import step_cost  # noqa: E402
@@ -472,6 +473,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
+        "own-loss": lambda: own_loss.report(own_loss.TABLE),
         # docs/llm_finetuning.md
         "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),
         # docs/source_weighting.md
