@@ -411,6 +411,8 @@ def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
     registered by the user is built once, for two classes and without drawing from the global RNG, and asked (its
     ``requires_logits`` / ``requires_groups`` / ``requires_history``)."""
     kwargs = net_kwargs or {}
+    if name == "auto":  # the gated net on class labels, LossNet otherwise: it needs no class logits to be given
+        return False
     if name == "groups":
         if what == "groups":
             return True
@@ -418,7 +420,7 @@ def named_net_reads(name: str, net_kwargs: dict | None, what: str) -> bool:
         if isinstance(within, nn.Module):
             return bool(getattr(within, "requires_logits", False))
         return within is not None and named_net_reads(within, kwargs.get("within_kwargs"), what)
-    if name in _READS_LOGITS or name not in _NETS:  # built-in, or "auto" (gated or LossNet) / unknown: as before
+    if name in _READS_LOGITS or name not in _NETS:  # built-in, or unknown: as before
         if what == "history":
             return name in HISTORY_NETS and kwargs.get("history") is True
         return what == "logits" and _READS_LOGITS.get(name, True)

@@ -385,6 +385,17 @@ def test_meta_batches_come_from_the_trainers_collator_with_its_column_filter(tmp
     assert sorted(int(i) for b in batches for i in b["labels"]) == sorted(int(r["labels"]) for r in meta)
 
 
+@pytest.mark.parametrize("task", ["sequence_classification", "causal_lm"])
+def test_the_default_net_is_the_gated_net_on_class_labels_and_lossnet_on_tokens(tmp_path, task):
+    """The Trainer's per-sample loss is not the library's cross-entropy: the first batch settles net="auto"."""
+    model, lm = (bert("eager"), False) if task == "sequence_classification" else (llama(), True)
+    rows = text_dataset(8, 1, lm=lm)
+    trainer = make_trainer(tmp_path, model, rows, text_dataset(6, 2, lm=lm), reweight_kwargs={"seed": 0})
+    trainer.train()
+    settled = ("gated", "class") if task == "sequence_classification" else ("lossnet", "sum")
+    assert (trainer.reweighter.options.net, trainer.reweighter.normalization) == settled
+
+
 @pytest.mark.parametrize("net", ["metainfonet", "logitnet", "gated"])
 def test_token_task_refuses_a_net_that_needs_class_logits(tmp_path, net):
     rows = text_dataset(4, 3, lm=True)

@@ -197,7 +197,7 @@ class ReweightTrainerMixin(_TrainerBase):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a str, got {type(value).__name__}")
         self.group_column, self.id_column = group_column, id_column
-        self._reads_groups = reads_groups((reweight_kwargs or {}).get("net", "lossnet"))
+        self._reads_groups = reads_groups((reweight_kwargs or {}).get("net", "auto"))
         self._reads_ids = (reweight_kwargs or {}).get("loss_history") is True
         # the dataset columns kept for training batches and never given to the model
         kept = ((group_column, self._reads_groups), (id_column, self._reads_ids))
@@ -223,7 +223,7 @@ class ReweightTrainerMixin(_TrainerBase):
         if self.model is None:  # the Trainer builds it from model_init when not given
             raise ValueError("ReweightTrainer needs a model or a model_init")
         self.task = _infer_task(unwrap_model(self.model)) if task == "auto" else task
-        net = reweight_kwargs.get("net", "lossnet")
+        net = reweight_kwargs.get("net", "auto")  # "auto": the gated net on class labels, LossNet on token logits
         if self.task in _TOKEN_TASKS and needs_class_logits(net, reweight_kwargs.get("net_kwargs")):
             raise ValueError(
                 f"net={describe_net(net)} needs class logits (batch, num_classes), but a {self.task} model outputs "
