@@ -176,6 +176,9 @@ VARIANTS: dict[str, dict] = {
     # ess20 with the weights normalised within each class (the net ranks a class's samples among themselves)
     "cls20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
               "net_kwargs": {"uniform_start": True}},
+    # cls20 with a floor of two fifths (L2RW's within classes): against the falls under uniform noise
+    "cls40": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4, "normalization": "class",
+              "net_kwargs": {"uniform_start": True}},
     "fastcls20": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                   "net_kwargs": {"uniform_start": True}},
     # cls20 with a 3x meta lr: does a net that moves faster track the losses' shift as the model fits the noise?
