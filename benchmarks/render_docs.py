@@ -336,6 +336,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, ["standard", *(f"l2rw~{v}" for v in L2RW_VARIANTS)], L2RW_VARIANTS, list(range(10))
         ),
         "l2rw-class-bn-paired": lambda: _paired_rows(table, S3, L2RW_PAIRS, L2RW_VARIANTS, list(range(10))),
+        "gated-floor40-bn": lambda: _paired_rows(
+            table, S3, [("gated~cls40", "gated~cls20")], ["cls20", "cls40"], list(range(10))
+        ),
         "l2rw-class-gentle": lambda: _acc(table, both, L2RW_SETTINGS, ["standard", "l2rw"], SEEDS5, L2RW_VARIANTS),
         "l2rw-class-gentle-paired": lambda: _paired_gentle(
             table, both, L2RW_SETTINGS, L2RW_PAIRS, L2RW_VARIANTS, SEEDS5
