@@ -16,9 +16,10 @@ from ._state import check_optimizer_state, check_tensor_shapes
 from .class_checks import ClassChecks
 from .distributed import DataParallelGroup
 from .loss_history import LossHistory, check_history_state
+from .losses import is_class_cross_entropy
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
-from .options import AUTO_NET, AUTO_NET_OTHER, ReweighterOptions, settled
+from .options import AUTO_NET, AUTO_NET_OTHER, ReweighterOptions, is_class_labels, settled, warn_lossnet_history
 
 __all__ = ["NetSlot", "class_members", "class_normalize"]
 
@@ -69,6 +70,9 @@ class NetSlot:
         self.num_classes = options.num_classes
         self.class_checks = ClassChecks() if options.normalization == "class" else None
         self.history = LossHistory() if options.loss_history else None
+        self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
+            options.loss_fn
+        )  # the library's cross-entropy was warned about at construction
 
     def settle(self, options: ReweighterOptions) -> None:
         """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"`` or
@@ -156,6 +160,10 @@ class NetSlot:
         ``normalization="class"``, once per step; return the net inputs."""
         if self.class_checks is not None:
             self.class_checks.train(net_inputs[2], net_inputs[1].shape[-1])
+        if self._history_unchecked:  # LossNet with the history under a loss of the user's: are these class labels?
+            self._history_unchecked = False
+            if is_class_labels(net_inputs[1], net_inputs[2]):
+                warn_lossnet_history(stacklevel=5)
         return net_inputs
 
     def group_weights(self) -> Tensor | None:

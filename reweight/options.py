@@ -346,9 +346,14 @@ def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) 
     Structural: no host sync."""
     if options.net != "auto" and options.normalization != "auto":
         return options
+    return settled(options, AUTO_NET if is_class_labels(logits, targets) else AUTO_NET_OTHER)
+
+
+def is_class_labels(logits: Tensor, targets: Tensor) -> bool:
+    """Whether a batch's targets are class labels by their structure (what a loss of the user's leaves to the
+    first batch): integer class indices ``(batch,)`` of logits ``(batch, K)`` with ``K >= 2``. No host sync."""
     labels = logits.ndim == 2 and logits.shape[1] >= 2 and targets.ndim == 1
-    labels = labels and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
-    return settled(options, AUTO_NET if labels else AUTO_NET_OTHER)
+    return labels and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
 
 
 def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
@@ -365,18 +370,23 @@ def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
     return dataclasses.replace(options, **changes)
 
 
+def warn_lossnet_history(stacklevel: int) -> None:
+    """The :class:`~reweight.loss_history.LossHistoryWarning` of LossNet alone reading the history of class labels."""
+    warnings.warn(
+        "loss_history=True with net='lossnet' on class labels: LossNet alone with the history lost up to 13 "
+        "points of test accuracy where the model fits little of the label noise (docs/results.md, \"Each "
+        "sample's loss history\"); the gated net (net='auto' or 'gated') reads the history without that loss",
+        LossHistoryWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def _check_history(options: ReweighterOptions) -> None:
     """``loss_history`` and a net that reads the history go together: refuse one without the other. LossNet
     alone with it on class labels gets a :class:`~reweight.loss_history.LossHistoryWarning` (measured losses)."""
     net = options.net if isinstance(options.net, str) else type(options.net).__name__
     if options.loss_history and net == "lossnet" and is_class_cross_entropy(options.loss_fn):
-        warnings.warn(
-            "loss_history=True with net='lossnet' on class labels: LossNet alone with the history lost up to 13 "
-            "points of test accuracy where the model fits little of the label noise (docs/results.md, \"Each "
-            "sample's loss history\"); the gated net (net='auto' or 'gated') reads the history without that loss",
-            LossHistoryWarning,
-            stacklevel=4,
-        )
+        warn_lossnet_history(stacklevel=5)  # under a loss of the user's: at the first batch of class labels
     if options.loss_history and not options.requires_history:
         raise ValueError(
             f"loss_history=True, but net {net!r} does not read the loss history: use net='auto', 'gated' or "

@@ -306,3 +306,27 @@ def test_lossnet_alone_on_class_labels_is_warned_and_the_nets_measured_safe_are_
         MetaReweighter(model, opt, meta, loss_history=True)  # auto: the gated net
         MetaReweighter(model, opt, meta, net="gated", loss_history=True)
         MetaReweighter(model, opt, meta, net="lossnet", loss_history=True, loss_fn=mse)  # not class labels
+
+
+def test_lossnet_with_the_history_under_an_own_loss_is_warned_at_the_first_batch_of_class_labels():
+    """Under a loss of the user's the labels, not the loss function, say whether LossNet alone reads the history of
+    class labels: warned at the first step with them, once; not for regression targets."""
+    import warnings
+
+    model, meta = _parts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    own = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    x, y = torch.randn(8, model[0].in_features), torch.randint(0, model[-1].out_features, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossHistoryWarning)
+        rw = MetaReweighter(model, opt, meta, net="lossnet", loss_history=True, loss_fn=own)  # not yet known
+    with pytest.warns(LossHistoryWarning, match="net='auto' or 'gated'") as caught:
+        rw.step(x, y, model(x), sample_ids=torch.arange(8))
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossHistoryWarning)
+        rw.step(x, y, model(x), sample_ids=torch.arange(8))  # once
+        mse = lambda out, t: (out[:, 0] - t).pow(2)  # noqa: E731
+        regression = MetaReweighter(model, opt, [(m[0], m[1].float()) for m in meta], net="lossnet",
+                                    loss_history=True, loss_fn=mse)  # fmt: skip
+        regression.step(x, y.float(), model(x), sample_ids=torch.arange(8))
