@@ -332,7 +332,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["normalization"] is None and reads_logits and not _is_group_net(net):
         # "class" on class labels: known now under the library's cross-entropy, from the first batch for another loss
         options = dataclasses.replace(options, normalization="class" if is_class_cross_entropy(loss_fn) else "auto")
-    if a["min_ess"] is None and options.is_l2rw and options.normalization != "sum":
+    if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
     _check_history(options)
     return options

@@ -252,8 +252,9 @@ def test_the_default_floor_is_a_fifth_of_the_batch_and_two_fifths_for_l2rw(net):
     model, opt, meta = _parts()
     assert MetaReweighter(model, opt, meta, net=net).options.min_ess == (0.4 if net == "l2rw" else 0.2)
     assert MetaReweighter(model, opt, meta, net=net, min_ess=0).options.min_ess == 0.0
-    # L2RW's 0.4 was chosen within classes; under "sum" it keeps the nets' floor
-    assert MetaReweighter(model, opt, meta, net=net, normalization="sum").options.min_ess == 0.2
+    # L2RW's 0.4 was chosen within classes; under "sum" (or raw weights) it keeps the nets' floor
+    for normalization in ("sum", "none"):
+        assert MetaReweighter(model, opt, meta, net=net, normalization=normalization).options.min_ess == 0.2
 
 
 def test_l2rw_weights_under_the_default_are_those_of_the_explicit_floor():
