@@ -74,6 +74,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # reads the history its batch got on both ranks (the global batch's losses are gathered each step)
     "lossnet_history": {"net": "lossnet", "meta_sgd": True, "loss_history": True},
 }
+# net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
+# and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net
+# named under the library's loss, in the same group, rather than with one process
+SETTLED: dict[str, dict[str, Any]] = {
+    "auto_own_loss": {"net": "auto", "loss_fn": "own", "meta_sgd": True},
+    "gated_named": {"net": "gated", "uniform_start": True, "meta_sgd": True},
+}
+
+
+def _own_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def _ids(index: int, rank: int | None) -> torch.Tensor:
@@ -95,8 +106,10 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     if config["net"] == "metainfonet-zero-noise":
         torch.manual_seed(1)
         config["net"] = ZeroNoiseMetaInfoNet(CLASSES, kl_weight=1.0, uniform_start=False)
-    elif config["net"] != "l2rw":
+    elif config["net"] not in ("l2rw", "auto") and not config.pop("uniform_start", False):
         config["net_kwargs"] = {"uniform_start": False}
+    if config.get("loss_fn") == "own":
+        config["loss_fn"] = _own_cross_entropy
     model = _model()
     wrapped = model if rank is None else nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4 if momentum else 0.0)
@@ -184,7 +197,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
     )
     try:
-        results = {name: _train(config, rank) for name, config in CONFIGS.items()}
+        results = {name: _train(config, rank) for name, config in {**CONFIGS, **SETTLED}.items()}
         results["nonfinite"] = _nonfinite_agreement(rank)
         results["syncbn"] = _syncbn(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -222,6 +235,18 @@ def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
     torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
     # the run is not trivial: the weights vary within the batches
     assert single["weights"].std() > 1e-3
+
+
+def test_auto_under_an_own_loss_settles_on_every_rank_as_naming_the_net(ranks):
+    for rank in ranks:
+        own, named = rank["auto_own_loss"], rank["gated_named"]
+        assert own["net"].keys() == named["net"].keys()
+        for part in ("model", "net"):
+            for key, value in named[part].items():
+                assert torch.equal(own[part][key], value), (part, key)
+        assert torch.equal(own["weights"], named["weights"]) and named["weights"].std() > 1e-3
+    for key, value in ranks[0]["auto_own_loss"]["net"].items():
+        assert torch.equal(ranks[1]["auto_own_loss"]["net"][key], value), key
 
 
 def test_every_rank_keeps_the_global_loss_history(ranks):
