@@ -128,19 +128,27 @@ def test_validation_runs_no_meta_step(tmp_path):
     assert results[0]["val_loss"] == pytest.approx(float(plain), rel=1e-5)  # unit weights in evaluation
 
 
-def test_state_survives_lightning_checkpoint_and_resume(tmp_path):
+def _own_cross_entropy(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@pytest.mark.parametrize("loss_fn", [None, _own_cross_entropy], ids=["library loss", "own loss"])
+def test_state_survives_lightning_checkpoint_and_resume(tmp_path, loss_fn):
+    """Also under a loss of the user's, where net="auto" waits for the first batch and the checkpoint settles it."""
+    kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
     train = DataLoader(data(16, 1), batch_size=4)
-    full_cb = MetaReweightCallback(meta_loader(), seed=0)
+    full_cb = MetaReweightCallback(meta_loader(), seed=0, **kwargs)
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     full = LitClassifier()
     trainer(tmp_path, max_epochs=2, callbacks=[full_cb, saver], enable_checkpointing=True).fit(full, train)
     path = tmp_path / "epoch=0-step=4.ckpt"
     assert torch.load(path, weights_only=True)["callbacks"]["MetaReweightCallback"]["step"] == 4
 
-    resumed_cb = MetaReweightCallback(meta_loader(), seed=123)
+    resumed_cb = MetaReweightCallback(meta_loader(), seed=123, **kwargs)
     resumed = LitClassifier(seed=9)
     trainer(tmp_path, max_epochs=2, callbacks=[resumed_cb]).fit(resumed, train, ckpt_path=str(path))
     assert resumed_cb.reweighter.step_count == full_cb.reweighter.step_count == 8
+    assert resumed_cb.reweighter.options.net == full_cb.reweighter.options.net == "gated"
     for k, v in full_cb.reweighter.net.state_dict().items():
         torch.testing.assert_close(resumed_cb.reweighter.net.state_dict()[k], v)
     for k, v in full.state_dict().items():
