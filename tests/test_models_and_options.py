@@ -227,11 +227,12 @@ def test_a_registered_net_that_reads_the_loss_alone_trains_a_regressor():
 
 
 def test_what_a_net_reads_is_answered_for_auto_and_every_built_in_name():
-    """The integrations ask before the net is chosen: ``"auto"`` (the gated net or LossNet, by the loss) counts as
-    reading logits and no groups, as the built-in names answer from their classes."""
+    """The integrations ask before the net is chosen: ``"auto"`` (the gated net on class labels, LossNet on other
+    outputs, token logits included) needs no class logits and reads no groups; the built-in names answer from their
+    classes."""
     from reweight.integrations._common import needs_class_logits, reads_groups
 
-    assert needs_class_logits("auto") and not reads_groups("auto")
+    assert not needs_class_logits("auto") and not reads_groups("auto")
     names = ("lossnet", "logitnet", "metainfonet", "gated", "l2rw")
     assert [needs_class_logits(n) for n in names] == [False, True, True, True, False]
     assert reads_groups("groups") and not reads_groups("gated")
