@@ -134,6 +134,50 @@ def test_fuzzed_step_works_or_raises_a_documented_error_untouched(s):
         opt.step()
 
 
+def own_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A user's per-sample loss: what the library's defaults must settle from the first batch, not from its name."""
+    return F.cross_entropy(logits.float(), targets.long(), reduction="none")
+
+
+@FUZZ
+@given(scenarios(), st.sampled_from(["auto", "gated", "metainfonet", "lossnet", "l2rw"]))
+def test_fuzzed_defaults_under_an_own_loss_settle_once_from_a_batch_that_passed_its_checks(s, net):
+    """``net="auto"`` and ``normalization=None`` under a loss of the user's: a step either works, after which both
+    are settled (and stay so), or raises a documented error leaving the model untouched; the weights obey the
+    normalisation settled."""
+    torch.manual_seed(s["seed"])
+    d, k, dtype = s["features"], s["classes"], s["dtype"]
+    model = nn.Sequential(nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, k)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(s["seed"])
+    xm = poison(torch.randn(s["m"], d, generator=g).to(dtype), s["poison_meta"], s["index"])
+    meta = [(xm, torch.randint(0, k, (s["m"],), generator=g))]
+    rw = MetaReweighter(model, opt, meta, net=net, loss_fn=own_cross_entropy, on_nonfinite=s["on_nonfinite"],
+                        seed=s["seed"])  # fmt: skip
+    settled = None
+    for step in range(2):
+        x = poison(torch.randn(s["n"], d, generator=g).to(dtype), s["poison_input"] if step else "none", s["index"])
+        y = torch.randint(0, k, (s["n"],), generator=g).to(s["target_dtype"])
+        logits = poison(model(x), s["poison_logits"] if step else "none", s["index"] + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weights = checked_step(rw, model, opt, x, y, logits)
+        now = (rw.options.net, rw.normalization)
+        if settled is not None:
+            assert now == settled  # settled once
+        if weights is None:
+            continue
+        settled = now
+        assert "auto" not in now
+        labels = not y.is_floating_point() and k >= 2
+        if net == "auto":
+            assert now[0] == ("gated" if labels else "lossnet")
+        if net != "lossnet":
+            assert now[1] == ("class" if labels else "sum")
+        finite = torch.isfinite(own_cross_entropy(logits.detach(), y))
+        check_weights(weights, s["n"], rw.normalization, finite)
+
+
 class ZeroNet(nn.Module):
     """A user net whose raw weights are all zero (or zero for every sample but those with a large loss)."""
 
