@@ -317,8 +317,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet~ess20", *(f"{m}~cls20" for m in ("logitnet", "metainfonet", "gated"))],
-            SEEDS5, "gentle", ("cls20", "ess20"), "plain", default="gated~cls20",
+            ["standard", "finetune", "lossnet~ess20", *(f"{m}~cls20" for m in ("logitnet", "metainfonet", "gated")),
+             "l2rw~l2cls40"],
+            SEEDS5, "gentle", ("cls20", "ess20", "l2cls40"), "plain", default="gated~cls20",
         ),
         "class-paired": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
