@@ -340,6 +340,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "gated-floor40-bn": lambda: _paired_rows(
             table, S3, [("gated~cls40", "gated~cls20")], ["cls20", "cls40"], list(range(10))
         ),
+        "l2rw-class-wide": lambda: _stability_rows(
+            table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "l2rw~l2cls40"], ["cls20", "l2cls40"],
+            SEEDS5, "bnwide", fit=True,
+        ),
         "l2rw-class-gentle": lambda: _acc(table, both, L2RW_SETTINGS, ["standard", "l2rw"], SEEDS5, L2RW_VARIANTS),
         "l2rw-class-gentle-paired": lambda: _paired_gentle(
             table, both, L2RW_SETTINGS, L2RW_PAIRS, L2RW_VARIANTS, SEEDS5
