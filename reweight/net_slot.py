@@ -265,8 +265,9 @@ class NetSlot:
 
         The blend keeps the sum and the order of the weights; its share is computed without a gradient and
         without a host sync, so the net's meta-gradient is the weights' own scaled by ``1 - share``."""
-        floor = self.options.min_ess  # None only before the first batch settles it
-        if not floor:
+        floor = self.options.min_ess
+        assert floor is not None, "min_ess is settled with normalization='auto' by the first batch, before any weight"
+        if floor == 0:
             return weights
         mask = torch.ones_like(weights) if keep is None else keep.to(weights.dtype)
         with torch.no_grad():
