@@ -218,13 +218,25 @@ VARIANTS: dict[str, dict] = {
                "net_kwargs": {"uniform_start": True}},
     "fastcls20h": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                    "loss_history": True, "net_kwargs": {"uniform_start": True}},
+    # the defaults (cls20) with the meta-gradient's veto at 0, 0.5 and 1 times the batch's mean |c|: a sample whose
+    # coefficient dL_meta/dw_i is above it gets weight 0 for the step; ess20v10 is LossNet's defaults with the veto
+    "cls20v0": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                "veto": 0.0, "net_kwargs": {"uniform_start": True}},
+    "cls20v05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                 "veto": 0.5, "net_kwargs": {"uniform_start": True}},
+    "cls20v10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                 "veto": 1.0, "net_kwargs": {"uniform_start": True}},
+    "ess20v10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 1.0,
+                 "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
 # Likewise a variant that names no normalisation ran with "sum" (the default became "class" for class labels).
+# Likewise a variant that names no veto ran without one (math.inf; the key names the veto only where there is one).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
     _variant.setdefault("normalization", "sum")
+    _variant.setdefault("veto", math.inf)
 
 
 # Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3
@@ -368,6 +380,8 @@ def _train(
     rw = None
     if net is not None:
         kwargs = reweighter_kwargs(rw_kwargs or {})
+        if net == "l2rw" and kwargs.get("veto") == math.inf:  # the pinned "no veto": L2RW's rule is its own
+            del kwargs["veto"]
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
@@ -630,7 +644,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     import inspect
 
     from reweight import nets
-    from reweight.options import META_WARMUP, MIN_ESS
+    from reweight.options import META_WARMUP, MIN_ESS, VETO
     from reweight.presets import PRESETS, resolve_preset
 
     base = method.partition("+")[0]
@@ -660,6 +674,11 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         min_ess = MIN_ESS
     if min_ess:  # in the key when the floor is on (rows without it ran without one)
         opts["min_ess"] = min_ess
+    veto = kwargs.pop("veto", None)
+    if veto is None:  # the library's default (the benchmark's nets are per-sample nets)
+        veto = VETO if base != "l2rw" else math.inf
+    if math.isfinite(veto):  # in the key when there is a veto (rows without it ran without one)
+        opts["veto"] = veto
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

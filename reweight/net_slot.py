@@ -292,6 +292,15 @@ class NetSlot:
         keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
         return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)), net_inputs, keep)
 
+    def vetoed(self, weights: Tensor, coefficients: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
+        """``weights`` with the samples whose coefficient ``c_i = dL_meta/dw_i`` is above ``veto`` times the
+        global batch's mean ``|c|`` set to zero (weighting them up raises the meta loss), normalised again
+        (:meth:`normalize`, with its floor). No host sync."""
+        count = coefficients.new_tensor(float(coefficients.numel() * self.group.world_size))
+        scale = self.group.sum_differentiable(coefficients.detach().abs().sum()) / count
+        keep = (coefficients <= self.options.veto * scale).to(weights.dtype)
+        return self.normalize(weights * keep, net_inputs)
+
     def update(
         self,
         coefficients: Tensor,

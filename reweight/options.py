@@ -70,6 +70,11 @@ META_LR, GROUPS_META_LR = 1e-3, 1e-3
 # the decay is lower on the meta set on every noise of the stability benchmark: after the decay the net keeps
 # correcting the weights as the model fits the noisy labels (docs/results.md, "A meta lr that follows...").
 META_FOLLOWS_LR = False
+# veto: after each meta update a sample whose meta-gradient coefficient c_i (dL_meta/dw_i) is above ``veto`` times
+# the batch's mean |c| gets weight 0 for that step (the meta batch says that weighting it up raises the meta loss).
+# None: none. The group net alone weighs sources, not samples; L2RW's weights are its clamped coefficients, a veto
+# at 0 by construction.
+VETO = math.inf
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
@@ -134,6 +139,7 @@ class ReweighterOptions:
     meta_warmup: int
     meta_follows_lr: bool
     min_ess: float | None  # None: L2RW's, settled with normalization="auto"
+    veto: float  # math.inf: none
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -147,6 +153,11 @@ class ReweighterOptions:
     def is_l2rw(self) -> bool:
         """Whether the weights are L2RW's (no weighting net)."""
         return _is_l2rw(self.net)
+
+    @property
+    def vetoes(self) -> bool:
+        """Whether the meta-gradient vetoes samples after each of the net's meta updates (``veto`` finite)."""
+        return math.isfinite(self.veto)
 
     @property
     def head_mode(self) -> bool:
@@ -229,6 +240,20 @@ def _check_net(net: Any, net_kwargs: Any) -> None:
         raise TypeError(f"net_kwargs must be a dict or None, got {type(net_kwargs).__name__}")
 
 
+def _check_veto(veto: Any, net: Any, net_kwargs: dict | None) -> float:
+    """The ``veto`` threshold, ``math.inf`` for none; ``None`` gives the default (none for the group net alone
+    and L2RW, whose own rule it is)."""
+    if veto is None:
+        return math.inf if _is_l2rw(net) or _group_weights_alone(net, net_kwargs) else VETO
+    if isinstance(veto, bool) or not isinstance(veto, numbers.Real):
+        raise TypeError(f"veto must be a number or None, got {type(veto).__name__}")
+    if math.isnan(float(veto)) or float(veto) < 0:
+        raise ValueError(f"veto must be >= 0 (a multiple of the batch's mean |c|; math.inf: none), got {veto!r}")
+    if _is_l2rw(net):
+        raise ValueError("veto does not apply to net='l2rw': its weights are the clamped meta-gradient, a veto at 0")
+    return float(veto)
+
+
 def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterOptions:
     """Apply ``arguments["preset"]`` and check every argument of :class:`~reweight.MetaReweighter`.
 
@@ -289,6 +314,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         raise TypeError(f"min_ess must be a number or None, got {type(min_ess).__name__}")
     if not 0 <= float(min_ess) < 1:
         raise ValueError(f"min_ess must be in [0, 1) (a share of the batch; 0 turns the floor off), got {min_ess!r}")
+    veto = _check_veto(a["veto"], a["net"], a["net_kwargs"])
     if not isinstance(a["loss_history"], bool):
         raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")
     if a["num_classes"] is not None:
@@ -319,6 +345,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         meta_warmup=warmup,
         meta_follows_lr=follows,
         min_ess=float(min_ess),
+        veto=veto,
         loss_history=a["loss_history"],
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,

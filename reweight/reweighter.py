@@ -64,13 +64,12 @@ class MetaReweighter:
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
             call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
             so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).
-        engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``
-            uses ``"ghost"`` (per-layer inner products; no forward-mode or double backward) when it is
-            exact for the model (no BatchNorm in train mode, a rule for every layer whose parameters the
-            look-ahead moves), otherwise ``"forward"``; with ``lookahead="head"`` the closed form
-            ``"linear_head"``. :attr:`engine_reason` says why (also logged at INFO on the ``"reweight"``
-            logger). It falls back once, with a warning, to the next engine when one meets an operation it
-            cannot handle. With ``"ghost"`` the caller's forward is captured by hooks on the model
+        engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"`` uses
+            ``"ghost"`` (per-layer inner products; no forward-mode or double backward) when it is exact for the
+            model (no BatchNorm in train mode, a rule for every layer the look-ahead moves), else ``"forward"``;
+            with ``lookahead="head"`` the closed form ``"linear_head"``. :attr:`engine_reason` says why (logged at
+            INFO on the ``"reweight"`` logger). It falls back once, with a warning, to the next engine when one
+            meets an operation it cannot handle. ``"ghost"`` captures the caller's forward by hooks on the model
             (:meth:`remove_hooks`) (default: ``"auto"``).
         lookahead: parameters moved by the look-ahead, the others held fixed: ``"full"``, ``"head"``
             (the final ``nn.Linear``; its input is captured by a forward hook, removed by
@@ -93,24 +92,25 @@ class MetaReweighter:
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum kept
             (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW under ``"class"``; ``0``: group net).
+        veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
+            gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
+            for L2RW, whose rule it is at 0 (default: ``None``: ``math.inf``; none for the group net alone).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
         loss_fn: per-sample training loss ``(logits, targets) -> (batch,)`` (default: cross-entropy, class or soft).
         meta_loss_fn: per-sample loss of the meta batch (default: ``loss_fn``).
-        logits_fn: where the logits are in the model's outputs, e.g. ``lambda out: out["scores"]``; applied to
-            the ``outputs`` given to :meth:`step` and to every forward of the look-ahead (default: a tensor,
-            an object's ``.logits`` or a mapping's ``"logits"``).
+        logits_fn: where the logits are in the model's outputs, e.g. ``lambda out: out["scores"]``; applied to the
+            ``outputs`` of :meth:`step` and every look-ahead forward (default: a tensor, ``.logits`` or ``["logits"]``).
         num_classes: number of classes; inferred from the first outputs when ``None`` (default: ``None``).
-        on_nonfinite: ``"raise"`` a :class:`NonFiniteLossError` when a loss or meta-gradient is not
-            finite, or ``"skip"`` that meta update (weights then come from the current net and samples
-            with a non-finite loss get weight 0) (default: ``"raise"``).
+        on_nonfinite: ``"raise"`` a :class:`NonFiniteLossError` when a loss or meta-gradient is not finite, or
+            ``"skip"`` that meta update (the current net's weights, 0 for a non-finite loss) (default: ``"raise"``).
         collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
-            every returned weight of a batch falls below it (with ``"sum"``: all zero), the weights become
-            constant, a tenth of the batch carries its loss (effective sample size) or (``"class"``) a class's
-            weights are all zero; checked every 50 steps, tunable through ``collapse_monitor``; ``None`` disables
-            it (default: ``1e-3``). ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns once
-            (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
+            every weight of a batch falls below it (with ``"sum"``: all zero), the weights become constant, a tenth
+            of the batch carries its loss (effective sample size) or (``"class"``) a class's weights are all zero
+            (the net's, before the veto); checked every 50 steps, tunable through ``collapse_monitor``; ``None``
+            disables it (default: ``1e-3``). ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns
+            once (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
         process_group: the data-parallel group of a model whose DDP wrapper the reweighter does not see (Lightning's
             strategies hand over the bare module) (default: ``None``: a ``DistributedDataParallel`` model's, else none).
         seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout,
@@ -153,6 +153,7 @@ class MetaReweighter:
         meta_warmup: int | None = None,
         meta_follows_lr: bool | None = None,
         min_ess: float | None = None,
+        veto: float | None = None,
         loss_history: bool = False,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
@@ -167,7 +168,7 @@ class MetaReweighter:
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
-            loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
+            veto=veto, loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
             num_classes=num_classes, on_nonfinite=on_nonfinite, collapse_threshold=collapse_threshold, seed=seed,
         )  # fmt: skip
         module = unwrap_model(model)
@@ -307,11 +308,12 @@ class MetaReweighter:
         net_inputs: tuple[Any, ...],
         meta: tuple[Inputs, Tensor] | None,
         pending: Tensor | None,
-    ) -> tuple[bool, Tensor | None]:
+    ) -> tuple[bool, Tensor | None, Tensor | None]:
         """One meta update, mutating only the weighting net and its optimizer; checks ``pending`` (the
         training losses' deferred finite flag) with its own.
 
-        Returns whether it was applied (``False`` when skipped on a non-finite value), and L2RW's weights.
+        Returns whether it was applied (``False`` when skipped on a non-finite value), L2RW's weights, and the
+        coefficients for the net's ``veto`` (``None`` without one).
         """
         if self.is_l2rw:  # the meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
@@ -319,9 +321,9 @@ class MetaReweighter:
             if not joint_check(
                 torch.isfinite(grad.coefficients).all(), "the meta-gradient", pending, self._group, self.on_nonfinite
             ):
-                return False, None
-            self.last_meta_loss = grad.meta_loss
-            return True, self._slot.normalize(torch.clamp(-grad.coefficients, min=0).to(self._net_dtype()), net_inputs)
+                return False, None, None
+            self.last_meta_loss, clamped = grad.meta_loss, torch.clamp(-grad.coefficients, min=0)
+            return True, self._slot.normalize(clamped.to(self._net_dtype()), net_inputs), None
         assert self.net is not None
         self.net.train()
         with torch.enable_grad():
@@ -330,7 +332,7 @@ class MetaReweighter:
             grad = self._engine(self._problem(inputs, targets, logits, weights, meta))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
-                return False, None
+                return False, None, None
             self._slot.update(
                 grad.coefficients,
                 weights,
@@ -341,7 +343,7 @@ class MetaReweighter:
                 self.lookahead_lr,
             )
         self.last_meta_loss = grad.meta_loss
-        return True, None
+        return True, None, grad.coefficients.detach() if self.options.vetoes else None
 
     def step(
         self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None, *,
@@ -372,8 +374,7 @@ class MetaReweighter:
         A step that raises leaves everything as it was: the model, the weighting net and its optimizer,
         the step count, the reweighter's RNG and the meta stream's position.
         """
-        rng, stream = self._generator.get_state(), self._meta_stream.state_dict()
-        net_before = self._slot.snapshot()
+        rng, stream, net_before = self._generator.get_state(), self._meta_stream.state_dict(), self._slot.snapshot()
         self._engine.sync(armed=False)  # the look-ahead's own forwards are not the caller's
         try:
             return self._step(inputs, targets, outputs, groups, sample_ids)
@@ -417,20 +418,21 @@ class MetaReweighter:
             self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, self._net_dtype())
         losses = torch.where(finite, losses, torch.zeros_like(losses))
         net_inputs = self._slot.count_batch((losses, logits.detach(), targets, groups, self._slot.recall(ids, losses)))
-        applied, weights = False, None
+        applied, weights, veto = False, None, None
         with isolated_rng(rank_seed, self.device):
             if update and all_finite:
                 with phase("meta_update"):
-                    applied, weights = self._meta_update(inputs, targets, logits, net_inputs, meta, pending)
+                    applied, weights, veto = self._meta_update(inputs, targets, logits, net_inputs, meta, pending)
                 pending = None  # checked by the update
             if weights is None:
                 weights = self._slot.current_weights(net_inputs, finite)
         if pending is not None:  # a step without a meta update
-            done = torch.ones((), dtype=torch.bool, device=finite.device)
-            joint_check(done, "a per-sample training loss", pending, self._group, self.on_nonfinite)
+            joint_check(finite.new_ones(()), "a per-sample training loss", pending, self._group, self.on_nonfinite)
         self.last_update_skipped = update and not applied
         if self.collapse_monitor is not None:
             self.collapse_monitor.observe(self._step_count, weights, losses, *self._slot.class_labels(net_inputs))
+        if veto is not None:  # after the monitor, which watches the net's own weights
+            weights = self._slot.vetoed(weights, veto, net_inputs)
         self._slot.remember(ids, losses, finite)
         self._step_count += 1
         return weights.detach()
@@ -493,8 +495,6 @@ class MetaReweighter:
 
     def __repr__(self) -> str:
         net = self.options.net if isinstance(self.options.net, str) else type(self.options.net).__name__
-        return (
-            f"{type(self).__name__}(net={net!r}, preset={self.preset!r}, engine={self.engine_name!r}, interval="
-            f"{self.interval}, normalization={self.normalization!r}, virtual_step={self.virtual_step!r}, "
-            f"step={self._step_count})"
-        )
+        return (f"{type(self).__name__}(net={net!r}, preset={self.preset!r}, engine={self.engine_name!r}, interval="
+                f"{self.interval}, normalization={self.normalization!r}, virtual_step={self.virtual_step!r}, "
+                f"step={self._step_count})")  # fmt: skip

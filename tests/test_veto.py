@@ -1,0 +1,134 @@
+"""``veto``: after each meta update, a sample whose meta-gradient coefficient ``c_i = dL_meta/dw_i`` is above
+``veto`` times the batch's mean ``|c|`` gets weight 0 for that step, checked against coefficients computed
+independently with ``torch.func``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from reweight import MetaReweighter
+from reweight.options import VETO
+
+CLASSES, LR = 3, 0.5
+
+
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, CLASSES)
+    g = torch.Generator().manual_seed(seed)
+    meta = [(torch.randn(12, 4, generator=g), torch.randint(0, CLASSES, (12,), generator=g))]
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, CLASSES, (32,), generator=g)
+    return model, torch.optim.SGD(model.parameters(), lr=LR), meta, x, y
+
+
+def _frozen_net(params):
+    return torch.optim.SGD(params, lr=0.0)  # the net keeps its uniform start: the weights before the veto are 1
+
+
+def _coefficients(model: nn.Module, x, y, meta) -> torch.Tensor:
+    """``dL_meta(theta - lr * grad mean(w_i L_i)) / dw`` at ``w = 1``, by ``torch.func``."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    xm, ym = meta[0]
+
+    def meta_loss(w):
+        def train_loss(p):
+            return (w * F.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")).mean()
+
+        g = grad(train_loss)(params)
+        ahead = {k: params[k] - LR * g[k] for k in params}
+        return F.cross_entropy(functional_call(model, ahead, (xm,)), ym)
+
+    return grad(meta_loss)(torch.ones(len(y)))
+
+
+def _expected(keep: torch.Tensor, y: torch.Tensor, normalization: str) -> torch.Tensor:
+    keep = keep.double()
+    if normalization == "sum":
+        return keep * len(keep) / keep.sum()
+    out = torch.zeros_like(keep)
+    for c in y.unique():
+        m = y == c
+        out[m] = keep[m] * m.sum() / keep[m].sum() if keep[m].sum() > 0 else 0.0
+    return out
+
+
+@pytest.mark.parametrize("engine", ["ghost", "reverse"])
+@pytest.mark.parametrize(("net", "normalization"), [("gated", "class"), ("lossnet", "sum")])
+@pytest.mark.parametrize("veto", [0.0, 0.5, 1.0])
+def test_veto_zeroes_the_samples_whose_coefficient_is_above_it(engine, net, normalization, veto):
+    model, opt, meta, x, y = _parts()
+    c = _coefficients(model, x, y, meta)
+    keep = c <= veto * c.abs().mean()
+    assert 0 < int(keep.sum()) < len(y)  # the case is not trivial
+    rw = MetaReweighter(
+        model, opt, meta, net=net, engine=engine, normalization=normalization, veto=veto, min_ess=0,
+        meta_optimizer=_frozen_net, seed=0,
+    )  # fmt: skip
+    w = rw.step(x, y, model(x))
+    torch.testing.assert_close(w.double(), _expected(keep, y, normalization), atol=1e-6, rtol=1e-6)
+
+
+def test_a_higher_veto_keeps_a_superset_and_inf_keeps_every_sample():
+    kept = []
+    for veto in (0.0, 0.5, 1.0, math.inf):
+        model, opt, meta, x, y = _parts()
+        rw = MetaReweighter(model, opt, meta, veto=veto, min_ess=0, meta_optimizer=_frozen_net, seed=0)
+        kept.append(rw.step(x, y, model(x)) > 0)
+    for low, high in zip(kept, kept[1:]):
+        assert bool((low <= high).all())
+    assert bool(kept[-1].all()) and not bool(kept[0].all())
+
+
+def test_the_veto_leaves_the_nets_learning_unchanged():
+    """The veto acts on the returned weights only: the net's update is the same with and without it."""
+    states = []
+    for veto in (1.0, math.inf):
+        model, opt, meta, x, y = _parts()
+        rw = MetaReweighter(model, opt, meta, veto=veto, seed=0)
+        rw.step(x, y, model(x))
+        states.append(rw.state_dict()["net"])
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], atol=0, rtol=0)
+
+
+def test_no_veto_between_meta_updates():
+    model, opt, meta, x, y = _parts()
+    rw = MetaReweighter(model, opt, meta, veto=0.0, interval=2, min_ess=0, meta_optimizer=_frozen_net, seed=0)
+    assert not bool((rw.step(x, y, model(x)) > 0).all())  # a meta update: vetoed
+    torch.testing.assert_close(rw.step(x, y, model(x)), torch.ones(len(y)))  # none: the net's (uniform) weights
+
+
+def test_default_veto():
+    model, opt, meta, *_ = _parts()
+    assert MetaReweighter(model, opt, meta).options.veto == VETO
+    assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
+    assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
+    assert not MetaReweighter(model, opt, meta, net="groups", net_kwargs={"num_groups": 2}).options.vetoes
+
+
+@pytest.mark.parametrize(
+    ("veto", "error", "match"),
+    [
+        (-0.1, ValueError, "veto must be >= 0"),
+        (float("nan"), ValueError, "veto must be >= 0"),
+        (True, TypeError, "veto must be a number"),
+        ("1", TypeError, "veto must be a number"),
+    ],
+)
+def test_bad_veto_is_refused(veto, error, match):
+    model, opt, meta, *_ = _parts()
+    with pytest.raises(error, match=match):
+        MetaReweighter(model, opt, meta, veto=veto)
+
+
+@pytest.mark.parametrize("veto", [0.0, 1.0, math.inf])
+def test_l2rw_refuses_a_veto(veto):
+    model, opt, meta, *_ = _parts()
+    with pytest.raises(ValueError, match="veto does not apply to net='l2rw'"):
+        MetaReweighter(model, opt, meta, net="l2rw", veto=veto)
