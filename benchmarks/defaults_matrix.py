@@ -59,6 +59,8 @@ CONFIGS = {
     "history": {"loss_history": True},
     # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
     "l2rw-floor40": {},
+    # the defaults with the meta-gradient's veto at the batch's mean |c| (the nets; L2RW's rule is a veto at 0)
+    "veto10": {"veto": 1.0},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -89,6 +91,7 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 
 SPELLED["history"] = {**SPELLED["defaults"], "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
+SPELLED["veto10"] = {**SPELLED["defaults"], "veto": 1.0}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {
@@ -320,9 +323,11 @@ NETS_FOR = {
 
 def nets_for(task: str, config: str) -> list[str]:
     """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss; ``"l2rw-floor40"``:
-    L2RW)."""
+    L2RW; ``"veto10"``: the nets, not L2RW)."""
     if config == "l2rw-floor40":
         return ["l2rw"]
+    if config == "veto10":
+        return [n for n in NETS_FOR[task] if n != "l2rw"]
     return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 
 
