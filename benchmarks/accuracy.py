@@ -100,6 +100,9 @@ class Config:
     meta_batch_size: int = 100
     finetune_epochs: int = 10
     finetune_lr: float = 0.005
+    # clean samples per class held out beside the meta set, never shown to any method, to choose between
+    # configurations on clean data the reweighter did not train toward (0: none; in a row's key only when set)
+    holdout_per_class: int = 0
 
 
 CONFIGS = {
@@ -218,7 +221,7 @@ VARIANTS: dict[str, dict] = {
                "net_kwargs": {"uniform_start": True}},
     "fastcls20h": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                    "loss_history": True, "net_kwargs": {"uniform_start": True}},
-    # the defaults (cls20) with the meta-gradient's veto at 0, 0.5 and 1 times the batch's mean |c|: a sample whose
+    # the defaults (cls20) with the meta-gradient's veto at 0, 0.5, 1 and 2 times the batch's mean |c|: a sample whose
     # coefficient dL_meta/dw_i is above it gets weight 0 for the step; ess20v10 is LossNet's defaults with the veto
     "cls20v0": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                 "veto": 0.0, "net_kwargs": {"uniform_start": True}},
@@ -226,6 +229,8 @@ VARIANTS: dict[str, dict] = {
                  "veto": 0.5, "net_kwargs": {"uniform_start": True}},
     "cls20v10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                  "veto": 1.0, "net_kwargs": {"uniform_start": True}},
+    "cls20v20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                 "veto": 2.0, "net_kwargs": {"uniform_start": True}},
     "ess20v10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 1.0,
                  "net_kwargs": {"uniform_start": True}},
 }
@@ -306,8 +311,10 @@ def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
     ds = _dataset(dataset, cfg.num_samples)
     kind, amount = setting.split("-")
     per_class = cfg.meta_per_class_lt if kind == "lt" else cfg.meta_per_class_noise
-    split = meta_split(ds.y_train, per_class, num_classes=ds.num_classes, seed=seed)
+    split = meta_split(ds.y_train, per_class + cfg.holdout_per_class, num_classes=ds.num_classes, seed=seed)
     train, meta = split.train, split.meta
+    rank = np.array([np.sum(ds.y_train[meta[:i]] == ds.y_train[m]) for i, m in enumerate(meta)])
+    meta, holdout = meta[rank < per_class], meta[rank >= per_class]  # the first per_class of each class: the meta set
     y_true = ds.y_train[train]
     corrupted = np.zeros(len(train), dtype=bool)
     y_obs = y_true
@@ -327,6 +334,8 @@ def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
         "ym": t(ds.y_train[meta]),
         "xt": t(ds.x_test),
         "yt": t(ds.y_test),
+        "xh": t(ds.x_train[holdout]),
+        "yh": t(ds.y_train[holdout]),
     }
 
 
@@ -390,7 +399,7 @@ def _train(
     rec = WeightRecorder()
     n = len(y)
     tail = max(1, math.ceil(0.1 * cfg.epochs))
-    test_acc, meta_acc = [], []
+    test_acc, meta_acc, holdout_acc = [], [], []
     corrupted = torch.from_numpy(d["corrupted"])
     curves: dict[str, list[float]] = {
         "w_corrupted": [], "w_clean": [], "w_std": [], "meta_loss": [], "ess_mean": [], "ess_min": []
@@ -422,6 +431,8 @@ def _train(
             with counter.paused():
                 test_acc.append(accuracy(model, d["xt"], d["yt"]))
                 meta_acc.append(accuracy(model, d["xm"], d["ym"]))
+                if len(d["yh"]):
+                    holdout_acc.append(accuracy(model, d["xh"], d["yh"]))
         if rw is not None:  # per-epoch diagnostics of the weights and the meta loss
             n_bad = int(corrupted.sum())
             curves["w_corrupted"].append(float(w_sum[1]) / n_bad if n_bad else float("nan"))
@@ -431,6 +442,8 @@ def _train(
             curves["ess_mean"].append(float(np.mean(ess)))  # the batches' effective sample size, a share
             curves["ess_min"].append(float(np.min(ess)))
     out: dict = {"test_acc": test_acc, "meta_acc": meta_acc}
+    if holdout_acc:
+        out["holdout_acc"] = holdout_acc
     if evaluate:  # how far the model fits the observed (noisy) training labels at the end
         with counter.paused():
             out["train_acc_observed"] = accuracy(model, x, y)
@@ -701,7 +714,7 @@ def _key(
     key["reweighter"] = reweighter_options(method, variant, net_kwargs, _main_grid(dataset, schedule, variant, model))
     if method in METHOD_OPTIONS:
         key["options"] = METHOD_OPTIONS[method]
-    key["config"] = dataclasses.asdict(cfg)
+    key["config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "holdout_per_class" or v}
     return _store.canonical(key)
 
 
@@ -1085,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (smoke tests)")
     p.add_argument("--num-samples", type=int, default=None, help="override mnist1d's num_samples (smoke tests)")
+    p.add_argument(
+        "--holdout-per-class", type=int, default=0,
+        help="clean samples per class held out beside the meta set, for choosing between configurations",
+    )  # fmt: skip
     args = p.parse_args(argv)
     global _ARGV
     _ARGV = [__file__, *(sys.argv[1:] if argv is None else argv)]
@@ -1141,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, epochs=args.epochs)
         if args.num_samples is not None:
             cfg = dataclasses.replace(cfg, num_samples=args.num_samples)
+        cfg = dataclasses.replace(cfg, holdout_per_class=args.holdout_per_class)
         for seed in args.seeds:
             for s in args.settings:
                 if args.lambda_sweep:
