@@ -4,6 +4,7 @@ first batch decides) and ``min_ess``, the floor on the weights' effective sample
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -177,6 +178,8 @@ def _weights(net: str, min_ess: float, steps: int = 4, **kwargs) -> list[torch.T
     model, opt, meta = _parts()
     kwargs.setdefault("normalization", "sum")
     spread = Spread(8.0 if kwargs["normalization"] == "class" else 4.0)  # within classes the spread is smaller
+    if net != "l2rw":
+        kwargs.setdefault("veto", math.inf)  # the floor on the net's own weights
     rw = MetaReweighter(model, opt, meta, net=spread if net == "spread" else net, min_ess=min_ess, seed=0,
                         **kwargs)  # fmt: skip
     out = []

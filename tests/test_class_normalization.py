@@ -4,6 +4,7 @@ per-sample weighting of class labels (its gradient against an independent refere
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -77,7 +78,7 @@ def test_the_default_is_sum_for_other_losses_and_for_the_group_net():
 
 def test_each_class_keeps_its_count_and_the_ranking_within_it():
     model, opt, meta = _parts()
-    rw = MetaReweighter(model, opt, meta, net=ByLogits(), min_ess=0, seed=0)
+    rw = MetaReweighter(model, opt, meta, net=ByLogits(), min_ess=0, veto=math.inf, seed=0)
     x, y = torch.randn(30, 4), torch.arange(30) % CLASSES
     y[:6] = 0  # unequal class counts
     w = rw.step(x, y, model(x))

@@ -73,6 +73,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # each sample's loss history: the samples are dealt to the other rank on later steps, so each rank's net
     # reads the history its batch got on both ranks (the global batch's losses are gathered each step)
     "lossnet_history": {"net": "lossnet", "meta_sgd": True, "loss_history": True},
+    # a veto that binds on every batch: its threshold is the global batch's mean |c|
+    "lossnet_veto": {"net": "lossnet", "meta_sgd": True, "veto": 0.5},
+    "logitnet_class_veto": {"net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5},
 }
 # net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
 # and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net
@@ -233,8 +236,9 @@ def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
     # the weights each rank returned are the global batch's weights, shard by shard
     per_step = [torch.cat([r[name]["weights"].view(STEPS, SHARD)[t] for r in ranks]) for t in range(STEPS)]
     torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
-    # the run is not trivial: the weights vary within the batches
+    # the run is not trivial: the weights vary within the batches (and a veto sets some to zero)
     assert single["weights"].std() > 1e-3
+    assert "veto" not in CONFIGS[name] or bool((single["weights"] == 0).any())
 
 
 def test_auto_under_an_own_loss_settles_on_every_rank_as_naming_the_net(ranks):

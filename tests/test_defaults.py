@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -65,8 +66,10 @@ def test_each_named_net_starts_with_the_same_weight_for_every_sample(name, train
 def test_the_reweighters_first_weights_are_uniform_before_the_net_moves(name):
     model, meta = _parts()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    # a meta lr of 0: the first step's weights are the initial net's, normalised
-    rw = MetaReweighter(model, opt, meta, net=name, seed=0, meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    # a meta lr of 0 and no veto: the first step's weights are the initial net's, normalised
+    rw = MetaReweighter(
+        model, opt, meta, net=name, seed=0, veto=math.inf, meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.0)
+    )
     x, y = _batch(0)
     torch.testing.assert_close(rw.step(x, y, model(x)), torch.ones(8), rtol=0, atol=1e-6)
 

@@ -2,6 +2,7 @@
 outputs), user-defined nets, schedulers and the loss scale promised by the returned weights."""
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -118,7 +119,7 @@ def test_soft_targets_and_model_output_objects(net):
     logits = model(x)
     weights = {}
     for kind, outputs in (("tensor", logits), ("object", SimpleNamespace(logits=logits)), ("dict", {"logits": logits})):
-        rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net=net, seed=0)
+        rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net=net, seed=0, veto=math.inf)
         weights[kind] = rw.step(x, soft, outputs)
     assert torch.equal(weights["object"], weights["tensor"]) and torch.equal(weights["dict"], weights["tensor"])
     losses = -(soft * F.log_softmax(logits, -1)).sum(-1).detach()
@@ -132,7 +133,7 @@ def test_returned_weights_give_algorithm_1_loss():
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
     meta = [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
-    rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net="lossnet")
+    rw = MetaReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), meta, net="lossnet", veto=math.inf)
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
     logits = model(x)
     weights = rw.step(x, y, logits)
@@ -142,7 +143,8 @@ def test_returned_weights_give_algorithm_1_loss():
     torch.testing.assert_close((weights * losses).mean(), (raw * losses).sum() / raw.sum())
     torch.testing.assert_close(weights.sum(), torch.tensor(9.0))
     rw_none = MetaReweighter(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), [(x, y)], net="lossnet", normalization="none"
+        model, torch.optim.SGD(model.parameters(), lr=0.1), [(x, y)], net="lossnet", normalization="none",
+        veto=math.inf,
     )
     w = rw_none.step(x, y, logits)
     with torch.no_grad():
