@@ -169,6 +169,41 @@ def paired_table(
     return "\n".join(lines) + "\n"
 
 
+def holdout_table(cells: dict, dataset: str, settings: list[str], rows: list[str], base: str) -> str:
+    """Markdown: per row and setting, the accuracy on the clean samples held out beside the meta set (never
+    shown to the reweighter: what a configuration is chosen by), over the last 10% of epochs, and its paired
+    difference from ``base`` over the seeds both ran; beside it the meta set's (which the weights train toward)
+    and the test set's last accuracy."""
+    lines = [
+        f"| row | setting | seeds | held-out last | against {base} | meta last | test last |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        pooled = []
+        for s in [*settings, "all"]:
+            runs = pooled if s == "all" else sorted(cells.get((dataset, s, row), []), key=lambda r: r["key"]["seed"])
+            if s != "all":
+                pooled += [(s, r) for r in runs]
+            pairs = runs if s == "all" else [(s, r) for r in runs]
+            if not pairs:
+                continue
+            held = [100 * _tail_mean(r["result"]["holdout_acc"]) for _, r in pairs]
+            theirs = {(s_, r["key"]["seed"]): r for s_ in settings for r in cells.get((dataset, s_, base), [])}
+            diff = [
+                h - 100 * _tail_mean(theirs[(s_, r["key"]["seed"])]["result"]["holdout_acc"])
+                for h, (s_, r) in zip(held, pairs)
+                if (s_, r["key"]["seed"]) in theirs
+            ]
+            meta = np.mean([100 * _tail_mean(r["result"]["meta_acc"]) for _, r in pairs])
+            test = np.mean([100 * r["result"]["last"] for _, r in pairs])
+            against = mean_se(diff) if diff and row != base else "–"
+            lines.append(
+                f"| {row} | {s} | {len(pairs)} | {np.mean(held):.1f} ± {np.std(held):.1f} | {against} | "
+                f"{meta:.1f} | {test:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _curve_facts(run: dict) -> tuple[float, float, float, float]:
     """(drop from the highest test accuracy to the last, the weights' largest per-epoch std, the rise of the
     meta loss after its minimum, the meta-set accuracy's drop from its highest to its last)."""

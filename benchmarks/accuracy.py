@@ -743,13 +743,18 @@ def _row_name(method: str) -> str:
     return NAMES[base] + (f" [{variant}]" if variant else "")
 
 
-def _cells(root: Path, seeds, schedule: str, variants: tuple[str, ...], model: str) -> dict[tuple, list[dict]]:
-    """Cached runs of one schedule and model family by ``(dataset, setting, method[~variant])``."""
+def _cells(
+    root: Path, seeds, schedule: str, variants: tuple[str, ...], model: str, holdout: int = 0
+) -> dict[tuple, list[dict]]:
+    """Cached runs of one schedule, model family and held-out set (``holdout_per_class``) by ``(dataset, setting,
+    method[~variant])``."""
     cell: dict[tuple, list[dict]] = {}
     for r in _load(root):
         k = r["key"]
         variant = k.get("variant", "default")
         if seeds is not None and k["seed"] not in seeds:
+            continue
+        if k["config"].get("holdout_per_class", 0) != holdout:
             continue
         if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule:
             continue

@@ -252,6 +252,18 @@ HISTORY_ROWS = ("gated~cls20", "gated~cls20h", "lossnet~ess20", "lossnet~ess20h"
 HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~ess20")]
 HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
+# the meta-gradient's veto at 0, 0.5, 1 and 2 times the batch's mean |c| against the same net without it
+VETO_VARIANTS = ("cls20", "cls20v0", "cls20v05", "cls20v10", "cls20v20", "ess20", "ess20v10")
+VETO_GATED = [f"gated~{v}" for v in VETO_VARIANTS[:5]]
+VETO_PAIRS = [*((row, "gated~cls20") for row in VETO_GATED[1:]), ("lossnet~ess20v10", "lossnet~ess20")]
+HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.py --holdout-per-class)
+
+
+def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
+    """The held-out set's table (paper schedule) of each ``(rows, base)`` group, with the provenance note."""
+    cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model, HOLDOUT)
+    text = "\n".join(_tradeoff.holdout_table(cells, "mnist1d", settings, rows, base) for rows, base in groups)
+    return text + "\n" + acc._note(cells, "mnist1d", settings, [r for rows, _ in groups for r in rows])
 
 
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
@@ -377,6 +389,18 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["cls20", "cls20m3", "cls20m3f"], SEEDS5, "bnwide", fit=True,
         ),
         "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
+        "veto-holdout": lambda: _holdout(
+            table, S3, [(VETO_GATED, "gated~cls20"), (["lossnet~ess20", "lossnet~ess20v10"], "lossnet~ess20")],
+            VETO_VARIANTS, list(range(10)),
+        ),
+        "veto-bn": lambda: _stability_rows(
+            table, S3, ["standard", *VETO_GATED, "lossnet~ess20", "lossnet~ess20v10", "l2rw~l2cls40"],
+            [*VETO_VARIANTS, "l2cls40"], list(range(10)),
+        ),
+        "veto-bn-paired": lambda: _paired_rows(table, S3, VETO_PAIRS, VETO_VARIANTS, list(range(10))),
+        "defaults-matrix-veto": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto10")
+        + "\n"
+        + defaults_matrix.report(defaults_matrix.TABLE, "veto10", 600),
         "defaults-matrix-meta3-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "meta3", 600),
         "fast-follow": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40"], [("gated~fastcls20f", "gated~fastcls20")],
