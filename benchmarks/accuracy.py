@@ -231,6 +231,9 @@ VARIANTS: dict[str, dict] = {
                  "veto": 1.0, "net_kwargs": {"uniform_start": True}},
     "cls20v20": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                  "veto": 2.0, "net_kwargs": {"uniform_start": True}},
+    # preset="fast" (interval 6: the veto on the steps with a meta update) with the veto at the batch's mean |c|
+    "fastcls20v10": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 1.0,
+                     "net_kwargs": {"uniform_start": True}},
     "ess20v10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 1.0,
                  "net_kwargs": {"uniform_start": True}},
 }
