@@ -222,7 +222,7 @@ VARIANTS: dict[str, dict] = {
     "fastcls20h": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                    "loss_history": True, "net_kwargs": {"uniform_start": True}},
     # the defaults (cls20) with the meta-gradient's veto at 0, 0.5, 1 and 2 times the batch's mean |c|: a sample whose
-    # coefficient dL_meta/dw_i is above it gets weight 0 for the step; ess20v10 is LossNet's defaults with the veto
+    # coefficient dL_meta/dw_i is above it gets weight 0 for the step; ess20v10 and ess20v05: LossNet's defaults with it
     "cls20v0": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                 "veto": 0.0, "net_kwargs": {"uniform_start": True}},
     "cls20v05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
@@ -236,6 +236,10 @@ VARIANTS: dict[str, dict] = {
                      "net_kwargs": {"uniform_start": True}},
     "ess20v10": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 1.0,
                  "net_kwargs": {"uniform_start": True}},
+    "ess20v05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                 "net_kwargs": {"uniform_start": True}},
+    "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
+                     "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.

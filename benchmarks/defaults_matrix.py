@@ -41,6 +41,7 @@ import _store  # noqa: E402
 from reweight import MetaReweighter  # noqa: E402
 from reweight.diagnostics import weight_auroc  # noqa: E402
 from reweight.nets import HISTORY_NETS  # noqa: E402
+from reweight.options import VETO  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "defaults_matrix.jsonl"
 CONFIGS = {
@@ -51,12 +52,13 @@ CONFIGS = {
         "uniform_start": False,
         "min_ess": 0.0,
         "normalization": "sum",  # the default before the nets that read the logits were normalised within classes
+        "veto": math.inf,
     },
-    # the defaults with a 3e-3 meta lr (the screen against the falls under uniform noise, docs/results.md)
-    "meta3": {"meta_optimizer": functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=5e-4)},
-    # the defaults with each sample's loss history (loss_history=True, the batches' indices as sample_ids), for
-    # the nets that read the loss
-    "history": {"loss_history": True},
+    # the defaults before the veto with a 3e-3 meta lr (the screen against the falls under uniform noise)
+    "meta3": {"meta_optimizer": functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=5e-4), "veto": math.inf},
+    # the defaults before the veto with each sample's loss history (loss_history=True, the batches' indices as
+    # sample_ids), for the nets that read the loss
+    "history": {"loss_history": True, "veto": math.inf},
     # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
     "l2rw-floor40": {},
     # the defaults with the meta-gradient's veto at the batch's mean |c| (the nets; L2RW's rule is a veto at 0)
@@ -89,7 +91,10 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 }
 
 
-SPELLED["history"] = {**SPELLED["defaults"], "loss_history": True}
+BEFORE_VETO = dict(SPELLED["defaults"])  # the defaults' rows before the veto became one of them
+if math.isfinite(VETO):
+    SPELLED["defaults"]["veto"] = f"{VETO:g} for the nets (none for l2rw, whose rule it is at 0)"
+SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**SPELLED["defaults"], "veto": 1.0}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
@@ -401,17 +406,16 @@ def _ratio(weights: torch.Tensor, corrupted: torch.Tensor) -> float:
     return (weights[corrupted].mean() / weights[~corrupted].mean()).item()
 
 
-def report(table: Path = TABLE, config: str = "defaults", steps: int = 300) -> str:
+def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, options: dict | None = None) -> str:
     """Markdown: per task and net, every seed's final AUROC, the lowest windowed AUROC, the mean weights
-    and the test metric against plain training, for the runs of ``steps`` steps."""
+    and the test metric against plain training, for the runs of ``steps`` steps of ``config`` with ``options``
+    (default: what ``config`` spells now; :data:`BEFORE_VETO`: the defaults' rows before the veto)."""
+    spelled = SPELLED[config] if options is None else options
     rows = [
         r
         for r in _store.latest(table)
         if r["key"]["steps"] == steps
-        and (
-            r["key"]["config"] == "plain"
-            or (r["key"]["config"] == config and r["key"].get("options") == SPELLED[config])
-        )
+        and (r["key"]["config"] == "plain" or (r["key"]["config"] == config and r["key"].get("options") == spelled))
     ]
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
