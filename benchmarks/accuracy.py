@@ -761,7 +761,7 @@ def _cells(
         variant = k.get("variant", "default")
         if seeds is not None and k["seed"] not in seeds:
             continue
-        if k["config"].get("holdout_per_class", 0) != holdout:
+        if k.get("config", {}).get("holdout_per_class", 0) != holdout:
             continue
         if k["net_kwargs"] is not None or k.get("schedule", "gentle") != schedule:
             continue

@@ -253,9 +253,13 @@ HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~es
 HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
 # the meta-gradient's veto at 0, 0.5, 1 and 2 times the batch's mean |c| against the same net without it
-VETO_VARIANTS = ("cls20", "cls20v0", "cls20v05", "cls20v10", "cls20v20", "ess20", "ess20v10")
-VETO_GATED = [f"gated~{v}" for v in VETO_VARIANTS[:5]]
-VETO_PAIRS = [*((row, "gated~cls20") for row in VETO_GATED[1:]), ("lossnet~ess20v10", "lossnet~ess20")]
+VETO_VARIANTS = ("cls20", "cls20v0", "cls20v05", "cls20v10", "ess20", "ess20v05", "ess20v10")
+VETO_GATED = [f"gated~{v}" for v in VETO_VARIANTS[:4]]
+VETO_LOSSNET = [f"lossnet~{v}" for v in VETO_VARIANTS[4:]]
+VETO_PAIRS = [
+    *((row, "gated~cls20") for row in VETO_GATED[1:]), *((row, "lossnet~ess20") for row in VETO_LOSSNET[1:]),
+    *((f"{m}~cls20v05", f"{m}~cls20") for m in ("metainfonet", "logitnet")),
+]
 HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.py --holdout-per-class)
 
 
@@ -342,9 +346,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20", "l2rw~l2cls40", *(f"{m}~ess20" for m in LOGIT_NETS)],
-            ["cls20", "ess20", "l2cls40"], list(range(10)),
-        ),
+            [*(f"{m}~cls20v05" for m in LOGIT_NETS), "lossnet~ess20v05", "l2rw~l2cls40",
+             *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
+            ["cls20v05", "ess20v05", "l2cls40", "cls20", "ess20"], list(range(10)),
+        ),  # fmt: skip
         "l2rw-class-bn": lambda: _stability_rows(
             table, S3, ["standard", *(f"l2rw~{v}" for v in L2RW_VARIANTS)], L2RW_VARIANTS, list(range(10))
         ),
@@ -390,17 +395,21 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
         "veto-holdout": lambda: _holdout(
-            table, S3, [(VETO_GATED, "gated~cls20"), (["lossnet~ess20", "lossnet~ess20v10"], "lossnet~ess20")],
-            VETO_VARIANTS, list(range(10)),
+            table, S3, [(VETO_GATED, "gated~cls20"), (VETO_LOSSNET, "lossnet~ess20")], VETO_VARIANTS, list(range(10))
         ),
         "veto-bn": lambda: _stability_rows(
-            table, S3, ["standard", *VETO_GATED, "lossnet~ess20", "lossnet~ess20v10", "l2rw~l2cls40"],
-            [*VETO_VARIANTS, "l2cls40"], list(range(10)),
+            table, S3, ["standard", *VETO_GATED, *VETO_LOSSNET], VETO_VARIANTS, list(range(10))
         ),
         "veto-bn-paired": lambda: _paired_rows(table, S3, VETO_PAIRS, VETO_VARIANTS, list(range(10))),
-        "defaults-matrix-veto": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto10")
+        "defaults-matrix-veto10": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto10")
         + "\n"
         + defaults_matrix.report(defaults_matrix.TABLE, "veto10", 600),
+        "defaults-matrix-before-veto": lambda: defaults_matrix.report(
+            defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_VETO
+        ),
+        "defaults-matrix-600-before-veto": lambda: defaults_matrix.report(
+            defaults_matrix.TABLE, "defaults", 600, options=defaults_matrix.BEFORE_VETO
+        ),
         "defaults-matrix-meta3-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "meta3", 600),
         "fast-follow": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40"], [("gated~fastcls20f", "gated~fastcls20")],

@@ -64,6 +64,7 @@ def main(
     lookahead_lr: float | None = None,
     lookahead: str | list[str] = "full",
     meta_lr: float | None = None,
+    veto: float | None = None,
     out: str = "lora_out",
     seed: int = 0,
 ) -> dict[str, float]:
@@ -80,7 +81,7 @@ def main(
     steps = epochs * -(-num_train // batch_size)
     reweighter = MetaReweighter(
         model, optimizer, meta_loader, net="lossnet", loss_fn=loss_fn, lookahead=lookahead,
-        lookahead_lr=lookahead_lr, meta_warmup=steps // 10, seed=seed, **extra,
+        lookahead_lr=lookahead_lr, meta_warmup=steps // 10, veto=veto, seed=seed, **extra,
     )  # fmt: skip  (a short run: the meta lr warms up over its first tenth, not the default 300 steps)
     print(f"engine: {reweighter.engine_name} ({reweighter.engine_reason})")
     recorder = WeightRecorder()
@@ -120,9 +121,10 @@ if __name__ == "__main__":
     )
     parser.add_argument("--lookahead", nargs="+", default=["full"], help="'full' or name patterns")
     parser.add_argument("--meta-lr", type=float, default=None, help="the weighting net's Adam lr (default 1e-3)")
+    parser.add_argument("--veto", type=float, default=None, help="the meta-gradient's veto (default 0.5; inf: none)")
     parser.add_argument("--out", default="lora_out")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
     spec = a.lookahead[0] if a.lookahead == ["full"] else a.lookahead
     lr = a.lookahead_lr or None
-    main(a.epochs, a.num_train, lookahead_lr=lr, lookahead=spec, meta_lr=a.meta_lr, out=a.out, seed=a.seed)
+    main(a.epochs, a.num_train, lookahead_lr=lr, lookahead=spec, meta_lr=a.meta_lr, veto=a.veto, out=a.out, seed=a.seed)

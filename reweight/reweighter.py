@@ -94,7 +94,7 @@ class MetaReweighter:
             (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW under ``"class"``; ``0``: group net).
         veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
-            for L2RW, whose rule it is at 0 (default: ``None``: ``math.inf``; none for the group net alone).
+            for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).

@@ -91,8 +91,10 @@ def test_lora_example_runs_offline_and_writes_its_figure(tmp_path, capsys):
     pytest.importorskip("peft")
     lora = _load("examples/lora_finetune.py", "_example_lora")
     summary = lora.main(epochs=3, num_train=240, batch_size=16, out=str(tmp_path))  # the docs' run, seed 0
-    assert summary["auroc"] > 0.95  # docs/llm_finetuning.md: 0.999, with the defaults and no lookahead_lr
-    assert summary["mean_weight_clean"] > 1.03 > 0.95 > summary["mean_weight_corrupted"]
+    # docs/llm_finetuning.md: AUROC 0.899, mean weight 1.098 / 0.856 with the defaults and no lookahead_lr (the
+    # veto zeroes some clean sequences on a step: a lower AUROC than the net's alone, more weight off the junk)
+    assert summary["auroc"] > 0.85
+    assert summary["mean_weight_clean"] > 1.05 > 0.9 > summary["mean_weight_corrupted"]
     assert (tmp_path / "weights_clean_vs_corrupted.png").read_bytes()[:8] == PNG
     out = capsys.readouterr().out
     assert "engine: ghost" in out and "weight AUROC clean vs corrupted" in out

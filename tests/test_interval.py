@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,9 @@ from conftest import make_batch, make_cnn
 def test_net_changes_exactly_on_every_kth_call(interval):
     model = make_cnn(torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    reweighter = MetaReweighter(model, opt, [make_batch(6, torch.float32, seed=2)], net="lossnet", interval=interval)
+    reweighter = MetaReweighter(  # no veto: the returned weights are the net's
+        model, opt, [make_batch(6, torch.float32, seed=2)], net="lossnet", interval=interval, veto=math.inf
+    )
     x, y = make_batch(8, torch.float32)
     changed = []
     for _ in range(10):
