@@ -14,6 +14,7 @@ before they followed the labels. Test accuracy (400 held-out samples) after the 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
+from reweight.options import VETO  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "own_loss.jsonl"
 SETTINGS = ("flip1-40", "uniform-40")
@@ -93,10 +95,21 @@ def run(setting: str, method: str, seed: int) -> dict:
     return out
 
 
+def _key(setting: str, method: str, seed: int) -> dict:
+    """A row's identity; a reweighting method's also holds the library's default ``veto`` when there is one (the
+    rows without it ran before the veto was a default)."""
+    key: dict = {"setting": setting, "method": method, "seed": seed}
+    if METHODS[method] is not None and math.isfinite(VETO):
+        key["veto"] = VETO
+    return key
+
+
 def report(table: Path = TABLE) -> str:
     """Markdown: test accuracy per setting and method (mean ± std over seeds), the seeds below plain training
     (paired), and the net and normalisation the defaults settled on."""
-    rows = _store.latest(table)
+    rows = [
+        r for r in _store.latest(table) if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"])
+    ]
 
     def cell(setting: str, method: str) -> list[dict]:
         found = [r for r in rows if r["key"]["setting"] == setting and r["key"]["method"] == method]
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
     args = p.parse_args(argv)
     if not args.report:
-        keys = [{"setting": s, "method": m, "seed": n} for s in args.settings for m in METHODS for n in args.seeds]
+        keys = [_key(s, m, n) for s in args.settings for m in METHODS for n in args.seeds]
         for key in tqdm([k for k in keys if _store.find(args.table, k) is None], desc="runs"):
             result = run(key["setting"], key["method"], key["seed"])
             _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
