@@ -95,20 +95,23 @@ def run(setting: str, method: str, seed: int) -> dict:
     return out
 
 
-def _key(setting: str, method: str, seed: int) -> dict:
+def _key(setting: str, method: str, seed: int, veto: float = VETO) -> dict:
     """A row's identity; a reweighting method's also holds the library's default ``veto`` when there is one (the
     rows without it ran before the veto was a default)."""
     key: dict = {"setting": setting, "method": method, "seed": seed}
-    if METHODS[method] is not None and math.isfinite(VETO):
-        key["veto"] = VETO
+    if METHODS[method] is not None and math.isfinite(veto):
+        key["veto"] = veto
     return key
 
 
-def report(table: Path = TABLE) -> str:
+def report(table: Path = TABLE, veto: float = VETO) -> str:
     """Markdown: test accuracy per setting and method (mean ± std over seeds), the seeds below plain training
-    (paired), and the net and normalisation the defaults settled on."""
+    (paired), and the net and normalisation the defaults settled on; the rows run under the default ``veto``
+    (``math.inf``: those run before it was a default)."""
     rows = [
-        r for r in _store.latest(table) if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"])
+        r
+        for r in _store.latest(table)
+        if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"], veto)
     ]
 
     def cell(setting: str, method: str) -> list[dict]:

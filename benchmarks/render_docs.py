@@ -333,6 +333,12 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            ["standard", "finetune", "lossnet~ess20v05",
+             *(f"{m}~cls20v05" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
+            SEEDS5, "gentle", ("cls20v05", "ess20v05", "l2cls40"), "plain", default="gated~cls20v05",
+        ),
+        "guide-before-veto": lambda: acc.guide_report(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet~ess20", *(f"{m}~cls20" for m in ("logitnet", "metainfonet", "gated")),
              "l2rw~l2cls40"],
             SEEDS5, "gentle", ("cls20", "ess20", "l2cls40"), "plain", default="gated~cls20",
@@ -396,6 +402,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
         "veto-holdout": lambda: _holdout(
             table, S3, [(VETO_GATED, "gated~cls20"), (VETO_LOSSNET, "lossnet~ess20")], VETO_VARIANTS, list(range(10))
+        ),
+        "veto-holdout-chosen": lambda: _holdout(
+            table, S3,
+            [(["gated~cls20v0", "gated~cls20v10"], "gated~cls20v05"), (["lossnet~ess20v10"], "lossnet~ess20v05")],
+            VETO_VARIANTS, list(range(10)),
         ),
         "veto-bn": lambda: _stability_rows(
             table, S3, ["standard", *VETO_GATED, *VETO_LOSSNET], VETO_VARIANTS, list(range(10))
@@ -515,6 +526,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
+        "own-loss-before-veto": lambda: own_loss.report(own_loss.TABLE, veto=float("inf")),
         # docs/llm_finetuning.md
         "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),
         # docs/source_weighting.md
