@@ -412,6 +412,18 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, ["standard", *VETO_GATED, *VETO_LOSSNET], VETO_VARIANTS, list(range(10))
         ),
         "veto-bn-paired": lambda: _paired_rows(table, S3, VETO_PAIRS, VETO_VARIANTS, list(range(10))),
+        "veto-gentle-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            [*((f"{m}~cls20v05", f"{m}~cls20") for m in LOGIT_NETS), ("lossnet~ess20v05", "lossnet~ess20")],
+            ["cls20", "cls20v05", "ess20", "ess20v05"], SEEDS5,
+        ),
+        "veto-wide": lambda: _stability_rows(
+            table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "gated~cls20v05", "l2rw~l2cls40"],
+            ["cls20", "cls20v05", "l2cls40"], SEEDS5, "bnwide", fit=True,
+        ),
+        "veto-fast": lambda: _gain_current(
+            table, ["gated"], ("fastcls20v05",), settings=("flip1-40", "flip2-40", "uniform-40"), exact="cls20v05"
+        ),
         "defaults-matrix-veto10": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto10")
         + "\n"
         + defaults_matrix.report(defaults_matrix.TABLE, "veto10", 600),
