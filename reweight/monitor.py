@@ -69,8 +69,8 @@ def weight_statistics(weights: Tensor) -> dict[str, Tensor]:
 
 _REMEDY = (
     "Remedies: lower the meta learning rate (meta_optimizer), use normalization='class' or 'sum', check the meta set "
-    "(clean labels, the training classes and distribution, enough samples), or set lookahead_lr during "
-    "warm-up; see docs/robustness.md"
+    "(clean labels, the training classes and distribution, enough samples), set lookahead_lr during warm-up, or, "
+    "when the meta batch vetoes whole batches, raise veto (math.inf: none); see docs/robustness.md"
 )
 
 
@@ -151,27 +151,38 @@ class CollapseMonitor:
         self._streak = 0
 
     def observe(
-        self, step: int, weights: Tensor, losses: Tensor, classes: Tensor | None = None, num_classes: int | None = None
+        self,
+        step: int,
+        weights: Tensor,
+        losses: Tensor,
+        classes: Tensor | None = None,
+        num_classes: int | None = None,
+        net_weights: Tensor | None = None,
     ) -> None:
         """Check a batch's ``weights`` and per-sample ``losses`` (shape ``(batch,)``) on checking steps; given the
         samples' ``classes`` among ``num_classes`` (under ``normalization="class"``), also that no class present
-        in the batch has all its weights at zero."""
+        in the batch has all its weights at zero. ``net_weights``: the net's own, before the veto (which may
+        rightly zero a class, or samples of a constant net, on a step): the constant and zero-class checks read
+        them (default: ``weights``)."""
         if self.fired_at is not None or step % self.every or weights.numel() == 0:
             return
-        dead = _in_zero_classes(weights.detach().float(), classes, num_classes)
-        reason = self._reason(weights.detach(), losses.detach(), step >= self.constant_after, dead)
+        own = (weights if net_weights is None else net_weights).detach()
+        dead = _in_zero_classes(own.float(), classes, num_classes)
+        reason = self._reason(weights.detach(), losses.detach(), step >= self.constant_after, dead, own)
         self._streak = self._streak + 1 if reason else 0
         if reason and self._streak >= self.patience:
             self.fired_at = step
             warnings.warn(f"weight collapse at step {step}: {reason}. {_REMEDY}", WeightCollapseWarning, stacklevel=3)
 
-    def _reason(self, w: Tensor, losses: Tensor, constant: bool = True, dead: Tensor | None = None) -> str | None:
+    def _reason(
+        self, w: Tensor, losses: Tensor, constant: bool = True, dead: Tensor | None = None, own: Tensor | None = None
+    ) -> str | None:
         w = w.float()
-        low, high = torch.aminmax(w)
+        own = w if own is None else own.float()
         ess = effective_sample_size(w)
         dead = w.new_zeros(()) if dead is None else dead
-        stats = torch.stack([low, high, w.abs().max(), ess, *torch.aminmax(losses.float()), dead]).tolist()  # one sync
-        low, high, scale, ess, loss_low, loss_high, dead = stats
+        parts = [w.max(), *torch.aminmax(own), own.abs().max(), ess, *torch.aminmax(losses.float()), dead]
+        high, low, own_high, scale, ess, loss_low, loss_high, dead = torch.stack(parts).tolist()  # one sync
         if high < self.threshold:
             return f"all weights of the batch are below {self.threshold:g} (largest {high:.3g})"
         if dead:
@@ -186,10 +197,10 @@ class CollapseMonitor:
                 f"{self.min_ess:.0%}); keep the floor min_ess at its default 0.2 or raise it (the weights are blended "
                 "toward their mean until that share of the batch carries its loss), or try a lower meta learning rate"
             )
-        if constant and w.numel() > 1 and high - low <= self.rtol * scale:
+        if constant and w.numel() > 1 and own_high - low <= self.rtol * scale:
             if loss_high - loss_low > self.rtol * max(abs(loss_high), abs(loss_low)):
                 return (
-                    f"the weights are constant ({low:.6g} to {high:.6g}) over a batch whose losses vary "
+                    f"the weights are constant ({low:.6g} to {own_high:.6g}) over a batch whose losses vary "
                     f"({loss_low:.4g} to {loss_high:.4g})"
                 )
         return None

@@ -106,10 +106,10 @@ class MetaReweighter:
         on_nonfinite: ``"raise"`` a :class:`NonFiniteLossError` when a loss or meta-gradient is not finite, or
             ``"skip"`` that meta update (the current net's weights, 0 for a non-finite loss) (default: ``"raise"``).
         collapse_threshold: warn once (:class:`~reweight.monitor.WeightCollapseWarning`, naming the step) when
-            every weight of a batch falls below it (with ``"sum"``: all zero), the weights become constant, a tenth
-            of the batch carries its loss (effective sample size) or (``"class"``) a class's weights are all zero
-            (the net's, before the veto); checked every 50 steps, tunable through ``collapse_monitor``; ``None``
-            disables it (default: ``1e-3``). ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns
+            every weight of a batch falls below it (with ``"sum"``: all zero), the net's weights become constant, a
+            tenth of the batch carries its loss (effective sample size) or (``"class"``) a class's weights from the
+            net are all zero; checked every 50 steps, tunable through ``collapse_monitor``; ``None`` disables it
+            (default: ``1e-3``). ``signal_monitor`` (:class:`~reweight.monitor.MetaSignalMonitor`) warns
             once (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
         process_group: the data-parallel group of a model whose DDP wrapper the reweighter does not see (Lightning's
             strategies hand over the bare module) (default: ``None``: a ``DistributedDataParallel`` model's, else none).
@@ -429,10 +429,9 @@ class MetaReweighter:
         if pending is not None:  # a step without a meta update
             joint_check(finite.new_ones(()), "a per-sample training loss", pending, self._group, self.on_nonfinite)
         self.last_update_skipped = update and not applied
-        if self.collapse_monitor is not None:
-            self.collapse_monitor.observe(self._step_count, weights, losses, *self._slot.class_labels(net_inputs))
-        if veto is not None:  # after the monitor, which watches the net's own weights
-            weights = self._slot.vetoed(weights, veto, net_inputs)
+        own, weights = weights, weights if veto is None else self._slot.vetoed(weights, veto, net_inputs)
+        if self.collapse_monitor is not None:  # a class's weights all zero: the net's own, not the veto's
+            self.collapse_monitor.observe(self._step_count, weights, losses, *self._slot.class_labels(net_inputs), own)
         self._slot.remember(ids, losses, finite)
         self._step_count += 1
         return weights.detach()

@@ -5,6 +5,7 @@ independently with ``torch.func``."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -132,3 +133,28 @@ def test_l2rw_refuses_a_veto(veto):
     model, opt, meta, *_ = _parts()
     with pytest.raises(ValueError, match="veto does not apply to net='l2rw'"):
         MetaReweighter(model, opt, meta, net="l2rw", veto=veto)
+
+
+def test_a_batch_the_meta_batch_vetoes_whole_is_warned_about():
+    """The collapse monitor watches the returned weights: every coefficient positive (each sample pulls against
+    the meta batch) vetoes the whole batch, and the warning names the veto."""
+    from reweight.engines.base import _ENGINES, MetaGradient, register_engine
+    from reweight.monitor import CollapseMonitor, WeightCollapseWarning
+
+    @register_engine("all_against", description="every coefficient positive (a toy)")
+    def all_against(problem):
+        return MetaGradient(torch.ones_like(problem.weights), problem.weights.new_zeros(()))
+
+    try:
+        model, opt, meta, x, y = _parts()
+        rw = MetaReweighter(model, opt, meta, engine="all_against", seed=0)
+        rw.collapse_monitor = CollapseMonitor(1e-3, every=1, patience=1)
+        with pytest.warns(WeightCollapseWarning, match=r"all weights of the batch are below .*raise veto"):
+            assert not bool(rw.step(x, y, model(x)).any())
+        quiet = MetaReweighter(model, opt, meta, engine="all_against", veto=math.inf, seed=0)
+        quiet.collapse_monitor = CollapseMonitor(1e-3, every=1, patience=1, constant_after=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", WeightCollapseWarning)
+            assert bool((quiet.step(x, y, model(x)) > 0).all())  # without the veto: the net's (uniform) weights
+    finally:
+        _ENGINES.unregister("all_against")
