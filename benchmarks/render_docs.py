@@ -417,6 +417,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             [*((f"{m}~cls20v05", f"{m}~cls20") for m in LOGIT_NETS), ("lossnet~ess20v05", "lossnet~ess20")],
             ["cls20", "cls20v05", "ess20", "ess20v05"], SEEDS5,
         ),
+        "veto10-gentle-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            [("gated~cls20v10", "gated~cls20"), ("gated~cls20v10", "gated~cls20v05")],
+            ["cls20", "cls20v05", "cls20v10"], SEEDS5,
+        ),
         "veto-wide": lambda: _stability_rows(
             table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "gated~cls20v05", "l2rw~l2cls40"],
             ["cls20", "cls20v05", "l2cls40"], SEEDS5, "bnwide", fit=True,
