@@ -292,13 +292,12 @@ class NetSlot:
         keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
         return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)), net_inputs, keep)
 
-    def vetoed(self, weights: Tensor, coefficients: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
+    def vetoed(self, weights: Tensor, unit: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
         """``weights`` with the samples whose coefficient ``c_i = dL_meta/dw_i`` is above ``veto`` times the
         global batch's mean ``|c|`` set to zero (weighting them up raises the meta loss), normalised again
-        (:meth:`normalize`, with its floor). No host sync."""
-        count = coefficients.new_tensor(float(coefficients.numel() * self.group.world_size))
-        scale = self.group.sum_differentiable(coefficients.detach().abs().sum()) / count
-        keep = (coefficients <= self.options.veto * scale).to(weights.dtype)
+        (:meth:`normalize`, with its floor); ``unit``: the coefficients over their global sum of magnitudes, as
+        :meth:`update` returns them. No host sync, no collective of its own."""
+        keep = (unit * (unit.numel() * self.group.world_size) <= self.options.veto).to(weights.dtype)
         return self.normalize(weights * keep, net_inputs)
 
     def update(
@@ -310,10 +309,11 @@ class NetSlot:
         step: int,
         optimizer: torch.optim.Optimizer,
         lookahead_lr: float | None,
-    ) -> None:
+    ) -> Tensor:
         """One step of the net on the meta-gradient: backpropagate ``(sum_i c_i * w_i(phi) + penalty) / sum_i |c_i|``
         (exact in direction because ``c`` does not depend on ``phi``), sum the net's gradients over ranks, let
-        the weak-signal ``monitor`` read them, warm the meta lr up, and step the meta optimizer.
+        the weak-signal ``monitor`` read them, warm the meta lr up, and step the meta optimizer. Returns the
+        coefficients over ``sum_i |c_i|`` of the global batch (detached; what :meth:`vetoed` reads).
 
         Dividing by ``sum |c|`` makes the update's size independent of the training lr's scale (``c`` is
         proportional to it): SGD at 0.1 and AdamW at 5e-5 move the net alike, and neither Adam's ``eps`` nor
@@ -339,6 +339,7 @@ class NetSlot:
             monitor.observe(step, self.net, self.optimizer, optimizer, lookahead_lr, weights, meta_grads)
         self._schedule(step, optimizer)
         self.optimizer.step()
+        return c / scale
 
     def _schedule(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Each group's lr at ``min(1, (step + 1) / meta_warmup)`` of its own, times (``meta_follows_lr``) the

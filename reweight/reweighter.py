@@ -313,7 +313,7 @@ class MetaReweighter:
         training losses' deferred finite flag) with its own.
 
         Returns whether it was applied (``False`` when skipped on a non-finite value), L2RW's weights, and the
-        coefficients for the net's ``veto`` (``None`` without one).
+        coefficients over their global sum of magnitudes for the net's ``veto`` (``None`` without one).
         """
         if self.is_l2rw:  # the meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
@@ -333,7 +333,7 @@ class MetaReweighter:
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
-            self._slot.update(
+            unit = self._slot.update(
                 grad.coefficients,
                 weights,
                 penalty,
@@ -343,7 +343,7 @@ class MetaReweighter:
                 self.lookahead_lr,
             )
         self.last_meta_loss = grad.meta_loss
-        return True, None, grad.coefficients.detach() if self.options.vetoes else None
+        return True, None, unit if self.options.vetoes else None
 
     def step(
         self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None, *,
