@@ -238,17 +238,26 @@ VARIANTS: dict[str, dict] = {
                  "net_kwargs": {"uniform_start": True}},
     "ess20v05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                  "net_kwargs": {"uniform_start": True}},
+    # the veto at 0.5 reading the coefficients at the net's warm-up factor over its 300 warm-up steps (veto_warmup)
+    "cls20v05w": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                  "veto": 0.5, "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    "ess20v05w": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                  "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    "fastcls20v05w": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
+                      "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                      "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
 # Likewise a variant that names no normalisation ran with "sum" (the default became "class" for class labels).
-# Likewise a variant that names no veto ran without one (math.inf; the key names the veto only where there is one).
+# Likewise a variant that names no veto ran without one (math.inf; the key names the veto only where there is one),
+# and one that names no veto warm-up vetoed from the first step (0; the key names it only where it is on).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
     _variant.setdefault("normalization", "sum")
     _variant.setdefault("veto", math.inf)
+    _variant.setdefault("veto_warmup", 0)
 
 
 # Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3
@@ -397,7 +406,7 @@ def _train(
     if net is not None:
         kwargs = reweighter_kwargs(rw_kwargs or {})
         if net == "l2rw" and kwargs.get("veto") == math.inf:  # the pinned "no veto": L2RW's rule is its own
-            del kwargs["veto"]
+            del kwargs["veto"], kwargs["veto_warmup"]
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
@@ -675,6 +684,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     if base == "metainfonet" and net_kwargs is None and main_grid:
         net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
     min_ess = kwargs.pop("min_ess", inspect.signature(MetaReweighter.__init__).parameters["min_ess"].default)
+    veto_warmup = kwargs.pop("veto_warmup", None)
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
     opts = {**PRESETS["exact"], **opts}
     opts["meta_optimizer"] = _optimizer(opts["meta_optimizer"])
@@ -699,6 +709,10 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         veto = VETO if base != "l2rw" else math.inf
     if math.isfinite(veto):  # in the key when there is a veto (rows without it ran without one)
         opts["veto"] = veto
+        if veto_warmup is None:  # the library's default: the net's own warm-up
+            veto_warmup = kwargs.get("meta_warmup", warmup)
+        if veto_warmup:  # in the key when the veto warms up (rows without it vetoed from the first step)
+            opts["veto_warmup"] = veto_warmup
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

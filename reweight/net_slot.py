@@ -292,12 +292,14 @@ class NetSlot:
         keep = finite & torch.isfinite(raw)  # a NaN / inf logit can make the net's output NaN for a finite loss
         return self.normalize(torch.where(keep, raw, torch.zeros_like(raw)), net_inputs, keep)
 
-    def vetoed(self, weights: Tensor, unit: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
-        """``weights`` with the samples whose coefficient ``c_i = dL_meta/dw_i`` is above ``veto`` times the
-        global batch's mean ``|c|`` set to zero (weighting them up raises the meta loss), normalised again
-        (:meth:`normalize`, with its floor); ``unit``: the coefficients over their global sum of magnitudes, as
-        :meth:`update` returns them. No host sync, no collective of its own."""
-        keep = (unit * (unit.numel() * self.group.world_size) <= self.options.veto).to(weights.dtype)
+    def vetoed(self, weights: Tensor, unit: Tensor, net_inputs: tuple[Any, ...], step: int) -> Tensor:
+        """``weights`` with the samples whose coefficient ``c_i = dL_meta/dw_i``, times the warm-up factor of
+        ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
+        set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
+        floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
+        No host sync, no collective of its own."""
+        scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
+        keep = (unit * scale <= self.options.veto).to(weights.dtype)
         return self.normalize(weights * keep, net_inputs)
 
     def update(

@@ -79,6 +79,10 @@ META_FOLLOWS_LR = False
 # (docs/results.md, "The meta-gradient's veto"). The group net alone weighs sources, not samples: none. L2RW's
 # weights are its clamped coefficients, a veto at 0 by construction.
 VETO = 0.5
+# veto_warmup=None: the veto reads the coefficients at the net's own warm-up factor min(1, (t+1)/meta_warmup), so it
+# does not act while the net warms up (when the model is underfit and a clean sample's c_i has a noisy sign) and
+# holds at ``veto`` once the net has. Measured on held-out samples against the veto from the first step:
+# docs/results.md, "The veto's warm-up".
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
@@ -144,6 +148,7 @@ class ReweighterOptions:
     meta_follows_lr: bool
     min_ess: float | None  # None: L2RW's, settled with normalization="auto"
     veto: float  # math.inf: none
+    veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -162,6 +167,10 @@ class ReweighterOptions:
     def vetoes(self) -> bool:
         """Whether the meta-gradient vetoes samples after each of the net's meta updates (``veto`` finite)."""
         return math.isfinite(self.veto)
+
+    def veto_factor(self, step: int) -> float:
+        """The warm-up factor ``min(1, (step + 1) / veto_warmup)`` the veto reads the coefficients at."""
+        return min(1.0, (step + 1) / self.veto_warmup) if self.veto_warmup else 1.0
 
     @property
     def head_mode(self) -> bool:
@@ -319,6 +328,10 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if not 0 <= float(min_ess) < 1:
         raise ValueError(f"min_ess must be in [0, 1) (a share of the batch; 0 turns the floor off), got {min_ess!r}")
     veto = _check_veto(a["veto"], a["net"], a["net_kwargs"])
+    veto_warmup = warmup if a["veto_warmup"] is None else a["veto_warmup"]
+    _check_int("veto_warmup", veto_warmup, 0)
+    if a["veto_warmup"] is not None and _is_l2rw(a["net"]):
+        raise ValueError("veto_warmup does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
     if not isinstance(a["loss_history"], bool):
         raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")
     if a["num_classes"] is not None:
@@ -350,6 +363,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         meta_follows_lr=follows,
         min_ess=float(min_ess),
         veto=veto,
+        veto_warmup=veto_warmup,
         loss_history=a["loss_history"],
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,

@@ -95,6 +95,8 @@ class MetaReweighter:
         veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
+        veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``, so it
+            does not act while the net warms up (default: ``None``: ``meta_warmup``; ``0``: from the first step).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
@@ -154,6 +156,7 @@ class MetaReweighter:
         meta_follows_lr: bool | None = None,
         min_ess: float | None = None,
         veto: float | None = None,
+        veto_warmup: int | None = None,
         loss_history: bool = False,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
@@ -168,8 +171,9 @@ class MetaReweighter:
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
-            veto=veto, loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
-            num_classes=num_classes, on_nonfinite=on_nonfinite, collapse_threshold=collapse_threshold, seed=seed,
+            veto=veto, veto_warmup=veto_warmup, loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn,
+            logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite, seed=seed,
+            collapse_threshold=collapse_threshold,
         )  # fmt: skip
         module = unwrap_model(model)
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -258,7 +262,6 @@ class MetaReweighter:
     meta_optimizer = property(lambda self: self._slot.optimizer, doc="The weighting net's optimizer.")
     num_classes = property(lambda self: self._slot.num_classes, doc="Classes the net was built for, if known.")
     group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
-
     is_l2rw = property(lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net).")
 
     def _net_dtype(self) -> torch.dtype:
@@ -301,13 +304,8 @@ class MetaReweighter:
         )  # fmt: skip
 
     def _meta_update(
-        self,
-        inputs: Inputs,
-        targets: Tensor,
-        logits: Tensor,
-        net_inputs: tuple[Any, ...],
-        meta: tuple[Inputs, Tensor] | None,
-        pending: Tensor | None,
+        self, inputs: Inputs, targets: Tensor, logits: Tensor, net_inputs: tuple[Any, ...],
+        meta: tuple[Inputs, Tensor] | None, pending: Tensor | None,
     ) -> tuple[bool, Tensor | None, Tensor | None]:
         """One meta update, mutating only the weighting net and its optimizer; checks ``pending`` (the
         training losses' deferred finite flag) with its own.
@@ -429,7 +427,8 @@ class MetaReweighter:
         if pending is not None:  # a step without a meta update
             joint_check(finite.new_ones(()), "a per-sample training loss", pending, self._group, self.on_nonfinite)
         self.last_update_skipped = update and not applied
-        own, weights = weights, weights if veto is None else self._slot.vetoed(weights, veto, net_inputs)
+        own = weights
+        weights = weights if veto is None else self._slot.vetoed(weights, veto, net_inputs, self._step_count)
         if self.collapse_monitor is not None:  # a class's weights all zero: the net's own, not the veto's
             self.collapse_monitor.observe(self._step_count, weights, losses, *self._slot.class_labels(net_inputs), own)
         self._slot.remember(ids, losses, finite)

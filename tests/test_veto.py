@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from reweight import MetaReweighter
-from reweight.options import VETO
+from reweight.options import META_WARMUP, VETO
 
 CLASSES, LR = 3, 0.5
 
@@ -68,18 +68,48 @@ def test_veto_zeroes_the_samples_whose_coefficient_is_above_it(engine, net, norm
     keep = c <= veto * c.abs().mean()
     assert 0 < int(keep.sum()) < len(y)  # the case is not trivial
     rw = MetaReweighter(
-        model, opt, meta, net=net, engine=engine, normalization=normalization, veto=veto, min_ess=0,
+        model, opt, meta, net=net, engine=engine, normalization=normalization, veto=veto, veto_warmup=0, min_ess=0,
         meta_optimizer=_frozen_net, seed=0,
     )  # fmt: skip
     w = rw.step(x, y, model(x))
     torch.testing.assert_close(w.double(), _expected(keep, y, normalization), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("warmup", [1, 4])
+def test_the_veto_reads_the_coefficients_at_the_warmup_factor(warmup):
+    """Step ``t`` keeps the samples whose ``c_i * min(1, (t + 1) / veto_warmup)`` is at most ``veto`` times the
+    batch's mean ``|c|`` (the model is not stepped: the same coefficients at every step)."""
+    model, opt, meta, x, y = _parts()
+    c = _coefficients(model, x, y, meta)
+    rw = MetaReweighter(model, opt, meta, veto=0.5, veto_warmup=warmup, min_ess=0, meta_optimizer=_frozen_net, seed=0)
+    kept = []
+    for t in range(6):
+        keep = c * min(1.0, (t + 1) / warmup) <= 0.5 * c.abs().mean()
+        torch.testing.assert_close(rw.step(x, y, model(x)).double(), _expected(keep, y, "class"), atol=1e-6, rtol=0)
+        kept.append(int(keep.sum()))
+    assert kept[-1] < len(y) and (warmup == 1 or kept[0] > kept[-1])  # the ramp changed what was kept
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"veto_warmup": -1}, ValueError, "veto_warmup must be >= 0"),
+        ({"veto_warmup": 1.5}, TypeError, "veto_warmup must be an int"),
+        ({"veto_warmup": True}, TypeError, "veto_warmup must be an int"),
+        ({"net": "l2rw", "veto_warmup": 10}, ValueError, "veto_warmup does not apply to net='l2rw'"),
+    ],
+)
+def test_bad_veto_warmup_is_refused(kwargs, error, match):
+    model, opt, meta, *_ = _parts()
+    with pytest.raises(error, match=match):
+        MetaReweighter(model, opt, meta, **kwargs)
+
+
 def test_a_higher_veto_keeps_a_superset_and_inf_keeps_every_sample():
     kept = []
     for veto in (0.0, 0.5, 1.0, math.inf):
         model, opt, meta, x, y = _parts()
-        rw = MetaReweighter(model, opt, meta, veto=veto, min_ess=0, meta_optimizer=_frozen_net, seed=0)
+        rw = MetaReweighter(model, opt, meta, veto=veto, veto_warmup=0, min_ess=0, meta_optimizer=_frozen_net, seed=0)
         kept.append(rw.step(x, y, model(x)) > 0)
     for low, high in zip(kept, kept[1:]):
         assert bool((low <= high).all())
@@ -100,7 +130,9 @@ def test_the_veto_leaves_the_nets_learning_unchanged():
 
 def test_no_veto_between_meta_updates():
     model, opt, meta, x, y = _parts()
-    rw = MetaReweighter(model, opt, meta, veto=0.0, interval=2, min_ess=0, meta_optimizer=_frozen_net, seed=0)
+    rw = MetaReweighter(
+        model, opt, meta, veto=0.0, veto_warmup=0, interval=2, min_ess=0, meta_optimizer=_frozen_net, seed=0
+    )
     assert not bool((rw.step(x, y, model(x)) > 0).all())  # a meta update: vetoed
     torch.testing.assert_close(rw.step(x, y, model(x)), torch.ones(len(y)))  # none: the net's (uniform) weights
 
@@ -108,6 +140,9 @@ def test_no_veto_between_meta_updates():
 def test_default_veto():
     model, opt, meta, *_ = _parts()
     assert MetaReweighter(model, opt, meta).options.veto == VETO
+    assert MetaReweighter(model, opt, meta).options.veto_warmup == META_WARMUP  # the net's own warm-up
+    assert MetaReweighter(model, opt, meta, meta_warmup=7).options.veto_warmup == 7
+    assert MetaReweighter(model, opt, meta, meta_warmup=7, veto_warmup=0).options.veto_warmup == 0
     assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
     assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
     assert not MetaReweighter(model, opt, meta, net="groups", net_kwargs={"num_groups": 2}).options.vetoes
@@ -147,7 +182,7 @@ def test_a_batch_the_meta_batch_vetoes_whole_is_warned_about():
 
     try:
         model, opt, meta, x, y = _parts()
-        rw = MetaReweighter(model, opt, meta, engine="all_against", seed=0)
+        rw = MetaReweighter(model, opt, meta, engine="all_against", veto_warmup=0, seed=0)
         rw.collapse_monitor = CollapseMonitor(1e-3, every=1, patience=1)
         with pytest.warns(WeightCollapseWarning, match=r"all weights of the batch are below .*raise veto"):
             assert not bool(rw.step(x, y, model(x)).any())
