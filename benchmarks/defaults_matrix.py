@@ -62,7 +62,7 @@ CONFIGS = {
     # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
     "l2rw-floor40": {},
     # the defaults with the meta-gradient's veto at the batch's mean |c| (the nets; L2RW's rule is a veto at 0)
-    "veto10": {"veto": 1.0},
+    "veto10": {"veto": 1.0, "veto_warmup": 0},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -94,9 +94,11 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 BEFORE_VETO = dict(SPELLED["defaults"])  # the defaults' rows before the veto became one of them
 if math.isfinite(VETO):
     SPELLED["defaults"]["veto"] = f"{VETO:g} for the nets (none for l2rw, whose rule it is at 0)"
+BEFORE_VETO_WARMUP = dict(SPELLED["defaults"])  # the defaults' rows whose veto acted from the first step
+SPELLED["defaults"]["veto_warmup"] = "meta_warmup (300) for the nets"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
-SPELLED["veto10"] = {**SPELLED["defaults"], "veto": 1.0}
+SPELLED["veto10"] = {**BEFORE_VETO_WARMUP, "veto": 1.0}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {
@@ -409,7 +411,8 @@ def _ratio(weights: torch.Tensor, corrupted: torch.Tensor) -> float:
 def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, options: dict | None = None) -> str:
     """Markdown: per task and net, every seed's final AUROC, the lowest windowed AUROC, the mean weights
     and the test metric against plain training, for the runs of ``steps`` steps of ``config`` with ``options``
-    (default: what ``config`` spells now; :data:`BEFORE_VETO`: the defaults' rows before the veto)."""
+    (default: what ``config`` spells now; :data:`BEFORE_VETO`: the defaults' rows before the veto;
+    :data:`BEFORE_VETO_WARMUP`: those whose veto acted from the first step)."""
     spelled = SPELLED[config] if options is None else options
     rows = [
         r

@@ -40,6 +40,7 @@ PAGES = (
 )
 S3 = ["flip1-40", "flip2-40", "uniform-40"]
 S4 = ["flip1-40", "flip2-40", "uniform-40", "lt-50"]
+NOISE4 = ["flip1-40", "flip2-40", "uniform-40", "uniform-60"]
 S6 = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
 SEEDS5 = [0, 1, 2, 3, 4]
 M = [
@@ -270,6 +271,27 @@ def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variant
     return text + "\n" + acc._note(cells, "mnist1d", settings, [r for rows, _ in groups for r in rows])
 
 
+def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[str], str]], variants, seeds) -> str:
+    """The held-out set's table over several protocols at once (``(schedule, model, datasets)`` each), every
+    (protocol, dataset, setting) a row of the table and "all" pooling them, with the provenance note."""
+    merged: dict[tuple, list[dict]] = {}
+    labels, notes = [], []
+    for schedule, model, datasets in protocols:
+        cells = acc._cells(table, seeds, schedule, tuple(dict.fromkeys(["default", *variants])), model, HOLDOUT)
+        tag = "" if schedule == "gentle" else f" ({model}, {schedule})"
+        for ds in datasets:
+            for s in settings[schedule]:
+                label = f"{ds}{tag} {s}"
+                labels.append(label)
+                for rows, _ in groups:
+                    for row in rows:
+                        merged[("all", label, row)] = cells.get((ds, s, row), [])
+        named = [r for rows, _ in groups for r in rows]
+        notes.append(acc._note(cells, list(datasets), list(settings[schedule]), named))
+    text = "\n".join(_tradeoff.holdout_table(merged, "all", labels, rows, base) for rows, base in groups)
+    return text + "\n" + "\n".join(notes)
+
+
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
     both = ["mnist1d", "mnist1d-2pct"]
     return {
@@ -407,6 +429,15 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3,
             [(["gated~cls20v0", "gated~cls20v10"], "gated~cls20v05"), (["lossnet~ess20v10"], "lossnet~ess20v05")],
             VETO_VARIANTS, list(range(10)),
+        ),
+        "veto-holdout-gentle": lambda: _holdout_pooled(
+            table, [("gentle", "plain", both)], {"gentle": NOISE4},
+            [(["gated~cls20", "gated~cls20v05", "gated~cls20v10", "gated~cls20v20"], "gated~cls20v05")],
+            ["cls20", "cls20v05", "cls20v10", "cls20v20"], list(range(10)),
+        ),
+        "veto-warmup-holdout": lambda: _holdout_pooled(
+            table, [("gentle", "plain", both), ("paper", "bn", ["mnist1d"])], {"gentle": NOISE4, "paper": S3},
+            [(["gated~cls20v05", "gated~cls20v05w"], "gated~cls20v05")], ["cls20v05", "cls20v05w"], list(range(10, 20)),
         ),
         "veto-bn": lambda: _stability_rows(
             table, S3, ["standard", *VETO_GATED, *VETO_LOSSNET], VETO_VARIANTS, list(range(10))
