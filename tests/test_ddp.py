@@ -73,10 +73,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # each sample's loss history: the samples are dealt to the other rank on later steps, so each rank's net
     # reads the history its batch got on both ranks (the global batch's losses are gathered each step)
     "lossnet_history": {"net": "lossnet", "meta_sgd": True, "loss_history": True},
-    # a veto that binds on every batch: its threshold is the global batch's mean |c| (read at the warm-up factor of
-    # the step: the first step's is 1/2)
+    # a veto that binds on every batch: its threshold is the global batch's mean |c| (LossNet's read at the warm-up
+    # factor of the step with veto_warmup=2: the first step's is 1/2)
     "lossnet_veto": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 2},
-    "logitnet_class_veto": {"net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_warmup": 0},
+    "logitnet_class_veto": {"net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5},
 }
 # net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
 # and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net
