@@ -709,9 +709,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         veto = VETO if base != "l2rw" else math.inf
     if math.isfinite(veto):  # in the key when there is a veto (rows without it ran without one)
         opts["veto"] = veto
-        if veto_warmup is None:  # the library's default: the net's own warm-up
-            veto_warmup = kwargs.get("meta_warmup", warmup)
-        if veto_warmup:  # in the key when the veto warms up (rows without it vetoed from the first step)
+        if veto_warmup:  # in the key when the veto warms up (rows without it, the default, vetoed from the first step)
             opts["veto_warmup"] = veto_warmup
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}

@@ -62,7 +62,9 @@ CONFIGS = {
     # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
     "l2rw-floor40": {},
     # the defaults with the meta-gradient's veto at the batch's mean |c| (the nets; L2RW's rule is a veto at 0)
-    "veto10": {"veto": 1.0, "veto_warmup": 0},
+    "veto10": {"veto": 1.0},
+    # the defaults with the veto reading the coefficients at the net's warm-up factor over its 300 steps
+    "veto-warmup": {"veto_warmup": 300},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -94,11 +96,10 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 BEFORE_VETO = dict(SPELLED["defaults"])  # the defaults' rows before the veto became one of them
 if math.isfinite(VETO):
     SPELLED["defaults"]["veto"] = f"{VETO:g} for the nets (none for l2rw, whose rule it is at 0)"
-BEFORE_VETO_WARMUP = dict(SPELLED["defaults"])  # the defaults' rows whose veto acted from the first step
-SPELLED["defaults"]["veto_warmup"] = "meta_warmup (300) for the nets"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
-SPELLED["veto10"] = {**BEFORE_VETO_WARMUP, "veto": 1.0}
+SPELLED["veto10"] = {**SPELLED["defaults"], "veto": 1.0}
+SPELLED["veto-warmup"] = {**SPELLED["defaults"], "veto_warmup": 300}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {
@@ -330,10 +331,10 @@ NETS_FOR = {
 
 def nets_for(task: str, config: str) -> list[str]:
     """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss; ``"l2rw-floor40"``:
-    L2RW; ``"veto10"``: the nets, not L2RW)."""
+    L2RW; ``"veto10"`` and ``"veto-warmup"``: the nets, not L2RW)."""
     if config == "l2rw-floor40":
         return ["l2rw"]
-    if config == "veto10":
+    if config in ("veto10", "veto-warmup"):
         return [n for n in NETS_FOR[task] if n != "l2rw"]
     return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 
@@ -411,8 +412,7 @@ def _ratio(weights: torch.Tensor, corrupted: torch.Tensor) -> float:
 def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, options: dict | None = None) -> str:
     """Markdown: per task and net, every seed's final AUROC, the lowest windowed AUROC, the mean weights
     and the test metric against plain training, for the runs of ``steps`` steps of ``config`` with ``options``
-    (default: what ``config`` spells now; :data:`BEFORE_VETO`: the defaults' rows before the veto;
-    :data:`BEFORE_VETO_WARMUP`: those whose veto acted from the first step)."""
+    (default: what ``config`` spells now; :data:`BEFORE_VETO`: the defaults' rows before the veto)."""
     spelled = SPELLED[config] if options is None else options
     rows = [
         r

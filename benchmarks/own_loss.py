@@ -29,8 +29,6 @@ import _store  # noqa: E402
 from reweight import MetaReweighter  # noqa: E402
 from reweight.options import VETO  # noqa: E402
 
-VETO_WARMUP = "meta_warmup"  # the library's default veto_warmup (None): the net's own warm-up
-
 TABLE = Path(__file__).resolve().parent / "results" / "own_loss.jsonl"
 SETTINGS = ("flip1-40", "uniform-40")
 METHODS = {  # name: the reweighter's arguments (None: plain training)
@@ -97,25 +95,23 @@ def run(setting: str, method: str, seed: int) -> dict:
     return out
 
 
-def _key(setting: str, method: str, seed: int, veto: float = VETO, veto_warmup: str | int = VETO_WARMUP) -> dict:
-    """A row's identity; a reweighting method's also holds the library's default ``veto`` and its warm-up when
-    there is one (the rows without them ran before the veto, or its warm-up, was a default)."""
+def _key(setting: str, method: str, seed: int, veto: float = VETO) -> dict:
+    """A row's identity; a reweighting method's also holds the library's default ``veto`` when there is one (the
+    rows without it ran before the veto was a default)."""
     key: dict = {"setting": setting, "method": method, "seed": seed}
     if METHODS[method] is not None and math.isfinite(veto):
         key["veto"] = veto
-        if veto_warmup:
-            key["veto_warmup"] = veto_warmup
     return key
 
 
-def report(table: Path = TABLE, veto: float = VETO, veto_warmup: str | int = VETO_WARMUP) -> str:
+def report(table: Path = TABLE, veto: float = VETO) -> str:
     """Markdown: test accuracy per setting and method (mean ± std over seeds), the seeds below plain training
-    (paired), and the net and normalisation the defaults settled on; the rows run under the default ``veto`` and
-    ``veto_warmup`` (``math.inf``: those run before the veto was a default; ``0``: before its warm-up was)."""
+    (paired), and the net and normalisation the defaults settled on; the rows run under the default ``veto``
+    (``math.inf``: those run before it was a default)."""
     rows = [
         r
         for r in _store.latest(table)
-        if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"], veto, veto_warmup)
+        if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"], veto)
     ]
 
     def cell(setting: str, method: str) -> list[dict]:

@@ -355,12 +355,6 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet~ess20v05w",
-             *(f"{m}~cls20v05w" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
-            SEEDS5, "gentle", ("cls20v05w", "ess20v05w", "l2cls40"), "plain", default="gated~cls20v05w",
-        ),
-        "guide-before-veto-warmup": lambda: acc.guide_report(
-            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet~ess20v05",
              *(f"{m}~cls20v05" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
             SEEDS5, "gentle", ("cls20v05", "ess20v05", "l2cls40"), "plain", default="gated~cls20v05",
@@ -380,10 +374,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20v05w" for m in LOGIT_NETS), "lossnet~ess20v05w", "l2rw~l2cls40",
-             *(f"{m}~cls20v05" for m in LOGIT_NETS), "lossnet~ess20v05"],
-            ["cls20v05w", "ess20v05w", "l2cls40", "cls20v05", "ess20v05"], list(range(10)),
+            [*(f"{m}~cls20v05" for m in LOGIT_NETS), "lossnet~ess20v05", "l2rw~l2cls40",
+             *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
+            ["cls20v05", "ess20v05", "l2cls40", "cls20", "ess20"], list(range(10)),
         ),  # fmt: skip
+        "veto-warmup-bn": lambda: _stability_rows(
+            table, S3, [*(f"{m}~cls20v05w" for m in LOGIT_NETS), "lossnet~ess20v05w"], ["cls20v05w", "ess20v05w"],
+            list(range(10)),
+        ),
         "veto-warmup-bn-paired": lambda: _paired_rows(
             table, S3,
             [*((f"{m}~cls20v05w", f"{m}~cls20v05") for m in LOGIT_NETS), ("lossnet~ess20v05w", "lossnet~ess20v05")],
@@ -443,8 +441,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "veto-holdout-chosen": lambda: _holdout(
             table, S3,
-            [(["gated~cls20v0", "gated~cls20v10"], "gated~cls20v05"), (["lossnet~ess20v10"], "lossnet~ess20v05")],
-            VETO_VARIANTS, list(range(10)),
+            [(["gated~cls20v0", "gated~cls20v10", "gated~cls20v20"], "gated~cls20v05"),
+             (["lossnet~ess20v10"], "lossnet~ess20v05")],
+            [*VETO_VARIANTS, "cls20v20"], list(range(10)),
         ),
         "veto-holdout-gentle": lambda: _holdout_pooled(
             table, [("gentle", "plain", both)], {"gentle": NOISE4},
@@ -482,11 +481,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-veto10": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto10")
         + "\n"
         + defaults_matrix.report(defaults_matrix.TABLE, "veto10", 600),
-        "defaults-matrix-before-veto-warmup": lambda: defaults_matrix.report(
-            defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_VETO_WARMUP
-        )
+        "defaults-matrix-veto-warmup": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto-warmup")
         + "\n"
-        + defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600, options=defaults_matrix.BEFORE_VETO_WARMUP),
+        + defaults_matrix.report(defaults_matrix.TABLE, "veto-warmup", 600),
         "defaults-matrix-before-veto": lambda: defaults_matrix.report(
             defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_VETO
         ),
@@ -599,7 +596,6 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
         "own-loss-before-veto": lambda: own_loss.report(own_loss.TABLE, veto=float("inf")),
-        "own-loss-before-veto-warmup": lambda: own_loss.report(own_loss.TABLE, veto_warmup=0),
         # docs/llm_finetuning.md
         "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),
         # docs/source_weighting.md

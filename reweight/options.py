@@ -79,12 +79,13 @@ META_FOLLOWS_LR = False
 # (docs/results.md, "The meta-gradient's veto"). The group net alone weighs sources, not samples: none. L2RW's
 # weights are its clamped coefficients, a veto at 0 by construction.
 VETO = 0.5
-# veto_warmup=None: the veto reads the coefficients at the net's own warm-up factor min(1, (t+1)/meta_warmup), so it
-# does not act while the net warms up, when the model is underfit and a clean sample's c_i has a noisy sign.
-# Chosen against the veto from the first step on held-out samples of fresh seeds (110 runs each, the rule written
-# before the runs): +0.4 +- 0.4 pooled, none of the three protocols below it beyond a standard error; on the meta
-# set it is higher on the gentle protocols and about a point lower on the stability benchmark for every net
+# veto_warmup=0: the veto acts from the first step. Reading the coefficients at the net's warm-up factor over its
+# 300 warm-up steps (veto_warmup=300) was level with it on held-out samples of fresh seeds (+0.4 +- 0.4 pooled
+# over both gentle protocols and the stability benchmark, 110 runs each) and is a trade-off: higher on the meta
+# set on the short gentle protocols, about a point lower on the stability benchmark's for every net, where one
+# LogitNet seed falls 6.2 points from its best under uniform noise; an option for short runs, not the default
 # (docs/results.md, "The veto's warm-up").
+VETO_WARMUP = 0
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
@@ -330,9 +331,9 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if not 0 <= float(min_ess) < 1:
         raise ValueError(f"min_ess must be in [0, 1) (a share of the batch; 0 turns the floor off), got {min_ess!r}")
     veto = _check_veto(a["veto"], a["net"], a["net_kwargs"])
-    veto_warmup = warmup if a["veto_warmup"] is None else a["veto_warmup"]
+    veto_warmup = VETO_WARMUP if a["veto_warmup"] is None else a["veto_warmup"]
     _check_int("veto_warmup", veto_warmup, 0)
-    if a["veto_warmup"] is not None and _is_l2rw(a["net"]):
+    if veto_warmup and _is_l2rw(a["net"]):
         raise ValueError("veto_warmup does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
     if not isinstance(a["loss_history"], bool):
         raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")

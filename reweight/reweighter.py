@@ -96,7 +96,8 @@ class MetaReweighter:
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
         veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``, so it
-            does not act while the net warms up (default: ``None``: ``meta_warmup``; ``0``: from the first step).
+            does not act while the net warms up (``meta_warmup`` is the net's): for short runs, a trade-off measured
+            in docs/results.md (default: ``None``: ``0``, the veto from the first step).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).

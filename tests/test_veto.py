@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from reweight import MetaReweighter
-from reweight.options import META_WARMUP, VETO
+from reweight.options import VETO, VETO_WARMUP
 
 CLASSES, LR = 3, 0.5
 
@@ -140,9 +140,9 @@ def test_no_veto_between_meta_updates():
 def test_default_veto():
     model, opt, meta, *_ = _parts()
     assert MetaReweighter(model, opt, meta).options.veto == VETO
-    assert MetaReweighter(model, opt, meta).options.veto_warmup == META_WARMUP  # the net's own warm-up
-    assert MetaReweighter(model, opt, meta, meta_warmup=7).options.veto_warmup == 7
-    assert MetaReweighter(model, opt, meta, meta_warmup=7, veto_warmup=0).options.veto_warmup == 0
+    assert MetaReweighter(model, opt, meta).options.veto_warmup == VETO_WARMUP == 0  # the veto from the first step
+    assert MetaReweighter(model, opt, meta, veto_warmup=300).options.veto_warmup == 300
+    assert MetaReweighter(model, opt, meta, net="l2rw", veto_warmup=0).options.veto_warmup == 0  # none to warm up
     assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
     assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
     assert not MetaReweighter(model, opt, meta, net="groups", net_kwargs={"num_groups": 2}).options.vetoes
