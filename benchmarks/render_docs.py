@@ -525,6 +525,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ("gated",), ("fastcls20h",), list(range(10)), ("mnist1d",), ("flip1-40", "flip2-40"), exact="cls20h"
         ),
         "history-cost": lambda: _steps(sc, ["presets-history-cpu"]),
+        "veto-fast-cost": lambda: _steps(sc, ["presets-veto-cpu", "presets-veto-cpu-2"]),
         "defaults-matrix-history-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 600),
         "defaults-matrix-history": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 300),
         "class-weights": lambda: _class_weights(),
