@@ -243,6 +243,11 @@ VARIANTS: dict[str, dict] = {
                   "veto": 0.5, "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
     "ess20v05w": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                   "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    # the defaults (cls20v05, ess20v05: the veto at 0.5) with each sample's loss history (loss_history=True)
+    "cls20hv05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                  "veto": 0.5, "loss_history": True, "net_kwargs": {"uniform_start": True}},
+    "ess20hv05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                  "loss_history": True, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                      "net_kwargs": {"uniform_start": True}},
 }
