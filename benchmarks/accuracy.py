@@ -248,6 +248,14 @@ VARIANTS: dict[str, dict] = {
                   "veto": 0.5, "loss_history": True, "net_kwargs": {"uniform_start": True}},
     "ess20hv05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                   "loss_history": True, "net_kwargs": {"uniform_start": True}},
+    # the veto reading each coefficient against its normalisation group's weighted mean (veto_center): the class
+    # under "class" (cls20v05c, and the fast preset's fastcls20v05c), the batch under "sum" (LossNet's ess20v05c)
+    "cls20v05c": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
+                  "veto": 0.5, "veto_center": True, "net_kwargs": {"uniform_start": True}},
+    "ess20v05c": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                  "veto_center": True, "net_kwargs": {"uniform_start": True}},
+    "fastcls20v05c": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
+                      "veto_center": True, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                      "net_kwargs": {"uniform_start": True}},
 }
@@ -255,12 +263,14 @@ VARIANTS: dict[str, dict] = {
 # that its rows keep their keys and its name its meaning.
 # Likewise a variant that names no normalisation ran with "sum" (the default became "class" for class labels).
 # Likewise a variant that names no veto ran without one (math.inf; the key names the veto only where there is one),
-# and one that names no veto warm-up vetoed from the first step (0; the key names it only where it is on).
+# and one that names no veto warm-up vetoed from the first step (0; the key names it only where it is on), reading
+# the coefficients as they are (veto_center False; the key names it only where it is on).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
     _variant.setdefault("normalization", "sum")
     _variant.setdefault("veto", math.inf)
     _variant.setdefault("veto_warmup", 0)
+    _variant.setdefault("veto_center", False)
 
 
 # Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3
@@ -409,7 +419,7 @@ def _train(
     if net is not None:
         kwargs = reweighter_kwargs(rw_kwargs or {})
         if net == "l2rw" and kwargs.get("veto") == math.inf:  # the pinned "no veto": L2RW's rule is its own
-            del kwargs["veto"], kwargs["veto_warmup"]
+            del kwargs["veto"], kwargs["veto_warmup"], kwargs["veto_center"]
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
@@ -688,6 +698,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
     min_ess = kwargs.pop("min_ess", inspect.signature(MetaReweighter.__init__).parameters["min_ess"].default)
     veto_warmup = kwargs.pop("veto_warmup", None)
+    veto_center = kwargs.pop("veto_center", None)
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
     opts = {**PRESETS["exact"], **opts}
     opts["meta_optimizer"] = _optimizer(opts["meta_optimizer"])
@@ -714,6 +725,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         opts["veto"] = veto
         if veto_warmup:  # in the key when the veto warms up (rows without it, the default, vetoed from the first step)
             opts["veto_warmup"] = veto_warmup
+        if veto_center:  # in the key when the veto reads centred coefficients (rows without it read them as they are)
+            opts["veto_center"] = True
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

@@ -297,10 +297,33 @@ class NetSlot:
         ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
         set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
         floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
-        No host sync, no collective of its own."""
+        With ``veto_center`` the coefficients are first :meth:`centered`. No host sync."""
+        if self.options.veto_center:
+            unit = self.centered(unit, weights, net_inputs)
         scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
         keep = (unit * scale <= self.options.veto).to(weights.dtype)
         return self.normalize(weights * keep, net_inputs)
+
+    def centered(self, unit: Tensor, weights: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
+        """``unit`` less the ``weights``-weighted mean of its normalisation group over the global batch (its class
+        under ``"class"``, a soft target's classes by membership; the batch under ``"sum"``; none under
+        ``"none"``), over the global sum of its magnitudes. Through the normalisation the net's update reads
+        ``c_i`` against that mean: raising every weight of a class (of the batch) moves nothing."""
+        mode = self.options.normalization
+        if mode not in ("class", "sum"):
+            return unit
+        with torch.no_grad():
+            uw = unit * weights
+            if mode == "class":
+                members = class_members(net_inputs[2], net_inputs[1].shape[-1], unit.dtype)
+                sums, counts = self.group.sum_differentiable(torch.stack([members.T @ uw, members.sum(0)]))
+                reference = members @ (sums / torch.where(counts > 0, counts, torch.ones_like(counts)))
+            else:
+                total = self.group.sum_differentiable(torch.stack([uw.sum(), uw.new_tensor(float(uw.numel()))]))
+                reference = total[0] / total[1]
+            centered = unit - reference
+            magnitude = self.group.sum_differentiable(centered.abs().sum())
+            return centered / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
 
     def update(
         self,

@@ -86,6 +86,9 @@ VETO = 0.5
 # LogitNet seed falls 6.2 points from its best under uniform noise; an option for short runs, not the default
 # (docs/results.md, "The veto's warm-up").
 VETO_WARMUP = 0
+# veto_center=False: the veto reads each coefficient as it is (candidate under measurement: against its
+# normalisation group's weighted mean, as the net's update reads it).
+VETO_CENTER = False
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
@@ -152,6 +155,7 @@ class ReweighterOptions:
     min_ess: float | None  # None: L2RW's, settled with normalization="auto"
     veto: float  # math.inf: none
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
+    veto_center: bool  # the veto reads c_i less its normalisation group's weighted mean
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -335,6 +339,13 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     _check_int("veto_warmup", veto_warmup, 0)
     if veto_warmup and _is_l2rw(a["net"]):
         raise ValueError("veto_warmup does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
+    veto_center = a["veto_center"]
+    if veto_center is None:
+        veto_center = VETO_CENTER and not _is_l2rw(a["net"])
+    if not isinstance(veto_center, bool):
+        raise TypeError(f"veto_center must be a bool or None, got {type(veto_center).__name__}")
+    if veto_center and _is_l2rw(a["net"]):
+        raise ValueError("veto_center does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
     if not isinstance(a["loss_history"], bool):
         raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")
     if a["num_classes"] is not None:
@@ -367,6 +378,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         min_ess=float(min_ess),
         veto=veto,
         veto_warmup=veto_warmup,
+        veto_center=veto_center,
         loss_history=a["loss_history"],
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,

@@ -50,8 +50,7 @@ class MetaReweighter:
     Args:
         model: the classifier; any ``nn.Module`` (DDP / ``torch.compile`` wrappers are unwrapped).
         optimizer: the classifier's optimizer; its param groups' current ``lr`` drive the look-ahead.
-        meta_loader: re-iterable of clean ``(inputs, targets)`` batches (or dicts with ``"labels"``),
-            cycled forever and moved to the model's device.
+        meta_loader: re-iterable of clean ``(inputs, targets)`` (or ``"labels"`` dict) batches, cycled, moved to device.
         net: ``"auto"``, ``"lossnet"``, ``"logitnet"``, ``"metainfonet"``, ``"gated"``, ``"l2rw"`` (non-parametric)
             or an ``nn.Module`` following the interface in :mod:`reweight.nets`. ``"auto"``: ``"gated"`` on class
             labels, else ``"lossnet"`` (under your own ``loss_fn`` the first batch decides) (default: ``"auto"``).
@@ -95,9 +94,10 @@ class MetaReweighter:
         veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
-        veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``, so it
-            does not act while the net warms up (``meta_warmup`` is the net's): for short runs, a trade-off measured
-            in docs/results.md (default: ``None``: ``0``, the veto from the first step).
+        veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``: for
+            short runs, a trade-off measured in docs/results.md (default: ``None``: ``0``, from the first step).
+        veto_center: the veto reads ``c_i`` less its class's (``"class"``) or batch's (``"sum"``) weighted mean, as the
+            net's update reads it through the normalisation (default: ``None``: ``False``).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
@@ -158,6 +158,7 @@ class MetaReweighter:
         min_ess: float | None = None,
         veto: float | None = None,
         veto_warmup: int | None = None,
+        veto_center: bool | None = None,
         loss_history: bool = False,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
@@ -172,9 +173,9 @@ class MetaReweighter:
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
-            veto=veto, veto_warmup=veto_warmup, loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn,
-            logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite, seed=seed,
-            collapse_threshold=collapse_threshold,
+            veto=veto, veto_warmup=veto_warmup, veto_center=veto_center, loss_history=loss_history, loss_fn=loss_fn,
+            meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
+            seed=seed, collapse_threshold=collapse_threshold,
         )  # fmt: skip
         module = unwrap_model(model)
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
