@@ -77,6 +77,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # factor of the step with veto_warmup=2: the first step's is 1/2)
     "lossnet_veto": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 2},
     "logitnet_class_veto": {"net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5},
+    # the veto against each class's (the batch's) weighted mean over the global batch (veto_center)
+    "logitnet_class_veto_center": {
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": True
+    },
+    "lossnet_veto_center": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_center": True},
 }
 # net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
 # and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from reweight import MetaReweighter
-from reweight.options import VETO, VETO_WARMUP
+from reweight.options import VETO, VETO_CENTER, VETO_WARMUP
 
 CLASSES, LR = 3, 0.5
 
@@ -73,6 +73,65 @@ def test_veto_zeroes_the_samples_whose_coefficient_is_above_it(engine, net, norm
     )  # fmt: skip
     w = rw.step(x, y, model(x))
     torch.testing.assert_close(w.double(), _expected(keep, y, normalization), atol=1e-6, rtol=1e-6)
+
+
+def _centred(c: torch.Tensor, y: torch.Tensor, normalization: str) -> torch.Tensor:
+    """``c`` less its class's mean (``"class"``) or the batch's (``"sum"``): the weighted means at uniform weights."""
+    if normalization == "sum":
+        return c - c.mean()
+    out = c.clone()
+    for k in y.unique():
+        out[y == k] = c[y == k] - c[y == k].mean()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("net", "normalization", "veto"), [("gated", "class", 0.0), ("gated", "class", 0.5), ("lossnet", "sum", 1.0)]
+)
+def test_the_centred_veto_reads_each_coefficient_against_its_groups_mean(net, normalization, veto):
+    """``veto_center=True`` keeps the samples whose ``c_i`` less its class's (batch's) mean is at most ``veto`` times
+    the mean magnitude of those differences; the set differs from the one the veto as it is keeps."""
+    model, opt, meta, x, y = _parts()
+    c = _coefficients(model, x, y, meta)
+    u = _centred(c, y, normalization)
+    keep = u <= veto * u.abs().mean()
+    assert not bool((keep == (c <= veto * c.abs().mean())).all())  # centring changes what is kept here
+    rw = MetaReweighter(
+        model, opt, meta, net=net, normalization=normalization, veto=veto, veto_center=True, veto_warmup=0,
+        min_ess=0, meta_optimizer=_frozen_net, seed=0,
+    )  # fmt: skip
+    w = rw.step(x, y, model(x))
+    torch.testing.assert_close(w.double(), _expected(keep, y, normalization), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_centring_uses_the_weighted_mean_of_each_class(soft):
+    """:meth:`NetSlot.centered` against a hand computation: each class's ``sum_i m_ik w_i c_i / sum_i m_ik`` with
+    class memberships ``m`` (one-hot, or soft targets), a sample's reference its memberships' mix of them."""
+    model, opt, meta, x, y = _parts()
+    rw = MetaReweighter(model, opt, meta, net="gated", normalization="class", veto=0.5, veto_center=True, seed=0)
+    g = torch.Generator().manual_seed(1)
+    c, w = torch.randn(len(y), generator=g, dtype=torch.float64), torch.rand(len(y), generator=g, dtype=torch.float64)
+    targets = torch.softmax(torch.randn(len(y), CLASSES, generator=g), 1).double() if soft else y
+    members = targets if soft else F.one_hot(y, CLASSES).double()
+    means = [sum(members[i, k] * w[i] * c[i] for i in range(len(y))) / members[:, k].sum() for k in range(CLASSES)]
+    reference = torch.stack([sum(members[i, k] * means[k] for k in range(CLASSES)) for i in range(len(y))])
+    expected = (c - reference) / (c - reference).abs().sum()
+    logits = torch.zeros(len(y), CLASSES, dtype=torch.float64)
+    torch.testing.assert_close(rw._slot.centered(c, w, (None, logits, targets)), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"veto_center": 1}, TypeError, "veto_center must be a bool"),
+        ({"net": "l2rw", "veto_center": True}, ValueError, "veto_center does not apply to net='l2rw'"),
+    ],
+)
+def test_bad_veto_center_is_refused(kwargs, error, match):
+    model, opt, meta, *_ = _parts()
+    with pytest.raises(error, match=match):
+        MetaReweighter(model, opt, meta, **kwargs)
 
 
 @pytest.mark.parametrize("warmup", [1, 4])
@@ -144,6 +203,8 @@ def test_default_veto():
     assert MetaReweighter(model, opt, meta, veto_warmup=300).options.veto_warmup == 300
     assert MetaReweighter(model, opt, meta, net="l2rw", veto_warmup=0).options.veto_warmup == 0  # none to warm up
     assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
+    assert MetaReweighter(model, opt, meta).options.veto_center is VETO_CENTER
+    assert MetaReweighter(model, opt, meta, net="l2rw").options.veto_center is False  # no veto to centre
     assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
     assert not MetaReweighter(model, opt, meta, net="groups", net_kwargs={"num_groups": 2}).options.vetoes
 
