@@ -113,13 +113,14 @@ def _gain(table: Path) -> str:
 
 def _gain_current(
     table: Path, methods=("metainfonet", "gated", "lossnet"), fast=("fastnokn",), seeds=SEEDS5,
-    datasets=("mnist1d", "mnist1d-2pct"), settings=("flip1-40", "flip2-40"), exact="nokn",
+    datasets=("mnist1d", "mnist1d-2pct"), settings=("flip1-40", "flip2-40"), exact="nokn", holdout=0,
 ) -> str:  # fmt: skip
     """``preset="fast"`` (and other ``fast`` variants) against the exact step (``exact``: the defaults without the
-    floor, ``nokn``, or with it, ``ess20``), both protocols, on the flips."""
+    floor, ``nokn``, or with it, ``ess20``), both protocols, on the flips (``holdout``: the runs with that many
+    clean samples per class held out beside the meta set)."""
     variants = (exact, *fast)
     methods = list(methods)
-    cells = acc._cells(table, list(seeds), "gentle", variants, "plain")
+    cells = acc._cells(table, list(seeds), "gentle", variants, "plain", holdout)
     parts = []
     for ds in datasets:
         text = _tradeoff.gain_table(cells, ds, list(settings), methods, exact, list(fast))
@@ -252,6 +253,7 @@ M3_VARIANTS = ["cls20", "cls20m3", "ess20", "ess20m3"]
 HISTORY_ROWS = ("gated~cls20", "gated~cls20h", "lossnet~ess20", "lossnet~ess20h")
 HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~ess20")]
 HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
+HISTORY_VETO_ROWS = ("gated~cls20v05", "gated~cls20hv05", "lossnet~ess20v05", "lossnet~ess20hv05")  # with the veto
 FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
 # the meta-gradient's veto at 0, 0.5, 1 and 2 times the batch's mean |c| against the same net without it
 VETO_VARIANTS = ("cls20", "cls20v0", "cls20v05", "cls20v10", "ess20", "ess20v05", "ess20v10")
@@ -474,6 +476,22 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "veto-fast-10": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05",), seeds=list(range(10)), exact="cls20v05"
+        ),
+        "fast-veto-holdout": lambda: _holdout_pooled(
+            table, [("gentle", "plain", both)], {"gentle": NOISE4},
+            [(["gated~fastcls20v05", "gated~fastcls20"], "gated~fastcls20v05")], ["fastcls20v05", "fastcls20"],
+            list(range(10, 20)),
+        ),
+        "fast-veto-keeps-fresh": lambda: _gain_current(
+            table, ["gated"], ("fastcls20v05", "fastcls20"), list(range(10, 20)), settings=NOISE4, exact="cls20v05",
+            holdout=HOLDOUT,
+        ),
+        "history-veto-bn": lambda: _stability_rows(
+            table, S3, ["standard", *HISTORY_VETO_ROWS], [v.split("~")[1] for v in HISTORY_VETO_ROWS], list(range(10))
+        ),
+        "history-veto-bn-paired": lambda: _paired_rows(
+            table, S3, [("gated~cls20hv05", "gated~cls20v05"), ("lossnet~ess20hv05", "lossnet~ess20v05")],
+            [v.split("~")[1] for v in HISTORY_VETO_ROWS], list(range(10)),
         ),
         "veto-fast": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05",), settings=("flip1-40", "flip2-40", "uniform-40"), exact="cls20v05"
