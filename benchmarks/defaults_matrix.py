@@ -65,6 +65,8 @@ CONFIGS = {
     "veto10": {"veto": 1.0},
     # the defaults with the veto reading the coefficients at the net's warm-up factor over its 300 steps
     "veto-warmup": {"veto_warmup": 300},
+    # the defaults with the veto reading each coefficient against its class's (batch's) weighted mean
+    "veto-center": {"veto_center": True},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -100,6 +102,7 @@ SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**SPELLED["defaults"], "veto": 1.0}
 SPELLED["veto-warmup"] = {**SPELLED["defaults"], "veto_warmup": 300}
+SPELLED["veto-center"] = {**SPELLED["defaults"], "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {
@@ -331,10 +334,10 @@ NETS_FOR = {
 
 def nets_for(task: str, config: str) -> list[str]:
     """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss; ``"l2rw-floor40"``:
-    L2RW; ``"veto10"`` and ``"veto-warmup"``: the nets, not L2RW)."""
+    L2RW; ``"veto10"``, ``"veto-warmup"`` and ``"veto-center"``: the nets, not L2RW)."""
     if config == "l2rw-floor40":
         return ["l2rw"]
-    if config in ("veto10", "veto-warmup"):
+    if config in ("veto10", "veto-warmup", "veto-center"):
         return [n for n in NETS_FOR[task] if n != "l2rw"]
     return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 

@@ -502,6 +502,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-veto-warmup": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto-warmup")
         + "\n"
         + defaults_matrix.report(defaults_matrix.TABLE, "veto-warmup", 600),
+        "defaults-matrix-veto-center": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto-center")
+        + "\n"
+        + defaults_matrix.report(defaults_matrix.TABLE, "veto-center", 600),
         "defaults-matrix-before-veto": lambda: defaults_matrix.report(
             defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_VETO
         ),
