@@ -297,8 +297,8 @@ class NetSlot:
         ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
         set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
         floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
-        With ``veto_center`` the coefficients are first :meth:`centered`. No host sync."""
-        if self.options.veto_center:
+        With :attr:`ReweighterOptions.centers_veto` the coefficients are first :meth:`centered`. No host sync."""
+        if self.options.centers_veto:
             unit = self.centered(unit, weights, net_inputs)
         scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
         keep = (unit * scale <= self.options.veto).to(weights.dtype)

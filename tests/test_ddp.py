@@ -76,7 +76,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # a veto that binds on every batch: its threshold is the global batch's mean |c| (LossNet's read at the warm-up
     # factor of the step with veto_warmup=2: the first step's is 1/2)
     "lossnet_veto": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 2},
-    "logitnet_class_veto": {"net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5},
+    "logitnet_class_veto": {
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": False
+    },
     # the veto against each class's (the batch's) weighted mean over the global batch (veto_center)
     "logitnet_class_veto_center": {
         "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": True

@@ -1,6 +1,6 @@
-"""``veto``: after each meta update, a sample whose meta-gradient coefficient ``c_i = dL_meta/dw_i`` is above
-``veto`` times the batch's mean ``|c|`` gets weight 0 for that step, checked against coefficients computed
-independently with ``torch.func``."""
+"""``veto``: after each meta update, a sample whose meta-gradient coefficient ``c_i = dL_meta/dw_i`` (with
+``veto_center``, less its class's or batch's weighted mean) is above ``veto`` times the batch's mean ``|c|`` gets
+weight 0 for that step, checked against coefficients computed independently with ``torch.func``."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_veto_zeroes_the_samples_whose_coefficient_is_above_it(engine, net, norm
     assert 0 < int(keep.sum()) < len(y)  # the case is not trivial
     rw = MetaReweighter(
         model, opt, meta, net=net, engine=engine, normalization=normalization, veto=veto, veto_warmup=0, min_ess=0,
-        meta_optimizer=_frozen_net, seed=0,
+        veto_center=False, meta_optimizer=_frozen_net, seed=0,
     )  # fmt: skip
     w = rw.step(x, y, model(x))
     torch.testing.assert_close(w.double(), _expected(keep, y, normalization), atol=1e-6, rtol=1e-6)
@@ -140,7 +140,9 @@ def test_the_veto_reads_the_coefficients_at_the_warmup_factor(warmup):
     batch's mean ``|c|`` (the model is not stepped: the same coefficients at every step)."""
     model, opt, meta, x, y = _parts()
     c = _coefficients(model, x, y, meta)
-    rw = MetaReweighter(model, opt, meta, veto=0.5, veto_warmup=warmup, min_ess=0, meta_optimizer=_frozen_net, seed=0)
+    rw = MetaReweighter(
+        model, opt, meta, veto=0.5, veto_warmup=warmup, veto_center=False, min_ess=0, meta_optimizer=_frozen_net, seed=0
+    )
     kept = []
     for t in range(6):
         keep = c * min(1.0, (t + 1) / warmup) <= 0.5 * c.abs().mean()
@@ -203,8 +205,12 @@ def test_default_veto():
     assert MetaReweighter(model, opt, meta, veto_warmup=300).options.veto_warmup == 300
     assert MetaReweighter(model, opt, meta, net="l2rw", veto_warmup=0).options.veto_warmup == 0  # none to warm up
     assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
-    assert MetaReweighter(model, opt, meta).options.veto_center is VETO_CENTER
-    assert MetaReweighter(model, opt, meta, net="l2rw").options.veto_center is False  # no veto to centre
+    assert MetaReweighter(model, opt, meta).options.veto_center is VETO_CENTER is None
+    assert MetaReweighter(model, opt, meta).options.centers_veto  # the gated net, normalised within each class
+    assert not MetaReweighter(model, opt, meta, net="lossnet").options.centers_veto  # "sum": the veto as it is
+    assert MetaReweighter(model, opt, meta, net="lossnet", veto_center=True).options.centers_veto
+    assert not MetaReweighter(model, opt, meta, veto_center=False).options.centers_veto
+    assert not MetaReweighter(model, opt, meta, net="l2rw").options.centers_veto  # no veto to centre
     assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
     assert not MetaReweighter(model, opt, meta, net="groups", net_kwargs={"num_groups": 2}).options.vetoes
 
@@ -243,10 +249,13 @@ def test_a_batch_the_meta_batch_vetoes_whole_is_warned_about():
 
     try:
         model, opt, meta, x, y = _parts()
-        rw = MetaReweighter(model, opt, meta, engine="all_against", veto_warmup=0, seed=0)
+        rw = MetaReweighter(model, opt, meta, engine="all_against", veto_warmup=0, veto_center=False, seed=0)
         rw.collapse_monitor = CollapseMonitor(1e-3, every=1, patience=1)
         with pytest.warns(WeightCollapseWarning, match=r"all weights of the batch are below .*raise veto"):
             assert not bool(rw.step(x, y, model(x)).any())
+        centred = MetaReweighter(model, opt, meta, engine="all_against", veto=0.0, seed=0)  # the default centring
+        kept = centred.step(x, y, model(x)) > 0
+        assert all(bool(kept[y == k].any()) for k in y.unique())  # a class's c_i less its mean: some are <= 0
         quiet = MetaReweighter(model, opt, meta, engine="all_against", veto=math.inf, seed=0)
         quiet.collapse_monitor = CollapseMonitor(1e-3, every=1, patience=1, constant_after=10)
         with warnings.catch_warnings():
