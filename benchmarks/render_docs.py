@@ -497,6 +497,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "veto-center-bn-paired": lambda: _paired_rows(
             table, S3, [(f"{m}c", m) for m in CENTER_ROWS[::2]], [v.split("~")[1] for v in CENTER_ROWS], list(range(10))
         ),
+        "veto-center-gentle-paired": lambda: _paired_gentle(
+            table, both, NOISE4, [(f"{m}c", m) for m in CENTER_ROWS[::2]], [v.split("~")[1] for v in CENTER_ROWS],
+            SEEDS5,
+        ),
         "veto-center-screen": lambda: _paired_gentle(
             table, ["mnist1d-2pct"], ["flip2-40"],
             [("gated~cls20v05c", "gated~cls20v05"), ("gated~cls20", "gated~cls20v05")],
@@ -509,6 +513,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "fast-veto-keeps-fresh": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05", "fastcls20"), list(range(10, 20)), settings=NOISE4, exact="cls20v05",
+            holdout=HOLDOUT,
+        ),
+        "fast-center-keeps-fresh": lambda: _gain_current(
+            table, ["gated"], ("fastcls20v05c",), list(range(10, 20)), settings=NOISE4, exact="cls20v05c",
             holdout=HOLDOUT,
         ),
         "history-veto-bn": lambda: _stability_rows(
