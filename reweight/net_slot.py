@@ -307,8 +307,10 @@ class NetSlot:
     def centered(self, unit: Tensor, weights: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
         """``unit`` less the ``weights``-weighted mean of its normalisation group over the global batch (its class
         under ``"class"``, a soft target's classes by membership; the batch under ``"sum"``; none under
-        ``"none"``), over the global sum of its magnitudes. Through the normalisation the net's update reads
-        ``c_i`` against that mean: raising every weight of a class (of the batch) moves nothing."""
+        ``"none"``), over the global sum of its magnitudes. Vetoing a sample and normalising its group again
+        changes the meta loss by its weight times ``c_i`` less that mean, to first order; through the
+        normalisation the net's update reads ``c_i`` against it too. The weighted differences of a group sum to
+        zero, so at ``veto >= 0`` a group with positive weights keeps a sample."""
         mode = self.options.normalization
         if mode not in ("class", "sum"):
             return unit
@@ -316,11 +318,11 @@ class NetSlot:
             uw = unit * weights
             if mode == "class":
                 members = class_members(net_inputs[2], net_inputs[1].shape[-1], unit.dtype)
-                sums, counts = self.group.sum_differentiable(torch.stack([members.T @ uw, members.sum(0)]))
-                reference = members @ (sums / torch.where(counts > 0, counts, torch.ones_like(counts)))
+                sums, mass = self.group.sum_differentiable(torch.stack([members.T @ uw, members.T @ weights]))
+                reference = members @ (sums / torch.where(mass > 0, mass, torch.ones_like(mass)))
             else:
-                total = self.group.sum_differentiable(torch.stack([uw.sum(), uw.new_tensor(float(uw.numel()))]))
-                reference = total[0] / total[1]
+                sums, mass = self.group.sum_differentiable(torch.stack([uw.sum(), weights.sum()]))
+                reference = sums / torch.where(mass > 0, mass, torch.ones_like(mass))
             centered = unit - reference
             magnitude = self.group.sum_differentiable(centered.abs().sum())
             return centered / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))

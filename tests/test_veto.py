@@ -106,15 +106,18 @@ def test_the_centred_veto_reads_each_coefficient_against_its_groups_mean(net, no
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_centring_uses_the_weighted_mean_of_each_class(soft):
-    """:meth:`NetSlot.centered` against a hand computation: each class's ``sum_i m_ik w_i c_i / sum_i m_ik`` with
-    class memberships ``m`` (one-hot, or soft targets), a sample's reference its memberships' mix of them."""
+    """:meth:`NetSlot.centered` against a hand computation: each class's ``sum_i m_ik w_i c_i / sum_i m_ik w_i``
+    with class memberships ``m`` (one-hot, or soft targets), a sample's reference its memberships' mix of them."""
     model, opt, meta, x, y = _parts()
     rw = MetaReweighter(model, opt, meta, net="gated", normalization="class", veto=0.5, veto_center=True, seed=0)
     g = torch.Generator().manual_seed(1)
     c, w = torch.randn(len(y), generator=g, dtype=torch.float64), torch.rand(len(y), generator=g, dtype=torch.float64)
     targets = torch.softmax(torch.randn(len(y), CLASSES, generator=g), 1).double() if soft else y
     members = targets if soft else F.one_hot(y, CLASSES).double()
-    means = [sum(members[i, k] * w[i] * c[i] for i in range(len(y))) / members[:, k].sum() for k in range(CLASSES)]
+    means = [
+        sum(members[i, k] * w[i] * c[i] for i in range(len(y))) / sum(members[i, k] * w[i] for i in range(len(y)))
+        for k in range(CLASSES)
+    ]
     reference = torch.stack([sum(members[i, k] * means[k] for k in range(CLASSES)) for i in range(len(y))])
     expected = (c - reference) / (c - reference).abs().sum()
     logits = torch.zeros(len(y), CLASSES, dtype=torch.float64)
