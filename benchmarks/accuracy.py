@@ -248,12 +248,15 @@ VARIANTS: dict[str, dict] = {
                   "veto": 0.5, "loss_history": True, "net_kwargs": {"uniform_start": True}},
     "ess20hv05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                   "loss_history": True, "net_kwargs": {"uniform_start": True}},
-    # the veto reading each coefficient against its normalisation group's weighted mean (veto_center): the class
-    # under "class" (cls20v05c, and the fast preset's fastcls20v05c), the batch under "sum" (LossNet's ess20v05c)
+    # the veto reading each coefficient against its class's weighted mean (veto_center) under "class" (cls20v05c, and
+    # the fast preset's fastcls20v05c). The rows of "ess20v05c" (LossNet, "sum") ran with veto_center=True when it
+    # meant the batch's weighted mean on class labels (commits 8503372 to dd35f17); it now means the class's there,
+    # so the variant is gone and its rows keep their key. ess20v05k: LossNet with the library's default
+    # (veto_center=None: within each class on class labels, whatever the normalisation)
     "cls20v05c": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                   "veto": 0.5, "veto_center": True, "net_kwargs": {"uniform_start": True}},
-    "ess20v05c": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
-                  "veto_center": True, "net_kwargs": {"uniform_start": True}},
+    "ess20v05k": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                  "veto_center": None, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05c": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                       "veto_center": True, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
@@ -727,6 +730,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             opts["veto_warmup"] = veto_warmup
         if veto_center:  # in the key when the veto reads centred coefficients (rows without it read them as they are)
             opts["veto_center"] = True
+        elif veto_center is None:  # the library's default: within each class on class labels
+            opts["veto_center"] = "within each class on class labels"
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

@@ -65,7 +65,8 @@ CONFIGS = {
     "veto10": {"veto": 1.0},
     # the defaults with the veto reading the coefficients at the net's warm-up factor over its 300 steps
     "veto-warmup": {"veto_warmup": 300},
-    # the defaults with the veto reading each coefficient against its class's (batch's) weighted mean
+    # the defaults with the veto reading each coefficient against its class's (batch's) weighted mean (run when
+    # veto_center=True meant the batch's mean under "sum" on class labels too, commits 8503372 to dd35f17)
     "veto-center": {"veto_center": True},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
@@ -98,11 +99,13 @@ SPELLED = {  # the key's description of each configuration (no key whose meaning
 BEFORE_VETO = dict(SPELLED["defaults"])  # the defaults' rows before the veto became one of them
 if math.isfinite(VETO):
     SPELLED["defaults"]["veto"] = f"{VETO:g} for the nets (none for l2rw, whose rule it is at 0)"
+BEFORE_CENTER = dict(SPELLED["defaults"])  # the defaults' rows before the veto read the coefficients within classes
+SPELLED["defaults"]["veto_center"] = "within each class on class labels"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
-SPELLED["veto10"] = {**SPELLED["defaults"], "veto": 1.0}
-SPELLED["veto-warmup"] = {**SPELLED["defaults"], "veto_warmup": 300}
-SPELLED["veto-center"] = {**SPELLED["defaults"], "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
+SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}
+SPELLED["veto-warmup"] = {**BEFORE_CENTER, "veto_warmup": 300}
+SPELLED["veto-center"] = {**BEFORE_CENTER, "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {

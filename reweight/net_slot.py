@@ -297,26 +297,36 @@ class NetSlot:
         ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
         set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
         floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
-        With :attr:`ReweighterOptions.centers_veto` the coefficients are first :meth:`centered`. No host sync."""
-        if self.options.centers_veto:
-            unit = self.centered(unit, weights, net_inputs)
+        The coefficients are first :meth:`centered` within the batch's :meth:`veto_group`, if any. No host sync."""
+        group = self.veto_group(net_inputs)
+        if group is not None:
+            unit = self.centered(unit, weights, net_inputs, group)
         scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
         keep = (unit * scale <= self.options.veto).to(weights.dtype)
         return self.normalize(weights * keep, net_inputs)
 
-    def centered(self, unit: Tensor, weights: Tensor, net_inputs: tuple[Any, ...]) -> Tensor:
-        """``unit`` less the ``weights``-weighted mean of its normalisation group over the global batch (its class
-        under ``"class"``, a soft target's classes by membership; the batch under ``"sum"``; none under
-        ``"none"``), over the global sum of its magnitudes. Vetoing a sample and normalising its group again
-        changes the meta loss by its weight times ``c_i`` less that mean, to first order; through the
-        normalisation the net's update reads ``c_i`` against it too. The weighted differences of a group sum to
-        zero, so at ``veto >= 0`` a group with positive weights keeps a sample."""
-        mode = self.options.normalization
-        if mode not in ("class", "sum"):
-            return unit
+    def veto_group(self, net_inputs: tuple[Any, ...]) -> str | None:
+        """Within what the veto reads the coefficients of this batch (``veto_center``): ``"class"`` on class labels
+        (``normalization="class"``, or integer class indices of ``(batch, K)`` logits), by default and with
+        ``True``; ``"batch"`` with ``True`` under ``"sum"`` on other targets; ``None`` (as they are) otherwise."""
+        center = self.options.veto_center
+        if not self.options.vetoes or center is False:
+            return None
+        if self.options.normalization == "class" or is_class_labels(net_inputs[1], net_inputs[2]):
+            return "class"
+        return "batch" if center and self.options.normalization == "sum" else None
+
+    def centered(self, unit: Tensor, weights: Tensor, net_inputs: tuple[Any, ...], group: str) -> Tensor:
+        """``unit`` less the ``weights``-weighted mean of its ``group`` over the global batch (``"class"``: its class,
+        a soft target's classes by membership; ``"batch"``: the batch), over the global sum of its magnitudes.
+        The class part of ``c_i`` says how the meta batch would shift the classes' shares, not whether the sample
+        is clean: read as it is, the veto could remove most of a class from a batch. Within a class, vetoing a
+        sample and normalising the class again changes the meta loss by its weight times ``c_i`` less the mean,
+        to first order. The weighted differences of a group sum to zero, so at ``veto >= 0`` a group with
+        positive weights keeps a sample."""
         with torch.no_grad():
             uw = unit * weights
-            if mode == "class":
+            if group == "class":
                 members = class_members(net_inputs[2], net_inputs[1].shape[-1], unit.dtype)
                 sums, mass = self.group.sum_differentiable(torch.stack([members.T @ uw, members.T @ weights]))
                 reference = members @ (sums / torch.where(mass > 0, mass, torch.ones_like(mass)))

@@ -85,15 +85,43 @@ def _centred(c: torch.Tensor, y: torch.Tensor, normalization: str) -> torch.Tens
     return out
 
 
+def _group_of(rw: MetaReweighter, targets: torch.Tensor, width: int) -> str | None:
+    logits = torch.zeros(len(targets), width)
+    return rw._slot.veto_group((torch.zeros(len(targets)), logits, targets))
+
+
+def test_the_veto_group():
+    """By default the veto reads the coefficients within each class on class labels, whatever the normalisation,
+    and as they are on other targets; ``True`` adds the batch under ``"sum"``; ``False`` and no veto: none."""
+    model, opt, meta, *_ = _parts()
+    labels, values = torch.tensor([0, 1, 2, 1]), torch.randn(4)
+
+    def group(targets, width, **kwargs):
+        return _group_of(MetaReweighter(model, opt, meta, **kwargs), targets, width)
+
+    assert group(labels, CLASSES) == "class"  # the gated net, normalised within each class
+    assert group(labels, CLASSES, net="lossnet") == "class"  # "sum" on class labels
+    assert group(values, 1, net="lossnet", loss_fn=_mse) is None  # regression: as they are
+    assert group(values, 1, net="lossnet", loss_fn=_mse, veto_center=True) == "batch"
+    assert group(labels, CLASSES, veto_center=False) is None
+    assert group(labels, CLASSES, net="lossnet", veto=math.inf) is None
+    assert group(labels, CLASSES, net="l2rw") is None  # no veto to centre
+
+
+def _mse(outputs, targets):
+    return (outputs.reshape(-1) - targets.float()) ** 2
+
+
 @pytest.mark.parametrize(
-    ("net", "normalization", "veto"), [("gated", "class", 0.0), ("gated", "class", 0.5), ("lossnet", "sum", 1.0)]
+    ("net", "normalization", "veto"), [("gated", "class", 0.0), ("gated", "class", 0.5), ("lossnet", "sum", 0.5)]
 )
 def test_the_centred_veto_reads_each_coefficient_against_its_groups_mean(net, normalization, veto):
-    """``veto_center=True`` keeps the samples whose ``c_i`` less its class's (batch's) mean is at most ``veto`` times
-    the mean magnitude of those differences; the set differs from the one the veto as it is keeps."""
+    """On class labels the veto keeps the samples whose ``c_i`` less its class's mean is at most ``veto`` times the
+    mean magnitude of those differences, under either normalisation; the set differs from the one the veto as it
+    is keeps."""
     model, opt, meta, x, y = _parts()
     c = _coefficients(model, x, y, meta)
-    u = _centred(c, y, normalization)
+    u = _centred(c, y, "class")
     keep = u <= veto * u.abs().mean()
     assert not bool((keep == (c <= veto * c.abs().mean())).all())  # centring changes what is kept here
     rw = MetaReweighter(
@@ -121,7 +149,9 @@ def test_centring_uses_the_weighted_mean_of_each_class(soft):
     reference = torch.stack([sum(members[i, k] * means[k] for k in range(CLASSES)) for i in range(len(y))])
     expected = (c - reference) / (c - reference).abs().sum()
     logits = torch.zeros(len(y), CLASSES, dtype=torch.float64)
-    torch.testing.assert_close(rw._slot.centered(c, w, (None, logits, targets)), expected)
+    torch.testing.assert_close(rw._slot.centered(c, w, (None, logits, targets), "class"), expected)
+    batch = (c - (w * c).sum() / w.sum()) / (c - (w * c).sum() / w.sum()).abs().sum()
+    torch.testing.assert_close(rw._slot.centered(c, w, (None, logits, targets), "batch"), batch)
 
 
 @pytest.mark.parametrize(
@@ -209,11 +239,6 @@ def test_default_veto():
     assert MetaReweighter(model, opt, meta, net="l2rw", veto_warmup=0).options.veto_warmup == 0  # none to warm up
     assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
     assert MetaReweighter(model, opt, meta).options.veto_center is VETO_CENTER is None
-    assert MetaReweighter(model, opt, meta).options.centers_veto  # the gated net, normalised within each class
-    assert not MetaReweighter(model, opt, meta, net="lossnet").options.centers_veto  # "sum": the veto as it is
-    assert MetaReweighter(model, opt, meta, net="lossnet", veto_center=True).options.centers_veto
-    assert not MetaReweighter(model, opt, meta, veto_center=False).options.centers_veto
-    assert not MetaReweighter(model, opt, meta, net="l2rw").options.centers_veto  # no veto to centre
     assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
     assert not MetaReweighter(model, opt, meta, net="groups", net_kwargs={"num_groups": 2}).options.vetoes
 
