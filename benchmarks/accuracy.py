@@ -251,12 +251,11 @@ VARIANTS: dict[str, dict] = {
     # the veto reading each coefficient against its class's weighted mean (veto_center) under "class" (cls20v05c, and
     # the fast preset's fastcls20v05c). The rows of "ess20v05c" (LossNet, "sum") ran with veto_center=True when it
     # meant the batch's weighted mean on class labels (commits 8503372 to dd35f17); it now means the class's there,
-    # so the variant is gone and its rows keep their key. ess20v05k: LossNet with the library's default
-    # (veto_center=None: within each class on class labels, whatever the normalisation)
+    # so the variant is gone and its rows keep their key. ess20v05k: LossNet within each class (veto_center=True)
     "cls20v05c": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
                   "veto": 0.5, "veto_center": True, "net_kwargs": {"uniform_start": True}},
     "ess20v05k": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
-                  "veto_center": None, "net_kwargs": {"uniform_start": True}},
+                  "veto_center": True, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05c": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                       "veto_center": True, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
@@ -729,9 +728,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         if veto_warmup:  # in the key when the veto warms up (rows without it, the default, vetoed from the first step)
             opts["veto_warmup"] = veto_warmup
         if veto_center:  # in the key when the veto reads centred coefficients (rows without it read them as they are)
-            opts["veto_center"] = True
-        elif veto_center is None:  # the library's default: within each class on class labels
-            opts["veto_center"] = "within each class on class labels"
+            # the ess20v05c rows ("sum", veto_center=True) centred on the batch: they keep the key True
+            opts["veto_center"] = True if opts.get("normalization") == "class" else "within each class on class labels"
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

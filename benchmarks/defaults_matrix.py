@@ -100,7 +100,7 @@ BEFORE_VETO = dict(SPELLED["defaults"])  # the defaults' rows before the veto be
 if math.isfinite(VETO):
     SPELLED["defaults"]["veto"] = f"{VETO:g} for the nets (none for l2rw, whose rule it is at 0)"
 BEFORE_CENTER = dict(SPELLED["defaults"])  # the defaults' rows before the veto read the coefficients within classes
-SPELLED["defaults"]["veto_center"] = "within each class on class labels"
+SPELLED["defaults"]["veto_center"] = "within each class under normalization=class (the nets that read the logits)"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}

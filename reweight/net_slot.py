@@ -306,15 +306,18 @@ class NetSlot:
         return self.normalize(weights * keep, net_inputs)
 
     def veto_group(self, net_inputs: tuple[Any, ...]) -> str | None:
-        """Within what the veto reads the coefficients of this batch (``veto_center``): ``"class"`` on class labels
-        (``normalization="class"``, or integer class indices of ``(batch, K)`` logits), by default and with
-        ``True``; ``"batch"`` with ``True`` under ``"sum"`` on other targets; ``None`` (as they are) otherwise."""
-        center = self.options.veto_center
+        """Within what the veto reads the coefficients of this batch (``veto_center``): ``"class"`` under
+        ``normalization="class"`` (by default and with ``True``), and with ``True`` under ``"sum"`` on class labels
+        (integer class indices of ``(batch, K)`` logits); ``"batch"`` with ``True`` under ``"sum"`` on other
+        targets; ``None`` (as they are) otherwise."""
+        center, mode = self.options.veto_center, self.options.normalization
         if not self.options.vetoes or center is False:
             return None
-        if self.options.normalization == "class" or is_class_labels(net_inputs[1], net_inputs[2]):
+        if mode == "class":
             return "class"
-        return "batch" if center and self.options.normalization == "sum" else None
+        if center and mode == "sum":
+            return "class" if is_class_labels(net_inputs[1], net_inputs[2]) else "batch"
+        return None
 
     def centered(self, unit: Tensor, weights: Tensor, net_inputs: tuple[Any, ...], group: str) -> Tensor:
         """``unit`` less the ``weights``-weighted mean of its ``group`` over the global batch (``"class"``: its class,

@@ -96,8 +96,8 @@ class MetaReweighter:
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
         veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``: for
             short runs, a trade-off measured in docs/results.md (default: ``None``: ``0``, from the first step).
-        veto_center: the veto reads ``c_i`` less its class's weighted mean (``True``: the batch's on other targets
-            under ``"sum"``), not how the meta batch would shift the classes (default: ``None``: on class labels).
+        veto_center: the veto reads ``c_i`` less its class's weighted mean (with ``True`` under ``"sum"``: on class
+            labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).

@@ -91,8 +91,9 @@ def _group_of(rw: MetaReweighter, targets: torch.Tensor, width: int) -> str | No
 
 
 def test_the_veto_group():
-    """By default the veto reads the coefficients within each class on class labels, whatever the normalisation,
-    and as they are on other targets; ``True`` adds the batch under ``"sum"``; ``False`` and no veto: none."""
+    """By default the veto reads the coefficients within each class under ``"class"`` and as they are under
+    ``"sum"``; ``True`` reads them within each class on class labels and within the batch on other targets under
+    ``"sum"``; ``False`` and no veto: as they are."""
     model, opt, meta, *_ = _parts()
     labels, values = torch.tensor([0, 1, 2, 1]), torch.randn(4)
 
@@ -100,7 +101,8 @@ def test_the_veto_group():
         return _group_of(MetaReweighter(model, opt, meta, **kwargs), targets, width)
 
     assert group(labels, CLASSES) == "class"  # the gated net, normalised within each class
-    assert group(labels, CLASSES, net="lossnet") == "class"  # "sum" on class labels
+    assert group(labels, CLASSES, net="lossnet") is None  # "sum" on class labels: as they are
+    assert group(labels, CLASSES, net="lossnet", veto_center=True) == "class"
     assert group(values, 1, net="lossnet", loss_fn=_mse) is None  # regression: as they are
     assert group(values, 1, net="lossnet", loss_fn=_mse, veto_center=True) == "batch"
     assert group(labels, CLASSES, veto_center=False) is None
