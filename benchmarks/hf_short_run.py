@@ -1,7 +1,8 @@
 """The veto in a short Hugging Face run: examples/hf_text_classification.py's task (a tiny random BERT, 3 classes,
 40% flipped labels, 48 clean samples, 6 epochs of 16 steps, AdamW 3e-3), plain Trainer against ReweightTrainer
-with the library's defaults, with the veto reading the coefficients as they are (``veto_center=False``) and
-without the veto (``veto=math.inf``), per seed (the model's initialisation and the Trainer's seed). Offline.
+with the library's defaults, with the veto reading the coefficients within each class (``veto_center=True``)
+and as they are (``veto_center=False``), and without the veto (``veto=math.inf``), per seed (the model's
+initialisation and the Trainer's seed). Offline.
 
     python benchmarks/hf_short_run.py --net lossnet gated --seeds 0 1 2 3 4
 """
@@ -25,7 +26,13 @@ from transformers.utils import logging  # noqa: E402
 
 from reweight.integrations.transformers import ReweightTrainer  # noqa: E402
 
-CONFIGS = {"plain": None, "defaults": {}, "veto as it is": {"veto_center": False}, "no veto": {"veto": math.inf}}
+CONFIGS = {
+    "plain": None,
+    "defaults": {},
+    "veto within classes": {"veto_center": True},
+    "veto as it is": {"veto_center": False},
+    "no veto": {"veto": math.inf},
+}
 
 
 def accuracy(net: str, seed: int, options: dict | None, data) -> float:

@@ -256,7 +256,7 @@ HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 # the veto as it is and against its class's (batch's) weighted mean (veto_center), every net, in pairs
 CENTER_ROWS = (
     *(f"{m}~{v}{c}" for m, v in (*((n, "cls20v05") for n in LOGIT_NETS), ("lossnet", "ess20v05")) for c in ("", "c")),
-    "lossnet~ess20v05", "lossnet~ess20v05k",  # LossNet within each class (the ess20v05c rows: within the batch)
+    "lossnet~ess20v05", "lossnet~ess20v05k",  # LossNet within its classes (the ess20v05c rows: within the batch)
 )  # fmt: skip
 HISTORY_VETO_ROWS = ("gated~cls20v05", "gated~cls20hv05", "lossnet~ess20v05", "lossnet~ess20hv05")  # with the veto
 FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
@@ -362,9 +362,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet~ess20v05k",
+            ["standard", "finetune", "lossnet~ess20v05",
              *(f"{m}~cls20v05c" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
-            SEEDS5, "gentle", ("cls20v05c", "ess20v05k", "l2cls40"), "plain", default="gated~cls20v05c",
+            SEEDS5, "gentle", ("cls20v05c", "ess20v05", "l2cls40"), "plain", default="gated~cls20v05c",
         ),
         "guide-before-center": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
@@ -387,10 +387,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20v05c" for m in LOGIT_NETS), "lossnet~ess20v05k", "l2rw~l2cls40",
-             *(f"{m}~cls20v05" for m in LOGIT_NETS), "lossnet~ess20v05", *(f"{m}~cls20" for m in LOGIT_NETS),
-             "lossnet~ess20"],
-            ["cls20v05c", "cls20v05", "ess20v05k", "ess20v05", "l2cls40", "cls20", "ess20"], list(range(10)),
+            [*(f"{m}~cls20v05c" for m in LOGIT_NETS), "lossnet~ess20v05", "l2rw~l2cls40",
+             *(f"{m}~cls20v05" for m in LOGIT_NETS), *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
+            ["cls20v05c", "cls20v05", "ess20v05", "l2cls40", "cls20", "ess20"], list(range(10)),
         ),  # fmt: skip
         "veto-warmup-bn": lambda: _stability_rows(
             table, S3, [*(f"{m}~cls20v05w" for m in LOGIT_NETS), "lossnet~ess20v05w"], ["cls20v05w", "ess20v05w"],
