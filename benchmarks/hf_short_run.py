@@ -35,12 +35,13 @@ CONFIGS = {
 }
 
 
-def accuracy(net: str, seed: int, options: dict | None, data) -> float:
+def accuracy(net: str, seed: int, options: dict | None, data, epochs: float = 6) -> float:
     train, meta, test = data
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=32, num_train_epochs=6, learning_rate=3e-3, warmup_steps=10,
-            report_to="none", use_cpu=True, save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=seed,
+            output_dir=out, per_device_train_batch_size=32, num_train_epochs=epochs, learning_rate=3e-3,
+            warmup_steps=10, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1000,
+            disable_tqdm=True, seed=seed,
         )  # fmt: skip
         if options is None:
             trainer = Trainer(model=task.tiny_bert(seed), args=args, train_dataset=train)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", nargs="+", default=["lossnet", "gated"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--epochs", type=float, default=6, help="16 steps each (6: 96 steps)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.set_verbosity_error()
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- |" + " --- |" * len(CONFIGS))
     for net in args.net:
         for seed in args.seeds:
-            row = [f"{accuracy(net, seed, o, (train, meta, test)):.3f}" for o in CONFIGS.values()]
+            row = [f"{accuracy(net, seed, o, (train, meta, test), args.epochs):.3f}" for o in CONFIGS.values()]
             print(f"| {net} | {seed} | " + " | ".join(row) + " |", flush=True)
     return 0
 

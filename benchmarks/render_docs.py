@@ -649,6 +649,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "compile-accounting-retain": lambda: step_cost.compile_accounting(sc, "compile-accounting-retain"),
         # docs/robustness.md
         "defaults-matrix": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults"),
+        "defaults-matrix-before-center": lambda: defaults_matrix.report(
+            defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_CENTER
+        ),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
