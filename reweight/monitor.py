@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "CollapseMonitor",
+    "ShortRunWarning",
     "WeightCollapseWarning",
     "MetaSignalMonitor",
     "WeakMetaGradientWarning",
@@ -87,6 +88,11 @@ def _in_zero_classes(weights: Tensor, classes: Tensor | None, num_classes: int |
     class_max = torch.where(members, weights[:, None], torch.zeros_like(weights)[:, None]).amax(0)
     dead = present & (class_max == 0)
     return (members & dead[None, :]).any(1).sum().to(weights.dtype)
+
+
+class ShortRunWarning(UserWarning):
+    """The run ends before the weighting net's meta lr has warmed up while the meta-gradient's veto already acts:
+    the weights are then the veto's alone, read off a model that has learned little."""
 
 
 class WeightCollapseWarning(RuntimeWarning):

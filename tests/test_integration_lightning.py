@@ -1,9 +1,11 @@
 """MetaReweightCallback: a real Lightning Trainer with automatic optimisation, offline on the CPU."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -191,3 +193,14 @@ def test_weight_statistics_are_logged(tmp_path):
     assert float(logged["reweight/weight_min"]) == pytest.approx(float(w.min()), rel=1e-6)
     assert float(logged["reweight/weight_max"]) == pytest.approx(float(w.max()), rel=1e-6)
     assert float(logged["reweight/meta_loss"]) == pytest.approx(float(callback.reweighter.last_meta_loss), rel=1e-6)
+
+
+@pytest.mark.parametrize(("kwargs", "warns"), [({}, True), ({"veto": math.inf}, False), ({"meta_warmup": 2}, False)])
+def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, kwargs, warns):
+    from reweight.monitor import ShortRunWarning
+
+    callback = MetaReweightCallback(meta_loader(), seed=0, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(LitClassifier(), DataLoader(data(8, 1), batch_size=4))
+    assert sum(issubclass(w.category, ShortRunWarning) for w in caught) == int(warns)

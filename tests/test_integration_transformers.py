@@ -1,9 +1,11 @@
 """ReweightTrainer: a real transformers.Trainer, tiny config-built models, offline, on the CPU."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -499,3 +501,29 @@ def test_bf16_on_the_cpu_steps_under_autocast_with_finite_weights(tmp_path):
     after = trainer.reweighter.net.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(net_before[k], v) for k, v in after.items())
+
+
+@pytest.mark.parametrize(
+    ("reweight_kwargs", "steps", "accumulation", "warns"),
+    [
+        ({"seed": 0}, 2, 1, True),  # 2 calls, fewer than the net's 300 warm-up steps, with the veto
+        ({"seed": 0, "meta_warmup": 4}, 2, 2, False),  # 4 calls: the warm-up is over when the run ends
+        ({"seed": 0, "meta_warmup": 4}, 2, 1, True),
+        ({"seed": 0, "veto": math.inf}, 2, 1, False),  # no veto: the net's weights, which start uniform
+    ],
+)
+def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, reweight_kwargs, steps, accumulation, warns):
+    from reweight.monitor import ShortRunWarning
+
+    rows = text_dataset(16, 0)
+    trainer = make_trainer(
+        tmp_path, bert("eager"), rows, rows, steps=steps, accumulation=accumulation, reweight_kwargs=reweight_kwargs
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    short = [w for w in caught if issubclass(w.category, ShortRunWarning)]
+    assert len(short) == int(warns)
+    if warns:
+        assert f"the run has {steps * accumulation} reweighter steps" in str(short[0].message)
+        assert "veto=math.inf" in str(short[0].message)

@@ -10,6 +10,8 @@ Linear layer sees the very first batch.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,11 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import unwrap_model
-from ..monitor import weight_statistics
+from ..monitor import ShortRunWarning, weight_statistics
 from ..nets import named_net_reads
 from ..reweighter import MetaReweighter
 
-__all__ = ["LateReweighter", "WeightStats", "needs_class_logits", "reads_groups", "describe_net", "group_stats"]
+__all__ = [
+    "LateReweighter", "WeightStats", "needs_class_logits", "reads_groups", "describe_net", "group_stats",
+    "warn_if_short",
+]
 
 
 def needs_class_logits(net: str | nn.Module, net_kwargs: dict[str, Any] | None = None) -> bool:
@@ -196,3 +201,21 @@ class WeightStats:
         out.update(zip(group_keys, values[len(self._KEYS) + 1 :], strict=True))
         self._sum, self._count, self._meta_count, self._groups = None, 0, 0, {}
         return out
+
+
+def warn_if_short(reweighter: MetaReweighter, calls: float) -> None:
+    """Warn (:class:`~reweight.monitor.ShortRunWarning`) when a run of ``calls`` reweighter steps ends before the
+    weighting net's meta lr has warmed up while the veto acts: the weights are then the veto's alone, read off a
+    model that has learned little, which left a 96-step run below plain training (docs/results.md, "The veto
+    within each class")."""
+    options = reweighter.options
+    if not options.vetoes or not options.meta_warmup or not math.isfinite(calls) or calls >= options.meta_warmup:
+        return
+    warnings.warn(
+        f"the run has {int(calls)} reweighter steps, fewer than the weighting net's warm-up (meta_warmup="
+        f"{options.meta_warmup}): the meta-gradient's veto will act before the net has learned from the meta set, "
+        "which in a measured short run left the model below plain training. Train longer, or pass veto=math.inf "
+        "(docs/results.md, 'The veto within each class')",
+        ShortRunWarning,
+        stacklevel=3,
+    )

@@ -33,7 +33,7 @@ from .._docstrings import fill_doc, reweighter_kwargs
 from ..monitor import weight_statistics
 from ..reweighter import MetaReweighter
 from . import require
-from ._common import LateReweighter, group_stats
+from ._common import LateReweighter, group_stats, warn_if_short
 
 _lightning = require("lightning", "lightning")
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
@@ -134,7 +134,8 @@ class MetaReweightCallback(Callback):
             import torch.distributed as dist
 
             self._late.reweight_kwargs["process_group"] = dist.group.WORLD
-        self._late.build(self._network(pl_module), trainer.optimizers[self.optimizer_index])
+        reweighter = self._late.build(self._network(pl_module), trainer.optimizers[self.optimizer_index])
+        warn_if_short(reweighter, float(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -51,7 +51,15 @@ from .._docstrings import fill_doc, reweighter_arg, reweighter_kwargs
 from ..presets import FROM_PRESET
 from ..reweighter import MetaReweighter
 from . import require
-from ._common import LateReweighter, WeightStats, describe_net, group_stats, needs_class_logits, reads_groups
+from ._common import (
+    LateReweighter,
+    WeightStats,
+    describe_net,
+    group_stats,
+    needs_class_logits,
+    reads_groups,
+    warn_if_short,
+)
 
 _transformers = require("transformers", "transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -116,8 +124,10 @@ class _ReweighterCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Build the reweighter (and ``lookahead="head"``'s hook) before the first training forward."""
-        self.trainer._ensure_reweighter(self.trainer.model_wrapped)
+        """Build the reweighter (and ``lookahead="head"``'s hook) before the first training forward; warn when
+        the run is shorter than the net's warm-up (:func:`~reweight.integrations._common.warn_if_short`)."""
+        reweighter = self.trainer._ensure_reweighter(self.trainer.model_wrapped)
+        warn_if_short(reweighter, state.max_steps * args.gradient_accumulation_steps)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Save ``reweighter.pt`` beside the checkpoint just written."""
