@@ -1,7 +1,8 @@
 """The veto in a short Hugging Face run: examples/hf_text_classification.py's task (a tiny random BERT, 3 classes,
 40% flipped labels, 48 clean samples, 6 epochs of 16 steps, AdamW 3e-3), plain Trainer against ReweightTrainer
 with the library's defaults, with the veto reading the coefficients within each class (``veto_center=True``)
-and as they are (``veto_center=False``), and without the veto (``veto=math.inf``), per seed (the model's
+and as they are (``veto_center=False``), held off over the net's warm-up (``veto_warmup=300``), and without
+the veto (``veto=math.inf``), per seed (the model's
 initialisation and the Trainer's seed). Offline.
 
     python benchmarks/hf_short_run.py --net lossnet gated --seeds 0 1 2 3 4
@@ -31,6 +32,7 @@ CONFIGS = {
     "defaults": {},
     "veto within classes": {"veto_center": True},
     "veto as it is": {"veto_center": False},
+    "veto_warmup=300": {"veto_warmup": 300},
     "no veto": {"veto": math.inf},
 }
 
