@@ -2,8 +2,7 @@
 40% flipped labels, 48 clean samples, 6 epochs of 16 steps, AdamW 3e-3), plain Trainer against ReweightTrainer
 with the library's defaults, with the veto reading the coefficients within each class (``veto_center=True``)
 and as they are (``veto_center=False``), held off over the net's warm-up (``veto_warmup=300``), and without
-the veto (``veto=math.inf``), per seed (the model's
-initialisation and the Trainer's seed). Offline.
+the veto (``veto=math.inf``), per seed (the model's initialisation and the Trainer's seed). Offline.
 
     python benchmarks/hf_short_run.py --net lossnet gated --seeds 0 1 2 3 4
 """

@@ -8,7 +8,7 @@ down-weight them. Nothing is downloaded: the model is built from a config.
 
 25 epochs are 400 steps, past the weighting net's 300-step warm-up; in a run shorter than that the net has not
 learned yet and the meta-gradient's veto alone can leave the model below plain training (docs/results.md, "The
-veto within each class"): pass ``veto=math.inf`` in ``reweight_kwargs`` for such runs.
+veto within each class"): pass ``veto_warmup=300`` in ``reweight_kwargs`` for such runs.
 """
 
 from __future__ import annotations

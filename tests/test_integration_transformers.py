@@ -510,6 +510,7 @@ def test_bf16_on_the_cpu_steps_under_autocast_with_finite_weights(tmp_path):
         ({"seed": 0, "meta_warmup": 4}, 2, 2, False),  # 4 calls: the warm-up is over when the run ends
         ({"seed": 0, "meta_warmup": 4}, 2, 1, True),
         ({"seed": 0, "veto": math.inf}, 2, 1, False),  # no veto: the net's weights, which start uniform
+        ({"seed": 0, "veto_warmup": 300}, 2, 1, False),  # the veto held off while the net warms up
     ],
 )
 def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, reweight_kwargs, steps, accumulation, warns):
@@ -526,4 +527,4 @@ def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, reweight_k
     assert len(short) == int(warns)
     if warns:
         assert f"the run has {steps * accumulation} reweighter steps" in str(short[0].message)
-        assert "veto=math.inf" in str(short[0].message)
+        assert "veto_warmup=meta_warmup" in str(short[0].message) and "veto=math.inf" in str(short[0].message)
