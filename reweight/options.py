@@ -163,7 +163,7 @@ class ReweighterOptions:
     min_ess: float | None  # None: L2RW's, settled with normalization="auto"
     veto: float  # math.inf: none
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
-    veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: on class labels
+    veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: under "class"
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
