@@ -258,9 +258,13 @@ VARIANTS: dict[str, dict] = {
                   "veto_center": True, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05c": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                       "veto_center": True, "net_kwargs": {"uniform_start": True}},
-    # the centred veto (cls20v05c) reading the coefficients at the net's warm-up factor over its 300 steps
-    "cls20v05cw": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "normalization": "class",
-                   "veto": 0.5, "veto_center": True, "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    # the centred veto (cls20v05c, and the fast preset's) reading the coefficients at the net's warm-up factor over
+    # its 300 steps
+    "cls20v05cw": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                   "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
+                   "net_kwargs": {"uniform_start": True}},
+    "fastcls20v05cw": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
+                       "veto_center": True, "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
     "fastcls20v05": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                      "net_kwargs": {"uniform_start": True}},
 }
