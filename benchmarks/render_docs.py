@@ -258,6 +258,11 @@ CENTER_ROWS = (
     *(f"{m}~{v}{c}" for m, v in (*((n, "cls20v05") for n in LOGIT_NETS), ("lossnet", "ess20v05")) for c in ("", "c")),
     "lossnet~ess20v05", "lossnet~ess20v05k",  # LossNet within its classes (the ess20v05c rows: within the batch)
 )  # fmt: skip
+# the veto held off over the net's warm-up (veto_warmup=300) against it from the first step, each net's default veto
+WARMUP_ROWS = (
+    *(f"{m}~{v}" for n in LOGIT_NETS for m, v in ((n, "cls20v05c"), (n, "cls20v05cw"))),
+    "lossnet~ess20v05", "lossnet~ess20v05w",
+)  # fmt: skip
 HISTORY_VETO_ROWS = ("gated~cls20v05", "gated~cls20hv05", "lossnet~ess20v05", "lossnet~ess20hv05")  # with the veto
 FOLLOW_VARIANTS = ("cls20m3", "cls20m3f", "cls20f", "cls20r", "cls20p", "cls20q")
 # the meta-gradient's veto at 0, 0.5, 1 and 2 times the batch's mean |c| against the same net without it
@@ -507,6 +512,22 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["mnist1d-2pct"], ["flip2-40"],
             [("gated~cls20v05c", "gated~cls20v05"), ("gated~cls20", "gated~cls20v05")],
             ["cls20", "cls20v05", "cls20v05c"], list(range(10)),
+        ),
+        "veto-warmup-center-holdout": lambda: _holdout_pooled(
+            table, [("gentle", "plain", both), ("paper", "bn", ["mnist1d"])], {"gentle": NOISE4, "paper": S3},
+            [(["gated~cls20v05c", "gated~cls20v05cw"], "gated~cls20v05c")], ["cls20v05c", "cls20v05cw"],
+            list(range(10, 20)),
+        ),
+        "veto-warmup-center-bn": lambda: _stability_rows(
+            table, S3, ["standard", *WARMUP_ROWS], [v.split("~")[1] for v in WARMUP_ROWS], list(range(10))
+        ),
+        "veto-warmup-center-bn-paired": lambda: _paired_rows(
+            table, S3, list(zip(WARMUP_ROWS[1::2], WARMUP_ROWS[::2])), [v.split("~")[1] for v in WARMUP_ROWS],
+            list(range(10)),
+        ),
+        "fast-warmup-keeps-fresh": lambda: _gain_current(
+            table, ["gated"], ("fastcls20v05cw",), list(range(10, 20)), settings=NOISE4, exact="cls20v05cw",
+            holdout=HOLDOUT,
         ),
         "fast-veto-holdout": lambda: _holdout_pooled(
             table, [("gentle", "plain", both)], {"gentle": NOISE4},
