@@ -94,8 +94,8 @@ class MetaReweighter:
         veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
-        veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``: for
-            short runs, a trade-off measured in docs/results.md (default: ``None``: ``0``, from the first step).
+        veto_warmup: the veto reads the coefficients times ``min(1, (t + 1) / veto_warmup)`` at step ``t``, so it
+            waits for the net (default: ``None``: ``meta_warmup`` while the veto acts; ``0``: from the first step).
         veto_center: the veto reads ``c_i`` less its class's weighted mean (with ``True`` under ``"sum"``: on class
             labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which

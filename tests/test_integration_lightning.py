@@ -195,7 +195,15 @@ def test_weight_statistics_are_logged(tmp_path):
     assert float(logged["reweight/meta_loss"]) == pytest.approx(float(callback.reweighter.last_meta_loss), rel=1e-6)
 
 
-@pytest.mark.parametrize(("kwargs", "warns"), [({}, True), ({"veto": math.inf}, False), ({"meta_warmup": 2}, False)])
+@pytest.mark.parametrize(
+    ("kwargs", "warns"),
+    [
+        ({"veto_warmup": 0}, True),  # the veto from the first step, in a run shorter than the net's warm-up
+        ({}, False),  # by default the veto waits for the net
+        ({"veto_warmup": 0, "veto": math.inf}, False),
+        ({"veto_warmup": 0, "meta_warmup": 2}, False),
+    ],
+)
 def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, kwargs, warns):
     from reweight.monitor import ShortRunWarning
 

@@ -506,11 +506,12 @@ def test_bf16_on_the_cpu_steps_under_autocast_with_finite_weights(tmp_path):
 @pytest.mark.parametrize(
     ("reweight_kwargs", "steps", "accumulation", "warns"),
     [
-        ({"seed": 0}, 2, 1, True),  # 2 calls, fewer than the net's 300 warm-up steps, with the veto
-        ({"seed": 0, "meta_warmup": 4}, 2, 2, False),  # 4 calls: the warm-up is over when the run ends
-        ({"seed": 0, "meta_warmup": 4}, 2, 1, True),
-        ({"seed": 0, "veto": math.inf}, 2, 1, False),  # no veto: the net's weights, which start uniform
-        ({"seed": 0, "veto_warmup": 300}, 2, 1, False),  # the veto held off while the net warms up
+        ({"seed": 0, "veto_warmup": 0}, 2, 1, True),  # 2 calls, fewer than the net's 300 warm-up steps, with the veto
+        ({"seed": 0, "veto_warmup": 0, "meta_warmup": 4}, 2, 2, False),  # 4 calls: the warm-up is over at the end
+        ({"seed": 0, "veto_warmup": 0, "meta_warmup": 4}, 2, 1, True),
+        ({"seed": 0, "veto_warmup": 0, "veto": math.inf}, 2, 1, False),  # no veto: the net's weights (uniform start)
+        ({"seed": 0}, 2, 1, False),  # by default the veto is held off while the net warms up
+        ({"seed": 0, "veto_warmup": 2}, 2, 1, True),  # held off for less than the net's warm-up
     ],
 )
 def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, reweight_kwargs, steps, accumulation, warns):
@@ -527,4 +528,4 @@ def test_a_run_shorter_than_the_nets_warmup_is_warned_about(tmp_path, reweight_k
     assert len(short) == int(warns)
     if warns:
         assert f"the run has {steps * accumulation} reweighter steps" in str(short[0].message)
-        assert "veto_warmup=meta_warmup" in str(short[0].message) and "veto=math.inf" in str(short[0].message)
+        assert "Leave veto_warmup at its default" in str(short[0].message) and "veto=math.inf" in str(short[0].message)

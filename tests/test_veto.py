@@ -236,9 +236,14 @@ def test_no_veto_between_meta_updates():
 def test_default_veto():
     model, opt, meta, *_ = _parts()
     assert MetaReweighter(model, opt, meta).options.veto == VETO
-    assert MetaReweighter(model, opt, meta).options.veto_warmup == VETO_WARMUP == 0  # the veto from the first step
-    assert MetaReweighter(model, opt, meta, veto_warmup=300).options.veto_warmup == 300
-    assert MetaReweighter(model, opt, meta, net="l2rw", veto_warmup=0).options.veto_warmup == 0  # none to warm up
+    assert VETO_WARMUP is None  # the veto waits for the net: its warm-up is the net's own
+    assert MetaReweighter(model, opt, meta).options.veto_warmup == MetaReweighter(model, opt, meta).options.meta_warmup
+    assert MetaReweighter(model, opt, meta, meta_warmup=40).options.veto_warmup == 40
+    assert MetaReweighter(model, opt, meta, meta_warmup=0).options.veto_warmup == 0
+    assert MetaReweighter(model, opt, meta, veto_warmup=0).options.veto_warmup == 0  # the veto from the first step
+    assert MetaReweighter(model, opt, meta, veto=math.inf).options.veto_warmup == 0  # no veto to hold off
+    assert MetaReweighter(model, opt, meta, net="l2rw").options.veto_warmup == 0  # none to warm up
+    assert MetaReweighter(model, opt, meta, net="l2rw", veto_warmup=0).options.veto_warmup == 0
     assert MetaReweighter(model, opt, meta, net="lossnet").options.veto == VETO
     assert MetaReweighter(model, opt, meta).options.veto_center is VETO_CENTER is None
     assert not MetaReweighter(model, opt, meta, net="l2rw").options.vetoes
