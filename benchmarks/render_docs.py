@@ -673,6 +673,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-before-center": lambda: defaults_matrix.report(
             defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_CENTER
         ),
+        "defaults-matrix-before-warmup": lambda: defaults_matrix.report(
+            defaults_matrix.TABLE, "defaults", options=defaults_matrix.BEFORE_WARMUP
+        ),
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
