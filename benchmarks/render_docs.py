@@ -367,6 +367,12 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            ["standard", "finetune", "lossnet~ess20v05w",
+             *(f"{m}~cls20v05cw" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
+            SEEDS5, "gentle", ("cls20v05cw", "ess20v05w", "l2cls40"), "plain", default="gated~cls20v05cw",
+        ),
+        "guide-before-warmup": lambda: acc.guide_report(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet~ess20v05",
              *(f"{m}~cls20v05c" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
             SEEDS5, "gentle", ("cls20v05c", "ess20v05", "l2cls40"), "plain", default="gated~cls20v05c",
@@ -392,9 +398,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20v05c" for m in LOGIT_NETS), "lossnet~ess20v05", "l2rw~l2cls40",
-             *(f"{m}~cls20v05" for m in LOGIT_NETS), *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
-            ["cls20v05c", "cls20v05", "ess20v05", "l2cls40", "cls20", "ess20"], list(range(10)),
+            [*(f"{m}~cls20v05cw" for m in LOGIT_NETS), "lossnet~ess20v05w", "l2rw~l2cls40",
+             *(f"{m}~cls20v05c" for m in LOGIT_NETS), "lossnet~ess20v05",
+             *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
+            ["cls20v05cw", "cls20v05c", "ess20v05w", "ess20v05", "l2cls40", "cls20", "ess20"], list(range(10)),
         ),  # fmt: skip
         "veto-warmup-bn": lambda: _stability_rows(
             table, S3, [*(f"{m}~cls20v05w" for m in LOGIT_NETS), "lossnet~ess20v05w"], ["cls20v05w", "ess20v05w"],
