@@ -283,6 +283,37 @@ def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variant
     return text + "\n" + acc._note(cells, "mnist1d", settings, [r for rows, _ in groups for r in rows])
 
 
+def _against_plain(table: Path, protocols, rows: list[str]) -> str:
+    """Every stored run of each row (``method~variant``) against plain training of the same seed and cell, per
+    protocol ``(label, schedule, model, datasets, settings, seeds, holdout)``: how many pairs, how many end below
+    plain training (test accuracy over the last 10% of epochs) and the smallest margin with its cell and seed."""
+    variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
+    lines = [
+        "| protocol | row | pairs | below plain training | smallest margin (points) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    used = []
+    for label, schedule, model, datasets, settings, seeds, holdout in protocols:
+        cells = acc._cells(table, seeds, schedule, variants, model, holdout)
+        for row in rows:
+            margins = []
+            for d in datasets:
+                for st in settings:
+                    plain = {r["key"]["seed"]: r for r in cells.get((d, st, "standard"), [])}
+                    for r in cells.get((d, st, row), []):
+                        if r["key"]["seed"] in plain:
+                            base = plain[r["key"]["seed"]]
+                            used += [r, base]
+                            gap = 100 * (r["result"]["last"] - base["result"]["last"])
+                            margins.append((gap, f"{d} {st} seed {r['key']['seed']}"))
+            if margins:
+                low = min(margins)
+                below = sum(g < 0 for g, _ in margins)
+                lines.append(f"| {label} | {row} | {len(margins)} | {below} | {low[0]:+.1f} ({low[1]}) |")
+    unique = list({id(r): r for r in used}.values())
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(unique)
+
+
 def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[str], str]], variants, seeds) -> str:
     """The held-out set's table over several protocols at once (``(schedule, model, datasets)`` each), every
     (protocol, dataset, setting) a row of the table and "all" pooling them, with the provenance note."""
@@ -532,6 +563,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, list(zip(WARMUP_ROWS[1::2], WARMUP_ROWS[::2])), [v.split("~")[1] for v in WARMUP_ROWS],
             list(range(10)),
         ),
+        "defaults-against-plain": lambda: _against_plain(
+            table,
+            [("gentle, seeds 0-4", "gentle", "plain", both, NOISE4, SEEDS5, 0),
+             ("gentle held-out runs, seeds 10-19", "gentle", "plain", both, NOISE4, list(range(10, 20)), HOLDOUT),
+             ("BN CNN, paper schedule, seeds 0-9", "paper", "bn", ["mnist1d"], S3, list(range(10)), 0),
+             ("BN CNN held-out runs, seeds 10-19", "paper", "bn", ["mnist1d"], S3, list(range(10, 20)), HOLDOUT)],
+            [*(f"{m}~cls20v05cw" for m in LOGIT_NETS), "lossnet~ess20v05w", "gated~fastcls20v05cw"],
+        ),  # fmt: skip
         "fast-warmup-keeps-fresh": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05cw",), list(range(10, 20)), settings=NOISE4, exact="cls20v05cw",
             holdout=HOLDOUT,
