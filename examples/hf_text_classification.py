@@ -6,9 +6,9 @@ down-weight them. Nothing is downloaded: the model is built from a config.
 
     python examples/hf_text_classification.py --noise 0.4 --epochs 25 --baseline
 
-25 epochs are 400 steps, past the weighting net's 300-step warm-up; in a run shorter than that the net has not
-learned yet and the meta-gradient's veto alone can leave the model below plain training (docs/results.md, "The
-veto within each class"): pass ``veto_warmup=300`` in ``reweight_kwargs`` for such runs.
+25 epochs are 400 steps, past the weighting net's 300-step warm-up, over which the net learns from the meta set
+and the meta-gradient's veto waits for it (docs/results.md, "The veto waits for the net"); a shorter run stays
+close to plain training.
 """
 
 from __future__ import annotations
