@@ -207,7 +207,7 @@ def warn_if_short(reweighter: MetaReweighter, calls: float) -> None:
     """Warn (:class:`~reweight.monitor.ShortRunWarning`) when a run of ``calls`` reweighter steps ends before the
     weighting net's meta lr has warmed up while the veto acts (``veto_warmup`` below ``meta_warmup``): the weights
     are then the veto's alone, read off a model that has learned little, which left a 96-step run below plain
-    training (docs/results.md, "The veto's warm-up"). By default the veto waits for the net: no warning."""
+    training (docs/results.md, "The veto waits for the net"). By default the veto waits for the net: no warning."""
     options = reweighter.options
     if not options.vetoes or options.veto_warmup >= options.meta_warmup:  # no veto, or it waits for the net
         return
@@ -218,7 +218,7 @@ def warn_if_short(reweighter: MetaReweighter, calls: float) -> None:
         f"{options.meta_warmup}): the meta-gradient's veto will act before the net has learned from the meta set, "
         "which in a measured short run left the model below plain training. Leave veto_warmup at its default (None: "
         "the veto held off while the net warms up), train longer, or pass veto=math.inf (docs/results.md, 'The "
-        "veto's warm-up')",
+        "veto waits for the net')",
         ShortRunWarning,
         stacklevel=3,
     )
