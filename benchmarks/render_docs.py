@@ -563,6 +563,16 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, list(zip(WARMUP_ROWS[1::2], WARMUP_ROWS[::2])), [v.split("~")[1] for v in WARMUP_ROWS],
             list(range(10)),
         ),
+        "veto-warmup-wide": lambda: _stability_rows(
+            table, ["flip1-40", "uniform-40"],
+            ["standard", "gated~cls20v05cw", "lossnet~ess20v05w", "gated~cls20v05c", "gated~cls20v05"],
+            ["cls20v05cw", "ess20v05w", "cls20v05c", "cls20v05"], SEEDS5, "bnwide", fit=True,
+        ),
+        "veto-warmup-wide-paired": lambda: _paired_rows(
+            table, ["flip1-40", "uniform-40"],
+            [("gated~cls20v05cw", "gated~cls20v05c"), ("gated~cls20v05c", "gated~cls20v05")],
+            ["cls20v05cw", "cls20v05c", "cls20v05"], SEEDS5, "bnwide",
+        ),
         "defaults-against-plain": lambda: _against_plain(
             table,
             [("gentle, seeds 0-4", "gentle", "plain", both, NOISE4, SEEDS5, 0),
