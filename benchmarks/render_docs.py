@@ -573,6 +573,17 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             [("gated~cls20v05cw", "gated~cls20v05c"), ("gated~cls20v05c", "gated~cls20v05")],
             ["cls20v05cw", "cls20v05c", "cls20v05"], SEEDS5, "bnwide",
         ),
+        "veto-warmup-wide-uniform10": lambda: _stability_rows(
+            table, ["uniform-40"], ["standard", "gated~cls20v05cw", "gated~cls20v05c", "gated~cls20v05"],
+            ["cls20v05cw", "cls20v05c", "cls20v05"], list(range(10)), "bnwide", fit=True,
+        )
+        + "\n"
+        + _paired_rows(
+            table, ["uniform-40"],
+            [("gated~cls20v05cw", "gated~cls20v05c"), ("gated~cls20v05c", "gated~cls20v05"),
+             ("gated~cls20v05cw", "gated~cls20v05")],
+            ["cls20v05cw", "cls20v05c", "cls20v05"], list(range(10)), "bnwide",
+        ),  # fmt: skip
         "defaults-against-plain": lambda: _against_plain(
             table,
             [("gentle, seeds 0-4", "gentle", "plain", both, NOISE4, SEEDS5, 0),
