@@ -248,6 +248,9 @@ VARIANTS: dict[str, dict] = {
                   "veto": 0.5, "loss_history": True, "net_kwargs": {"uniform_start": True}},
     "ess20hv05": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                   "loss_history": True, "net_kwargs": {"uniform_start": True}},
+    # LossNet's defaults (ess20v05w: the veto waits for the net) with each sample's loss history
+    "ess20hv05w": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                   "veto_warmup": 300, "loss_history": True, "net_kwargs": {"uniform_start": True}},
     # the veto reading each coefficient against its class's weighted mean (veto_center) under "class" (cls20v05c, and
     # the fast preset's fastcls20v05c). The rows of "ess20v05c" (LossNet, "sum") ran with veto_center=True when it
     # meant the batch's weighted mean on class labels (commits 8503372 to dd35f17); it now means the class's there,
