@@ -601,6 +601,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             [(["gated~fastcls20v05", "gated~fastcls20"], "gated~fastcls20v05")], ["fastcls20v05", "fastcls20"],
             list(range(10, 20)),
         ),
+        "fast-meta-lr-holdout": lambda: _holdout_pooled(
+            table, [("gentle", "plain", both)], {"gentle": NOISE4},
+            [(["gated~fastcls20v05cw", "gated~fastm3cls20v05cw", "gated~fastm12cls20v05cw"], "gated~fastcls20v05cw")],
+            ["fastcls20v05cw", "fastm3cls20v05cw", "fastm12cls20v05cw"], list(range(10, 20)),
+        ),
         "fast-veto-keeps-fresh": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05", "fastcls20"), list(range(10, 20)), settings=NOISE4, exact="cls20v05",
             holdout=HOLDOUT,
@@ -651,6 +656,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "history-gentle-paired": lambda: _paired_gentle(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             [*HISTORY_PAIRS, ("lossnet~cls20h", "lossnet~ess20")], HISTORY_VARIANTS, SEEDS5,
+        ),
+        "history-gentle-current-paired": lambda: _paired_gentle(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            [("lossnet~ess20hv05w", "lossnet~ess20v05w")], ("ess20v05w", "ess20hv05w"), SEEDS5,
         ),
         "history-gentle": lambda: _acc(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], ["standard", *HISTORY_ROWS], SEEDS5,
