@@ -428,6 +428,8 @@ def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, opti
         if r["key"]["steps"] == steps
         and (r["key"]["config"] == "plain" or (r["key"]["config"] == config and r["key"].get("options") == spelled))
     ]
+    seeds = {(r["key"]["task"], r["key"]["seed"]) for r in rows if r["key"]["config"] != "plain"}
+    rows = [r for r in rows if (r["key"]["task"], r["key"]["seed"]) in seeds]  # plain training on the same seeds
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["key"]["task"], r["key"]["net"]), []).append(r)
