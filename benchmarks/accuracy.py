@@ -276,6 +276,9 @@ VARIANTS: dict[str, dict] = {
     "headcls20v05cw": {"lookahead": "head", "meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300,
                        "min_ess": 0.2, "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                        "net_kwargs": {"uniform_start": True}},
+    "head2cls20v05cw": {"lookahead": "head", "interval": 2, "meta_lr": 2e-3, "meta_decoupled": True,
+                        "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5, "veto_center": True,
+                        "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
     # the fast preset (fastcls20v05cw) with the net's meta lr 3x and 12x its default instead of 6x (interval 6)
     "fastm3cls20v05cw": {"interval": 6, "meta_lr": 3e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                          "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
