@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shlex
 import sys
@@ -257,6 +258,11 @@ FAST_CHEAP = [
     "gated~fastcls20v05cw", "gated~fastm3cls20v05cw", "gated~fastm12cls20v05cw", "gated~headcls20v05cw",
     "gated~head2cls20v05cw",
 ]
+# clean labels and light noise: each net's defaults, and the gated net without the veto
+LIGHT = ["uniform-0", "uniform-10", "flip1-10"]
+LIGHT_ROWS = [
+    "gated~cls20v05cw", "gated~cls20v05w", "gated~cls20", "metainfonet~cls20v05cw", "lossnet~ess20v05w", "finetune",
+]
 HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~ess20")]
 HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 # the veto as it is and against its class's (batch's) weighted mean (veto_center), every net, in pairs
@@ -318,6 +324,43 @@ def _against_plain(table: Path, protocols, rows: list[str]) -> str:
                 lines.append(f"| {label} | {row} | {len(margins)} | {below} | {low[0]:+.1f} ({low[1]}) |")
     unique = list({id(r): r for r in used}.values())
     return "\n".join(lines) + "\n\n" + _store.provenance_note(unique)
+
+
+def _paired_plain(
+    table: Path, datasets, settings, rows: list[str], seeds, holdout: int = 0, schedule="gentle", model="plain"
+) -> str:
+    """Each row (``method~variant``) against plain training of the same seed, per dataset and setting: both
+    means, the paired difference of the test accuracy over the last 10% of epochs (with ``holdout``: of the
+    held-out accuracy) with its standard error, the seeds below plain training and the worst."""
+    variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows if "~" in r))
+    cells = acc._cells(table, seeds, schedule, variants, model, holdout)
+
+    def last(r: dict) -> float:  # the run's "last" (after fine-tuning, for Fine-tune), or the held-out set's
+        if not holdout:
+            return 100 * r["result"]["last"]
+        v = r["result"]["holdout_acc"]
+        return 100 * float(np.mean(v[-max(1, math.ceil(0.1 * len(v))) :]))
+
+    lines = [
+        "| dataset | setting | row | seeds | plain training | row | difference | seeds below | worst seed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in datasets:
+        for st in settings:
+            plain = {r["key"]["seed"]: r for r in cells.get((d, st, "standard"), [])}
+            for row in rows:
+                pairs = [(last(r), last(plain[r["key"]["seed"]])) for r in cells.get((d, st, row), [])
+                         if r["key"]["seed"] in plain]  # fmt: skip
+                if not pairs:
+                    continue
+                gap = np.array([a - b for a, b in pairs])
+                se = gap.std(ddof=1) / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
+                lines.append(
+                    f"| {d} | {st} | {row} | {len(gap)} | {np.mean([b for _, b in pairs]):.1f} | "
+                    f"{np.mean([a for a, _ in pairs]):.1f} | {gap.mean():+.2f} ± {se:.2f} | {int((gap < 0).sum())} | "
+                    f"{gap.min():+.1f} |"
+                )
+    return "\n".join(lines) + "\n\n" + acc._note(cells, list(datasets), list(settings), ["standard", *rows])
 
 
 def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[str], str]], variants, seeds) -> str:
@@ -598,6 +641,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("BN CNN held-out runs, seeds 10-19", "paper", "bn", ["mnist1d"], S3, list(range(10, 20)), HOLDOUT)],
             [*(f"{m}~cls20v05cw" for m in LOGIT_NETS), "lossnet~ess20v05w", "gated~fastcls20v05cw"],
         ),  # fmt: skip
+        "light-noise": lambda: _paired_plain(table, both, LIGHT, LIGHT_ROWS, list(range(10))),
+        "light-noise-bn": lambda: _paired_plain(
+            table, ["mnist1d"], ["uniform-0"], ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"],
+            list(range(10)), schedule="paper", model="bn",
+        ),
+        "light-noise-holdout": lambda: _paired_plain(
+            table, both, ["uniform-0"], ["gated~cls20v05cw"], list(range(10, 20)), HOLDOUT
+        ),
         "fast-warmup-keeps-fresh": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05cw",), list(range(10, 20)), settings=NOISE4, exact="cls20v05cw",
             holdout=HOLDOUT,
