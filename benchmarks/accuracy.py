@@ -64,7 +64,7 @@ METHOD_OPTIONS = {
 MAIN_GRID_KL_WEIGHT = 0.01
 SETTINGS = ("flip1-20", "flip1-40", "flip2-20", "flip2-40", "uniform-40", "uniform-60", "lt-10", "lt-50", "lt-100")
 # beside the grid: clean labels (no noise) and light noise, where reweighting has little to gain and must not cost
-LIGHT_SETTINGS = ("uniform-0", "uniform-10", "flip1-10")
+LIGHT_SETTINGS = ("uniform-0", "uniform-5", "uniform-10", "flip1-10")
 DATASETS = ("mnist1d", "digits")  # the main grid (the default of --datasets)
 ALL_DATASETS = DATASETS + ("mnist1d-2pct",)
 LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
