@@ -643,7 +643,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),  # fmt: skip
         "light-noise": lambda: _paired_plain(table, both, LIGHT, LIGHT_ROWS, list(range(10))),
         "light-noise-bn": lambda: _paired_plain(
-            table, ["mnist1d"], LIGHT, ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"],
+            table, ["mnist1d"], ["uniform-0", "uniform-5", "uniform-10", "flip1-10"],
+            ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"],
             list(range(10)), schedule="paper", model="bn",
         ),
         "light-noise-holdout": lambda: _paired_plain(
