@@ -154,6 +154,20 @@ def test_paper_ratio_protocol(bench):
     assert 0.3 < d["corrupted"].mean() < 0.5
 
 
+@pytest.mark.parametrize(
+    ("setting", "low", "high"),
+    [("uniform-0", 0.0, 0.0), ("uniform-5", 0.02, 0.08), ("uniform-10", 0.06, 0.14), ("flip1-10", 0.06, 0.14)],
+)
+def test_light_settings_corrupt_their_share_of_the_labels(bench, setting, low, high):
+    """The settings beside the grid: clean labels stay clean, light noise corrupts about its rate."""
+    small = bench.dataclasses.replace(bench.CONFIGS["mnist1d"], num_samples=800)
+    d = bench.make_data("mnist1d", setting, 0, small)
+    assert low <= d["corrupted"].mean() <= high
+    if high == 0.0:
+        assert not d["corrupted"].any()
+    assert setting in bench.LIGHT_SETTINGS and setting not in bench.SETTINGS  # beside the grid, not in it
+
+
 def test_report_renders_cost_tables_and_chart(bench, tiny_runs, tmp_path):
     chart = tmp_path / "cost.png"
     methods = ["standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune"]
