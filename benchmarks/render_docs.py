@@ -259,7 +259,7 @@ FAST_CHEAP = [
     "gated~head2cls20v05cw",
 ]
 # clean labels and light noise: each net's defaults, and the gated net without the veto
-LIGHT = ["uniform-0", "uniform-10", "flip1-10"]
+LIGHT = list(acc.LIGHT_SETTINGS)
 LIGHT_ROWS = [
     "gated~cls20v05cw", "gated~cls20v05w", "gated~cls20", "metainfonet~cls20v05cw", "lossnet~ess20v05w", "finetune",
 ]
@@ -643,9 +643,8 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),  # fmt: skip
         "light-noise": lambda: _paired_plain(table, both, LIGHT, LIGHT_ROWS, list(range(10))),
         "light-noise-bn": lambda: _paired_plain(
-            table, ["mnist1d"], ["uniform-0", "uniform-5", "uniform-10", "flip1-10"],
-            ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"],
-            list(range(10)), schedule="paper", model="bn",
+            table, ["mnist1d"], LIGHT, ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"], list(range(10)),
+            schedule="paper", model="bn",
         ),
         "light-noise-holdout": lambda: _paired_plain(
             table, both, ["uniform-0"], ["gated~cls20v05cw"], list(range(10, 20)), HOLDOUT
