@@ -338,8 +338,7 @@ def _paired_plain(
     def last(r: dict) -> float:  # the run's "last" (after fine-tuning, for Fine-tune), or the held-out set's
         if not holdout:
             return 100 * r["result"]["last"]
-        v = r["result"]["holdout_acc"]
-        return 100 * float(np.mean(v[-max(1, math.ceil(0.1 * len(v))) :]))
+        return 100 * _tradeoff._tail_mean(r["result"]["holdout_acc"])
 
     lines = [
         "| dataset | setting | row | seeds | plain training | row | difference | seeds below | worst seed |",
