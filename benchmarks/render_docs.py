@@ -263,6 +263,13 @@ LIGHT = list(acc.LIGHT_SETTINGS)
 LIGHT_ROWS = [
     "gated~cls20v05cw", "gated~cls20v05w", "gated~cls20", "metainfonet~cls20v05cw", "lossnet~ess20v05w", "finetune",
 ]
+# long tails under the current defaults (clean labels, a balanced meta set of 10 per class): each net's defaults, the
+# gated net without the veto, and normalization="sum" (the remedy ClassShareWarning names) with and without it
+TAILS = ["lt-1", "lt-3", "lt-10", "lt-50"]
+TAIL_ROWS = [
+    "gated~cls20v05cw", "metainfonet~cls20v05cw", "logitnet~cls20v05cw", "lossnet~ess20v05w", "gated~cls20",
+    "gated~ess20v05w", "metainfonet~ess20v05w", "gated~ess20",
+]
 HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~ess20")]
 HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 # the veto as it is and against its class's (batch's) weighted mean (veto_center), every net, in pairs
@@ -644,6 +651,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "light-noise-bn": lambda: _paired_plain(
             table, ["mnist1d"], LIGHT, ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"], list(range(10)),
             schedule="paper", model="bn",
+        ),
+        "long-tail-current": lambda: _paired_plain(table, both, TAILS, TAIL_ROWS, list(range(10))),
+        "small-meta-digits": lambda: _paired_plain(
+            table, ["digits"], ["uniform-0", "flip1-40", "flip2-40", "uniform-40"], ["gated~cls20v05cw", "gated~cls20"],
+            list(range(10)),
         ),
         "light-noise-holdout": lambda: _paired_plain(
             table, both, ["uniform-0"], ["gated~cls20v05cw"], list(range(10, 20)), HOLDOUT

@@ -171,6 +171,7 @@ def test_training_class_shares_unlike_the_meta_sets_warn_once_with_the_alternati
     message = str(caught[0].message)
     assert "class 0 holds 80% of the training samples and 33% of the meta samples" in message
     assert "pass normalization='sum'" in message
+    assert "with clean labels veto=math.inf as well" in message  # the veto cost the long tail's gain (results.md)
     assert caught[0].filename == __file__  # points at the caller of step
     assert _long_tail_run(tail, balanced, 12, normalization="sum") == []  # 'sum' can rebalance: nothing to say
 
