@@ -652,7 +652,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["mnist1d"], LIGHT, ["gated~cls20v05cw", "gated~cls20", "lossnet~ess20v05w"], list(range(10)),
             schedule="paper", model="bn",
         ),
-        "long-tail-current": lambda: _paired_plain(table, both, TAILS, TAIL_ROWS, list(range(10))),
+        "long-tail-current": lambda: _paired_plain(table, [*both, "digits"], TAILS, TAIL_ROWS, list(range(10))),
         "small-meta-digits": lambda: _paired_plain(
             table, ["digits"], ["uniform-0", "flip1-40", "flip2-40", "uniform-40"], ["gated~cls20v05cw", "gated~cls20"],
             list(range(10)),

@@ -76,10 +76,10 @@ META_FOLLOWS_LR = False
 # reweighter (the meta set flatters a stronger veto, whose weights train toward it): on the stability benchmark
 # (BN CNN, paper schedule, 10 seeds of Flip-1, Flip-2 and uniform 40%) 0.5 is highest there, +7.2 points over no
 # veto and 2.4 to 2.6 over 0 and 1, above no veto on each noise; no seed falls more than 2 points from its best
-# (docs/results.md, "The meta-gradient's veto"). On clean labels it costs: 1 to 2 points on MNIST-1D, 3.4 to 4.5
-# under a mild long tail (imbalance 3), where without it the gated net is level with plain training ("Long tails
-# and a smaller meta set"). The group net alone weighs sources, not samples: none. L2RW's weights are its clamped
-# coefficients, a veto at 0 by construction.
+# (docs/results.md, "The meta-gradient's veto"). On clean labels it costs: on MNIST-1D 1 to 2 points, 3.4 to 4.5
+# under a mild long tail (imbalance 3; on digits up to 1), where without it the gated net is level with plain
+# training ("Long tails and a smaller meta set"). The group net alone weighs sources, not samples: none. L2RW's
+# weights are its clamped coefficients, a veto at 0 by construction.
 VETO = 0.5
 # veto_warmup=None: the net's meta_warmup (300) while the veto acts: the veto reads the coefficients at the net's
 # own warm-up factor, so it does not act before the net has learned from the meta set. From the first step (0) a
