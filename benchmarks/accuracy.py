@@ -69,6 +69,8 @@ LIGHT_SETTINGS = ("uniform-0", "uniform-5", "uniform-10", "flip1-10")
 # ClassShareWarning's threshold (0.2), so the default normalisation stays "class" without a word; and "lt-1", clean
 # balanced labels with the long-tail protocols' meta set (10 per class, half the label-noise cells')
 MILD_TAIL_SETTINGS = ("lt-3", "lt-1")
+# beside the grid: a long tail with label noise on it (the meta set is the long-tail protocols', 10 per class)
+NOISY_TAIL_SETTINGS = ("lt-10+uniform-40", "lt-10+flip1-40")
 DATASETS = ("mnist1d", "digits")  # the main grid (the default of --datasets)
 ALL_DATASETS = DATASETS + ("mnist1d-2pct",)
 LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -370,7 +372,8 @@ def _dataset(dataset: str, num_samples: int):
 def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
     """Train (observed labels), clean meta and test tensors, plus the corrupted mask of the training set."""
     ds = _dataset(dataset, cfg.num_samples)
-    kind, amount = setting.split("-")
+    base, _, noisy = setting.partition("+")  # "lt-10+uniform-40": the long tail, then label noise on it
+    kind, amount = base.split("-")
     per_class = cfg.meta_per_class_lt if kind == "lt" else cfg.meta_per_class_noise
     split = meta_split(ds.y_train, per_class + cfg.holdout_per_class, num_classes=ds.num_classes, seed=seed)
     train, meta = split.train, split.meta
@@ -382,7 +385,8 @@ def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
     if kind == "lt":
         keep = long_tail(y_true, float(amount), num_classes=ds.num_classes, seed=seed).indices
         train, y_true, y_obs, corrupted = train[keep], y_true[keep], y_true[keep], corrupted[keep]
-    else:
+        kind, amount = noisy.split("-") if noisy else ("", "")
+    if kind:
         noise = {"flip1": flip1_noise, "flip2": flip2_noise, "uniform": uniform_noise}[kind]
         n = noise(y_true, int(amount) / 100, num_classes=ds.num_classes, seed=seed)
         y_obs, corrupted = n.labels, n.corrupted
@@ -1149,7 +1153,7 @@ def lambda_choice(root: Path, dataset: str, settings: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=ALL_DATASETS)
-    beside = LIGHT_SETTINGS + MILD_TAIL_SETTINGS
+    beside = LIGHT_SETTINGS + MILD_TAIL_SETTINGS + NOISY_TAIL_SETTINGS
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS + beside)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_NETS + ALTERNATIVES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -184,6 +184,21 @@ def test_mild_tail_settings_stay_below_the_class_share_warning(bench, setting, l
     assert setting in bench.MILD_TAIL_SETTINGS and setting not in bench.SETTINGS
 
 
+@pytest.mark.parametrize("setting", ["lt-10+uniform-40", "lt-10+flip1-40"])
+def test_noisy_tail_settings_corrupt_the_long_tail(bench, setting):
+    """A long tail with label noise on it: the training set is the long tail's (the same samples, the same true
+    labels), about 40% of them corrupted; the meta set is the long-tail protocols' (10 per class, clean)."""
+    small = bench.dataclasses.replace(bench.CONFIGS["mnist1d"], num_samples=2000)
+    tail = bench.make_data("mnist1d", "lt-10", 0, small)
+    d = bench.make_data("mnist1d", setting, 0, small)
+    torch.testing.assert_close(d["x"], tail["x"])
+    assert 0.3 < d["corrupted"].mean() < 0.45
+    assert torch.equal(d["y"][~torch.from_numpy(d["corrupted"])], tail["y"][~torch.from_numpy(d["corrupted"])])
+    assert (d["y"][torch.from_numpy(d["corrupted"])] != tail["y"][torch.from_numpy(d["corrupted"])]).all()
+    assert torch.bincount(d["ym"], minlength=10).tolist() == [10] * 10
+    assert setting in bench.NOISY_TAIL_SETTINGS and setting not in bench.SETTINGS
+
+
 def test_report_renders_cost_tables_and_chart(bench, tiny_runs, tmp_path):
     chart = tmp_path / "cost.png"
     methods = ["standard", "finetune", "merged", "gce", "cleanlab", "lossnet", "lossnet+finetune"]
