@@ -653,6 +653,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             schedule="paper", model="bn",
         ),
         "long-tail-current": lambda: _paired_plain(table, [*both, "digits"], TAILS, TAIL_ROWS, list(range(10))),
+        "noisy-tail": lambda: _paired_plain(
+            table, both, list(acc.NOISY_TAIL_SETTINGS),
+            ["gated~cls20v05cw", "gated~cls20", "gated~ess20v05w", "gated~ess20", "lossnet~ess20v05w"], list(range(10)),
+        ),
         "small-meta-digits": lambda: _paired_plain(
             table, ["digits"], ["uniform-0", "flip1-40", "flip2-40", "uniform-40"], ["gated~cls20v05cw", "gated~cls20"],
             list(range(10)),
