@@ -374,6 +374,8 @@ def make_data(dataset: str, setting: str, seed: int, cfg: Config) -> dict:
     ds = _dataset(dataset, cfg.num_samples)
     base, _, noisy = setting.partition("+")  # "lt-10+uniform-40": the long tail, then label noise on it
     kind, amount = base.split("-")
+    if noisy and kind != "lt":
+        raise ValueError(f"label noise on top of a setting applies to a long tail only, got {setting!r}")
     per_class = cfg.meta_per_class_lt if kind == "lt" else cfg.meta_per_class_noise
     split = meta_split(ds.y_train, per_class + cfg.holdout_per_class, num_classes=ds.num_classes, seed=seed)
     train, meta = split.train, split.meta

@@ -197,6 +197,8 @@ def test_noisy_tail_settings_corrupt_the_long_tail(bench, setting):
     assert torch.equal(d["y"][~bad], tail["y"][~bad]) and (d["y"][bad] != tail["y"][bad]).all()
     assert torch.bincount(d["ym"], minlength=10).tolist() == [10] * 10
     assert setting in bench.NOISY_TAIL_SETTINGS and setting not in bench.SETTINGS
+    with pytest.raises(ValueError, match="long tail only"):  # noise on noise would drop the second part silently
+        bench.make_data("mnist1d", "uniform-40+" + setting.split("+")[1], 0, small)
 
 
 def test_report_renders_cost_tables_and_chart(bench, tiny_runs, tmp_path):
