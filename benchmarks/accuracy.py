@@ -292,19 +292,31 @@ VARIANTS: dict[str, dict] = {
     "fastm12cls20v05cw": {"interval": 6, "meta_lr": 1.2e-2, "meta_decoupled": True, "meta_warmup": 300,
                           "min_ess": 0.2, "normalization": "class", "veto": 0.5, "veto_center": True,
                           "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
+    # the defaults with the veto waiting for evidence of label noise (veto_evidence=0.05): the gated net's
+    # (cls20v05cwe), LossNet's (ess20v05we) and the fast preset's (fastcls20v05cwe)
+    "cls20v05cwe": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                    "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
+                    "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    "ess20v05we": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                   "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    "fastcls20v05cwe": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
+                        "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05,
+                        "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
 # Likewise a variant that names no normalisation ran with "sum" (the default became "class" for class labels).
 # Likewise a variant that names no veto ran without one (math.inf; the key names the veto only where there is one),
 # and one that names no veto warm-up vetoed from the first step (0; the key names it only where it is on), reading
-# the coefficients as they are (veto_center False; the key names it only where it is on).
+# the coefficients as they are (veto_center False; the key names it only where it is on), acting from the first
+# meta update (veto_evidence 0; the key names it only where the veto waits for evidence of label noise).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
     _variant.setdefault("normalization", "sum")
     _variant.setdefault("veto", math.inf)
     _variant.setdefault("veto_warmup", 0)
     _variant.setdefault("veto_center", False)
+    _variant.setdefault("veto_evidence", 0.0)
 
 
 # Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3
@@ -457,7 +469,7 @@ def _train(
     if net is not None:
         kwargs = reweighter_kwargs(rw_kwargs or {})
         if net == "l2rw" and kwargs.get("veto") == math.inf:  # the pinned "no veto": L2RW's rule is its own
-            del kwargs["veto"], kwargs["veto_warmup"], kwargs["veto_center"]
+            del kwargs["veto"], kwargs["veto_warmup"], kwargs["veto_center"], kwargs["veto_evidence"]
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
@@ -737,6 +749,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     min_ess = kwargs.pop("min_ess", inspect.signature(MetaReweighter.__init__).parameters["min_ess"].default)
     veto_warmup = kwargs.pop("veto_warmup", None)
     veto_center = kwargs.pop("veto_center", None)
+    veto_evidence = kwargs.pop("veto_evidence", None)
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
     opts = {**PRESETS["exact"], **opts}
     opts["meta_optimizer"] = _optimizer(opts["meta_optimizer"])
@@ -766,6 +779,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         if veto_center:  # in the key when the veto reads centred coefficients (rows without it read them as they are)
             # the ess20v05c rows ("sum", veto_center=True) centred on the batch: they keep the key True
             opts["veto_center"] = True if opts.get("normalization") == "class" else "within each class on class labels"
+        if veto_evidence:  # in the key when the veto waits for evidence of label noise (rows without it did not)
+            opts["veto_evidence"] = veto_evidence
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}

@@ -27,11 +27,12 @@ __all__ = [
 ]
 
 #: Version written by :meth:`MetaReweighter.state_dict`.
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 #: Keys of a current-version state.
 STATE_KEYS = frozenset(
-    {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history"}
+    {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history",
+     "noise_evidence"}
 )
 
 
@@ -40,8 +41,14 @@ def _add_loss_history(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "loss_history": None}
 
 
+def _add_noise_evidence(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 had no evidence of label noise (``veto_evidence`` came with version 3): its veto acted from the
+    first update, so a resumed run's veto keeps acting."""
+    return {**state, "noise_evidence": {"level": None, "shown": True}}
+
+
 #: ``UPGRADES[v]`` maps a version-``v`` state to a version-``v + 1`` one (a new dict; the input is not modified).
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _add_loss_history}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _add_loss_history, 2: _add_noise_evidence}
 
 
 def _is_int(value: Any) -> bool:

@@ -19,6 +19,7 @@ from .loss_history import LossHistory, check_history_state
 from .losses import is_class_cross_entropy
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
+from .noise_evidence import NoiseEvidence, check_evidence_state
 from .options import AUTO_NET, AUTO_NET_OTHER, ReweighterOptions, is_class_labels, settled, warn_lossnet_history
 
 __all__ = ["NetSlot", "class_members", "class_normalize"]
@@ -70,6 +71,8 @@ class NetSlot:
         self.num_classes = options.num_classes
         self.class_checks = ClassChecks() if options.normalization == "class" else None
         self.history = LossHistory() if options.loss_history else None
+        gated = options.vetoes and options.veto_evidence > 0
+        self.evidence = NoiseEvidence(options.veto_evidence, group) if gated else None
         self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
             options.loss_fn
         )  # the library's cross-entropy was warned about at construction
@@ -99,9 +102,18 @@ class NetSlot:
         """The batch's loss history for a net that reads it (``None`` otherwise)."""
         return None if self.history is None or sample_ids is None else self.history.lookup(sample_ids, losses)
 
-    def history_state(self) -> dict[str, Any] | None:
-        """The loss history's state (``None`` when it is off)."""
-        return None if self.history is None else self.history.state_dict()
+    def state_entries(self) -> dict[str, Any]:
+        """The reweighter state's ``"loss_history"`` (``None`` when it is off) and ``"noise_evidence"`` (``None``
+        when the veto does not wait for it)."""
+        return {
+            "loss_history": None if self.history is None else self.history.state_dict(),
+            "noise_evidence": None if self.evidence is None else self.evidence.state_dict(),
+        }
+
+    def observe_noise(self, losses: Tensor, meta_losses: Tensor) -> None:
+        """Fold a meta update's training and meta losses into the veto's evidence of label noise, if it waits."""
+        if self.evidence is not None:
+            self.evidence.observe(losses, meta_losses)
 
     def remember(self, sample_ids: Tensor | None, losses: Tensor, finite: Tensor) -> None:
         """Fold the step's finite losses into the loss history (nothing when it is off). Under data parallelism
@@ -187,6 +199,7 @@ class NetSlot:
         settle a pending ``net="auto"``, :meth:`settled_by_state`); return whether loading builds the net first."""
         net_state, optimizer_state = state["net"], state["meta_optimizer"]
         check_history_state(state["loss_history"], self.history)
+        check_evidence_state(state["noise_evidence"])
         classes = num_classes if options.requires_logits else num_classes or 1  # LossNet's size is the class-free 1
         build = self.net is None and not options.is_l2rw and options.net != "auto" and classes is not None
         if self.net is not None:
@@ -212,6 +225,8 @@ class NetSlot:
         net_state, optimizer_state = state["net"], state["meta_optimizer"]
         if self.history is not None:
             self.history.load_state_dict(state["loss_history"])
+        if self.evidence is not None:  # a state saved without it: none seen yet
+            self.evidence.load_state_dict(state["noise_evidence"] or {"level": None, "shown": None}, device)
         if build:
             self.build(num_classes, device, dtype)
         self.num_classes = num_classes
@@ -297,13 +312,17 @@ class NetSlot:
         ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
         set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
         floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
-        The coefficients are first :meth:`centered` within the batch's :meth:`veto_group`, if any. No host sync."""
+        The coefficients are first :meth:`centered` within the batch's :meth:`veto_group`, if any. Under
+        ``veto_evidence`` nothing is vetoed until the evidence of label noise is shown. No host sync."""
         group = self.veto_group(net_inputs)
         if group is not None:
             unit = self.centered(unit, weights, net_inputs, group)
         scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
-        keep = (unit * scale <= self.options.veto).to(weights.dtype)
-        return self.normalize(weights * keep, net_inputs)
+        vetoed = self.normalize(weights * (unit * scale <= self.options.veto).to(weights.dtype), net_inputs)
+        if self.evidence is None:
+            return vetoed
+        shown = self.evidence.shown  # observed at this meta update, before the veto reads it
+        return weights if shown is None else torch.where(shown.to(weights.device), vetoed, weights)
 
     def veto_group(self, net_inputs: tuple[Any, ...]) -> str | None:
         """Within what the veto reads the coefficients of this batch (``veto_center``): ``"class"`` under

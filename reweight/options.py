@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._batch import LogitsFn, as_logits
+from ._batch import LogitsFn, as_logits, unwrap_model
 from .engines import list_engines
 from .lookahead import LookaheadSpec
 from .loss_history import LossHistoryWarning
 from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import HISTORY_NETS, list_weighting_nets, named_net_reads
+from .noise_evidence import QUANTILE
 from .presets import FROM_PRESET, DefaultMetaOptimizer, resolve_preset
 
 __all__ = [
@@ -101,6 +102,8 @@ VETO_WARMUP = None
 # benchmark's meta set, and within the batch it separated less on the defaults matrix's LoRA task
 # (docs/results.md, "The veto within each class").
 VETO_CENTER = None
+# veto_evidence=None: the veto acts from the first meta update (0.0, pending the measurement of the gate).
+VETO_EVIDENCE = 0.0
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
@@ -168,6 +171,7 @@ class ReweighterOptions:
     veto: float  # math.inf: none
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
     veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: under "class"
+    veto_evidence: float  # the veto acts once the evidence of label noise reaches it (0: from the first update)
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -358,6 +362,16 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         raise TypeError(f"veto_center must be a bool or None, got {type(veto_center).__name__}")
     if veto_center and _is_l2rw(a["net"]):
         raise ValueError("veto_center does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
+    evidence = a["veto_evidence"]
+    if evidence is None:  # the veto waits for evidence of label noise (VETO_EVIDENCE); nothing to wait for without one
+        evidence = VETO_EVIDENCE if math.isfinite(veto) else 0.0
+    if isinstance(evidence, bool) or not isinstance(evidence, numbers.Real):
+        raise TypeError(f"veto_evidence must be a number or None, got {type(evidence).__name__}")
+    if not 0 <= float(evidence) < QUANTILE:
+        raise ValueError(f"veto_evidence must be in [0, {QUANTILE:g}) (a share of the batch; 0: the veto acts from the "
+                         f"first update), got {evidence!r}")  # fmt: skip
+    if evidence and _is_l2rw(a["net"]):
+        raise ValueError("veto_evidence does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
     if not isinstance(a["loss_history"], bool):
         raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")
     if a["num_classes"] is not None:
@@ -391,6 +405,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         veto=veto,
         veto_warmup=veto_warmup,
         veto_center=veto_center,
+        veto_evidence=float(evidence),
         loss_history=a["loss_history"],
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,
@@ -407,6 +422,9 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
     _check_history(options)
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in optimized for p in unwrap_model(model).parameters()):
+        raise ValueError("optimizer holds none of the model's parameters")
     return options
 
 

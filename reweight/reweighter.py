@@ -63,13 +63,11 @@ class MetaReweighter:
         interval: update the weighting net on calls ``1, k+1, 2k+1, ...``; weights are returned on every
             call. Calls, not optimizer steps: under gradient accumulation each micro-batch calls :meth:`step`,
             so ``interval`` and :attr:`step_count` count micro-batches (default: ``1``).
-        engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"`` uses
-            ``"ghost"`` (per-layer inner products; no forward-mode or double backward) when it is exact for the
-            model (no BatchNorm in train mode, a rule for every layer the look-ahead moves), else ``"forward"``;
-            with ``lookahead="head"`` the closed form ``"linear_head"``. :attr:`engine_reason` says why (logged at
-            INFO on the ``"reweight"`` logger). It falls back once, with a warning, to the next engine when one
-            meets an operation it cannot handle. ``"ghost"`` captures the caller's forward by hooks on the model
-            (:meth:`remove_hooks`) (default: ``"auto"``).
+        engine: meta-gradient engine, ``"auto"`` or a name from :func:`reweight.list_engines`. ``"auto"``: ``"ghost"``
+            (per-layer inner products; it hooks the caller's forward, :meth:`remove_hooks`) where it is exact (no
+            BatchNorm in train mode, a rule for every layer the look-ahead moves), else ``"forward"``; the closed form
+            ``"linear_head"`` under ``lookahead="head"``. :attr:`engine_reason` says why (INFO on the ``"reweight"``
+            logger). An engine meeting an operation it cannot handle falls back once, warning (default: ``"auto"``).
         lookahead: parameters moved by the look-ahead, the others held fixed: ``"full"``, ``"head"``
             (the final ``nn.Linear``; its input is captured by a forward hook, removed by
             :meth:`remove_hooks`), a list of ``fnmatch`` name patterns, or a submodule (default: ``"full"``).
@@ -98,6 +96,8 @@ class MetaReweighter:
             waits for the net (default: ``None``: ``meta_warmup`` while the veto acts; ``0``: from the first step).
         veto_center: the veto reads ``c_i`` less its class's weighted mean (with ``True`` under ``"sum"``: on class
             labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
+        veto_evidence: the veto acts once the meta set shows label noise: a moving share of the training losses above
+            the meta losses' 0.9-quantile, less 0.1, reaches it (:mod:`reweight.noise_evidence`) (default: ``None``: 0).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
@@ -159,6 +159,7 @@ class MetaReweighter:
         veto: float | None = None,
         veto_warmup: int | None = None,
         veto_center: bool | None = None,
+        veto_evidence: float | None = None,
         loss_history: bool = False,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
@@ -173,14 +174,12 @@ class MetaReweighter:
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
-            veto=veto, veto_warmup=veto_warmup, veto_center=veto_center, loss_history=loss_history, loss_fn=loss_fn,
+            veto=veto, veto_warmup=veto_warmup, veto_center=veto_center, veto_evidence=veto_evidence,
+            loss_history=loss_history, loss_fn=loss_fn,
             meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
             seed=seed, collapse_threshold=collapse_threshold,
         )  # fmt: skip
-        module = unwrap_model(model)
-        optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if not any(id(p) in optimized for p in module.parameters()):
-            raise ValueError("optimizer holds none of the model's parameters")
+        module, optimized = unwrap_model(model), {id(p) for g in optimizer.param_groups for p in g["params"]}
         names = lookahead_parameter_names(module, options.lookahead)
         params = {k: p for k, p in module.named_parameters() if k in names and p.requires_grad and id(p) in optimized}
         if not params:
@@ -265,6 +264,7 @@ class MetaReweighter:
     num_classes = property(lambda self: self._slot.num_classes, doc="Classes the net was built for, if known.")
     group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
     is_l2rw = property(lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net).")
+    noise_evidence = property(lambda self: self._slot.evidence, doc="What the veto waits for (``veto_evidence``).")
 
     def _net_dtype(self) -> torch.dtype:
         dtypes = [p.dtype for p in self.module.parameters() if p.is_floating_point()]
@@ -318,9 +318,8 @@ class MetaReweighter:
         if self.is_l2rw:  # the meta-gradient at zero weights, clamped and normalised
             zeros = torch.zeros_like(net_inputs[0], dtype=logits.dtype)
             grad = self._engine(self._problem(inputs, targets, logits, zeros, meta))
-            if not joint_check(
-                torch.isfinite(grad.coefficients).all(), "the meta-gradient", pending, self._group, self.on_nonfinite
-            ):
+            ok = torch.isfinite(grad.coefficients).all()
+            if not joint_check(ok, "the meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
             self.last_meta_loss, clamped = grad.meta_loss, torch.clamp(-grad.coefficients, min=0)
             return True, self._slot.normalize(clamped.to(self._net_dtype()), net_inputs), None
@@ -330,9 +329,10 @@ class MetaReweighter:
             raw, penalty = self._slot.raw_weights(*net_inputs)
             weights = self._slot.normalize(raw, net_inputs)
             grad = self._engine(self._problem(inputs, targets, logits, weights, meta))
-            finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_loss)
+            finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_losses).all()
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
+            self._slot.observe_noise(net_inputs[0], grad.meta_losses)
             unit = self._slot.update(
                 grad.coefficients,
                 weights,
@@ -448,7 +448,7 @@ class MetaReweighter:
             "meta_optimizer": {} if self.meta_optimizer is None else self.meta_optimizer.state_dict(),
             "rng": self._generator.get_state(),
             "meta_stream": self._meta_stream.state_dict(),
-            "loss_history": self._slot.history_state(),
+            **self._slot.state_entries(),  # "loss_history", "noise_evidence"
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -80,7 +80,8 @@ def test_state_dict_round_trip_and_validation():
     x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
     rw.step(x, y, model(x))
     state = rw.state_dict()
-    keys = {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history"}
+    keys = {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history",
+            "noise_evidence"}
     assert set(state) == keys
     _, _, fresh = build(0, "metainfonet")
     assert fresh.net is None  # built lazily, from the saved num_classes

@@ -85,10 +85,17 @@ class MetaProblem(NamedTuple):
 
 
 class MetaGradient(NamedTuple):
-    """``coefficients[i] = dL_meta / dw_i`` (shape ``(batch,)``) and the meta loss at ``theta_hat`` (detached)."""
+    """``coefficients[i] = dL_meta / dw_i`` (shape ``(batch,)``) and the meta batch's per-sample losses at
+    ``theta_hat`` (detached, shape ``(meta_batch,)``; the reweighter reads them for the veto's evidence of label
+    noise, :mod:`reweight.noise_evidence`)."""
 
     coefficients: Tensor
-    meta_loss: Tensor
+    meta_losses: Tensor
+
+    @property
+    def meta_loss(self) -> Tensor:
+        """The mean meta loss at ``theta_hat``."""
+        return self.meta_losses.mean()
 
 
 Engine = Callable[[MetaProblem], MetaGradient]
@@ -169,7 +176,7 @@ def register_engine(
     Example:
         >>> @register_engine("zero", description="all-zero coefficients (a toy)", data_parallel=True)
         ... def zero(problem):
-        ...     return MetaGradient(torch.zeros_like(problem.weights), problem.weights.new_zeros(()))
+        ...     return MetaGradient(torch.zeros_like(problem.weights), torch.zeros(len(problem.meta_targets)))
         >>> get_engine_spec("zero").data_parallel
         True
         >>> _ENGINES.unregister("zero")
@@ -236,24 +243,25 @@ def weighted_train_gradient(problem: MetaProblem, weights: Tensor, create_graph:
 
 
 def meta_loss_and_gradient(problem: MetaProblem, theta_hat: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The mean meta loss at ``theta_hat`` (detached there) and its gradient ``v`` with respect to it."""
+    """The meta batch's per-sample losses at ``theta_hat`` (detached) and the gradient ``v`` of their mean with
+    respect to it."""
     with phase("meta_pass"):
         leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
         logits = call_model(problem.model, leaves, problem.meta_inputs, problem.logits_fn)
-        loss = problem.meta_loss_fn(logits, problem.meta_targets).mean()
+        losses = problem.meta_loss_fn(logits, problem.meta_targets)
         values = list(leaves.values())
-        grads = torch.autograd.grad(loss, values, allow_unused=True)
-    return loss.detach(), dict(zip(leaves, _zeros_for_unused(grads, values)))
+        grads = torch.autograd.grad(losses.mean(), values, allow_unused=True)
+    return losses.detach(), dict(zip(leaves, _zeros_for_unused(grads, values)))
 
 
 def lookahead(problem: MetaProblem) -> tuple[Tensor, dict[str, Tensor]]:
     """First-order part shared by the linearised engines: ``theta_hat`` at ``problem.weights``, then
-    ``(meta_loss, tangent)`` with ``tangent_p = scale_p * v_p``, so that
+    ``(meta_losses, tangent)`` with ``tangent_p = scale_p * v_p``, so that
     ``c_i = -<tangent, g_i> / problem.global_batch_size``. Under data parallelism the weighted gradient
     and ``v`` are averaged over ranks: those of the concatenated batches."""
     with torch.enable_grad():
         grads = problem.group.mean(weighted_train_gradient(problem, problem.weights))
         theta_hat = apply_virtual_step(detached_params(problem), grads, problem.step)
-        meta_loss, v = meta_loss_and_gradient(problem, theta_hat)
+        meta_losses, v = meta_loss_and_gradient(problem, theta_hat)
     v = problem.group.mean(v)
-    return meta_loss, {k: problem.step.scale[k] * v[k] for k in v}
+    return meta_losses, {k: problem.step.scale[k] * v[k] for k in v}

@@ -30,7 +30,7 @@ def finite_difference_step(params: dict[str, torch.Tensor], tangent: dict[str, t
 @register_engine("finite_difference", description="approximate: central difference, two no-grad forwards")
 def finite_difference_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """``<scale * v, g_i> ~ (L_i(theta + h t) - L_i(theta - h t)) / 2h``; no second-order or forward-mode AD."""
-    meta_loss, tangent = lookahead(problem)
+    meta_losses, tangent = lookahead(problem)
     params = detached_params(problem)
     h = finite_difference_step(params, tangent)
     h = torch.where(h == 0, torch.ones_like(h), h)  # a zero tangent: up == down, so 0 / 2 (no host sync)
@@ -43,4 +43,4 @@ def finite_difference_meta_gradient(problem: MetaProblem) -> MetaGradient:
         rewind()
         down = problem.loss_fn(call_model(problem.model, minus, problem.inputs, problem.logits_fn), problem.targets)
     jvp = (up.double() - down.double()) / (2 * h)
-    return MetaGradient((-jvp / problem.global_batch_size).to(problem.weights.dtype), meta_loss)
+    return MetaGradient((-jvp / problem.global_batch_size).to(problem.weights.dtype), meta_losses)

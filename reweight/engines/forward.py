@@ -26,7 +26,7 @@ __all__ = ["forward_meta_gradient"]
 def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from a JVP of ``theta -> [L_1 .. L_n]`` along ``scale * v`` (``torch.autograd.forward_ad``)."""
     load_jvp_decompositions()
-    meta_loss, tangent = lookahead(problem)
+    meta_losses, tangent = lookahead(problem)
     params = detached_params(problem)
     with ExitStack() as stack:
         stack.enter_context(phase("jvp"))
@@ -43,4 +43,4 @@ def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
         jvp = fwAD.unpack_dual(losses).tangent
     if jvp is None:  # no look-ahead parameter influences the losses
         jvp = torch.zeros_like(problem.weights)
-    return MetaGradient(-jvp / problem.global_batch_size, meta_loss)
+    return MetaGradient(-jvp / problem.global_batch_size, meta_losses)

@@ -26,6 +26,6 @@ __all__ = ["ghost_lean_meta_gradient"]
 def ghost_lean_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer inner products, the layer gradients taken after the meta batch's pass."""
     problem, capture, reused = captured(problem)
-    meta_loss, tangent = lookahead(problem)
+    meta_losses, tangent = lookahead(problem)
     grads = layer_output_gradients(problem, capture, retain=reused)
-    return MetaGradient(coefficients_from(problem, capture, tangent, grads), meta_loss)
+    return MetaGradient(coefficients_from(problem, capture, tangent, grads), meta_losses)

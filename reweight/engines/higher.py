@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._batch import logits_of
+from .._batch import call_model, logits_of
 from .base import MetaGradient, MetaProblem, register_engine
 
 __all__ = ["higher_meta_gradient"]
@@ -49,8 +49,11 @@ def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
     index = {id(p): i for i, p in enumerate(order)}
     names = [k for k in problem.params if problem.step.scale[k] != 0]
     groups = [{"params": [problem.params[k]], "lr": problem.step.scale[k]} for k in names]
-    if not groups:
-        return MetaGradient(torch.zeros_like(problem.weights), problem.weights.new_zeros(()))
+    if not groups:  # nothing moves: no coefficient, the meta losses at the parameters as they are
+        with torch.no_grad():
+            meta_logits = call_model(model, {}, problem.meta_inputs, problem.logits_fn)  # buffers cloned
+            meta_losses = problem.meta_loss_fn(meta_logits, problem.meta_targets)
+        return MetaGradient(torch.zeros_like(problem.weights), meta_losses)
     extra = {
         index[id(problem.params[k])]: problem.step.offset[k] / problem.step.scale[k]
         for k in names
@@ -68,6 +71,6 @@ def higher_meta_gradient(problem: MetaProblem) -> MetaGradient:
                 losses = problem.loss_fn(_call(fmodel, problem.inputs, problem.logits_fn), problem.targets)
                 diffopt.step((weights * losses).mean(), grad_callback=add_offsets)
             meta_logits = _call(fmodel, problem.meta_inputs, problem.logits_fn)
-            meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
-            (coefficients,) = torch.autograd.grad(meta_loss, weights)
-    return MetaGradient(coefficients, meta_loss.detach())
+            meta_losses = problem.meta_loss_fn(meta_logits, problem.meta_targets)
+            (coefficients,) = torch.autograd.grad(meta_losses.mean(), weights)
+    return MetaGradient(coefficients, meta_losses.detach())

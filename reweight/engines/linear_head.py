@@ -75,10 +75,10 @@ def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
         leaves = {k: t.detach().requires_grad_() for k, t in theta_hat.items()}
         meta_bias = leaves.get(b_name, bias) if b_name is not None else None
         meta_logits = F.linear(meta_h, leaves[w_name], meta_bias)
-        meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
-        v = dict(zip(leaves, torch.autograd.grad(meta_loss, list(leaves.values()))))
+        meta_losses = problem.meta_loss_fn(meta_logits, problem.meta_targets)
+        v = dict(zip(leaves, torch.autograd.grad(meta_losses.mean(), list(leaves.values()))))
     v = problem.group.mean(v)
     jvp = ((delta @ (problem.step.scale[w_name] * v[w_name])) * h).reshape(n, -1).sum(1)
     if b_name in v:
         jvp = jvp + (delta @ (problem.step.scale[b_name] * v[b_name])).reshape(n, -1).sum(1)
-    return MetaGradient(-jvp / problem.global_batch_size, meta_loss.detach())
+    return MetaGradient(-jvp / problem.global_batch_size, meta_losses.detach())

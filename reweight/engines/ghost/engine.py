@@ -233,7 +233,7 @@ def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     weighted = problem.group.mean({k: weighted[k] for k in problem.params})
     theta_hat = apply_virtual_step(detached_params(problem), weighted, problem.step)
     with torch.enable_grad():
-        meta_loss, v = meta_loss_and_gradient(problem, theta_hat)
+        meta_losses, v = meta_loss_and_gradient(problem, theta_hat)
     v = problem.group.mean(v)
     tangent = {k: problem.step.scale[k] * v[k] for k in v}
-    return MetaGradient(coefficients_from(problem, capture, tangent, grads), meta_loss)
+    return MetaGradient(coefficients_from(problem, capture, tangent, grads), meta_losses)

@@ -199,8 +199,8 @@ def sharded_ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
             with moved_shards(params, weighted, problem.step), torch.enable_grad(), phase("meta_pass"):
                 clear_grads(everything)  # the weighted gradient's shards are freed once applied
                 meta_logits = forward_logits(model, problem.meta_inputs, problem.logits_fn)
-                meta_loss = problem.meta_loss_fn(meta_logits, problem.meta_targets).mean()
-                meta_loss.backward()
+                meta_losses = problem.meta_loss_fn(meta_logits, problem.meta_targets)
+                meta_losses.mean().backward()
         finally:
             reshard_all(model)  # nothing of theta_hat stays gathered
         tangent = _grads_of(params)  # v, sharded and averaged over the ranks; scaled in place (ours alone)
@@ -210,4 +210,4 @@ def sharded_ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     with torch.no_grad(), phase("inner_products"):
         products = _inner_products(capture, params, tangent, grads).to(problem.weights.device)
     coefficients = -products.to(problem.weights.dtype) / problem.global_batch_size
-    return MetaGradient(coefficients, meta_loss.detach())
+    return MetaGradient(coefficients, meta_losses.detach())

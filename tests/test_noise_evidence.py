@@ -1,0 +1,226 @@
+"""``veto_evidence``: the veto waits until the meta set shows label noise. The moving share against an independent
+computation, the latch, validation, the state (exact resume, older versions), every engine's per-sample meta
+losses against ``torch.func``, and the veto held off on clean labels but acting under heavy noise."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from reweight import MetaReweighter
+from reweight.net_slot import NetSlot
+from reweight.noise_evidence import DECAY, QUANTILE, NoiseEvidence, check_evidence_state
+from reweight.options import VETO_EVIDENCE
+
+LR, K, D = 0.5, 3, 6
+
+
+def _independent_levels(batches):
+    """The moving share by numpy: ``mean(loss > quantile_0.9(meta)) - 0.1``, averaged with decay 0.99 from 0."""
+    level, out = 0.0, []
+    for losses, meta in batches:
+        share = float(np.mean(losses.numpy() > np.quantile(meta.numpy(), 0.9))) - 0.1
+        level = 0.99 * level + 0.01 * share
+        out.append(level)
+    return out
+
+
+def test_the_level_is_the_moving_share_and_once_shown_stays_shown():
+    assert (QUANTILE, DECAY) == (0.9, 0.99)
+    g = torch.Generator().manual_seed(0)
+    noisy = [(3 * torch.rand(50, generator=g, dtype=torch.float64), torch.rand(100, generator=g, dtype=torch.float64))
+             for _ in range(40)]  # fmt: skip
+    clean = [(torch.rand(50, generator=g, dtype=torch.float64), torch.rand(100, generator=g, dtype=torch.float64))
+             for _ in range(250)]  # fmt: skip
+    want = _independent_levels(noisy + clean)
+    evidence, shown = NoiseEvidence(0.05), []
+    for t, (losses, meta) in enumerate(noisy + clean):
+        evidence.observe(losses, meta)
+        assert evidence.level.item() == pytest.approx(want[t], abs=1e-12)
+        shown.append(bool(evidence.shown))
+    first = next(t for t, v in enumerate(want) if v >= 0.05)
+    assert 0 < first < 40 and shown == [t >= first for t in range(len(want))]
+    assert want[-1] < 0.05  # the level fell back below the threshold on the clean batches: the latch holds
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.9, 1.0, -0.1, float("nan")])
+def test_a_threshold_outside_the_share_is_refused(threshold):
+    with pytest.raises(ValueError, match="threshold must be in"):
+        NoiseEvidence(threshold)
+
+
+def test_the_evidence_state_round_trips_and_bad_ones_are_refused():
+    g = torch.Generator().manual_seed(1)
+    evidence = NoiseEvidence(0.05)
+    for _ in range(30):
+        evidence.observe(3 * torch.rand(20, generator=g), torch.rand(40, generator=g))
+    state = evidence.state_dict()
+    assert state["shown"] is True and isinstance(state["level"], float)
+    check_evidence_state(state)
+    check_evidence_state(None)
+    again = NoiseEvidence(0.05)
+    again.load_state_dict(state)
+    losses, meta = torch.rand(20, generator=g), torch.rand(40, generator=g)
+    evidence.observe(losses, meta)
+    again.observe(losses, meta)
+    assert again.level.item() == evidence.level.item() and bool(again.shown)
+    for bad in ({"level": 0.1}, {"level": float("nan"), "shown": True}, {"level": 0.1, "shown": 1}, [0.1, True],
+                {"level": True, "shown": None}):  # fmt: skip
+        with pytest.raises(ValueError, match="noise_evidence"):
+            check_evidence_state(bad)
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(D, K)
+    g = torch.Generator().manual_seed(seed)
+    meta = [(torch.randn(12, D, generator=g), torch.randint(0, K, (12,), generator=g))]
+    return model, torch.optim.SGD(model.parameters(), lr=LR), meta
+
+
+def test_the_default_and_where_it_applies():
+    model, opt, meta = _parts()
+    assert MetaReweighter(model, opt, meta).options.veto_evidence == VETO_EVIDENCE
+    assert MetaReweighter(model, opt, meta, veto_evidence=0.1).options.veto_evidence == 0.1
+    assert MetaReweighter(model, opt, meta, veto=math.inf).options.veto_evidence == 0.0  # no veto to hold off
+    assert MetaReweighter(model, opt, meta, net="l2rw").options.veto_evidence == 0.0
+    assert MetaReweighter(model, opt, meta, veto=math.inf, veto_evidence=0.1)._slot.evidence is None
+    assert MetaReweighter(model, opt, meta, veto_evidence=0)._slot.evidence is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"veto_evidence": -0.01}, ValueError, r"veto_evidence must be in \[0, 0.9\)"),
+        ({"veto_evidence": 0.9}, ValueError, r"veto_evidence must be in \[0, 0.9\)"),
+        ({"veto_evidence": float("nan")}, ValueError, r"veto_evidence must be in \[0, 0.9\)"),
+        ({"veto_evidence": True}, TypeError, "veto_evidence must be a number"),
+        ({"veto_evidence": "0.05"}, TypeError, "veto_evidence must be a number"),
+        ({"net": "l2rw", "veto_evidence": 0.05}, ValueError, "veto_evidence does not apply to net='l2rw'"),
+    ],
+)
+def test_bad_veto_evidence_is_refused(kwargs, error, match):
+    model, opt, meta = _parts()
+    with pytest.raises(error, match=match):
+        MetaReweighter(model, opt, meta, **kwargs)
+
+
+# ------------------------------------------------------------------------------ every engine's meta losses
+
+
+def _meta_losses_at_the_lookahead(model, x, y, xm, ym):
+    """The meta batch's per-sample losses at ``theta - lr * grad mean(L_i)`` (uniform weights), by ``torch.func``."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    g = grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
+    ahead = {k: params[k] - LR * g[k] for k in params}
+    return F.cross_entropy(functional_call(model, ahead, (xm,)), ym, reduction="none")
+
+
+@pytest.mark.parametrize(
+    ("engine", "lookahead"),
+    [("reverse", "full"), ("forward", "full"), ("ghost", "full"), ("ghost_lean", "full"), ("higher", "full"),
+     ("finite_difference", "full"), ("linear_head", "head")],
+)  # fmt: skip
+def test_every_engine_hands_over_the_meta_batchs_losses_at_the_lookahead(engine, lookahead, monkeypatch):
+    pytest.importorskip("higher") if engine == "higher" else None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, D, generator=g, dtype=torch.float64), torch.randint(0, K, (16,), generator=g)
+    xm, ym = torch.randn(10, D, generator=g, dtype=torch.float64), torch.randint(0, K, (10,), generator=g)
+    seen = []
+    monkeypatch.setattr(NetSlot, "observe_noise", lambda self, losses, meta_losses: seen.append(meta_losses))
+    want = _meta_losses_at_the_lookahead(model, x, y, xm, ym)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rw = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", engine=engine, lookahead=lookahead, seed=0)
+    rw.step(x, y, model(x))
+    if lookahead == "head":  # only the final layer moves
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        gh = grad(lambda p: F.cross_entropy(functional_call(model, {**params, **p}, (x,)), y))(
+            {k: params[k] for k in ("2.weight", "2.bias")}
+        )
+        ahead = {**params, **{k: params[k] - LR * gh[k] for k in gh}}
+        want = F.cross_entropy(functional_call(model, ahead, (xm,)), ym, reduction="none")
+    assert len(seen) == 1 and seen[0].shape == (10,)
+    torch.testing.assert_close(seen[0], want, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ the veto waits for the evidence
+
+
+def _blobs(n: int, seed: int, noise: float):
+    """Three well-separated Gaussian classes; a share ``noise`` of the labels replaced by random ones."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.eye(K, D)
+    y = torch.randint(0, K, (n,), generator=g)
+    x = centres[y] + torch.randn(n, D, generator=g)
+    flip = torch.rand(n, generator=g) < noise
+    return x, torch.where(flip, torch.randint(0, K, (n,), generator=g), y)
+
+
+def _run(noise: float, steps: int, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Linear(D, K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xm, ym = _blobs(60, 1, 0.0)
+    meta = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xm, ym), batch_size=30, shuffle=False)
+    x, y = _blobs(32 * steps, 2, noise)
+    rw = MetaReweighter(model, opt, meta, net="gated", meta_warmup=0, seed=0, **kwargs)
+    out = []
+    for t in range(steps):
+        xb, yb = x[32 * t : 32 * (t + 1)], y[32 * t : 32 * (t + 1)]
+        logits = model(xb)
+        w = rw.step(xb, yb, logits)
+        opt.zero_grad()
+        (w * F.cross_entropy(logits, yb, reduction="none")).mean().backward()
+        opt.step()
+        out.append(w)
+    return rw, out
+
+
+def test_on_clean_labels_the_veto_never_acts():
+    """Clean training labels drawn like the meta set: the evidence stays below the threshold, and every weight
+    equals the run's without a veto (the same trajectory, bit for bit)."""
+    rw, gated = _run(0.0, 120, veto_evidence=0.05)
+    _, none = _run(0.0, 120, veto=math.inf)
+    _, always = _run(0.0, 120, veto_evidence=0)
+    assert not bool(rw._slot.evidence.shown) and rw._slot.evidence.level.item() < 0.05
+    assert all(torch.equal(a, b) for a, b in zip(gated, none))
+    assert any((w == 0).any() for w in always)  # without the gate the veto acts on the same data
+
+
+def test_under_heavy_noise_the_evidence_is_shown_and_the_veto_acts_from_then_on():
+    rw, gated = _run(0.6, 120, veto_evidence=0.05)
+    _, none = _run(0.6, 120, veto=math.inf)
+    assert bool(rw._slot.evidence.shown)
+    first = next(t for t, (a, b) in enumerate(zip(gated, none)) if not torch.equal(a, b))
+    assert 10 < first < 60  # identical to no veto until the evidence is shown (at least ten updates at decay 0.99)
+    assert all((w == 0).any() for w in gated[first : first + 5])  # then the veto zeroes samples
+
+
+def test_the_evidence_resumes_exactly_and_an_older_state_keeps_its_veto():
+    rw, _ = _run(0.6, 40, veto_evidence=0.05)
+    state = copy.deepcopy(rw.state_dict())
+    assert state["noise_evidence"]["shown"] is True
+    fresh, _ = _run(0.6, 1, veto_evidence=0.05)
+    fresh.load_state_dict(state)
+    assert fresh._slot.evidence.level.item() == rw._slot.evidence.level.item() and bool(fresh._slot.evidence.shown)
+    old = {k: v for k, v in state.items() if k != "noise_evidence"} | {"version": 2}
+    clean, _ = _run(0.0, 1, veto_evidence=0.05)
+    clean.load_state_dict(old)  # version 2 vetoed from its first update: a resumed run keeps vetoing
+    assert bool(clean._slot.evidence.shown) and clean._slot.evidence.level is None
+    unseen = {**state, "noise_evidence": None}  # saved without the gate: nothing seen yet
+    clean.load_state_dict(unseen)
+    assert clean._slot.evidence.shown is None
+    with pytest.raises(ValueError, match="noise_evidence"):
+        clean.load_state_dict({**state, "noise_evidence": {"level": "x", "shown": True}})
