@@ -520,6 +520,10 @@ def _train(
             curves["meta_loss"].append(float(np.mean(meta_losses)) if meta_losses else float("nan"))
             curves["ess_mean"].append(float(np.mean(ess)))  # the batches' effective sample size, a share
             curves["ess_min"].append(float(np.min(ess)))
+            evidence = rw.noise_evidence  # what the veto waits for (veto_evidence), at the epoch's end
+            if evidence is not None and evidence.level is not None:
+                curves.setdefault("noise_evidence", []).append(float(evidence.level))
+                curves.setdefault("veto_acts", []).append(float(bool(evidence.shown)))
     out: dict = {"test_acc": test_acc, "meta_acc": meta_acc}
     if holdout_acc:
         out["holdout_acc"] = holdout_acc
