@@ -270,6 +270,7 @@ TAIL_ROWS = [
     "gated~cls20v05cw", "metainfonet~cls20v05cw", "logitnet~cls20v05cw", "lossnet~ess20v05w", "gated~cls20",
     "gated~ess20v05w", "metainfonet~ess20v05w", "gated~ess20",
 ]
+EVIDENCE_ROWS = ["gated~cls20v05cw", "gated~cls20v05cwe"]  # the gated net's defaults, and with veto_evidence=0.05
 HISTORY_PAIRS = [("gated~cls20h", "gated~cls20"), ("lossnet~ess20h", "lossnet~ess20")]
 HISTORY_VARIANTS = ("cls20", "cls20h", "ess20", "ess20h")
 # the veto as it is and against its class's (batch's) weighted mean (veto_center), every net, in pairs
@@ -388,6 +389,31 @@ def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[st
         notes.append(acc._note(cells, list(datasets), list(settings[schedule]), named))
     text = "\n".join(_tradeoff.holdout_table(merged, "all", labels, rows, base) for rows, base in groups)
     return text + "\n" + "\n".join(notes)
+
+
+def _veto_onset(table: Path, protocols, rows: list[str]) -> str:
+    """When the veto started acting in each run of ``rows`` (``veto_evidence``: the epoch at whose end the evidence
+    of label noise was first shown, from the runs' ``veto_acts`` curve), per protocol ``(label, schedule, model,
+    datasets, settings, seeds, holdout)`` and setting: runs, runs where it acted, and the first, median and last
+    epoch it started at (of the schedule's epochs)."""
+    variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
+    lines = ["| protocol | setting | row | runs | veto acted | started (epoch: first / median / last) |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    used = []
+    for label, schedule, model, datasets, settings, seeds, holdout in protocols:
+        cells = acc._cells(table, seeds, schedule, variants, model, holdout)
+        for st in settings:
+            for row in rows:
+                runs = [r for d in datasets for r in cells.get((d, st, row), [])]
+                if not runs:
+                    continue
+                used += runs
+                acts = [r["result"]["curves"].get("veto_acts", []) for r in runs]
+                starts = [1 + a.index(1.0) for a in acts if 1.0 in a]
+                epochs = len(runs[0]["result"]["test_acc"])
+                when = (f"{min(starts)} / {int(np.median(starts))} / {max(starts)} (of {epochs})" if starts else "–")
+                lines.append(f"| {label} | {st} | {row} | {len(runs)} | {len(starts)} | {when} |")
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(list({id(r): r for r in used}.values()))
 
 
 def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, Callable[[], str]]:
@@ -661,6 +687,29 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["digits"], ["uniform-0", "flip1-40", "flip2-40", "uniform-40"], ["gated~cls20v05cw", "gated~cls20"],
             list(range(10)),
         ),
+        "veto-evidence-holdout": lambda: _holdout_pooled(
+            table, [("gentle", "plain", both), ("paper", "bn", ["mnist1d"])],
+            {"gentle": ["uniform-0", "lt-3", "lt-10", *NOISE4], "paper": S3},
+            [(["standard", "gated~cls20v05cw", "gated~cls20v05cwe"], "gated~cls20v05cw")],
+            ["cls20v05cw", "cls20v05cwe"], list(range(10, 20)),
+        ),
+        "veto-evidence-test": lambda: _paired_plain(
+            table, both, ["uniform-0", "uniform-5", "uniform-10", "flip1-10", "lt-1", "lt-3", "lt-10", "lt-50",
+                          *acc.NOISY_TAIL_SETTINGS], EVIDENCE_ROWS, list(range(10)),
+        ),  # fmt: skip
+        "veto-evidence-test-digits": lambda: _paired_plain(
+            table, ["digits"], ["uniform-0", "lt-3", "lt-10", "flip1-40", "uniform-40"], EVIDENCE_ROWS, list(range(10))
+        ),
+        "veto-evidence-test-bn": lambda: _paired_plain(
+            table, ["mnist1d"], S3, EVIDENCE_ROWS, list(range(10)), schedule="paper", model="bn"
+        ),
+        "veto-evidence-onset": lambda: _veto_onset(
+            table,
+            [("gentle held-out runs, seeds 10-19", "gentle", "plain", both, ["uniform-0", "lt-3", "lt-10", *NOISE4],
+              list(range(10, 20)), HOLDOUT),
+             ("BN CNN held-out runs, seeds 10-19", "paper", "bn", ["mnist1d"], S3, list(range(10, 20)), HOLDOUT)],
+            ["gated~cls20v05cwe"],
+        ),  # fmt: skip
         "light-noise-holdout": lambda: _paired_plain(
             table, both, ["uniform-0"], ["gated~cls20v05cw"], list(range(10, 20)), HOLDOUT
         ),

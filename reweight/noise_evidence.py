@@ -51,7 +51,8 @@ class NoiseEvidence:
 
     Args:
         threshold: the moving average at which the evidence is shown, in ``(0, QUANTILE)``.
-        group: data-parallel ranks: the counts are summed over them (each rank reads its own meta batch's quantile).
+        group: data-parallel ranks: the quantile is the global meta batch's (its losses gathered from every rank, one
+            host sync for their sizes) and the counts are the global training batch's.
 
     Attributes:
         level: the moving average, a 0-d tensor on the losses' device (``None`` before the first update).
@@ -70,8 +71,8 @@ class NoiseEvidence:
     @torch.no_grad()
     def observe(self, losses: Tensor, meta_losses: Tensor) -> None:
         """Fold one meta update in: the training batch's per-sample ``losses`` and the meta batch's per-sample
-        ``meta_losses``. No host synchronisation."""
-        cut = torch.quantile(meta_losses.detach().double().flatten(), QUANTILE)
+        ``meta_losses``. No host synchronisation in a single process."""
+        cut = torch.quantile(self.group.cat(meta_losses.detach().double().flatten()), QUANTILE)
         above = (losses.detach().double() > cut.to(losses.device)).double()
         counts = self.group.sum_differentiable(torch.stack([above.sum(), torch.ones_like(above).sum()]))
         share = counts[0] / counts[1].clamp_min(1) - (1 - QUANTILE)

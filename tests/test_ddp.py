@@ -75,15 +75,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lossnet_history": {"net": "lossnet", "meta_sgd": True, "loss_history": True},
     # a veto that binds on every batch: its threshold is the global batch's mean |c| (LossNet's read at the warm-up
     # factor of the step with veto_warmup=2: the first step's is 1/2)
-    "lossnet_veto": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 2},
+    # (veto_evidence=0: from the first update, not waiting for evidence of label noise)
+    "lossnet_veto": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 2, "veto_evidence": 0},
     "logitnet_class_veto": {
-        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": False
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": False,
+        "veto_evidence": 0,
     },
     # the veto against each class's (the batch's) weighted mean over the global batch (veto_center)
     "logitnet_class_veto_center": {
-        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": True
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": True,
+        "veto_evidence": 0,
     },
-    "lossnet_veto_center": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_center": True},
+    "lossnet_veto_center": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_center": True, "veto_evidence": 0},
+    # the veto waiting for evidence of label noise: the global meta batch's quantile and the global batch's share
+    # (a threshold low enough to be reached within the run, so that the veto then acts)
+    "lossnet_veto_evidence": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 0, "veto_evidence": 1e-3},
 }
 # net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
 # and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net
@@ -157,7 +163,16 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
         "weights": torch.cat(weights),
         "engine": rw.engine_name,
         "history": _history_tensors(rw.state_dict()["loss_history"]),
+        "evidence": _evidence_tensor(rw),
     }
+
+
+def _evidence_tensor(rw: MetaReweighter) -> torch.Tensor | None:
+    """``[level, shown]`` of the veto's evidence of label noise (``None`` when the veto does not wait for it)."""
+    evidence = rw.noise_evidence
+    if evidence is None or evidence.level is None:
+        return None
+    return torch.stack([evidence.level.double(), evidence.shown.double()])
 
 
 def _history_tensors(history: dict[str, Any] | None) -> dict[str, torch.Tensor] | None:
@@ -244,6 +259,9 @@ def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
     # the weights each rank returned are the global batch's weights, shard by shard
     per_step = [torch.cat([r[name]["weights"].view(STEPS, SHARD)[t] for r in ranks]) for t in range(STEPS)]
     torch.testing.assert_close(torch.cat(per_step), single["weights"], rtol=0, atol=1e-5)
+    if single["evidence"] is not None:  # the same evidence of label noise (shown within the run at 1e-3)
+        torch.testing.assert_close(ddp["evidence"], single["evidence"], rtol=0, atol=1e-9)
+        assert bool(single["evidence"][1]) == (CONFIGS[name].get("veto_evidence") == 1e-3)
     # the run is not trivial: the weights vary within the batches (and a veto sets some to zero)
     assert single["weights"].std() > 1e-3
     assert "veto" not in CONFIGS[name] or bool((single["weights"] == 0).any())
