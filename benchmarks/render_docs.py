@@ -397,22 +397,23 @@ def _veto_onset(table: Path, protocols, rows: list[str]) -> str:
     datasets, settings, seeds, holdout)`` and setting: runs, runs where it acted, and the first, median and last
     epoch it started at (of the schedule's epochs)."""
     variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
-    lines = ["| protocol | setting | row | runs | veto acted | started (epoch: first / median / last) |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| protocol | dataset | setting | row | runs | veto acted | started (epoch: first / median / last) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     used = []
     for label, schedule, model, datasets, settings, seeds, holdout in protocols:
         cells = acc._cells(table, seeds, schedule, variants, model, holdout)
-        for st in settings:
-            for row in rows:
-                runs = [r for d in datasets for r in cells.get((d, st, row), [])]
-                if not runs:
-                    continue
-                used += runs
-                acts = [r["result"]["curves"].get("veto_acts", []) for r in runs]
-                starts = [1 + a.index(1.0) for a in acts if 1.0 in a]
-                epochs = len(runs[0]["result"]["test_acc"])
-                when = (f"{min(starts)} / {int(np.median(starts))} / {max(starts)} (of {epochs})" if starts else "–")
-                lines.append(f"| {label} | {st} | {row} | {len(runs)} | {len(starts)} | {when} |")
+        for d in datasets:
+            for st in settings:
+                for row in rows:
+                    runs = cells.get((d, st, row), [])
+                    if not runs:
+                        continue
+                    used += runs
+                    acts = [r["result"]["curves"].get("veto_acts", []) for r in runs]
+                    starts = [1 + a.index(1.0) for a in acts if 1.0 in a]
+                    epochs = len(runs[0]["result"]["test_acc"])
+                    when = f"{min(starts)} / {int(np.median(starts))} / {max(starts)} (of {epochs})" if starts else "–"
+                    lines.append(f"| {label} | {d} | {st} | {row} | {len(runs)} | {len(starts)} | {when} |")
     return "\n".join(lines) + "\n\n" + _store.provenance_note(list({id(r): r for r in used}.values()))
 
 
@@ -702,6 +703,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "veto-evidence-test-bn": lambda: _paired_plain(
             table, ["mnist1d"], S3, EVIDENCE_ROWS, list(range(10)), schedule="paper", model="bn"
+        ),
+        "veto-evidence-confirm": lambda: "\n".join(
+            _holdout(table, ["flip1-40"], [(EVIDENCE_ROWS, EVIDENCE_ROWS[0])], ["cls20v05cw", "cls20v05cwe"], seeds)
+            for seeds in (list(range(20, 30)), list(range(10, 30)))
         ),
         "veto-evidence-onset": lambda: _veto_onset(
             table,

@@ -94,8 +94,8 @@ def test_the_default_and_where_it_applies():
     assert MetaReweighter(model, opt, meta, veto_evidence=0.1).options.veto_evidence == 0.1
     assert MetaReweighter(model, opt, meta, veto=math.inf).options.veto_evidence == 0.0  # no veto to hold off
     assert MetaReweighter(model, opt, meta, net="l2rw").options.veto_evidence == 0.0
-    assert MetaReweighter(model, opt, meta, veto=math.inf, veto_evidence=0.1)._slot.evidence is None
-    assert MetaReweighter(model, opt, meta, veto_evidence=0)._slot.evidence is None
+    assert MetaReweighter(model, opt, meta, veto=math.inf, veto_evidence=0.1).noise_evidence is None
+    assert MetaReweighter(model, opt, meta, veto_evidence=0).noise_evidence is None
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_on_clean_labels_the_veto_never_acts():
     rw, gated = _run(0.0, 120, veto_evidence=0.05)
     _, none = _run(0.0, 120, veto=math.inf)
     _, always = _run(0.0, 120, veto_evidence=0)
-    assert not bool(rw._slot.evidence.shown) and rw._slot.evidence.level.item() < 0.05
+    assert not bool(rw.noise_evidence.shown) and rw.noise_evidence.level.item() < 0.05
     assert all(torch.equal(a, b) for a, b in zip(gated, none))
     assert any((w == 0).any() for w in always)  # without the gate the veto acts on the same data
 
@@ -202,7 +202,7 @@ def test_on_clean_labels_the_veto_never_acts():
 def test_under_heavy_noise_the_evidence_is_shown_and_the_veto_acts_from_then_on():
     rw, gated = _run(0.6, 120, veto_evidence=0.05)
     _, none = _run(0.6, 120, veto=math.inf)
-    assert bool(rw._slot.evidence.shown)
+    assert bool(rw.noise_evidence.shown)
     first = next(t for t, (a, b) in enumerate(zip(gated, none)) if not torch.equal(a, b))
     assert 10 < first < 60  # identical to no veto until the evidence is shown (at least ten updates at decay 0.99)
     assert all((w == 0).any() for w in gated[first : first + 5])  # then the veto zeroes samples
@@ -214,13 +214,13 @@ def test_the_evidence_resumes_exactly_and_an_older_state_keeps_its_veto():
     assert state["noise_evidence"]["shown"] is True
     fresh, _ = _run(0.6, 1, veto_evidence=0.05)
     fresh.load_state_dict(state)
-    assert fresh._slot.evidence.level.item() == rw._slot.evidence.level.item() and bool(fresh._slot.evidence.shown)
+    assert fresh.noise_evidence.level.item() == rw.noise_evidence.level.item() and bool(fresh.noise_evidence.shown)
     old = {k: v for k, v in state.items() if k != "noise_evidence"} | {"version": 2}
     clean, _ = _run(0.0, 1, veto_evidence=0.05)
     clean.load_state_dict(old)  # version 2 vetoed from its first update: a resumed run keeps vetoing
-    assert bool(clean._slot.evidence.shown) and clean._slot.evidence.level is None
+    assert bool(clean.noise_evidence.shown) and clean.noise_evidence.level is None
     unseen = {**state, "noise_evidence": None}  # saved without the gate: nothing seen yet
     clean.load_state_dict(unseen)
-    assert clean._slot.evidence.shown is None
+    assert clean.noise_evidence.shown is None
     with pytest.raises(ValueError, match="noise_evidence"):
         clean.load_state_dict({**state, "noise_evidence": {"level": "x", "shown": True}})
