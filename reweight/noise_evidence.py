@@ -71,7 +71,18 @@ class NoiseEvidence:
     @torch.no_grad()
     def observe(self, losses: Tensor, meta_losses: Tensor) -> None:
         """Fold one meta update in: the training batch's per-sample ``losses`` and the meta batch's per-sample
-        ``meta_losses``. No host synchronisation in a single process."""
+        ``meta_losses``. No host synchronisation in a single process.
+
+        Raises:
+            ValueError: if ``meta_losses`` is not one loss per meta sample (an engine of the user's that returns
+                the mean), before anything changes.
+        """
+        if meta_losses.ndim != 1:
+            raise ValueError(
+                "veto_evidence reads the meta batch's per-sample losses, got a meta loss of shape "
+                f"{tuple(meta_losses.shape)}: an engine returns MetaGradient(coefficients, meta_losses) with "
+                "meta_losses of shape (meta_batch,)"
+            )
         cut = torch.quantile(self.group.cat(meta_losses.detach().double().flatten()), QUANTILE)
         above = (losses.detach().double() > cut.to(losses.device)).double()
         counts = self.group.sum_differentiable(torch.stack([above.sum(), torch.ones_like(above).sum()]))

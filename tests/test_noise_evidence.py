@@ -224,3 +224,27 @@ def test_the_evidence_resumes_exactly_and_an_older_state_keeps_its_veto():
     assert clean.noise_evidence.shown is None
     with pytest.raises(ValueError, match="noise_evidence"):
         clean.load_state_dict({**state, "noise_evidence": {"level": "x", "shown": True}})
+
+
+def test_an_engine_that_returns_the_mean_meta_loss_is_refused_and_nothing_changes():
+    """An engine of the user's written for the mean meta loss: refused once the veto reads the evidence, before
+    the net or the evidence changes; without ``veto_evidence`` it still runs."""
+    from reweight.engines import MetaGradient, register_engine
+    from reweight.engines.base import _ENGINES
+
+    @register_engine("mean_only", description="zero coefficients and the mean meta loss (the former contract)")
+    def mean_only(problem):
+        return MetaGradient(torch.zeros_like(problem.weights), problem.weights.new_zeros(()))
+
+    try:
+        model, opt, meta = _parts()
+        x, y = torch.randn(8, D), torch.randint(0, K, (8,))
+        rw = MetaReweighter(model, opt, meta, engine="mean_only", veto_evidence=0.05, seed=0, num_classes=K)
+        before = copy.deepcopy(rw.net.state_dict())
+        with pytest.raises(ValueError, match=r"per-sample losses, got a meta loss of shape \(\)"):
+            rw.step(x, y, model(x))
+        assert all(torch.equal(v, rw.net.state_dict()[k]) for k, v in before.items())
+        assert rw.noise_evidence.level is None and rw.step_count == 0
+        MetaReweighter(model, opt, meta, engine="mean_only", seed=0).step(x, y, model(x))
+    finally:
+        _ENGINES.unregister("mean_only")
