@@ -110,9 +110,15 @@ class NetSlot:
             "noise_evidence": None if self.evidence is None else self.evidence.state_dict(),
         }
 
-    def observe_noise(self, losses: Tensor, meta_losses: Tensor) -> None:
-        """Fold a meta update's training and meta losses into the veto's evidence of label noise, if it waits."""
-        if self.evidence is not None:
+    def observe_noise(self, losses: Tensor, meta_losses: Tensor, targets: Tensor, meta_targets: Tensor) -> None:
+        """Fold a meta update's training and meta losses into the veto's evidence of label noise, if it waits:
+        each loss against its own class's meta losses under ``normalization="class"`` (class labels), else
+        against the whole meta batch's."""
+        if self.evidence is None:
+            return
+        if self.options.normalization == "class":
+            self.evidence.observe(losses, meta_losses, targets, meta_targets)
+        else:
             self.evidence.observe(losses, meta_losses)
 
     def remember(self, sample_ids: Tensor | None, losses: Tensor, finite: Tensor) -> None:

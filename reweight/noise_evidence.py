@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .distributed import DataParallelGroup
 
-__all__ = ["NoiseEvidence", "QUANTILE", "DECAY", "check_evidence_state"]
+__all__ = ["NoiseEvidence", "QUANTILE", "DECAY", "check_evidence_state", "excess_above"]
 
 #: The meta losses' quantile a training sample's loss is read against.
 QUANTILE = 0.9
@@ -69,9 +69,12 @@ class NoiseEvidence:
         self.shown: Tensor | None = None
 
     @torch.no_grad()
-    def observe(self, losses: Tensor, meta_losses: Tensor) -> None:
+    def observe(
+        self, losses: Tensor, meta_losses: Tensor, classes: Tensor | None = None, meta_classes: Tensor | None = None
+    ) -> None:
         """Fold one meta update in: the training batch's per-sample ``losses`` and the meta batch's per-sample
-        ``meta_losses``. No host synchronisation in a single process.
+        ``meta_losses``; with their class labels ``classes`` and ``meta_classes`` each training loss is read
+        against its own class's meta losses (:func:`excess_above`). No host synchronisation in a single process.
 
         Raises:
             ValueError: if ``meta_losses`` is not one loss per meta sample (an engine of the user's that returns
@@ -83,10 +86,15 @@ class NoiseEvidence:
                 f"{tuple(meta_losses.shape)}: an engine returns MetaGradient(coefficients, meta_losses) with "
                 "meta_losses of shape (meta_batch,)"
             )
-        cut = torch.quantile(self.group.cat(meta_losses.detach().double().flatten()), QUANTILE)
-        above = (losses.detach().double() > cut.to(losses.device)).double()
-        counts = self.group.sum_differentiable(torch.stack([above.sum(), torch.ones_like(above).sum()]))
-        share = counts[0] / counts[1].clamp_min(1) - (1 - QUANTILE)
+        meta_losses = meta_losses.detach().double().flatten()
+        if classes is None or meta_classes is None:
+            classes = torch.zeros_like(losses, dtype=torch.long)  # one class: the whole meta batch
+            meta_classes = torch.zeros_like(meta_losses, dtype=torch.long)
+        if self.group.active:  # the global meta batch: losses and classes (exact in float64) in one gather
+            rows = self.group.cat(torch.stack([meta_losses, meta_classes.to(meta_losses.device, torch.float64)], 1))
+            meta_losses, meta_classes = rows[:, 0], rows[:, 1].long()
+        counts = self.group.sum_differentiable(excess_above(losses, classes, meta_losses, meta_classes))
+        share = counts[0] / counts[1].clamp_min(1)
         level = (1 - DECAY) * share if self.level is None else DECAY * self.level + (1 - DECAY) * share
         reached = level >= self.threshold
         self.level, self.shown = level, reached if self.shown is None else self.shown | reached
@@ -103,6 +111,30 @@ class NoiseEvidence:
         level, shown = state["level"], state["shown"]
         self.level = None if level is None else torch.tensor(float(level), dtype=torch.float64, device=device)
         self.shown = None if shown is None else torch.tensor(bool(shown), device=device)
+
+
+def excess_above(
+    losses: Tensor, classes: Tensor, meta_losses: Tensor, meta_classes: Tensor, quantile: float = QUANTILE
+) -> Tensor:
+    """``[excess, n]`` (float64): of the ``n`` training samples whose class has meta samples, how many more have a
+    loss above their class's meta ``quantile`` than samples drawn like the meta set would.
+
+    A class's cut is the k-th smallest of its m meta losses, k = min(m, ceil(quantile (m + 1))): a sample drawn
+    like them lies above it with probability (m + 1 - k) / (m + 1), whatever their distribution, so the excess is
+    unbiased at zero for however few meta samples a class has. Sorting only: no host synchronisation.
+    """
+    order = torch.argsort(meta_losses)
+    order = order[torch.argsort(meta_classes[order], stable=True)]  # by class, by loss within a class
+    sorted_classes, sorted_losses = meta_classes[order].contiguous(), meta_losses[order]
+    classes = classes.to(sorted_classes.device)
+    start = torch.searchsorted(sorted_classes, classes)
+    m = torch.searchsorted(sorted_classes, classes, right=True) - start
+    k = torch.minimum(m, torch.ceil(quantile * (m + 1) - 1e-9).long())  # 1e-9: 0.9 * 100 is 90.00000000000001
+    cut = sorted_losses[(start + k - 1).clamp(0, sorted_losses.shape[0] - 1)]
+    has = m > 0
+    above = (losses.detach().to(cut.device, torch.float64) > cut) & has
+    chance = torch.where(has, (m + 1 - k).double() / (m + 1).double(), 0.0)
+    return torch.stack([above.double().sum() - chance.sum(), has.double().sum()])
 
 
 def check_evidence_state(state: Any) -> None:

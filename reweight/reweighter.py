@@ -328,11 +328,11 @@ class MetaReweighter:
         with torch.enable_grad():
             raw, penalty = self._slot.raw_weights(*net_inputs)
             weights = self._slot.normalize(raw, net_inputs)
-            grad = self._engine(self._problem(inputs, targets, logits, weights, meta))
+            grad = self._engine(problem := self._problem(inputs, targets, logits, weights, meta))
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_losses).all()
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
-            self._slot.observe_noise(net_inputs[0], grad.meta_losses)
+            self._slot.observe_noise(net_inputs[0], grad.meta_losses, targets, problem.meta_targets)
             unit = self._slot.update(
                 grad.coefficients,
                 weights,

@@ -88,8 +88,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "lossnet_veto_center": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_center": True, "veto_evidence": 0},
     # the veto waiting for evidence of label noise: the global meta batch's quantile and the global batch's share
-    # (a threshold low enough to be reached within the run, so that the veto then acts)
-    "lossnet_veto_evidence": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 0, "veto_evidence": 1e-3},
+    # (training inputs scaled up so that their losses exceed the meta batch's and the threshold is reached within
+    # the run: the veto then acts)
+    "lossnet_veto_evidence": {
+        "net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_warmup": 0, "veto_evidence": 1e-3, "train_scale": 4.0,
+    },
+    # under normalization="class" each loss is read against its own class's meta losses, gathered with their labels
+    "logitnet_class_veto_evidence": {
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": False,
+        "veto_warmup": 0, "veto_evidence": 1e-3, "train_scale": 4.0,
+    },
 }
 # net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
 # and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net
@@ -115,6 +123,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     """Train for ``STEPS`` steps as rank ``rank`` of a DDP group, or (``rank=None``) as one process on all data."""
     config = dict(config)
     momentum = config.pop("momentum", 0.0)
+    train_scale = config.pop("train_scale", 1.0)
     meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
     meta_lr = 2.0 if meta_opt is torch.optim.SGD else 0.05
     # a random start and no meta warm-up: every layer of the net has a gradient to sum over ranks from the
@@ -149,6 +158,7 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     weights = []
     for t in range(STEPS):
         x, y = _batch("train", t, rank, SHARD)
+        x = train_scale * x
         logits = wrapped(x)
         ids = _ids(t, rank) if config.get("loss_history") else None
         w = rw.step(x, y, logits, sample_ids=ids)
