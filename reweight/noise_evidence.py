@@ -1,16 +1,18 @@
 """Whether the meta set has shown label noise: what the meta-gradient's veto waits for (``veto_evidence``).
 
 At each meta update the training batch's per-sample losses are read against the meta batch's (at the look-ahead):
-the share of training samples whose loss is above the meta losses' 0.9-quantile, less the 0.1 that samples drawn
+the share of training samples whose loss is above the meta losses' 0.9-quantile, less the share that samples drawn
 like the meta set would put there, is folded into a moving average (decay 0.99, starting at 0). Once the average
-reaches the threshold the evidence is *shown*, and stays shown for the rest of the run.
+reaches the threshold the evidence is *shown*, and stays shown for the rest of the run. With class labels
+(``normalization="class"``) each loss is read against its own class's meta losses (:func:`excess_above`).
 
 Clean training labels keep the share at or below zero: the model fits the samples it trains on at least as well
-as the clean ones it never sees (a long tail pushes it further down: the balanced meta set holds more of the
-classes the model knows least). A corrupted label keeps its sample's loss above the meta set's until the model
-memorises it, so label noise lifts the share by about two thirds of its rate on MNIST-1D (docs/robustness.md).
-Latching keeps the veto on once it has acted, so that the samples it holds back, which the model then does not
-memorise, cannot switch it off again.
+as the clean ones it never sees. A corrupted label keeps its sample's loss above its class's meta losses until
+the model memorises it, so label noise lifts the share by about two thirds of its rate on MNIST-1D. Reading each
+class against itself keeps a long tail from hiding the noise: against the whole of a balanced meta set a
+long-tailed batch reads below zero even under 40% noise (the meta batch holds more of the classes the model knows
+least). Latching keeps the veto on once it has acted, so that the samples it holds back, which the model then does
+not memorise, cannot switch it off again.
 
 Example:
     >>> import torch

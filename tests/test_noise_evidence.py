@@ -206,6 +206,29 @@ def test_every_engine_hands_over_the_meta_batchs_losses_at_the_lookahead(engine,
     torch.testing.assert_close(seen[0], want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(("net", "by_class"), [("logitnet", True), ("lossnet", False)])
+def test_the_reweighter_reads_by_class_under_class_normalization(net, by_class):
+    """The first update's level is 0.01 of the excess of the training losses over the meta losses at the
+    look-ahead: read by class under normalization="class" (LogitNet's default on class labels), against the whole
+    meta batch under "sum" (LossNet's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randint(0, K, (24,), generator=g)
+    xm, ym = torch.randn(15, D, generator=g, dtype=torch.float64), torch.randint(0, K, (15,), generator=g)
+    meta_losses = _meta_losses_at_the_lookahead(model, x, y, xm, ym).detach()
+    losses = F.cross_entropy(model(x), y, reduction="none").detach()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rw = MetaReweighter(model, opt, [(xm, ym)], net=net, veto_evidence=0.05, meta_warmup=0, seed=0)
+    rw.step(x, y, model(x))
+    assert rw.options.normalization == ("class" if by_class else "sum")
+    ones = (torch.zeros_like(y), torch.zeros_like(ym))
+    excess = excess_above(losses, *((y, meta_losses, ym) if by_class else (ones[0], meta_losses, ones[1])))
+    assert rw.noise_evidence.level.item() == pytest.approx(0.01 * (excess[0] / excess[1]).item(), abs=1e-9)
+    other = excess_above(losses, *((ones[0], meta_losses, ones[1]) if by_class else (y, meta_losses, ym)))
+    assert abs((other[0] / other[1]).item() - (excess[0] / excess[1]).item()) > 1e-3  # the two readings differ here
+
+
 # ------------------------------------------------------------------------ the veto waits for the evidence
 
 
