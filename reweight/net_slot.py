@@ -112,12 +112,13 @@ class NetSlot:
 
     def observe_noise(self, losses: Tensor, meta_losses: Tensor, targets: Tensor, meta_targets: Tensor) -> None:
         """Fold a meta update's training and meta losses into the veto's evidence of label noise, if it waits:
-        each loss against its own class's meta losses under ``normalization="class"`` (class labels), else
-        against the whole meta batch's."""
+        each loss against its own class's meta losses under ``normalization="class"`` (class labels; soft ones
+        read at their largest class), else against the whole meta batch's."""
         if self.evidence is None:
             return
         if self.options.normalization == "class":
-            self.evidence.observe(losses, meta_losses, targets, meta_targets)
+            hard = [t.argmax(-1) if t.is_floating_point() else t for t in (targets, meta_targets)]
+            self.evidence.observe(losses, meta_losses, *hard)
         else:
             self.evidence.observe(losses, meta_losses)
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from reweight import MetaReweighter
+from reweight.losses import cross_entropy
 from reweight.net_slot import NetSlot
 from reweight.noise_evidence import DECAY, QUANTILE, NoiseEvidence, check_evidence_state, excess_above
 from reweight.options import VETO_EVIDENCE
@@ -227,6 +228,32 @@ def test_the_reweighter_reads_by_class_under_class_normalization(net, by_class):
     assert rw.noise_evidence.level.item() == pytest.approx(0.01 * (excess[0] / excess[1]).item(), abs=1e-9)
     other = excess_above(losses, *((ones[0], meta_losses, ones[1]) if by_class else (y, meta_losses, ym)))
     assert abs((other[0] / other[1]).item() - (excess[0] / excess[1]).item()) > 1e-3  # the two readings differ here
+
+
+def test_soft_targets_are_read_at_their_largest_class():
+    """Soft training targets under normalization="class": each loss is read against the meta losses of its
+    target's largest class."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    g = torch.Generator().manual_seed(6)
+    x, xm = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randn(15, D, generator=g, dtype=torch.float64)
+    soft, ym = torch.softmax(3 * torch.randn(24, K, generator=g, dtype=torch.float64), -1), torch.arange(15) % K
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rw = MetaReweighter(model, opt, [(xm, ym)], net="logitnet", normalization="class", loss_fn=_soft_ce,
+                        meta_loss_fn=cross_entropy, veto_evidence=0.05, meta_warmup=0, seed=0)  # fmt: skip
+    seen = []
+    original = NoiseEvidence.observe
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
+        rw.step(x, soft, model(x))
+    (losses, meta_losses, classes, meta_classes), = seen
+    assert torch.equal(classes, soft.argmax(-1)) and torch.equal(meta_classes, ym)
+    excess = excess_above(losses, classes, meta_losses, meta_classes)
+    assert rw.noise_evidence.level.item() == pytest.approx(0.01 * (excess[0] / excess[1]).item(), abs=1e-12)
+
+
+def _soft_ce(logits, targets):
+    return -(targets * F.log_softmax(logits, -1)).sum(-1)
 
 
 # ------------------------------------------------------------------------ the veto waits for the evidence
