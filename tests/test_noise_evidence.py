@@ -246,7 +246,7 @@ def test_soft_targets_are_read_at_their_largest_class():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
         rw.step(x, soft, model(x))
-    (losses, meta_losses, classes, meta_classes), = seen
+    ((losses, meta_losses, classes, meta_classes),) = seen
     assert torch.equal(classes, soft.argmax(-1)) and torch.equal(meta_classes, ym)
     excess = excess_above(losses, classes, meta_losses, meta_classes)
     assert rw.noise_evidence.level.item() == pytest.approx(0.01 * (excess[0] / excess[1]).item(), abs=1e-12)
