@@ -2,7 +2,8 @@
 40% flipped labels, 48 clean samples, 6 epochs of 16 steps, AdamW 3e-3), plain Trainer against ReweightTrainer
 with the library's defaults (the veto held off over the net's warm-up), with the veto from the first step
 (``veto_warmup=0``), reading the coefficients within each class (``veto_center=True``) and as they are
-(``veto_center=False``), and without the veto (``veto=math.inf``), per seed (the model's initialisation and the
+(``veto_center=False``), without the veto (``veto=math.inf``) and waiting for evidence of label noise
+(``veto_evidence=0.05``), per seed (the model's initialisation and the
 Trainer's seed). Offline.
 
 Each cell is the accuracy on ``--on``: ``heldout``, 512 clean samples drawn apart from the training, meta and test
@@ -37,6 +38,7 @@ CONFIGS = {
     "veto within classes": {"veto_center": True},
     "veto as it is": {"veto_center": False},
     "no veto": {"veto": math.inf},
+    "veto waiting for evidence": {"veto_evidence": 0.05},
 }
 
 

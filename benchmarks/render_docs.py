@@ -703,6 +703,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "veto-evidence-test-digits": lambda: _paired_plain(
             table, ["digits"], ["uniform-0", "lt-3", "lt-10", "flip1-40", "uniform-40"], EVIDENCE_ROWS, list(range(10))
         ),
+        "veto-evidence-test-lossnet": lambda: _paired_plain(
+            table, both, ["uniform-0", "lt-3", *acc.NOISY_TAIL_SETTINGS], ["lossnet~ess20v05w", "lossnet~ess20v05we"],
+            list(range(10)),
+        ),
         "veto-evidence-test-bn": lambda: _paired_plain(
             table, ["mnist1d"], S3, EVIDENCE_ROWS, list(range(10)), schedule="paper", model="bn"
         ),
