@@ -108,7 +108,7 @@ VETO_CENTER = None
 # BatchNorm CNN): it removes the veto's cost on clean labels and mild tails (imbalance 3: +3.7 and +5.0 points) and
 # ends within noise of it under 40% and 60% noise, noisy long tails included, but the evidence is the training
 # losses' excess over the meta losses, which fades as the model memorises the noisy labels: where that is fast it
-# can stay below the threshold and the veto never acts (the Hugging Face example, 40% flipped labels: 80.8% on
+# can stay below the threshold, the veto then never acting (the Hugging Face example, 40% flipped labels: 80.8% on
 # held-out samples against 86.1% with the veto as it is and 79.2% for plain training, five seeds; a long tail
 # with Flip-1 noise on MNIST-1D: the veto started in 4 runs of 10)
 # (docs/results.md, "The veto waiting for evidence of label noise").
