@@ -22,7 +22,7 @@ from .nets import WeightingOutput, create_weighting_net
 from .noise_evidence import NoiseEvidence, check_evidence_state
 from .options import AUTO_NET, AUTO_NET_OTHER, ReweighterOptions, is_class_labels, settled, warn_lossnet_history
 
-__all__ = ["NetSlot", "class_members", "class_normalize"]
+__all__ = ["NetSlot", "class_indices", "class_members", "class_normalize"]
 
 
 def class_members(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -30,6 +30,12 @@ def class_members(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tens
     if targets.ndim == 1:
         return torch.nn.functional.one_hot(targets.long(), num_classes).to(dtype)
     return targets.detach().to(dtype)
+
+
+def class_indices(targets: Tensor) -> Tensor:
+    """``(batch,)`` class indices: class indices as given (as int64), soft targets at their largest class (the
+    reading of :func:`class_members`' rows)."""
+    return targets.long() if targets.ndim == 1 else targets.argmax(-1)
 
 
 def class_normalize(raw: Tensor, members: Tensor, group: DataParallelGroup) -> Tensor:
@@ -117,8 +123,7 @@ class NetSlot:
         if self.evidence is None:
             return
         if self.options.normalization == "class":
-            hard = [t.argmax(-1) if t.is_floating_point() else t for t in (targets, meta_targets)]
-            self.evidence.observe(losses, meta_losses, *hard)
+            self.evidence.observe(losses, meta_losses, class_indices(targets), class_indices(meta_targets))
         else:
             self.evidence.observe(losses, meta_losses)
 

@@ -252,6 +252,29 @@ def test_soft_targets_are_read_at_their_largest_class():
     assert rw.noise_evidence.level.item() == pytest.approx(0.01 * (excess[0] / excess[1]).item(), abs=1e-12)
 
 
+def test_float_class_indices_of_a_meta_loss_of_the_users_are_read_as_indices():
+    """Meta targets as float class indices, which a meta loss of the user's accepts: read as the classes they name
+    (not as soft targets over the batch)."""
+    torch.manual_seed(0)
+    model = nn.Linear(D, K).double()
+    g = torch.Generator().manual_seed(7)
+    x, xm = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randn(15, D, generator=g, dtype=torch.float64)
+    y, ym = torch.randint(0, K, (24,), generator=g), torch.arange(15) % K
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rw = MetaReweighter(model, opt, [(xm, ym.double())], net="logitnet", normalization="class",
+                        meta_loss_fn=lambda z, t: F.cross_entropy(z, t.long(), reduction="none"), veto_evidence=0.05,
+                        meta_warmup=0, seed=0)  # fmt: skip
+    seen = []
+    original = NoiseEvidence.observe
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
+        rw.step(x, y, model(x))
+    ((losses, meta_losses, classes, meta_classes),) = seen
+    assert torch.equal(classes, y) and torch.equal(meta_classes, ym)
+    excess = excess_above(losses, classes, meta_losses, meta_classes)
+    assert rw.noise_evidence.level.item() == pytest.approx(0.01 * (excess[0] / excess[1]).item(), abs=1e-12)
+
+
 def _soft_ce(logits, targets):
     return -(targets * F.log_softmax(logits, -1)).sum(-1)
 
