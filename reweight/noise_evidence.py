@@ -2,7 +2,7 @@
 
 At each meta update the training batch's per-sample losses are read against the meta batch's (at the look-ahead):
 the share of training samples whose loss is above the meta losses' 0.9-quantile, less the share that samples drawn
-like the meta set would put there, is folded into a moving average (decay 0.99, starting at 0). Once the average
+like the meta set would put there, is folded into a moving average (decay 0.95, starting at 0). Once the average
 reaches the threshold the evidence is *shown*, and stays shown for the rest of the run. With class labels
 (``normalization="class"``) each loss is read against its own class's meta losses (:func:`excess_above`).
 
@@ -44,8 +44,9 @@ __all__ = ["NoiseEvidence", "QUANTILE", "DECAY", "check_evidence_state", "excess
 
 #: The meta losses' quantile a training sample's loss is read against.
 QUANTILE = 0.9
-#: Decay of the moving average over meta updates (about a hundred updates' memory).
-DECAY = 0.99
+#: Decay of the moving average over meta updates (about twenty updates' memory): fine-tuning runs of a few hundred
+#: updates show the evidence for a few dozen of them before the model memorises the noise.
+DECAY = 0.95
 
 
 class NoiseEvidence:
