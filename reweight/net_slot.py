@@ -20,7 +20,15 @@ from .losses import is_class_cross_entropy
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .noise_evidence import NoiseEvidence, check_evidence_state
-from .options import AUTO_NET, AUTO_NET_OTHER, ReweighterOptions, is_class_labels, settled, warn_lossnet_history
+from .options import (
+    AUTO_NET,
+    AUTO_NET_OTHER,
+    VETO_EVIDENCE,
+    ReweighterOptions,
+    is_class_labels,
+    settled,
+    warn_lossnet_history,
+)
 
 __all__ = ["NetSlot", "class_indices", "class_members", "class_normalize"]
 
@@ -77,8 +85,10 @@ class NetSlot:
         self.num_classes = options.num_classes
         self.class_checks = ClassChecks() if options.normalization == "class" else None
         self.history = LossHistory() if options.loss_history else None
-        gated = options.vetoes and options.veto_evidence > 0
-        self.evidence = NoiseEvidence(options.veto_evidence, group) if gated else None
+        # veto_evidence=None: normalization="auto" settles it with the first batch (or a loaded state); until then
+        # the evidence is kept, so that a state loaded before that batch keeps its own
+        gated = options.vetoes and (options.veto_evidence is None or options.veto_evidence > 0)
+        self.evidence = NoiseEvidence(options.veto_evidence or VETO_EVIDENCE, group) if gated else None
         self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
             options.loss_fn
         )  # the library's cross-entropy was warned about at construction
@@ -86,10 +96,12 @@ class NetSlot:
     def settle(self, options: ReweighterOptions) -> None:
         """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"`` or
         ``normalization="auto"`` (a no-op afterwards)."""
-        fields = ("net", "normalization", "min_ess")
+        fields = ("net", "normalization", "min_ess", "veto_evidence")
         if any(getattr(options, f) != getattr(self.options, f) for f in fields):
             self.options = options
             self.class_checks = ClassChecks() if options.normalization == "class" else None
+            if options.veto_evidence == 0:  # settled to "sum": nothing to wait for
+                self.evidence = None
 
     def settled_by_state(self, net_state: Any, num_classes: int | None) -> ReweighterOptions:
         """This slot's options with a pending ``net="auto"`` settled by a saved net's layout (the gated net's or

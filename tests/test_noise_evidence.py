@@ -142,7 +142,13 @@ def _parts(seed: int = 0):
 
 def test_the_default_and_where_it_applies():
     model, opt, meta = _parts()
-    assert MetaReweighter(model, opt, meta).options.veto_evidence == VETO_EVIDENCE
+    assert MetaReweighter(model, opt, meta).options.veto_evidence == VETO_EVIDENCE == 0.05  # the gated net, "class"
+    assert MetaReweighter(model, opt, meta, net="logitnet").options.veto_evidence == VETO_EVIDENCE
+    assert MetaReweighter(model, opt, meta, net="lossnet").options.veto_evidence == 0.0  # "sum": not measured
+    assert MetaReweighter(model, opt, meta, normalization="sum").options.veto_evidence == 0.0
+    assert MetaReweighter(model, opt, meta, net="lossnet", normalization="class").options.veto_evidence == 0.05
+    own = MetaReweighter(model, opt, meta, loss_fn=lambda z, t: F.cross_entropy(z, t, reduction="none"))
+    assert own.options.normalization == "auto" and own.options.veto_evidence is None  # settled by the first batch
     assert MetaReweighter(model, opt, meta, veto_evidence=0.1).options.veto_evidence == 0.1
     assert MetaReweighter(model, opt, meta, veto=math.inf).options.veto_evidence == 0.0  # no veto to hold off
     assert MetaReweighter(model, opt, meta, net="l2rw").options.veto_evidence == 0.0
@@ -332,6 +338,45 @@ def test_under_heavy_noise_the_evidence_is_shown_and_the_veto_acts_from_then_on(
     assert all((w == 0).any() for w in gated[first : first + 5])  # then the veto zeroes samples
 
 
+def _own_loss(z, t):
+    return F.cross_entropy(z, t, reduction="none") if t.ndim == 1 and not t.is_floating_point() else (z - t).pow(2).mean(1)
+
+
+def test_under_a_loss_of_the_users_the_first_batch_settles_the_wait_as_naming_the_normalization():
+    """normalization="auto": class labels wait for the evidence (as "class" does by default), other targets do not
+    (as "sum"), and the run is the one with the normalisation and the wait named, bit for bit."""
+    for targets, mode, wait in ((lambda g, n: torch.randint(0, K, (n,), generator=g), "class", VETO_EVIDENCE),
+                                (lambda g, n: torch.randn(n, K, generator=g), "sum", 0.0)):  # fmt: skip
+        runs = []
+        for kwargs in ({}, {"normalization": mode, "veto_evidence": wait}):
+            torch.manual_seed(0)
+            model = nn.Linear(D, K)
+            g = torch.Generator().manual_seed(1)
+            meta = [(torch.randn(12, D, generator=g), targets(g, 12))]
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+            rw = MetaReweighter(model, opt, meta, net="logitnet", loss_fn=_own_loss, seed=0, **kwargs)
+            weights = []
+            for _ in range(3):
+                x, y = torch.randn(16, D, generator=g), targets(g, 16)
+                weights.append(rw.step(x, y, model(x)))
+            assert rw.options.normalization == mode and rw.options.veto_evidence == wait
+            assert (rw.noise_evidence is not None) == (wait > 0)
+            runs.append(weights)
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_state_loaded_before_the_first_batch_keeps_its_evidence_under_a_loss_of_the_users():
+    """The wait is settled by the first batch, after a resume: the loaded evidence must survive it."""
+    rw, _ = _run(0.6, 40, veto_evidence=0.05)
+    state = copy.deepcopy(rw.state_dict())
+    fresh, _ = _run(0.6, 0, loss_fn=_own_loss)
+    assert fresh.options.veto_evidence is None
+    fresh.load_state_dict(state)
+    x, y = _blobs(16, 3, 0.0)
+    fresh.step(x, y, fresh.module(x))
+    assert fresh.options.veto_evidence == VETO_EVIDENCE and bool(fresh.noise_evidence.shown)
+
+
 def test_the_evidence_resumes_exactly_and_an_older_state_keeps_its_veto():
     rw, _ = _run(0.6, 40, veto_evidence=0.05)
     state = copy.deepcopy(rw.state_dict())
@@ -369,6 +414,6 @@ def test_an_engine_that_returns_the_mean_meta_loss_is_refused_and_nothing_change
             rw.step(x, y, model(x))
         assert all(torch.equal(v, rw.net.state_dict()[k]) for k, v in before.items())
         assert rw.noise_evidence.level is None and rw.step_count == 0
-        MetaReweighter(model, opt, meta, engine="mean_only", seed=0).step(x, y, model(x))
+        MetaReweighter(model, opt, meta, engine="mean_only", veto_evidence=0, seed=0).step(x, y, model(x))
     finally:
         _ENGINES.unregister("mean_only")

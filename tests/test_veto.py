@@ -19,6 +19,13 @@ from reweight.options import VETO, VETO_CENTER, VETO_WARMUP
 CLASSES, LR = 3, 0.5
 
 
+@pytest.fixture(autouse=True)
+def _veto_from_the_first_update(monkeypatch):
+    """These tests read the veto's mechanics: it acts from the first update, not waiting for evidence of label
+    noise (``veto_evidence``, tests/test_noise_evidence.py)."""
+    monkeypatch.setattr("reweight.options.VETO_EVIDENCE", 0.0)
+
+
 def _parts(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Linear(4, CLASSES)
