@@ -103,6 +103,8 @@ BEFORE_CENTER = dict(SPELLED["defaults"])  # the defaults' rows before the veto 
 SPELLED["defaults"]["veto_center"] = "within each class under normalization=class (the nets that read the logits)"
 BEFORE_WARMUP = dict(SPELLED["defaults"])  # the defaults' rows before the veto waited for the net's warm-up
 SPELLED["defaults"]["veto_warmup"] = "the net's meta_warmup (300) while the veto acts"
+BEFORE_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before the veto waited for evidence of label noise
+SPELLED["defaults"]["veto_evidence"] = "0.05 under normalization=class (the nets that read the logits), else 0"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}
