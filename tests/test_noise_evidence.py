@@ -84,7 +84,8 @@ def test_by_class_each_loss_is_read_against_its_own_classs_meta_losses():
     assert (excess[0] / excess[1]).item() == pytest.approx(_independent_excess(losses, meta, classes, meta_classes))
     evidence = NoiseEvidence(0.05)
     evidence.observe(losses, meta, classes, meta_classes)
-    assert evidence.level.item() == pytest.approx((1 - DECAY) * _independent_excess(losses, meta, classes, meta_classes))
+    expected = (1 - DECAY) * _independent_excess(losses, meta, classes, meta_classes)
+    assert evidence.level.item() == pytest.approx(expected)
 
 
 def test_samples_drawn_like_the_meta_set_have_no_excess_however_few_meta_samples_a_class_has():
@@ -339,7 +340,9 @@ def test_under_heavy_noise_the_evidence_is_shown_and_the_veto_acts_from_then_on(
 
 
 def _own_loss(z, t):
-    return F.cross_entropy(z, t, reduction="none") if t.ndim == 1 and not t.is_floating_point() else (z - t).pow(2).mean(1)
+    if t.ndim == 1 and not t.is_floating_point():
+        return F.cross_entropy(z, t, reduction="none")
+    return (z - t).pow(2).mean(1)
 
 
 def test_under_a_loss_of_the_users_the_first_batch_settles_the_wait_as_naming_the_normalization():
