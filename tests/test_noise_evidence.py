@@ -214,6 +214,20 @@ def test_every_engine_hands_over_the_meta_batchs_losses_at_the_lookahead(engine,
     torch.testing.assert_close(seen[0], want, rtol=1e-9, atol=1e-12)
 
 
+def _first_reading(rw, x, targets, outputs):
+    """One step of ``rw``: the classes its evidence read, after checking its level against ``excess_above`` on what
+    the evidence was given."""
+    seen = []
+    original = NoiseEvidence.observe
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
+        rw.step(x, targets, outputs)
+    ((losses, meta_losses, classes, meta_classes),) = seen
+    excess = excess_above(losses, classes, meta_losses, meta_classes)
+    assert rw.noise_evidence.level.item() == pytest.approx((1 - DECAY) * (excess[0] / excess[1]).item(), abs=1e-12)
+    return classes, meta_classes
+
+
 @pytest.mark.parametrize(("net", "by_class"), [("logitnet", True), ("lossnet", False)])
 def test_the_reweighter_reads_by_class_under_class_normalization(net, by_class):
     """The first update's level is 1 - DECAY of the excess of the training losses over the meta losses at the
@@ -248,15 +262,8 @@ def test_soft_targets_are_read_at_their_largest_class():
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     rw = MetaReweighter(model, opt, [(xm, ym)], net="logitnet", normalization="class", loss_fn=_soft_ce,
                         meta_loss_fn=cross_entropy, veto_evidence=0.05, meta_warmup=0, seed=0)  # fmt: skip
-    seen = []
-    original = NoiseEvidence.observe
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
-        rw.step(x, soft, model(x))
-    ((losses, meta_losses, classes, meta_classes),) = seen
+    classes, meta_classes = _first_reading(rw, x, soft, model(x))
     assert torch.equal(classes, soft.argmax(-1)) and torch.equal(meta_classes, ym)
-    excess = excess_above(losses, classes, meta_losses, meta_classes)
-    assert rw.noise_evidence.level.item() == pytest.approx((1 - DECAY) * (excess[0] / excess[1]).item(), abs=1e-12)
 
 
 def test_float_class_indices_of_a_meta_loss_of_the_users_are_read_as_indices():
@@ -271,15 +278,8 @@ def test_float_class_indices_of_a_meta_loss_of_the_users_are_read_as_indices():
     rw = MetaReweighter(model, opt, [(xm, ym.double())], net="logitnet", normalization="class",
                         meta_loss_fn=lambda z, t: F.cross_entropy(z, t.long(), reduction="none"), veto_evidence=0.05,
                         meta_warmup=0, seed=0)  # fmt: skip
-    seen = []
-    original = NoiseEvidence.observe
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
-        rw.step(x, y, model(x))
-    ((losses, meta_losses, classes, meta_classes),) = seen
+    classes, meta_classes = _first_reading(rw, x, y, model(x))
     assert torch.equal(classes, y) and torch.equal(meta_classes, ym)
-    excess = excess_above(losses, classes, meta_losses, meta_classes)
-    assert rw.noise_evidence.level.item() == pytest.approx((1 - DECAY) * (excess[0] / excess[1]).item(), abs=1e-12)
 
 
 def _soft_ce(logits, targets):
