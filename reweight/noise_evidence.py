@@ -26,7 +26,7 @@ Example:
     >>> for _ in range(30):
     ...     evidence.observe(noisy, meta)
     >>> bool(evidence.shown), round(evidence.level.item(), 3)
-    (True, 0.071)
+    (True, 0.228)
 """
 
 from __future__ import annotations
