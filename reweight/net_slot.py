@@ -128,13 +128,15 @@ class NetSlot:
             "noise_evidence": None if self.evidence is None else self.evidence.state_dict(),
         }
 
-    def observe_noise(self, losses: Tensor, meta_losses: Tensor, targets: Tensor, meta_targets: Tensor) -> None:
-        """Fold a meta update's training and meta losses into the veto's evidence of label noise, if it waits:
-        each loss against its own class's meta losses under ``normalization="class"`` (class labels; soft ones
-        read at their largest class), else against the whole meta batch's."""
+    def observe_noise(self, net_inputs: tuple[Any, ...], meta_losses: Tensor, meta_targets: Tensor) -> None:
+        """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and meta losses into
+        the veto's evidence of label noise, if it waits: each loss against its own class's meta losses on class
+        labels (integer class indices of ``(batch, K)`` logits, whatever the normalisation; soft targets under
+        ``normalization="class"``, read at their largest class), else against the whole meta batch's."""
         if self.evidence is None:
             return
-        if self.options.normalization == "class":
+        losses, logits, targets = net_inputs[:3]
+        if self.options.normalization == "class" or is_class_labels(logits, targets):
             self.evidence.observe(losses, meta_losses, class_indices(targets), class_indices(meta_targets))
         else:
             self.evidence.observe(losses, meta_losses)

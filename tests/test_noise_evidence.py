@@ -215,24 +215,26 @@ def test_every_engine_hands_over_the_meta_batchs_losses_at_the_lookahead(engine,
 
 
 def _first_reading(rw, x, targets, outputs):
-    """One step of ``rw``: the classes its evidence read, after checking its level against ``excess_above`` on what
-    the evidence was given."""
+    """One step of ``rw``: the classes its evidence read (``None`` against the whole meta batch), after checking
+    its level against ``excess_above`` on what the evidence was given."""
     seen = []
     original = NoiseEvidence.observe
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a) or original(self, *a))
         rw.step(x, targets, outputs)
-    ((losses, meta_losses, classes, meta_classes),) = seen
-    excess = excess_above(losses, classes, meta_losses, meta_classes)
+    ((losses, meta_losses, *given),) = seen
+    classes, meta_classes = given or (None, None)  # none given: the whole meta batch, one class
+    blind = (torch.zeros_like(losses, dtype=torch.long), torch.zeros_like(meta_losses, dtype=torch.long))
+    excess = excess_above(losses, classes if given else blind[0], meta_losses, meta_classes if given else blind[1])
     assert rw.noise_evidence.level.item() == pytest.approx((1 - DECAY) * (excess[0] / excess[1]).item(), abs=1e-12)
     return classes, meta_classes
 
 
-@pytest.mark.parametrize(("net", "by_class"), [("logitnet", True), ("lossnet", False)])
-def test_the_reweighter_reads_by_class_under_class_normalization(net, by_class):
+@pytest.mark.parametrize("net", ["logitnet", "lossnet"])
+def test_the_reweighter_reads_class_labels_by_class(net):
     """The first update's level is 1 - DECAY of the excess of the training losses over the meta losses at the
-    look-ahead: read by class under normalization="class" (LogitNet's default on class labels), against the whole
-    meta batch under "sum" (LossNet's)."""
+    look-ahead, each read against its own class's: under normalization="class" (LogitNet's default on class
+    labels) and under "sum" (LossNet's) alike."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
     g = torch.Generator().manual_seed(5)
@@ -243,12 +245,25 @@ def test_the_reweighter_reads_by_class_under_class_normalization(net, by_class):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     rw = MetaReweighter(model, opt, [(xm, ym)], net=net, veto_evidence=0.05, meta_warmup=0, seed=0)
     rw.step(x, y, model(x))
-    assert rw.options.normalization == ("class" if by_class else "sum")
-    ones = (torch.zeros_like(y), torch.zeros_like(ym))
-    excess = excess_above(losses, *((y, meta_losses, ym) if by_class else (ones[0], meta_losses, ones[1])))
+    assert rw.options.normalization == ("class" if net == "logitnet" else "sum")
+    excess = excess_above(losses, y, meta_losses, ym)
     assert rw.noise_evidence.level.item() == pytest.approx((1 - DECAY) * (excess[0] / excess[1]).item(), abs=1e-9)
-    other = excess_above(losses, *((ones[0], meta_losses, ones[1]) if by_class else (y, meta_losses, ym)))
-    assert abs((other[0] / other[1]).item() - (excess[0] / excess[1]).item()) > 1e-3  # the two readings differ here
+    blind = excess_above(losses, torch.zeros_like(y), meta_losses, torch.zeros_like(ym))
+    assert abs((blind[0] / blind[1]).item() - (excess[0] / excess[1]).item()) > 1e-3  # the two readings differ here
+
+
+def test_soft_targets_under_sum_are_read_against_the_whole_meta_batch():
+    """Soft training targets under normalization="sum" are not class labels: each loss is read against the whole
+    meta batch's losses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    g = torch.Generator().manual_seed(6)
+    x, xm = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randn(15, D, generator=g, dtype=torch.float64)
+    soft, ym = torch.softmax(3 * torch.randn(24, K, generator=g, dtype=torch.float64), -1), torch.arange(15) % K
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rw = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", loss_fn=_soft_ce, meta_loss_fn=cross_entropy,
+                        veto_evidence=0.05, meta_warmup=0, seed=0)  # fmt: skip
+    assert _first_reading(rw, x, soft, model(x)) == (None, None)
 
 
 def test_soft_targets_are_read_at_their_largest_class():
