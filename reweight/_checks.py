@@ -102,7 +102,7 @@ def step_losses(
     with torch.no_grad():
         losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
     check_losses(losses, n, "loss_fn")
-    if options.net == "auto" or options.normalization == "auto":
+    if options.net == "auto" or options.normalization == "auto" or options.veto_evidence is None:
         options = settle_options(options, logits, targets)
         if options.requires_logits:  # the gated net: the logits' checks it would have had
             check_batch(inputs, targets, logits, net=str(options.net), num_classes=num_classes)

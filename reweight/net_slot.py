@@ -85,8 +85,8 @@ class NetSlot:
         self.num_classes = options.num_classes
         self.class_checks = ClassChecks() if options.normalization == "class" else None
         self.history = LossHistory() if options.loss_history else None
-        # veto_evidence=None: normalization="auto" settles it with the first batch (or a loaded state); until then
-        # the evidence is kept, so that a state loaded before that batch keeps its own
+        # veto_evidence=None: the first batch settles it (class labels or not); until then the evidence is kept, so
+        # that a state loaded before that batch keeps its own
         gated = options.vetoes and (options.veto_evidence is None or options.veto_evidence > 0)
         self.evidence = NoiseEvidence(options.veto_evidence or VETO_EVIDENCE, group) if gated else None
         self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
@@ -94,13 +94,13 @@ class NetSlot:
         )  # the library's cross-entropy was warned about at construction
 
     def settle(self, options: ReweighterOptions) -> None:
-        """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"`` or
-        ``normalization="auto"`` (a no-op afterwards)."""
+        """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"``,
+        ``normalization="auto"`` or ``veto_evidence=None`` (a no-op afterwards)."""
         fields = ("net", "normalization", "min_ess", "veto_evidence")
         if any(getattr(options, f) != getattr(self.options, f) for f in fields):
             self.options = options
             self.class_checks = ClassChecks() if options.normalization == "class" else None
-            if options.veto_evidence == 0:  # settled to "sum": nothing to wait for
+            if options.veto_evidence == 0:  # settled on targets other than class labels: nothing to wait for
                 self.evidence = None
 
     def settled_by_state(self, net_state: Any, num_classes: int | None) -> ReweighterOptions:

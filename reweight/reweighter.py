@@ -97,7 +97,7 @@ class MetaReweighter:
         veto_center: the veto reads ``c_i`` less its class's weighted mean (with ``True`` under ``"sum"``: on class
             labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
         veto_evidence: the veto acts once the meta set shows label noise: a moving share of the training losses above
-            their class's meta 0.9-quantile, beyond chance, reaches it (default: 0.05 under ``"class"``, else 0).
+            their class's meta 0.9-quantile, beyond chance, reaches it (default: 0.05 on class labels, else 0).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).

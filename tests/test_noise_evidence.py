@@ -145,9 +145,13 @@ def test_the_default_and_where_it_applies():
     model, opt, meta = _parts()
     assert MetaReweighter(model, opt, meta).options.veto_evidence == VETO_EVIDENCE == 0.05  # the gated net, "class"
     assert MetaReweighter(model, opt, meta, net="logitnet").options.veto_evidence == VETO_EVIDENCE
-    assert MetaReweighter(model, opt, meta, net="lossnet").options.veto_evidence == 0.0  # "sum": not measured
-    assert MetaReweighter(model, opt, meta, normalization="sum").options.veto_evidence == 0.0
     assert MetaReweighter(model, opt, meta, net="lossnet", normalization="class").options.veto_evidence == 0.05
+    for kwargs in ({"net": "lossnet"}, {"normalization": "sum"}):  # "sum": class labels or not, the first batch says
+        rw = MetaReweighter(model, opt, meta, **kwargs)
+        assert rw.options.veto_evidence is None and rw.noise_evidence is not None
+        x, y = meta[0]
+        rw.step(x, y, model(x))
+        assert rw.options.veto_evidence == VETO_EVIDENCE and rw.noise_evidence.level is not None
     own = MetaReweighter(model, opt, meta, loss_fn=lambda z, t: F.cross_entropy(z, t, reduction="none"))
     assert own.options.normalization == "auto" and own.options.veto_evidence is None  # settled by the first batch
     assert MetaReweighter(model, opt, meta, veto_evidence=0.1).options.veto_evidence == 0.1
@@ -360,11 +364,14 @@ def _own_loss(z, t):
     return (z - t).pow(2).mean(1)
 
 
-def test_under_a_loss_of_the_users_the_first_batch_settles_the_wait_as_naming_the_normalization():
-    """normalization="auto": class labels wait for the evidence (as "class" does by default), other targets do not
-    (as "sum"), and the run is the one with the normalisation and the wait named, bit for bit."""
+@pytest.mark.parametrize(("net", "normalization"), [("logitnet", "auto"), ("lossnet", "sum")])
+def test_the_first_batch_settles_the_wait_as_naming_it(net, normalization):
+    """Class labels wait for the evidence, other targets (soft or regression ones) do not, and the run is the one
+    with the wait (and the normalisation) named, bit for bit: a loss of the user's under normalization="auto"
+    (LogitNet), or LossNet under "sum"."""
     for targets, mode, wait in ((lambda g, n: torch.randint(0, K, (n,), generator=g), "class", VETO_EVIDENCE),
                                 (lambda g, n: torch.randn(n, K, generator=g), "sum", 0.0)):  # fmt: skip
+        mode = mode if normalization == "auto" else normalization
         runs = []
         for kwargs in ({}, {"normalization": mode, "veto_evidence": wait}):
             torch.manual_seed(0)
@@ -372,7 +379,7 @@ def test_under_a_loss_of_the_users_the_first_batch_settles_the_wait_as_naming_th
             g = torch.Generator().manual_seed(1)
             meta = [(torch.randn(12, D, generator=g), targets(g, 12))]
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            rw = MetaReweighter(model, opt, meta, net="logitnet", loss_fn=_own_loss, seed=0, **kwargs)
+            rw = MetaReweighter(model, opt, meta, net=net, loss_fn=_own_loss, seed=0, meta_warmup=0, **kwargs)
             weights = []
             for _ in range(3):
                 x, y = torch.randn(16, D, generator=g), targets(g, 16)
