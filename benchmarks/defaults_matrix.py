@@ -105,6 +105,8 @@ BEFORE_WARMUP = dict(SPELLED["defaults"])  # the defaults' rows before the veto 
 SPELLED["defaults"]["veto_warmup"] = "the net's meta_warmup (300) while the veto acts"
 BEFORE_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before the veto waited for evidence of label noise
 SPELLED["defaults"]["veto_evidence"] = "0.05 under normalization=class (the nets that read the logits), else 0"
+BEFORE_LOSSNET_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before LossNet's veto waited for it too
+SPELLED["defaults"]["veto_evidence"] = "0.05 on class labels (every net with a veto), else 0"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}
