@@ -1,0 +1,90 @@
+"""The README's three lines as a user runs them: scikit-learn's digits, the README's MLP, SGD (momentum 0.9) at
+``--lr``, batches of 64, 30 epochs, 10 clean samples per class as the meta set (meta batch 50), each net with its
+defaults against plain training of the same seed, on clean labels and under 40% random labels. Each cell is the
+test accuracy's difference to plain training (500 test samples); ``*``: the evidence of label noise was shown (the
+veto acted). Offline, a few minutes on a CPU.
+
+    python benchmarks/readme_loop.py --lr 0.1 0.05 --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from reweight import MetaReweighter, weighted_loss
+
+NETS = ("auto", "lossnet", "metainfonet")
+EPOCHS, META_PER_CLASS = 30, 10
+
+
+def splits(seed: int, noise: float):
+    """Training (with a share ``noise`` of random labels), meta (10 clean per class) and test (500) splits."""
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=500, random_state=seed, stratify=y)
+    rng = np.random.default_rng(seed)
+    meta = np.concatenate([rng.choice(np.flatnonzero(y_train == k), META_PER_CLASS, replace=False) for k in range(10)])
+    rest = np.setdiff1d(np.arange(len(y_train)), meta)
+    labels = y_train[rest].copy()
+    flip = rng.random(len(labels)) < noise
+    labels[flip] = rng.integers(0, 10, flip.sum())
+
+    def tensors(a, b):
+        return torch.tensor(a), torch.tensor(b, dtype=torch.long)
+
+    return tensors(x_train[rest], labels), tensors(x_train[meta], y_train[meta]), tensors(x_test, y_test)
+
+
+def run(seed: int, noise: float, lr: float, net: str | None) -> tuple[float, bool]:
+    """Test accuracy after training, and whether the veto's evidence was shown (``net=None``: plain training)."""
+    (x, y), (xm, ym), (xt, yt) = splits(seed, noise)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    meta_loader = DataLoader(TensorDataset(xm, ym), batch_size=50, shuffle=True)
+    reweighter = None if net is None else MetaReweighter(model, optimizer, meta_loader, net=net)
+    for _ in range(EPOCHS):
+        for xb, yb in train_loader:
+            logits = model(xb)
+            losses = F.cross_entropy(logits, yb, reduction="none")
+            loss = losses.mean() if reweighter is None else weighted_loss(reweighter.step(xb, yb, logits), losses)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = (model(xt).argmax(1) == yt).float().mean().item()
+    evidence = None if reweighter is None else reweighter.noise_evidence
+    return accuracy, bool(evidence is not None and evidence.shown is not None and evidence.shown)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lr", nargs="+", type=float, default=[0.1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4])
+    args = p.parse_args()
+    cells = [(noise, lr, seed) for noise in args.noise for lr in args.lr for seed in args.seeds]
+    lines = ["| labels | lr | seed | plain | " + " | ".join(NETS) + " |"]
+    lines.append("| --- | --- | --- | --- |" + " --- |" * len(NETS))
+    for noise, lr, seed in tqdm(cells, desc="cells"):
+        plain, _ = run(seed, noise, lr, None)
+        row = []
+        for net in NETS:
+            accuracy, shown = run(seed, noise, lr, net)
+            row.append(f"{100 * (accuracy - plain):+.1f}{'*' if shown else ''}")
+        labels = "clean" if noise == 0 else f"{noise:.0%} random"
+        lines.append(f"| {labels} | {lr:g} | {seed} | {100 * plain:.1f} | " + " | ".join(row) + " |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
