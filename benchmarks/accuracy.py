@@ -293,7 +293,8 @@ VARIANTS: dict[str, dict] = {
                           "min_ess": 0.2, "normalization": "class", "veto": 0.5, "veto_center": True,
                           "veto_warmup": 300, "net_kwargs": {"uniform_start": True}},
     # the defaults with the veto waiting for evidence of label noise (veto_evidence=0.05): the gated net's
-    # (cls20v05cwe), LossNet's (ess20v05we) and the fast preset's (fastcls20v05cwe)
+    # (cls20v05cwe), LossNet's (ess20v05we) and the fast preset's (fastcls20v05cwe). LossNet's first rows read its
+    # losses against the whole meta batch (before ad35300): retired from the store, in its history at e9ac79b
     "cls20v05cwe": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                     "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                     "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},

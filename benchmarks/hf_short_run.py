@@ -3,8 +3,8 @@
 with the library's defaults (the veto held off over the net's warm-up), with the veto from the first step
 (``veto_warmup=0``), reading the coefficients within each class (``veto_center=True``) and as they are
 (``veto_center=False``), without the veto (``veto=math.inf``), waiting for evidence of label noise
-(``veto_evidence=0.05``, the gated net's default; the cell says whether the evidence was shown) and not waiting
-(``veto_evidence=0``, LossNet's default), per seed (the model's initialisation and the Trainer's seed). Offline.
+(``veto_evidence=0.05``, the default on class labels; the cell says whether the evidence was shown) and not waiting
+(``veto_evidence=0``), per seed (the model's initialisation and the Trainer's seed). Offline.
 
 Each cell is the accuracy on ``--on``: ``heldout``, 512 clean samples drawn apart from the training, meta and test
 sets and never shown to the reweighter (what a default is chosen on), or ``test``, the example's test set.

@@ -271,6 +271,8 @@ TAIL_ROWS = [
     "gated~ess20v05w", "metainfonet~ess20v05w", "gated~ess20",
 ]
 EVIDENCE_ROWS = ["gated~cls20v05cw", "gated~cls20v05cwe"]  # the veto from the first update; the default, waiting
+EVIDENCE_TEST = ["uniform-0", "uniform-5", "uniform-10", "flip1-10", "lt-1", "lt-3", "lt-10", "lt-50",
+                 *acc.NOISY_TAIL_SETTINGS]  # fmt: skip
 # the cells veto_evidence was judged on (held-out samples): both gentle protocols and the BN CNN's paper schedule
 EVIDENCE_PROTOCOLS = [("gentle", "plain", ["mnist1d", "mnist1d-2pct"]), ("paper", "bn", ["mnist1d"])]
 EVIDENCE_CELLS = {"gentle": ["uniform-0", "lt-3", "lt-10", *NOISE4, *acc.NOISY_TAIL_SETTINGS], "paper": S3}
@@ -483,9 +485,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            ["standard", "finetune", "lossnet~ess20v05w",
+            ["standard", "finetune", "lossnet~ess20v05we",
              *(f"{m}~cls20v05cwe" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
-            SEEDS5, "gentle", ("cls20v05cwe", "ess20v05w", "l2cls40"), "plain", default="gated~cls20v05cwe",
+            SEEDS5, "gentle", ("cls20v05cwe", "ess20v05we", "l2cls40"), "plain", default="gated~cls20v05cwe",
         ),
         "guide-before-evidence": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
@@ -520,10 +522,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20v05cwe" for m in LOGIT_NETS), "lossnet~ess20v05w", "l2rw~l2cls40",
-             *(f"{m}~cls20v05cw" for m in LOGIT_NETS), *(f"{m}~cls20v05c" for m in LOGIT_NETS), "lossnet~ess20v05",
-             *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
-            ["cls20v05cwe", "cls20v05cw", "cls20v05c", "ess20v05w", "ess20v05", "l2cls40", "cls20", "ess20"],
+            [*(f"{m}~cls20v05cwe" for m in LOGIT_NETS), "lossnet~ess20v05we", "l2rw~l2cls40",
+             *(f"{m}~cls20v05cw" for m in LOGIT_NETS), "lossnet~ess20v05w", *(f"{m}~cls20v05c" for m in LOGIT_NETS),
+             "lossnet~ess20v05", *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
+            ["cls20v05cwe", "ess20v05we", "cls20v05cw", "cls20v05c", "ess20v05w", "ess20v05", "l2cls40", "cls20",
+             "ess20"],
             list(range(10)),
         ),  # fmt: skip
         "veto-warmup-bn": lambda: _stability_rows(
@@ -682,7 +685,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("gentle held-out runs, seeds 10-19", "gentle", "plain", both, NOISE4, list(range(10, 20)), HOLDOUT),
              ("BN CNN, paper schedule, seeds 0-9", "paper", "bn", ["mnist1d"], S3, list(range(10)), 0),
              ("BN CNN held-out runs, seeds 10-19", "paper", "bn", ["mnist1d"], S3, list(range(10, 20)), HOLDOUT)],
-            [*(f"{m}~cls20v05cwe" for m in LOGIT_NETS), "lossnet~ess20v05w", "gated~fastcls20v05cwe"],
+            [*(f"{m}~cls20v05cwe" for m in LOGIT_NETS), "lossnet~ess20v05we", "gated~fastcls20v05cwe"],
         ),  # fmt: skip
         "light-noise": lambda: _paired_plain(table, both, LIGHT, LIGHT_ROWS, list(range(10))),
         "light-noise-bn": lambda: _paired_plain(
@@ -700,26 +703,26 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "veto-evidence-holdout": lambda: _holdout_pooled(
             table, EVIDENCE_PROTOCOLS, EVIDENCE_CELLS,
-            [(["standard", "gated~cls20v05cw", "gated~cls20v05cwe"], "gated~cls20v05cw")],
-            ["cls20v05cw", "cls20v05cwe"], list(range(10, 20)),
+            [(["standard", "gated~cls20v05cw", "gated~cls20v05cwe"], "gated~cls20v05cw"),
+             (["lossnet~ess20v05w", "lossnet~ess20v05we"], "lossnet~ess20v05w")],
+            ["cls20v05cw", "cls20v05cwe", "ess20v05w", "ess20v05we"], list(range(10, 20)),
         ),
         "veto-evidence-test": lambda: _paired_plain(
-            table, both, ["uniform-0", "uniform-5", "uniform-10", "flip1-10", "lt-1", "lt-3", "lt-10", "lt-50",
-                          *acc.NOISY_TAIL_SETTINGS], EVIDENCE_ROWS, list(range(10)),
-        ),  # fmt: skip
+            table, both, EVIDENCE_TEST, EVIDENCE_ROWS, list(range(10)),
+        ),
         "veto-evidence-test-digits": lambda: _paired_plain(
             table, ["digits"], ["uniform-0", "lt-3", "lt-10", "flip1-40", "uniform-40"], EVIDENCE_ROWS, list(range(10))
         ),
         "veto-evidence-test-lossnet": lambda: _paired_plain(
-            table, both, ["uniform-0", "lt-3", *acc.NOISY_TAIL_SETTINGS], ["lossnet~ess20v05w", "lossnet~ess20v05we"],
-            list(range(10)),
+            table, both, EVIDENCE_TEST, ["lossnet~ess20v05w", "lossnet~ess20v05we"], list(range(10)),
         ),
         "veto-evidence-test-nets": lambda: _paired_plain(
             table, both, ["uniform-0", "lt-1", "lt-3"],
             [f"{m}~{v}" for m in ("metainfonet", "logitnet") for v in ("cls20v05cw", "cls20v05cwe")], list(range(10)),
         ),
         "veto-evidence-test-bn": lambda: _paired_plain(
-            table, ["mnist1d"], [*LIGHT, *S3], EVIDENCE_ROWS, list(range(10)), schedule="paper", model="bn"
+            table, ["mnist1d"], [*LIGHT, *S3], [*EVIDENCE_ROWS, "lossnet~ess20v05w", "lossnet~ess20v05we"],
+            list(range(10)), schedule="paper", model="bn",
         ),
         "veto-evidence-onset": lambda: _veto_onset(
             table,
@@ -727,7 +730,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
               EVIDENCE_CELLS[schedule], seeds, HOLDOUT)
              for seeds in (list(range(10, 20)),)
              for (schedule, model, datasets), label in zip(EVIDENCE_PROTOCOLS, ("gentle", "BN CNN"))],
-            ["gated~cls20v05cwe"],
+            ["gated~cls20v05cwe", "lossnet~ess20v05we"],
         ),  # fmt: skip
         "light-noise-holdout": lambda: _paired_plain(
             table, both, ["uniform-0"], ["gated~cls20v05cw"], list(range(10, 20)), HOLDOUT
