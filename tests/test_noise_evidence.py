@@ -256,33 +256,24 @@ def test_the_reweighter_reads_class_labels_by_class(net):
     assert abs((blind[0] / blind[1]).item() - (excess[0] / excess[1]).item()) > 1e-3  # the two readings differ here
 
 
-def test_soft_targets_under_sum_are_read_against_the_whole_meta_batch():
-    """Soft training targets under normalization="sum" are not class labels: each loss is read against the whole
-    meta batch's losses."""
+@pytest.mark.parametrize(("net", "normalization"), [("logitnet", "class"), ("lossnet", "sum")])
+def test_soft_targets_are_read_at_their_largest_class_under_class_normalization(net, normalization):
+    """Soft training targets: under normalization="class" each loss is read against the meta losses of its
+    target's largest class; under "sum" they are not class labels, and each is read against the whole meta
+    batch's losses."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
     g = torch.Generator().manual_seed(6)
     x, xm = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randn(15, D, generator=g, dtype=torch.float64)
     soft, ym = torch.softmax(3 * torch.randn(24, K, generator=g, dtype=torch.float64), -1), torch.arange(15) % K
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rw = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", loss_fn=_soft_ce, meta_loss_fn=cross_entropy,
-                        veto_evidence=0.05, meta_warmup=0, seed=0)  # fmt: skip
-    assert _first_reading(rw, x, soft, model(x)) == (None, None)
-
-
-def test_soft_targets_are_read_at_their_largest_class():
-    """Soft training targets under normalization="class": each loss is read against the meta losses of its
-    target's largest class."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
-    g = torch.Generator().manual_seed(6)
-    x, xm = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randn(15, D, generator=g, dtype=torch.float64)
-    soft, ym = torch.softmax(3 * torch.randn(24, K, generator=g, dtype=torch.float64), -1), torch.arange(15) % K
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rw = MetaReweighter(model, opt, [(xm, ym)], net="logitnet", normalization="class", loss_fn=_soft_ce,
+    rw = MetaReweighter(model, opt, [(xm, ym)], net=net, normalization=normalization, loss_fn=_soft_ce,
                         meta_loss_fn=cross_entropy, veto_evidence=0.05, meta_warmup=0, seed=0)  # fmt: skip
     classes, meta_classes = _first_reading(rw, x, soft, model(x))
-    assert torch.equal(classes, soft.argmax(-1)) and torch.equal(meta_classes, ym)
+    if normalization == "sum":
+        assert classes is None and meta_classes is None
+    else:
+        assert torch.equal(classes, soft.argmax(-1)) and torch.equal(meta_classes, ym)
 
 
 def test_float_class_indices_of_a_meta_loss_of_the_users_are_read_as_indices():
