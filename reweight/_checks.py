@@ -102,8 +102,9 @@ def step_losses(
     with torch.no_grad():
         losses = naming_batch(options.loss_fn, "training batch", "loss_fn")(logits.detach(), targets)
     check_losses(losses, n, "loss_fn")
-    if options.net == "auto" or options.normalization == "auto" or options.veto_evidence is None:
-        options = settle_options(options, logits, targets)
+    settled = settle_options(options, logits, targets)  # the same options when nothing is pending
+    if settled is not options:
+        options = settled
         if options.requires_logits:  # the gated net: the logits' checks it would have had
             check_batch(inputs, targets, logits, net=str(options.net), num_classes=num_classes)
     if options.normalization == "class":
