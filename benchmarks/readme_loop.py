@@ -2,14 +2,17 @@
 ``--lr``, batches of 64, 30 epochs, 10 clean samples per class as the meta set (meta batch 50), each net with its
 defaults against plain training of the same seed, on clean labels and under 40% random labels. Each cell is the
 test accuracy's difference to plain training (500 test samples); ``*``: the evidence of label noise was shown (the
-veto acted). Offline, a few minutes on a CPU.
+veto acted). Rows go to ``results/readme_loop.jsonl`` (a key already there is skipped); ``--report`` prints the
+stored table. Offline, a few minutes on a CPU.
 
-    python benchmarks/readme_loop.py --lr 0.1 0.05 --seeds 0 1 2 3 4
+    python benchmarks/readme_loop.py --lr 0.1 --seeds 0 1 2 3 4 5 6 7 8 9
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +22,12 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from reweight import MetaReweighter, weighted_loss
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _store  # noqa: E402
 
+from reweight import MetaReweighter, weighted_loss  # noqa: E402
+
+TABLE = Path(__file__).resolve().parent / "results" / "readme_loop.jsonl"
 NETS = ("auto", "lossnet", "metainfonet")
 EPOCHS, META_PER_CLASS = 30, 10
 
@@ -66,25 +73,63 @@ def run(seed: int, noise: float, lr: float, net: str | None) -> tuple[float, boo
     return accuracy, bool(evidence is not None and evidence.shown is not None and evidence.shown)
 
 
-def main() -> None:
+def _key(noise: float, lr: float, seed: int, net: str | None) -> dict:
+    return {"noise": noise, "lr": lr, "seed": seed, "net": net or "plain"}
+
+
+def report(table: Path = TABLE) -> str:
+    """Markdown: one row per stored labels, lr and seed with plain training's accuracy and each net's difference to
+    it, then per labels and net the mean difference, the runs below plain training and those that showed the
+    evidence."""
+    found = {(r["key"]["noise"], r["key"]["lr"], r["key"]["seed"], r["key"]["net"]): r for r in _store.latest(table)}
+    cells = sorted({k[:3] for k in found if k[3] == "plain" and all(k[:3] + (n,) in found for n in NETS)})
+    lines = ["| labels | lr | seed | plain | " + " | ".join(NETS) + " |"]
+    lines.append("| --- | --- | --- | --- |" + " --- |" * len(NETS))
+    diffs: dict[tuple, list[tuple[float, bool]]] = {}
+    for cell in cells:
+        plain = found[cell + ("plain",)]["result"]["test"]
+        row = []
+        for net in NETS:
+            result = found[cell + (net,)]["result"]
+            diff = 100 * (result["test"] - plain)
+            diffs.setdefault((_labels(cell[0]), cell[1], net), []).append((diff, result["shown"]))
+            row.append(f"{diff:+.1f}{'*' if result['shown'] else ''}")
+        lines.append(f"| {_labels(cell[0])} | {cell[1]:g} | {cell[2]} | {100 * plain:.1f} | " + " | ".join(row) + " |")
+    lines += ["", "| labels | lr | net | mean against plain | below plain | evidence shown |"]
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for (labels, lr, net), values in diffs.items():
+        d = np.array([v for v, _ in values])
+        lines.append(
+            f"| {labels} | {lr:g} | {net} | {d.mean():+.1f} (lowest {d.min():+.1f}) | {int((d < 0).sum())} of {len(d)} "
+            f"| {sum(s for _, s in values)} of {len(d)} |"
+        )
+    used = [found[c + (n,)] for c in cells for n in ("plain", *NETS)]
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
+
+
+def _labels(noise: float) -> str:
+    return "clean" if noise == 0 else f"{noise:.0%} random"
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lr", nargs="+", type=float, default=[0.1])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4])
-    args = p.parse_args()
-    cells = [(noise, lr, seed) for noise in args.noise for lr in args.lr for seed in args.seeds]
-    lines = ["| labels | lr | seed | plain | " + " | ".join(NETS) + " |"]
-    lines.append("| --- | --- | --- | --- |" + " --- |" * len(NETS))
-    for noise, lr, seed in tqdm(cells, desc="cells"):
-        plain, _ = run(seed, noise, lr, None)
-        row = []
-        for net in NETS:
-            accuracy, shown = run(seed, noise, lr, net)
-            row.append(f"{100 * (accuracy - plain):+.1f}{'*' if shown else ''}")
-        labels = "clean" if noise == 0 else f"{noise:.0%} random"
-        lines.append(f"| {labels} | {lr:g} | {seed} | {100 * plain:.1f} | " + " | ".join(row) + " |")
-    print("\n".join(lines))
+    p.add_argument("--table", type=Path, default=TABLE)
+    p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
+    args = p.parse_args(argv)
+    if not args.report:
+        keys = [_key(noise, lr, seed, net) for noise in args.noise for lr in args.lr for seed in args.seeds
+                for net in (None, *NETS)]  # fmt: skip
+        for key in tqdm([k for k in keys if _store.find(args.table, k) is None], desc="runs"):
+            net = None if key["net"] == "plain" else key["net"]
+            accuracy, shown = run(key["seed"], key["noise"], key["lr"], net)
+            result = {"test": accuracy, "shown": shown}
+            _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
+    print(report(args.table))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
