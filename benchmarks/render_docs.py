@@ -32,6 +32,7 @@ import defaults_matrix  # noqa: E402
 import numpy as np  # noqa: E402
 import own_loss  # noqa: E402
 import raw_weights  # noqa: E402
+import readme_loop  # noqa: E402
 import source_weights  # noqa: E402
 import step_cost  # noqa: E402
 
@@ -907,6 +908,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-earlier": lambda: defaults_matrix.report(defaults_matrix.TABLE, "earlier"),
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
+        "readme-loop": lambda: readme_loop.report(readme_loop.TABLE),
         "own-loss-before-veto": lambda: own_loss.report(own_loss.TABLE, veto=float("inf")),
         # docs/llm_finetuning.md
         "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),

@@ -63,6 +63,7 @@ class Variant:
     compiled: bool = False  # the model under torch.compile (the reweighter gets the compiled wrapper)
     net: str = "lossnet"  # the reweighter's net (--net; the gated net, the default, reads the logits too)
     loss_history: bool = False  # MetaReweighter(loss_history=True), the batch's sample ids given to each step
+    veto_evidence: float | None = None  # MetaReweighter(veto_evidence=...) when given (0: no evidence forward)
 
 
 def compiled_variant(variant: Variant) -> Variant:
@@ -92,6 +93,8 @@ def variants() -> list[Variant]:
         out.append(Variant(f"preset={preset}", "reweight", "auto", "full", interval, preset=preset))
         name = f"preset={preset}, loss history"
         out.append(Variant(name, "reweight", "auto", "full", interval, preset=preset, loss_history=True))
+        name = f"preset={preset}, veto from the first update"  # no evidence: no meta forward at the current parameters
+        out.append(Variant(name, "reweight", "auto", "full", interval, preset=preset, veto_evidence=0.0))
     return out
 
 
@@ -210,6 +213,8 @@ def make_step(setup: Setup, variant: Variant) -> Callable[[], None]:
 
     kw = {} if setup.loss_fn is None else {"loss_fn": setup.loss_fn}
     kw["loss_history"] = variant.loss_history
+    if variant.veto_evidence is not None:
+        kw["veto_evidence"] = variant.veto_evidence
     ids = torch.arange(setup.y.shape[0]) if variant.loss_history else None  # the same samples each step
     if variant.preset is not None:
         reweighter = MetaReweighter(forward, opt, [(xm, ym)], net=variant.net, preset=variant.preset, seed=0, **kw)
