@@ -300,6 +300,8 @@ VETO_PAIRS = [
     *((f"{m}~cls20v05", f"{m}~cls20") for m in ("metainfonet", "logitnet")),
 ]
 HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.py --holdout-per-class)
+# the gated net's held-out runs with the evidence read at the look-ahead (the library at 498aa0e), seeds 20-29
+LOOKAHEAD_READING = acc.TABLE.parent / "evidence_lookahead.jsonl"
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -395,6 +397,52 @@ def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[st
         notes.append(acc._note(cells, list(datasets), list(settings[schedule]), named))
     text = "\n".join(_tradeoff.holdout_table(merged, "all", labels, rows, base) for rows, base in groups)
     return text + "\n" + "\n".join(notes)
+
+
+def _reading_pairs(
+    table: Path, before: Path, datasets, settings, row: str, seeds, clean=("uniform-0", "lt-3", "lt-10")
+) -> str:
+    """``row`` (``method~variant``, gentle schedule) with the evidence read at the current parameters (``table``'s
+    runs) against the same keys read at the look-ahead (``before``'s runs, the library before): per cell the
+    held-out accuracy over the last 10% of epochs, the paired difference with its standard error (``*``: below by
+    more than two), the runs where the veto started in each; then the cells' mean differences pooled, clean and
+    noisy."""
+    variant = row.split("~")[1]
+    now, then = (acc._cells(t, seeds, "gentle", (variant,), "plain", HOLDOUT) for t in (table, before))
+
+    def held(r: dict) -> float:
+        return 100 * _tradeoff._tail_mean(r["result"]["holdout_acc"])
+
+    def started(runs: list[dict]) -> int:
+        return sum(1.0 in r["result"]["curves"].get("veto_acts", []) for r in runs)
+
+    lines = [
+        "| dataset | setting | seeds | at the look-ahead | at the current parameters | difference | veto started |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    pooled: dict[str, list[float]] = {"clean": [], "noisy": []}
+    used = []
+    for d in datasets:
+        for st in settings:
+            a = {r["key"]["seed"]: r for r in now.get((d, st, row), [])}
+            b = {r["key"]["seed"]: r for r in then.get((d, st, row), [])}
+            both = sorted(a.keys() & b.keys())
+            if not both:
+                continue
+            used += [a[k] for k in both] + [b[k] for k in both]
+            gap = np.array([held(a[k]) - held(b[k]) for k in both])
+            se = gap.std(ddof=1) / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
+            pooled["clean" if st in clean else "noisy"].append(gap.mean())
+            lines.append(
+                f"| {d} | {st} | {len(both)} | {np.mean([held(b[k]) for k in both]):.1f} | "
+                f"{np.mean([held(a[k]) for k in both]):.1f} | {gap.mean():+.2f} ± {se:.2f}"
+                f"{'*' if gap.mean() < -2 * se else ''} | {started([a[k] for k in both])} of {len(both)} "
+                f"(was {started([b[k] for k in both])}) |"
+            )
+    for kind, means in pooled.items():
+        if means:
+            lines.append(f"| pooled | {kind} ({len(means)} cells) | | | | {np.mean(means):+.2f} | |")
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
 def _veto_onset(table: Path, protocols, rows: list[str]) -> str:
@@ -725,6 +773,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["mnist1d"], [*LIGHT, *S3], [*EVIDENCE_ROWS, "lossnet~ess20v05w", "lossnet~ess20v05we"],
             list(range(10)), schedule="paper", model="bn",
         ),
+        "evidence-reading": lambda: _reading_pairs(
+            table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cwe", list(range(20, 30))
+        ),
         "veto-evidence-onset": lambda: _veto_onset(
             table,
             [(f"{label} held-out runs, seeds {seeds[0]}-{seeds[-1]}", schedule, model, datasets,
@@ -826,6 +877,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "history-cost": lambda: _steps(sc, ["presets-history-cpu"]),
         "veto-fast-cost": lambda: _steps(sc, ["presets-veto-cpu", "presets-veto-cpu-2"]),
+        "evidence-cost": lambda: _steps(sc, ["presets-evidence-exact-cpu", "presets-evidence-cpu"]),
         "defaults-matrix-history-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 600),
         "defaults-matrix-history": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 300),
         "class-weights": lambda: _class_weights(),
