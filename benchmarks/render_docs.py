@@ -177,22 +177,15 @@ def _cost_summary(sc: Path) -> str:
     fwd_bn = [_ratio(rows, "presets-cpu", "resnet32", v) for v in ("forward/full/k=1", "preset=exact")]
     k10 = [_ratio(rows, "ghost-cpu-system", m, "ghost/full/k=10") for m in ("transformer", "resnet32gn")]
     k10 += [_ratio(rows, "presets-cpu", m, "forward/full/k=10") for m in ("transformer", "resnet32")]
-    fast = {m: _ratio(rows, "presets-evidence-cpu", m, "preset=fast") for m in ("transformer", "resnet32")}
-    waits = {m: _ratio(rows, "presets-evidence-exact-cpu", m, "preset=exact") for m in ("transformer", "resnet32")}
-    acts = {m: _ratio(rows, "presets-evidence-exact-cpu", m, "preset=exact, veto from the first update")
-            for m in ("transformer", "resnet32")}  # fmt: skip
+    fast = {m: _ratio(rows, "presets-cpu", m, "preset=fast") for m in ("transformer", "resnet32")}
     block = _ratio(rows, "ghost-cpu-block4-system", "resnet32gn", "ghost/full/k=1")
     block_retain = _ratio(rows, "ghost-cpu-block4-retain", "resnet32gn", "ghost/full/k=1")
     return (
         f"An exact meta step costs {_span([g for g in ghost if g])} a plain step with `ghost` (transformer and "
         f"GroupNorm ResNet-32; the reference flow: {_span(ref['transformer'])} and {_span(ref['resnet32gn'])}), "
         f"{_span(fwd_bn)} with `forward` (BatchNorm ResNet-32, which `auto` gives `forward`), "
-        f"{_span(k10)} with `interval=10`. On class labels the veto's evidence adds one no-grad forward of the meta "
-        f"batch per meta update (those runs measured without it): the default exact step {waits['resnet32']:.2f}x "
-        f"on the BatchNorm ResNet-32 and {waits['transformer']:.2f}x on the transformer, against "
-        f"{acts['resnet32']:.2f}x and {acts['transformer']:.2f}x with `veto_evidence=0` in the same run; "
-        f"`preset=\"fast\"` {fast['transformer']:.2f}x (transformer) and {fast['resnet32']:.2f}x (BatchNorm "
-        f"ResNet-32). On Linux CPUs, glibc's malloc hands freed memory back and "
+        f"{_span(k10)} with `interval=10`; `preset=\"fast\"` {fast['transformer']:.2f}x (transformer) and "
+        f"{fast['resnet32']:.2f}x (BatchNorm ResNet-32). On Linux CPUs, glibc's malloc hands freed memory back and "
         f"page-faults it in again every step: on the GroupNorm ResNet-32 with steps back to back `ghost` costs "
         f"{block:.2f}x with glibc's defaults and {block_retain:.2f}x with freed memory retained."
     )
@@ -307,8 +300,10 @@ VETO_PAIRS = [
     *((f"{m}~cls20v05", f"{m}~cls20") for m in ("metainfonet", "logitnet")),
 ]
 HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.py --holdout-per-class)
-# the gated net's held-out runs with the evidence read at the look-ahead (the library at 498aa0e), seeds 20-29
-LOOKAHEAD_READING = acc.TABLE.parent / "evidence_lookahead.jsonl"
+# runs with the veto's evidence read at the current parameters (tried at 9793689, not adopted), whose keys the store
+# holds read at the look-ahead: the gated net's held-out cells of seeds 20-29, the BatchNorm CNN's stability cells
+CURRENT_READING = acc.TABLE.parent / "evidence_current.jsonl"
+README_LOOP_CURRENT = acc.TABLE.parent / "readme_loop_current.jsonl"
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -407,48 +402,54 @@ def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[st
 
 
 def _reading_pairs(
-    table: Path, before: Path, datasets, settings, row: str, seeds, clean=("uniform-0", "lt-3", "lt-10")
-) -> str:
-    """``row`` (``method~variant``, gentle schedule) with the evidence read at the current parameters (``table``'s
-    runs) against the same keys read at the look-ahead (``before``'s runs, the library before): per cell the
-    held-out accuracy over the last 10% of epochs, the paired difference with its standard error (``*``: below by
-    more than two), the runs where the veto started in each; then the cells' mean differences pooled, clean and
-    noisy."""
-    variant = row.split("~")[1]
-    now, then = (acc._cells(t, seeds, "gentle", (variant,), "plain", HOLDOUT) for t in (table, before))
+    now_table: Path, then_table: Path, datasets, settings, rows: list[str], seeds, schedule="gentle", model="plain",
+    holdout: int = HOLDOUT, clean=("uniform-0", "lt-3", "lt-10"),
+) -> str:  # fmt: skip
+    """Each row (``method~variant``) with the veto's evidence read at the current parameters (``now_table``'s runs)
+    against the same keys read at the look-ahead (``then_table``'s): per cell the accuracy over the last 10% of
+    epochs (held-out with ``holdout``, else test), the paired difference with its standard error (``*``: below by
+    more than two), the runs where the veto started in each, and the largest drop from a run's best epoch (test
+    accuracy); then the cells' mean differences pooled, clean and noisy."""
+    variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
+    now, then = (acc._cells(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
 
-    def held(r: dict) -> float:
-        return 100 * _tradeoff._tail_mean(r["result"]["holdout_acc"])
+    def last(r: dict) -> float:
+        return 100 * (_tradeoff._tail_mean(r["result"]["holdout_acc"]) if holdout else r["result"]["last"])
 
     def started(runs: list[dict]) -> int:
         return sum(1.0 in r["result"]["curves"].get("veto_acts", []) for r in runs)
 
+    def drop(runs: list[dict]) -> float:
+        return max(100 * (max(r["result"]["test_acc"]) - r["result"]["last"]) for r in runs)
+
     lines = [
-        "| dataset | setting | seeds | at the look-ahead | at the current parameters | difference | veto started |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| dataset | setting | row | seeds | at the look-ahead | at the current parameters | difference | veto started "
+        "| largest drop from the best |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    pooled: dict[str, list[float]] = {"clean": [], "noisy": []}
+    pooled: dict[tuple[str, str], list[float]] = {}
     used = []
     for d in datasets:
         for st in settings:
-            a = {r["key"]["seed"]: r for r in now.get((d, st, row), [])}
-            b = {r["key"]["seed"]: r for r in then.get((d, st, row), [])}
-            both = sorted(a.keys() & b.keys())
-            if not both:
-                continue
-            used += [a[k] for k in both] + [b[k] for k in both]
-            gap = np.array([held(a[k]) - held(b[k]) for k in both])
-            se = gap.std(ddof=1) / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
-            pooled["clean" if st in clean else "noisy"].append(gap.mean())
-            lines.append(
-                f"| {d} | {st} | {len(both)} | {np.mean([held(b[k]) for k in both]):.1f} | "
-                f"{np.mean([held(a[k]) for k in both]):.1f} | {gap.mean():+.2f} ± {se:.2f}"
-                f"{'*' if gap.mean() < -2 * se else ''} | {started([a[k] for k in both])} of {len(both)} "
-                f"(was {started([b[k] for k in both])}) |"
-            )
-    for kind, means in pooled.items():
-        if means:
-            lines.append(f"| pooled | {kind} ({len(means)} cells) | | | | {np.mean(means):+.2f} | |")
+            for row in rows:
+                a = {r["key"]["seed"]: r for r in now.get((d, st, row), [])}
+                b = {r["key"]["seed"]: r for r in then.get((d, st, row), [])}
+                both = sorted(a.keys() & b.keys())
+                if not both:
+                    continue
+                ra, rb = [a[k] for k in both], [b[k] for k in both]
+                used += ra + rb
+                gap = np.array([last(x) - last(y) for x, y in zip(ra, rb)])
+                se = gap.std(ddof=1) / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
+                pooled.setdefault((row, "clean" if st in clean else "noisy"), []).append(gap.mean())
+                lines.append(
+                    f"| {d} | {st} | {row} | {len(both)} | {np.mean([last(y) for y in rb]):.1f} | "
+                    f"{np.mean([last(x) for x in ra]):.1f} | {gap.mean():+.2f} ± {se:.2f}"
+                    f"{'*' if gap.mean() < -2 * se else ''} | {started(ra)} of {len(both)} (was {started(rb)}) | "
+                    f"{drop(ra):.1f} (was {drop(rb):.1f}) |"
+                )
+    for (row, kind), means in pooled.items():
+        lines.append(f"| pooled | {kind} ({len(means)} cells) | {row} | | | | {np.mean(means):+.2f} | | |")
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
@@ -781,8 +782,13 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             list(range(10)), schedule="paper", model="bn",
         ),
         "evidence-reading": lambda: _reading_pairs(
-            table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cwe", list(range(20, 30))
+            CURRENT_READING, table, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(20, 30))
         ),
+        "evidence-reading-bn": lambda: _reading_pairs(
+            CURRENT_READING, table, ["mnist1d"], ["uniform-0", *S3],
+            ["gated~cls20v05cwe", "logitnet~cls20v05cwe", "metainfonet~cls20v05cwe", "lossnet~ess20v05we"],
+            list(range(10)), "paper", "bn", 0,
+        ),  # fmt: skip
         "veto-evidence-onset": lambda: _veto_onset(
             table,
             [(f"{label} held-out runs, seeds {seeds[0]}-{seeds[-1]}", schedule, model, datasets,
@@ -884,7 +890,6 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "history-cost": lambda: _steps(sc, ["presets-history-cpu"]),
         "veto-fast-cost": lambda: _steps(sc, ["presets-veto-cpu", "presets-veto-cpu-2"]),
-        "evidence-cost": lambda: _steps(sc, ["presets-evidence-exact-cpu", "presets-evidence-cpu"]),
         "defaults-matrix-history-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 600),
         "defaults-matrix-history": lambda: defaults_matrix.report(defaults_matrix.TABLE, "history", 300),
         "class-weights": lambda: _class_weights(),
@@ -968,6 +973,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
         "readme-loop": lambda: readme_loop.report(readme_loop.TABLE),
+        "readme-loop-current": lambda: readme_loop.report(README_LOOP_CURRENT),
         "own-loss-before-veto": lambda: own_loss.report(own_loss.TABLE, veto=float("inf")),
         # docs/llm_finetuning.md
         "llm-cost": lambda: step_cost.compile_report(sc, ["compile-llama-lora", "llama-lora-last-block"]),
