@@ -63,7 +63,7 @@ class Variant:
     compiled: bool = False  # the model under torch.compile (the reweighter gets the compiled wrapper)
     net: str = "lossnet"  # the reweighter's net (--net; the gated net, the default, reads the logits too)
     loss_history: bool = False  # MetaReweighter(loss_history=True), the batch's sample ids given to each step
-    veto_evidence: float | None = None  # MetaReweighter(veto_evidence=...) when given (0: no evidence forward)
+    veto_evidence: float | None = None  # MetaReweighter(veto_evidence=...) when given (0: no evidence kept)
 
 
 def compiled_variant(variant: Variant) -> Variant:
@@ -93,7 +93,7 @@ def variants() -> list[Variant]:
         out.append(Variant(f"preset={preset}", "reweight", "auto", "full", interval, preset=preset))
         name = f"preset={preset}, loss history"
         out.append(Variant(name, "reweight", "auto", "full", interval, preset=preset, loss_history=True))
-        name = f"preset={preset}, veto from the first update"  # no evidence: no meta forward at the current parameters
+        name = f"preset={preset}, veto from the first update"  # veto_evidence=0: no evidence of label noise kept
         out.append(Variant(name, "reweight", "auto", "full", interval, preset=preset, veto_evidence=0.0))
     return out
 
