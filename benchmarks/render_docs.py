@@ -304,6 +304,7 @@ HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.p
 # holds read at the look-ahead: the gated net's held-out cells of seeds 20-29, the BatchNorm CNN's stability cells
 CURRENT_READING = acc.TABLE.parent / "evidence_current.jsonl"
 README_LOOP_CURRENT = acc.TABLE.parent / "readme_loop_current.jsonl"
+LOGIT_NOW_READING = acc.TABLE.parent / "evidence_logit_now.jsonl"  # the current parameters' reading, logit nets only
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -789,6 +790,13 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             CURRENT_READING, table, ["mnist1d"], ["uniform-0", *S3],
             ["gated~cls20v05cwe", "logitnet~cls20v05cwe", "metainfonet~cls20v05cwe", "lossnet~ess20v05we"],
             list(range(10)), "paper", "bn", 0,
+        ),  # fmt: skip
+        "evidence-logit-now": lambda: _reading_pairs(
+            LOGIT_NOW_READING, table, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
+        ),
+        "evidence-logit-now-bn": lambda: _reading_pairs(
+            LOGIT_NOW_READING, table, ["mnist1d"], ["uniform-0", *S3], ["gated~cls20v05cwe"], list(range(30, 40)),
+            "paper", "bn",
         ),  # fmt: skip
         "veto-evidence-onset": lambda: _veto_onset(
             table,
