@@ -856,6 +856,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
             ["mnist1d"], ["uniform-0", *S3], list(range(30, 40)), "paper", "bn",
         ),  # fmt: skip
+        "twin-spread-40": lambda: _twin_spread(
+            [("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], list(range(40, 50)),
+        ),  # fmt: skip
+        "twin-spread-40-bn": lambda: _twin_spread(
+            [("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            ["mnist1d"], ["uniform-0", *S3], list(range(40, 50)), "paper", "bn",
+        ),  # fmt: skip
         "evidence-logit-now": lambda: _reading_pairs(
             LOGIT_NOW_READING, table, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
         ),
