@@ -402,6 +402,11 @@ def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[st
     return text + "\n" + "\n".join(notes)
 
 
+def _final_accuracy(run: dict, holdout: int) -> float:
+    """A run's accuracy (%) over the last 10% of epochs: on its held-out samples with ``holdout``, else the test's."""
+    return 100 * (_tradeoff._tail_mean(run["result"]["holdout_acc"]) if holdout else run["result"]["last"])
+
+
 def _twin_spread(
     pairs: list[tuple[str, Path, str, Path, str]], datasets, settings, seeds, schedule="gentle", model="plain",
     holdout: int = HOLDOUT,
@@ -415,9 +420,6 @@ def _twin_spread(
         "| seeds > 5 below |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-
-    def last(r: dict) -> float:
-        return 100 * (_tradeoff._tail_mean(r["result"]["holdout_acc"]) if holdout else r["result"]["last"])
 
     def variants(row: str) -> tuple[str, ...]:
         return (row.split("~")[1],) if "~" in row else ()
@@ -438,7 +440,7 @@ def _twin_spread(
                 if len(both) < 2:
                     continue
                 used += [a[k] for k in both] + [b[k] for k in both]
-                gap = np.array([last(a[k]) - last(b[k]) for k in both])
+                gap = np.array([_final_accuracy(a[k], holdout) - _final_accuracy(b[k], holdout) for k in both])
                 every.setdefault(label, []).append(gap)
                 se = gap.std(ddof=1) / math.sqrt(len(gap))
                 lines.append(
@@ -469,9 +471,6 @@ def _reading_pairs(
     variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
     now, then = (acc._cells(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
 
-    def last(r: dict) -> float:
-        return 100 * (_tradeoff._tail_mean(r["result"]["holdout_acc"]) if holdout else r["result"]["last"])
-
     def started(runs: list[dict]) -> int:
         return sum(1.0 in r["result"]["curves"].get("veto_acts", []) for r in runs)
 
@@ -495,12 +494,12 @@ def _reading_pairs(
                     continue
                 ra, rb = [a[k] for k in both], [b[k] for k in both]
                 used += ra + rb
-                gap = np.array([last(x) - last(y) for x, y in zip(ra, rb)])
+                gap = np.array([_final_accuracy(x, holdout) - _final_accuracy(y, holdout) for x, y in zip(ra, rb)])
                 se = gap.std(ddof=1) / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
                 pooled.setdefault((row, "clean" if st in clean else "noisy"), []).append(gap.mean())
                 lines.append(
-                    f"| {d} | {st} | {row} | {len(both)} | {np.mean([last(y) for y in rb]):.1f} | "
-                    f"{np.mean([last(x) for x in ra]):.1f} | {gap.mean():+.2f} ± {se:.2f}"
+                    f"| {d} | {st} | {row} | {len(both)} | {np.mean([_final_accuracy(y, holdout) for y in rb]):.1f} | "
+                    f"{np.mean([_final_accuracy(x, holdout) for x in ra]):.1f} | {gap.mean():+.2f} ± {se:.2f}"
                     f"{'*' if gap.mean() < -2 * se else ''} | {gap.min():+.1f} (seed {both[gap.argmin()]}) | "
                     f"{started(ra)} of {len(both)} (was {started(rb)}) | "
                     f"{drop(ra):.1f} (was {drop(rb):.1f}) |"
