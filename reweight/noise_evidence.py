@@ -81,14 +81,12 @@ class NoiseEvidence:
         against its own class's meta losses (:func:`excess_above`). No host synchronisation in a single process.
 
         Raises:
-            ValueError: if ``meta_losses`` is not one loss per meta sample (an engine of the user's that returns
-                the mean), before anything changes.
+            ValueError: if ``meta_losses`` is not one loss per meta sample, before anything changes.
         """
         if meta_losses.ndim != 1:
             raise ValueError(
-                "veto_evidence reads the meta batch's per-sample losses, got a meta loss of shape "
-                f"{tuple(meta_losses.shape)}: an engine returns MetaGradient(coefficients, meta_losses) with "
-                "meta_losses of shape (meta_batch,)"
+                "the evidence of label noise reads the meta batch's per-sample losses, shape (meta_batch,), got "
+                f"shape {tuple(meta_losses.shape)}"
             )
         meta_losses = meta_losses.detach().double().flatten()
         if classes is None or meta_classes is None:

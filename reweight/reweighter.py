@@ -332,7 +332,7 @@ class MetaReweighter:
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_losses).all()
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
-            self._slot.observe_noise(net_inputs, problem.meta_losses_now, problem.meta_targets)
+            self._slot.observe_noise(net_inputs, lambda: self._engine.meta_losses_now(problem), problem.meta_targets)
             unit = self._slot.update(
                 grad.coefficients,
                 weights,

@@ -418,6 +418,15 @@ def test_the_evidence_resumes_exactly_and_an_older_state_keeps_its_veto():
         clean.load_state_dict({**state, "noise_evidence": {"level": "x", "shown": True}})
 
 
+def test_the_evidence_refuses_a_mean_meta_loss_and_keeps_its_state():
+    evidence = NoiseEvidence(0.05)
+    evidence.observe(torch.linspace(0, 1, 8), torch.linspace(0, 1, 6))
+    level = evidence.level.clone()
+    with pytest.raises(ValueError, match=r"per-sample losses, shape \(meta_batch,\), got shape \(\)"):
+        evidence.observe(torch.linspace(0, 1, 8), torch.tensor(0.5))
+    assert torch.equal(evidence.level, level)
+
+
 def test_an_engine_that_returns_the_mean_meta_loss_still_gives_the_evidence_its_reading():
     """An engine of the user's that returns the mean meta loss: the evidence reads the meta batch at the current
     parameters itself, so its level is that of the per-sample losses, as with a library engine."""
