@@ -129,17 +129,20 @@ class NetSlot:
         }
 
     def observe_noise(
-        self, net_inputs: tuple[Any, ...], meta_losses_now: Callable[[], Tensor], meta_targets: Tensor
+        self, net_inputs: tuple[Any, ...], ahead: Tensor, now: Callable[[], Tensor], meta_targets: Tensor
     ) -> None:
-        """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and the meta
-        batch's losses at the same parameters (``meta_losses_now()``, called only when the veto waits) into the veto's
-        evidence of label noise: each loss against its own class's meta losses on class labels (integer class
-        indices of ``(batch, K)`` logits, whatever the normalisation; soft targets under ``normalization="class"``,
-        read at their largest class), else against the whole meta batch's."""
+        """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and the meta batch's
+        losses into the veto's evidence of label noise, if it waits: for a net that reads the logits the meta losses
+        at the current parameters, as the training losses are (``now()``, one no-grad forward, called only then);
+        for LossNet those at the look-ahead (``ahead``), whose reading, lower early in a run, starts its veto sooner:
+        at the current parameters LossNet, which cannot tell pair flips apart without the veto, lost the evidence
+        under Flip-1 on three seeds of ten (docs/results.md). Each loss is read against its own class's meta losses
+        on class labels (integer class indices of ``(batch, K)`` logits, whatever the normalisation; soft targets
+        under ``normalization="class"``, read at their largest class), else against the whole meta batch's."""
         if self.evidence is None:
             return
         losses, logits, targets = net_inputs[:3]
-        meta_losses = meta_losses_now()
+        meta_losses = now() if self.options.requires_logits else ahead
         if self.options.normalization == "class" or is_class_labels(logits, targets):
             self.evidence.observe(losses, meta_losses, class_indices(targets), class_indices(meta_targets))
         else:

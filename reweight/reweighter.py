@@ -332,7 +332,8 @@ class MetaReweighter:
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_losses).all()
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
-            self._slot.observe_noise(net_inputs, lambda: self._engine.meta_losses_now(problem), problem.meta_targets)
+            now = lambda: self._engine.meta_losses_now(problem)  # noqa: E731 (called only for a net reading logits)
+            self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets)
             unit = self._slot.update(
                 grad.coefficients,
                 weights,

@@ -193,10 +193,10 @@ def _meta_losses_at_the_lookahead(model, x, y, xm, ym):
     [("reverse", "full"), ("forward", "full"), ("ghost", "full"), ("ghost_lean", "full"), ("higher", "full"),
      ("finite_difference", "full"), ("linear_head", "head")],
 )  # fmt: skip
-def test_the_evidence_reads_the_meta_losses_at_the_current_parameters_with_every_engine(engine, lookahead):
-    """The training losses and the meta losses the evidence compares are both at the current parameters (the
-    look-ahead's lowers every meta loss early in a run, which read as noise on clean labels); the meta loss the
-    reweighter reports is still the look-ahead's."""
+def test_which_meta_losses_the_evidence_reads_with_every_engine(engine, lookahead):
+    """A net that reads the logits compares training and meta losses both at the current parameters (the
+    look-ahead's lowers every meta loss early in a run, which reads as noise on clean labels); LossNet reads the
+    look-ahead's, which starts its veto sooner; the meta loss the reweighter reports is the look-ahead's."""
     pytest.importorskip("higher") if engine == "higher" else None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
@@ -214,15 +214,19 @@ def test_the_evidence_reads_the_meta_losses_at_the_current_parameters_with_every
         ahead = F.cross_entropy(functional_call(model, moved, (xm,)), ym, reduction="none")
     seen = []
     original = NoiseEvidence.observe
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rw = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", engine=engine, lookahead=lookahead, seed=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a[1]) or original(self, *a))
-        rw.step(x, y, model(x))
-    assert len(seen) == 1 and seen[0].shape == (10,)
-    torch.testing.assert_close(seen[0], now, rtol=1e-12, atol=1e-14)
+    state = copy.deepcopy(model.state_dict())
+    for net, want in (("logitnet", now), ("lossnet", ahead)):  # LossNet reads the look-ahead's (its veto sooner)
+        seen.clear()
+        model.load_state_dict(state)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        rw = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, lookahead=lookahead, seed=0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a[1]) or original(self, *a))
+            rw.step(x, y, model(x))
+        assert len(seen) == 1 and seen[0].shape == (10,)
+        torch.testing.assert_close(seen[0], want, rtol=1e-9, atol=1e-12)
+        assert rw.last_meta_loss.item() == pytest.approx(ahead.mean().item(), rel=1e-9)
     assert (ahead - now).abs().max() > 1e-2  # the two readings are told apart here
-    assert rw.last_meta_loss.item() == pytest.approx(ahead.mean().item(), rel=1e-9)
 
 
 def _first_reading(rw, x, targets, outputs):
@@ -251,7 +255,8 @@ def test_the_reweighter_reads_class_labels_by_class(net):
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randint(0, K, (24,), generator=g)
     xm, ym = torch.randn(15, D, generator=g, dtype=torch.float64), torch.randint(0, K, (15,), generator=g)
-    meta_losses = F.cross_entropy(model(xm), ym, reduction="none").detach()
+    now = F.cross_entropy(model(xm), ym, reduction="none").detach()
+    meta_losses = now if net == "logitnet" else _meta_losses_at_the_lookahead(model, x, y, xm, ym).detach()
     losses = F.cross_entropy(model(x), y, reduction="none").detach()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     rw = MetaReweighter(model, opt, [(xm, ym)], net=net, veto_evidence=0.05, meta_warmup=0, seed=0)
