@@ -408,8 +408,8 @@ def _reading_pairs(
     """Each row (``method~variant``) with the veto's evidence read at the current parameters (``now_table``'s runs)
     against the same keys read at the look-ahead (``then_table``'s): per cell the accuracy over the last 10% of
     epochs (held-out with ``holdout``, else test), the paired difference with its standard error (``*``: below by
-    more than two), the runs where the veto started in each, and the largest drop from a run's best epoch (test
-    accuracy); then the cells' mean differences pooled, clean and noisy."""
+    more than two) and the lowest seed's, the runs where the veto started in each, and the largest drop from a
+    run's best epoch (test accuracy); then the cells' mean differences pooled, clean and noisy."""
     variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
     now, then = (acc._cells(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
 
@@ -423,9 +423,9 @@ def _reading_pairs(
         return max(100 * (max(r["result"]["test_acc"]) - r["result"]["last"]) for r in runs)
 
     lines = [
-        "| dataset | setting | row | seeds | at the look-ahead | at the current parameters | difference | veto started "
-        "| largest drop from the best |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| dataset | setting | row | seeds | at the look-ahead | at the current parameters | difference | lowest seed "
+        "| veto started | largest drop from the best |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     pooled: dict[tuple[str, str], list[float]] = {}
     used = []
@@ -445,11 +445,12 @@ def _reading_pairs(
                 lines.append(
                     f"| {d} | {st} | {row} | {len(both)} | {np.mean([last(y) for y in rb]):.1f} | "
                     f"{np.mean([last(x) for x in ra]):.1f} | {gap.mean():+.2f} ± {se:.2f}"
-                    f"{'*' if gap.mean() < -2 * se else ''} | {started(ra)} of {len(both)} (was {started(rb)}) | "
+                    f"{'*' if gap.mean() < -2 * se else ''} | {gap.min():+.1f} (seed {both[gap.argmin()]}) | "
+                    f"{started(ra)} of {len(both)} (was {started(rb)}) | "
                     f"{drop(ra):.1f} (was {drop(rb):.1f}) |"
                 )
     for (row, kind), means in pooled.items():
-        lines.append(f"| pooled | {kind} ({len(means)} cells) | {row} | | | | {np.mean(means):+.2f} | | |")
+        lines.append(f"| pooled | {kind} ({len(means)} cells) | {row} | | | | {np.mean(means):+.2f} | | | |")
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
