@@ -86,7 +86,8 @@ class NoiseEvidence:
         if meta_losses.ndim != 1:
             raise ValueError(
                 "the evidence of label noise reads the meta batch's per-sample losses, shape (meta_batch,), got "
-                f"shape {tuple(meta_losses.shape)}"
+                f"shape {tuple(meta_losses.shape)}: meta_loss_fn returns one loss per sample, and an engine "
+                "returns MetaGradient(coefficients, meta_losses) with meta_losses of shape (meta_batch,)"
             )
         meta_losses = meta_losses.detach().double().flatten()
         if classes is None or meta_classes is None:

@@ -335,13 +335,7 @@ class MetaReweighter:
             now = lambda: self._engine.meta_losses_now(problem)  # noqa: E731 (called only for a net reading logits)
             self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets)
             unit = self._slot.update(
-                grad.coefficients,
-                weights,
-                penalty,
-                self.signal_monitor,
-                self._step_count,
-                self.optimizer,
-                self.lookahead_lr,
+                grad.coefficients, weights, penalty, self.signal_monitor, self._step_count, self.optimizer, self.lookahead_lr
             )
         self.last_meta_loss = grad.meta_loss
         return True, None, unit if self.options.vetoes else None

@@ -432,9 +432,10 @@ def test_the_evidence_refuses_a_mean_meta_loss_and_keeps_its_state():
     assert torch.equal(evidence.level, level)
 
 
-def test_an_engine_that_returns_the_mean_meta_loss_still_gives_the_evidence_its_reading():
-    """An engine of the user's that returns the mean meta loss: the evidence reads the meta batch at the current
-    parameters itself, so its level is that of the per-sample losses, as with a library engine."""
+def test_an_engine_that_returns_the_mean_meta_loss():
+    """An engine of the user's that returns the mean meta loss: for a net that reads the logits the evidence reads
+    the meta batch at the current parameters itself, so its level is that of a library engine; LossNet, whose
+    evidence reads the engine's meta losses, is refused before the net or the evidence changes."""
     from reweight.engines import MetaGradient, register_engine
     from reweight.engines.base import _ENGINES
 
@@ -451,5 +452,11 @@ def test_an_engine_that_returns_the_mean_meta_loss_still_gives_the_evidence_its_
             rw.step(x, y, model(x))
             levels.append(rw.noise_evidence.level.item())
         assert levels[0] == levels[1]
+        rw = MetaReweighter(model, opt, meta, net="lossnet", engine="mean_only", veto_evidence=0.05, seed=0)
+        before = copy.deepcopy(rw.net.state_dict())
+        with pytest.raises(ValueError, match=r"per-sample losses, shape \(meta_batch,\), got shape \(\)"):
+            rw.step(x, y, model(x))
+        assert all(torch.equal(v, rw.net.state_dict()[k]) for k, v in before.items())
+        assert rw.noise_evidence.level is None and rw.step_count == 0
     finally:
         _ENGINES.unregister("mean_only")

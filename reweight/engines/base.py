@@ -96,7 +96,8 @@ class MetaProblem(NamedTuple):
 
 class MetaGradient(NamedTuple):
     """``coefficients[i] = dL_meta / dw_i`` (shape ``(batch,)``) and the meta batch's per-sample losses at
-    ``theta_hat`` (detached, shape ``(meta_batch,)``; the reweighter reports their mean as ``last_meta_loss``)."""
+    ``theta_hat`` (detached, shape ``(meta_batch,)``; the reweighter reports their mean as ``last_meta_loss`` and
+    LossNet's evidence of label noise reads them, :mod:`reweight.noise_evidence`)."""
 
     coefficients: Tensor
     meta_losses: Tensor
