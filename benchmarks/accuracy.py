@@ -303,6 +303,13 @@ VARIANTS: dict[str, dict] = {
     "fastcls20v05cwe": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "normalization": "class", "veto": 0.5,
                         "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05,
                         "net_kwargs": {"uniform_start": True}},
+    # the placebo: the gated net's defaults (cls20v05cwe) with the reweighter's own randomness drawn from another
+    # seed (MetaReweighter(seed=seed + 1000): the net's hidden layers, the meta batches' order within the
+    # reweighter); the data, the model and its batches are the run's. Paired with cls20v05cwe by seed, it measures
+    # how far two equally valid runs of the same method end apart.
+    "cls20v05cweR": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                     "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
+                     "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "seed_offset": 1000},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
@@ -472,8 +479,9 @@ def _train(
         if net == "l2rw" and kwargs.get("veto") == math.inf:  # the pinned "no veto": L2RW's rule is its own
             del kwargs["veto"], kwargs["veto_warmup"], kwargs["veto_center"], kwargs["veto_evidence"]
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
+        rw_seed = seed + kwargs.pop("seed_offset", 0)
         rw = MetaReweighter(
-            model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=seed, **kwargs
+            model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=rw_seed, **kwargs
         )
     loss_fn = loss_fn or functools.partial(F.cross_entropy, reduction="none")
     rec = WeightRecorder()
@@ -748,6 +756,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     if base not in REWEIGHTING:
         return None
     kwargs = reweighter_kwargs(VARIANTS[variant])
+    seed_offset = kwargs.pop("seed_offset", 0)
     given_net = dict(kwargs.pop("net_kwargs", {}))
     if base == "metainfonet" and net_kwargs is None and main_grid:
         net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
@@ -788,6 +797,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             opts["veto_evidence"] = veto_evidence
     signal = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
+    if seed_offset:  # in the key when the reweighter's seed is not the run's (the placebo)
+        opts["seed_offset"] = seed_offset
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 

@@ -304,6 +304,7 @@ HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.p
 # holds read at the look-ahead: the gated net's held-out cells of seeds 20-29, the BatchNorm CNN's stability cells
 CURRENT_READING = acc.TABLE.parent / "evidence_current.jsonl"
 README_LOOP_CURRENT = acc.TABLE.parent / "readme_loop_current.jsonl"
+LOGIT_NOW_READING = acc.TABLE.parent / "evidence_logit_now.jsonl"  # the current parameters' reading, logit nets only
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -399,6 +400,61 @@ def _holdout_pooled(table: Path, protocols, settings, groups: list[tuple[list[st
         notes.append(acc._note(cells, list(datasets), list(settings[schedule]), named))
     text = "\n".join(_tradeoff.holdout_table(merged, "all", labels, rows, base) for rows, base in groups)
     return text + "\n" + "\n".join(notes)
+
+
+def _twin_spread(
+    pairs: list[tuple[str, Path, str, Path, str]], datasets, settings, seeds, schedule="gentle", model="plain",
+    holdout: int = HOLDOUT,
+) -> str:  # fmt: skip
+    """How far paired runs of the same seeds end apart, per cell and per pair ``(label, table, row, base_table,
+    base_row)``: the mean paired difference (accuracy over the last 10% of epochs, held-out with ``holdout``, else
+    test) with its standard error (``*``: below by more than two), the differences' standard deviation, the lowest
+    seed's, and the seeds more than 4 and 5 points below their twins; then each pair over all its cells."""
+    lines = [
+        "| dataset | setting | pair | seeds | difference | sd of the differences | lowest seed | seeds > 4 below "
+        "| seeds > 5 below |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def last(r: dict) -> float:
+        return 100 * (_tradeoff._tail_mean(r["result"]["holdout_acc"]) if holdout else r["result"]["last"])
+
+    def variants(row: str) -> tuple[str, ...]:
+        return (row.split("~")[1],) if "~" in row else ()
+
+    loaded = [
+        (label, acc._cells(t, seeds, schedule, variants(row), model, holdout), row,
+         acc._cells(bt, seeds, schedule, variants(base_row), model, holdout), base_row)
+        for label, t, row, bt, base_row in pairs
+    ]  # fmt: skip
+    every: dict[str, list[np.ndarray]] = {}
+    used = []
+    for d in datasets:
+        for st in settings:
+            for label, cells, row, base_cells, base_row in loaded:
+                a = {r["key"]["seed"]: r for r in cells.get((d, st, row), [])}
+                b = {r["key"]["seed"]: r for r in base_cells.get((d, st, base_row), [])}
+                both = sorted(a.keys() & b.keys())
+                if len(both) < 2:
+                    continue
+                used += [a[k] for k in both] + [b[k] for k in both]
+                gap = np.array([last(a[k]) - last(b[k]) for k in both])
+                every.setdefault(label, []).append(gap)
+                se = gap.std(ddof=1) / math.sqrt(len(gap))
+                lines.append(
+                    f"| {d} | {st} | {label} | {len(both)} | {gap.mean():+.2f} ± {se:.2f}"
+                    f"{'*' if gap.mean() < -2 * se else ''} | {gap.std(ddof=1):.2f} | "
+                    f"{gap.min():+.1f} (seed {both[gap.argmin()]}) | {(gap < -4).sum()} | {(gap < -5).sum()} |"
+                )
+    for label, gaps in every.items():
+        flat = np.concatenate(gaps)
+        below = sum(g.mean() < -2 * g.std(ddof=1) / math.sqrt(len(g)) for g in gaps)
+        lines.append(
+            f"| all | {len(gaps)} cells ({below} below by 2 SE) | {label} | {len(flat)} runs | {flat.mean():+.2f} | "
+            f"{np.sqrt(np.mean([g.var(ddof=1) for g in gaps])):.2f} | {flat.min():+.1f} | {(flat < -4).sum()} | "
+            f"{(flat < -5).sum()} |"
+        )
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
 def _reading_pairs(
@@ -789,6 +845,23 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             CURRENT_READING, table, ["mnist1d"], ["uniform-0", *S3],
             ["gated~cls20v05cwe", "logitnet~cls20v05cwe", "metainfonet~cls20v05cwe", "lossnet~ess20v05we"],
             list(range(10)), "paper", "bn", 0,
+        ),  # fmt: skip
+        "twin-spread": lambda: _twin_spread(
+            [("placebo", table, "gated~cls20v05cweR", table, "gated~cls20v05cwe"),
+             ("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], list(range(30, 40)),
+        ),  # fmt: skip
+        "twin-spread-bn": lambda: _twin_spread(
+            [("placebo", table, "gated~cls20v05cweR", table, "gated~cls20v05cwe"),
+             ("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            ["mnist1d"], ["uniform-0", *S3], list(range(30, 40)), "paper", "bn",
+        ),  # fmt: skip
+        "evidence-logit-now": lambda: _reading_pairs(
+            LOGIT_NOW_READING, table, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
+        ),
+        "evidence-logit-now-bn": lambda: _reading_pairs(
+            LOGIT_NOW_READING, table, ["mnist1d"], ["uniform-0", *S3], ["gated~cls20v05cwe"], list(range(30, 40)),
+            "paper", "bn",
         ),  # fmt: skip
         "veto-evidence-onset": lambda: _veto_onset(
             table,
