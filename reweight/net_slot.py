@@ -4,7 +4,7 @@ state is loaded."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -128,14 +128,21 @@ class NetSlot:
             "noise_evidence": None if self.evidence is None else self.evidence.state_dict(),
         }
 
-    def observe_noise(self, net_inputs: tuple[Any, ...], meta_losses: Tensor, meta_targets: Tensor) -> None:
-        """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and meta losses into
-        the veto's evidence of label noise, if it waits: each loss against its own class's meta losses on class
-        labels (integer class indices of ``(batch, K)`` logits, whatever the normalisation; soft targets under
-        ``normalization="class"``, read at their largest class), else against the whole meta batch's."""
+    def observe_noise(
+        self, net_inputs: tuple[Any, ...], ahead: Tensor, now: Callable[[], Tensor], meta_targets: Tensor
+    ) -> None:
+        """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and the meta batch's
+        losses into the veto's evidence of label noise, if it waits: for a net that reads the logits the meta losses
+        at the current parameters, as the training losses are (``now()``, one no-grad forward, called only then);
+        for LossNet those at the look-ahead (``ahead``), whose reading, lower early in a run, starts its veto sooner:
+        at the current parameters LossNet, which cannot tell pair flips apart without the veto, lost the evidence
+        under Flip-1 on three seeds of ten (docs/results.md). Each loss is read against its own class's meta losses
+        on class labels (integer class indices of ``(batch, K)`` logits, whatever the normalisation; soft targets
+        under ``normalization="class"``, read at their largest class), else against the whole meta batch's."""
         if self.evidence is None:
             return
         losses, logits, targets = net_inputs[:3]
+        meta_losses = now() if self.options.requires_logits else ahead
         if self.options.normalization == "class" or is_class_labels(logits, targets):
             self.evidence.observe(losses, meta_losses, class_indices(targets), class_indices(meta_targets))
         else:

@@ -1,11 +1,13 @@
 """Whether the meta set has shown label noise: what the meta-gradient's veto waits for (``veto_evidence``).
 
-At each meta update the training batch's per-sample losses are read against the meta batch's (at the look-ahead):
-the share of training samples whose loss is above the meta losses' 0.9-quantile, less the share that samples drawn
-like the meta set would put there, is folded into a moving average (decay 0.95, starting at 0). Once the average
-reaches the threshold the evidence is *shown*, and stays shown for the rest of the run. With class labels (integer
-class indices, whatever the normalisation; soft targets under ``normalization="class"``) each loss is read against
-its own class's meta losses (:func:`excess_above`).
+At each meta update the training batch's per-sample losses are read against the meta batch's: for a net that reads
+the logits at the current parameters, where the training losses are (one no-grad forward of the meta batch); for
+LossNet at the look-ahead, one virtual step further on, which reads lower early in a run and starts its veto sooner
+(on clean labels too). The share of training samples whose loss is above the meta losses' 0.9-quantile, less
+the share that samples drawn like the meta set would put there, is folded into a moving average (decay 0.95,
+starting at 0). Once the average reaches the threshold the evidence is *shown*, and stays shown for the rest of
+the run. With class labels (integer class indices, whatever the normalisation; soft targets under
+``normalization="class"``) each loss is read against its own class's meta losses (:func:`excess_above`).
 
 Clean training labels keep the share at or below zero: the model fits the samples it trains on at least as well
 as the clean ones it never sees. A corrupted label keeps its sample's loss above its class's meta losses until
@@ -81,14 +83,13 @@ class NoiseEvidence:
         against its own class's meta losses (:func:`excess_above`). No host synchronisation in a single process.
 
         Raises:
-            ValueError: if ``meta_losses`` is not one loss per meta sample (an engine of the user's that returns
-                the mean), before anything changes.
+            ValueError: if ``meta_losses`` is not one loss per meta sample, before anything changes.
         """
         if meta_losses.ndim != 1:
             raise ValueError(
-                "veto_evidence reads the meta batch's per-sample losses, got a meta loss of shape "
-                f"{tuple(meta_losses.shape)}: an engine returns MetaGradient(coefficients, meta_losses) with "
-                "meta_losses of shape (meta_batch,)"
+                "the evidence of label noise reads the meta batch's per-sample losses, shape (meta_batch,), got "
+                f"shape {tuple(meta_losses.shape)}: meta_loss_fn returns one loss per sample, and an engine "
+                "returns MetaGradient(coefficients, meta_losses) with meta_losses of shape (meta_batch,)"
             )
         meta_losses = meta_losses.detach().double().flatten()
         if classes is None or meta_classes is None:

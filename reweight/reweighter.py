@@ -332,15 +332,10 @@ class MetaReweighter:
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_losses).all()
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
-            self._slot.observe_noise(net_inputs, grad.meta_losses, problem.meta_targets)
+            now = lambda: self._engine.meta_losses_now(problem)  # noqa: E731 (called only for a net reading logits)
+            self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets)
             unit = self._slot.update(
-                grad.coefficients,
-                weights,
-                penalty,
-                self.signal_monitor,
-                self._step_count,
-                self.optimizer,
-                self.lookahead_lr,
+                grad.coefficients, weights, penalty, self.signal_monitor, self._step_count, self.optimizer, self.lookahead_lr
             )
         self.last_meta_loss = grad.meta_loss
         return True, None, unit if self.options.vetoes else None

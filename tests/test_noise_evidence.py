@@ -17,7 +17,6 @@ from torch.func import functional_call, grad
 
 from reweight import MetaReweighter
 from reweight.losses import cross_entropy
-from reweight.net_slot import NetSlot
 from reweight.noise_evidence import DECAY, QUANTILE, NoiseEvidence, check_evidence_state, excess_above
 from reweight.options import VETO_EVIDENCE
 
@@ -178,7 +177,7 @@ def test_bad_veto_evidence_is_refused(kwargs, error, match):
         MetaReweighter(model, opt, meta, **kwargs)
 
 
-# ------------------------------------------------------------------------------ every engine's meta losses
+# ------------------------------------------------------------------------------ which meta losses are read
 
 
 def _meta_losses_at_the_lookahead(model, x, y, xm, ym):
@@ -194,28 +193,40 @@ def _meta_losses_at_the_lookahead(model, x, y, xm, ym):
     [("reverse", "full"), ("forward", "full"), ("ghost", "full"), ("ghost_lean", "full"), ("higher", "full"),
      ("finite_difference", "full"), ("linear_head", "head")],
 )  # fmt: skip
-def test_every_engine_hands_over_the_meta_batchs_losses_at_the_lookahead(engine, lookahead, monkeypatch):
+def test_which_meta_losses_the_evidence_reads_with_every_engine(engine, lookahead):
+    """A net that reads the logits compares training and meta losses both at the current parameters (the
+    look-ahead's lowers every meta loss early in a run, which reads as noise on clean labels); LossNet reads the
+    look-ahead's, which starts its veto sooner; the meta loss the reweighter reports is the look-ahead's."""
     pytest.importorskip("higher") if engine == "higher" else None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(16, D, generator=g, dtype=torch.float64), torch.randint(0, K, (16,), generator=g)
     xm, ym = torch.randn(10, D, generator=g, dtype=torch.float64), torch.randint(0, K, (10,), generator=g)
-    seen = []
-    monkeypatch.setattr(NetSlot, "observe_noise", lambda self, losses, meta_losses, *_: seen.append(meta_losses))
-    want = _meta_losses_at_the_lookahead(model, x, y, xm, ym)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rw = MetaReweighter(model, opt, [(xm, ym)], net="lossnet", engine=engine, lookahead=lookahead, seed=0)
-    rw.step(x, y, model(x))
+    now = F.cross_entropy(model(xm), ym, reduction="none").detach()
+    ahead = _meta_losses_at_the_lookahead(model, x, y, xm, ym)
     if lookahead == "head":  # only the final layer moves
         params = {k: p.detach() for k, p in model.named_parameters()}
         gh = grad(lambda p: F.cross_entropy(functional_call(model, {**params, **p}, (x,)), y))(
             {k: params[k] for k in ("2.weight", "2.bias")}
         )
-        ahead = {**params, **{k: params[k] - LR * gh[k] for k in gh}}
-        want = F.cross_entropy(functional_call(model, ahead, (xm,)), ym, reduction="none")
-    assert len(seen) == 1 and seen[0].shape == (10,)
-    torch.testing.assert_close(seen[0], want, rtol=1e-9, atol=1e-12)
+        moved = {**params, **{k: params[k] - LR * gh[k] for k in gh}}
+        ahead = F.cross_entropy(functional_call(model, moved, (xm,)), ym, reduction="none")
+    seen = []
+    original = NoiseEvidence.observe
+    state = copy.deepcopy(model.state_dict())
+    for net, want in (("logitnet", now), ("lossnet", ahead)):  # LossNet reads the look-ahead's (its veto sooner)
+        seen.clear()
+        model.load_state_dict(state)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        rw = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, lookahead=lookahead, seed=0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(NoiseEvidence, "observe", lambda self, *a: seen.append(a[1]) or original(self, *a))
+            rw.step(x, y, model(x))
+        assert len(seen) == 1 and seen[0].shape == (10,)
+        torch.testing.assert_close(seen[0], want, rtol=1e-9, atol=1e-12)
+        assert rw.last_meta_loss.item() == pytest.approx(ahead.mean().item(), rel=1e-9)
+    assert (ahead - now).abs().max() > 1e-2  # the two readings are told apart here
 
 
 def _first_reading(rw, x, targets, outputs):
@@ -236,15 +247,16 @@ def _first_reading(rw, x, targets, outputs):
 
 @pytest.mark.parametrize("net", ["logitnet", "lossnet"])
 def test_the_reweighter_reads_class_labels_by_class(net):
-    """The first update's level is 1 - DECAY of the excess of the training losses over the meta losses at the
-    look-ahead, each read against its own class's: under normalization="class" (LogitNet's default on class
+    """The first update's level is 1 - DECAY of the excess of the training losses over the meta losses, both at
+    the current parameters, each read against its own class's: under normalization="class" (LogitNet's default on class
     labels) and under "sum" (LossNet's) alike."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(24, D, generator=g, dtype=torch.float64), torch.randint(0, K, (24,), generator=g)
     xm, ym = torch.randn(15, D, generator=g, dtype=torch.float64), torch.randint(0, K, (15,), generator=g)
-    meta_losses = _meta_losses_at_the_lookahead(model, x, y, xm, ym).detach()
+    now = F.cross_entropy(model(xm), ym, reduction="none").detach()
+    meta_losses = now if net == "logitnet" else _meta_losses_at_the_lookahead(model, x, y, xm, ym).detach()
     losses = F.cross_entropy(model(x), y, reduction="none").detach()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     rw = MetaReweighter(model, opt, [(xm, ym)], net=net, veto_evidence=0.05, meta_warmup=0, seed=0)
@@ -411,25 +423,40 @@ def test_the_evidence_resumes_exactly_and_an_older_state_keeps_its_veto():
         clean.load_state_dict({**state, "noise_evidence": {"level": "x", "shown": True}})
 
 
-def test_an_engine_that_returns_the_mean_meta_loss_is_refused_and_nothing_changes():
-    """An engine of the user's written for the mean meta loss: refused once the veto reads the evidence, before
-    the net or the evidence changes; without ``veto_evidence`` it still runs."""
+def test_the_evidence_refuses_a_mean_meta_loss_and_keeps_its_state():
+    evidence = NoiseEvidence(0.05)
+    evidence.observe(torch.linspace(0, 1, 8), torch.linspace(0, 1, 6))
+    level = evidence.level.clone()
+    with pytest.raises(ValueError, match=r"per-sample losses, shape \(meta_batch,\), got shape \(\)"):
+        evidence.observe(torch.linspace(0, 1, 8), torch.tensor(0.5))
+    assert torch.equal(evidence.level, level)
+
+
+def test_an_engine_that_returns_the_mean_meta_loss():
+    """An engine of the user's that returns the mean meta loss: for a net that reads the logits the evidence reads
+    the meta batch at the current parameters itself, so its level is that of a library engine; LossNet, whose
+    evidence reads the engine's meta losses, is refused before the net or the evidence changes."""
     from reweight.engines import MetaGradient, register_engine
     from reweight.engines.base import _ENGINES
 
-    @register_engine("mean_only", description="zero coefficients and the mean meta loss (the former contract)")
+    @register_engine("mean_only", description="zero coefficients and the mean meta loss")
     def mean_only(problem):
         return MetaGradient(torch.zeros_like(problem.weights), problem.weights.new_zeros(()))
 
     try:
         model, opt, meta = _parts()
         x, y = torch.randn(8, D), torch.randint(0, K, (8,))
-        rw = MetaReweighter(model, opt, meta, engine="mean_only", veto_evidence=0.05, seed=0, num_classes=K)
+        levels = []
+        for engine in ("mean_only", "reverse"):
+            rw = MetaReweighter(model, opt, meta, engine=engine, veto_evidence=0.05, seed=0, num_classes=K)
+            rw.step(x, y, model(x))
+            levels.append(rw.noise_evidence.level.item())
+        assert levels[0] == levels[1]
+        rw = MetaReweighter(model, opt, meta, net="lossnet", engine="mean_only", veto_evidence=0.05, seed=0)
         before = copy.deepcopy(rw.net.state_dict())
-        with pytest.raises(ValueError, match=r"per-sample losses, got a meta loss of shape \(\)"):
+        with pytest.raises(ValueError, match=r"per-sample losses, shape \(meta_batch,\), got shape \(\)"):
             rw.step(x, y, model(x))
         assert all(torch.equal(v, rw.net.state_dict()[k]) for k, v in before.items())
         assert rw.noise_evidence.level is None and rw.step_count == 0
-        MetaReweighter(model, opt, meta, engine="mean_only", veto_evidence=0, seed=0).step(x, y, model(x))
     finally:
         _ENGINES.unregister("mean_only")

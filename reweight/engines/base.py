@@ -22,6 +22,7 @@ from .._registry import Registry
 from ..distributed import DataParallelGroup
 from ..lookahead import HeadCapture
 from ..losses import PerSampleLoss
+from ..sharded import is_sharded, reshard_all
 from ..virtual_step import VirtualStep, apply_virtual_step
 
 __all__ = [
@@ -83,11 +84,20 @@ class MetaProblem(NamedTuple):
         """Size of the batch over all data-parallel ranks (equal shards assumed)."""
         return self.weights.shape[0] * self.group.world_size
 
+    def meta_losses_now(self) -> Tensor:
+        """The meta batch's per-sample losses at the current parameters (no grad, buffers cloned): what the
+        veto's evidence reads the training losses against, both at the same parameters."""
+        with torch.no_grad(), phase("evidence_pass"):
+            losses = self.meta_loss_fn(call_model(self.model, {}, self.meta_inputs, self.logits_fn), self.meta_targets)
+        if is_sharded(self.params.values()):
+            reshard_all(self.model)  # nothing stays gathered, as after an engine's own forwards
+        return losses
+
 
 class MetaGradient(NamedTuple):
     """``coefficients[i] = dL_meta / dw_i`` (shape ``(batch,)``) and the meta batch's per-sample losses at
-    ``theta_hat`` (detached, shape ``(meta_batch,)``; the reweighter reads them for the veto's evidence of label
-    noise, :mod:`reweight.noise_evidence`)."""
+    ``theta_hat`` (detached, shape ``(meta_batch,)``; the reweighter reports their mean as ``last_meta_loss`` and
+    LossNet's evidence of label noise reads them, :mod:`reweight.noise_evidence`)."""
 
     coefficients: Tensor
     meta_losses: Tensor
