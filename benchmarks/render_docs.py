@@ -300,11 +300,22 @@ VETO_PAIRS = [
     *((f"{m}~cls20v05", f"{m}~cls20") for m in ("metainfonet", "logitnet")),
 ]
 HOLDOUT = 10  # clean samples per class held out beside the meta set (accuracy.py --holdout-per-class)
-# runs with the veto's evidence read at the current parameters (tried at 9793689, not adopted), whose keys the store
-# holds read at the look-ahead: the gated net's held-out cells of seeds 20-29, the BatchNorm CNN's stability cells
+# runs with the veto's evidence read at the current parameters for every net, LossNet's included (tried at 9793689,
+# not adopted): the gated net's held-out cells of seeds 20-29, the BatchNorm CNN's stability cells
 CURRENT_READING = acc.TABLE.parent / "evidence_current.jsonl"
 README_LOOP_CURRENT = acc.TABLE.parent / "readme_loop_current.jsonl"
-LOGIT_NOW_READING = acc.TABLE.parent / "evidence_logit_now.jsonl"  # the current parameters' reading, logit nets only
+# the logit nets' runs with their defaults when the evidence read the meta losses at the look-ahead, as LossNet's
+# does (the store's keys, now read at the current parameters), and the placebo of that library (cls20v05cweR)
+LOOKAHEAD_READING = acc.TABLE.parent / "evidence_lookahead.jsonl"
+Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
+
+
+def _runs(tables: Tables, seeds, schedule: str, variants: tuple[str, ...], model: str, holdout: int):
+    """:func:`accuracy._cells` of one table, or of several where a later table's cell replaces an earlier one's."""
+    cells: dict[tuple, list[dict]] = {}
+    for t in (tables,) if isinstance(tables, Path) else tables:
+        cells.update(acc._cells(t, seeds, schedule, variants, model, holdout))
+    return cells
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -408,7 +419,7 @@ def _final_accuracy(run: dict, holdout: int) -> float:
 
 
 def _twin_spread(
-    pairs: list[tuple[str, Path, str, Path, str]], datasets, settings, seeds, schedule="gentle", model="plain",
+    pairs: list[tuple[str, Tables, str, Tables, str]], datasets, settings, seeds, schedule="gentle", model="plain",
     holdout: int = HOLDOUT,
 ) -> str:  # fmt: skip
     """How far paired runs of the same seeds end apart, per cell and per pair ``(label, table, row, base_table,
@@ -425,8 +436,8 @@ def _twin_spread(
         return (row.split("~")[1],) if "~" in row else ()
 
     loaded = [
-        (label, acc._cells(t, seeds, schedule, variants(row), model, holdout), row,
-         acc._cells(bt, seeds, schedule, variants(base_row), model, holdout), base_row)
+        (label, _runs(t, seeds, schedule, variants(row), model, holdout), row,
+         _runs(bt, seeds, schedule, variants(base_row), model, holdout), base_row)
         for label, t, row, bt, base_row in pairs
     ]  # fmt: skip
     every: dict[str, list[np.ndarray]] = {}
@@ -460,8 +471,8 @@ def _twin_spread(
 
 
 def _reading_pairs(
-    now_table: Path, then_table: Path, datasets, settings, rows: list[str], seeds, schedule="gentle", model="plain",
-    holdout: int = HOLDOUT, clean=("uniform-0", "lt-3", "lt-10"),
+    now_table: Tables, then_table: Tables, datasets, settings, rows: list[str], seeds, schedule="gentle",
+    model="plain", holdout: int = HOLDOUT, clean=("uniform-0", "lt-3", "lt-10"),
 ) -> str:  # fmt: skip
     """Each row (``method~variant``) with the veto's evidence read at the current parameters (``now_table``'s runs)
     against the same keys read at the look-ahead (``then_table``'s): per cell the accuracy over the last 10% of
@@ -469,7 +480,7 @@ def _reading_pairs(
     more than two) and the lowest seed's, the runs where the veto started in each, and the largest drop from a
     run's best epoch (test accuracy); then the cells' mean differences pooled, clean and noisy."""
     variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
-    now, then = (acc._cells(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
+    now, then = (_runs(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
 
     def started(runs: list[dict]) -> int:
         return sum(1.0 in r["result"]["curves"].get("veto_acts", []) for r in runs)
@@ -838,36 +849,37 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             list(range(10)), schedule="paper", model="bn",
         ),
         "evidence-reading": lambda: _reading_pairs(
-            CURRENT_READING, table, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(20, 30))
+            CURRENT_READING, (table, LOOKAHEAD_READING), both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"],
+            list(range(20, 30)),
         ),
         "evidence-reading-bn": lambda: _reading_pairs(
-            CURRENT_READING, table, ["mnist1d"], ["uniform-0", *S3],
+            CURRENT_READING, (table, LOOKAHEAD_READING), ["mnist1d"], ["uniform-0", *S3],
             ["gated~cls20v05cwe", "logitnet~cls20v05cwe", "metainfonet~cls20v05cwe", "lossnet~ess20v05we"],
             list(range(10)), "paper", "bn", 0,
         ),  # fmt: skip
         "twin-spread": lambda: _twin_spread(
-            [("placebo", table, "gated~cls20v05cweR", table, "gated~cls20v05cwe"),
-             ("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            [("placebo", LOOKAHEAD_READING, "gated~cls20v05cweR", LOOKAHEAD_READING, "gated~cls20v05cwe"),
+             ("current parameters", table, "gated~cls20v05cwe", LOOKAHEAD_READING, "gated~cls20v05cwe")],
             both, EVIDENCE_CELLS["gentle"], list(range(30, 40)),
         ),  # fmt: skip
         "twin-spread-bn": lambda: _twin_spread(
-            [("placebo", table, "gated~cls20v05cweR", table, "gated~cls20v05cwe"),
-             ("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            [("placebo", LOOKAHEAD_READING, "gated~cls20v05cweR", LOOKAHEAD_READING, "gated~cls20v05cwe"),
+             ("current parameters", table, "gated~cls20v05cwe", LOOKAHEAD_READING, "gated~cls20v05cwe")],
             ["mnist1d"], ["uniform-0", *S3], list(range(30, 40)), "paper", "bn",
         ),  # fmt: skip
         "twin-spread-40": lambda: _twin_spread(
-            [("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            [("current parameters", table, "gated~cls20v05cwe", LOOKAHEAD_READING, "gated~cls20v05cwe")],
             both, EVIDENCE_CELLS["gentle"], list(range(40, 50)),
         ),  # fmt: skip
         "twin-spread-40-bn": lambda: _twin_spread(
-            [("current parameters", LOGIT_NOW_READING, "gated~cls20v05cwe", table, "gated~cls20v05cwe")],
+            [("current parameters", table, "gated~cls20v05cwe", LOOKAHEAD_READING, "gated~cls20v05cwe")],
             ["mnist1d"], ["uniform-0", *S3], list(range(40, 50)), "paper", "bn",
         ),  # fmt: skip
         "evidence-logit-now": lambda: _reading_pairs(
-            LOGIT_NOW_READING, table, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
+            table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
         ),
         "evidence-logit-now-bn": lambda: _reading_pairs(
-            LOGIT_NOW_READING, table, ["mnist1d"], ["uniform-0", *S3], ["gated~cls20v05cwe"], list(range(30, 40)),
+            table, LOOKAHEAD_READING, ["mnist1d"], ["uniform-0", *S3], ["gated~cls20v05cwe"], list(range(30, 40)),
             "paper", "bn",
         ),  # fmt: skip
         "veto-evidence-onset": lambda: _veto_onset(
