@@ -11,11 +11,18 @@ from reweight import MetaReweighter
 
 from conftest import make_batch
 
+# the default net (the gated net on class labels) reads the evidence of label noise after the engine: one no-grad
+# forward of the meta batch at the current parameters
 PHASES = {
-    "ghost": ["meta_update", "engine.ghost", "layer_gradients", "weighted_gradient", "meta_pass", "inner_products"],
-    "ghost_lean": ["engine.ghost_lean", "weighted_gradient", "meta_pass", "layer_gradients", "inner_products"],
-    "forward": ["engine.forward", "weighted_gradient", "meta_pass", "jvp"],
-}
+    "ghost": [
+        "meta_update", "engine.ghost", "layer_gradients", "weighted_gradient", "meta_pass", "inner_products",
+        "evidence_pass",
+    ],
+    "ghost_lean": [
+        "engine.ghost_lean", "weighted_gradient", "meta_pass", "layer_gradients", "inner_products", "evidence_pass",
+    ],
+    "forward": ["engine.forward", "weighted_gradient", "meta_pass", "jvp", "evidence_pass"],
+}  # fmt: skip
 
 
 def reweighter(engine: str):
