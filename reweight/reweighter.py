@@ -334,8 +334,10 @@ class MetaReweighter:
                 return False, None, None
             now = lambda: self._engine.meta_losses_now(problem)  # noqa: E731 (called only for a net reading logits)
             self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets)
-            slot_args = (self.signal_monitor, self._step_count, self.optimizer, self.lookahead_lr)
-            unit = self._slot.update(grad.coefficients, weights, penalty, *slot_args)
+            unit = self._slot.update(
+                grad.coefficients, weights, penalty, self.signal_monitor, self._step_count, self.optimizer,
+                self.lookahead_lr,
+            )
         self.last_meta_loss = grad.meta_loss
         return True, None, unit if self.options.vetoes else None
 
