@@ -42,7 +42,6 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 import _cost  # noqa: E402
 import _store  # noqa: E402
 import _tradeoff  # noqa: E402
-import _twin  # noqa: E402
 from _alternatives import CLEANLAB_FOLDS, GCE_Q, PassCounter, detection, find_issues, fold_indices, gce_loss  # noqa: E402
 from _models import mnist1d_cnn  # noqa: E402
 
@@ -311,11 +310,6 @@ VARIANTS: dict[str, dict] = {
     "cls20v05cweR": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                      "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                      "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "seed_offset": 1000},
-    # the gated net's defaults beside a plain twin (benchmarks/_twin.py): 3 clean samples per class held back from
-    # the meta set; the run falls back to the twin when its loss there is the lower at two epoch ends in a row
-    "cls20v05cweG3": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
-                      "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
-                      "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "guard_holdback": 3},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
@@ -364,7 +358,6 @@ class ShapedAdamW(torch.optim.AdamW):
 def reweighter_kwargs(variant: dict) -> dict:
     """MetaReweighter keyword arguments of a variant (``meta_lr`` becomes a meta-optimizer factory)."""
     kwargs = dict(variant)
-    kwargs.pop("guard_holdback", None)  # the benchmark's plain twin (_twin), not a reweighter option
     if "meta_lr" in kwargs:
         wd = kwargs.pop("meta_wd", 5e-4)
         cls = torch.optim.AdamW if kwargs.pop("meta_decoupled", False) else torch.optim.Adam
@@ -474,20 +467,11 @@ def _train(
     """
     torch.manual_seed(seed)
     model = make_model(dataset, model_family)
-    make_opt = functools.partial(torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    milestones = [round(f * cfg.epochs) for f in cfg.milestones]
-    make_sched = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1)
-    opt = make_opt(model.parameters())
-    sched = make_sched(opt)
+    counter = PassCounter(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(f * cfg.epochs) for f in cfg.milestones], 0.1)
     g = torch.Generator().manual_seed(seed)
-    xm, ym, twin = d["xm"], d["ym"], None
-    held_back = (rw_kwargs or {}).get("guard_holdback", 0) if net is not None else 0
-    if held_back:  # a plain twin, compared on a share of the meta set held back from the reweighter
-        xm, ym, xg, yg = _twin.hold_back(xm, ym, held_back)
-        after = reweighter_kwargs(rw_kwargs or {}).get("meta_warmup", 300)
-        twin = _twin.PlainTwin(model, make_opt, make_sched, xg, yg, after=after)
-    counter, twin_counter = PassCounter(model), PassCounter(twin.model) if twin is not None else None
-    meta_ds = torch.utils.data.TensorDataset(xm, ym)
+    meta_ds = torch.utils.data.TensorDataset(d["xm"], d["ym"])
     meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
     rw = None
     if net is not None:
@@ -518,35 +502,25 @@ def _train(
             logits = model(xb)
             losses = loss_fn(logits, yb)
             ids = idx if rw is not None and rw.options.loss_history else None  # the samples' indices
-            live = rw is not None and not (twin is not None and twin.fired_epoch is not None)
-            w = rw.step(xb, yb, logits, sample_ids=ids) if live else torch.ones_like(losses)
+            w = rw.step(xb, yb, logits, sample_ids=ids) if rw is not None else torch.ones_like(losses)
             if rw is not None and epoch >= cfg.epochs - tail:
                 rec.record(idx, losses.detach(), w, epoch)
             if rw is not None:
                 w_sum.index_add_(0, corrupted[idx].long(), w.double())
                 w_sq += float((w.double() ** 2).sum())
                 ess.append(float(effective_sample_size(w)))
-                if live and rw.last_meta_loss is not None:
+                if rw.last_meta_loss is not None:
                     meta_losses.append(float(rw.last_meta_loss))
             opt.zero_grad()
             (w * losses).mean().backward()
             opt.step()
-            if twin is not None and twin.fired_epoch is None:
-                twin.step(xb, yb)
         sched.step()
-        if twin is not None and twin.fired_epoch is None:
-            with counter.paused(), twin_counter.paused():
-                if twin.check(epoch, rw.step_count, model):
-                    twin.hand_over(model, opt, sched)  # from here the run is the twin's
         if evaluate:
             with counter.paused():
                 test_acc.append(accuracy(model, d["xt"], d["yt"]))
                 meta_acc.append(accuracy(model, d["xm"], d["ym"]))
                 if len(d["yh"]):
                     holdout_acc.append(accuracy(model, d["xh"], d["yh"]))
-                if twin is not None and twin.fired_epoch is None:
-                    sets = {"test": (d["xt"], d["yt"]), "holdout": (d["xh"], d["yh"])}
-                    twin.evaluate(accuracy, {k: v for k, v in sets.items() if len(v[1])})
         if rw is not None:  # per-epoch diagnostics of the weights and the meta loss
             n_bad = int(corrupted.sum())
             curves["w_corrupted"].append(float(w_sum[1]) / n_bad if n_bad else float("nan"))
@@ -565,10 +539,6 @@ def _train(
     if evaluate:  # how far the model fits the observed (noisy) training labels at the end
         with counter.paused():
             out["train_acc_observed"] = accuracy(model, x, y)
-    if twin is not None:  # the twin's passes are the guard's cost
-        out["guard"] = twin.summary()
-        counter.forwards += twin_counter.forwards
-        counter.backwards += twin_counter.backwards
     if rw is not None:
         out["curves"] = curves
         out["engine"] = getattr(rw, "engine_name", rw.engine)  # the engine in use: it sets the passes counted
@@ -787,7 +757,6 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         return None
     kwargs = reweighter_kwargs(VARIANTS[variant])
     seed_offset = kwargs.pop("seed_offset", 0)
-    guard_holdback = VARIANTS[variant].get("guard_holdback", 0)
     given_net = dict(kwargs.pop("net_kwargs", {}))
     if base == "metainfonet" and net_kwargs is None and main_grid:
         net_kwargs = {"kl_weight": MAIN_GRID_KL_WEIGHT}
@@ -830,8 +799,6 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     if seed_offset:  # in the key when the reweighter's seed is not the run's (the placebo)
         opts["seed_offset"] = seed_offset
-    if guard_holdback:  # in the key when a plain twin guards the run (the benchmark's, not the reweighter's)
-        opts["guard_holdback"] = guard_holdback
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 
