@@ -307,15 +307,23 @@ README_LOOP_CURRENT = acc.TABLE.parent / "readme_loop_current.jsonl"
 # the logit nets' runs with their defaults when the evidence read the meta losses at the look-ahead, as LossNet's
 # does (the store's keys, now read at the current parameters), and the placebo of that library (cls20v05cweR)
 LOOKAHEAD_READING = acc.TABLE.parent / "evidence_lookahead.jsonl"
+# PlainTwinGuard (a plain twin beside the reweighted run, falling back to it on held-back clean samples): tried, not
+# adopted. Its runs (branch twin-guard: 2819d77, 3000004; the epoch-end probe at f4ab31e), and the library default's
+# and plain training's runs of the fresh seeds 50-69 made beside them
+TWIN_GUARD = acc.TABLE.parent / "twin_guard.jsonl"
+GUARD_SEEDS = [*range(10, 20), *range(50, 60)]  # the guard's first rule: seeds 10-19 and fresh 50-59
+GUARD_STAND_DOWN_SEEDS = list(range(60, 70))  # the guard that stands down on the evidence: fresh seeds
 Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
 
 
 def _runs(tables: Tables, seeds, schedule: str, variants: tuple[str, ...], model: str, holdout: int):
-    """:func:`accuracy._cells` of one table, or of several where a later table's cell replaces an earlier one's."""
-    cells: dict[tuple, list[dict]] = {}
+    """:func:`accuracy._cells` of one table, or of several read as one: a later table's run of a seed replaces an
+    earlier one's in the same cell, the cell's other seeds kept."""
+    by_seed: dict[tuple, dict[int, dict]] = {}
     for t in (tables,) if isinstance(tables, Path) else tables:
-        cells.update(acc._cells(t, seeds, schedule, variants, model, holdout))
-    return cells
+        for cell, runs in acc._cells(t, seeds, schedule, variants, model, holdout).items():
+            by_seed.setdefault(cell, {}).update({r["key"]["seed"]: r for r in runs})
+    return {cell: list(runs.values()) for cell, runs in by_seed.items()}
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -467,6 +475,47 @@ def _twin_spread(
             f"{np.sqrt(np.mean([g.var(ddof=1) for g in gaps])):.2f} | {flat.min():+.1f} | {(flat < -4).sum()} | "
             f"{(flat < -5).sum()} |"
         )
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
+
+
+def _guard_fallbacks(tables: Tables, datasets, settings, row: str, seeds, holdout: int = HOLDOUT) -> str:
+    """The guard's runs (``row``, a ``PlainTwinGuard`` variant) per cell: how many fell back to the plain twin and
+    at which steps and how they ended against plain training of the same seed (a fallen-back run trains plainly, on
+    another order of the batches), how many stood down on the evidence of label noise, and the runs' sample passes
+    (forwards and backwards) over plain training's of the same seeds."""
+    cells = _runs(tables, seeds, "gentle", (row.split("~")[1],), "plain", holdout)
+    lines = [
+        "| dataset | setting | runs | fell back | at steps (median, range) | fallen back - plain training | stood down "
+        "| sample passes over plain training's |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    used, totals, fallen = [], [0, 0, 0, 0.0], []
+
+    def passes(r: dict) -> int:
+        return r["result"]["cost"]["forwards"] + r["result"]["cost"]["backwards"]
+
+    for d in datasets:
+        for st in settings:
+            runs = cells.get((d, st, row), [])
+            plain = {r["key"]["seed"]: r for r in cells.get((d, st, "standard"), [])}
+            if not runs:
+                continue
+            used += runs
+            steps = [s for s in (r["result"]["guard"]["fell_back_at"] for r in runs) if s is not None]
+            gaps = [_final_accuracy(r, holdout) - _final_accuracy(plain[r["key"]["seed"]], holdout) for r in runs
+                    if r["result"]["guard"]["fell_back_at"] is not None and r["key"]["seed"] in plain]  # fmt: skip
+            fallen += gaps
+            down = sum(r["result"]["guard"].get("stood_down_at") is not None for r in runs)
+            ratios = [passes(r) / passes(plain[r["key"]["seed"]]) for r in runs if r["key"]["seed"] in plain]
+            at = f"{int(np.median(steps))} ({min(steps)}-{max(steps)})" if steps else "-"
+            ratio = f"{np.mean(ratios):.2f}x" if ratios else "-"
+            totals = [totals[0] + len(runs), totals[1] + len(steps), totals[2] + down, totals[3] + sum(ratios)]
+            gap = f"{np.mean(gaps):+.1f} (lowest {min(gaps):+.1f})" if gaps else "-"
+            lines.append(f"| {d} | {st} | {len(runs)} | {len(steps)} | {at} | {gap} | {down} | {ratio} |")
+    spread = f"{np.mean(fallen):+.2f}, sd {np.std(fallen, ddof=1):.2f}" if len(fallen) > 1 else "-"
+    lines.append(
+        f"| all | | {totals[0]} | {totals[1]} | | {spread} | {totals[2]} | {totals[3] / max(totals[0], 1):.2f}x |"
+    )
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
@@ -875,6 +924,29 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             [("current parameters", table, "gated~cls20v05cwe", LOOKAHEAD_READING, "gated~cls20v05cwe")],
             ["mnist1d"], ["uniform-0", *S3], list(range(40, 50)), "paper", "bn",
         ),  # fmt: skip
+        "guard-probe": lambda: _twin_spread(
+            [("probe - plain training", TWIN_GUARD, "gated~cls20v05cweG3", table, "standard"),
+             ("default - plain training", table, "gated~cls20v05cwe", table, "standard")],
+            ["mnist1d-2pct"], EVIDENCE_CELLS["gentle"], list(range(10, 18)),
+        ),  # fmt: skip
+        "guard-pairs": lambda: _twin_spread(
+            [("guard - plain training", TWIN_GUARD, "gated~cls20v05cweG", (table, TWIN_GUARD), "standard"),
+             ("default - plain training", (table, TWIN_GUARD), "gated~cls20v05cwe", (table, TWIN_GUARD), "standard"),
+             ("guard - default", TWIN_GUARD, "gated~cls20v05cweG", (table, TWIN_GUARD), "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], GUARD_SEEDS,
+        ),  # fmt: skip
+        "guard-fallbacks": lambda: _guard_fallbacks(
+            (table, TWIN_GUARD), both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cweG", GUARD_SEEDS
+        ),
+        "guard-stand-down-pairs": lambda: _twin_spread(
+            [("guard - plain training", TWIN_GUARD, "gated~cls20v05cweGE", TWIN_GUARD, "standard"),
+             ("default - plain training", TWIN_GUARD, "gated~cls20v05cwe", TWIN_GUARD, "standard"),
+             ("guard - default", TWIN_GUARD, "gated~cls20v05cweGE", TWIN_GUARD, "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], GUARD_STAND_DOWN_SEEDS,
+        ),  # fmt: skip
+        "guard-stand-down-fallbacks": lambda: _guard_fallbacks(
+            TWIN_GUARD, both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cweGE", GUARD_STAND_DOWN_SEEDS
+        ),
         "evidence-logit-now": lambda: _reading_pairs(
             table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
         ),
