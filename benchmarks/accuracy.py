@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reweight import MetaReweighter
+from reweight import MetaReweighter, PlainTwinGuard
 from reweight.data import flip1_noise, flip2_noise, load_dataset, long_tail, meta_split, uniform_noise
 from reweight.diagnostics import WeightRecorder
 from reweight.monitor import effective_sample_size
@@ -42,7 +42,6 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 import _cost  # noqa: E402
 import _store  # noqa: E402
 import _tradeoff  # noqa: E402
-import _twin  # noqa: E402
 from _alternatives import CLEANLAB_FOLDS, GCE_Q, PassCounter, detection, find_issues, fold_indices, gce_loss  # noqa: E402
 from _models import mnist1d_cnn  # noqa: E402
 
@@ -311,9 +310,10 @@ VARIANTS: dict[str, dict] = {
     "cls20v05cweR": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                      "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                      "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "seed_offset": 1000},
-    # the gated net's defaults beside a plain twin (benchmarks/_twin.py): 3 clean samples per class held back from
-    # the meta set; the run falls back to the twin when its loss there is the lower at two epoch ends in a row
-    "cls20v05cweG3": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+    # the gated net's defaults guarded by a plain twin (reweight.PlainTwinGuard, its defaults): 3 clean samples per
+    # class held back from the meta set as the guard's holdout. (The rows of cls20v05cweG3, the same guard checked at
+    # each epoch's end, were made by f4ab31e's benchmarks/_twin.py: results/twin_probe.jsonl.)
+    "cls20v05cweG": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                       "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                       "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "guard_holdback": 3},
 }
@@ -364,7 +364,7 @@ class ShapedAdamW(torch.optim.AdamW):
 def reweighter_kwargs(variant: dict) -> dict:
     """MetaReweighter keyword arguments of a variant (``meta_lr`` becomes a meta-optimizer factory)."""
     kwargs = dict(variant)
-    kwargs.pop("guard_holdback", None)  # the benchmark's plain twin (_twin), not a reweighter option
+    kwargs.pop("guard_holdback", None)  # the guard's, not a reweighter option
     if "meta_lr" in kwargs:
         wd = kwargs.pop("meta_wd", 5e-4)
         cls = torch.optim.AdamW if kwargs.pop("meta_decoupled", False) else torch.optim.Adam
@@ -441,6 +441,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
+def hold_back(xm: torch.Tensor, ym: torch.Tensor, per_class: int) -> tuple[torch.Tensor, ...]:
+    """The meta set split into ``(x_meta, y_meta, x_held, y_held)``: the first ``per_class`` of each class held back."""
+    y = ym.numpy()
+    held = torch.from_numpy(np.array([np.sum(y[:i] == c) for i, c in enumerate(y)]) < per_class)
+    return xm[~held], ym[~held], xm[held], ym[held]
+
+
 @dataclasses.dataclass
 class _Trained:
     """A finished training phase: the model, its pass counter, the meta loader (its generator advanced) and
@@ -474,19 +481,13 @@ def _train(
     """
     torch.manual_seed(seed)
     model = make_model(dataset, model_family)
-    make_opt = functools.partial(torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    milestones = [round(f * cfg.epochs) for f in cfg.milestones]
-    make_sched = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1)
-    opt = make_opt(model.parameters())
-    sched = make_sched(opt)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(f * cfg.epochs) for f in cfg.milestones], 0.1)
     g = torch.Generator().manual_seed(seed)
-    xm, ym, twin = d["xm"], d["ym"], None
+    counter, xm, ym = PassCounter(model), d["xm"], d["ym"]
     held_back = (rw_kwargs or {}).get("guard_holdback", 0) if net is not None else 0
-    if held_back:  # a plain twin, compared on a share of the meta set held back from the reweighter
-        xm, ym, xg, yg = _twin.hold_back(xm, ym, held_back)
-        after = reweighter_kwargs(rw_kwargs or {}).get("meta_warmup", 300)
-        twin = _twin.PlainTwin(model, make_opt, make_sched, xg, yg, after=after)
-    counter, twin_counter = PassCounter(model), PassCounter(twin.model) if twin is not None else None
+    if held_back:  # the guard's holdout: a share of the meta set, held back from the reweighter
+        xm, ym, xg, yg = hold_back(xm, ym, held_back)
     meta_ds = torch.utils.data.TensorDataset(xm, ym)
     meta_loader = torch.utils.data.DataLoader(meta_ds, batch_size=cfg.meta_batch_size, shuffle=True, generator=g)
     rw = None
@@ -499,6 +500,9 @@ def _train(
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=rw_seed, **kwargs
         )
+    guard = PlainTwinGuard(rw, [(xg, yg)]) if held_back else None
+    twin_counter = PassCounter(guard.twin) if guard is not None else None
+    twin_acc: dict[str, list[float]] = {}
     loss_fn = loss_fn or functools.partial(F.cross_entropy, reduction="none")
     rec = WeightRecorder()
     n = len(y)
@@ -518,8 +522,9 @@ def _train(
             logits = model(xb)
             losses = loss_fn(logits, yb)
             ids = idx if rw is not None and rw.options.loss_history else None  # the samples' indices
-            live = rw is not None and not (twin is not None and twin.fired_epoch is not None)
-            w = rw.step(xb, yb, logits, sample_ids=ids) if live else torch.ones_like(losses)
+            live = rw is not None and (guard is None or guard.fell_back_at is None)  # the reweighter still called
+            step = guard.step if guard is not None else rw.step if rw is not None else None
+            w = step(xb, yb, logits, sample_ids=ids) if step is not None else torch.ones_like(losses)
             if rw is not None and epoch >= cfg.epochs - tail:
                 rec.record(idx, losses.detach(), w, epoch)
             if rw is not None:
@@ -531,22 +536,18 @@ def _train(
             opt.zero_grad()
             (w * losses).mean().backward()
             opt.step()
-            if twin is not None and twin.fired_epoch is None:
-                twin.step(xb, yb)
         sched.step()
-        if twin is not None and twin.fired_epoch is None:
-            with counter.paused(), twin_counter.paused():
-                if twin.check(epoch, rw.step_count, model):
-                    twin.hand_over(model, opt, sched)  # from here the run is the twin's
         if evaluate:
             with counter.paused():
                 test_acc.append(accuracy(model, d["xt"], d["yt"]))
                 meta_acc.append(accuracy(model, d["xm"], d["ym"]))
                 if len(d["yh"]):
                     holdout_acc.append(accuracy(model, d["xh"], d["yh"]))
-                if twin is not None and twin.fired_epoch is None:
-                    sets = {"test": (d["xt"], d["yt"]), "holdout": (d["xh"], d["yh"])}
-                    twin.evaluate(accuracy, {k: v for k, v in sets.items() if len(v[1])})
+                if guard is not None and guard.twin is not None:  # the plain run's curves, until it is handed over
+                    with twin_counter.paused():
+                        for name, (xe, ye) in {"test": (d["xt"], d["yt"]), "holdout": (d["xh"], d["yh"])}.items():
+                            if len(ye):
+                                twin_acc.setdefault(name, []).append(accuracy(guard.twin, xe, ye))
         if rw is not None:  # per-epoch diagnostics of the weights and the meta loss
             n_bad = int(corrupted.sum())
             curves["w_corrupted"].append(float(w_sum[1]) / n_bad if n_bad else float("nan"))
@@ -565,8 +566,9 @@ def _train(
     if evaluate:  # how far the model fits the observed (noisy) training labels at the end
         with counter.paused():
             out["train_acc_observed"] = accuracy(model, x, y)
-    if twin is not None:  # the twin's passes are the guard's cost
-        out["guard"] = twin.summary()
+    if guard is not None:  # the twin's passes are the guard's cost
+        out["guard"] = {"fell_back_at": guard.fell_back_at, "gaps": [round(g, 5) for g in guard.gaps]}
+        out["guard"]["twin_acc"] = twin_acc
         counter.forwards += twin_counter.forwards
         counter.backwards += twin_counter.backwards
     if rw is not None:
@@ -830,8 +832,10 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     opts = {"meta_warmup": kwargs.pop("meta_warmup", warmup), "meta_signal": signal, **opts}
     if seed_offset:  # in the key when the reweighter's seed is not the run's (the placebo)
         opts["seed_offset"] = seed_offset
-    if guard_holdback:  # in the key when a plain twin guards the run (the benchmark's, not the reweighter's)
-        opts["guard_holdback"] = guard_holdback
+    if guard_holdback:  # in the key when a plain twin guards the run: its holdout's size and its options
+        guard = inspect.signature(PlainTwinGuard.__init__).parameters
+        opts["guard"] = {"holdback_per_class": guard_holdback}
+        opts["guard"].update({k: guard[k].default for k in ("check_every", "patience")})
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 

@@ -21,6 +21,7 @@ Example:
 from .class_checks import ClassNormalizationWarning, ClassShareWarning
 from .distributed import DistributedStepError
 from .engines import MetaGradient, MetaProblem, get_engine, list_engines, register_engine
+from .guard import GuardFallbackWarning, PlainTwinGuard
 from .losses import cross_entropy
 from .monitor import CollapseMonitor, WeightCollapseWarning
 from .nets import (
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MetaReweighter",
     "NonFiniteLossError",
+    "PlainTwinGuard",
+    "GuardFallbackWarning",
     "weighted_loss",
     "DistributedStepError",
     "CollapseMonitor",
