@@ -310,10 +310,15 @@ VARIANTS: dict[str, dict] = {
     "cls20v05cweR": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                      "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                      "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "seed_offset": 1000},
-    # the gated net's defaults guarded by a plain twin (reweight.PlainTwinGuard, its defaults): 3 clean samples per
-    # class held back from the meta set as the guard's holdout. (The rows of cls20v05cweG3, the same guard checked at
+    # the gated net's defaults guarded by a plain twin (reweight.PlainTwinGuard): 3 clean samples per class held
+    # back from the meta set as the guard's holdout; G guards to the end (stand_down=False), GE stands down once the
+    # evidence of label noise shows (the guard's default). (The rows of cls20v05cweG3, the same guard as G checked at
     # each epoch's end, were made by f4ab31e's benchmarks/_twin.py: results/twin_probe.jsonl.)
     "cls20v05cweG": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                     "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
+                     "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "guard_holdback": 3,
+                     "guard_stand_down": False},
+    "cls20v05cweGE": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                       "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                       "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}, "guard_holdback": 3},
 }
@@ -364,7 +369,8 @@ class ShapedAdamW(torch.optim.AdamW):
 def reweighter_kwargs(variant: dict) -> dict:
     """MetaReweighter keyword arguments of a variant (``meta_lr`` becomes a meta-optimizer factory)."""
     kwargs = dict(variant)
-    kwargs.pop("guard_holdback", None)  # the guard's, not a reweighter option
+    kwargs.pop("guard_holdback", None)  # the guard's, not reweighter options
+    kwargs.pop("guard_stand_down", None)
     if "meta_lr" in kwargs:
         wd = kwargs.pop("meta_wd", 5e-4)
         cls = torch.optim.AdamW if kwargs.pop("meta_decoupled", False) else torch.optim.Adam
@@ -500,7 +506,8 @@ def _train(
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=rw_seed, **kwargs
         )
-    guard = PlainTwinGuard(rw, [(xg, yg)]) if held_back else None
+    stand_down = (rw_kwargs or {}).get("guard_stand_down", True)
+    guard = PlainTwinGuard(rw, [(xg, yg)], stand_down=stand_down) if held_back else None
     twin_counter = PassCounter(guard.twin) if guard is not None else None
     twin_acc: dict[str, list[float]] = {}
     loss_fn = loss_fn or functools.partial(F.cross_entropy, reduction="none")
@@ -568,6 +575,7 @@ def _train(
             out["train_acc_observed"] = accuracy(model, x, y)
     if guard is not None:  # the twin's passes are the guard's cost
         out["guard"] = {"fell_back_at": guard.fell_back_at, "gaps": [round(g, 5) for g in guard.gaps]}
+        out["guard"]["stood_down_at"] = guard.stood_down_at
         out["guard"]["twin_acc"] = twin_acc
         counter.forwards += twin_counter.forwards
         counter.backwards += twin_counter.backwards
@@ -836,6 +844,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         guard = inspect.signature(PlainTwinGuard.__init__).parameters
         opts["guard"] = {"holdback_per_class": guard_holdback}
         opts["guard"].update({k: guard[k].default for k in ("check_every", "patience")})
+        if VARIANTS[variant].get("guard_stand_down", True):  # in the key when on (G's rows ran without it)
+            opts["guard"]["stand_down"] = True
     return {"net": base, "net_kwargs": {**defaults, **(net_kwargs or {}), **given_net}, **opts}
 
 

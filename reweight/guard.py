@@ -9,6 +9,10 @@ and hyperparameters (mirrored at every step, so learning-rate schedules reach it
 user's model and optimizer take the twin's state right after the user's next optimizer step, a
 :class:`GuardFallbackWarning` says so, and training goes on as plain training: uniform weights, the reweighter no
 longer called. The twin costs a second model, its optimizer state and one plain step per step until then.
+
+Under label noise the weights help and the guard only costs: once the reweighter's evidence of label noise shows
+(``reweighter.noise_evidence.shown``, read at the checks), the guard stands down: the twin is dropped and the
+held-back batches join the meta stream from its next pass on (``stand_down=False`` keeps guarding).
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class PlainTwinGuard:
         patience: checks in a row with the reweighted model's held-back loss above the twin's before falling
             back (default: ``2``).
         start: the first step checked (default: ``None``: the reweighter's ``meta_warmup``).
+        stand_down: stand down once the reweighter's evidence of label noise shows: drop the twin and give the
+            held-back batches to the meta stream (default: ``True``).
         seed: seed of the twin's own randomness (its dropout masks), kept apart from the user's global RNG; drawn
             from torch's global RNG when ``None`` (default: ``None``).
 
@@ -100,7 +106,7 @@ class PlainTwinGuard:
 
     def __init__(
         self, reweighter: MetaReweighter, holdout: Iterable[Any], *, check_every: int = 100, patience: int = 2,
-        start: int | None = None, seed: int | None = None,
+        start: int | None = None, stand_down: bool = True, seed: int | None = None,
     ) -> None:  # fmt: skip
         if not isinstance(reweighter, MetaReweighter):
             raise TypeError(f"reweighter must be a MetaReweighter, got {type(reweighter).__name__}")
@@ -125,6 +131,8 @@ class PlainTwinGuard:
         self.start = reweighter.options.meta_warmup if start is None else start
         self.gaps: list[float] = []  # reweighted minus twin held-back meta loss, one per check
         self.fell_back_at: int | None = None  # the step after whose optimizer step the model took the twin's state
+        self.stood_down_at: int | None = None  # the step at which the evidence of label noise stood the guard down
+        self.stand_down = stand_down
         self._twin: nn.Module | None = _hookless_copy(module)
         self._twin_optimizer: torch.optim.Optimizer | None = _twin_optimizer(reweighter.optimizer, module, self._twin)
         self._steps = self._micro = 0
@@ -133,7 +141,7 @@ class PlainTwinGuard:
         self._hook = reweighter.optimizer.register_step_post_hook(self._after_user_step)
 
     step_count = property(lambda self: self._steps, doc="Number of completed :meth:`step` calls.")
-    twin = property(lambda self: self._twin, doc="The plainly trained twin (``None`` once the model took its state).")
+    twin = property(lambda self: self._twin, doc="The plainly trained twin (``None`` once fallen back or stood down).")
 
     def step(
         self, inputs: Inputs, targets: Tensor, outputs: Any, groups: Tensor | None = None, *,
@@ -143,11 +151,14 @@ class PlainTwinGuard:
 
         Arguments and return as :meth:`MetaReweighter.step`.
         """
-        if self._twin is None:
+        if self.fell_back_at is not None:  # plain training from here
             logits = logits_of(outputs, self.reweighter.logits_fn)
             self._steps += 1
             return torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
         weights = self.reweighter.step(inputs, targets, outputs, groups, sample_ids=sample_ids)
+        if self._twin is None:  # stood down: the reweighter's weights, unguarded
+            self._steps += 1
+            return weights
         self._twin.train(self.reweighter.module.training)
         with isolated_rng((self._seed + self._steps) % 2**62, self.reweighter.device):
             logits = logits_of(_call(self._twin, inputs), self.reweighter.logits_fn)
@@ -155,6 +166,10 @@ class PlainTwinGuard:
         self._micro += 1
         self._steps += 1
         if self._steps >= self.start and self._steps % self.check_every == 0:
+            evidence = self.reweighter.noise_evidence
+            if self.stand_down and evidence is not None and evidence.shown is not None and bool(evidence.shown):
+                self._stand_down(restart=True)
+                return weights
             self.gaps.append(self._held_back_loss(self._model_state()) - self._held_back_loss(None))
             recent = self.gaps[-self.patience :]
             self._pending = len(recent) == self.patience and all(g > 0 for g in recent)
@@ -205,6 +220,12 @@ class PlainTwinGuard:
         if self._pending:
             self._fall_back()
 
+    def _stand_down(self, restart: bool) -> None:
+        self.reweighter.meta_stream.extend(self.holdout, restart=restart)
+        self._hook.remove()
+        self._twin = self._twin_optimizer = None
+        self.stood_down_at, self._pending, self._micro = self._steps, False, 0
+
     def _fall_back(self) -> None:
         assert self._twin is not None and self._twin_optimizer is not None
         self.reweighter.module.load_state_dict(self._twin.state_dict())
@@ -240,6 +261,7 @@ class PlainTwinGuard:
             "gaps": list(self.gaps),
             "pending": self._pending,
             "fell_back_at": self.fell_back_at,
+            "stood_down_at": self.stood_down_at,
             "twin": None if self._twin is None else self._twin.state_dict(),
             "twin_optimizer": None if self._twin_optimizer is None else self._twin_optimizer.state_dict(),
         }
@@ -250,7 +272,7 @@ class PlainTwinGuard:
         Raises:
             ValueError: on a missing key or a state whose twin does not fit this model.
         """
-        missing = {"steps", "gaps", "pending", "fell_back_at", "twin", "twin_optimizer"} - set(state)
+        missing = {"steps", "gaps", "pending", "fell_back_at", "stood_down_at", "twin", "twin_optimizer"} - set(state)
         if missing:
             raise ValueError(f"guard state is missing {sorted(missing)}")
         if self._twin is None and state["twin"] is not None:
@@ -259,9 +281,12 @@ class PlainTwinGuard:
             assert self._twin is not None and self._twin_optimizer is not None
             self._twin.load_state_dict(state["twin"])
             self._twin_optimizer.load_state_dict(state["twin_optimizer"])
-        else:
+        elif state["stood_down_at"] is not None:
+            if self._twin is not None:  # the meta stream replays its recorded pass over the held-back batches too
+                self._stand_down(restart=False)
+        elif self._twin is not None:
             self._twin = self._twin_optimizer = None
             self._hook.remove()
             self.reweighter.remove_hooks()
         self._steps, self.gaps, self._pending = int(state["steps"]), list(state["gaps"]), bool(state["pending"])
-        self.fell_back_at, self._micro = state["fell_back_at"], 0
+        self.fell_back_at, self.stood_down_at, self._micro = state["fell_back_at"], state["stood_down_at"], 0

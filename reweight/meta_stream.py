@@ -90,6 +90,22 @@ class MetaBatchStream:
             self._iterator = None  # a failed iterator (a finished generator, a dead worker) is not reused
             raise
 
+    def extend(self, extra: Iterable[Any], *, restart: bool = True) -> None:
+        """Every pass from now on yields ``extra``'s batches after the loader's (batches held back until now).
+
+        With ``restart`` the current pass ends here and the next batch starts a new one; without it (restoring a
+        stream that was extended) the recorded pass is replayed over the extended loader.
+
+        Raises:
+            TypeError: if ``extra`` is not re-iterable.
+        """
+        if not isinstance(extra, Iterable) or isinstance(extra, Iterator):
+            raise TypeError(f"the batches to add must be re-iterable, got {type(extra).__name__}")
+        self._loader = _Joined(self._loader, extra)
+        if restart and self.epoch_seed is not None:
+            self.epoch, self.position, self.epoch_seed = self.epoch + 1, 0, self._draw_seed()
+        self._iterator = None
+
     def state_dict(self) -> dict[str, int | None]:
         return {"epoch": self.epoch, "position": self.position, "epoch_seed": self.epoch_seed}
 
@@ -128,3 +144,14 @@ class MetaBatchStream:
         self.check_state(state)
         self.epoch, self.position, self.epoch_seed = state["epoch"], state["position"], state["epoch_seed"]
         self._iterator = None
+
+
+class _Joined:
+    """The batches of ``first``, then those of ``second``, on every iteration."""
+
+    def __init__(self, first: Iterable[Any], second: Iterable[Any]) -> None:
+        self.first, self.second = first, second
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.first
+        yield from self.second

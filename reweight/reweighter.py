@@ -265,6 +265,7 @@ class MetaReweighter:
     group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
     is_l2rw = property(lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net).")
     noise_evidence = property(lambda self: self._slot.evidence, doc="What the veto waits for (``veto_evidence``).")
+    meta_stream = property(lambda self: self._meta_stream, doc="The meta loader's endless, resumable stream.")
 
     def _net_dtype(self) -> torch.dtype:
         dtypes = [p.dtype for p in self.module.parameters() if p.is_floating_point()]

@@ -194,3 +194,52 @@ def test_no_warning_while_the_guard_holds():
     with warnings.catch_warnings():
         warnings.simplefilter("error", GuardFallbackWarning)
         _train(model, opt, guard.step, _batches(6))
+
+
+def _show_evidence(rw: MetaReweighter) -> None:
+    """The reweighter's evidence of label noise, shown (as the meta set would show it under noise)."""
+    assert rw.noise_evidence is not None
+    rw.noise_evidence.shown = torch.tensor(True)
+
+
+def test_stands_down_once_the_evidence_shows():
+    """At the first check after the evidence shows, the twin is dropped and the held-back batches join the meta
+    stream from a new pass on; with stand_down=False the guard keeps its twin."""
+    model, opt, rw, guard = _setup(check_every=2, start=0, patience=100)
+    kept, kept_opt, kept_rw, keeper = _setup(check_every=2, start=0, patience=100, stand_down=False)
+    batches = _batches(6)
+    _train(model, opt, guard.step, batches[:3])
+    _train(kept, kept_opt, keeper.step, batches[:3])
+    for r in (rw, kept_rw):
+        _show_evidence(r)
+    _train(model, opt, guard.step, batches[3:4])
+    _train(kept, kept_opt, keeper.step, batches[3:4])
+    assert guard.stood_down_at == 4 and guard.twin is None and guard.fell_back_at is None
+    assert keeper.stood_down_at is None and keeper.twin is not None
+    held = guard.holdout[0][0]
+    seen = [rw.meta_stream.next()[0] for _ in range(3)]  # a new pass: the two meta batches, then the held-back one
+    assert rw.meta_stream.position == 3 and seen[2] is held
+    assert not any(b is held for b in (kept_rw.meta_stream.next()[0] for _ in range(4)))
+    steps = rw.step_count  # stood down, not fallen back: the reweighter's weights go on
+    _train(model, opt, guard.step, batches[4:])
+    assert rw.step_count == steps + 2 and guard.step_count == 6
+
+
+def test_resume_after_standing_down_is_exact():
+    batches = _batches(10)
+    model, opt, rw, guard = _setup(check_every=2, start=0, patience=100)
+    _train(model, opt, guard.step, batches[:3])
+    _show_evidence(rw)
+    _train(model, opt, guard.step, batches[3:5])
+    assert guard.stood_down_at == 4
+    saved = [copy.deepcopy(s) for s in (model.state_dict(), opt.state_dict(), rw.state_dict(), guard.state_dict())]
+    _train(model, opt, guard.step, batches[5:])
+
+    model2, opt2, rw2, guard2 = _setup(check_every=2, start=0, patience=100)
+    for obj, state in zip((model2, opt2, guard2, rw2), (saved[0], saved[1], saved[3], saved[2]), strict=True):
+        obj.load_state_dict(state)  # the guard before the reweighter here: either order restores the stream
+    _train(model2, opt2, guard2.step, batches[5:])
+    assert guard2.stood_down_at == 4 and guard2.twin is None
+    assert rw2.meta_stream.state_dict() == rw.meta_stream.state_dict()
+    for p, q in zip(model2.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
