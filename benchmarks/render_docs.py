@@ -308,6 +308,7 @@ README_LOOP_CURRENT = acc.TABLE.parent / "readme_loop_current.jsonl"
 # does (the store's keys, now read at the current parameters), and the placebo of that library (cls20v05cweR)
 LOOKAHEAD_READING = acc.TABLE.parent / "evidence_lookahead.jsonl"
 GUARD_SEEDS = [*range(10, 20), *range(50, 60)]  # PlainTwinGuard's held-out runs (its rule: seeds 10-19 and fresh 50-59)
+GUARD_STAND_DOWN_SEEDS = list(range(60, 70))  # the guard that stands down on the evidence: fresh seeds
 Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
 
 
@@ -473,14 +474,16 @@ def _twin_spread(
 
 def _guard_fallbacks(table: Path, datasets, settings, row: str, seeds, holdout: int = HOLDOUT) -> str:
     """The guard's runs (``row``, a ``PlainTwinGuard`` variant) per cell: how many fell back to the plain twin and
-    at which steps, and the runs' sample passes (forwards and backwards) over plain training's of the same seeds."""
+    at which steps, how many stood down on the evidence of label noise, and the runs' sample passes (forwards and
+    backwards) over plain training's of the same seeds."""
     variant = row.split("~")[1]
     cells = acc._cells(table, seeds, "gentle", (variant,), "plain", holdout)
     lines = [
-        "| dataset | setting | runs | fell back | at steps (median, range) | sample passes over plain training's |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| dataset | setting | runs | fell back | at steps (median, range) | stood down | sample passes over plain "
+        "training's |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    used, totals = [], [0, 0, 0.0]
+    used, totals = [], [0, 0, 0, 0.0]
     for d in datasets:
         for st in settings:
             runs = cells.get((d, st, row), [])
@@ -492,11 +495,12 @@ def _guard_fallbacks(table: Path, datasets, settings, row: str, seeds, holdout: 
             steps = [s for s in steps if s is not None]
             passes = lambda r: r["result"]["cost"]["forwards"] + r["result"]["cost"]["backwards"]  # noqa: E731
             ratios = [passes(r) / passes(plain[r["key"]["seed"]]) for r in runs if r["key"]["seed"] in plain]
+            down = sum(r["result"]["guard"].get("stood_down_at") is not None for r in runs)
             at = f"{int(np.median(steps))} ({min(steps)}-{max(steps)})" if steps else "-"
             ratio = f"{np.mean(ratios):.2f}x" if ratios else "-"
-            totals = [totals[0] + len(runs), totals[1] + len(steps), totals[2] + sum(ratios)]
-            lines.append(f"| {d} | {st} | {len(runs)} | {len(steps)} | {at} | {ratio} |")
-    lines.append(f"| all | | {totals[0]} | {totals[1]} | | {totals[2] / max(totals[0], 1):.2f}x |")
+            totals = [totals[0] + len(runs), totals[1] + len(steps), totals[2] + down, totals[3] + sum(ratios)]
+            lines.append(f"| {d} | {st} | {len(runs)} | {len(steps)} | {at} | {down} | {ratio} |")
+    lines.append(f"| all | | {totals[0]} | {totals[1]} | | {totals[2]} | {totals[3] / max(totals[0], 1):.2f}x |")
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
@@ -913,6 +917,15 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),  # fmt: skip
         "guard-fallbacks": lambda: _guard_fallbacks(
             table, both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cweG", GUARD_SEEDS
+        ),
+        "guard-stand-down-pairs": lambda: _twin_spread(
+            [("guard - plain training", table, "gated~cls20v05cweGE", table, "standard"),
+             ("default - plain training", table, "gated~cls20v05cwe", table, "standard"),
+             ("guard - default", table, "gated~cls20v05cweGE", table, "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], GUARD_STAND_DOWN_SEEDS,
+        ),  # fmt: skip
+        "guard-stand-down-fallbacks": lambda: _guard_fallbacks(
+            table, both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cweGE", GUARD_STAND_DOWN_SEEDS
         ),
         "evidence-logit-now": lambda: _reading_pairs(
             table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -99,7 +99,8 @@ class PlainTwinGuard:
             from torch's global RNG when ``None`` (default: ``None``).
 
     Raises:
-        TypeError: if ``reweighter`` is not a MetaReweighter or the optimizer cannot be rebuilt for the twin.
+        TypeError: if ``reweighter`` is not a MetaReweighter, ``holdout`` is not re-iterable or the optimizer cannot
+            be rebuilt for the twin.
         ValueError: on an empty ``holdout``, a bad count, parameters the twin cannot copy (sharded, tensor
             subclasses, outside the model) or a run under data parallelism (each rank would train its own twin).
     """
@@ -124,6 +125,10 @@ class PlainTwinGuard:
         odd = [n for n, p in module.named_parameters() if type(p.data) is not torch.Tensor]
         if odd:
             raise ValueError(f"parameter {odd[0]!r} is sharded or a tensor subclass; the twin copies plain tensors")
+        if not isinstance(holdout, Iterable) or isinstance(holdout, Iterator):
+            raise TypeError(f"holdout must be re-iterable (a DataLoader, a list), got {type(holdout).__name__}")
+        if not isinstance(stand_down, bool):
+            raise TypeError(f"stand_down must be a bool, got {type(stand_down).__name__}")
         if next(iter(holdout), None) is None:
             raise ValueError("holdout is empty: give it clean batches held back from the meta loader")
         self.reweighter, self.holdout = reweighter, holdout

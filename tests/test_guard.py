@@ -169,6 +169,8 @@ def test_bad_input_is_refused():
     model, opt, rw, _ = _setup(guard=False)
     with pytest.raises(ValueError, match="holdout is empty"):
         PlainTwinGuard(rw, [])
+    with pytest.raises(TypeError, match="re-iterable"):
+        PlainTwinGuard(rw, iter([_data(2, 4)]))
     with pytest.raises(ValueError, match="check_every must be an integer >= 1"):
         PlainTwinGuard(rw, [_data(2, 4)], check_every=0)
     with pytest.raises(ValueError, match="patience must be an integer >= 1"):
