@@ -947,6 +947,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "guard-stand-down-fallbacks": lambda: _guard_fallbacks(
             TWIN_GUARD, both, EVIDENCE_CELLS["gentle"], "gated~cls20v05cweGE", GUARD_STAND_DOWN_SEEDS
         ),
+        "floor-40-pairs": lambda: _twin_spread(
+            [("floor 0.4 - plain training", table, "gated~cls40v05cwe", TWIN_GUARD, "standard"),
+             ("floor 0.4 - default", table, "gated~cls40v05cwe", TWIN_GUARD, "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], GUARD_STAND_DOWN_SEEDS,
+        ),  # fmt: skip
         "evidence-logit-now": lambda: _reading_pairs(
             table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
         ),
