@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+import _cost  # noqa: E402
 import _store  # noqa: E402
 import _tradeoff  # noqa: E402
 import accuracy as acc  # noqa: E402
@@ -482,7 +483,7 @@ def _guard_fallbacks(tables: Tables, datasets, settings, row: str, seeds, holdou
     """The guard's runs (``row``, a ``PlainTwinGuard`` variant) per cell: how many fell back to the plain twin and
     at which steps and how they ended against plain training of the same seed (a fallen-back run trains plainly, on
     another order of the batches), how many stood down on the evidence of label noise, and the runs' sample passes
-    (forwards and backwards) over plain training's of the same seeds."""
+    (:func:`_cost.passes`) over plain training's of the same seeds."""
     cells = _runs(tables, seeds, "gentle", (row.split("~")[1],), "plain", holdout)
     lines = [
         "| dataset | setting | runs | fell back | at steps (median, range) | fallen back - plain training | stood down "
@@ -490,10 +491,6 @@ def _guard_fallbacks(tables: Tables, datasets, settings, row: str, seeds, holdou
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     used, totals, fallen = [], [0, 0, 0, 0.0], []
-
-    def passes(r: dict) -> int:
-        return r["result"]["cost"]["forwards"] + r["result"]["cost"]["backwards"]
-
     for d in datasets:
         for st in settings:
             runs = cells.get((d, st, row), [])
@@ -506,7 +503,8 @@ def _guard_fallbacks(tables: Tables, datasets, settings, row: str, seeds, holdou
                     if r["result"]["guard"]["fell_back_at"] is not None and r["key"]["seed"] in plain]  # fmt: skip
             fallen += gaps
             down = sum(r["result"]["guard"].get("stood_down_at") is not None for r in runs)
-            ratios = [passes(r) / passes(plain[r["key"]["seed"]]) for r in runs if r["key"]["seed"] in plain]
+            ratios = [_cost.passes(r["result"]) / _cost.passes(plain[r["key"]["seed"]]["result"]) for r in runs
+                      if r["key"]["seed"] in plain]  # fmt: skip
             at = f"{int(np.median(steps))} ({min(steps)}-{max(steps)})" if steps else "-"
             ratio = f"{np.mean(ratios):.2f}x" if ratios else "-"
             totals = [totals[0] + len(runs), totals[1] + len(steps), totals[2] + down, totals[3] + sum(ratios)]
