@@ -4,6 +4,7 @@ state is loaded."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -15,7 +16,7 @@ from ._rng import isolated_rng
 from ._state import check_optimizer_state, check_tensor_shapes
 from .class_checks import ClassChecks
 from .distributed import DataParallelGroup
-from .loss_history import LossHistory, check_history_state
+from .loss_history import LossHistory, check_history_state, warn_lossnet_history
 from .losses import is_class_cross_entropy
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
@@ -27,7 +28,6 @@ from .options import (
     ReweighterOptions,
     is_class_labels,
     settled,
-    warn_lossnet_history,
 )
 
 __all__ = ["NetSlot", "class_indices", "class_members", "class_normalize"]
@@ -309,13 +309,15 @@ class NetSlot:
 
     def floor_ess(self, weights: Tensor, keep: Tensor | None = None) -> Tensor:
         """Blend ``weights`` toward their mean just enough that the effective sample size
-        ``(sum w)^2 / sum w^2`` of the global batch (the samples in ``keep``) is at least ``min_ess`` of it.
+        ``(sum w)^2 / sum w^2`` of the global batch (the samples in ``keep``) is at least ``min_ess`` of it, or
+        ``min_ess_until_evidence`` while the veto waits for evidence of label noise (if higher).
 
         The blend keeps the sum and the order of the weights; its share is computed without a gradient and
         without a host sync, so the net's meta-gradient is the weights' own scaled by ``1 - share``."""
         floor = self.options.min_ess
         assert floor is not None, "min_ess is settled with normalization='auto' by the first batch, before any weight"
-        if floor == 0:
+        quiet = max(floor, self.options.min_ess_until_evidence) if self.evidence is not None else floor
+        if quiet == 0:
             return weights
         mask = torch.ones_like(weights) if keep is None else keep.to(weights.dtype)
         with torch.no_grad():
@@ -324,7 +326,11 @@ class NetSlot:
             count = count.clamp(min=1)
             mean = s1 / count
             var = (s2 / count - mean * mean).clamp(min=0)
-            allowed = mean * mean * (1 / floor - 1)  # the largest variance with ESS >= floor
+            after = math.inf if floor == 0 else 1 / floor - 1  # variance allowed per mean^2 once the evidence shows
+            factor = torch.full((), 1 / quiet - 1 if quiet > floor else after, dtype=mean.dtype, device=mean.device)
+            if quiet > floor and self.evidence is not None and self.evidence.shown is not None:
+                factor = torch.where(self.evidence.shown.to(mean.device), after, factor)
+            allowed = mean * mean * factor  # the largest variance with ESS >= the floor
             scale = torch.where(var > allowed, torch.sqrt(allowed / torch.where(var > 0, var, 1)), 1)
         return torch.where(mask > 0, scale * weights + (1 - scale) * mean, weights)
 

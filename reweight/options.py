@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from ._batch import LogitsFn, as_logits, unwrap_model
 from .engines import list_engines
 from .lookahead import LookaheadSpec
-from .loss_history import LossHistoryWarning
+from .loss_history import check_history
 from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import HISTORY_NETS, list_weighting_nets, named_net_reads
 from .noise_evidence import QUANTILE
@@ -62,6 +61,12 @@ AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # none, with or without a ``within`` net: its weights may rightly rest on one small source (docs/results.md, "A
 # floor on the effective sample size").
 MIN_ESS, L2RW_MIN_ESS, GROUPS_MIN_ESS = 0.2, 0.4, 0.0
+# min_ess_until_evidence=None: 0.8 until the evidence of label noise is shown, for the nets whose veto waits for it
+# (veto_evidence > 0), then min_ess. With nothing to find, on clean labels, their weights drifted away from uniform
+# anyway (to an effective sample size of 0.2 to 0.5 of a batch) and cost plain training's accuracy; under 40% noise
+# the evidence shows within the net's warm-up, before the floor binds (docs/results.md, "Held near uniform until
+# the evidence").
+MIN_ESS_UNTIL_EVIDENCE = 0.8
 # meta_warmup=None: the per-sample nets' lr rises over 300 steps, so that they do not commit while the model is
 # underfit; the group net alone (no ``within`` net) has one parameter per source, starts as the plain mixture and
 # takes SGD's steps (group_meta_optimizer), so it needs no warm-up (docs/source_weighting.md).
@@ -173,6 +178,7 @@ class ReweighterOptions:
     meta_warmup: int
     meta_follows_lr: bool
     min_ess: float | None  # None: L2RW's, settled with normalization="auto"
+    min_ess_until_evidence: float  # the floor while the veto waits for evidence of label noise (at least min_ess)
     veto: float  # math.inf: none
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
     veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: under "class"
@@ -356,6 +362,11 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if not 0 <= float(min_ess) < 1:
         raise ValueError(f"min_ess must be in [0, 1) (a share of the batch; 0 turns the floor off), got {min_ess!r}")
     veto = _check_veto(a["veto"], a["net"], a["net_kwargs"])
+    quiet = a["min_ess_until_evidence"]
+    if isinstance(quiet, bool) or not isinstance(quiet, numbers.Real | None):
+        raise TypeError(f"min_ess_until_evidence must be a number or None, got {type(quiet).__name__}")
+    if quiet is not None and not 0 <= float(quiet) < 1:
+        raise ValueError(f"min_ess_until_evidence must be in [0, 1) (a share of the batch), got {quiet!r}")
     veto_warmup = a["veto_warmup"]
     if veto_warmup is None:  # the net's warm-up while the veto acts (VETO_WARMUP); nothing to warm up without one
         veto_warmup = warmup if math.isfinite(veto) else 0
@@ -377,6 +388,11 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
                          f"first update), got {evidence!r}")  # fmt: skip
     if evidence and _is_l2rw(a["net"]):
         raise ValueError("veto_evidence does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
+    if quiet and (not math.isfinite(veto) or a["veto_evidence"] == 0):
+        raise ValueError(
+            "min_ess_until_evidence applies while the veto waits for evidence of label noise; here nothing waits "
+            f"(veto={a['veto']!r}, veto_evidence={a['veto_evidence']!r}): set min_ess for the floor throughout"
+        )
     if not isinstance(a["loss_history"], bool):
         raise TypeError(f"loss_history must be a bool, got {type(a['loss_history']).__name__}")
     if a["num_classes"] is not None:
@@ -407,6 +423,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         meta_warmup=warmup,
         meta_follows_lr=follows,
         min_ess=float(min_ess),
+        min_ess_until_evidence=MIN_ESS_UNTIL_EVIDENCE if quiet is None else float(quiet),
         veto=veto,
         veto_warmup=veto_warmup,
         veto_center=veto_center,
@@ -429,7 +446,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         options = dataclasses.replace(options, veto_evidence=wait)
     if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
-    _check_history(options)
+    check_history(options)
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not any(id(p) in optimized for p in unwrap_model(model).parameters()):
         raise ValueError("optimizer holds none of the model's parameters")
@@ -469,32 +486,3 @@ def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
     if options.veto_evidence is None:  # the veto's wait: on class labels
         changes["veto_evidence"] = VETO_EVIDENCE if labels else 0.0
     return dataclasses.replace(options, **changes)
-
-
-def warn_lossnet_history(stacklevel: int) -> None:
-    """The :class:`~reweight.loss_history.LossHistoryWarning` of LossNet alone reading the history of class labels."""
-    warnings.warn(
-        "loss_history=True with net='lossnet' on class labels: LossNet alone with the history lost 2.5 to 3 "
-        "points of test accuracy on average (up to 6 on one noise) where the model fits little of the label "
-        "noise (docs/results.md, \"Each sample's loss history\"); the gated net (net='auto' or 'gated') reads "
-        "the history without that loss",
-        LossHistoryWarning,
-        stacklevel=stacklevel,
-    )
-
-
-def _check_history(options: ReweighterOptions) -> None:
-    """``loss_history`` and a net that reads the history go together: refuse one without the other. LossNet
-    alone with it on class labels gets a :class:`~reweight.loss_history.LossHistoryWarning` (measured losses)."""
-    net = options.net if isinstance(options.net, str) else type(options.net).__name__
-    if options.loss_history and net == "lossnet" and is_class_cross_entropy(options.loss_fn):
-        warn_lossnet_history(stacklevel=5)  # under a loss of the user's: at the first batch of class labels
-    if options.loss_history and not options.requires_history:
-        raise ValueError(
-            f"loss_history=True, but net {net!r} does not read the loss history: use net='auto', 'gated' or "
-            "'lossnet' (the nets that read the loss), or a module with requires_history = True"
-        )
-    if options.requires_history and not options.loss_history:
-        raise ValueError(
-            f"net {net!r} reads each sample's loss history: pass loss_history=True and step(..., sample_ids=ids)"
-        )

@@ -89,6 +89,8 @@ class MetaReweighter:
         min_ess: the least share of the batch that carries its loss: weights whose effective sample size
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum kept
             (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW under ``"class"``; ``0``: group net).
+        min_ess_until_evidence: the floor while the veto waits for evidence of label noise (``veto_evidence``),
+            so that weights with nothing to find stay near uniform; then ``min_ess`` (default: ``None``: ``0.8``).
         veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).
@@ -156,6 +158,7 @@ class MetaReweighter:
         meta_warmup: int | None = None,
         meta_follows_lr: bool | None = None,
         min_ess: float | None = None,
+        min_ess_until_evidence: float | None = None,
         veto: float | None = None,
         veto_warmup: int | None = None,
         veto_center: bool | None = None,
@@ -174,10 +177,10 @@ class MetaReweighter:
             model, optimizer, net=net, net_kwargs=net_kwargs, preset=preset, interval=interval, engine=engine,
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
-            veto=veto, veto_warmup=veto_warmup, veto_center=veto_center, veto_evidence=veto_evidence,
-            loss_history=loss_history, loss_fn=loss_fn,
-            meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
-            seed=seed, collapse_threshold=collapse_threshold,
+            min_ess_until_evidence=min_ess_until_evidence, veto=veto, veto_warmup=veto_warmup, veto_center=veto_center,
+            veto_evidence=veto_evidence, loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn,
+            logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite, seed=seed,
+            collapse_threshold=collapse_threshold,
         )  # fmt: skip
         module, optimized = unwrap_model(model), {id(p) for g in optimizer.param_groups for p in g["params"]}
         names = lookahead_parameter_names(module, options.lookahead)
