@@ -316,12 +316,15 @@ VARIANTS: dict[str, dict] = {
     "cls40v05cwe": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4,
                     "normalization": "class", "veto": 0.5, "veto_center": True, "veto_warmup": 300,
                     "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
-    # the gated net's defaults with the floor on the weights' effective sample size at 0.8 of a batch until the
-    # evidence of label noise is shown (min_ess_until_evidence), then 0.2 (results.md, "Held near uniform until the
-    # evidence")
+    # the gated net's and LossNet's defaults with the floor on the weights' effective sample size at 0.8 of a batch
+    # until the evidence of label noise is shown (min_ess_until_evidence), then 0.2 (results.md, "Held near uniform
+    # until the evidence")
     "cls20v05cweq80": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                        "min_ess_until_evidence": 0.8, "normalization": "class", "veto": 0.5, "veto_center": True,
                        "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    "ess20v05weq80": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                      "min_ess_until_evidence": 0.8, "veto": 0.5, "veto_warmup": 300, "veto_evidence": 0.05,
+                      "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.

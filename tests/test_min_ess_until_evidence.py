@@ -1,0 +1,115 @@
+"""``min_ess_until_evidence``: the floor on the weights' effective sample size while the veto waits for evidence of
+label noise (0.8 of the batch by default), ``min_ess`` once the evidence is shown."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import MetaReweighter
+from reweight.monitor import effective_sample_size
+
+CLASSES = 3
+
+
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+    g = torch.Generator().manual_seed(seed)
+    meta = [(torch.randn(12, 4, generator=g), torch.randint(0, CLASSES, (12,), generator=g)) for _ in range(3)]
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), meta
+
+
+def _batch(t: int, n: int = 24):
+    g = torch.Generator().manual_seed(1000 + t)
+    return torch.randn(n, 4, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+class Spread(nn.Module):
+    """A user's net whose weights ``exp(a * loss)`` are far from uniform within each class."""
+
+    requires_logits = True  # "class" normalisation and the veto's wait for evidence, as for the named logit nets
+
+    def __init__(self, a: float = 8.0) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, loss, logits=None, targets=None):
+        return torch.exp(self.a * loss.to(self.a.dtype))
+
+
+def _run(steps: int, **kwargs) -> tuple[MetaReweighter, list[torch.Tensor]]:
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net=Spread(), num_classes=CLASSES, seed=0, **kwargs)
+    out = []
+    for t in range(steps):
+        x, y = _batch(t)
+        logits = model(x)
+        w = rw.step(x, y, logits)
+        out.append(w.detach())
+        opt.zero_grad()
+        (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+        opt.step()
+    return rw, out
+
+
+def test_the_default_is_four_fifths_of_the_batch():
+    model, opt, meta = _parts()
+    assert MetaReweighter(model, opt, meta).options.min_ess_until_evidence == 0.8
+
+
+def test_while_no_evidence_is_shown_every_batch_keeps_the_higher_floor():
+    rw, weights = _run(6)
+    assert rw.noise_evidence is not None and not bool(rw.noise_evidence.shown)
+    free = _run(1, min_ess_until_evidence=0)[1][0]
+    assert float(effective_sample_size(free)) < 0.5  # the floor has work to do
+    for w in weights:
+        assert float(effective_sample_size(w)) >= 0.8 * (1 - 1e-5)
+
+
+@pytest.mark.parametrize("shown", [None, False, True])
+def test_the_floor_follows_the_evidence(shown):
+    """Before the first meta update (``shown`` is ``None``) and until it is shown: the higher floor; once shown:
+    ``min_ess``, the weights of a reweighter without the wait."""
+    rw, _ = _run(1)
+    rw_without, _ = _run(1, min_ess_until_evidence=0)
+    free = torch.exp(12 * torch.linspace(0, 1, 24, dtype=torch.float64))
+    free = free * (free.numel() / free.sum())
+    assert float(effective_sample_size(free)) < 0.2  # both floors have work to do
+    rw._slot.evidence.shown = None if shown is None else torch.tensor(shown)
+    floored = rw._slot.floor_ess(free)
+    if shown:
+        torch.testing.assert_close(floored, rw_without._slot.floor_ess(free), rtol=0, atol=0)
+        assert float(effective_sample_size(floored)) == pytest.approx(0.2, rel=1e-6)
+    else:
+        assert float(effective_sample_size(floored)) == pytest.approx(0.8, rel=1e-6)
+    torch.testing.assert_close(floored.sum(), free.sum())
+
+
+def test_without_a_wait_for_evidence_the_option_changes_nothing():
+    """With the veto from the first update (``veto_evidence=0``) there is no evidence to wait for: ``min_ess``
+    throughout, whatever the default of ``min_ess_until_evidence``."""
+    _, default = _run(4, veto_evidence=0)
+    _, explicit = _run(4, veto_evidence=0, min_ess_until_evidence=0)
+    for a, b in zip(default, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert min(float(effective_sample_size(w)) for w in default) < 0.8
+
+
+@pytest.mark.parametrize("value,error", [(-0.1, ValueError), (1.0, ValueError), ("0.8", TypeError), (True, TypeError)])
+def test_a_value_outside_zero_to_one_is_refused(value, error):
+    model, opt, meta = _parts()
+    with pytest.raises(error, match="min_ess_until_evidence"):
+        MetaReweighter(model, opt, meta, min_ess_until_evidence=value)
+
+
+@pytest.mark.parametrize("kwargs", [{"veto": math.inf}, {"veto_evidence": 0}, {"net": "l2rw"}])
+def test_it_is_refused_where_nothing_waits_for_evidence(kwargs):
+    model, opt, meta = _parts()
+    with pytest.raises(ValueError, match="min_ess_until_evidence applies while the veto waits"):
+        MetaReweighter(model, opt, meta, min_ess_until_evidence=0.5, **kwargs)
+    MetaReweighter(model, opt, meta, min_ess_until_evidence=0, **kwargs)  # 0: nothing asked of it
