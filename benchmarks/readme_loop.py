@@ -50,15 +50,16 @@ def splits(seed: int, noise: float):
     return tensors(x_train[rest], labels), tensors(x_train[meta], y_train[meta]), tensors(x_test, y_test)
 
 
-def run(seed: int, noise: float, lr: float, net: str | None) -> tuple[float, bool]:
-    """Test accuracy after training, and whether the veto's evidence was shown (``net=None``: plain training)."""
+def run(seed: int, noise: float, lr: float, net: str | None, **options) -> tuple[float, bool]:
+    """Test accuracy after training, and whether the veto's evidence was shown (``net=None``: plain training);
+    ``options``: reweighter options besides the defaults."""
     (x, y), (xm, ym), (xt, yt) = splits(seed, noise)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     train_loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     meta_loader = DataLoader(TensorDataset(xm, ym), batch_size=50, shuffle=True)
-    reweighter = None if net is None else MetaReweighter(model, optimizer, meta_loader, net=net)
+    reweighter = None if net is None else MetaReweighter(model, optimizer, meta_loader, net=net, **options)
     for _ in range(EPOCHS):
         for xb, yb in train_loader:
             logits = model(xb)
@@ -73,15 +74,20 @@ def run(seed: int, noise: float, lr: float, net: str | None) -> tuple[float, boo
     return accuracy, bool(evidence is not None and evidence.shown is not None and evidence.shown)
 
 
-def _key(noise: float, lr: float, seed: int, net: str | None) -> dict:
-    return {"noise": noise, "lr": lr, "seed": seed, "net": net or "plain"}
+def _key(noise: float, lr: float, seed: int, net: str | None, options: dict | None = None) -> dict:
+    key = {"noise": noise, "lr": lr, "seed": seed, "net": net or "plain"}
+    return {**key, "options": options} if options and net else key  # the defaults' rows name no options
 
 
-def report(table: Path = TABLE) -> str:
-    """Markdown: one row per stored labels, lr and seed with plain training's accuracy and each net's difference to
-    it, then per labels and net the mean difference, the runs below plain training and those that showed the
-    evidence."""
-    found = {(r["key"]["noise"], r["key"]["lr"], r["key"]["seed"], r["key"]["net"]): r for r in _store.latest(table)}
+def report(table: Path = TABLE, seeds: list[int] | None = None) -> str:
+    """Markdown: one row per stored labels, lr and seed (of ``seeds``, all when ``None``) with plain training's
+    accuracy and each net's difference to it, then per labels and net the mean difference, the runs below plain
+    training and those that showed the evidence."""
+    found = {
+        (r["key"]["noise"], r["key"]["lr"], r["key"]["seed"], r["key"]["net"]): r
+        for r in _store.latest(table)
+        if seeds is None or r["key"]["seed"] in seeds
+    }
     cells = sorted({k[:3] for k in found if k[3] == "plain" and all(k[:3] + (n,) in found for n in NETS)})
     lines = ["| labels | lr | seed | plain | " + " | ".join(NETS) + " |"]
     lines.append("| --- | --- | --- | --- |" + " --- |" * len(NETS))
@@ -117,14 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4])
     p.add_argument("--table", type=Path, default=TABLE)
+    p.add_argument("--min-ess-until-evidence", type=float, help="the nets' min_ess_until_evidence (default: theirs)")
     p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
     args = p.parse_args(argv)
     if not args.report:
-        keys = [_key(noise, lr, seed, net) for noise in args.noise for lr in args.lr for seed in args.seeds
+        options = {} if args.min_ess_until_evidence is None else {"min_ess_until_evidence": args.min_ess_until_evidence}
+        keys = [_key(noise, lr, seed, net, options) for noise in args.noise for lr in args.lr for seed in args.seeds
                 for net in (None, *NETS)]  # fmt: skip
         for key in tqdm([k for k in keys if _store.find(args.table, k) is None], desc="runs"):
             net = None if key["net"] == "plain" else key["net"]
-            accuracy, shown = run(key["seed"], key["noise"], key["lr"], net)
+            accuracy, shown = run(key["seed"], key["noise"], key["lr"], net, **key.get("options", {}))
             result = {"test": accuracy, "shown": shown}
             _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
     print(report(args.table))

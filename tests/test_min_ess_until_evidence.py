@@ -1,5 +1,5 @@
 """``min_ess_until_evidence``: the floor on the weights' effective sample size while the veto waits for evidence of
-label noise (0.8 of the batch by default), ``min_ess`` once the evidence is shown."""
+label noise (an opt-in; 0.8 of the batch below), ``min_ess`` once the evidence is shown."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class Spread(nn.Module):
 
 
 def _run(steps: int, **kwargs) -> tuple[MetaReweighter, list[torch.Tensor]]:
+    kwargs.setdefault("min_ess_until_evidence", 0.8)
     model, opt, meta = _parts()
     rw = MetaReweighter(model, opt, meta, net=Spread(), num_classes=CLASSES, seed=0, **kwargs)
     out = []
@@ -57,9 +58,14 @@ def _run(steps: int, **kwargs) -> tuple[MetaReweighter, list[torch.Tensor]]:
     return rw, out
 
 
-def test_the_default_is_four_fifths_of_the_batch():
+def test_it_is_off_by_default_and_the_weights_are_those_of_min_ess_alone():
     model, opt, meta = _parts()
-    assert MetaReweighter(model, opt, meta).options.min_ess_until_evidence == 0.8
+    assert MetaReweighter(model, opt, meta).options.min_ess_until_evidence == 0.0
+    _, default = _run(4, min_ess_until_evidence=None)
+    _, explicit = _run(4, min_ess_until_evidence=0)
+    for a, b in zip(default, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert min(float(effective_sample_size(w)) for w in default) < 0.5
 
 
 def test_while_no_evidence_is_shown_every_batch_keeps_the_higher_floor():
@@ -88,16 +94,6 @@ def test_the_floor_follows_the_evidence(shown):
     else:
         assert float(effective_sample_size(floored)) == pytest.approx(0.8, rel=1e-6)
     torch.testing.assert_close(floored.sum(), free.sum())
-
-
-def test_without_a_wait_for_evidence_the_option_changes_nothing():
-    """With the veto from the first update (``veto_evidence=0``) there is no evidence to wait for: ``min_ess``
-    throughout, whatever the default of ``min_ess_until_evidence``."""
-    _, default = _run(4, veto_evidence=0)
-    _, explicit = _run(4, veto_evidence=0, min_ess_until_evidence=0)
-    for a, b in zip(default, explicit, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert min(float(effective_sample_size(w)) for w in default) < 0.8
 
 
 @pytest.mark.parametrize("value,error", [(-0.1, ValueError), (1.0, ValueError), ("0.8", TypeError), (True, TypeError)])
