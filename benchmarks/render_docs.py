@@ -319,6 +319,7 @@ GUARD_STAND_DOWN_SEEDS = list(range(60, 70))  # the guard that stands down on th
 # the default's and plain training's runs of those seeds in TWIN_GUARD; the BN CNN's seeds 10-19 and 40-49); the
 # README's loop with it and with the defaults, on one machine (seeds 10-19), in two records of their own
 QUIET_SEEDS = list(range(60, 70))
+QUIET_GROUPS = {"clean": ["uniform-0", "lt-3", "lt-10"], "noisy": [*NOISE4, *acc.NOISY_TAIL_SETTINGS]}
 README_LOOP_QUIET = acc.TABLE.parent / "readme_loop_quiet.jsonl"
 README_LOOP_QUIET_DEFAULTS = acc.TABLE.parent / "readme_loop_quiet_defaults.jsonl"
 Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
@@ -436,15 +437,17 @@ def _final_accuracy(run: dict, holdout: int) -> float:
 
 def _twin_spread(
     pairs: list[tuple[str, Tables, str, Tables, str]], datasets, settings, seeds, schedule="gentle", model="plain",
-    holdout: int = HOLDOUT,
+    holdout: int = HOLDOUT, below: tuple[int, int] = (4, 5), pooled: dict[str, list[str]] | None = None,
 ) -> str:  # fmt: skip
     """How far paired runs of the same seeds end apart, per cell and per pair ``(label, table, row, base_table,
     base_row)``: the mean paired difference (accuracy over the last 10% of epochs, held-out with ``holdout``, else
     test) with its standard error (``*``: below by more than two), the differences' standard deviation, the lowest
-    seed's, and the seeds more than 4 and 5 points below their twins; then each pair over all its cells."""
+    seed's, and the seeds more than ``below`` points below their twins; then each pair over the cells of each
+    ``pooled`` group of settings (``{"clean": [...]}``), and over all its cells."""
+    lo, hi = below
     lines = [
-        "| dataset | setting | pair | seeds | difference | sd of the differences | lowest seed | seeds > 4 below "
-        "| seeds > 5 below |",
+        "| dataset | setting | pair | seeds | difference | sd of the differences | lowest seed | seeds > "
+        f"{lo} below | seeds > {hi} below |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -457,6 +460,7 @@ def _twin_spread(
         for label, t, row, bt, base_row in pairs
     ]  # fmt: skip
     every: dict[str, list[np.ndarray]] = {}
+    grouped: dict[tuple[str, str], list[np.ndarray]] = {}
     used = []
     for d in datasets:
         for st in settings:
@@ -469,20 +473,49 @@ def _twin_spread(
                 used += [a[k] for k in both] + [b[k] for k in both]
                 gap = np.array([_final_accuracy(a[k], holdout) - _final_accuracy(b[k], holdout) for k in both])
                 every.setdefault(label, []).append(gap)
+                for group, members in (pooled or {}).items():
+                    if st in members:
+                        grouped.setdefault((group, label), []).append(gap)
                 se = gap.std(ddof=1) / math.sqrt(len(gap))
                 lines.append(
                     f"| {d} | {st} | {label} | {len(both)} | {gap.mean():+.2f} ± {se:.2f}"
                     f"{'*' if gap.mean() < -2 * se else ''} | {gap.std(ddof=1):.2f} | "
-                    f"{gap.min():+.1f} (seed {both[gap.argmin()]}) | {(gap < -4).sum()} | {(gap < -5).sum()} |"
+                    f"{gap.min():+.1f} (seed {both[gap.argmin()]}) | {(gap < -lo).sum()} | {(gap < -hi).sum()} |"
                 )
-    for label, gaps in every.items():
+    for (group, label), gaps in [*grouped.items(), *((("all", label), gaps) for label, gaps in every.items())]:
         flat = np.concatenate(gaps)
-        below = sum(g.mean() < -2 * g.std(ddof=1) / math.sqrt(len(g)) for g in gaps)
+        low = sum(g.mean() < -2 * g.std(ddof=1) / math.sqrt(len(g)) for g in gaps)
         lines.append(
-            f"| all | {len(gaps)} cells ({below} below by 2 SE) | {label} | {len(flat)} runs | {flat.mean():+.2f} | "
-            f"{np.sqrt(np.mean([g.var(ddof=1) for g in gaps])):.2f} | {flat.min():+.1f} | {(flat < -4).sum()} | "
-            f"{(flat < -5).sum()} |"
+            f"| {group} | {len(gaps)} cells ({low} below by 2 SE) | {label} | {len(flat)} runs | {flat.mean():+.2f} | "
+            f"{np.sqrt(np.mean([g.var(ddof=1) for g in gaps])):.2f} | {flat.min():+.1f} | {(flat < -lo).sum()} | "
+            f"{(flat < -hi).sum()} |"
         )
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
+
+
+def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
+    """Per clean cell of ``protocols`` (``(schedule, model, datasets, settings)``), the runs of ``row`` whose
+    evidence of label noise never showed and the lowest epoch mean of their batches' effective sample size (share
+    of the batch): its median over those runs and its lowest."""
+    lines = [
+        "| dataset | setting | model, schedule | runs | evidence never shown | lowest epoch-mean ESS: median "
+        "| lowest |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    used = []
+    for schedule, model, datasets, settings in protocols:
+        cells = _runs(table, seeds, schedule, (row.split("~")[1],), model, 0)
+        for d in datasets:
+            for st in settings:
+                runs = cells.get((d, st, row), [])
+                used += runs
+                quiet = [r for r in runs if not any(r["result"]["curves"]["veto_acts"])]
+                lowest = [min(r["result"]["curves"]["ess_mean"]) for r in quiet]
+                if lowest:
+                    lines.append(
+                        f"| {d} | {st} | {model}, {schedule} | {len(runs)} | {len(quiet)} | "
+                        f"{float(np.median(lowest)):.2f} | {min(lowest):.2f} |"
+                    )
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
@@ -988,23 +1021,28 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("floor 0.4 - default", table, "gated~cls40v05cwe", TWIN_GUARD, "gated~cls20v05cwe")],
             both, EVIDENCE_CELLS["gentle"], GUARD_STAND_DOWN_SEEDS,
         ),  # fmt: skip
+        "quiet-ess": lambda: _ess_without_evidence(
+            table,
+            [("gentle", "plain", both, ["uniform-0", "lt-3", "lt-10"]), ("paper", "bn", ["mnist1d"], ["uniform-0"])],
+            "gated~cls20v05cwe", list(range(10)),
+        ),
         "quiet-pairs": lambda: _twin_spread(
             [("held - plain training", table, "gated~cls20v05cweq80", TWIN_GUARD, "standard"),
              ("before - plain training", TWIN_GUARD, "gated~cls20v05cwe", TWIN_GUARD, "standard"),
              ("held - before", table, "gated~cls20v05cweq80", TWIN_GUARD, "gated~cls20v05cwe")],
-            both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS,
+            both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "quiet-pairs-bn": lambda: _twin_spread(
             [("held - plain training", table, "gated~cls20v05cweq80", table, "standard"),
              ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
              ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
-            ["mnist1d"], ["uniform-0", *S3], [*range(10, 20), *range(40, 50)], "paper", "bn",
+            ["mnist1d"], ["uniform-0", *S3], [*range(10, 20), *range(40, 50)], "paper", "bn", below=(3, 5),
         ),  # fmt: skip
         "quiet-lossnet-pairs": lambda: _twin_spread(
             [("held - plain training", table, "lossnet~ess20v05weq80", TWIN_GUARD, "standard"),
              ("before - plain training", table, "lossnet~ess20v05we", TWIN_GUARD, "standard"),
              ("held - before", table, "lossnet~ess20v05weq80", table, "lossnet~ess20v05we")],
-            both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS,
+            both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "evidence-logit-now": lambda: _reading_pairs(
             table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
