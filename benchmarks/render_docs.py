@@ -1038,6 +1038,19 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
             ["mnist1d"], ["uniform-0", *S3], [*range(10, 20), *range(40, 50)], "paper", "bn", below=(3, 5),
         ),  # fmt: skip
+        "quiet-light": lambda: _twin_spread(
+            [("held - plain training", table, "gated~cls20v05cweq80", table, "standard"),
+             ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
+             ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
+            both, ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), holdout=0, below=(3, 5),
+        ),  # fmt: skip
+        "quiet-light-bn": lambda: _twin_spread(
+            [("held - plain training", table, "gated~cls20v05cweq80", table, "standard"),
+             ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
+             ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
+            ["mnist1d"], ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), "paper", "bn", holdout=0,
+            below=(3, 5),
+        ),  # fmt: skip
         "quiet-lossnet-pairs": lambda: _twin_spread(
             [("held - plain training", table, "lossnet~ess20v05weq80", TWIN_GUARD, "standard"),
              ("before - plain training", table, "lossnet~ess20v05we", TWIN_GUARD, "standard"),

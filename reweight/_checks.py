@@ -104,6 +104,12 @@ def step_losses(
     check_losses(losses, n, "loss_fn")
     settled = settle_options(options, logits, targets)  # the same options when nothing is pending
     if settled is not options:
+        if options.veto_evidence is None and settled.veto_evidence == 0 and settled.min_ess_until_evidence:
+            raise ValueError(
+                "min_ess_until_evidence applies while the veto waits for evidence of label noise, which it does on "
+                "class labels only; these targets are not class labels (the veto acts from the first update): drop "
+                "min_ess_until_evidence, or pass veto_evidence=0.05 to wait for evidence read on the whole meta batch"
+            )
         options = settled
         if options.requires_logits:  # the gated net: the logits' checks it would have had
             check_batch(inputs, targets, logits, net=str(options.net), num_classes=num_classes)

@@ -109,3 +109,29 @@ def test_it_is_refused_where_nothing_waits_for_evidence(kwargs):
     with pytest.raises(ValueError, match="min_ess_until_evidence applies while the veto waits"):
         MetaReweighter(model, opt, meta, min_ess_until_evidence=0.5, **kwargs)
     MetaReweighter(model, opt, meta, min_ess_until_evidence=0, **kwargs)  # 0: nothing asked of it
+
+
+def test_under_a_loss_of_the_users_on_other_targets_the_first_batch_refuses_it():
+    """Under a loss of the user's the first batch settles whether the veto waits (class labels only): on regression
+    targets nothing waits, so the option given is refused there, before anything changes."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    meta = [(torch.randn(6, 4), torch.randn(6))]
+
+    def mse(pred, target):
+        return (pred.squeeze(-1) - target) ** 2
+
+    rw = MetaReweighter(model, opt, meta, loss_fn=mse, min_ess_until_evidence=0.8, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="these targets are not class labels"):
+        rw.step(x, torch.randn(8), model(x))
+    assert rw.step_count == 0 and rw.net is None
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # with veto_evidence given the veto waits (the evidence read on the whole meta batch) and the option applies
+    rw = MetaReweighter(model, opt, meta, loss_fn=mse, min_ess_until_evidence=0.8, veto_evidence=0.05, seed=0)
+    rw.step(x, torch.randn(8), model(x))
+    assert rw.noise_evidence is not None and rw.options.min_ess_until_evidence == 0.8
+
