@@ -493,6 +493,16 @@ def _twin_spread(
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
+def _held_pairs(row: str, table: Tables, base: str, base_table: Tables, plain_table: Tables) -> list:
+    """:func:`_twin_spread`'s pairs for ``min_ess_until_evidence``: ``row`` (held near uniform until the evidence)
+    and ``base`` (the same defaults without it) each against plain training, and ``row`` against ``base``."""
+    return [
+        ("held - plain training", table, row, plain_table, "standard"),
+        ("before - plain training", base_table, base, plain_table, "standard"),
+        ("held - before", table, row, base_table, base),
+    ]
+
+
 def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
     """Per clean cell of ``protocols`` (``(schedule, model, datasets, settings)``), the runs of ``row`` whose
     evidence of label noise never showed and the lowest epoch mean of their batches' effective sample size (share
@@ -1027,34 +1037,24 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             "gated~cls20v05cwe", list(range(10)),
         ),
         "quiet-pairs": lambda: _twin_spread(
-            [("held - plain training", table, "gated~cls20v05cweq80", TWIN_GUARD, "standard"),
-             ("before - plain training", TWIN_GUARD, "gated~cls20v05cwe", TWIN_GUARD, "standard"),
-             ("held - before", table, "gated~cls20v05cweq80", TWIN_GUARD, "gated~cls20v05cwe")],
+            _held_pairs("gated~cls20v05cweq80", table, "gated~cls20v05cwe", TWIN_GUARD, TWIN_GUARD),
             both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "quiet-pairs-bn": lambda: _twin_spread(
-            [("held - plain training", table, "gated~cls20v05cweq80", table, "standard"),
-             ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
-             ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
+            _held_pairs("gated~cls20v05cweq80", table, "gated~cls20v05cwe", table, table),
             ["mnist1d"], ["uniform-0", *S3], [*range(10, 20), *range(40, 50)], "paper", "bn", below=(3, 5),
         ),  # fmt: skip
         "quiet-light": lambda: _twin_spread(
-            [("held - plain training", table, "gated~cls20v05cweq80", table, "standard"),
-             ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
-             ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
+            _held_pairs("gated~cls20v05cweq80", table, "gated~cls20v05cwe", table, table),
             both, ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), holdout=0, below=(3, 5),
         ),  # fmt: skip
         "quiet-light-bn": lambda: _twin_spread(
-            [("held - plain training", table, "gated~cls20v05cweq80", table, "standard"),
-             ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
-             ("held - before", table, "gated~cls20v05cweq80", table, "gated~cls20v05cwe")],
+            _held_pairs("gated~cls20v05cweq80", table, "gated~cls20v05cwe", table, table),
             ["mnist1d"], ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), "paper", "bn", holdout=0,
             below=(3, 5),
         ),  # fmt: skip
         "quiet-lossnet-pairs": lambda: _twin_spread(
-            [("held - plain training", table, "lossnet~ess20v05weq80", TWIN_GUARD, "standard"),
-             ("before - plain training", table, "lossnet~ess20v05we", TWIN_GUARD, "standard"),
-             ("held - before", table, "lossnet~ess20v05weq80", table, "lossnet~ess20v05we")],
+            _held_pairs("lossnet~ess20v05weq80", table, "lossnet~ess20v05we", table, TWIN_GUARD),
             both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "evidence-logit-now": lambda: _reading_pairs(
