@@ -322,6 +322,10 @@ QUIET_SEEDS = list(range(60, 70))
 QUIET_GROUPS = {"clean": ["uniform-0", "lt-3", "lt-10"], "noisy": [*NOISE4, *acc.NOISY_TAIL_SETTINGS]}
 README_LOOP_QUIET = acc.TABLE.parent / "readme_loop_quiet.jsonl"
 README_LOOP_QUIET_DEFAULTS = acc.TABLE.parent / "readme_loop_quiet_defaults.jsonl"
+# the floor fading as the evidence's level rises (a probe on branch quiet-fade, b0d880f, variant cls20v05cweq80f):
+# its runs, the default's BN runs of seeds 20-29 made beside them, and its README's loop
+QUIET_FADE = acc.TABLE.parent / "quiet_fade.jsonl"
+README_LOOP_QUIET_FADE = acc.TABLE.parent / "readme_loop_quiet_fade.jsonl"
 Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
 
 
@@ -529,34 +533,31 @@ def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
-def _readme_loop_quiet() -> str:
-    """The README's loop (``benchmarks/readme_loop.py``, lr 0.1) with each net's defaults and with
-    ``min_ess_until_evidence=0.8``, the same seeds on one machine: per labels and net, the mean difference from
-    plain training of the same seed (points of test accuracy), the lowest, the runs below it and the runs that
-    showed the evidence of label noise."""
+def _readme_loop_quiet(columns: list[tuple[str, Path]]) -> str:
+    """The README's loop (``benchmarks/readme_loop.py``, lr 0.1) of each ``(label, record)`` in ``columns`` (each
+    net's defaults, ``min_ess_until_evidence``, ...), the same seeds on one machine: per labels and net, the mean
+    difference from plain training of the same seed (points of test accuracy), the lowest, the runs below it and
+    the runs that showed the evidence of label noise."""
     runs = {}
-    for name, path in (("defaults", README_LOOP_QUIET_DEFAULTS), ("0.8", README_LOOP_QUIET)):
+    for name, path in columns:
         for r in _store.latest(path):
             k = r["key"]
             runs[(name, k["noise"], k["seed"], k["net"])] = r
-    seeds = sorted({k[2] for k in runs if k[0] == "0.8"})
-    lines = [
-        "| labels | net | seeds | defaults: against plain (lowest) | below plain | evidence shown "
-        "| `min_ess_until_evidence=0.8`: against plain (lowest) | below plain | evidence shown |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    seeds = sorted(set.intersection(*({k[2] for k in runs if k[0] == name} for name, _ in columns)))
+    head = "".join(f" {name}: against plain (lowest) | below plain | evidence shown |" for name, _ in columns)
+    lines = [f"| labels | net | seeds |{head}", "| --- | --- | --- |" + " --- | --- | --- |" * len(columns)]
     used = []
     for noise in sorted({k[1] for k in runs}):
         for net in readme_loop.NETS:
             cells = []
-            for name in ("defaults", "0.8"):
+            for name, _ in columns:
                 pairs = [(runs[(name, noise, s, net)], runs[(name, noise, s, "plain")]) for s in seeds]
                 used += [r for pair in pairs for r in pair]
                 d = np.array([100 * (a["result"]["test"] - b["result"]["test"]) for a, b in pairs])
                 shown = sum(a["result"]["shown"] for a, _ in pairs)
                 cells.append(f"{d.mean():+.2f} ({d.min():+.1f}) | {(d < 0).sum()} | {shown}")
             label = "clean" if noise == 0 else f"{noise:.0%} random"
-            lines.append(f"| {label} | {net} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {label} | {net} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
@@ -1053,6 +1054,20 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["mnist1d"], ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), "paper", "bn", holdout=0,
             below=(3, 5),
         ),  # fmt: skip
+        "quiet-fade-pairs": lambda: _twin_spread(
+            [("fading - plain training", QUIET_FADE, "gated~cls20v05cweq80f", TWIN_GUARD, "standard"),
+             ("fading - before", QUIET_FADE, "gated~cls20v05cweq80f", TWIN_GUARD, "gated~cls20v05cwe"),
+             ("fading - held", QUIET_FADE, "gated~cls20v05cweq80f", table, "gated~cls20v05cweq80")],
+            both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
+        ),  # fmt: skip
+        "quiet-fade-pairs-bn": lambda: _twin_spread(
+            [("fading - before", QUIET_FADE, "gated~cls20v05cweq80f", (table, QUIET_FADE), "gated~cls20v05cwe"),
+             ("fading - held", QUIET_FADE, "gated~cls20v05cweq80f", table, "gated~cls20v05cweq80")],
+            ["mnist1d"], ["uniform-0", *S3], [*range(10, 30), *range(40, 50)], "paper", "bn", below=(3, 5),
+        ),  # fmt: skip
+        "readme-loop-quiet-fade": lambda: _readme_loop_quiet(
+            [("defaults", README_LOOP_QUIET_DEFAULTS), ("held", README_LOOP_QUIET), ("fading", README_LOOP_QUIET_FADE)]
+        ),
         "quiet-lossnet-pairs": lambda: _twin_spread(
             _held_pairs("lossnet~ess20v05weq80", table, "lossnet~ess20v05we", table, TWIN_GUARD),
             both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
@@ -1248,7 +1263,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "defaults-matrix-l2rw-floor40": lambda: defaults_matrix.report(defaults_matrix.TABLE, "l2rw-floor40"),
         "own-loss": lambda: own_loss.report(own_loss.TABLE),
         "readme-loop": lambda: readme_loop.report(readme_loop.TABLE),
-        "readme-loop-quiet": lambda: _readme_loop_quiet(),
+        "readme-loop-quiet": lambda: _readme_loop_quiet(
+            [("defaults", README_LOOP_QUIET_DEFAULTS), ("`min_ess_until_evidence=0.8`", README_LOOP_QUIET)]
+        ),
         "readme-loop-current": lambda: readme_loop.report(README_LOOP_CURRENT),
         "own-loss-before-veto": lambda: own_loss.report(own_loss.TABLE, veto=float("inf")),
         # docs/llm_finetuning.md
