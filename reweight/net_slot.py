@@ -328,6 +328,10 @@ class NetSlot:
             var = (s2 / count - mean * mean).clamp(min=0)
             after = math.inf if floor == 0 else 1 / floor - 1  # variance allowed per mean^2 once the evidence shows
             factor = torch.full((), 1 / quiet - 1 if quiet > floor else after, dtype=mean.dtype, device=mean.device)
+            if quiet > floor and self.evidence is not None and self.evidence.level is not None:
+                # probe (branch quiet-fade): the floor gives way as the evidence's level rises toward its threshold
+                rise = (self.evidence.level.to(mean.device, mean.dtype) / self.evidence.threshold).clamp(0, 1)
+                factor = 1 / (quiet - (quiet - floor) * rise) - 1
             if quiet > floor and self.evidence is not None and self.evidence.shown is not None:
                 factor = torch.where(self.evidence.shown.to(mean.device), after, factor)
             allowed = mean * mean * factor  # the largest variance with ESS >= the floor
