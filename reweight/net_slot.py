@@ -309,8 +309,9 @@ class NetSlot:
 
     def floor_ess(self, weights: Tensor, keep: Tensor | None = None) -> Tensor:
         """Blend ``weights`` toward their mean just enough that the effective sample size
-        ``(sum w)^2 / sum w^2`` of the global batch (the samples in ``keep``) is at least ``min_ess`` of it, or
-        ``min_ess_until_evidence`` while the veto waits for evidence of label noise (if higher).
+        ``(sum w)^2 / sum w^2`` of the global batch (the samples in ``keep``) is at least ``min_ess`` of it; while
+        the veto waits for evidence of label noise, at least ``min_ess_until_evidence`` (if higher) at an evidence
+        level of 0 or below, falling linearly to ``min_ess`` as the level reaches the evidence's threshold.
 
         The blend keeps the sum and the order of the weights; its share is computed without a gradient and
         without a host sync, so the net's meta-gradient is the weights' own scaled by ``1 - share``."""
@@ -328,6 +329,10 @@ class NetSlot:
             var = (s2 / count - mean * mean).clamp(min=0)
             after = math.inf if floor == 0 else 1 / floor - 1  # variance allowed per mean^2 once the evidence shows
             factor = torch.full((), 1 / quiet - 1 if quiet > floor else after, dtype=mean.dtype, device=mean.device)
+            if quiet > floor and self.evidence is not None and self.evidence.level is not None:
+                # the floor gives way as the evidence builds: weights the evidence needs are not held back from it
+                rise = (self.evidence.level.to(mean.device, mean.dtype) / self.evidence.threshold).clamp(0, 1)
+                factor = 1 / (quiet - (quiet - floor) * rise) - 1
             if quiet > floor and self.evidence is not None and self.evidence.shown is not None:
                 factor = torch.where(self.evidence.shown.to(mean.device), after, factor)
             allowed = mean * mean * factor  # the largest variance with ESS >= the floor

@@ -1,5 +1,5 @@
 """``min_ess_until_evidence``: the floor on the weights' effective sample size while the veto waits for evidence of
-label noise (an opt-in; 0.8 of the batch below), ``min_ess`` once the evidence is shown."""
+label noise (an opt-in; 0.8 of the batch below), giving way to ``min_ess`` as the evidence builds."""
 
 from __future__ import annotations
 
@@ -68,31 +68,49 @@ def test_it_is_off_by_default_and_the_weights_are_those_of_min_ess_alone():
     assert min(float(effective_sample_size(w)) for w in default) < 0.5
 
 
-def test_while_no_evidence_is_shown_every_batch_keeps_the_higher_floor():
-    rw, weights = _run(6)
-    assert rw.noise_evidence is not None and not bool(rw.noise_evidence.shown)
+def _fading(level: float, high: float = 0.8, low: float = 0.2, threshold: float = 0.05) -> float:
+    """The floor at an evidence ``level``: ``high`` at 0 or below, ``low`` at the threshold, linear between."""
+    return high - (high - low) * min(1.0, max(0.0, level / threshold))
+
+
+def test_while_no_evidence_is_shown_every_batch_keeps_the_floor_its_level_allows():
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, net=Spread(), num_classes=CLASSES, seed=0, min_ess_until_evidence=0.8)
+    levels = []
+    for t in range(6):
+        x, y = _batch(t)
+        logits = model(x)
+        w = rw.step(x, y, logits)
+        levels.append(float(rw.noise_evidence.level))  # observed at this step's meta update, before the weights
+        assert float(effective_sample_size(w.detach())) >= _fading(levels[-1]) * (1 - 1e-5)
+        opt.zero_grad()
+        (w * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+        opt.step()
+    assert not bool(rw.noise_evidence.shown) and min(levels) <= 0 < max(levels)  # both ends of the fade were met
     free = _run(1, min_ess_until_evidence=0)[1][0]
     assert float(effective_sample_size(free)) < 0.5  # the floor has work to do
-    for w in weights:
-        assert float(effective_sample_size(w)) >= 0.8 * (1 - 1e-5)
 
 
-@pytest.mark.parametrize("shown", [None, False, True])
-def test_the_floor_follows_the_evidence(shown):
-    """Before the first meta update (``shown`` is ``None``) and until it is shown: the higher floor; once shown:
-    ``min_ess``, the weights of a reweighter without the wait."""
+@pytest.mark.parametrize(
+    "level,shown,floor",
+    [(None, None, 0.8), (-0.01, False, 0.8), (0.0, False, 0.8), (0.025, False, 0.5), (0.2, False, 0.2),
+     (0.2, True, None)],
+)  # fmt: skip
+def test_the_floor_follows_the_evidence(level, shown, floor):
+    """Before the first meta update and at a level of 0 or below: 0.8; then falling linearly to ``min_ess`` (0.2)
+    as the level reaches the threshold (0.05); once shown: the weights of a reweighter without the option."""
     rw, _ = _run(1)
     rw_without, _ = _run(1, min_ess_until_evidence=0)
     free = torch.exp(12 * torch.linspace(0, 1, 24, dtype=torch.float64))
     free = free * (free.numel() / free.sum())
-    assert float(effective_sample_size(free)) < 0.2  # both floors have work to do
+    assert float(effective_sample_size(free)) < 0.2  # every floor has work to do
+    rw._slot.evidence.level = None if level is None else torch.tensor(level, dtype=torch.float64)
     rw._slot.evidence.shown = None if shown is None else torch.tensor(shown)
     floored = rw._slot.floor_ess(free)
-    if shown:
+    if floor is None:
         torch.testing.assert_close(floored, rw_without._slot.floor_ess(free), rtol=0, atol=0)
-        assert float(effective_sample_size(floored)) == pytest.approx(0.2, rel=1e-6)
-    else:
-        assert float(effective_sample_size(floored)) == pytest.approx(0.8, rel=1e-6)
+        floor = 0.2
+    assert float(effective_sample_size(floored)) == pytest.approx(floor, rel=1e-6)
     torch.testing.assert_close(floored.sum(), free.sum())
 
 
