@@ -1065,6 +1065,19 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("fading - held", QUIET_FADE, "gated~cls20v05cweq80f", table, "gated~cls20v05cweq80")],
             ["mnist1d"], ["uniform-0", *S3], [*range(10, 30), *range(40, 50)], "paper", "bn", below=(3, 5),
         ),  # fmt: skip
+        "quiet-fade-light": lambda: _twin_spread(
+            [("fading - plain training", table, "gated~cls20v05cweq80f", table, "standard"),
+             ("fading - before", table, "gated~cls20v05cweq80f", table, "gated~cls20v05cwe"),
+             ("fading - held", table, "gated~cls20v05cweq80f", table, "gated~cls20v05cweq80")],
+            both, ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), holdout=0, below=(3, 5),
+        ),  # fmt: skip
+        "quiet-fade-light-bn": lambda: _twin_spread(
+            [("fading - plain training", table, "gated~cls20v05cweq80f", table, "standard"),
+             ("fading - before", table, "gated~cls20v05cweq80f", table, "gated~cls20v05cwe"),
+             ("fading - held", table, "gated~cls20v05cweq80f", table, "gated~cls20v05cweq80")],
+            ["mnist1d"], ["uniform-5", "uniform-10", "flip1-10"], list(range(10)), "paper", "bn", holdout=0,
+            below=(3, 5),
+        ),  # fmt: skip
         "readme-loop-quiet-fade": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("held", README_LOOP_QUIET), ("fading", README_LOOP_QUIET_FADE)]
         ),
