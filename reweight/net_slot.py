@@ -328,13 +328,12 @@ class NetSlot:
             mean = s1 / count
             var = (s2 / count - mean * mean).clamp(min=0)
             after = math.inf if floor == 0 else 1 / floor - 1  # variance allowed per mean^2 once the evidence shows
-            factor = torch.full((), 1 / quiet - 1 if quiet > floor else after, dtype=mean.dtype, device=mean.device)
-            if quiet > floor and self.evidence is not None and self.evidence.level is not None:
+            factor: float | Tensor = 1 / quiet - 1 if quiet > floor else after
+            evidence = self.evidence
+            if quiet > floor and evidence is not None and evidence.level is not None and evidence.shown is not None:
                 # the floor gives way as the evidence builds: weights the evidence needs are not held back from it
-                rise = (self.evidence.level.to(mean.device, mean.dtype) / self.evidence.threshold).clamp(0, 1)
-                factor = 1 / (quiet - (quiet - floor) * rise) - 1
-            if quiet > floor and self.evidence is not None and self.evidence.shown is not None:
-                factor = torch.where(self.evidence.shown.to(mean.device), after, factor)
+                rise = (evidence.level.to(mean.device, mean.dtype) / evidence.threshold).clamp(0, 1)
+                factor = torch.where(evidence.shown.to(mean.device), after, 1 / (quiet - (quiet - floor) * rise) - 1)
             allowed = mean * mean * factor  # the largest variance with ESS >= the floor
             scale = torch.where(var > allowed, torch.sqrt(allowed / torch.where(var > 0, var, 1)), 1)
         return torch.where(mask > 0, scale * weights + (1 - scale) * mean, weights)
