@@ -324,6 +324,10 @@ VARIANTS: dict[str, dict] = {
                         "min_ess_until_evidence": 0.8, "min_ess_fade": True, "normalization": "class", "veto": 0.5,
                         "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05,
                         "net_kwargs": {"uniform_start": True}},
+    # LossNet's defaults (ess20v05we) with the same fading floor
+    "ess20v05weq80f": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                       "min_ess_until_evidence": 0.8, "min_ess_fade": True, "veto": 0.5, "veto_warmup": 300,
+                       "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
