@@ -326,6 +326,13 @@ README_LOOP_QUIET_DEFAULTS = acc.TABLE.parent / "readme_loop_quiet_defaults.json
 # its runs, the default's BN runs of seeds 20-29 made beside them, and its README's loop
 QUIET_FADE = acc.TABLE.parent / "quiet_fade.jsonl"
 README_LOOP_QUIET_FADE = acc.TABLE.parent / "readme_loop_quiet_fade.jsonl"
+# the fading floor as the default, its rule's runs: the gentle cells' seeds 50-59 (the default and plain training
+# there in TWIN_GUARD), the BN CNN's seeds 30-49 (uniform-0: 30-39), then fresh BN seeds 50-69 for the held-out
+# fall measured less noisily (an addendum written after the rule's outcome)
+FADE = "gated~cls20v05cweq80f"
+FADE_RULE_SEEDS = list(range(50, 60))
+FADE_RULE_SEEDS_BN = list(range(30, 50))
+FADE_FRESH_SEEDS_BN = list(range(50, 70))
 Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
 
 
@@ -507,6 +514,34 @@ def _held_pairs(row: str, table: Tables, base: str, base_table: Tables, plain_ta
     ]
 
 
+def _holdout_drops(tables: Tables, settings, rows: list[str], seeds, smooth: tuple[int, ...] = (1, 3)) -> str:
+    """The late fall on held-out samples (BN CNN, paper schedule) per cell and row: the best of the held-out curve
+    (its ``k``-epoch moving average for each ``k`` in ``smooth``) less the mean of its last 10% of epochs, as the
+    mean over seeds, the seeds more than 4 below their best and the largest fall. The held-out set is 10 samples
+    per class, so a one-epoch best carries its sampling noise; a moving average carries less of it."""
+    cells = _runs(tables, seeds, "paper", tuple(dict.fromkeys(r.split("~")[1] for r in rows)), "bn", HOLDOUT)
+    heads = "".join(f" best of {k} epoch{'s' if k > 1 else ''} - last: mean | > 4 | largest |" for k in smooth)
+    lines = [f"| setting | row | seeds |{heads}", "| --- | --- | --- |" + " --- | --- | --- |" * len(smooth)]
+    used = []
+    for st in settings:
+        for row in rows:
+            runs = [r for r in cells.get(("mnist1d", st, row), []) if r["key"]["seed"] in seeds]
+            if not runs:
+                continue
+            used += runs
+            parts = []
+            for k in smooth:
+                falls = []
+                for r in runs:
+                    h = 100 * np.asarray(r["result"]["holdout_acc"], dtype=float)
+                    tail = max(1, math.ceil(0.1 * len(h)))
+                    falls.append(np.convolve(h, np.ones(k) / k, mode="valid").max() - h[-tail:].mean())
+                f = np.array(falls)
+                parts.append(f"{f.mean():.2f} | {int((f > 4).sum())} | {f.max():.1f}")
+            lines.append(f"| {st} | {row} | {len(runs)} | " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
+
+
 def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
     """Per clean cell of ``protocols`` (``(schedule, model, datasets, settings)``), the runs of ``row`` whose
     evidence of label noise never showed and the lowest epoch mean of their batches' effective sample size (share
@@ -533,17 +568,18 @@ def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
-def _readme_loop_quiet(columns: list[tuple[str, Path]]) -> str:
+def _readme_loop_quiet(columns: list[tuple[str, Path]], seeds: list[int] | None = None) -> str:
     """The README's loop (``benchmarks/readme_loop.py``, lr 0.1) of each ``(label, record)`` in ``columns`` (each
     net's defaults, ``min_ess_until_evidence``, ...), the same seeds on one machine: per labels and net, the mean
     difference from plain training of the same seed (points of test accuracy), the lowest, the runs below it and
-    the runs that showed the evidence of label noise."""
+    the runs that showed the evidence of label noise; the seeds every record holds (of ``seeds``, if given)."""
     runs = {}
     for name, path in columns:
         for r in _store.latest(path):
             k = r["key"]
             runs[(name, k["noise"], k["seed"], k["net"])] = r
-    seeds = sorted(set.intersection(*({k[2] for k in runs if k[0] == name} for name, _ in columns)))
+    shared = set.intersection(*({k[2] for k in runs if k[0] == name} for name, _ in columns))
+    seeds = sorted(shared if seeds is None else shared & set(seeds))
     head = "".join(f" {name}: against plain (lowest) | below plain | evidence shown |" for name, _ in columns)
     lines = [f"| labels | net | seeds |{head}", "| --- | --- | --- |" + " --- | --- | --- |" * len(columns)]
     used = []
@@ -1085,6 +1121,35 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             _held_pairs("lossnet~ess20v05weq80", table, "lossnet~ess20v05we", table, TWIN_GUARD),
             both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
+        "fade-rule-pairs": lambda: _twin_spread(
+            [("fading - plain training", table, FADE, TWIN_GUARD, "standard"),
+             ("before - plain training", TWIN_GUARD, "gated~cls20v05cwe", TWIN_GUARD, "standard"),
+             ("fading - before", table, FADE, TWIN_GUARD, "gated~cls20v05cwe")],
+            both, EVIDENCE_CELLS["gentle"], FADE_RULE_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
+        ),  # fmt: skip
+        "fade-rule-pairs-bn": lambda: _twin_spread(
+            [("fading - before", table, FADE, table, "gated~cls20v05cwe"),
+             ("fading - plain training", table, FADE, table, "standard"),
+             ("before - plain training", table, "gated~cls20v05cwe", table, "standard")],
+            ["mnist1d"], ["uniform-0", *S3], FADE_RULE_SEEDS_BN, "paper", "bn", below=(3, 5),
+        ),  # fmt: skip
+        "fade-rule-drops-bn": lambda: _holdout_drops(table, S3, [FADE, "gated~cls20v05cwe"], FADE_RULE_SEEDS_BN),
+        "fade-rule-pairs-bn-fresh": lambda: _twin_spread(
+            [("fading - before", table, FADE, table, "gated~cls20v05cwe")],
+            ["mnist1d"], S3, FADE_FRESH_SEEDS_BN, "paper", "bn", below=(3, 5),
+        ),  # fmt: skip
+        "fade-rule-drops-bn-fresh": lambda: _holdout_drops(
+            table, S3, [FADE, "gated~cls20v05cwe"], FADE_FRESH_SEEDS_BN
+        ),
+        "fade-rule-lossnet-pairs": lambda: _twin_spread(
+            [("fading - plain training", table, "lossnet~ess20v05weq80f", TWIN_GUARD, "standard"),
+             ("before - plain training", table, "lossnet~ess20v05we", TWIN_GUARD, "standard"),
+             ("fading - before", table, "lossnet~ess20v05weq80f", table, "lossnet~ess20v05we")],
+            both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
+        ),  # fmt: skip
+        "readme-loop-fade-rule": lambda: _readme_loop_quiet(
+            [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)], seeds=list(range(20, 30))
+        ),
         "evidence-logit-now": lambda: _reading_pairs(
             table, LOOKAHEAD_READING, both, EVIDENCE_CELLS["gentle"], ["gated~cls20v05cwe"], list(range(30, 40))
         ),
