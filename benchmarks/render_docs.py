@@ -476,7 +476,7 @@ def _twin_spread(
     ]  # fmt: skip
     every: dict[str, list[np.ndarray]] = {}
     grouped: dict[tuple[str, str], list[np.ndarray]] = {}
-    used = []
+    used, across = [], {}
     for d in datasets:
         for st in settings:
             for label, cells, row, base_cells, base_row in loaded:
@@ -486,6 +486,8 @@ def _twin_spread(
                 if len(both) < 2:
                     continue
                 used += [a[k] for k in both] + [b[k] for k in both]
+                cpus = [(a[k]["provenance"].get("cpu"), b[k]["provenance"].get("cpu")) for k in both]
+                across[label] = across.get(label, 0) + sum(x is not None and y is not None and x != y for x, y in cpus)
                 gap = np.array([_final_accuracy(a[k], holdout) - _final_accuracy(b[k], holdout) for k in both])
                 every.setdefault(label, []).append(gap)
                 for group, members in (pooled or {}).items():
@@ -505,7 +507,11 @@ def _twin_spread(
             f"{np.sqrt(np.mean([g.var(ddof=1) for g in gaps])):.2f} | {flat.min():+.1f} | {(flat < -lo).sum()} | "
             f"{(flat < -hi).sum()} |"
         )
-    return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
+    crossed = [f"{label}: {n}" for label, n in across.items() if n]
+    note = _store.provenance_note(used)
+    if crossed:  # runs of one seed diverge across CPUs: such a pair measures the machines too
+        note += "\nPairs whose two runs were made on different CPUs: " + ", ".join(crossed) + "."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def _held_pairs(row: str, table: Tables, base: str, base_table: Tables, plain_table: Tables) -> list:
