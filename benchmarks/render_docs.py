@@ -514,13 +514,15 @@ def _twin_spread(
     return "\n".join(lines) + "\n\n" + note
 
 
-def _held_pairs(row: str, table: Tables, base: str, base_table: Tables, plain_table: Tables) -> list:
-    """:func:`_twin_spread`'s pairs for ``min_ess_until_evidence``: ``row`` (held near uniform until the evidence)
-    and ``base`` (the same defaults without it) each against plain training, and ``row`` against ``base``."""
+def _held_pairs(
+    row: str, table: Tables, base: str, base_table: Tables, plain_table: Tables, name: str = "held"
+) -> list:
+    """:func:`_twin_spread`'s pairs for ``min_ess_until_evidence``: ``row`` (the floor, called ``name``) and ``base``
+    (the same defaults without it) each against plain training, and ``row`` against ``base``."""
     return [
-        ("held - plain training", table, row, plain_table, "standard"),
+        (f"{name} - plain training", table, row, plain_table, "standard"),
         ("before - plain training", base_table, base, plain_table, "standard"),
-        ("held - before", table, row, base_table, base),
+        (f"{name} - before", table, row, base_table, base),
     ]
 
 
@@ -1132,9 +1134,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "fade-rule-pairs": lambda: _twin_spread(
-            [("fading - plain training", table, FADE, TWIN_GUARD, "standard"),
-             ("before - plain training", TWIN_GUARD, "gated~cls20v05cwe", TWIN_GUARD, "standard"),
-             ("fading - before", table, FADE, TWIN_GUARD, "gated~cls20v05cwe")],
+            _held_pairs(FADE, table, "gated~cls20v05cwe", TWIN_GUARD, TWIN_GUARD, "fading"),
             both, EVIDENCE_CELLS["gentle"], FADE_RULE_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "fade-rule-pairs-bn": lambda: _twin_spread(
@@ -1154,18 +1154,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, [FADE, "gated~cls20v05cwe"], FADE_FRESH_SEEDS_BN
         ),
         "fade-rule-lossnet-pairs": lambda: _twin_spread(
-            [("fading - plain training", table, "lossnet~ess20v05weq80f", TWIN_GUARD, "standard"),
-             ("before - plain training", table, "lossnet~ess20v05we", TWIN_GUARD, "standard"),
-             ("fading - before", table, "lossnet~ess20v05weq80f", table, "lossnet~ess20v05we")],
+            _held_pairs("lossnet~ess20v05weq80f", table, "lossnet~ess20v05we", table, TWIN_GUARD, "fading"),
             both, EVIDENCE_CELLS["gentle"], QUIET_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "readme-loop-fade-rule": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)], seeds=list(range(20, 30))
         ),
         "fade-next-pairs": lambda: _twin_spread(
-            [("fading - plain training", table, FADE, table, "standard"),
-             ("before - plain training", table, "gated~cls20v05cwe", table, "standard"),
-             ("fading - before", table, FADE, table, "gated~cls20v05cwe")],
+            _held_pairs(FADE, table, "gated~cls20v05cwe", table, table, "fading"),
             both, EVIDENCE_CELLS["gentle"], list(range(70, 80)), below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
         "readme-loop-fade-next": lambda: _readme_loop_quiet(
