@@ -26,6 +26,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -189,9 +190,17 @@ def code_versions(table_rows: Iterable[dict]) -> dict[str, int]:
 
 
 def provenance_note(table_rows: Iterable[dict]) -> str:
-    """One line naming the code versions behind a table and how many of its runs each gave."""
+    """One line naming the code versions behind a table and how many of its runs each gave; where its rows were
+    made on more than one CPU, a second naming them (runs of one seed diverge across CPUs)."""
+    table_rows = list(table_rows)
     counts = code_versions(table_rows)
     if not counts:
         return ""
     parts = ", ".join(f"{label}: {n}" for label, n in counts.items())
-    return f"Code versions of the {sum(counts.values())} rows behind this table: {parts}."
+    note = f"Code versions of the {sum(counts.values())} rows behind this table: {parts}."
+    cpus = Counter(r.get("provenance", {}).get("cpu") or "not recorded" for r in table_rows)
+    if len(cpus) > 1:
+        note += "\nCPUs that made them (a seed's runs differ across CPUs): " + ", ".join(
+            f"{cpu}: {n}" for cpu, n in sorted(cpus.items())
+        ) + "."
+    return note

@@ -144,6 +144,24 @@ def test_a_companion_cell_already_cached_is_never_rewritten(bench, tmp_path):
     assert rows[0]["result"] == {"stale": True}
 
 
+def test_a_table_made_on_more_than_one_cpu_says_which():
+    """Runs of one seed diverge across CPUs, so a table whose rows come from several names them and their counts;
+    a table of one CPU's rows keeps the one line of code versions."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _store
+
+    def row(commit: str, cpu: str | None) -> dict:
+        prov = {"library": {"version": "0.1.0", "commit": commit}}
+        return {"provenance": {**prov, "cpu": cpu} if cpu else prov}
+
+    one = _store.provenance_note([row("a" * 40, "AMD EPYC"), row("b" * 40, "AMD EPYC")])
+    assert one.count("\n") == 0 and "CPU" not in one
+    mixed = _store.provenance_note([row("a" * 40, "AMD EPYC"), row("a" * 40, "Intel Xeon"), row("a" * 40, None)])
+    first, second = mixed.split("\n")
+    assert first.startswith("Code versions of the 3 rows")
+    assert second.endswith("AMD EPYC: 1, Intel Xeon: 1, not recorded: 1.")
+
+
 def test_paper_ratio_protocol(bench):
     cfg = bench.CONFIGS["mnist1d-2pct"]
     train = int(0.8 * cfg.num_samples)  # mnist1d keeps 80% for training
