@@ -62,12 +62,12 @@ CONFIGS = {
     # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
     "l2rw-floor40": {},
     # the defaults with the meta-gradient's veto at the batch's mean |c| (the nets; L2RW's rule is a veto at 0)
-    "veto10": {"veto": 1.0, "veto_warmup": 0},
+    "veto10": {"veto": 1.0, "veto_warmup": 0, "min_ess_until_evidence": 0},
     # the defaults with the veto reading the coefficients at the net's warm-up factor over its 300 steps
-    "veto-warmup": {"veto_warmup": 300, "veto_center": False},
+    "veto-warmup": {"veto_warmup": 300, "veto_center": False, "min_ess_until_evidence": 0},
     # the defaults with the veto reading each coefficient against its class's (batch's) weighted mean (run when
     # veto_center=True meant the batch's mean under "sum" on class labels too, commits 8503372 to dd35f17)
-    "veto-center": {"veto_center": True, "veto_warmup": 0},
+    "veto-center": {"veto_center": True, "veto_warmup": 0, "min_ess_until_evidence": 0},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -107,6 +107,8 @@ BEFORE_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before the vet
 SPELLED["defaults"]["veto_evidence"] = "0.05 under normalization=class (the nets that read the logits), else 0"
 BEFORE_LOSSNET_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before LossNet's veto waited for it too
 SPELLED["defaults"]["veto_evidence"] = "0.05 on class labels (every net with a veto), else 0"
+BEFORE_QUIET = dict(SPELLED["defaults"])  # the defaults' rows before min_ess_until_evidence became one of them
+SPELLED["defaults"]["min_ess_until_evidence"] = "0.8 while the veto waits under normalization=class, else 0"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
 
 from reweight import MetaReweighter  # noqa: E402
-from reweight.options import VETO  # noqa: E402
+from reweight.options import MIN_ESS_UNTIL_EVIDENCE, VETO  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "own_loss.jsonl"
 SETTINGS = ("flip1-40", "uniform-40")
@@ -95,23 +95,26 @@ def run(setting: str, method: str, seed: int) -> dict:
     return out
 
 
-def _key(setting: str, method: str, seed: int, veto: float = VETO) -> dict:
+def _key(setting: str, method: str, seed: int, veto: float = VETO, until: float = MIN_ESS_UNTIL_EVIDENCE) -> dict:
     """A row's identity; a reweighting method's also holds the library's default ``veto`` when there is one (the
-    rows without it ran before the veto was a default)."""
+    rows without it ran before the veto was a default), and the defaults' ``min_ess_until_evidence`` where it acts
+    (weights within each class; the rows without it ran before it was a default)."""
     key: dict = {"setting": setting, "method": method, "seed": seed}
     if METHODS[method] is not None and math.isfinite(veto):
         key["veto"] = veto
+        if until and METHODS[method].get("normalization") != "sum":
+            key["min_ess_until_evidence"] = until
     return key
 
 
-def report(table: Path = TABLE, veto: float = VETO) -> str:
+def report(table: Path = TABLE, veto: float = VETO, until: float = MIN_ESS_UNTIL_EVIDENCE) -> str:
     """Markdown: test accuracy per setting and method (mean ± std over seeds), the seeds below plain training
     (paired), and the net and normalisation the defaults settled on; the rows run under the default ``veto``
-    (``math.inf``: those run before it was a default)."""
+    (``math.inf``: those run before it was a default) and ``min_ess_until_evidence`` (0: before it was one)."""
     rows = [
         r
         for r in _store.latest(table)
-        if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"], veto)
+        if r["key"] == _key(r["key"]["setting"], r["key"]["method"], r["key"]["seed"], veto, until)
     ]
 
     def cell(setting: str, method: str) -> list[dict]:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _store  # noqa: E402
 
 from reweight import MetaReweighter, weighted_loss  # noqa: E402
+from reweight.options import MIN_ESS_UNTIL_EVIDENCE  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "readme_loop.jsonl"
 NETS = ("auto", "lossnet", "metainfonet")
@@ -75,8 +76,13 @@ def run(seed: int, noise: float, lr: float, net: str | None, **options) -> tuple
 
 
 def _key(noise: float, lr: float, seed: int, net: str | None, options: dict | None = None) -> dict:
+    """A run's identity: ``options`` given, or else those the defaults set that earlier defaults did not (the nets
+    that read the logits weight within each class, where ``min_ess_until_evidence`` acts), so that the defaults'
+    rows name what they ran: a row of the defaults before it names no options."""
     key = {"noise": noise, "lr": lr, "seed": seed, "net": net or "plain"}
-    return {**key, "options": options} if options and net else key  # the defaults' rows name no options
+    if not options and net in ("auto", "metainfonet") and MIN_ESS_UNTIL_EVIDENCE:
+        options = {"min_ess_until_evidence": MIN_ESS_UNTIL_EVIDENCE}
+    return {**key, "options": options} if options and net else key
 
 
 def report(table: Path = TABLE, seeds: list[int] | None = None) -> str:

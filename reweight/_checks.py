@@ -104,7 +104,7 @@ def step_losses(
     check_losses(losses, n, "loss_fn")
     settled = settle_options(options, logits, targets)  # the same options when nothing is pending
     if settled is not options:
-        if options.veto_evidence is None and settled.veto_evidence == 0 and settled.min_ess_until_evidence:
+        if options.veto_evidence is None and settled.veto_evidence == 0 and options.min_ess_until_evidence:
             raise ValueError(
                 "min_ess_until_evidence applies while the veto waits for evidence of label noise, which it does on "
                 "class labels only; these targets are not class labels (the veto acts from the first update): drop "

@@ -317,7 +317,9 @@ class NetSlot:
         without a host sync, so the net's meta-gradient is the weights' own scaled by ``1 - share``."""
         floor = self.options.min_ess
         assert floor is not None, "min_ess is settled with normalization='auto' by the first batch, before any weight"
-        quiet = max(floor, self.options.min_ess_until_evidence) if self.evidence is not None else floor
+        until = self.options.min_ess_until_evidence
+        assert until is not None, "min_ess_until_evidence is settled by the first batch, before any weight"
+        quiet = max(floor, until) if self.evidence is not None else floor
         if quiet == 0:
             return weights
         mask = torch.ones_like(weights) if keep is None else keep.to(weights.dtype)

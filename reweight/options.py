@@ -61,13 +61,10 @@ AUTO_NET, AUTO_NET_OTHER = "gated", "lossnet"
 # none, with or without a ``within`` net: its weights may rightly rest on one small source (docs/results.md, "A
 # floor on the effective sample size").
 MIN_ESS, L2RW_MIN_ESS, GROUPS_MIN_ESS = 0.2, 0.4, 0.0
-# min_ess_until_evidence=None: 0, off (an opt-in: the floor is min_ess throughout). At 0.8 the weights are held near
-# uniform while the veto waits for evidence of label noise, the floor giving way as the evidence builds (0.8 at a
-# level of 0 or below, min_ess at the threshold). On clean digits (the README's loop, 50 seeds) it removed the logit
-# nets' cost (the gated net -2.8 -> -0.2 points against plain training); wherever the evidence shows early it changes
-# nothing. Not the default: two rules on fresh seeds each failed by a letter within noise (docs/results.md, "The
-# fading floor as the default"); held until shown, it cost one noisy BatchNorm seed 20 held-out points.
-MIN_ESS_UNTIL_EVIDENCE = 0.0
+# min_ess_until_evidence=None: 0.8 where the veto waits for evidence and the weights are normalised within each
+# class, else 0: weights with nothing to find held near uniform, the floor giving way to min_ess as the evidence
+# builds (docs/results.md, "The fading floor as the default"; LossNet under "sum" lost on clean long tails with it).
+MIN_ESS_UNTIL_EVIDENCE = 0.8
 # meta_warmup=None: the per-sample nets' lr rises over 300 steps, so that they do not commit while the model is
 # underfit; the group net alone (no ``within`` net) has one parameter per source, starts as the plain mixture and
 # takes SGD's steps (group_meta_optimizer), so it needs no warm-up (docs/source_weighting.md).
@@ -179,7 +176,7 @@ class ReweighterOptions:
     meta_warmup: int
     meta_follows_lr: bool
     min_ess: float | None  # None: L2RW's, settled with normalization="auto"
-    min_ess_until_evidence: float  # the floor while the veto waits for evidence of label noise (at least min_ess)
+    min_ess_until_evidence: float | None  # the floor while the veto waits for evidence (None: the first batch's)
     veto: float  # math.inf: none
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
     veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: under "class"
@@ -424,7 +421,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         meta_warmup=warmup,
         meta_follows_lr=follows,
         min_ess=float(min_ess),
-        min_ess_until_evidence=MIN_ESS_UNTIL_EVIDENCE if quiet is None else float(quiet),
+        min_ess_until_evidence=None if quiet is None else float(quiet),
         veto=veto,
         veto_warmup=veto_warmup,
         veto_center=veto_center,
@@ -445,6 +442,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["veto_evidence"] is None and options.vetoes:  # on class labels: known under "class", else the first batch's
         wait = VETO_EVIDENCE if options.normalization == "class" else None
         options = dataclasses.replace(options, veto_evidence=wait)
+    if quiet is None and options.veto_evidence is not None and options.normalization != "auto":  # else: the first batch
+        options = dataclasses.replace(options, min_ess_until_evidence=_until_evidence(options))
     if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
     check_history(options)
@@ -454,13 +453,21 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     return options
 
 
+def _until_evidence(options: ReweighterOptions) -> float:
+    """``min_ess_until_evidence=None``: :data:`MIN_ESS_UNTIL_EVIDENCE` where the veto waits for evidence (settled)
+    and the weights are normalised within each class (settled), else 0."""
+    waits = options.veto_evidence is not None and options.veto_evidence > 0
+    return MIN_ESS_UNTIL_EVIDENCE if waits and options.normalization == "class" else 0.0
+
+
 def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) -> ReweighterOptions:
     """``options`` with what a loss other than the library's cross-entropy leaves to the first batch settled by
     it: whether the targets are class labels, integer class indices ``(batch,)`` of logits ``(batch, K)`` with
     ``K >= 2`` (not regression, soft or binary targets, token-level outputs). Then ``net="auto"`` is the gated net
     (else LossNet), ``normalization="auto"`` is ``"class"`` (else ``"sum"``), with L2RW's default floor, and
     ``veto_evidence=None`` is :data:`VETO_EVIDENCE` (else 0). Structural: no host sync."""
-    if options.net != "auto" and options.normalization != "auto" and options.veto_evidence is not None:
+    pending = options.veto_evidence is None or options.min_ess_until_evidence is None
+    if options.net != "auto" and options.normalization != "auto" and not pending:
         return options
     return settled(options, AUTO_NET if is_class_labels(logits, targets) else AUTO_NET_OTHER)
 
@@ -486,4 +493,7 @@ def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
             changes["min_ess"] = L2RW_MIN_ESS if labels else MIN_ESS
     if options.veto_evidence is None:  # the veto's wait: on class labels
         changes["veto_evidence"] = VETO_EVIDENCE if labels else 0.0
-    return dataclasses.replace(options, **changes)
+    options = dataclasses.replace(options, **changes)
+    if options.min_ess_until_evidence is None:  # the floor while the veto waits, with the wait and normalisation
+        options = dataclasses.replace(options, min_ess_until_evidence=_until_evidence(options))
+    return options

@@ -90,8 +90,8 @@ class MetaReweighter:
             ``(sum w)^2 / sum w^2`` falls below it are blended toward their mean until it holds, order and sum kept
             (``0``: no floor) (default: ``None``: ``0.2``; ``0.4`` for L2RW under ``"class"``; ``0``: group net).
         min_ess_until_evidence: the floor while the veto waits for evidence of label noise (``veto_evidence``),
-            giving way to ``min_ess`` as the evidence builds: ``0.8`` holds weights with nothing to find near uniform
-            (docs/results.md, "Held near uniform until the evidence") (default: ``None``: ``0``, off).
+            giving way to ``min_ess`` as the evidence builds, so weights with nothing to find stay near uniform
+            (default: ``None``: ``0.8`` where the veto waits under ``"class"``, else ``0``; ``0``: off).
         veto: at each meta update a sample whose ``c_i = dL_meta/dw_i`` is above ``veto`` times the batch's mean ``|c|``
             gets weight 0 (weighting it up raises the meta loss), the rest normalised again; ``math.inf``: none; not
             for L2RW, whose rule it is at 0 (default: ``None``: ``0.5``; none for the group net alone).

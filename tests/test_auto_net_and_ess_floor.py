@@ -236,7 +236,8 @@ def test_the_floor_scales_the_nets_meta_gradient_by_one_minus_the_blend():
         net = Spread().double()
         start = [p.detach().clone() for p in net.parameters()]
         rw = MetaReweighter(model, opt, meta, net=net, min_ess=floor, seed=0, meta_warmup=0, lookahead_lr=1e-6,
-                            normalization="sum", meta_optimizer=lambda p: torch.optim.SGD(p, lr=1.0))  # fmt: skip
+                            normalization="sum", min_ess_until_evidence=0,
+                            meta_optimizer=lambda p: torch.optim.SGD(p, lr=1.0))  # fmt: skip
         x, y = _batch(0)
         logits = model(x)
         with torch.no_grad():

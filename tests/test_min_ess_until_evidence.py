@@ -1,5 +1,5 @@
 """``min_ess_until_evidence``: the floor on the weights' effective sample size while the veto waits for evidence of
-label noise (an opt-in; 0.8 of the batch below), giving way to ``min_ess`` as the evidence builds."""
+label noise (0.8 of the batch by default, where the veto waits), giving way to ``min_ess`` as the evidence builds."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 
 from reweight import MetaReweighter
 from reweight.monitor import effective_sample_size
+from reweight.options import MIN_ESS, MIN_ESS_UNTIL_EVIDENCE
 
 CLASSES = 3
 
@@ -58,14 +59,36 @@ def _run(steps: int, **kwargs) -> tuple[MetaReweighter, list[torch.Tensor]]:
     return rw, out
 
 
-def test_it_is_off_by_default_and_the_weights_are_those_of_min_ess_alone():
+def test_by_default_it_holds_where_the_veto_waits_and_nothing_else_changes():
+    """``None`` is :data:`MIN_ESS_UNTIL_EVIDENCE` where the veto waits for evidence (the weights those of the value
+    given), and ``0`` gives the weights of ``min_ess`` alone, which the default's floor has work to hold."""
     model, opt, meta = _parts()
-    assert MetaReweighter(model, opt, meta).options.min_ess_until_evidence == 0.0
+    assert MetaReweighter(model, opt, meta).options.min_ess_until_evidence == MIN_ESS_UNTIL_EVIDENCE > MIN_ESS
     _, default = _run(4, min_ess_until_evidence=None)
-    _, explicit = _run(4, min_ess_until_evidence=0)
+    _, explicit = _run(4, min_ess_until_evidence=MIN_ESS_UNTIL_EVIDENCE)
     for a, b in zip(default, explicit, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert min(float(effective_sample_size(w)) for w in default) < 0.5
+    _, off = _run(4, min_ess_until_evidence=0)
+    assert min(float(effective_sample_size(w)) for w in off) < 0.5
+    assert min(float(effective_sample_size(w)) for w in default) >= 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"veto": math.inf}, {"veto_evidence": 0}, {"net": "l2rw"}, {"net": "lossnet"},
+               {"net": "lossnet", "normalization": "class"}],
+)  # fmt: skip
+def test_by_default_it_is_off_where_nothing_waits_or_weights_are_not_within_classes(kwargs):
+    """Where nothing waits for evidence the default is 0 (no refusal: the user asked for nothing); LossNet under
+    "sum" waits from the first batch but keeps ``min_ess`` throughout (the floor cost it on clean long tails);
+    under "class" it gets the default."""
+    model, opt, meta = _parts()
+    rw = MetaReweighter(model, opt, meta, **kwargs)
+    x, y = _batch(0)
+    rw.step(x, y, model(x))
+    waits = rw.noise_evidence is not None
+    within = kwargs.get("normalization") == "class"
+    assert rw.options.min_ess_until_evidence == (MIN_ESS_UNTIL_EVIDENCE if waits and within else 0.0)
+    assert waits == (kwargs.get("net") == "lossnet")
 
 
 def _fading(level: float, high: float = 0.8, low: float = 0.2, threshold: float = 0.05) -> float:
@@ -148,6 +171,10 @@ def test_under_a_loss_of_the_users_on_other_targets_the_first_batch_refuses_it()
     assert rw.step_count == 0 and rw.net is None
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # not given, it is the default, which settles to 0 there without a word
+    rw = MetaReweighter(model, opt, meta, loss_fn=mse, seed=0)
+    rw.step(x, torch.randn(8), model(x))
+    assert rw.noise_evidence is None and rw.options.min_ess_until_evidence == 0.0
     # with veto_evidence given the veto waits (the evidence read on the whole meta batch) and the option applies
     rw = MetaReweighter(model, opt, meta, loss_fn=mse, min_ess_until_evidence=0.8, veto_evidence=0.05, seed=0)
     rw.step(x, torch.randn(8), model(x))
