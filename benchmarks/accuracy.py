@@ -319,11 +319,16 @@ VARIANTS: dict[str, dict] = {
     # the gated net's defaults with the floor on the weights' effective sample size at 0.8 of a batch while the veto
     # waits for evidence of label noise, giving way to 0.2 as the evidence builds (min_ess_until_evidence; the key's
     # min_ess_fade marks it: cls20v05cweq80 and LossNet's ess20v05weq80, retired, held 0.8 until the evidence was
-    # shown, e6499c7 to 9516759; results.md, "Held near uniform until the evidence")
+    # shown, e6499c7 to 9516759; results.md, "Held near uniform until the evidence"): the defaults of the nets under
+    # "class" since its third rule (results.md, "The fading floor as the default: non-inferiority")
     "cls20v05cweq80f": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                         "min_ess_until_evidence": 0.8, "min_ess_fade": True, "normalization": "class", "veto": 0.5,
                         "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05,
                         "net_kwargs": {"uniform_start": True}},
+    # the fast preset's defaults with the fading floor (the defaults since its third rule, under "class")
+    "fastcls20v05cweq80f": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "min_ess_until_evidence": 0.8,
+                            "min_ess_fade": True, "normalization": "class", "veto": 0.5, "veto_center": True,
+                            "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
     # LossNet's defaults (ess20v05we) with the same fading floor
     "ess20v05weq80f": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                        "min_ess_until_evidence": 0.8, "min_ess_fade": True, "veto": 0.5, "veto_warmup": 300,

@@ -1184,6 +1184,17 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             [("fading - before", table, FADE, (table, TWIN_GUARD), "gated~cls20v05cwe")],
             both, EVIDENCE_CELLS["gentle"], [*FADE_RULE_SEEDS, *range(70, 90)], below=(3, 5), pooled=QUIET_GROUPS,
         ),  # fmt: skip
+        "fade-default-clean": lambda: _twin_spread(
+            [("fading - plain training", table, FADE, (table, TWIN_GUARD), "standard"),
+             ("before - plain training", (table, TWIN_GUARD), "gated~cls20v05cwe", (table, TWIN_GUARD), "standard")],
+            both, ["uniform-0", "lt-3", "lt-10"], [*FADE_RULE_SEEDS, *range(70, 90)], below=(3, 5),
+            pooled={"clean": ["uniform-0", "lt-3", "lt-10"]},
+        ),  # fmt: skip
+        "fade-default-clean-bn": lambda: _twin_spread(
+            [("fading - plain training", (table, QUIET_FADE), FADE, table, "standard"),
+             ("before - plain training", (table, SAME_MACHINE), "gated~cls20v05cwe", table, "standard")],
+            ["mnist1d"], ["uniform-0"], [*range(30, 50), *FADE_THIRD_SEEDS_BN], "paper", "bn", below=(3, 5),
+        ),  # fmt: skip
         "readme-loop-fade-third": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)], seeds=list(range(50, 70))
         ),
