@@ -790,8 +790,24 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "guide-current": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet~ess20v05we",
+             *(f"{m}~cls20v05cweq80f" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
+            SEEDS5, "gentle", ("cls20v05cweq80f", "ess20v05we", "l2cls40"), "plain", default=FADE,
+        ),
+        "guide-before-fade": lambda: acc.guide_report(
+            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            ["standard", "finetune", "lossnet~ess20v05we",
              *(f"{m}~cls20v05cwe" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
             SEEDS5, "gentle", ("cls20v05cwe", "ess20v05we", "l2cls40"), "plain", default="gated~cls20v05cwe",
+        ),
+        "fade-default-guide-pairs": lambda: _twin_spread(
+            [(f"{m}: fading - before", table, f"{m}~cls20v05cweq80f", (table, SAME_MACHINE), f"{m}~cls20v05cwe")
+             for m in LOGIT_NETS],
+            both, NOISE4, SEEDS5, holdout=0, below=(3, 5),
+        ),
+        "fade-default-stability-pairs": lambda: _twin_spread(
+            [(f"{m}: fading - before", table, f"{m}~cls20v05cweq80f", (table, SAME_MACHINE), f"{m}~cls20v05cwe")
+             for m in LOGIT_NETS],
+            ["mnist1d"], S3, list(range(10)), "paper", "bn", holdout=0, below=(3, 5),
         ),
         "guide-before-evidence": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
@@ -826,11 +842,12 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),
         "stability-class": lambda: _stability_rows(
             table, S3,
-            [*(f"{m}~cls20v05cwe" for m in LOGIT_NETS), "lossnet~ess20v05we", "l2rw~l2cls40",
+            [*(f"{m}~cls20v05cweq80f" for m in LOGIT_NETS), "lossnet~ess20v05we", "l2rw~l2cls40",
+             *(f"{m}~cls20v05cwe" for m in LOGIT_NETS),
              *(f"{m}~cls20v05cw" for m in LOGIT_NETS), "lossnet~ess20v05w", *(f"{m}~cls20v05c" for m in LOGIT_NETS),
              "lossnet~ess20v05", *(f"{m}~cls20" for m in LOGIT_NETS), "lossnet~ess20"],
-            ["cls20v05cwe", "ess20v05we", "cls20v05cw", "cls20v05c", "ess20v05w", "ess20v05", "l2cls40", "cls20",
-             "ess20"],
+            ["cls20v05cweq80f", "cls20v05cwe", "ess20v05we", "cls20v05cw", "cls20v05c", "ess20v05w", "ess20v05",
+             "l2cls40", "cls20", "ess20"],
             list(range(10)),
         ),  # fmt: skip
         "veto-warmup-bn": lambda: _stability_rows(
