@@ -804,6 +804,17 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              for m in LOGIT_NETS],
             both, NOISE4, SEEDS5, holdout=0, below=(3, 5),
         ),
+        "fade-default-fast-pairs": lambda: _twin_spread(
+            [("fast: fading - before", table, "gated~fastcls20v05cweq80f", (table, SAME_MACHINE),
+              "gated~fastcls20v05cwe")],
+            both, NOISE4, list(range(10, 20)), below=(3, 5),
+        ),  # fmt: skip
+        "fade-default-clean-test": lambda: _twin_spread(
+            [("fading - plain training", table, FADE, (table, SAME_MACHINE), "standard"),
+             ("before - plain training", (table, SAME_MACHINE), "gated~cls20v05cwe", (table, SAME_MACHINE), "standard"),
+             ("fading - before", table, FADE, (table, SAME_MACHINE), "gated~cls20v05cwe")],
+            both, ["uniform-0", "lt-1", "lt-3"], list(range(10)), holdout=0, below=(3, 5),
+        ),  # fmt: skip
         "fade-default-stability-pairs": lambda: _twin_spread(
             [(f"{m}: fading - before", table, f"{m}~cls20v05cweq80f", (table, SAME_MACHINE), f"{m}~cls20v05cwe")
              for m in LOGIT_NETS],
