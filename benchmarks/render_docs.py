@@ -815,6 +815,13 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              ("fading - before", table, FADE, (table, SAME_MACHINE), "gated~cls20v05cwe")],
             both, ["uniform-0", "lt-1", "lt-3"], list(range(10)), holdout=0, below=(3, 5),
         ),  # fmt: skip
+        "fade-default-clean-test-nets": lambda: _twin_spread(
+            [pair for m in ("metainfonet", "logitnet") for pair in (
+                (f"{m}: fading - plain training", table, f"{m}~cls20v05cweq80f", (table, SAME_MACHINE), "standard"),
+                (f"{m}: before - plain training", (table, SAME_MACHINE), f"{m}~cls20v05cwe", (table, SAME_MACHINE),
+                 "standard"))],
+            both, ["uniform-0", "lt-1", "lt-3"], list(range(10)), holdout=0, below=(3, 5),
+        ),  # fmt: skip
         "fade-default-stability-pairs": lambda: _twin_spread(
             [(f"{m}: fading - before", table, f"{m}~cls20v05cweq80f", (table, SAME_MACHINE), f"{m}~cls20v05cwe")
              for m in LOGIT_NETS],
