@@ -884,10 +884,17 @@ def _row_name(method: str) -> str:
 
 
 def _cells(
-    root: Path, seeds, schedule: str, variants: tuple[str, ...], model: str, holdout: int = 0
+    root: Path | tuple[Path, ...], seeds, schedule: str, variants: tuple[str, ...], model: str, holdout: int = 0
 ) -> dict[tuple, list[dict]]:
     """Cached runs of one schedule, model family and held-out set (``holdout_per_class``) by ``(dataset, setting,
-    method[~variant])``."""
+    method[~variant])``; of several tables read as one, a later table's run of a seed replacing an earlier one's in
+    the same cell (the cell's other seeds kept)."""
+    if not isinstance(root, Path):
+        by_seed: dict[tuple, dict[int, dict]] = {}
+        for table in root:
+            for key, runs in _cells(table, seeds, schedule, variants, model, holdout).items():
+                by_seed.setdefault(key, {}).update({r["key"]["seed"]: r for r in runs})
+        return {key: list(runs.values()) for key, runs in by_seed.items()}
     cell: dict[tuple, list[dict]] = {}
     for r in _load(root):
         k = r["key"]
@@ -1016,7 +1023,7 @@ def _relative_cost(cell: dict[tuple, list[dict]], ds: str, s: str, m: str) -> di
 
 
 def guide_report(
-    root: Path,
+    root: Path | tuple[Path, ...],
     datasets=DATASETS,
     settings=SETTINGS,
     methods=METHODS,

@@ -340,17 +340,7 @@ FADE_THIRD_SEEDS_BN = list(range(70, 80))
 # rows in the store of the BN CNN's held-out seeds 10-19 and 30-49 and of light noise were made on another one); read
 # after the store's, replacing them
 SAME_MACHINE = acc.TABLE.parent / "defaults_same_machine.jsonl"
-Tables = Path | tuple[Path, ...]  # one result table, or several read as one (_runs)
-
-
-def _runs(tables: Tables, seeds, schedule: str, variants: tuple[str, ...], model: str, holdout: int):
-    """:func:`accuracy._cells` of one table, or of several read as one: a later table's run of a seed replaces an
-    earlier one's in the same cell, the cell's other seeds kept."""
-    by_seed: dict[tuple, dict[int, dict]] = {}
-    for t in (tables,) if isinstance(tables, Path) else tables:
-        for cell, runs in acc._cells(t, seeds, schedule, variants, model, holdout).items():
-            by_seed.setdefault(cell, {}).update({r["key"]["seed"]: r for r in runs})
-    return {cell: list(runs.values()) for cell, runs in by_seed.items()}
+Tables = Path | tuple[Path, ...]  # one result table, or several read as one (accuracy._cells)
 
 
 def _holdout(table: Path, settings, groups: list[tuple[list[str], str]], variants, seeds, model="bn") -> str:
@@ -473,8 +463,8 @@ def _twin_spread(
         return (row.split("~")[1],) if "~" in row else ()
 
     loaded = [
-        (label, _runs(t, seeds, schedule, variants(row), model, holdout), row,
-         _runs(bt, seeds, schedule, variants(base_row), model, holdout), base_row)
+        (label, acc._cells(t, seeds, schedule, variants(row), model, holdout), row,
+         acc._cells(bt, seeds, schedule, variants(base_row), model, holdout), base_row)
         for label, t, row, bt, base_row in pairs
     ]  # fmt: skip
     every: dict[str, list[np.ndarray]] = {}
@@ -534,7 +524,7 @@ def _holdout_drops(tables: Tables, settings, rows: list[str], seeds, smooth: tup
     (its ``k``-epoch moving average for each ``k`` in ``smooth``) less the mean of its last 10% of epochs, as the
     mean over seeds, the seeds more than 4 below their best and the largest fall. The held-out set is 10 samples
     per class, so a one-epoch best carries its sampling noise; a moving average carries less of it."""
-    cells = _runs(tables, seeds, "paper", tuple(dict.fromkeys(r.split("~")[1] for r in rows)), "bn", HOLDOUT)
+    cells = acc._cells(tables, seeds, "paper", tuple(dict.fromkeys(r.split("~")[1] for r in rows)), "bn", HOLDOUT)
     heads = "".join(f" best of {k} epoch{'s' if k > 1 else ''} - last: mean | > 4 | largest |" for k in smooth)
     lines = [f"| setting | row | seeds |{heads}", "| --- | --- | --- |" + " --- | --- | --- |" * len(smooth)]
     used = []
@@ -568,7 +558,7 @@ def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
     ]
     used = []
     for schedule, model, datasets, settings in protocols:
-        cells = _runs(table, seeds, schedule, (row.split("~")[1],), model, 0)
+        cells = acc._cells(table, seeds, schedule, (row.split("~")[1],), model, 0)
         for d in datasets:
             for st in settings:
                 runs = cells.get((d, st, row), [])
@@ -617,7 +607,7 @@ def _guard_fallbacks(tables: Tables, datasets, settings, row: str, seeds, holdou
     at which steps and how they ended against plain training of the same seed (a fallen-back run trains plainly, on
     another order of the batches), how many stood down on the evidence of label noise, and the runs' sample passes
     (:func:`_cost.passes`) over plain training's of the same seeds."""
-    cells = _runs(tables, seeds, "gentle", (row.split("~")[1],), "plain", holdout)
+    cells = acc._cells(tables, seeds, "gentle", (row.split("~")[1],), "plain", holdout)
     lines = [
         "| dataset | setting | runs | fell back | at steps (median, range) | fallen back - plain training | stood down "
         "| sample passes over plain training's |",
@@ -660,7 +650,7 @@ def _reading_pairs(
     more than two) and the lowest seed's, the runs where the veto started in each, and the largest drop from a
     run's best epoch (test accuracy); then the cells' mean differences pooled, clean and noisy."""
     variants = tuple(dict.fromkeys(r.split("~")[1] for r in rows))
-    now, then = (_runs(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
+    now, then = (acc._cells(t, seeds, schedule, variants, model, holdout) for t in (now_table, then_table))
 
     def started(runs: list[dict]) -> int:
         return sum(1.0 in r["result"]["curves"].get("veto_acts", []) for r in runs)
@@ -788,7 +778,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             ["nokn", "ess20", "l2ess20"], list(range(10)),
         ),
         "guide-current": lambda: acc.guide_report(
-            table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            (table, SAME_MACHINE), both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet~ess20v05we",
              *(f"{m}~cls20v05cweq80f" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
             SEEDS5, "gentle", ("cls20v05cweq80f", "ess20v05we", "l2cls40"), "plain", default=FADE,

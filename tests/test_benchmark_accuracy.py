@@ -334,3 +334,21 @@ def test_defaults_matrix_sizes_the_most_inverted_window():
     ]
     assert defaults_matrix._most_inverted(rows) == "1.20 (steps 10-50)"
     assert defaults_matrix._most_inverted([{"traj": [0.9], "windows": edges}]) == "-"
+
+
+def test_tables_read_as_one_take_a_seed_from_the_later_table(bench, tmp_path):
+    def row(seed, best):
+        key = {"dataset": "mnist1d", "setting": "flip1-40", "method": "gated", "variant": "v", "seed": seed,
+               "schedule": "gentle", "model": "plain", "net_kwargs": None, "config": {}}  # fmt: skip
+        return {"key": key, "result": {"best": best}}
+
+    first, later = tmp_path / "first.jsonl", tmp_path / "later.jsonl"
+    first.write_text("".join(json.dumps(row(s, b)) + "\n" for s, b in [(0, 0.1), (1, 0.2)]))
+    later.write_text(json.dumps(row(1, 0.9)) + "\n")
+    cells = bench._cells((first, later), None, "gentle", ("v",), "plain")
+    assert sorted((r["key"]["seed"], r["result"]["best"]) for r in cells[("mnist1d", "flip1-40", "gated~v")]) == [
+        (0, 0.1),
+        (1, 0.9),
+    ]
+    one = bench._cells(first, None, "gentle", ("v",), "plain")
+    assert one == bench._cells((first,), None, "gentle", ("v",), "plain")
