@@ -442,7 +442,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     if a["veto_evidence"] is None and options.vetoes:  # on class labels: known under "class", else the first batch's
         wait = VETO_EVIDENCE if options.normalization == "class" else None
         options = dataclasses.replace(options, veto_evidence=wait)
-    if quiet is None and options.veto_evidence is not None and options.normalization != "auto":  # else: the first batch
+    if quiet is None and options.normalization != "auto":  # known here: under "class" the wait is settled above
         options = dataclasses.replace(options, min_ess_until_evidence=_until_evidence(options))
     if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
@@ -454,10 +454,11 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
 
 
 def _until_evidence(options: ReweighterOptions) -> float:
-    """``min_ess_until_evidence=None``: :data:`MIN_ESS_UNTIL_EVIDENCE` where the veto waits for evidence (settled)
-    and the weights are normalised within each class (settled), else 0."""
-    waits = options.veto_evidence is not None and options.veto_evidence > 0
-    return MIN_ESS_UNTIL_EVIDENCE if waits and options.normalization == "class" else 0.0
+    """``min_ess_until_evidence=None``: :data:`MIN_ESS_UNTIL_EVIDENCE` where the weights are normalised within each
+    class (settled, and with it whether the veto waits for evidence) and the veto waits, else 0."""
+    if options.normalization != "class":
+        return 0.0
+    return MIN_ESS_UNTIL_EVIDENCE if options.veto_evidence else 0.0
 
 
 def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) -> ReweighterOptions:
@@ -466,8 +467,7 @@ def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) 
     ``K >= 2`` (not regression, soft or binary targets, token-level outputs). Then ``net="auto"`` is the gated net
     (else LossNet), ``normalization="auto"`` is ``"class"`` (else ``"sum"``), with L2RW's default floor, and
     ``veto_evidence=None`` is :data:`VETO_EVIDENCE` (else 0). Structural: no host sync."""
-    pending = options.veto_evidence is None or options.min_ess_until_evidence is None
-    if options.net != "auto" and options.normalization != "auto" and not pending:
+    if options.net != "auto" and options.normalization != "auto" and options.veto_evidence is not None:
         return options
     return settled(options, AUTO_NET if is_class_labels(logits, targets) else AUTO_NET_OTHER)
 

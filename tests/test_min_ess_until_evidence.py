@@ -83,8 +83,10 @@ def test_by_default_it_is_off_where_nothing_waits_or_weights_are_not_within_clas
     under "class" it gets the default."""
     model, opt, meta = _parts()
     rw = MetaReweighter(model, opt, meta, **kwargs)
+    at_construction = rw.options.min_ess_until_evidence  # the library's loss: nothing left to the first batch
     x, y = _batch(0)
     rw.step(x, y, model(x))
+    assert at_construction == rw.options.min_ess_until_evidence
     waits = rw.noise_evidence is not None
     within = kwargs.get("normalization") == "class"
     assert rw.options.min_ess_until_evidence == (MIN_ESS_UNTIL_EVIDENCE if waits and within else 0.0)
