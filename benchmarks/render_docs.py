@@ -336,9 +336,10 @@ FADE_FRESH_SEEDS_BN = list(range(50, 70))
 # its third rule (non-inferiority within a margin): fresh gentle seeds 80-89, the BN CNN's clean seeds 70-79
 FADE_THIRD_SEEDS = list(range(80, 90))
 FADE_THIRD_SEEDS_BN = list(range(70, 80))
-# the gated net's default runs made again on the machine of the floor's runs (runs of a seed diverge across CPUs: its
-# rows in the store of the BN CNN's held-out seeds 10-19 and 30-49 and of light noise were made on another one); read
-# after the store's, replacing them
+# runs made again on the machine of the fading floor's runs, for pairs of one machine (runs of a seed diverge across
+# CPUs, and the store's rows of these keys were made on another one): the defaults without the floor (the gated net,
+# MetaInfoNet, LogitNet, the fast preset), plain training, fine-tuning, LossNet and L2RW; read after the store's,
+# replacing them
 SAME_MACHINE = acc.TABLE.parent / "defaults_same_machine.jsonl"
 Tables = Path | tuple[Path, ...]  # one result table, or several read as one (accuracy._cells)
 
