@@ -329,6 +329,11 @@ VARIANTS: dict[str, dict] = {
     "fastcls20v05cweq80f": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "min_ess_until_evidence": 0.8,
                             "min_ess_fade": True, "normalization": "class", "veto": 0.5, "veto_center": True,
                             "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    # LossNet's defaults (ess20v05we) with its evidence, read at the look-ahead, latched only once the veto's warm-up
+    # is over (before it the veto acts while the evidence is at its threshold)
+    "ess20v05wel": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
+                    "veto_warmup": 300, "veto_evidence": 0.05, "evidence_latch": "after the veto's warm-up",
+                    "net_kwargs": {"uniform_start": True}},
     # LossNet's defaults (ess20v05we) with the same fading floor
     "ess20v05weq80f": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                        "min_ess_until_evidence": 0.8, "min_ess_fade": True, "veto": 0.5, "veto_warmup": 300,
@@ -507,6 +512,7 @@ def _train(
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw_seed = seed + kwargs.pop("seed_offset", 0)
         kwargs.pop("min_ess_fade", None)  # the key's marker of the fading floor (the library's since it fades)
+        kwargs.pop("evidence_latch", None)  # the key's marker of the latch after the warm-up (the library's since)
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=rw_seed, **kwargs
         )
@@ -793,6 +799,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     veto_evidence = kwargs.pop("veto_evidence", None)
     until_evidence = kwargs.pop("min_ess_until_evidence", None)
     fade = kwargs.pop("min_ess_fade", False)
+    latch = kwargs.pop("evidence_latch", None)
     if until_evidence is None:  # the library's default
         until_evidence = MIN_ESS_UNTIL_EVIDENCE
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
@@ -826,6 +833,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             opts["veto_center"] = True if opts.get("normalization") == "class" else "within each class on class labels"
         if veto_evidence:  # in the key when the veto waits for evidence of label noise (rows without it did not)
             opts["veto_evidence"] = veto_evidence
+            if latch:  # in the key when the evidence read at the look-ahead latches after the warm-up (earlier: not)
+                opts["evidence_latch"] = latch
             if until_evidence > (min_ess or 0):  # in the key when the floor is higher until then (earlier rows: not)
                 opts["min_ess_until_evidence"] = until_evidence
                 if fade:  # the floor fading as the evidence builds (the rows held it until shown: not marked)

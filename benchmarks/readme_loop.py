@@ -85,23 +85,23 @@ def _key(noise: float, lr: float, seed: int, net: str | None, options: dict | No
     return {**key, "options": options} if options and net else key
 
 
-def report(table: Path = TABLE, seeds: list[int] | None = None) -> str:
+def report(table: Path = TABLE, seeds: list[int] | None = None, nets: tuple[str, ...] = NETS) -> str:
     """Markdown: one row per stored labels, lr and seed (of ``seeds``, all when ``None``) with plain training's
     accuracy and each net's difference to it, then per labels and net the mean difference, the runs below plain
-    training and those that showed the evidence."""
+    training and those that showed the evidence; ``nets``: the columns."""
     found = {
         (r["key"]["noise"], r["key"]["lr"], r["key"]["seed"], r["key"]["net"]): r
         for r in _store.latest(table)
         if seeds is None or r["key"]["seed"] in seeds
     }
-    cells = sorted({k[:3] for k in found if k[3] == "plain" and all(k[:3] + (n,) in found for n in NETS)})
-    lines = ["| labels | lr | seed | plain | " + " | ".join(NETS) + " |"]
-    lines.append("| --- | --- | --- | --- |" + " --- |" * len(NETS))
+    cells = sorted({k[:3] for k in found if k[3] == "plain" and all(k[:3] + (n,) in found for n in nets)})
+    lines = ["| labels | lr | seed | plain | " + " | ".join(nets) + " |"]
+    lines.append("| --- | --- | --- | --- |" + " --- |" * len(nets))
     diffs: dict[tuple, list[tuple[float, bool]]] = {}
     for cell in cells:
         plain = found[cell + ("plain",)]["result"]["test"]
         row = []
-        for net in NETS:
+        for net in nets:
             result = found[cell + (net,)]["result"]
             diff = 100 * (result["test"] - plain)
             diffs.setdefault((_labels(cell[0]), cell[1], net), []).append((diff, result["shown"]))
@@ -115,7 +115,7 @@ def report(table: Path = TABLE, seeds: list[int] | None = None) -> str:
             f"| {labels} | {lr:g} | {net} | {d.mean():+.1f} (lowest {d.min():+.1f}) | {int((d < 0).sum())} of {len(d)} "
             f"| {sum(s for _, s in values)} of {len(d)} |"
         )
-    used = [found[c + (n,)] for c in cells for n in ("plain", *NETS)]
+    used = [found[c + (n,)] for c in cells for n in ("plain", *nets)]
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
@@ -130,18 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4])
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--min-ess-until-evidence", type=float, help="the nets' min_ess_until_evidence (default: theirs)")
+    p.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS), help="the nets to run (plain training too)")
     p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
     args = p.parse_args(argv)
     if not args.report:
         options = {} if args.min_ess_until_evidence is None else {"min_ess_until_evidence": args.min_ess_until_evidence}
         keys = [_key(noise, lr, seed, net, options) for noise in args.noise for lr in args.lr for seed in args.seeds
-                for net in (None, *NETS)]  # fmt: skip
+                for net in (None, *args.nets)]  # fmt: skip
         for key in tqdm([k for k in keys if _store.find(args.table, k) is None], desc="runs"):
             net = None if key["net"] == "plain" else key["net"]
             accuracy, shown = run(key["seed"], key["noise"], key["lr"], net, **key.get("options", {}))
             result = {"test": accuracy, "shown": shown}
             _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
-    print(report(args.table))
+    print(report(args.table, nets=tuple(args.nets)))
     return 0
 
 
