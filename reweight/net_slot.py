@@ -129,7 +129,7 @@ class NetSlot:
         }
 
     def observe_noise(
-        self, net_inputs: tuple[Any, ...], ahead: Tensor, now: Callable[[], Tensor], meta_targets: Tensor, step: int
+        self, net_inputs: tuple[Any, ...], ahead: Tensor, now: Callable[[], Tensor], meta_targets: Tensor
     ) -> None:
         """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and the meta batch's
         losses into the veto's evidence of label noise, if it waits: for a net that reads the logits the meta losses
@@ -142,14 +142,11 @@ class NetSlot:
         if self.evidence is None:
             return
         losses, logits, targets = net_inputs[:3]
-        current = self.options.requires_logits
-        meta_losses = now() if current else ahead
-        latch = current or self.options.veto_factor(step) >= 1  # the look-ahead's reading latches after the warm-up
+        meta_losses = now() if self.options.requires_logits else ahead
         if self.options.normalization == "class" or is_class_labels(logits, targets):
-            classes = class_indices(targets), class_indices(meta_targets)
-            self.evidence.observe(losses, meta_losses, *classes, latch=latch)
+            self.evidence.observe(losses, meta_losses, class_indices(targets), class_indices(meta_targets))
         else:
-            self.evidence.observe(losses, meta_losses, latch=latch)
+            self.evidence.observe(losses, meta_losses)
 
     def remember(self, sample_ids: Tensor | None, losses: Tensor, finite: Tensor) -> None:
         """Fold the step's finite losses into the loss history (nothing when it is off). Under data parallelism

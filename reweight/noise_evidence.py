@@ -76,14 +76,11 @@ class NoiseEvidence:
 
     @torch.no_grad()
     def observe(
-        self, losses: Tensor, meta_losses: Tensor, classes: Tensor | None = None, meta_classes: Tensor | None = None,
-        latch: bool = True,
+        self, losses: Tensor, meta_losses: Tensor, classes: Tensor | None = None, meta_classes: Tensor | None = None
     ) -> None:
         """Fold one meta update in: the training batch's per-sample ``losses`` and the meta batch's per-sample
         ``meta_losses``; with their class labels ``classes`` and ``meta_classes`` each training loss is read
-        against its own class's meta losses (:func:`excess_above`). With ``latch=False`` :attr:`shown` is whether the
-        level is at the threshold now; by default whether it is or :attr:`shown` was at the update before.
-        No host synchronisation in a single process.
+        against its own class's meta losses (:func:`excess_above`). No host synchronisation in a single process.
 
         Raises:
             ValueError: if ``meta_losses`` is not one loss per meta sample, before anything changes.
@@ -105,7 +102,7 @@ class NoiseEvidence:
         share = counts[0] / counts[1].clamp_min(1)
         level = (1 - DECAY) * share if self.level is None else DECAY * self.level + (1 - DECAY) * share
         reached = level >= self.threshold
-        self.level, self.shown = level, reached if self.shown is None or not latch else self.shown | reached
+        self.level, self.shown = level, reached if self.shown is None else self.shown | reached
 
     def state_dict(self) -> dict[str, Any]:
         """``{"level": float | None, "shown": bool | None}`` (reads the host once)."""

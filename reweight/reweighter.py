@@ -337,7 +337,7 @@ class MetaReweighter:
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
             now = lambda: self._engine.meta_losses_now(problem)  # noqa: E731 (called only for a net reading logits)
-            self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets, self._step_count)
+            self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets)
             unit = self._slot.update(
                 grad.coefficients, weights, penalty, self.signal_monitor, self._step_count, self.optimizer,
                 self.lookahead_lr,
