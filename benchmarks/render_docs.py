@@ -326,6 +326,10 @@ README_LOOP_QUIET_DEFAULTS = acc.TABLE.parent / "readme_loop_quiet_defaults.json
 # its runs, the default's BN runs of seeds 20-29 made beside them, and its README's loop
 QUIET_FADE = acc.TABLE.parent / "quiet_fade.jsonl"
 README_LOOP_QUIET_FADE = acc.TABLE.parent / "readme_loop_quiet_fade.jsonl"
+# LossNet's evidence latched only after the veto's warm-up (built at 9b116b7, reverted): the README's loop with it
+# and, on the same machine, with the defaults (4d1f4d7), LossNet and plain training only
+README_LOOP_LATCH = acc.TABLE.parent / "readme_loop_latch.jsonl"
+README_LOOP_LATCH_BEFORE = acc.TABLE.parent / "readme_loop_latch_before.jsonl"
 # the fading floor as the default, its rule's runs: the gentle cells' seeds 50-59 (the default and plain training
 # there in TWIN_GUARD), the BN CNN's seeds 30-49 (uniform-0: 30-39), then fresh BN seeds 50-69 for the held-out
 # fall measured less noisily (an addendum written after the rule's outcome)
@@ -574,11 +578,15 @@ def _ess_without_evidence(table: Path, protocols, row: str, seeds) -> str:
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
 
 
-def _readme_loop_quiet(columns: list[tuple[str, Path]], seeds: list[int] | None = None) -> str:
+def _readme_loop_quiet(
+    columns: list[tuple[str, Path]], seeds: list[int] | None = None, nets: tuple[str, ...] = readme_loop.NETS,
+    by_evidence: bool = False,
+) -> str:  # fmt: skip
     """The README's loop (``benchmarks/readme_loop.py``, lr 0.1) of each ``(label, record)`` in ``columns`` (each
-    net's defaults, ``min_ess_until_evidence``, ...), the same seeds on one machine: per labels and net, the mean
-    difference from plain training of the same seed (points of test accuracy), the lowest, the runs below it and
-    the runs that showed the evidence of label noise; the seeds every record holds (of ``seeds``, if given)."""
+    net's defaults, ``min_ess_until_evidence``, ...), the same seeds on one machine: per labels and net (of
+    ``nets``), the mean difference from plain training of the same seed (points of test accuracy), the lowest, the
+    runs below it and the runs that showed the evidence of label noise, with ``by_evidence`` also the mean over the
+    runs that showed it and over those that did not; the seeds every record holds (of ``seeds``, if given)."""
     runs = {}
     for name, path in columns:
         for r in _store.latest(path):
@@ -586,18 +594,23 @@ def _readme_loop_quiet(columns: list[tuple[str, Path]], seeds: list[int] | None 
             runs[(name, k["noise"], k["seed"], k["net"])] = r
     shared = set.intersection(*({k[2] for k in runs if k[0] == name} for name, _ in columns))
     seeds = sorted(shared if seeds is None else shared & set(seeds))
-    head = "".join(f" {name}: against plain (lowest) | below plain | evidence shown |" for name, _ in columns)
-    lines = [f"| labels | net | seeds |{head}", "| --- | --- | --- |" + " --- | --- | --- |" * len(columns)]
+    split = " shown: against plain | not shown: against plain |" if by_evidence else ""
+    head = "".join(f" {name}: against plain (lowest) | below plain | evidence shown |{split}" for name, _ in columns)
+    width = 5 if by_evidence else 3
+    lines = [f"| labels | net | seeds |{head}", "| --- | --- | --- |" + " --- |" * width * len(columns)]
     used = []
     for noise in sorted({k[1] for k in runs}):
-        for net in readme_loop.NETS:
+        for net in nets:
             cells = []
             for name, _ in columns:
                 pairs = [(runs[(name, noise, s, net)], runs[(name, noise, s, "plain")]) for s in seeds]
                 used += [r for pair in pairs for r in pair]
                 d = np.array([100 * (a["result"]["test"] - b["result"]["test"]) for a, b in pairs])
-                shown = sum(a["result"]["shown"] for a, _ in pairs)
-                cells.append(f"{d.mean():+.2f} ({d.min():+.1f}) | {(d < 0).sum()} | {shown}")
+                shown = np.array([a["result"]["shown"] for a, _ in pairs], dtype=bool)
+                cell = f"{d.mean():+.2f} ({d.min():+.1f}) | {(d < 0).sum()} | {shown.sum()}"
+                if by_evidence:
+                    cell += "".join(f" | {d[m].mean():+.2f}" if m.any() else " | –" for m in (shown, ~shown))
+                cells.append(cell)
             label = "clean" if noise == 0 else f"{noise:.0%} random"
             lines.append(f"| {label} | {net} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + _store.provenance_note(used)
@@ -1223,6 +1236,10 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         ),  # fmt: skip
         "readme-loop-fade-third": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)], seeds=list(range(50, 70))
+        ),
+        "readme-loop-latch": lambda: _readme_loop_quiet(
+            [("defaults", README_LOOP_LATCH_BEFORE), ("latched after the warm-up", README_LOOP_LATCH)],
+            nets=("lossnet",), by_evidence=True,
         ),
         "readme-loop-fade-all": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)]
