@@ -329,6 +329,12 @@ VARIANTS: dict[str, dict] = {
     "fastcls20v05cweq80f": {"preset": "fast", "meta_warmup": 300, "min_ess": 0.2, "min_ess_until_evidence": 0.8,
                             "min_ess_fade": True, "normalization": "class", "veto": 0.5, "veto_center": True,
                             "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    # LossNet's defaults (ess20v05we) with a higher floor on the weights' effective sample size, 0.4 and 0.5 of the
+    # batch (LossNet keeps min_ess under "sum"; on clean labels its own weights crowd down to the floor)
+    "ess40v05we": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.4, "veto": 0.5,
+                   "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    "ess50v05we": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.5, "veto": 0.5,
+                   "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
     # LossNet's defaults (ess20v05we) with its evidence, read at the look-ahead, latched only once the veto's warm-up
     # is over (before it the veto acts while the evidence is at its threshold)
     "ess20v05wel": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
