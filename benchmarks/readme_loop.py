@@ -130,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4])
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--min-ess-until-evidence", type=float, help="the nets' min_ess_until_evidence (default: theirs)")
+    p.add_argument("--min-ess", type=float, help="the nets' min_ess (default: theirs)")
     p.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS), help="the nets to run (plain training too)")
     p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
     args = p.parse_args(argv)
     if not args.report:
-        options = {} if args.min_ess_until_evidence is None else {"min_ess_until_evidence": args.min_ess_until_evidence}
+        given = {"min_ess_until_evidence": args.min_ess_until_evidence, "min_ess": args.min_ess}
+        options = {k: v for k, v in given.items() if v is not None}
         keys = [_key(noise, lr, seed, net, options) for noise in args.noise for lr in args.lr for seed in args.seeds
                 for net in (None, *args.nets)]  # fmt: skip
         for key in tqdm([k for k in keys if _store.find(args.table, k) is None], desc="runs"):
