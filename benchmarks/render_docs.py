@@ -330,6 +330,9 @@ README_LOOP_QUIET_FADE = acc.TABLE.parent / "readme_loop_quiet_fade.jsonl"
 # and, on the same machine, with the defaults (4d1f4d7), LossNet and plain training only
 README_LOOP_LATCH = acc.TABLE.parent / "readme_loop_latch.jsonl"
 README_LOOP_LATCH_BEFORE = acc.TABLE.parent / "readme_loop_latch_before.jsonl"
+# LossNet with a floor of 0.4 / 0.5 of the batch (variants ess40v05we, ess50v05we): the README's loop with 0.4
+README_LOOP_LOSSNET_FLOOR = acc.TABLE.parent / "readme_loop_lossnet_floor.jsonl"
+LOSSNET_FLOOR_SEEDS = list(range(10, 20))
 # the fading floor as the default, its rule's runs: the gentle cells' seeds 50-59 (the default and plain training
 # there in TWIN_GUARD), the BN CNN's seeds 30-49 (uniform-0: 30-39), then fresh BN seeds 50-69 for the held-out
 # fall measured less noisily (an addendum written after the rule's outcome)
@@ -1240,6 +1243,19 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "readme-loop-latch": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_LATCH_BEFORE), ("latched after the warm-up", README_LOOP_LATCH)],
             nets=("lossnet",), by_evidence=True,
+        ),
+        "lossnet-floor-pairs": lambda: _twin_spread(
+            [(f"{v} - defaults", table, f"lossnet~{v}", table, "lossnet~ess20v05we")
+             for v in ("ess40v05we", "ess50v05we")],
+            both, EVIDENCE_CELLS["gentle"], LOSSNET_FLOOR_SEEDS, below=(3, 5), pooled=QUIET_GROUPS,
+        ),
+        "lossnet-floor-pairs-bn": lambda: _twin_spread(
+            [("ess40v05we - defaults", table, "lossnet~ess40v05we", table, "lossnet~ess20v05we")],
+            ["mnist1d"], S3, LOSSNET_FLOOR_SEEDS, "paper", "bn", below=(3, 5),
+        ),
+        "readme-loop-lossnet-floor": lambda: _readme_loop_quiet(
+            [("defaults", README_LOOP_LATCH_BEFORE), ("min_ess 0.4", README_LOOP_LOSSNET_FLOOR)], nets=("lossnet",),
+            by_evidence=True,
         ),
         "readme-loop-fade-all": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)]
