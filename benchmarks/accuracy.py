@@ -336,7 +336,8 @@ VARIANTS: dict[str, dict] = {
     "ess50v05we": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.5, "veto": 0.5,
                    "veto_warmup": 300, "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
     # LossNet's defaults (ess20v05we) with its evidence, read at the look-ahead, latched only once the veto's warm-up
-    # is over (before it the veto acts while the evidence is at its threshold)
+    # is over (before it the veto acts while the evidence is at its threshold): the library did so at 9b116b7 only
+    # (reverted), where its rows come from; here it is refused
     "ess20v05wel": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                     "veto_warmup": 300, "veto_evidence": 0.05, "evidence_latch": "after the veto's warm-up",
                     "net_kwargs": {"uniform_start": True}},
@@ -518,7 +519,8 @@ def _train(
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw_seed = seed + kwargs.pop("seed_offset", 0)
         kwargs.pop("min_ess_fade", None)  # the key's marker of the fading floor (the library's since it fades)
-        kwargs.pop("evidence_latch", None)  # the key's marker of the latch after the warm-up (the library's since)
+        if kwargs.pop("evidence_latch", None):  # the key's marker of a library that is not this one
+            raise ValueError("variant ess20v05wel ran the library at 9b116b7 (reverted): check that commit out")
         rw = MetaReweighter(
             model, opt, meta_loader, net=net, net_kwargs=net_kwargs, num_classes=10, seed=rw_seed, **kwargs
         )
