@@ -43,3 +43,20 @@ def test_step_leaves_model_optimizer_and_rng_untouched(engine, net, virtual_step
     assert weights.shape == (8,) and not weights.requires_grad
     # the caller's graph is still usable for the real update
     (weights * F.cross_entropy(logits, y, reduction="none")).mean().backward()
+
+
+@pytest.mark.parametrize("net", ["auto", "lossnet", "logitnet", "metainfonet", "gated", "l2rw"])
+def test_construction_draws_from_the_global_rng_only_without_a_seed(net):
+    """The README's promise: with ``seed=`` a reweighted run sees the batch order of plain training of the same
+    ``torch.manual_seed``; without it the reweighter's own seed is one draw from the global RNG."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    torch.manual_seed(0)
+    plain_order = torch.randperm(50)
+    torch.manual_seed(0)
+    MetaReweighter(model, opt, meta, net=net, seed=7)
+    assert torch.equal(torch.randperm(50), plain_order)
+    torch.manual_seed(0)
+    MetaReweighter(model, opt, meta, net=net)
+    assert not torch.equal(torch.randperm(50), plain_order)
