@@ -1,12 +1,14 @@
 """The defaults matrix: do the library's defaults separate corrupted from clean samples, with no knob set?
 
-Four tasks, each with 30-40% corrupted training samples and a small clean meta set, trained for ``--steps``
+Five tasks, each with 30-40% corrupted training samples and a small clean meta set, trained for ``--steps``
 steps with no ``lookahead_lr`` and no other option:
 
 - ``cls_sgd``: scikit-learn's digits, 40% uniform label noise, an MLP, SGD lr 0.1 momentum 0.9;
 - ``cls_adamw``: the same with AdamW lr 1e-3;
 - ``lora``: a tiny random Llama (transformers) with LoRA adapters on every projection, AdamW lr 1e-3, 40% of
   the sequences replaced by random tokens (clean: arithmetic progressions);
+- ``vit``: the digits as 16x16 images, 40% uniform label noise, timm's ViT-Tiny made smaller (``pretrained=False``,
+  depth 4, width 96, patch 4, one channel), AdamW lr 1e-3;
 - ``reg``: scikit-learn's ``make_regression``, 30% of the targets shifted by N(0, 5^2), per-sample MSE, SGD
   lr 0.01 momentum 0.9.
 
@@ -197,6 +199,55 @@ def task_cls(opt_kind):
     return setup
 
 
+VIT_DEPTH, VIT_WIDTH = 4, 96  # ViT-Tiny's layout at a third of its depth and half its width (CPU time)
+
+
+def task_vit(seed):
+    import timm  # the timm extra
+
+    d = digits_data(seed)
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        depth=VIT_DEPTH,
+        embed_dim=VIT_WIDTH,
+        num_heads=3,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def images(x: torch.Tensor) -> torch.Tensor:  # the digits' 8x8 pixels (in [0, 1]) as 16x16 images
+        return F.interpolate(x.view(-1, 1, 8, 8), scale_factor=2, mode="nearest")
+
+    meta = [(images(d["mx"][i : i + 100]), d["my"][i : i + 100]) for i in range(0, len(d["my"]), 100)]
+
+    def fwd(idx):
+        x, y = images(d["x"][idx]), d["y"][idx]
+        return x, y, model(x), d["corrupted"][idx]
+
+    @torch.no_grad()
+    def test():
+        return (model(images(d["tx"])).argmax(1) == d["ty"]).float().mean().item()
+
+    return dict(
+        model=model,
+        opt=opt,
+        meta=meta,
+        fwd=fwd,
+        test=test,
+        n=len(d["y"]),
+        bs=64,
+        loss_fn=per_sample_ce,
+        num_classes=10,
+        metric="acc",
+        kw={},
+    )
+
+
 @functools.cache
 def reg_data(seed):
     from sklearn.datasets import make_regression  # scikit-learn: the benchmarks' extra
@@ -334,10 +385,17 @@ def task_lora(seed):
     )
 
 
-TASKS = {"cls_sgd": task_cls("sgd"), "cls_adamw": task_cls("adamw"), "lora": task_lora, "reg": task_reg}
+TASKS = {
+    "cls_sgd": task_cls("sgd"),
+    "cls_adamw": task_cls("adamw"),
+    "vit": task_vit,
+    "lora": task_lora,
+    "reg": task_reg,
+}
 NETS_FOR = {
     "cls_sgd": ["lossnet", "metainfonet", "gated", "l2rw"],
     "cls_adamw": ["lossnet", "metainfonet", "gated", "l2rw"],
+    "vit": ["lossnet", "metainfonet", "gated", "l2rw"],
     "lora": ["lossnet", "l2rw"],
     "reg": ["lossnet", "l2rw"],
 }

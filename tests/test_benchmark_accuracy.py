@@ -352,3 +352,22 @@ def test_tables_read_as_one_take_a_seed_from_the_later_table(bench, tmp_path):
     ]
     one = bench._cells(first, None, "gentle", ("v",), "plain")
     assert one == bench._cells((first,), None, "gentle", ("v",), "plain")
+
+
+def test_defaults_matrix_vit_task_trains_timm_vit_on_16x16_digits_paired_with_plain_training():
+    """The matrix's ``vit`` task: timm's ViT built from config on the digits as 16x16 images in [0, 1]; a
+    reweighted run and plain training of one seed start from the same model and see the same batches."""
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import defaults_matrix
+
+    s = defaults_matrix.TASKS["vit"](0)
+    x, _, out, _ = s["fwd"](torch.arange(5))
+    assert x.shape == (5, 1, 16, 16) and 0 <= x.min() and x.max() <= 1 and out.shape == (5, 10)
+    assert type(s["opt"]).__name__ == "AdamW"
+    first = [p.detach().clone() for p in defaults_matrix.TASKS["vit"](0)["model"].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(first, s["model"].parameters()))
+    plain = defaults_matrix.run("vit", "plain", "defaults", 0, 3)
+    weighted = defaults_matrix.run("vit", "l2rw", "defaults", 0, 3)
+    assert plain["metric"] == weighted["metric"] == "acc" and weighted["engine"]
