@@ -371,3 +371,16 @@ def test_defaults_matrix_vit_task_trains_timm_vit_on_16x16_digits_paired_with_pl
     plain = defaults_matrix.run("vit", "plain", "defaults", 0, 3)
     weighted = defaults_matrix.run("vit", "l2rw", "defaults", 0, 3)
     assert plain["metric"] == weighted["metric"] == "acc" and weighted["engine"]
+
+
+def test_defaults_matrix_gain_pairs_each_seed_with_plain_training():
+    """The matrix's gain column: accuracy in points (higher is better), losses as plain's minus the net's, each
+    seed against plain training of the same seed, mean ± standard error and the seeds below."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import defaults_matrix
+
+    acc = [{"test": 0.90, "metric": "acc"}, {"test": 0.80, "metric": "acc"}]
+    assert defaults_matrix._gain(acc, {0: 0.85, 1: 0.82, 2: 0.1}, [0, 1]) == "+1.5 ± 3.5 (1 of 2 below)"
+    mse = [{"test": 0.5, "metric": "mse"}, {"test": 0.1, "metric": "mse"}]
+    assert defaults_matrix._gain(mse, {0: 1.0, 1: 0.2}, [0, 1]) == "+0.300 ± 0.200 (0 of 2 below)"
+    assert defaults_matrix._gain(acc, {}, [0, 1]) == "-"
