@@ -333,6 +333,11 @@ README_LOOP_LATCH_BEFORE = acc.TABLE.parent / "readme_loop_latch_before.jsonl"
 # LossNet with a floor of 0.4 / 0.5 of the batch (variants ess40v05we, ess50v05we): the README's loop with 0.4
 README_LOOP_LOSSNET_FLOOR = acc.TABLE.parent / "readme_loop_lossnet_floor.jsonl"
 LOSSNET_FLOOR_SEEDS = list(range(10, 20))
+# the floor of 0.5 continued on an AMD EPYC (rows of another CPU do not reproduce here): its 2% cells, the defaults
+# beside it, and the README's loop of both
+LOSSNET_FLOOR_AMD = acc.TABLE.parent / "lossnet_floor_amd.jsonl"
+README_LOOP_LOSSNET_FLOOR50 = acc.TABLE.parent / "readme_loop_lossnet_floor50.jsonl"
+README_LOOP_LOSSNET_DEFAULTS_AMD = acc.TABLE.parent / "readme_loop_lossnet_defaults_amd.jsonl"
 # the fading floor as the default, its rule's runs: the gentle cells' seeds 50-59 (the default and plain training
 # there in TWIN_GUARD), the BN CNN's seeds 30-49 (uniform-0: 30-39), then fresh BN seeds 50-69 for the held-out
 # fall measured less noisily (an addendum written after the rule's outcome)
@@ -1256,6 +1261,15 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "readme-loop-lossnet-floor": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_LATCH_BEFORE), ("min_ess 0.4", README_LOOP_LOSSNET_FLOOR)], nets=("lossnet",),
             by_evidence=True,
+        ),
+        "lossnet-floor50-pairs-amd": lambda: _twin_spread(
+            [("ess50v05we - defaults", LOSSNET_FLOOR_AMD, "lossnet~ess50v05we",
+              LOSSNET_FLOOR_AMD, "lossnet~ess20v05we")],
+            ["mnist1d-2pct"], ["uniform-60"], LOSSNET_FLOOR_SEEDS, below=(3, 5),
+        ),
+        "readme-loop-lossnet-floor50": lambda: _readme_loop_quiet(
+            [("defaults", README_LOOP_LOSSNET_DEFAULTS_AMD), ("min_ess 0.5", README_LOOP_LOSSNET_FLOOR50)],
+            nets=("lossnet",), by_evidence=True,
         ),
         "readme-loop-fade-all": lambda: _readme_loop_quiet(
             [("defaults", README_LOOP_QUIET_DEFAULTS), ("fading", README_LOOP_QUIET_FADE)]
