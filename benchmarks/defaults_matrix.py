@@ -70,6 +70,10 @@ CONFIGS = {
     # the defaults with the veto reading each coefficient against its class's (batch's) weighted mean (run when
     # veto_center=True meant the batch's mean under "sum" on class labels too, commits 8503372 to dd35f17)
     "veto-center": {"veto_center": True, "veto_warmup": 0, "min_ess_until_evidence": 0},
+    # the gated net with the workarounds the vit task's probes pointed to: the weights normalised over the batch
+    # (the veto kept), or no veto (the class normalisation kept)
+    "sum": {"normalization": "sum"},
+    "noveto": {"veto": math.inf},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -116,6 +120,8 @@ SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labe
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}
 SPELLED["veto-warmup"] = {**BEFORE_CENTER, "veto_warmup": 300}
 SPELLED["veto-center"] = {**BEFORE_CENTER, "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
+SPELLED["sum"] = {**SPELLED["defaults"], "normalization": "sum"}
+SPELLED["noveto"] = {**SPELLED["defaults"], "veto": "none"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {
@@ -403,11 +409,14 @@ NETS_FOR = {
 
 def nets_for(task: str, config: str) -> list[str]:
     """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss; ``"l2rw-floor40"``:
-    L2RW; ``"veto10"``, ``"veto-warmup"`` and ``"veto-center"``: the nets, not L2RW)."""
+    L2RW; ``"veto10"``, ``"veto-warmup"`` and ``"veto-center"``: the nets, not L2RW; ``"sum"`` and ``"noveto"``:
+    the gated net)."""
     if config == "l2rw-floor40":
         return ["l2rw"]
     if config in ("veto10", "veto-warmup", "veto-center"):
         return [n for n in NETS_FOR[task] if n != "l2rw"]
+    if config in ("sum", "noveto"):
+        return ["gated"]
     return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 
 
