@@ -169,6 +169,35 @@ def per_sample_mse(out, y):
     return (out.squeeze(-1) - y).pow(2)
 
 
+def _digits_classification(d: dict, model: nn.Module, opt: torch.optim.Optimizer, view=None) -> dict:
+    """A classification task on the digits' splits ``d``: meta batches of 100, test accuracy; ``view`` maps the
+    digits' 64 pixels to the model's input (default: as they are)."""
+    view = view or (lambda x: x)
+    meta = [(view(d["mx"][i : i + 100]), d["my"][i : i + 100]) for i in range(0, len(d["my"]), 100)]
+
+    def fwd(idx):
+        x, y = view(d["x"][idx]), d["y"][idx]
+        return x, y, model(x), d["corrupted"][idx]
+
+    @torch.no_grad()
+    def test():
+        return (model(view(d["tx"])).argmax(1) == d["ty"]).float().mean().item()
+
+    return dict(
+        model=model,
+        opt=opt,
+        meta=meta,
+        fwd=fwd,
+        test=test,
+        n=len(d["y"]),
+        bs=64,
+        loss_fn=per_sample_ce,
+        num_classes=10,
+        metric="acc",
+        kw={},
+    )
+
+
 def task_cls(opt_kind):
     def setup(seed):
         d = digits_data(seed)
@@ -178,29 +207,7 @@ def task_cls(opt_kind):
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        meta = [(d["mx"][i : i + 100], d["my"][i : i + 100]) for i in range(0, len(d["my"]), 100)]
-
-        def fwd(idx):
-            x, y = d["x"][idx], d["y"][idx]
-            return x, y, model(x), d["corrupted"][idx]
-
-        @torch.no_grad()
-        def test():
-            return (model(d["tx"]).argmax(1) == d["ty"]).float().mean().item()
-
-        return dict(
-            model=model,
-            opt=opt,
-            meta=meta,
-            fwd=fwd,
-            test=test,
-            n=len(d["y"]),
-            bs=64,
-            loss_fn=per_sample_ce,
-            num_classes=10,
-            metric="acc",
-            kw={},
-        )
+        return _digits_classification(d, model, opt)
 
     return setup
 
@@ -229,29 +236,7 @@ def task_vit(seed):
     def images(x: torch.Tensor) -> torch.Tensor:  # the digits' 8x8 pixels (in [0, 1]) as 16x16 images
         return F.interpolate(x.view(-1, 1, 8, 8), scale_factor=2, mode="nearest")
 
-    meta = [(images(d["mx"][i : i + 100]), d["my"][i : i + 100]) for i in range(0, len(d["my"]), 100)]
-
-    def fwd(idx):
-        x, y = images(d["x"][idx]), d["y"][idx]
-        return x, y, model(x), d["corrupted"][idx]
-
-    @torch.no_grad()
-    def test():
-        return (model(images(d["tx"])).argmax(1) == d["ty"]).float().mean().item()
-
-    return dict(
-        model=model,
-        opt=opt,
-        meta=meta,
-        fwd=fwd,
-        test=test,
-        n=len(d["y"]),
-        bs=64,
-        loss_fn=per_sample_ce,
-        num_classes=10,
-        metric="acc",
-        kw={},
-    )
+    return _digits_classification(d, model, opt, images)
 
 
 @functools.cache
