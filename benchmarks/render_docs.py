@@ -1327,6 +1327,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "veto-fast": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05",), settings=("flip1-40", "flip2-40", "uniform-40"), exact="cls20v05"
         ),
+        "defaults-matrix-vit-workarounds": lambda: defaults_matrix.report(defaults_matrix.TABLE, "sum", 600)
+        + "\n"
+        + defaults_matrix.report(defaults_matrix.TABLE, "noveto", 600),
         "defaults-matrix-veto10": lambda: defaults_matrix.report(defaults_matrix.TABLE, "veto10")
         + "\n"
         + defaults_matrix.report(defaults_matrix.TABLE, "veto10", 600),
