@@ -180,15 +180,15 @@ def _digits_classification(d: dict, model: nn.Module, opt: torch.optim.Optimizer
         return x, y, model(x), d["corrupted"][idx]
 
     @torch.no_grad()
-    def test():
-        return (model(view(d["tx"])).argmax(1) == d["ty"]).float().mean().item()
+    def scores():
+        return (model(view(d["tx"])).argmax(1) == d["ty"]).float()
 
     return dict(
         model=model,
         opt=opt,
         meta=meta,
         fwd=fwd,
-        test=test,
+        scores=scores,
         n=len(d["y"]),
         bs=64,
         loss_fn=per_sample_ce,
@@ -270,15 +270,15 @@ def task_reg(seed):
         return x, y, model(x), d["corrupted"][idx]
 
     @torch.no_grad()
-    def test():
-        return per_sample_mse(model(d["tx"]), d["ty"]).mean().item()
+    def scores():
+        return per_sample_mse(model(d["tx"]), d["ty"])
 
     return dict(
         model=model,
         opt=opt,
         meta=meta,
         fwd=fwd,
-        test=test,
+        scores=scores,
         n=len(d["y"]),
         bs=64,
         loss_fn=per_sample_mse,
@@ -358,15 +358,15 @@ def task_lora(seed):
         return {"input_ids": x}, x, model(input_ids=x), d["corrupted"][idx]
 
     @torch.no_grad()
-    def test():
-        return per_seq_lm(model(input_ids=d["tx"]).logits, d["tx"]).mean().item()
+    def scores():
+        return per_seq_lm(model(input_ids=d["tx"]).logits, d["tx"])
 
     return dict(
         model=model,
         opt=opt,
         meta=meta,
         fwd=fwd,
-        test=test,
+        scores=scores,
         n=len(d["x"]),
         bs=16,
         loss_fn=per_seq_lm,
@@ -450,7 +450,7 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
             loss.backward()
             opt.step()
     model.eval()
-    res = {"test": s["test"](), "metric": s["metric"], "seconds": round(time.time() - start, 1)}
+    res = {**_test_metrics(s["scores"](), seed), "metric": s["metric"], "seconds": round(time.time() - start, 1)}
     if rw is None:
         return res
     edges = sorted({e for e in [0, 10, 50, *range(100, steps + 1, 50)] if e <= steps} | {steps})
@@ -468,6 +468,15 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
         w_corrupted=round(w[c].mean().item(), 3),
     )
     return res
+
+
+def _test_metrics(scores: torch.Tensor, seed: int) -> dict:
+    """The test metric over the test split (``test``) and over its two halves, drawn by ``seed``: ``held``, on
+    which configurations are chosen, and ``rest``, which no choice reads."""
+    half = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))[: len(scores) // 2]
+    held = torch.zeros(len(scores), dtype=torch.bool)
+    held[half] = True
+    return {"test": scores.mean().item(), "held": scores[held].mean().item(), "rest": scores[~held].mean().item()}
 
 
 def _ratio(weights: torch.Tensor, corrupted: torch.Tensor) -> float:
@@ -554,13 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--config", default="defaults", choices=list(CONFIGS))
+    p.add_argument("--nets", nargs="+", help="run only these of the configuration's nets (default: all)")
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--report", action="store_true", help="print the table of the stored rows and exit")
     p.add_argument("--again", action="store_true", help="measure stored keys again (the latest row counts)")
     args = p.parse_args(argv)
     if not args.report:
         for task in args.tasks:
-            for net in ["plain", *nets_for(task, args.config)]:
+            nets = [n for n in nets_for(task, args.config) if args.nets is None or n in args.nets]
+            for net in ["plain", *nets]:
                 config = "plain" if net == "plain" else args.config
                 for seed in args.seeds:
                     key = {"task": task, "net": net, "config": config, "seed": seed, "steps": args.steps}
