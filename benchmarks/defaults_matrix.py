@@ -71,9 +71,9 @@ CONFIGS = {
     # veto_center=True meant the batch's mean under "sum" on class labels too, commits 8503372 to dd35f17)
     "veto-center": {"veto_center": True, "veto_warmup": 0, "min_ess_until_evidence": 0},
     # the gated net with the workarounds the vit task's probes pointed to: the weights normalised over the batch
-    # (the veto kept), or no veto (the class normalisation kept)
-    "sum": {"normalization": "sum"},
-    "noveto": {"veto": math.inf},
+    # (the veto kept), or no veto (the class normalisation kept); both with the plain SGD look-ahead they ran with
+    "sum": {"normalization": "sum", "virtual_step": "sgd"},
+    "noveto": {"veto": math.inf, "virtual_step": "sgd"},
 }
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
@@ -115,13 +115,15 @@ BEFORE_LOSSNET_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before
 SPELLED["defaults"]["veto_evidence"] = "0.05 on class labels (every net with a veto), else 0"
 BEFORE_QUIET = dict(SPELLED["defaults"])  # the defaults' rows before min_ess_until_evidence became one of them
 SPELLED["defaults"]["min_ess_until_evidence"] = "0.8 while the veto waits under normalization=class, else 0"
+BEFORE_MIRROR = dict(SPELLED["defaults"])  # the defaults' rows before the look-ahead mirrored Adam / AdamW
+SPELLED["defaults"]["virtual_step"] = "Adam / AdamW's step mirrored (each coordinate over its second moment), else SGD"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}
 SPELLED["veto-warmup"] = {**BEFORE_CENTER, "veto_warmup": 300}
 SPELLED["veto-center"] = {**BEFORE_CENTER, "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
-SPELLED["sum"] = {**SPELLED["defaults"], "normalization": "sum"}
-SPELLED["noveto"] = {**SPELLED["defaults"], "veto": "none"}
+SPELLED["sum"] = {**BEFORE_MIRROR, "normalization": "sum"}
+SPELLED["noveto"] = {**BEFORE_MIRROR, "veto": "none"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {

@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "engine": "auto",
         "lookahead": "full",
         "normalization": None,
-        "virtual_step": "sgd",
+        "virtual_step": "auto",
         "lookahead_lr": None,
         "meta_optimizer": None,
     },

@@ -35,7 +35,7 @@ from .net_slot import NetSlot
 from .options import ReweighterOptions, resolve_options
 from .presets import FROM_PRESET
 from .sharded import reshard_all
-from .virtual_step import plan_virtual_step
+from .virtual_step import plan_virtual_step, resolve_virtual_step
 
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
 
@@ -74,8 +74,9 @@ class MetaReweighter:
         normalization: ``"sum"``: raw weights over their sum (delta guard, no host sync) times the batch size;
             ``"class"``: the same within each class (each keeps its share; ``"sum"`` lets rare classes weigh more);
             ``"none"``: raw (default: ``None``: ``"class"`` on class labels for nets reading logits and L2RW, else sum).
-        virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code, or ``"optimizer"``, which mirrors
-            ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay (default: ``"sgd"``).
+        virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code; ``"optimizer"``, which mirrors
+            ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay) or ``Adam`` / ``AdamW`` (each
+            coordinate over its second moment); ``"auto"``: ``"optimizer"`` for Adam / AdamW, else ``"sgd"``.
         lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
             look-ahead, and so the meta-gradient, starts at zero (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
@@ -153,7 +154,7 @@ class MetaReweighter:
         engine: str = FROM_PRESET,
         lookahead: LookaheadSpec = FROM_PRESET,
         normalization: Literal["sum", "class", "none"] | None = FROM_PRESET,
-        virtual_step: Literal["sgd", "optimizer"] = FROM_PRESET,
+        virtual_step: Literal["auto", "sgd", "optimizer"] = FROM_PRESET,
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
         meta_warmup: int | None = None,
@@ -194,6 +195,7 @@ class MetaReweighter:
             options.engine, module, params, world_size=group.world_size, head_mode=options.head_mode, sharded=sharded
         )
         check_sync_batchnorm(module, group)
+        resolve_virtual_step(options.virtual_step, optimizer, selection.spec.coordinate_scales and not sharded)
 
         self.options: ReweighterOptions = options
         self.model, self.module, self.optimizer = model, module, optimizer
@@ -228,7 +230,12 @@ class MetaReweighter:
     interval = property(lambda self: self.options.interval, doc="Calls between meta updates.")
     normalization = property(lambda self: self.options.normalization, doc="``'sum'``, ``'class'``, ``'none'``, or "
                              "``'auto'`` until the first batch settles it (integer class labels: ``'class'``).")
-    virtual_step = property(lambda self: self.options.virtual_step, doc="``'sgd'`` or ``'optimizer'``.")
+    @property
+    def virtual_step(self) -> str:
+        """The look-ahead in use, ``'sgd'`` or ``'optimizer'`` (``"auto"`` settled for the optimizer and engine)."""
+        coordinates = self._engine.selection.spec.coordinate_scales and not self._sharded
+        return resolve_virtual_step(self.options.virtual_step, self.optimizer, coordinates)
+
     lookahead_lr = property(lambda self: self.options.lookahead_lr, doc="The look-ahead's fixed lr, if any.")
     loss_fn = property(lambda self: self.options.loss_fn, doc="Per-sample training loss.")
     meta_loss_fn = property(lambda self: self.options.meta_loss_fn, doc="Per-sample meta loss.")

@@ -210,8 +210,22 @@ def test_constructor_type_checks(setup):
         MetaReweighter(model, "sgd", meta)
     with pytest.raises(ValueError, match="optimizer holds none"):
         MetaReweighter(model, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), meta)
-    with pytest.raises(ValueError, match="mirrors torch.optim.SGD only"):
-        MetaReweighter(model, torch.optim.Adam(model.parameters()), meta, virtual_step="optimizer")
+    with pytest.raises(ValueError, match="mirrors torch.optim.SGD, Adam and AdamW only, got RMSprop"):
+        MetaReweighter(model, torch.optim.RMSprop(model.parameters()), meta, virtual_step="optimizer")
+
+
+def test_virtual_step_auto_mirrors_adam_where_the_engine_takes_coordinate_scales(setup):
+    """``"auto"``: Adam / AdamW mirrored where the engine accepts a scale per coordinate, else a plain SGD step;
+    ``"optimizer"`` with Adam on an engine that takes scalar scales only is refused at construction."""
+    pytest.importorskip("higher")
+    model, _, meta, *_ = setup
+    adam, sgd = torch.optim.AdamW(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert MetaReweighter(model, adam, meta).virtual_step == "optimizer"
+    assert MetaReweighter(model, sgd, meta).virtual_step == "sgd"
+    assert MetaReweighter(model, adam, meta, engine="higher").virtual_step == "sgd"
+    assert MetaReweighter(model, adam, meta, virtual_step="sgd").virtual_step == "sgd"
+    with pytest.raises(ValueError, match="scale per coordinate, which this engine does not accept"):
+        MetaReweighter(model, adam, meta, engine="higher", virtual_step="optimizer")
 
 
 class ScoresModel(nn.Module):

@@ -180,6 +180,98 @@ def test_optimizer_mirror_equals_real_sgd_step(nesterov, dampening):
         opt.step()
 
 
+@pytest.mark.parametrize(
+    "kind,decay,amsgrad", [("Adam", 0.0, False), ("Adam", 1e-2, True), ("AdamW", 1e-2, False), ("AdamW", 0.0, True)]
+)
+def test_optimizer_mirror_equals_real_adam_step(kind, decay, amsgrad):
+    """theta_hat under virtual_step='optimizer' is torch.optim.Adam / AdamW's step when the gradient is what the
+    second moment holds (a constant gradient: the bias-corrected second moment is its square at every step); the
+    first step, with no second moment yet, is a plain SGD step."""
+    model = make_cnn(torch.float64)
+    opt = getattr(torch.optim, kind)(model.parameters(), lr=1e-2, betas=(0.8, 0.9), weight_decay=decay, amsgrad=amsgrad)
+    params = dict(model.named_parameters())
+    assert plan_virtual_step(params, opt, mode="optimizer").scale == {k: 1e-2 for k in params}
+    target = {k: torch.randn_like(p) for k, p in params.items()}  # the gradient after Adam's coupled decay
+    coupled = kind == "Adam"
+
+    def grads():  # the gradient that makes Adam's (decay included) equal to ``target``
+        return {k: target[k] - decay * p.detach() if coupled else target[k].clone() for k, p in params.items()}
+
+    for _ in range(3):
+        plan = plan_virtual_step(params, opt, mode="optimizer")
+        g = grads()
+        predicted = apply_virtual_step({k: p.detach() for k, p in params.items()}, g, plan)
+        for k, p in params.items():
+            p.grad = g[k]
+        opt.step()
+        if opt.state[params["fc.weight"]]["step"] > 1:  # the first step had no second moment to mirror
+            for k, p in params.items():
+                assert isinstance(plan.scale[k], torch.Tensor) and plan.scale[k].shape == p.shape
+                torch.testing.assert_close(predicted[k], p.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("engine", ["forward", "reverse", "finite_difference"])
+def test_adam_mirror_gradient_matches_reference(engine):
+    """virtual_step='auto' with AdamW mirrors its step (each coordinate over the root of its second moment, the
+    carried first moment, the decoupled decay) in every engine that declares per-coordinate scales."""
+    model = make_cnn(torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9), weight_decay=1e-2)
+    for seed in (3, 4):
+        x0, y0 = make_batch(8, seed=seed)
+        opt.zero_grad()
+        F.cross_entropy(model(x0), y0).backward()
+        opt.step()
+    opt.zero_grad()
+    x, y = make_batch(12, seed=1)
+    xm, ym = make_batch(10, seed=2)
+    net = make_net("lossnet", 12).double()
+
+    ref_model, ref_net = copy.deepcopy(model), copy.deepcopy(net)
+    theta = {k: v.detach().clone().requires_grad_() for k, v in ref_model.named_parameters()}
+    losses = F.cross_entropy(manual_forward(theta, ref_model, x), y, reduction="none")
+    raw = ref_net(losses.detach())
+    w = raw * (12 / raw.sum())
+    grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
+    theta_hat = {}
+    for (k, t), g, p in zip(theta.items(), grads, model.parameters()):
+        state = opt.state[p]
+        m = 0.8 * state["exp_avg"] + 0.2 * g
+        denom = (state["exp_avg_sq"] / (1 - 0.9**2)).sqrt() + 1e-8
+        theta_hat[k] = t - 1e-2 * 1e-2 * t - 1e-2 / (1 - 0.8**3) * m / denom
+    expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
+
+    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, normalization="sum", seed=0)
+    assert reweighter.virtual_step == "optimizer"
+    reweighter.step(x, y, model(x))
+    tolerance = dict(rtol=1e-3, atol=1e-8) if engine == "finite_difference" else dict(rtol=1e-6, atol=1e-12)
+    for e, p in zip(expected, net.parameters()):
+        torch.testing.assert_close(p.grad, e, **tolerance)
+
+
+def test_adam_mirror_ghost_engines_match_reverse():
+    """The ghost engines fold the per-coordinate scale into their tangent: L2RW's weights (the clamped
+    coefficients) under AdamW's mirrored step equal the reverse engine's on an MLP (no batch norm)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    meta = [(torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    weights = {}
+    for engine in ("reverse", "ghost", "ghost_lean", "forward"):
+        rw = MetaReweighter(model, opt, meta, net="l2rw", engine=engine, normalization="sum", min_ess=0.0, seed=0)
+        assert rw.virtual_step == "optimizer"
+        weights[engine] = rw.step(x, y, model(x))
+    assert (weights["reverse"] > 0).any() and (weights["reverse"] == 0).any()
+    sgd = MetaReweighter(model, opt, meta, net="l2rw", virtual_step="sgd", normalization="sum", min_ess=0.0, seed=0)
+    assert not torch.allclose(sgd.step(x, y, model(x)), weights["reverse"])  # the mirror changes the weights
+    for engine in ("ghost", "ghost_lean", "forward"):
+        torch.testing.assert_close(weights[engine], weights["reverse"], rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_momentum_mirror_gradient_matches_reference(engine):
     """With virtual_step='optimizer' the look-ahead follows SGD's momentum buffer and weight decay."""

@@ -149,6 +149,9 @@ class EngineSpec:
         sharded: the engine handles look-ahead parameters sharded by FSDP2's ``fully_shard`` (``DTensor``
             shards, through the module's own forward and backward: :mod:`reweight.sharded`); an engine that
             does not is refused for such a model at construction.
+        coordinate_scales: the engine accepts a look-ahead ``scale`` per coordinate (a tensor shaped as the
+            parameter: the step of Adam / AdamW mirrored, :mod:`reweight.virtual_step`) on unsharded parameters;
+            otherwise ``virtual_step="auto"`` is a plain SGD step and ``"optimizer"`` is refused with Adam / AdamW.
     """
 
     name: str
@@ -161,6 +164,7 @@ class EngineSpec:
     auto: int | None = None
     requires: Callable[[], object] | None = None
     sharded: bool = False
+    coordinate_scales: bool = False
 
     def __call__(self, problem: MetaProblem) -> MetaGradient:
         return self.fn(problem)
@@ -180,6 +184,7 @@ def register_engine(
     auto: int | None = None,
     requires: Callable[[], object] | None = None,
     sharded: bool = False,
+    coordinate_scales: bool = False,
 ) -> Callable[[Engine], Engine]:
     """Register ``engine(problem) -> MetaGradient`` under ``name`` with what it needs (:class:`EngineSpec`).
 
@@ -193,7 +198,10 @@ def register_engine(
     """
 
     def decorator(fn: Engine) -> Engine:
-        spec = EngineSpec(name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires, sharded)
+        spec = EngineSpec(
+            name, fn, description, data_parallel, exactness, capture, needs_head, auto, requires, sharded,
+            coordinate_scales,
+        )  # fmt: skip
         _ENGINES.register(name, description=description)(spec)
         return fn
 

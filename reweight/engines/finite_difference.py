@@ -27,7 +27,9 @@ def finite_difference_step(params: dict[str, torch.Tensor], tangent: dict[str, t
     return torch.where(t_norm > 0, size / t_norm.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(t_norm))
 
 
-@register_engine("finite_difference", description="approximate: central difference, two no-grad forwards")
+@register_engine(
+    "finite_difference", description="approximate: central difference, two no-grad forwards", coordinate_scales=True
+)
 def finite_difference_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """``<scale * v, g_i> ~ (L_i(theta + h t) - L_i(theta - h t)) / 2h``; no second-order or forward-mode AD."""
     meta_losses, tangent = lookahead(problem)

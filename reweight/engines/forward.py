@@ -22,7 +22,9 @@ from .base import MetaGradient, MetaProblem, detached_params, lookahead, registe
 __all__ = ["forward_meta_gradient"]
 
 
-@register_engine("forward", description="exact: one forward-mode JVP of the per-sample losses", auto=1)
+@register_engine(
+    "forward", description="exact: one forward-mode JVP of the per-sample losses", auto=1, coordinate_scales=True
+)
 def forward_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from a JVP of ``theta -> [L_1 .. L_n]`` along ``scale * v`` (``torch.autograd.forward_ad``)."""
     load_jvp_decompositions()

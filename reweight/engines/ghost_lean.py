@@ -22,6 +22,7 @@ __all__ = ["ghost_lean_meta_gradient"]
     exactness=ghost_exactness_problem,
     capture=ForwardCapture,
     auto=None,
+    coordinate_scales=True,
 )
 def ghost_lean_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer inner products, the layer gradients taken after the meta batch's pass."""

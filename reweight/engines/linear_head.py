@@ -39,6 +39,7 @@ def _logit_gradients(problem: MetaProblem, logits: Tensor) -> Tensor:
     description="exact closed form for lookahead='head' (final Linear layer)",
     needs_head=True,
     auto=0,
+    coordinate_scales=True,
 )
 def linear_head_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Exact meta-gradient of a head-only look-ahead, from features and logit gradients."""

@@ -17,6 +17,7 @@ __all__ = ["reverse_meta_gradient"]
     description="create_graph look-ahead and second-order backward (the reference)",
     data_parallel=False,
     auto=2,
+    coordinate_scales=True,
 )
 def reverse_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient by differentiating through the virtual step, as Meta-Weight-Net's code does.

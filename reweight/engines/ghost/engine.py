@@ -213,6 +213,7 @@ def coefficients_from(
     capture=ForwardCapture,
     auto=0,
     sharded=True,
+    coordinate_scales=True,
 )
 def ghost_meta_gradient(problem: MetaProblem) -> MetaGradient:
     """Meta-gradient from per-layer activations and output gradients of the unweighted per-sample losses.
