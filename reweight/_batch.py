@@ -21,6 +21,7 @@ __all__ = [
     "split_batch",
     "call_model",
     "unwrap_model",
+    "net_dtype",
 ]
 
 Inputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
@@ -184,3 +185,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = compiled_original(model)
         else:
             return model
+
+
+def net_dtype(module: nn.Module) -> torch.dtype:
+    """The weighting net's dtype for ``module``: float64 if any of its floating parameters is, else float32."""
+    dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    return torch.float64 if torch.float64 in dtypes else torch.float32

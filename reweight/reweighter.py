@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._batch import Inputs, LogitsFn, logits_of, unwrap_model
+from ._batch import Inputs, LogitsFn, logits_of, net_dtype, unwrap_model
 from ._checks import check_groups, check_meta_forward, check_meta_labels, naming_batch, prepare_meta_batch, step_losses
 from ._compat import is_compiled
 from ._finite import NonFiniteLossError, finite_or_skip, joint_check
@@ -74,9 +74,8 @@ class MetaReweighter:
         normalization: ``"sum"``: raw weights over their sum (delta guard, no host sync) times the batch size;
             ``"class"``: the same within each class (each keeps its share; ``"sum"`` lets rare classes weigh more);
             ``"none"``: raw (default: ``None``: ``"class"`` on class labels for nets reading logits and L2RW, else sum).
-        virtual_step: ``"sgd"``, a plain SGD look-ahead as the reference code; ``"optimizer"``, which mirrors
-            ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay) or ``Adam`` / ``AdamW`` (each
-            coordinate over its second moment); ``"auto"``: ``"optimizer"`` for Adam / AdamW, else ``"sgd"``.
+        virtual_step: ``"sgd"``, a plain SGD look-ahead (the reference's); ``"optimizer"``, which mirrors SGD (momentum,
+            decay) or Adam / AdamW (each coordinate over its second moment); ``"auto"``: the latter for Adam / AdamW.
         lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
             look-ahead, and so the meta-gradient, starts at zero (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
@@ -218,7 +217,7 @@ class MetaReweighter:
         self.last_meta_loss: Tensor | None = None
         self.last_update_skipped = False
         if isinstance(options.net, nn.Module) or not options.requires_logits or options.num_classes is not None:
-            self._slot.build(options.num_classes, self.device, self._net_dtype())
+            self._slot.build(options.num_classes, self.device, net_dtype(self.module))
         else:
             self._slot.template(2)  # built at the first step: refuse bad net_kwargs now
         if options.head_mode:  # last: a constructor that raises leaves no hook on the user's model
@@ -230,12 +229,9 @@ class MetaReweighter:
     interval = property(lambda self: self.options.interval, doc="Calls between meta updates.")
     normalization = property(lambda self: self.options.normalization, doc="``'sum'``, ``'class'``, ``'none'``, or "
                              "``'auto'`` until the first batch settles it (integer class labels: ``'class'``).")
-    @property
-    def virtual_step(self) -> str:
-        """The look-ahead in use, ``'sgd'`` or ``'optimizer'`` (``"auto"`` settled for the optimizer and engine)."""
-        coordinates = self._engine.selection.spec.coordinate_scales and not self._sharded
-        return resolve_virtual_step(self.options.virtual_step, self.optimizer, coordinates)
-
+    virtual_step = property(lambda self: resolve_virtual_step(self.options.virtual_step, self.optimizer, self._engine
+                            .selection.spec.coordinate_scales and not self._sharded), doc="The look-ahead in use, "
+                            "``'sgd'`` or ``'optimizer'`` (``'auto'`` settled for the optimizer and the engine).")
     lookahead_lr = property(lambda self: self.options.lookahead_lr, doc="The look-ahead's fixed lr, if any.")
     loss_fn = property(lambda self: self.options.loss_fn, doc="Per-sample training loss.")
     meta_loss_fn = property(lambda self: self.options.meta_loss_fn, doc="Per-sample meta loss.")
@@ -276,10 +272,6 @@ class MetaReweighter:
     group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
     is_l2rw = property(lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net).")
     noise_evidence = property(lambda self: self._slot.evidence, doc="What the veto waits for (``veto_evidence``).")
-
-    def _net_dtype(self) -> torch.dtype:
-        dtypes = [p.dtype for p in self.module.parameters() if p.is_floating_point()]
-        return torch.float64 if torch.float64 in dtypes else torch.float32
 
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self._generator))
@@ -333,7 +325,7 @@ class MetaReweighter:
             if not joint_check(ok, "the meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
             self.last_meta_loss, clamped = grad.meta_loss, torch.clamp(-grad.coefficients, min=0)
-            return True, self._slot.normalize(clamped.to(self._net_dtype()), net_inputs), None
+            return True, self._slot.normalize(clamped.to(net_dtype(self.module)), net_inputs), None
         assert self.net is not None
         self.net.train()
         with torch.enable_grad():
@@ -422,7 +414,7 @@ class MetaReweighter:
         else:
             all_finite = finite_or_skip(self._group.all_(finite.all()), "a per-sample training loss", self.on_nonfinite)
         if self.net is None and not self.is_l2rw:
-            self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, self._net_dtype())
+            self._slot.build(logits.shape[1] if logits.ndim == 2 else 1, self.device, net_dtype(self.module))
         losses = torch.where(finite, losses, torch.zeros_like(losses))
         net_inputs = self._slot.count_batch((losses, logits.detach(), targets, groups, self._slot.recall(ids, losses)))
         applied, weights, veto = False, None, None
@@ -486,7 +478,7 @@ class MetaReweighter:
         check_rng_state(state["rng"], self._generator.get_state())
         MetaBatchStream.check_state(state["meta_stream"])
         self.options = options  # every check passed: load
-        self._slot.load(state, num_classes, build, self.device, self._net_dtype(), options)
+        self._slot.load(state, num_classes, build, self.device, net_dtype(self.module), options)
         self._engine.restore(engine)
         self._generator.set_state(state["rng"])
         self._meta_stream.load_state_dict(state["meta_stream"])

@@ -157,7 +157,7 @@ def moved_shards(params: Mapping[str, Tensor], grads: dict[str, Tensor], step: V
         saved = {k: s.clone() for k, s in shards.items()}
         try:
             for k, s in shards.items():
-                s.sub_(local(grads.pop(k)).to(s.dtype), alpha=step.scale[k])
+                s.sub_(local(grads.pop(k)).to(s.dtype), alpha=float(step.scale[k]))  # SGD's step on shards
                 if k in step.offset:
                     s.sub_(local(step.offset[k]).to(s.dtype))
             grads.clear()

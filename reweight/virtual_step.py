@@ -60,7 +60,7 @@ def resolve_virtual_step(mode: str, optimizer: torch.optim.Optimizer, coordinate
 def plan_virtual_step(
     params: Mapping[str, Tensor],
     optimizer: torch.optim.Optimizer,
-    mode: VirtualStepMode = "sgd",
+    mode: VirtualStepMode | str = "sgd",
     lr: float | None = None,
     groups: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> VirtualStep:

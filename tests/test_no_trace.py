@@ -45,6 +45,25 @@ def test_step_leaves_model_optimizer_and_rng_untouched(engine, net, virtual_step
     (weights * F.cross_entropy(logits, y, reduction="none")).mean().backward()
 
 
+@pytest.mark.parametrize("engine", ["forward", "reverse", "ghost"])
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_adam_mirror_leaves_model_and_optimizer_state_untouched(engine, kind):
+    """The look-ahead that mirrors Adam / AdamW reads their moments and step counts and writes none of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = getattr(torch.optim, kind)(model.parameters(), lr=1e-3, weight_decay=1e-2, amsgrad=kind == "Adam")
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    reweighter = MetaReweighter(model, opt, [(torch.randn(6, 6), torch.randint(0, 3, (6,)))], engine=engine, seed=0)
+    assert reweighter.virtual_step == "optimizer"
+    logits = model(x)
+    before = snapshot(model, opt)
+    for _ in range(3):
+        reweighter.step(x, y, logits)
+    assert_same(before, snapshot(model, opt))
+
+
 @pytest.mark.parametrize("net", ["auto", "lossnet", "logitnet", "metainfonet", "gated", "l2rw"])
 def test_construction_draws_from_the_global_rng_only_without_a_seed(net):
     """The README's promise: with ``seed=`` a reweighted run sees the batch order of plain training of the same
