@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import sys
 import time
@@ -531,6 +532,60 @@ def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, opti
     lines.append("")
     lines.append(_store.provenance_note(rows))
     return "\n".join(lines)
+
+
+def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "held") -> str:
+    """Markdown: per task and net run with the options ``before`` and ``after`` (as the keys spell them) on the same
+    seeds, ``metric``'s gain over plain training under each (mean ± standard error; accuracy in points, losses as
+    plain training's minus the net's; the seeds more than 3 points, or 0.05 in loss, below it), the paired
+    difference after - before, and the range of the weights' AUROC (last 50 steps) under each."""
+    found: dict[tuple, dict] = {}
+    for r in _store.latest(table):
+        k = r["key"]
+        if k["steps"] != steps or metric not in r["result"]:
+            continue
+        side = "plain" if k["config"] == "plain" else {_line(before): "before", _line(after): "after"}.get(
+            _line(k.get("options", {}))
+        )
+        if side is not None and k["config"] in ("plain", "defaults"):
+            found[(k["task"], k["net"], side, k["seed"])] = r["result"]
+    lines = [
+        f"{steps} steps, scored on `{metric}`; gain: over plain training of the same seed, mean ± standard error, "
+        "(seeds more than 3 points, or 0.05 in loss, below plain training); after - before: paired by seed.",
+        "",
+        "| task | net | seeds | gain before | gain after | after - before | AUROC before | AUROC after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    used = []
+    for task in TASKS:
+        for net in NETS_FOR[task]:
+            seeds = sorted(s for (t, n, side, s) in found if (t, n, side) == (task, net, "after"))
+            seeds = [s for s in seeds if (task, net, "before", s) in found and (task, "plain", "plain", s) in found]
+            if not seeds:
+                continue
+            res = {side: [found[(task, net, side, s)] for s in seeds] for side in ("before", "after")}
+            plain = [found[(task, "plain", "plain", s)] for s in seeds]
+            used += [r for x in res.values() for r in x] + plain
+            sign = 100 if res["after"][0]["metric"] == "acc" else -1
+            gains = {side: [sign * (x[metric] - p[metric]) for x, p in zip(res[side], plain)] for side in res}
+            cut, digits = (3, 1) if sign == 100 else (0.05, 3)
+            cells = [f"{_mean_se(g, digits)} ({sum(v < -cut for v in g)} below)" for g in gains.values()]
+            cells.append(_mean_se([a - b for a, b in zip(gains["after"], gains["before"])], digits))
+            aurocs = {side: [x["auroc"] for x in res[side]] for side in res}
+            cells += [f"{min(a):.2f} to {max(a):.2f}" for a in aurocs.values()]
+            lines.append(f"| {task} | {net} | {len(seeds)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{len(used)} runs.")
+    return "\n".join(lines)
+
+
+def _line(d: dict) -> str:
+    return json.dumps(d, sort_keys=True)
+
+
+def _mean_se(values: list[float], digits: int) -> str:
+    se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{np.mean(values):+.{digits}f} ± {se:.{digits}f}"
 
 
 def _gain(results: list[dict], plain: dict[int, float], seeds: list[int]) -> str:
