@@ -384,3 +384,47 @@ def test_defaults_matrix_gain_pairs_each_seed_with_plain_training():
     mse = [{"test": 0.5, "metric": "mse"}, {"test": 0.1, "metric": "mse"}]
     assert defaults_matrix._gain(mse, {0: 1.0, 1: 0.2}, [0, 1]) == "+0.300 ± 0.200 (0 of 2 below)"
     assert defaults_matrix._gain(acc, {}, [0, 1]) == "-"
+
+
+def test_defaults_matrix_splits_the_test_set_into_held_and_rest():
+    """Each row scores the whole test split and its two seeded halves: ``held`` (what a choice reads) and ``rest``
+    (what none reads) are disjoint, cover it, and are the same halves for a seed whatever is scored."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import defaults_matrix
+
+    scores = torch.arange(10, dtype=torch.float32)
+    got = defaults_matrix._test_metrics(scores, seed=3)
+    assert got["test"] == pytest.approx(4.5) and got["held"] + got["rest"] == pytest.approx(9.0)
+    assert got["held"] != got["rest"]
+    again = defaults_matrix._test_metrics(scores * 2, seed=3)
+    assert again["held"] == pytest.approx(2 * got["held"])  # the same samples
+    assert defaults_matrix._test_metrics(scores, seed=4)["held"] != got["held"]
+
+
+def test_defaults_matrix_compare_pairs_two_option_sets_on_held(tmp_path):
+    """``compare``: each option set's held gain over plain training of the same seed, and their paired difference;
+    seeds without a row of each side and of plain training are left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _store
+    import defaults_matrix
+
+    table = tmp_path / "t.jsonl"
+    before, after = {"virtual_step": "sgd"}, {"virtual_step": "mirror"}
+
+    def row(net, config, options, seed, held, auroc=0.9):
+        key = {"task": "vit", "net": net, "config": config, "seed": seed, "steps": 600}
+        if options is not None:
+            key["options"] = options
+        result = {"test": held, "held": held, "rest": held, "metric": "acc", "auroc": auroc}
+        _store.append(table, {"key": key, "result": result, "provenance": {}})
+
+    for seed, (plain, b, a) in enumerate([(0.70, 0.60, 0.72), (0.80, 0.78, 0.81), (0.50, 0.40, 0.50)]):
+        row("plain", "plain", None, seed, plain)
+        row("gated", "defaults", before, seed, b, auroc=0.6)
+        row("gated", "defaults", after, seed, a)
+    row("gated", "defaults", after, 7, 0.99)  # no row before: left out
+    text = defaults_matrix.compare(table, 600, before, after)
+    line = next(x for x in text.splitlines() if x.startswith("| vit | gated"))
+    assert line == (
+        "| vit | gated | 3 | -7.3 ± 2.7 (2 below) | +1.0 ± 0.6 (0 below) | +8.3 ± 2.7 | 0.60 to 0.60 | 0.90 to 0.90 |"
+    )
