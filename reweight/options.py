@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,8 +256,7 @@ class ReweighterOptions:
         return dataclasses.replace(self, **changes)
 
 
-def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
@@ -333,6 +332,8 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         if not (math.isfinite(float(lr)) and float(lr) > 0):
             raise ValueError(f"lookahead_lr must be positive and finite, got {lr!r}")
         lr = float(lr)
+    if a["virtual_step"] == "auto" and lr is not None:  # a fixed look-ahead lr is a plain SGD step's (documented)
+        a["virtual_step"] = "sgd"
     resolve_virtual_step(a["virtual_step"], optimizer, coordinate_scales=True)  # the optimizer's type
     groups_alone = _group_weights_alone(a["net"], a["net_kwargs"])
     own, own_lr = (group_meta_optimizer, GROUPS_META_LR) if groups_alone else (default_meta_optimizer, META_LR)

@@ -76,8 +76,9 @@ class MetaReweighter:
             ``"none"``: raw (default: ``None``: ``"class"`` on class labels for nets reading logits and L2RW, else sum).
         virtual_step: ``"sgd"``, a plain SGD look-ahead (the reference's); ``"optimizer"``, which mirrors SGD (momentum,
             decay) or Adam / AdamW (each coordinate over its second moment); ``"auto"``: the latter for Adam / AdamW.
-        lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
-            look-ahead, and so the meta-gradient, starts at zero (default: ``None``).
+        lookahead_lr: the look-ahead's lr instead of each group's current ``lr`` (with ``virtual_step="auto"`` a plain
+            SGD step's); under an lr warm-up from 0 the look-ahead, and so the meta-gradient, starts at zero
+            (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
             1e-3, weight decay 5e-4: the paper's values, the decay decoupled so that it cannot outweigh a small
             meta-gradient; SGD, lr 1e-3, for the group net alone, see :func:`~reweight.options.group_meta_optimizer`).

@@ -305,3 +305,12 @@ def test_labels_checked_once_per_tensor_until_changed_in_place():
         cross_entropy(logits, y)  # a failed check is not remembered
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         cross_entropy(torch.zeros(3, 3), torch.tensor([0, 1, 3]))
+
+
+def test_a_fixed_lookahead_lr_keeps_the_plain_sgd_lookahead(setup):
+    """``lookahead_lr`` is the plain SGD look-ahead's lr: with it ``"auto"`` does not mirror Adam (whose scale
+    per coordinate it would multiply); ``"optimizer"`` given with it mirrors Adam at that lr."""
+    model, _, meta, *_ = setup
+    adam = torch.optim.AdamW(model.parameters())
+    assert MetaReweighter(model, adam, meta, lookahead_lr=0.1).virtual_step == "sgd"
+    assert MetaReweighter(model, adam, meta, lookahead_lr=0.1, virtual_step="optimizer").virtual_step == "optimizer"
