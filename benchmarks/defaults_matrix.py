@@ -75,7 +75,11 @@ CONFIGS = {
     # (the veto kept), or no veto (the class normalisation kept); both with the plain SGD look-ahead they ran with
     "sum": {"normalization": "sum", "virtual_step": "sgd"},
     "noveto": {"veto": math.inf, "virtual_step": "sgd"},
+    # a placebo: plain training with each sample's loss weighted by 1 + 0.01 z, z standard normal drawn apart from
+    # everything else (seed + 1000): how far a run moves under a perturbation that carries no information
+    "placebo": {},
 }
+JITTER = 0.01
 SIGNAL = "(sum c_i w_i + penalty) / sum |c_i|"  # the net's surrogate (reweight.net_slot.NetSlot.update)
 SPELLED = {  # the key's description of each configuration (no key whose meaning can change)
     "defaults": {
@@ -125,6 +129,7 @@ SPELLED["veto-warmup"] = {**BEFORE_CENTER, "veto_warmup": 300}
 SPELLED["veto-center"] = {**BEFORE_CENTER, "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
 SPELLED["sum"] = {**BEFORE_MIRROR, "normalization": "sum"}
 SPELLED["noveto"] = {**BEFORE_MIRROR, "veto": "none"}
+SPELLED["placebo"] = {"weights": f"1 + {JITTER:g} z, z ~ N(0, 1) from seed + 1000"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
 L2RW_OPTIONS = {
@@ -405,6 +410,8 @@ def nets_for(task: str, config: str) -> list[str]:
         return [n for n in NETS_FOR[task] if n != "l2rw"]
     if config in ("sum", "noveto"):
         return ["gated"]
+    if config == "placebo":
+        return ["jitter"]
     return [n for n in NETS_FOR[task] if config != "history" or n in HISTORY_NETS]
 
 
@@ -423,7 +430,8 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
     s = TASKS[task](seed)
     model, opt = s["model"], s["opt"]
     rw = None
-    if net != "plain":
+    jitter = torch.Generator().manual_seed(seed + 1000) if net == "jitter" else None
+    if net not in ("plain", "jitter"):
         options = dict(CONFIGS[config])
         uniform = options.pop("uniform_start", True)
         net_kwargs = None if net == "l2rw" else {"uniform_start": uniform}
@@ -447,6 +455,8 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
                 ws.append(w.float())
                 cs.append(corrupted)
                 loss = (w * losses).mean()
+            elif jitter is not None:
+                loss = ((1 + JITTER * torch.randn(losses.shape, generator=jitter)) * losses).mean()
             else:
                 loss = losses.mean()
             opt.zero_grad()
@@ -579,6 +589,36 @@ def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "h
     return "\n".join(lines)
 
 
+def placebo_spread(table: Path, steps: int, metric: str = "held") -> str:
+    """Markdown: per task, how far the placebo (``--config placebo``) ends from plain training of the same seed on
+    ``metric``: mean ± standard error, the standard deviation of a pair, the largest gap either way, and the
+    seeds more than 3 points (0.05 in loss) apart."""
+    found: dict[tuple, dict] = {}
+    for r in _store.latest(table):
+        k = r["key"]
+        if k["steps"] == steps and k["config"] in ("plain", "placebo") and metric in r["result"]:
+            found[(k["task"], k["config"], k["seed"])] = r["result"]
+    lines = [
+        f"{steps} steps, scored on `{metric}`: the placebo less plain training of the same seed.",
+        "",
+        "| task | seeds | placebo - plain | sd of a pair | largest gaps | seeds more than 3 apart |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in TASKS:
+        seeds = sorted(s for (t, c, s) in found if (t, c) == (task, "placebo") and (task, "plain", s) in found)
+        if not seeds:
+            continue
+        sign = 100 if found[(task, "plain", seeds[0])]["metric"] == "acc" else -1
+        gaps = [sign * (found[(task, "placebo", s)][metric] - found[(task, "plain", s)][metric]) for s in seeds]
+        cut, digits = (3, 1) if sign == 100 else (0.05, 3)
+        sd = np.std(gaps, ddof=1) if len(gaps) > 1 else float("nan")
+        lines.append(
+            f"| {task} | {len(seeds)} | {_mean_se(gaps, digits)} | {sd:.{digits}f} | {min(gaps):+.{digits}f}, "
+            f"{max(gaps):+.{digits}f} | {sum(abs(g) > cut for g in gaps)} |"
+        )
+    return "\n".join(lines)
+
+
 def _line(d: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
@@ -639,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                     result = run(task, net, args.config, seed, args.steps)
                     _store.append(args.table, {"key": key, "result": result, "provenance": _store.provenance(argv)})
                     print(f"{task} {net} {config} seed {seed}: {result.get('auroc', '')} test {result['test']:.3f}")
-    print(report(args.table, args.config, args.steps))
+    placebo = args.config == "placebo"
+    print(placebo_spread(args.table, args.steps) if placebo else report(args.table, args.config, args.steps))
     return 0
 
 
