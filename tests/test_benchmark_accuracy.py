@@ -428,3 +428,20 @@ def test_defaults_matrix_compare_pairs_two_option_sets_on_held(tmp_path):
     assert line == (
         "| vit | gated | 3 | -7.3 ± 2.7 (2 below) | +1.0 ± 0.6 (0 below) | +8.3 ± 2.7 | 0.60 to 0.60 | 0.90 to 0.90 |"
     )
+
+
+def test_defaults_matrix_placebo_spread_reads_each_seed_against_plain(tmp_path):
+    """The placebo's spread: its metric less plain training's, seed by seed (accuracy in points)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _store
+    import defaults_matrix
+
+    assert defaults_matrix.nets_for("vit", "placebo") == ["jitter"]
+    table = tmp_path / "t.jsonl"
+    for seed, (plain, placebo) in enumerate([(0.70, 0.75), (0.80, 0.78), (0.50, 0.50)]):
+        for config, held in (("plain", plain), ("placebo", placebo)):
+            key = {"task": "vit", "net": "plain" if config == "plain" else "jitter", "config": config, "seed": seed}
+            result = {"test": held, "held": held, "rest": held, "metric": "acc"}
+            _store.append(table, {"key": {**key, "steps": 600}, "result": result, "provenance": {}})
+    line = next(x for x in defaults_matrix.placebo_spread(table, 600).splitlines() if x.startswith("| vit"))
+    assert line == "| vit | 3 | +1.0 ± 2.1 | 3.6 | -2.0, +5.0 | 1 |"
