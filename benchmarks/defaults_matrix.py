@@ -72,9 +72,12 @@ CONFIGS = {
     # veto_center=True meant the batch's mean under "sum" on class labels too, commits 8503372 to dd35f17)
     "veto-center": {"veto_center": True, "veto_warmup": 0, "min_ess_until_evidence": 0},
     # the gated net with the workarounds the vit task's probes pointed to: the weights normalised over the batch
-    # (the veto kept), or no veto (the class normalisation kept); both with the plain SGD look-ahead they ran with
-    "sum": {"normalization": "sum", "virtual_step": "sgd"},
-    "noveto": {"veto": math.inf, "virtual_step": "sgd"},
+    # (the veto kept), or no veto (the class normalisation kept)
+    "sum": {"normalization": "sum"},
+    "noveto": {"veto": math.inf},
+    # the defaults with virtual_step="optimizer" for the tasks trained with Adam / AdamW: the look-ahead mirrors
+    # their step (the plain SGD step, the default, for the tasks trained with SGD)
+    "mirror": {"virtual_step": "optimizer"},
     # a placebo: plain training with each sample's loss weighted by 1 + 0.01 z, z standard normal drawn apart from
     # everything else (seed + 1000): how far a run moves under a perturbation that carries no information
     "placebo": {},
@@ -120,15 +123,18 @@ BEFORE_LOSSNET_EVIDENCE = dict(SPELLED["defaults"])  # the defaults' rows before
 SPELLED["defaults"]["veto_evidence"] = "0.05 on class labels (every net with a veto), else 0"
 BEFORE_QUIET = dict(SPELLED["defaults"])  # the defaults' rows before min_ess_until_evidence became one of them
 SPELLED["defaults"]["min_ess_until_evidence"] = "0.8 while the veto waits under normalization=class, else 0"
-BEFORE_MIRROR = dict(SPELLED["defaults"])  # the defaults' rows before the look-ahead mirrored Adam / AdamW
-SPELLED["defaults"]["virtual_step"] = "Adam / AdamW's step mirrored (each coordinate over its second moment), else SGD"
 SPELLED["history"] = {**BEFORE_VETO, "loss_history": True}
 SPELLED["l2rw-floor40"] = {"min_ess": 0.4, "normalization": "class on class labels, else sum"}
 SPELLED["veto10"] = {**BEFORE_CENTER, "veto": 1.0}
 SPELLED["veto-warmup"] = {**BEFORE_CENTER, "veto_warmup": 300}
 SPELLED["veto-center"] = {**BEFORE_CENTER, "veto_center": "c_i less its class's (class) or batch's (sum) mean"}
-SPELLED["sum"] = {**BEFORE_MIRROR, "normalization": "sum"}
-SPELLED["noveto"] = {**BEFORE_MIRROR, "veto": "none"}
+SPELLED["sum"] = {**SPELLED["defaults"], "normalization": "sum"}
+SPELLED["noveto"] = {**SPELLED["defaults"], "veto": "none"}
+# the defaults with the look-ahead mirroring Adam / AdamW (the key of the rows made while it was the candidate default)
+SPELLED["mirror"] = {
+    **SPELLED["defaults"],
+    "virtual_step": "Adam / AdamW's step mirrored (each coordinate over its second moment), else SGD",
+}
 SPELLED["placebo"] = {"weights": f"1 + {JITTER:g} z, z ~ N(0, 1) from seed + 1000"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
@@ -136,6 +142,7 @@ L2RW_OPTIONS = {
     "earlier": {"normalization": "sum"},
     "meta3": {"normalization": "sum"},
     "l2rw-floor40": {"min_ess": 0.4},
+    "mirror": {"virtual_step": "optimizer"},
 }
 
 
@@ -437,6 +444,8 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
         net_kwargs = None if net == "l2rw" else {"uniform_start": uniform}
         if net == "l2rw":
             options = dict(L2RW_OPTIONS.get(config, {}))
+        if options.get("virtual_step") == "optimizer" and not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            options["virtual_step"] = "sgd"  # "mirror": Adam's step mirrored, SGD's plain step as by default
         rw = MetaReweighter(
             model, opt, s["meta"], net=net, net_kwargs=net_kwargs, seed=seed, loss_fn=s["loss_fn"], **s["kw"], **options
         )
@@ -545,7 +554,8 @@ def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, opti
 
 
 def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "held") -> str:
-    """Markdown: per task and net run with the options ``before`` and ``after`` (as the keys spell them) on the same
+    """Markdown: per task and net run with the options ``before`` and ``after`` (as the keys spell them, whatever
+    the configuration's name) on the same
     seeds, ``metric``'s gain over plain training under each (mean ± standard error; accuracy in points, losses as
     plain training's minus the net's; the seeds more than 3 points, or 0.05 in loss, below it), the paired
     difference after - before, and the range of the weights' AUROC (last 50 steps) under each."""
@@ -557,7 +567,7 @@ def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "h
         side = "plain" if k["config"] == "plain" else {_line(before): "before", _line(after): "after"}.get(
             _line(k.get("options", {}))
         )
-        if side is not None and k["config"] in ("plain", "defaults"):
+        if side is not None:
             found[(k["task"], k["net"], side, k["seed"])] = r["result"]
     lines = [
         f"{steps} steps, scored on `{metric}`; gain: over plain training of the same seed, mean ± standard error, "

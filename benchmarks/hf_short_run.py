@@ -4,8 +4,8 @@ with the library's defaults (the veto held off over the net's warm-up), with the
 (``veto_warmup=0``), reading the coefficients within each class (``veto_center=True``) and as they are
 (``veto_center=False``), without the veto (``veto=math.inf``), waiting for evidence of label noise
 (``veto_evidence=0.05``, the default on class labels; the cell says whether the evidence was shown) and not waiting
-(``veto_evidence=0``), and with a plain SGD look-ahead (``virtual_step="sgd"``; the default mirrors AdamW's step),
-per seed (the model's initialisation and the Trainer's seed). Offline.
+(``veto_evidence=0``), and with the look-ahead mirroring AdamW's step (``virtual_step="optimizer"``; the default is
+a plain SGD step), per seed (the model's initialisation and the Trainer's seed). Offline.
 
 Each cell is the accuracy on ``--on``: ``heldout``, 512 clean samples drawn apart from the training, meta and test
 sets and never shown to the reweighter (what a default is chosen on), or ``test``, the example's test set.
@@ -41,7 +41,7 @@ CONFIGS = {
     "no veto": {"veto": math.inf},
     "veto waiting for evidence": {"veto_evidence": 0.05},
     "veto not waiting for evidence": {"veto_evidence": 0},
-    "sgd look-ahead": {"virtual_step": "sgd"},
+    "adamw mirrored": {"virtual_step": "optimizer"},
 }
 
 

@@ -26,7 +26,7 @@ from .losses import PerSampleLoss, cross_entropy, is_class_cross_entropy
 from .nets import HISTORY_NETS, list_weighting_nets, named_net_reads
 from .noise_evidence import QUANTILE
 from .presets import FROM_PRESET, DefaultMetaOptimizer, resolve_preset
-from .virtual_step import resolve_virtual_step
+from .virtual_step import check_virtual_step
 
 __all__ = [
     "ReweighterOptions", "resolve_options", "default_meta_optimizer", "group_meta_optimizer", "MetaOptimizerFactory"
@@ -114,7 +114,7 @@ VETO_CENTER = None
 # and -1.7, the Hugging Face example 88.0% against 88.7% (docs/results.md, "The veto waiting for evidence").
 VETO_EVIDENCE = 0.05
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
-VIRTUAL_STEPS = ("auto", "sgd", "optimizer")
+VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
 
 
@@ -332,9 +332,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         if not (math.isfinite(float(lr)) and float(lr) > 0):
             raise ValueError(f"lookahead_lr must be positive and finite, got {lr!r}")
         lr = float(lr)
-    if a["virtual_step"] == "auto" and lr is not None:  # a fixed look-ahead lr is a plain SGD step's (documented)
-        a["virtual_step"] = "sgd"
-    resolve_virtual_step(a["virtual_step"], optimizer, coordinate_scales=True)  # the optimizer's type
+    check_virtual_step(a["virtual_step"], optimizer, coordinate_scales=True)  # the optimizer's type
     groups_alone = _group_weights_alone(a["net"], a["net_kwargs"])
     own, own_lr = (group_meta_optimizer, GROUPS_META_LR) if groups_alone else (default_meta_optimizer, META_LR)
     if a["meta_optimizer"] is None:

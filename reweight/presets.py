@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "engine": "auto",
         "lookahead": "full",
         "normalization": None,
-        "virtual_step": "auto",
+        "virtual_step": "sgd",
         "lookahead_lr": None,
         "meta_optimizer": None,
     },

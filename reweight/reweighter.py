@@ -35,7 +35,7 @@ from .net_slot import NetSlot
 from .options import ReweighterOptions, resolve_options
 from .presets import FROM_PRESET
 from .sharded import reshard_all
-from .virtual_step import plan_virtual_step, resolve_virtual_step
+from .virtual_step import check_virtual_step, plan_virtual_step
 
 __all__ = ["MetaReweighter", "NonFiniteLossError"]
 
@@ -74,11 +74,11 @@ class MetaReweighter:
         normalization: ``"sum"``: raw weights over their sum (delta guard, no host sync) times the batch size;
             ``"class"``: the same within each class (each keeps its share; ``"sum"`` lets rare classes weigh more);
             ``"none"``: raw (default: ``None``: ``"class"`` on class labels for nets reading logits and L2RW, else sum).
-        virtual_step: ``"sgd"``, a plain SGD look-ahead (the reference's); ``"optimizer"``, which mirrors SGD (momentum,
-            decay) or Adam / AdamW (each coordinate over its second moment); ``"auto"``: the latter for Adam / AdamW.
-        lookahead_lr: the look-ahead's lr instead of each group's current ``lr`` (with ``virtual_step="auto"`` a plain
-            SGD step's); under an lr warm-up from 0 the look-ahead, and so the meta-gradient, starts at zero
-            (default: ``None``).
+        virtual_step: ``"sgd"``, a plain SGD look-ahead (the reference's), or ``"optimizer"``, which mirrors SGD
+            (momentum, decay) or Adam / AdamW (each coordinate over its second moment, see docs/design.md)
+            (default: ``"sgd"``).
+        lookahead_lr: the look-ahead's lr instead of each group's current ``lr``; under an lr warm-up from 0 the
+            look-ahead, and so the meta-gradient, starts at zero (default: ``None``).
         meta_optimizer: factory ``params -> torch.optim.Optimizer`` for the weighting net (default: AdamW, lr
             1e-3, weight decay 5e-4: the paper's values, the decay decoupled so that it cannot outweigh a small
             meta-gradient; SGD, lr 1e-3, for the group net alone, see :func:`~reweight.options.group_meta_optimizer`).
@@ -154,7 +154,7 @@ class MetaReweighter:
         engine: str = FROM_PRESET,
         lookahead: LookaheadSpec = FROM_PRESET,
         normalization: Literal["sum", "class", "none"] | None = FROM_PRESET,
-        virtual_step: Literal["auto", "sgd", "optimizer"] = FROM_PRESET,
+        virtual_step: Literal["sgd", "optimizer"] = FROM_PRESET,
         lookahead_lr: float | None = FROM_PRESET,
         meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = FROM_PRESET,
         meta_warmup: int | None = None,
@@ -195,7 +195,7 @@ class MetaReweighter:
             options.engine, module, params, world_size=group.world_size, head_mode=options.head_mode, sharded=sharded
         )
         check_sync_batchnorm(module, group)
-        resolve_virtual_step(options.virtual_step, optimizer, selection.spec.coordinate_scales and not sharded)
+        check_virtual_step(options.virtual_step, optimizer, selection.spec.coordinate_scales and not sharded)
 
         self.options: ReweighterOptions = options
         self.model, self.module, self.optimizer = model, module, optimizer
@@ -230,9 +230,9 @@ class MetaReweighter:
     interval = property(lambda self: self.options.interval, doc="Calls between meta updates.")
     normalization = property(lambda self: self.options.normalization, doc="``'sum'``, ``'class'``, ``'none'``, or "
                              "``'auto'`` until the first batch settles it (integer class labels: ``'class'``).")
-    virtual_step = property(lambda self: resolve_virtual_step(self.options.virtual_step, self.optimizer, self._engine
-                            .selection.spec.coordinate_scales and not self._sharded), doc="The look-ahead in use, "
-                            "``'sgd'`` or ``'optimizer'`` (``'auto'`` settled for the optimizer and the engine).")
+    virtual_step = property(lambda self: check_virtual_step(self.options.virtual_step, self.optimizer, self._engine
+                            .selection.spec.coordinate_scales and not self._sharded), doc="``'sgd'`` or "
+                            "``'optimizer'`` (refused where the engine in use cannot mirror the optimizer).")
     lookahead_lr = property(lambda self: self.options.lookahead_lr, doc="The look-ahead's fixed lr, if any.")
     loss_fn = property(lambda self: self.options.loss_fn, doc="Per-sample training loss.")
     meta_loss_fn = property(lambda self: self.options.meta_loss_fn, doc="Per-sample meta loss.")

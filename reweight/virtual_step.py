@@ -16,9 +16,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["VirtualStep", "plan_virtual_step", "apply_virtual_step", "resolve_virtual_step", "ADAPTIVE"]
+__all__ = ["VirtualStep", "plan_virtual_step", "apply_virtual_step", "check_virtual_step", "ADAPTIVE"]
 
-VirtualStepMode = Literal["auto", "sgd", "optimizer"]
+VirtualStepMode = Literal["sgd", "optimizer"]
 #: The optimizers whose step ``virtual_step="optimizer"`` mirrors with a per-coordinate scale.
 ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -31,18 +31,15 @@ class VirtualStep(NamedTuple):
     offset: dict[str, Tensor]
 
 
-def resolve_virtual_step(mode: str, optimizer: torch.optim.Optimizer, coordinate_scales: bool) -> str:
-    """The look-ahead that runs (``"sgd"`` or ``"optimizer"``) for the argument ``mode``: ``"auto"`` mirrors
-    ``torch.optim.Adam`` / ``AdamW`` where the engine accepts per-coordinate scales (``coordinate_scales``), and is
-    a plain SGD step otherwise (any other optimizer, ``engine="higher"``, FSDP2 shards).
+def check_virtual_step(mode: str, optimizer: torch.optim.Optimizer, coordinate_scales: bool) -> str:
+    """``mode`` (``"sgd"`` or ``"optimizer"``) if the look-ahead can mirror ``optimizer`` with the engine in use,
+    which accepts per-coordinate scales or not (``coordinate_scales``: not ``engine="higher"``, not FSDP2 shards).
 
     Raises:
         ValueError: for ``mode="optimizer"`` with an optimizer other than SGD, Adam and AdamW, or with Adam /
             AdamW where the engine in use takes scalar scales only (the message names the alternatives).
     """
     adaptive = isinstance(optimizer, ADAPTIVE)
-    if mode == "auto":
-        return "optimizer" if adaptive and coordinate_scales else "sgd"
     if mode == "optimizer" and not (adaptive or isinstance(optimizer, torch.optim.SGD)):
         raise ValueError(
             f"virtual_step='optimizer' mirrors torch.optim.SGD, Adam and AdamW only, got {type(optimizer).__name__}; "
@@ -60,7 +57,7 @@ def resolve_virtual_step(mode: str, optimizer: torch.optim.Optimizer, coordinate
 def plan_virtual_step(
     params: Mapping[str, Tensor],
     optimizer: torch.optim.Optimizer,
-    mode: VirtualStepMode | str = "sgd",
+    mode: VirtualStepMode = "sgd",
     lr: float | None = None,
     groups: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> VirtualStep:
@@ -73,7 +70,7 @@ def plan_virtual_step(
             (momentum, dampening, Nesterov, weight decay) or a ``torch.optim.Adam`` / ``AdamW`` (each
             coordinate's step over the root of its second moment as of the last step, the carried first moment,
             the weight decay; a parameter without a second moment yet takes the plain SGD step) (default:
-            ``"sgd"``; ``"auto"`` is settled by :func:`resolve_virtual_step` first).
+            ``"sgd"``).
         lr: a look-ahead learning rate replacing every group's ``lr`` (default: ``None``, use the groups').
         groups: each parameter's param group by name, when the caller holds them (default: ``None``, looked up
             in ``optimizer.param_groups``).
@@ -82,14 +79,12 @@ def plan_virtual_step(
         ValueError: if ``mode="optimizer"`` and the optimizer is none of SGD, Adam and AdamW, or uses
             ``maximize``.
     """
-    if mode == "auto":
-        mode = resolve_virtual_step(mode, optimizer, coordinate_scales=True)
     if groups is None:
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         groups = {name: group_of[id(p)] for name, p in params.items()}
     adaptive = isinstance(optimizer, ADAPTIVE)
     if mode == "optimizer":
-        resolve_virtual_step(mode, optimizer, coordinate_scales=True)
+        check_virtual_step(mode, optimizer, coordinate_scales=True)
     scale: dict[str, float | Tensor] = {}
     offset: dict[str, Tensor] = {}
     for name, p in params.items():

@@ -92,6 +92,27 @@ def test_a_single_process_engine_is_refused_under_data_parallelism_by_its_spec()
         _ENGINES.unregister("toy_single")
 
 
+def test_an_engine_that_takes_scalar_scales_is_refused_the_adam_mirror_by_its_spec():
+    """A registered engine declares ``coordinate_scales=False`` by default: the look-ahead mirroring Adam (a scale
+    per coordinate) is refused with it at construction; SGD's mirror (scalar scales) and the default run."""
+
+    @register_engine("toy_scalar")
+    def toy(problem):
+        return get_engine("reverse")(problem)
+
+    try:
+        assert not get_engine_spec("toy_scalar").coordinate_scales and get_engine_spec("reverse").coordinate_scales
+        model, _, meta, x, y = _setup()
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+        with pytest.raises(ValueError, match="mirrors Adam with a scale per coordinate, which this engine does not"):
+            MetaReweighter(model, adam, meta, engine="toy_scalar", virtual_step="optimizer")
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        MetaReweighter(model, sgd, meta, engine="toy_scalar", virtual_step="optimizer").step(x, y, model(x))
+        MetaReweighter(model, adam, meta, engine="toy_scalar").step(x, y, model(x))
+    finally:
+        _ENGINES.unregister("toy_scalar")
+
+
 def test_auto_explains_its_choice(caplog):
     model, opt, meta, x, y = _setup(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
     with caplog.at_level(logging.INFO, logger="reweight"):

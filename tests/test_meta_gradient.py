@@ -212,8 +212,8 @@ def test_optimizer_mirror_equals_real_adam_step(kind, decay, amsgrad):
 
 @pytest.mark.parametrize("engine", ["forward", "reverse", "finite_difference"])
 def test_adam_mirror_gradient_matches_reference(engine):
-    """virtual_step='auto' with AdamW mirrors its step (each coordinate over the root of its second moment, the
-    carried first moment, the decoupled decay) in every engine that declares per-coordinate scales."""
+    """virtual_step='optimizer' with AdamW mirrors its step (each coordinate over the root of its second moment,
+    the carried first moment, the decoupled decay) in every engine that declares per-coordinate scales."""
     model = make_cnn(torch.float64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9), weight_decay=1e-2)
     for seed in (3, 4):
@@ -240,8 +240,9 @@ def test_adam_mirror_gradient_matches_reference(engine):
         theta_hat[k] = t - 1e-2 * 1e-2 * t - 1e-2 / (1 - 0.8**3) * m / denom
     expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
 
-    reweighter = MetaReweighter(model, opt, [(xm, ym)], net=net, engine=engine, normalization="sum", seed=0)
-    assert reweighter.virtual_step == "optimizer"
+    reweighter = MetaReweighter(
+        model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", normalization="sum", seed=0
+    )
     reweighter.step(x, y, model(x))
     tolerance = dict(rtol=1e-3, atol=1e-8) if engine == "finite_difference" else dict(rtol=1e-6, atol=1e-12)
     for e, p in zip(expected, net.parameters()):
@@ -262,11 +263,11 @@ def test_adam_mirror_ghost_engines_match_reverse():
         opt.step()
     weights = {}
     for engine in ("reverse", "ghost", "ghost_lean", "forward"):
-        rw = MetaReweighter(model, opt, meta, net="l2rw", engine=engine, normalization="sum", min_ess=0.0, seed=0)
-        assert rw.virtual_step == "optimizer"
+        options = {"virtual_step": "optimizer", "normalization": "sum", "min_ess": 0.0, "seed": 0}
+        rw = MetaReweighter(model, opt, meta, net="l2rw", engine=engine, **options)
         weights[engine] = rw.step(x, y, model(x))
     assert (weights["reverse"] > 0).any() and (weights["reverse"] == 0).any()
-    sgd = MetaReweighter(model, opt, meta, net="l2rw", virtual_step="sgd", normalization="sum", min_ess=0.0, seed=0)
+    sgd = MetaReweighter(model, opt, meta, net="l2rw", normalization="sum", min_ess=0.0, seed=0)
     assert not torch.allclose(sgd.step(x, y, model(x)), weights["reverse"])  # the mirror changes the weights
     for engine in ("ghost", "ghost_lean", "forward"):
         torch.testing.assert_close(weights[engine], weights["reverse"], rtol=1e-8, atol=1e-10)

@@ -55,8 +55,8 @@ def test_adam_mirror_leaves_model_and_optimizer_state_untouched(engine, kind):
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    reweighter = MetaReweighter(model, opt, [(torch.randn(6, 6), torch.randint(0, 3, (6,)))], engine=engine, seed=0)
-    assert reweighter.virtual_step == "optimizer"
+    meta = [(torch.randn(6, 6), torch.randint(0, 3, (6,)))]
+    reweighter = MetaReweighter(model, opt, meta, engine=engine, virtual_step="optimizer", seed=0)
     logits = model(x)
     before = snapshot(model, opt)
     for _ in range(3):
