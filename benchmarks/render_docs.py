@@ -1327,6 +1327,14 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
         "veto-fast": lambda: _gain_current(
             table, ["gated"], ("fastcls20v05",), settings=("flip1-40", "flip2-40", "uniform-40"), exact="cls20v05"
         ),
+        "defaults-matrix-mirror": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.SPELLED["defaults"], defaults_matrix.SPELLED["mirror"]
+        ),
+        "defaults-matrix-mirror-rest": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.SPELLED["defaults"], defaults_matrix.SPELLED["mirror"], "rest"
+        ),
+        "defaults-matrix-placebo": lambda: defaults_matrix.placebo_spread(defaults_matrix.TABLE, 600),
+        "hf-short-run-mirror": lambda: (HERE / "results" / "hf_short_run_mirror.md").read_text().strip(),
         "defaults-matrix-vit-workarounds": lambda: defaults_matrix.report(defaults_matrix.TABLE, "sum", 600)
         + "\n"
         + defaults_matrix.report(defaults_matrix.TABLE, "noveto", 600),
