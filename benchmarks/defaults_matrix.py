@@ -568,7 +568,7 @@ def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "h
             _line(k.get("options", {}))
         )
         if side is not None:
-            found[(k["task"], k["net"], side, k["seed"])] = r["result"]
+            found[(k["task"], k["net"], side, k["seed"])] = r
     lines = [
         f"{steps} steps, scored on `{metric}`; gain: over plain training of the same seed, mean ± standard error, "
         "(seeds more than 3 points, or 0.05 in loss, below plain training); after - before: paired by seed.",
@@ -583,9 +583,10 @@ def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "h
             seeds = [s for s in seeds if (task, net, "before", s) in found and (task, "plain", "plain", s) in found]
             if not seeds:
                 continue
-            res = {side: [found[(task, net, side, s)] for s in seeds] for side in ("before", "after")}
-            plain = [found[(task, "plain", "plain", s)] for s in seeds]
-            used += [r for x in res.values() for r in x] + plain
+            used += [found[(task, n, side, s)] for s in seeds for n, side in ((net, "before"), (net, "after"))]
+            used += [found[(task, "plain", "plain", s)] for s in seeds]
+            res = {side: [found[(task, net, side, s)]["result"] for s in seeds] for side in ("before", "after")}
+            plain = [found[(task, "plain", "plain", s)]["result"] for s in seeds]
             sign = 100 if res["after"][0]["metric"] == "acc" else -1
             gains = {side: [sign * (x[metric] - p[metric]) for x, p in zip(res[side], plain)] for side in res}
             cut, digits = (3, 1) if sign == 100 else (0.05, 3)
@@ -595,7 +596,7 @@ def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "h
             cells += [f"{min(a):.2f} to {max(a):.2f}" for a in aurocs.values()]
             lines.append(f"| {task} | {net} | {len(seeds)} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{len(used)} runs.")
+    lines.append(_store.provenance_note({id(r): r for r in used}.values()))
     return "\n".join(lines)
 
 
@@ -607,25 +608,30 @@ def placebo_spread(table: Path, steps: int, metric: str = "held") -> str:
     for r in _store.latest(table):
         k = r["key"]
         if k["steps"] == steps and k["config"] in ("plain", "placebo") and metric in r["result"]:
-            found[(k["task"], k["config"], k["seed"])] = r["result"]
+            found[(k["task"], k["config"], k["seed"])] = r
     lines = [
         f"{steps} steps, scored on `{metric}`: the placebo less plain training of the same seed.",
         "",
         "| task | seeds | placebo - plain | sd of a pair | largest gaps | seeds more than 3 apart |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    used = []
     for task in TASKS:
         seeds = sorted(s for (t, c, s) in found if (t, c) == (task, "placebo") and (task, "plain", s) in found)
         if not seeds:
             continue
-        sign = 100 if found[(task, "plain", seeds[0])]["metric"] == "acc" else -1
-        gaps = [sign * (found[(task, "placebo", s)][metric] - found[(task, "plain", s)][metric]) for s in seeds]
+        pairs = [(found[(task, "placebo", s)], found[(task, "plain", s)]) for s in seeds]
+        used += [r for pair in pairs for r in pair]
+        sign = 100 if pairs[0][1]["result"]["metric"] == "acc" else -1
+        gaps = [sign * (a["result"][metric] - b["result"][metric]) for a, b in pairs]
         cut, digits = (3, 1) if sign == 100 else (0.05, 3)
         sd = np.std(gaps, ddof=1) if len(gaps) > 1 else float("nan")
         lines.append(
             f"| {task} | {len(seeds)} | {_mean_se(gaps, digits)} | {sd:.{digits}f} | {min(gaps):+.{digits}f}, "
             f"{max(gaps):+.{digits}f} | {sum(abs(g) > cut for g in gaps)} |"
         )
+    lines.append("")
+    lines.append(_store.provenance_note(used))
     return "\n".join(lines)
 
 

@@ -445,3 +445,17 @@ def test_defaults_matrix_placebo_spread_reads_each_seed_against_plain(tmp_path):
             _store.append(table, {"key": {**key, "steps": 600}, "result": result, "provenance": {}})
     line = next(x for x in defaults_matrix.placebo_spread(table, 600).splitlines() if x.startswith("| vit"))
     assert line == "| vit | 3 | +1.0 ± 2.1 | 3.6 | -2.0, +5.0 | 1 |"
+
+
+def test_defaults_matrix_mirror_runs_sgd_tasks_as_the_defaults():
+    """``--config mirror`` mirrors the step of Adam / AdamW only: a task trained with SGD runs as the defaults,
+    bit for bit; the jitter placebo returns no weights' statistics."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import defaults_matrix
+
+    mirror = defaults_matrix.run("cls_sgd", "gated", "mirror", 0, 4)
+    defaults = defaults_matrix.run("cls_sgd", "gated", "defaults", 0, 4)
+    assert (mirror["test"], mirror["auroc"]) == (defaults["test"], defaults["auroc"])
+    placebo = defaults_matrix.run("cls_sgd", "jitter", "placebo", 0, 4)
+    assert {"test", "held", "rest"} <= set(placebo) and "auroc" not in placebo
