@@ -180,6 +180,24 @@ def test_optimizer_mirror_equals_real_sgd_step(nesterov, dampening):
         opt.step()
 
 
+def hand_lookahead_net_grad(model, theta_hat_of):
+    """A LossNet's expected update direction (:func:`scaled_net_grad`) on a fixed batch and meta batch, with the
+    look-ahead written by hand: ``theta_hat_of(theta, weighted_grad, param) -> theta_hat`` per parameter,
+    differentiated by autograd. Returns the batch, the meta batch, the net and the expected gradients."""
+    x, y = make_batch(12, seed=1)
+    xm, ym = make_batch(10, seed=2)
+    net = make_net("lossnet", 12).double()
+    ref_model, ref_net = copy.deepcopy(model), copy.deepcopy(net)
+    theta = {k: v.detach().clone().requires_grad_() for k, v in ref_model.named_parameters()}
+    losses = F.cross_entropy(manual_forward(theta, ref_model, x), y, reduction="none")
+    raw = ref_net(losses.detach())
+    w = raw * (12 / raw.sum())
+    grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
+    theta_hat = {k: theta_hat_of(t, g, p) for (k, t), g, p in zip(theta.items(), grads, model.parameters())}
+    expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
+    return (x, y), (xm, ym), net, expected
+
+
 @pytest.mark.parametrize(
     "kind,decay,amsgrad", [("Adam", 0.0, False), ("Adam", 1e-2, True), ("AdamW", 1e-2, False), ("AdamW", 0.0, True)]
 )
@@ -222,23 +240,14 @@ def test_adam_mirror_gradient_matches_reference(engine):
         F.cross_entropy(model(x0), y0).backward()
         opt.step()
     opt.zero_grad()
-    x, y = make_batch(12, seed=1)
-    xm, ym = make_batch(10, seed=2)
-    net = make_net("lossnet", 12).double()
 
-    ref_model, ref_net = copy.deepcopy(model), copy.deepcopy(net)
-    theta = {k: v.detach().clone().requires_grad_() for k, v in ref_model.named_parameters()}
-    losses = F.cross_entropy(manual_forward(theta, ref_model, x), y, reduction="none")
-    raw = ref_net(losses.detach())
-    w = raw * (12 / raw.sum())
-    grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
-    theta_hat = {}
-    for (k, t), g, p in zip(theta.items(), grads, model.parameters()):
+    def adamw(t, g, p):
         state = opt.state[p]
         m = 0.8 * state["exp_avg"] + 0.2 * g
         denom = (state["exp_avg_sq"] / (1 - 0.9**2)).sqrt() + 1e-8
-        theta_hat[k] = t - 1e-2 * 1e-2 * t - 1e-2 / (1 - 0.8**3) * m / denom
-    expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
+        return t - 1e-2 * 1e-2 * t - 1e-2 / (1 - 0.8**3) * m / denom
+
+    (x, y), (xm, ym), net, expected = hand_lookahead_net_grad(model, adamw)
 
     reweighter = MetaReweighter(
         model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", normalization="sum", seed=0
@@ -282,22 +291,13 @@ def test_momentum_mirror_gradient_matches_reference(engine):
     F.cross_entropy(model(x0), y0).backward()
     opt.step()
     opt.zero_grad()
-    x, y = make_batch(12, seed=1)
-    xm, ym = make_batch(10, seed=2)
-    net = make_net("lossnet", 12).double()
 
-    ref_model, ref_net = copy.deepcopy(model), copy.deepcopy(net)
-    theta = {k: v.detach().clone().requires_grad_() for k, v in ref_model.named_parameters()}
-    losses = F.cross_entropy(manual_forward(theta, ref_model, x), y, reduction="none")
-    raw = ref_net(losses.detach())
-    w = raw * (12 / raw.sum())
-    grads = torch.autograd.grad((w * losses).mean(), list(theta.values()), create_graph=True)
-    theta_hat = {}
-    for (k, t), g, p in zip(theta.items(), grads, model.parameters()):
+    def nesterov(t, g, p):
         buf = opt.state[p]["momentum_buffer"]
         G = g + 1e-2 * t
-        theta_hat[k] = t - 0.1 * (G + 0.9 * (0.9 * buf + G))
-    expected = scaled_net_grad(F.cross_entropy(manual_forward(theta_hat, ref_model, xm), ym), w, ref_net)
+        return t - 0.1 * (G + 0.9 * (0.9 * buf + G))
+
+    (x, y), (xm, ym), net, expected = hand_lookahead_net_grad(model, nesterov)
 
     reweighter = MetaReweighter(
         model, opt, [(xm, ym)], net=net, engine=engine, virtual_step="optimizer", normalization="sum", seed=0
