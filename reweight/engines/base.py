@@ -151,7 +151,7 @@ class EngineSpec:
             does not is refused for such a model at construction.
         coordinate_scales: the engine accepts a look-ahead ``scale`` per coordinate (a tensor shaped as the
             parameter: the step of Adam / AdamW mirrored, :mod:`reweight.virtual_step`) on unsharded parameters;
-            otherwise ``virtual_step="auto"`` is a plain SGD step and ``"optimizer"`` is refused with Adam / AdamW.
+            otherwise ``virtual_step="optimizer"`` is refused with Adam / AdamW at construction.
     """
 
     name: str
