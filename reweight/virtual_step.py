@@ -125,9 +125,10 @@ def _adam_terms(
 ) -> tuple[float | Tensor, Tensor | None]:
     """``torch.optim.Adam`` / ``AdamW``'s step as ``(scale, offset)``, the second moment held at the last step's
     (the step's own gradient enters it squared); the plain SGD step where there is none yet."""
-    second = state.get("max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq")
-    steps = float(state.get("step", 0))
-    if second is None or steps == 0:
+    second, steps = state.get("max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"), state.get("step")
+    on_device = torch.is_tensor(steps) and steps.device.type != "cpu"  # capturable / fused: no host sync
+    steps = steps if on_device or steps is None else float(steps)
+    if second is None or steps is None or (not on_device and steps == 0):
         return lr, None
     beta1, beta2 = group["betas"]
     denom = (second.detach() / (1 - beta2**steps)).sqrt() + group["eps"]

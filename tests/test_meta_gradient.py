@@ -228,6 +228,19 @@ def test_optimizer_mirror_equals_real_adam_step(kind, decay, amsgrad):
                 torch.testing.assert_close(predicted[k], p.detach(), rtol=1e-12, atol=1e-14)
 
 
+def test_adam_mirror_reads_a_device_step_count_on_the_device():
+    """Under ``capturable`` / ``fused`` Adam keeps its step count on the device: the mirror computes with it there
+    (no host read, which on the ``meta`` device would raise) and returns tensors on that device."""
+    from reweight.virtual_step import _adam_terms
+
+    meta = {"device": "meta"}
+    state = {"exp_avg": torch.ones(3, **meta), "exp_avg_sq": torch.ones(3, **meta), "step": torch.tensor(4.0, **meta)}
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False}
+    scale, offset = _adam_terms(torch.ones(3, **meta), group, state, 1e-3, decoupled=True)
+    assert isinstance(scale, torch.Tensor) and scale.device.type == "meta" and scale.shape == (3,)
+    assert offset is not None and offset.device.type == "meta"
+
+
 @pytest.mark.parametrize("engine", ["forward", "reverse", "finite_difference"])
 def test_adam_mirror_gradient_matches_reference(engine):
     """virtual_step='optimizer' with AdamW mirrors its step (each coordinate over the root of its second moment,
