@@ -45,6 +45,7 @@ from reweight import MetaReweighter  # noqa: E402
 from reweight.diagnostics import weight_auroc  # noqa: E402
 from reweight.nets import HISTORY_NETS  # noqa: E402
 from reweight.options import VETO  # noqa: E402
+from reweight.virtual_step import ADAPTIVE  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "defaults_matrix.jsonl"
 CONFIGS = {
@@ -444,7 +445,7 @@ def run(task: str, net: str, config: str, seed: int, steps: int) -> dict:
         net_kwargs = None if net == "l2rw" else {"uniform_start": uniform}
         if net == "l2rw":
             options = dict(L2RW_OPTIONS.get(config, {}))
-        if options.get("virtual_step") == "optimizer" and not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        if options.get("virtual_step") == "optimizer" and not isinstance(opt, ADAPTIVE):
             options["virtual_step"] = "sgd"  # "mirror": Adam's step mirrored, SGD's plain step as by default
         rw = MetaReweighter(
             model, opt, s["meta"], net=net, net_kwargs=net_kwargs, seed=seed, loss_fn=s["loss_fn"], **s["kw"], **options
@@ -555,10 +556,9 @@ def report(table: Path = TABLE, config: str = "defaults", steps: int = 300, opti
 
 def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "held") -> str:
     """Markdown: per task and net run with the options ``before`` and ``after`` (as the keys spell them, whatever
-    the configuration's name) on the same
-    seeds, ``metric``'s gain over plain training under each (mean ± standard error; accuracy in points, losses as
-    plain training's minus the net's; the seeds more than 3 points, or 0.05 in loss, below it), the paired
-    difference after - before, and the range of the weights' AUROC (last 50 steps) under each."""
+    the configuration's name) on the same seeds, ``metric``'s gain over plain training under each (mean ± standard
+    error, read as :func:`_units` says, and the seeds whose gap counts), the paired difference after - before,
+    and the range of the weights' AUROC (last 50 steps) under each."""
     found: dict[tuple, dict] = {}
     for r in _store.latest(table):
         k = r["key"]
@@ -587,9 +587,8 @@ def compare(table: Path, steps: int, before: dict, after: dict, metric: str = "h
             used += [found[(task, "plain", "plain", s)] for s in seeds]
             res = {side: [found[(task, net, side, s)]["result"] for s in seeds] for side in ("before", "after")}
             plain = [found[(task, "plain", "plain", s)]["result"] for s in seeds]
-            sign = 100 if res["after"][0]["metric"] == "acc" else -1
+            sign, cut, digits = _units(res["after"][0]["metric"])
             gains = {side: [sign * (x[metric] - p[metric]) for x, p in zip(res[side], plain)] for side in res}
-            cut, digits = (3, 1) if sign == 100 else (0.05, 3)
             cells = [f"{_mean_se(g, digits)} ({sum(v < -cut for v in g)} below)" for g in gains.values()]
             cells.append(_mean_se([a - b for a, b in zip(gains["after"], gains["before"])], digits))
             aurocs = {side: [x["auroc"] for x in res[side]] for side in res}
@@ -622,9 +621,8 @@ def placebo_spread(table: Path, steps: int, metric: str = "held") -> str:
             continue
         pairs = [(found[(task, "placebo", s)], found[(task, "plain", s)]) for s in seeds]
         used += [r for pair in pairs for r in pair]
-        sign = 100 if pairs[0][1]["result"]["metric"] == "acc" else -1
+        sign, cut, digits = _units(pairs[0][1]["result"]["metric"])
         gaps = [sign * (a["result"][metric] - b["result"][metric]) for a, b in pairs]
-        cut, digits = (3, 1) if sign == 100 else (0.05, 3)
         sd = np.std(gaps, ddof=1) if len(gaps) > 1 else float("nan")
         lines.append(
             f"| {task} | {len(seeds)} | {_mean_se(gaps, digits)} | {sd:.{digits}f} | {min(gaps):+.{digits}f}, "
@@ -639,6 +637,13 @@ def _line(d: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _units(metric: str) -> tuple[int, float, int]:
+    """How a metric's difference from plain training is read: its sign and scale (accuracy in points, higher
+    better; a loss as plain training's minus the net's), the gap that counts for a seed (3 points, 0.05 in loss),
+    and the digits shown."""
+    return (100, 3, 1) if metric == "acc" else (-1, 0.05, 3)
+
+
 def _mean_se(values: list[float], digits: int) -> str:
     se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
     return f"{np.mean(values):+.{digits}f} ± {se:.{digits}f}"
@@ -647,17 +652,13 @@ def _mean_se(values: list[float], digits: int) -> str:
 def _gain(results: list[dict], plain: dict[int, float], seeds: list[int]) -> str:
     """The test metric's gain over plain training of the same seeds: mean ± standard error (accuracy in points;
     for losses plain training's minus the net's) and how many seeds end below plain training."""
-    gains = []
-    for x, seed in zip(results, seeds):
-        if seed in plain:
-            diff = x["test"] - plain[seed]
-            gains.append(100 * diff if x["metric"] == "acc" else -diff)
+    if not results:
+        return "-"
+    sign, _, digits = _units(results[0]["metric"])
+    gains = [sign * (x["test"] - plain[seed]) for x, seed in zip(results, seeds) if seed in plain]
     if not gains:
         return "-"
-    se = np.std(gains, ddof=1) / math.sqrt(len(gains)) if len(gains) > 1 else float("nan")
-    digits = 1 if results[0]["metric"] == "acc" else 3
-    below = sum(g < 0 for g in gains)
-    return f"{np.mean(gains):+.{digits}f} ± {se:.{digits}f} ({below} of {len(gains)} below)"
+    return f"{_mean_se(gains, digits)} ({sum(g < 0 for g in gains)} of {len(gains)} below)"
 
 
 def _most_inverted(results: list[dict]) -> str:
