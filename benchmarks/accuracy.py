@@ -345,6 +345,15 @@ VARIANTS: dict[str, dict] = {
     "ess20v05weq80f": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                        "min_ess_until_evidence": 0.8, "min_ess_fade": True, "veto": 0.5, "veto_warmup": 300,
                        "veto_evidence": 0.05, "net_kwargs": {"uniform_start": True}},
+    # the defaults (cls20v05cweq80f, ess20v05weq80f) with the veto waiting, latched, for the model's
+    # chance-corrected accuracy on the meta batches (a moving average, decay 0.9) to reach 0.45 (veto_competence)
+    "cls20v05cweq80fk45": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                           "min_ess_until_evidence": 0.8, "min_ess_fade": True, "normalization": "class", "veto": 0.5,
+                           "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05, "veto_competence": 0.45,
+                           "net_kwargs": {"uniform_start": True}},
+    "ess20v05weq80fk45": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                          "min_ess_until_evidence": 0.8, "min_ess_fade": True, "veto": 0.5, "veto_warmup": 300,
+                          "veto_evidence": 0.05, "veto_competence": 0.45, "net_kwargs": {"uniform_start": True}},
 }
 # A variant that names no floor ran without one (min_ess became 0.2 by default after those rows): pinned, so
 # that its rows keep their keys and its name its meaning.
@@ -808,6 +817,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     until_evidence = kwargs.pop("min_ess_until_evidence", None)
     fade = kwargs.pop("min_ess_fade", False)
     latch = kwargs.pop("evidence_latch", None)
+    competence = kwargs.pop("veto_competence", 0)
     if until_evidence is None:  # the library's default
         until_evidence = MIN_ESS_UNTIL_EVIDENCE
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
@@ -843,6 +853,8 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
             opts["veto_evidence"] = veto_evidence
             if latch:  # in the key when the evidence read at the look-ahead latches after the warm-up (earlier: not)
                 opts["evidence_latch"] = latch
+            if competence:  # in the key when the veto waits for the model's competence on the meta set too
+                opts["veto_competence"] = competence
             if until_evidence > (min_ess or 0):  # in the key when the floor is higher until then (earlier rows: not)
                 opts["min_ess_until_evidence"] = until_evidence
                 if fade:  # the floor fading as the evidence builds (the rows held it until shown: not marked)

@@ -79,6 +79,9 @@ CONFIGS = {
     # the defaults with virtual_step="optimizer" for the tasks trained with Adam / AdamW: the look-ahead mirrors
     # their step (the plain SGD step, the default, for the tasks trained with SGD)
     "mirror": {"virtual_step": "optimizer"},
+    # the defaults with the veto waiting, latched, for the model's chance-corrected accuracy on the meta batches
+    # (a moving average) to reach 0.45 as well as for the evidence (veto_competence; L2RW has no veto)
+    "competence": {"veto_competence": 0.45},
     # a placebo: plain training with each sample's loss weighted by 1 + 0.01 z, z standard normal drawn apart from
     # everything else (seed + 1000): how far a run moves under a perturbation that carries no information
     "placebo": {},
@@ -136,6 +139,7 @@ SPELLED["mirror"] = {
     **SPELLED["defaults"],
     "virtual_step": "Adam / AdamW's step mirrored (each coordinate over its second moment), else SGD",
 }
+SPELLED["competence"] = {**SPELLED["defaults"], "veto_competence": 0.45}
 SPELLED["placebo"] = {"weights": f"1 + {JITTER:g} z, z ~ N(0, 1) from seed + 1000"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ._batch import Inputs, batch_size, call_model, split_batch, to_device
 from ._rng import isolated_rng
 from .losses import PerSampleLoss, check_class_targets
-from .options import ReweighterOptions, settle_options
+from .options import ReweighterOptions
+from .settling import settle_options
 
 __all__ = [
     "check_batch",
@@ -109,6 +110,12 @@ def step_losses(
                 "min_ess_until_evidence applies while the veto waits for evidence of label noise, which it does on "
                 "class labels only; these targets are not class labels (the veto acts from the first update): drop "
                 "min_ess_until_evidence, or pass veto_evidence=0.05 to wait for evidence read on the whole meta batch"
+            )
+        if options.veto_evidence is None and settled.veto_evidence == 0 and options.veto_competence:
+            raise ValueError(
+                "veto_competence applies where the veto waits for evidence of label noise, which it does on class "
+                "labels only; these targets are not class labels (the veto acts from the first update): drop "
+                "veto_competence"
             )
         options = settled
         if options.requires_logits:  # the gated net: the logits' checks it would have had

@@ -27,12 +27,12 @@ __all__ = [
 ]
 
 #: Version written by :meth:`MetaReweighter.state_dict`.
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 #: Keys of a current-version state.
 STATE_KEYS = frozenset(
     {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history",
-     "noise_evidence"}
+     "noise_evidence", "meta_competence"}
 )
 
 
@@ -47,8 +47,16 @@ def _add_noise_evidence(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "noise_evidence": {"level": None, "shown": True}}
 
 
+def _add_meta_competence(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 had no competence on the meta set (``veto_competence`` came with version 4): its veto did not wait
+    for it, so a resumed run's veto does not either."""
+    return {**state, "meta_competence": {"level": None, "shown": True}}
+
+
 #: ``UPGRADES[v]`` maps a version-``v`` state to a version-``v + 1`` one (a new dict; the input is not modified).
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _add_loss_history, 2: _add_noise_evidence}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _add_loss_history, 2: _add_noise_evidence, 3: _add_meta_competence
+}
 
 
 def _is_int(value: Any) -> bool:

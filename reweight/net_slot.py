@@ -18,17 +18,12 @@ from .class_checks import ClassChecks
 from .distributed import DataParallelGroup
 from .loss_history import LossHistory, check_history_state, warn_lossnet_history
 from .losses import is_class_cross_entropy
+from .meta_competence import MetaCompetence
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .noise_evidence import NoiseEvidence, check_evidence_state
-from .options import (
-    AUTO_NET,
-    AUTO_NET_OTHER,
-    VETO_EVIDENCE,
-    ReweighterOptions,
-    is_class_labels,
-    settled,
-)
+from .options import AUTO_NET, AUTO_NET_OTHER, VETO_EVIDENCE, ReweighterOptions
+from .settling import is_class_labels, settled
 
 __all__ = ["NetSlot", "class_indices", "class_members", "class_normalize"]
 
@@ -89,6 +84,8 @@ class NetSlot:
         # that a state loaded before that batch keeps its own
         gated = options.vetoes and (options.veto_evidence is None or options.veto_evidence > 0)
         self.evidence = NoiseEvidence(options.veto_evidence or VETO_EVIDENCE, group) if gated else None
+        competent = gated and options.veto_competence > 0
+        self.competence = MetaCompetence(options.veto_competence, group) if competent else None
         self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
             options.loss_fn
         )  # the library's cross-entropy was warned about at construction
@@ -101,7 +98,7 @@ class NetSlot:
             self.options = options
             self.class_checks = ClassChecks() if options.normalization == "class" else None
             if options.veto_evidence == 0:  # settled on targets other than class labels: nothing to wait for
-                self.evidence = None
+                self.evidence = self.competence = None
 
     def settled_by_state(self, net_state: Any, num_classes: int | None) -> ReweighterOptions:
         """This slot's options with a pending ``net="auto"`` settled by a saved net's layout (the gated net's or
@@ -121,15 +118,16 @@ class NetSlot:
         return None if self.history is None or sample_ids is None else self.history.lookup(sample_ids, losses)
 
     def state_entries(self) -> dict[str, Any]:
-        """The reweighter state's ``"loss_history"`` (``None`` when it is off) and ``"noise_evidence"`` (``None``
-        when the veto does not wait for it)."""
+        """The reweighter state's ``"loss_history"`` (``None`` when it is off), ``"noise_evidence"`` and
+        ``"meta_competence"`` (``None`` when the veto does not wait for them)."""
         return {
             "loss_history": None if self.history is None else self.history.state_dict(),
             "noise_evidence": None if self.evidence is None else self.evidence.state_dict(),
+            "meta_competence": None if self.competence is None else self.competence.state_dict(),
         }
 
     def observe_noise(
-        self, net_inputs: tuple[Any, ...], ahead: Tensor, now: Callable[[], Tensor], meta_targets: Tensor
+        self, net_inputs: tuple[Any, ...], ahead: Tensor, now: Callable[[], tuple[Tensor, Tensor]], meta_targets: Tensor
     ) -> None:
         """Fold a meta update's training losses (net inputs ``(losses, logits, targets, ...)``) and the meta batch's
         losses into the veto's evidence of label noise, if it waits: for a net that reads the logits the meta losses
@@ -138,11 +136,17 @@ class NetSlot:
         at the current parameters LossNet, which cannot tell pair flips apart without the veto, lost the evidence
         under Flip-1 on three seeds of ten (docs/results.md). Each loss is read against its own class's meta losses
         on class labels (integer class indices of ``(batch, K)`` logits, whatever the normalisation; soft targets
-        under ``normalization="class"``, read at their largest class), else against the whole meta batch's."""
+        under ``normalization="class"``, read at their largest class), else against the whole meta batch's. The
+        model's competence (``veto_competence``) reads the meta logits of the same forward (made for it alone
+        for LossNet)."""
         if self.evidence is None:
             return
         losses, logits, targets = net_inputs[:3]
-        meta_losses = now() if self.options.requires_logits else ahead
+        meta_now = now() if self.options.requires_logits or self.competence is not None else None
+        meta_losses = meta_now[0] if meta_now is not None and self.options.requires_logits else ahead
+        if self.competence is not None:
+            assert meta_now is not None
+            self.competence.observe(meta_now[1], class_indices(meta_targets))
         if self.options.normalization == "class" or is_class_labels(logits, targets):
             self.evidence.observe(losses, meta_losses, class_indices(targets), class_indices(meta_targets))
         else:
@@ -233,6 +237,7 @@ class NetSlot:
         net_state, optimizer_state = state["net"], state["meta_optimizer"]
         check_history_state(state["loss_history"], self.history)
         check_evidence_state(state["noise_evidence"])
+        check_evidence_state(state["meta_competence"], "meta_competence")
         classes = num_classes if options.requires_logits else num_classes or 1  # LossNet's size is the class-free 1
         build = self.net is None and not options.is_l2rw and options.net != "auto" and classes is not None
         if self.net is not None:
@@ -260,6 +265,8 @@ class NetSlot:
             self.history.load_state_dict(state["loss_history"])
         if self.evidence is not None:  # a state saved without it: none seen yet
             self.evidence.load_state_dict(state["noise_evidence"] or {"level": None, "shown": None}, device)
+        if self.competence is not None:
+            self.competence.load_state_dict(state["meta_competence"] or {"level": None, "shown": None}, device)
         if build:
             self.build(num_classes, device, dtype)
         self.num_classes = num_classes
@@ -358,7 +365,8 @@ class NetSlot:
         set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
         floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
         The coefficients are first :meth:`centered` within the batch's :meth:`veto_group`, if any. Under
-        ``veto_evidence`` nothing is vetoed until the evidence of label noise is shown. No host sync."""
+        ``veto_evidence`` nothing is vetoed until the evidence of label noise is shown (and under
+        ``veto_competence`` the model's competence on the meta set). No host sync."""
         group = self.veto_group(net_inputs)
         if group is not None:
             unit = self.centered(unit, weights, net_inputs, group)
@@ -367,6 +375,9 @@ class NetSlot:
         if self.evidence is None:
             return vetoed
         shown = self.evidence.shown  # observed at this meta update, before the veto reads it
+        if shown is not None and self.competence is not None:
+            competent = self.competence.shown
+            shown = shown & competent.to(shown.device) if competent is not None else torch.zeros_like(shown)
         return weights if shown is None else torch.where(shown.to(weights.device), vetoed, weights)
 
     def veto_group(self, net_inputs: tuple[Any, ...]) -> str | None:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._latch import LatchedAverage
 from .distributed import DataParallelGroup
 
 __all__ = ["NoiseEvidence", "QUANTILE", "DECAY", "check_evidence_state", "excess_above"]
@@ -52,7 +53,7 @@ QUANTILE = 0.9
 DECAY = 0.95
 
 
-class NoiseEvidence:
+class NoiseEvidence(LatchedAverage):
     """The running evidence of label noise in the training batches (see the module's docstring).
 
     Args:
@@ -69,10 +70,8 @@ class NoiseEvidence:
     def __init__(self, threshold: float, group: DataParallelGroup | None = None) -> None:
         if not 0 < threshold < QUANTILE:  # the share above the quantile, less 1 - QUANTILE, is below QUANTILE
             raise ValueError(f"threshold must be in (0, {QUANTILE:g}), got {threshold!r}")
-        self.threshold = threshold
+        super().__init__(threshold, DECAY)
         self.group = group if group is not None else DataParallelGroup()
-        self.level: Tensor | None = None
-        self.shown: Tensor | None = None
 
     @torch.no_grad()
     def observe(
@@ -99,23 +98,7 @@ class NoiseEvidence:
             rows = self.group.cat(torch.stack([meta_losses, meta_classes.to(meta_losses.device, torch.float64)], 1))
             meta_losses, meta_classes = rows[:, 0], rows[:, 1].long()
         counts = self.group.sum_differentiable(excess_above(losses, classes, meta_losses, meta_classes))
-        share = counts[0] / counts[1].clamp_min(1)
-        level = (1 - DECAY) * share if self.level is None else DECAY * self.level + (1 - DECAY) * share
-        reached = level >= self.threshold
-        self.level, self.shown = level, reached if self.shown is None else self.shown | reached
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"level": float | None, "shown": bool | None}`` (reads the host once)."""
-        return {
-            "level": None if self.level is None else float(self.level),
-            "shown": None if self.shown is None else bool(self.shown),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
-        """Restore :meth:`state_dict` (checked by :func:`check_evidence_state`) on ``device``."""
-        level, shown = state["level"], state["shown"]
-        self.level = None if level is None else torch.tensor(float(level), dtype=torch.float64, device=device)
-        self.shown = None if shown is None else torch.tensor(bool(shown), device=device)
+        self.fold(counts[0] / counts[1].clamp_min(1))
 
 
 def excess_above(
@@ -142,8 +125,9 @@ def excess_above(
     return torch.stack([above.double().sum() - chance.sum(), has.double().sum()])
 
 
-def check_evidence_state(state: Any) -> None:
-    """Refuse a malformed ``"noise_evidence"`` entry of a reweighter state (``None`` is always accepted).
+def check_evidence_state(state: Any, name: str = "noise_evidence") -> None:
+    """Refuse a malformed ``name`` entry of a reweighter state (``"noise_evidence"``, or ``"meta_competence"``,
+    of the same layout); ``None`` is always accepted.
 
     Raises:
         ValueError: if it is neither ``None`` nor a mapping of ``level`` (a finite float or ``None``) and
@@ -152,10 +136,10 @@ def check_evidence_state(state: Any) -> None:
     if state is None:
         return
     if not isinstance(state, Mapping) or set(state) != {"level", "shown"}:
-        raise ValueError(f"the state's noise_evidence must be None or a dict of 'level' and 'shown', got {state!r}")
+        raise ValueError(f"the state's {name} must be None or a dict of 'level' and 'shown', got {state!r}")
     level, shown = state["level"], state["shown"]
     number = isinstance(level, int | float) and not isinstance(level, bool)
     if level is not None and not (number and math.isfinite(level)):
-        raise ValueError(f"the state's noise_evidence level must be a finite float or None, got {level!r}")
+        raise ValueError(f"the state's {name} level must be a finite float or None, got {level!r}")
     if shown is not None and not isinstance(shown, bool):
-        raise ValueError(f"the state's noise_evidence 'shown' must be a bool or None, got {shown!r}")
+        raise ValueError(f"the state's {name} 'shown' must be a bool or None, got {shown!r}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ._batch import LogitsFn, as_logits, unwrap_model
 from .engines import list_engines
@@ -113,6 +113,9 @@ VETO_CENTER = None
 # 79.2%); LossNet +3.6 and -0.2, one noisy cell below (uniform 40%, -1.4), the noisy long tail under Flip-1 -2.4
 # and -1.7, the Hugging Face example 88.0% against 88.7% (docs/results.md, "The veto waiting for evidence").
 VETO_EVIDENCE = 0.05
+# veto_competence=0: the veto does not wait for the model to predict the meta set (MetaCompetence); a threshold
+# in (0, 1) of the chance-corrected meta accuracy makes it wait, where it waits for evidence (docs/robustness.md).
+VETO_COMPETENCE = 0.0
 # loss_history=True: the named nets that read the loss (nets.HISTORY_NETS) get ``history=True``.
 VIRTUAL_STEPS = ("sgd", "optimizer")
 ON_NONFINITE = ("raise", "skip")
@@ -182,6 +185,7 @@ class ReweighterOptions:
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
     veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: under "class"
     veto_evidence: float | None  # the veto acts once the evidence reaches it (0: at once); None: the first batch's
+    veto_competence: float  # and once the chance-corrected meta accuracy reaches it (0: without waiting for it)
     loss_history: bool
     loss_fn: PerSampleLoss
     meta_loss_fn: PerSampleLoss
@@ -385,6 +389,16 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
                          f"first update), got {evidence!r}")  # fmt: skip
     if evidence and _is_l2rw(a["net"]):
         raise ValueError("veto_evidence does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
+    competence = VETO_COMPETENCE if a["veto_competence"] is None else a["veto_competence"]
+    if isinstance(competence, bool) or not isinstance(competence, numbers.Real):
+        raise TypeError(f"veto_competence must be a number or None, got {type(competence).__name__}")
+    if not 0 <= float(competence) < 1:
+        raise ValueError(f"veto_competence must be in [0, 1) (a chance-corrected accuracy), got {competence!r}")
+    if competence and (not math.isfinite(veto) or a["veto_evidence"] == 0):
+        raise ValueError(
+            "veto_competence applies where the veto waits for evidence of label noise (on class labels); here "
+            f"nothing waits (veto={a['veto']!r}, veto_evidence={a['veto_evidence']!r}): drop veto_competence"
+        )
     if quiet and (not math.isfinite(veto) or a["veto_evidence"] == 0):
         raise ValueError(
             "min_ess_until_evidence applies while the veto waits for evidence of label noise; here nothing waits "
@@ -425,6 +439,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         veto_warmup=veto_warmup,
         veto_center=veto_center,
         veto_evidence=float(evidence),
+        veto_competence=float(competence),
         loss_history=a["loss_history"],
         loss_fn=loss_fn,
         meta_loss_fn=a["meta_loss_fn"] if a["meta_loss_fn"] is not None else loss_fn,
@@ -442,7 +457,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         wait = VETO_EVIDENCE if options.normalization == "class" else None
         options = dataclasses.replace(options, veto_evidence=wait)
     if quiet is None and options.normalization != "auto":  # known here: under "class" the wait is settled above
-        options = dataclasses.replace(options, min_ess_until_evidence=_until_evidence(options))
+        options = dataclasses.replace(options, min_ess_until_evidence=until_evidence(options))
     if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
     check_history(options)
@@ -452,47 +467,9 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
     return options
 
 
-def _until_evidence(options: ReweighterOptions) -> float:
+def until_evidence(options: ReweighterOptions) -> float:
     """``min_ess_until_evidence=None``: :data:`MIN_ESS_UNTIL_EVIDENCE` where the weights are normalised within each
     class (settled, and with it whether the veto waits for evidence) and the veto waits, else 0."""
     if options.normalization != "class":
         return 0.0
     return MIN_ESS_UNTIL_EVIDENCE if options.veto_evidence else 0.0
-
-
-def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) -> ReweighterOptions:
-    """``options`` with what a loss other than the library's cross-entropy leaves to the first batch settled by
-    it: whether the targets are class labels, integer class indices ``(batch,)`` of logits ``(batch, K)`` with
-    ``K >= 2`` (not regression, soft or binary targets, token-level outputs). Then ``net="auto"`` is the gated net
-    (else LossNet), ``normalization="auto"`` is ``"class"`` (else ``"sum"``), with L2RW's default floor, and
-    ``veto_evidence=None`` is :data:`VETO_EVIDENCE` (else 0). Structural: no host sync."""
-    if options.net != "auto" and options.normalization != "auto" and options.veto_evidence is not None:
-        return options
-    return settled(options, AUTO_NET if is_class_labels(logits, targets) else AUTO_NET_OTHER)
-
-
-def is_class_labels(logits: Tensor, targets: Tensor) -> bool:
-    """Whether a batch's targets are class labels by their structure (what a loss of the user's leaves to the
-    first batch): integer class indices ``(batch,)`` of logits ``(batch, K)`` with ``K >= 2``. No host sync."""
-    labels = logits.ndim == 2 and logits.shape[1] >= 2 and targets.ndim == 1
-    return labels and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
-
-
-def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
-    """``options`` with a pending ``net="auto"`` settled to ``auto_net`` (the gated net on class labels, LossNet
-    otherwise), ``normalization="auto"`` to ``"class"`` on class labels (else ``"sum"``) and a pending
-    ``veto_evidence`` to :data:`VETO_EVIDENCE` on class labels (else 0)."""
-    labels = auto_net == AUTO_NET
-    changes: dict[str, Any] = {}
-    if options.net == "auto":
-        changes.update(net=auto_net, net_kwargs={"history": True} if options.loss_history else {})
-    if options.normalization == "auto":
-        changes["normalization"] = "class" if labels else "sum"
-        if options.min_ess is None:  # L2RW's, decided with its normalisation
-            changes["min_ess"] = L2RW_MIN_ESS if labels else MIN_ESS
-    if options.veto_evidence is None:  # the veto's wait: on class labels
-        changes["veto_evidence"] = VETO_EVIDENCE if labels else 0.0
-    options = dataclasses.replace(options, **changes)
-    if options.min_ess_until_evidence is None:  # the floor while the veto waits, with the wait and normalisation
-        options = dataclasses.replace(options, min_ess_until_evidence=_until_evidence(options))
-    return options

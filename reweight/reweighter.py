@@ -102,6 +102,8 @@ class MetaReweighter:
             labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
         veto_evidence: the veto acts once the meta set shows label noise: a moving share of the training losses above
             their class's meta 0.9-quantile, beyond chance, reaches it (default: 0.05 on class labels, else 0).
+        veto_competence: and once the model's chance-corrected accuracy on the meta batches (a moving average)
+            reaches it, where the veto waits for evidence (:mod:`reweight.meta_competence`) (default: ``0``: off).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
@@ -165,6 +167,7 @@ class MetaReweighter:
         veto_warmup: int | None = None,
         veto_center: bool | None = None,
         veto_evidence: float | None = None,
+        veto_competence: float | None = None,
         loss_history: bool = False,
         loss_fn: PerSampleLoss = cross_entropy,
         meta_loss_fn: PerSampleLoss | None = None,
@@ -180,9 +183,9 @@ class MetaReweighter:
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
             min_ess_until_evidence=min_ess_until_evidence, veto=veto, veto_warmup=veto_warmup, veto_center=veto_center,
-            veto_evidence=veto_evidence, loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn,
-            logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite, seed=seed,
-            collapse_threshold=collapse_threshold,
+            veto_evidence=veto_evidence, veto_competence=veto_competence, loss_history=loss_history, loss_fn=loss_fn,
+            meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
+            seed=seed, collapse_threshold=collapse_threshold,
         )  # fmt: skip
         module, optimized = unwrap_model(model), {id(p) for g in optimizer.param_groups for p in g["params"]}
         names = lookahead_parameter_names(module, options.lookahead)
@@ -201,10 +204,8 @@ class MetaReweighter:
         self.model, self.module, self.optimizer = model, module, optimizer
         self._lookahead_params = LookaheadParams(module, names, optimizer)
         self._group, self._sharded = group, sharded
-        self._engine = EngineRunner(
-            selection, module, self._params_now, not (group.active or sharded), self._explain_engine_failure,
-            compiled=is_compiled(model),
-        )  # fmt: skip
+        self._engine = EngineRunner(selection, module, self._params_now, not (group.active or sharded),
+                                    self._explain_engine_failure, compiled=is_compiled(model))  # fmt: skip
         self._reuse_outputs = not group.active  # DDP's reducer owns the wrapper's graph
         self._head: HeadCapture | None = None
         threshold, warmup = options.collapse_threshold, options.meta_warmup
@@ -255,10 +256,7 @@ class MetaReweighter:
 
     step_count = property(lambda self: self._step_count, doc="Number of completed :meth:`step` calls.")
 
-    @property
-    def engine_name(self) -> str:
-        """The engine in use (after any automatic fallback)."""
-        return self._engine.selection.name
+    engine_name = property(lambda self: self._engine.selection.name, doc="The engine in use (after any fallback).")
 
     @property
     def engine_reason(self) -> str:
@@ -273,6 +271,7 @@ class MetaReweighter:
     group_weights = property(lambda self: self._slot.group_weights(), doc="Weight per group (``net='groups'``).")
     is_l2rw = property(lambda self: self.options.is_l2rw, doc="Whether the weights are L2RW's (no weighting net).")
     noise_evidence = property(lambda self: self._slot.evidence, doc="What the veto waits for (``veto_evidence``).")
+    meta_competence = property(lambda self: self._slot.competence, doc="And this (``veto_competence``).")
 
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self._generator))
@@ -336,7 +335,7 @@ class MetaReweighter:
             finite = torch.isfinite(grad.coefficients).all() & torch.isfinite(grad.meta_losses).all()
             if not joint_check(finite, "the meta loss or meta-gradient", pending, self._group, self.on_nonfinite):
                 return False, None, None
-            now = lambda: self._engine.meta_losses_now(problem)  # noqa: E731 (called only for a net reading logits)
+            now = lambda: self._engine.meta_now(problem)  # noqa: E731 (called only when the slot reads it)
             self._slot.observe_noise(net_inputs, grad.meta_losses, now, problem.meta_targets)
             unit = self._slot.update(
                 grad.coefficients, weights, penalty, self.signal_monitor, self._step_count, self.optimizer,
@@ -448,7 +447,7 @@ class MetaReweighter:
             "meta_optimizer": {} if self.meta_optimizer is None else self.meta_optimizer.state_dict(),
             "rng": self._generator.get_state(),
             "meta_stream": self._meta_stream.state_dict(),
-            **self._slot.state_entries(),  # "loss_history", "noise_evidence"
+            **self._slot.state_entries(),  # "loss_history", "noise_evidence", "meta_competence"
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -81,7 +81,7 @@ def test_state_dict_round_trip_and_validation():
     rw.step(x, y, model(x))
     state = rw.state_dict()
     keys = {"version", "step", "num_classes", "engine", "net", "meta_optimizer", "rng", "meta_stream", "loss_history",
-            "noise_evidence"}
+            "noise_evidence", "meta_competence"}
     assert set(state) == keys
     _, _, fresh = build(0, "metainfonet")
     assert fresh.net is None  # built lazily, from the saved num_classes

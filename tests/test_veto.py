@@ -24,6 +24,7 @@ def _veto_from_the_first_update(monkeypatch):
     """These tests read the veto's mechanics: it acts from the first update, not waiting for evidence of label
     noise (``veto_evidence``, tests/test_noise_evidence.py)."""
     monkeypatch.setattr("reweight.options.VETO_EVIDENCE", 0.0)
+    monkeypatch.setattr("reweight.settling.VETO_EVIDENCE", 0.0)  # what the first batch settles under "sum"
 
 
 def _parts(seed: int = 0):

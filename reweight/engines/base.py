@@ -84,14 +84,16 @@ class MetaProblem(NamedTuple):
         """Size of the batch over all data-parallel ranks (equal shards assumed)."""
         return self.weights.shape[0] * self.group.world_size
 
-    def meta_losses_now(self) -> Tensor:
-        """The meta batch's per-sample losses at the current parameters (no grad, buffers cloned): what the
-        veto's evidence reads the training losses against, both at the same parameters."""
+    def meta_now(self) -> tuple[Tensor, Tensor]:
+        """The meta batch's per-sample losses and its logits at the current parameters (no grad, buffers cloned):
+        what the veto's evidence reads the training losses against, both at the same parameters, and what the
+        model's competence on the meta set reads."""
         with torch.no_grad(), phase("evidence_pass"):
-            losses = self.meta_loss_fn(call_model(self.model, {}, self.meta_inputs, self.logits_fn), self.meta_targets)
+            logits = call_model(self.model, {}, self.meta_inputs, self.logits_fn)
+            losses = self.meta_loss_fn(logits, self.meta_targets)
         if is_sharded(self.params.values()):
             reshard_all(self.model)  # nothing stays gathered, as after an engine's own forwards
-        return losses
+        return losses, logits
 
 
 class MetaGradient(NamedTuple):

@@ -97,11 +97,11 @@ class EngineRunner:
         self._compiled_in_place = compiled_in_place(self.module)
         self.disallow_capture()
 
-    def meta_losses_now(self, problem: MetaProblem) -> Tensor:
-        """:meth:`MetaProblem.meta_losses_now` with the modules compiled in place run eagerly, as the engine's
-        forwards are (no recompilation)."""
+    def meta_now(self, problem: MetaProblem) -> tuple[Tensor, Tensor]:
+        """:meth:`MetaProblem.meta_now` with the modules compiled in place run eagerly, as the engine's forwards
+        are (no recompilation)."""
         with eager_calls(self._compiled_in_place):
-            return problem.meta_losses_now()
+            return problem.meta_now()
 
     def __call__(self, problem: MetaProblem) -> MetaGradient:
         """The meta-gradient of ``problem`` (its ``capture`` set here), falling back once per engine."""
