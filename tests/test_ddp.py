@@ -100,6 +100,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": False,
         "veto_warmup": 0, "veto_evidence": 1e-3, "train_scale": 4.0,
     },
+    # and waiting for the model's competence on the global meta batch (its accuracy's counts summed over ranks):
+    # on these random labels the model stays at chance, and the veto waits although the evidence is shown
+    "logitnet_class_veto_competence": {
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": False,
+        "veto_warmup": 0, "veto_evidence": 1e-3, "veto_competence": 0.05, "train_scale": 4.0,
+    },
 }
 # net="auto" under a loss of the user's: every rank settles it from its first batch (the gated net on these labels)
 # and builds it then; MetaInfoNet's sampling noise is drawn per rank, so these are compared with the gated net
@@ -180,11 +186,13 @@ def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
 
 
 def _evidence_tensor(rw: MetaReweighter) -> torch.Tensor | None:
-    """``[level, shown]`` of the veto's evidence of label noise (``None`` when the veto does not wait for it)."""
-    evidence = rw.noise_evidence
+    """``[level, shown]`` of the veto's evidence of label noise, then of the model's competence on the meta set if
+    the veto waits for it (``None`` when the veto does not wait for evidence)."""
+    evidence, competence = rw.noise_evidence, rw.meta_competence
     if evidence is None or evidence.level is None:
         return None
-    return torch.stack([evidence.level.double(), evidence.shown.double()])
+    gates = [evidence] if competence is None else [evidence, competence]
+    return torch.stack([t.double() for gate in gates for t in (gate.level, gate.shown)])
 
 
 def _history_tensors(history: dict[str, Any] | None) -> dict[str, torch.Tensor] | None:
@@ -274,9 +282,11 @@ def test_ddp_matches_single_process_on_concatenated_batches(ranks, name):
     if single["evidence"] is not None:  # the same evidence of label noise (shown within the run at 1e-3)
         torch.testing.assert_close(ddp["evidence"], single["evidence"], rtol=0, atol=1e-9)
         assert bool(single["evidence"][1]) == (CONFIGS[name].get("veto_evidence") == 1e-3)
+        waits = "veto_competence" in CONFIGS[name]  # random labels: the model stays at chance on the meta set
+        assert len(single["evidence"]) == (4 if waits else 2) and not (waits and bool(single["evidence"][3]))
     # the run is not trivial: the weights vary within the batches (and a veto sets some to zero)
     assert single["weights"].std() > 1e-3
-    assert "veto" not in CONFIGS[name] or bool((single["weights"] == 0).any())
+    assert "veto" not in CONFIGS[name] or bool((single["weights"] == 0).any()) != ("veto_competence" in CONFIGS[name])
 
 
 def test_auto_under_an_own_loss_settles_on_every_rank_as_naming_the_net(ranks):

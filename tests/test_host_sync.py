@@ -140,3 +140,10 @@ def test_checks_still_raise_and_leave_the_reweighter_as_it_was():
         rw.step(x, torch.where(y == 0, torch.tensor(7), y), model(x))
     rw.step(x, y, model(x))
     assert rw.net is not None and rw.step_count == 1
+
+
+@pytest.mark.parametrize("net", ["lossnet", "gated"])
+def test_the_wait_for_competence_adds_no_sync(net):
+    """The model's competence on the meta set is read and latched on the device (veto_competence)."""
+    for sites in syncs_per_step(net=net, veto_competence=0.3, collapse_threshold=None)[1:]:
+        assert len(sites) <= 1, sites
