@@ -42,6 +42,7 @@ CONFIGS = {
     "veto waiting for evidence": {"veto_evidence": 0.05},
     "veto not waiting for evidence": {"veto_evidence": 0},
     "adamw mirrored": {"virtual_step": "optimizer"},
+    "veto waiting for competence": {"veto_competence": 0.45},
 }
 
 
