@@ -139,7 +139,8 @@ SPELLED["mirror"] = {
     **SPELLED["defaults"],
     "virtual_step": "Adam / AdamW's step mirrored (each coordinate over its second moment), else SGD",
 }
-SPELLED["competence"] = {**SPELLED["defaults"], "veto_competence": 0.45}
+BEFORE_COMPETENCE = dict(SPELLED["defaults"])  # the defaults' rows before the veto could wait for competence
+SPELLED["competence"] = {**BEFORE_COMPETENCE, "veto_competence": 0.45}
 SPELLED["placebo"] = {"weights": f"1 + {JITTER:g} z, z ~ N(0, 1) from seed + 1000"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)

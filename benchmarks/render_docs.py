@@ -78,9 +78,10 @@ def _stability(table: Path, settings, methods, variants, seeds, schedule="gentle
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
 
 
-def _stability_rows(table: Path, settings, rows, variants, seeds, model="bn", fit=False) -> str:
-    """The stability table of named rows (``method~variant``, or a method under ``"default"``), paper schedule."""
-    cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model)
+def _stability_rows(table: Path, settings, rows, variants, seeds, model="bn", fit=False, holdout: int = 0) -> str:
+    """The stability table of named rows (``method~variant``, or a method under ``"default"``), paper schedule (the
+    runs with ``holdout`` samples per class held out, if given)."""
+    cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model, holdout)
     text = _tradeoff.stability_table(cells, "mnist1d", settings, rows, fit=fit)
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
 
@@ -1334,6 +1335,28 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             defaults_matrix.TABLE, 600, defaults_matrix.SPELLED["defaults"], defaults_matrix.SPELLED["mirror"], "rest"
         ),
         "defaults-matrix-placebo": lambda: defaults_matrix.placebo_spread(defaults_matrix.TABLE, 600),
+        "defaults-matrix-competence": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["competence"]
+        ),
+        "defaults-matrix-competence-rest": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["competence"],
+            "rest",
+        ),
+        "competence-gentle-pairs": lambda: _twin_spread(
+            [("waiting for competence - today's", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
+            both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40"], list(range(80, 90)), below=(3, 5),
+        ),
+        "competence-bn-pairs": lambda: _twin_spread(
+            [(f"{m}: waiting for competence - today's", table, f"{m}~{v}k45", table, f"{m}~{v}")
+             for m, v in (("gated", "cls20v05cweq80f"), ("lossnet", "ess20v05weq80f"))],
+            ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
+        ),
+        "competence-bn-stability": lambda: _stability_rows(
+            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fk45", "lossnet~ess20v05weq80f",
+                        "lossnet~ess20v05weq80fk45"], ["cls20v05cweq80f", "cls20v05cweq80fk45", "ess20v05weq80f",
+                        "ess20v05weq80fk45"], list(range(60, 70)), holdout=10,
+        ),
+        "hf-short-run-competence": lambda: (HERE / "results" / "hf_short_run_competence.md").read_text().strip(),
         "hf-short-run-mirror": lambda: (HERE / "results" / "hf_short_run_mirror.md").read_text().strip(),
         "defaults-matrix-vit-workarounds": lambda: defaults_matrix.report(defaults_matrix.TABLE, "sum", 600)
         + "\n"
