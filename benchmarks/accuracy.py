@@ -362,7 +362,8 @@ VARIANTS: dict[str, dict] = {
 # and one that names no veto warm-up vetoed from the first step (0; the key names it only where it is on), reading
 # the coefficients as they are (veto_center False; the key names it only where it is on), acting from the first
 # meta update (veto_evidence 0; the key names it only where the veto waits for evidence of label noise), with the
-# floor min_ess until then too (min_ess_until_evidence 0; the key names it only where it is above min_ess).
+# floor min_ess until then too (min_ess_until_evidence 0; the key names it only where it is above min_ess), and
+# not waiting for the model's competence on the meta set (veto_competence 0; the key names it only where it waits).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
     _variant.setdefault("normalization", "sum")
@@ -371,6 +372,7 @@ for _variant in VARIANTS.values():
     _variant.setdefault("veto_center", False)
     _variant.setdefault("veto_evidence", 0.0)
     _variant.setdefault("min_ess_until_evidence", 0.0)
+    _variant.setdefault("veto_competence", 0.0)
 
 
 # Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3

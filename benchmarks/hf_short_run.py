@@ -32,16 +32,17 @@ from transformers.utils import logging  # noqa: E402
 
 from reweight.integrations.transformers import ReweightTrainer  # noqa: E402
 
+# every configuration but "defaults" and the wait for competence runs without that wait, as before it was a default
 CONFIGS = {
     "plain": None,
     "defaults": {},
-    "veto from the first step": {"veto_warmup": 0},
-    "veto within classes": {"veto_center": True},
-    "veto as it is": {"veto_center": False},
+    "veto from the first step": {"veto_warmup": 0, "veto_competence": 0},
+    "veto within classes": {"veto_center": True, "veto_competence": 0},
+    "veto as it is": {"veto_center": False, "veto_competence": 0},
     "no veto": {"veto": math.inf},
-    "veto waiting for evidence": {"veto_evidence": 0.05},
+    "veto waiting for evidence": {"veto_evidence": 0.05, "veto_competence": 0},
     "veto not waiting for evidence": {"veto_evidence": 0},
-    "adamw mirrored": {"virtual_step": "optimizer"},
+    "adamw mirrored": {"virtual_step": "optimizer", "veto_competence": 0},
     "veto waiting for competence": {"veto_competence": 0.45},
 }
 

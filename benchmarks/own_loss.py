@@ -76,7 +76,8 @@ def run(setting: str, method: str, seed: int) -> dict:
         meta = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(d["meta_x"], d["meta_y"]), batch_size=50, shuffle=True
         )
-        rw = MetaReweighter(model, opt, meta, seed=seed, **kwargs)
+        # the stored rows ran before the veto waited for the model's competence on the meta set (veto_competence 0)
+        rw = MetaReweighter(model, opt, meta, seed=seed, **{"veto_competence": 0, **kwargs})
     g = torch.Generator().manual_seed(seed)
     for _ in range(EPOCHS):
         for idx in torch.randperm(len(d["y"]), generator=g).split(BATCH):

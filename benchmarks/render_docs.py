@@ -1347,14 +1347,12 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40"], list(range(80, 90)), below=(3, 5),
         ),
         "competence-bn-pairs": lambda: _twin_spread(
-            [(f"{m}: waiting for competence - today's", table, f"{m}~{v}k45", table, f"{m}~{v}")
-             for m, v in (("gated", "cls20v05cweq80f"), ("lossnet", "ess20v05weq80f"))],
+            [("waiting for competence - today's", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
             ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
         ),
         "competence-bn-stability": lambda: _stability_rows(
-            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fk45", "lossnet~ess20v05weq80f",
-                        "lossnet~ess20v05weq80fk45"], ["cls20v05cweq80f", "cls20v05cweq80fk45", "ess20v05weq80f",
-                        "ess20v05weq80fk45"], list(range(60, 70)), holdout=10,
+            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fk45"], ["cls20v05cweq80f", "cls20v05cweq80fk45"],
+            list(range(60, 70)), holdout=10,
         ),
         "hf-short-run-competence": lambda: (HERE / "results" / "hf_short_run_competence.md").read_text().strip(),
         "hf-short-run-mirror": lambda: (HERE / "results" / "hf_short_run_mirror.md").read_text().strip(),

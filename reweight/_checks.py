@@ -15,7 +15,7 @@ from ._batch import Inputs, batch_size, call_model, split_batch, to_device
 from ._rng import isolated_rng
 from .losses import PerSampleLoss, check_class_targets
 from .options import ReweighterOptions
-from .settling import settle_options
+from .settling import is_class_labels, settle_options
 
 __all__ = [
     "check_batch",
@@ -111,15 +111,14 @@ def step_losses(
                 "class labels only; these targets are not class labels (the veto acts from the first update): drop "
                 "min_ess_until_evidence, or pass veto_evidence=0.05 to wait for evidence read on the whole meta batch"
             )
-        if options.veto_evidence is None and settled.veto_evidence == 0 and options.veto_competence:
-            raise ValueError(
-                "veto_competence applies where the veto waits for evidence of label noise, which it does on class "
-                "labels only; these targets are not class labels (the veto acts from the first update): drop "
-                "veto_competence"
-            )
         options = settled
         if options.requires_logits:  # the gated net: the logits' checks it would have had
             check_batch(inputs, targets, logits, net=str(options.net), num_classes=num_classes)
+    if options.veto_competence and not (options.normalization == "class" or is_class_labels(logits, targets)):
+        raise ValueError(
+            "veto_competence reads the model's accuracy on the meta set, which needs class labels (integer class "
+            "indices of (batch, K >= 2) logits); these targets are not class labels: drop veto_competence"
+        )
     if options.normalization == "class":
         try:
             check_class_targets(logits, targets)

@@ -22,7 +22,7 @@ from .meta_competence import MetaCompetence
 from .monitor import MetaSignalMonitor
 from .nets import WeightingOutput, create_weighting_net
 from .noise_evidence import NoiseEvidence, check_evidence_state
-from .options import AUTO_NET, AUTO_NET_OTHER, VETO_EVIDENCE, ReweighterOptions
+from .options import AUTO_NET, AUTO_NET_OTHER, VETO_COMPETENCE, VETO_EVIDENCE, ReweighterOptions
 from .settling import is_class_labels, settled
 
 __all__ = ["NetSlot", "class_indices", "class_members", "class_normalize"]
@@ -84,8 +84,8 @@ class NetSlot:
         # that a state loaded before that batch keeps its own
         gated = options.vetoes and (options.veto_evidence is None or options.veto_evidence > 0)
         self.evidence = NoiseEvidence(options.veto_evidence or VETO_EVIDENCE, group) if gated else None
-        competent = gated and options.veto_competence > 0
-        self.competence = MetaCompetence(options.veto_competence, group) if competent else None
+        competent = gated and (options.veto_competence is None or options.veto_competence > 0)  # None: as the wait
+        self.competence = MetaCompetence(options.veto_competence or VETO_COMPETENCE, group) if competent else None
         self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
             options.loss_fn
         )  # the library's cross-entropy was warned about at construction
@@ -93,12 +93,14 @@ class NetSlot:
     def settle(self, options: ReweighterOptions) -> None:
         """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"``,
         ``normalization="auto"`` or ``veto_evidence=None`` (a no-op afterwards)."""
-        fields = ("net", "normalization", "min_ess", "veto_evidence")
+        fields = ("net", "normalization", "min_ess", "veto_evidence", "veto_competence")
         if any(getattr(options, f) != getattr(self.options, f) for f in fields):
             self.options = options
             self.class_checks = ClassChecks() if options.normalization == "class" else None
             if options.veto_evidence == 0:  # settled on targets other than class labels: nothing to wait for
-                self.evidence = self.competence = None
+                self.evidence = None
+            if not options.veto_competence:
+                self.competence = None
 
     def settled_by_state(self, net_state: Any, num_classes: int | None) -> ReweighterOptions:
         """This slot's options with a pending ``net="auto"`` settled by a saved net's layout (the gated net's or

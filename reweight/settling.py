@@ -9,7 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .options import AUTO_NET, AUTO_NET_OTHER, L2RW_MIN_ESS, MIN_ESS, VETO_EVIDENCE, ReweighterOptions, until_evidence
+from .options import (
+    AUTO_NET,
+    AUTO_NET_OTHER,
+    L2RW_MIN_ESS,
+    MIN_ESS,
+    VETO_COMPETENCE,
+    VETO_EVIDENCE,
+    ReweighterOptions,
+    until_evidence,
+)
 
 __all__ = ["settle_options", "is_class_labels", "settled"]
 
@@ -19,8 +28,10 @@ def settle_options(options: ReweighterOptions, logits: Tensor, targets: Tensor) 
     it: whether the targets are class labels, integer class indices ``(batch,)`` of logits ``(batch, K)`` with
     ``K >= 2`` (not regression, soft or binary targets, token-level outputs). Then ``net="auto"`` is the gated net
     (else LossNet), ``normalization="auto"`` is ``"class"`` (else ``"sum"``), with L2RW's default floor, and
-    ``veto_evidence=None`` is :data:`VETO_EVIDENCE` (else 0). Structural: no host sync."""
-    if options.net != "auto" and options.normalization != "auto" and options.veto_evidence is not None:
+    ``veto_evidence=None`` is :data:`VETO_EVIDENCE` (else 0), with ``veto_competence=None`` :data:`VETO_COMPETENCE`
+    where the veto then waits (else 0). Structural: no host sync."""
+    pending = options.net == "auto" or options.normalization == "auto" or options.veto_evidence is None
+    if not pending and options.veto_competence is not None:
         return options
     return settled(options, AUTO_NET if is_class_labels(logits, targets) else AUTO_NET_OTHER)
 
@@ -35,7 +46,8 @@ def is_class_labels(logits: Tensor, targets: Tensor) -> bool:
 def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
     """``options`` with a pending ``net="auto"`` settled to ``auto_net`` (the gated net on class labels, LossNet
     otherwise), ``normalization="auto"`` to ``"class"`` on class labels (else ``"sum"``) and a pending
-    ``veto_evidence`` to :data:`VETO_EVIDENCE` on class labels (else 0)."""
+    ``veto_evidence`` to :data:`VETO_EVIDENCE` on class labels (else 0), and a pending ``veto_competence`` to
+    :data:`VETO_COMPETENCE` where the veto waits for evidence on class labels (else 0)."""
     labels = auto_net == AUTO_NET
     changes: dict[str, Any] = {}
     if options.net == "auto":
@@ -47,6 +59,9 @@ def settled(options: ReweighterOptions, auto_net: str) -> ReweighterOptions:
     if options.veto_evidence is None:  # the veto's wait: on class labels
         changes["veto_evidence"] = VETO_EVIDENCE if labels else 0.0
     options = dataclasses.replace(options, **changes)
+    if options.veto_competence is None:  # the veto's wait for competence: where it waits for evidence on class labels
+        waits = labels and options.vetoes and bool(options.veto_evidence)
+        options = dataclasses.replace(options, veto_competence=VETO_COMPETENCE if waits else 0.0)
     if options.min_ess_until_evidence is None:  # the floor while the veto waits, with the wait and normalisation
         options = dataclasses.replace(options, min_ess_until_evidence=until_evidence(options))
     return options

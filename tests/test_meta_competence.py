@@ -15,6 +15,7 @@ from torch import nn
 import reweight.net_slot as net_slot
 from reweight import MetaReweighter
 from reweight.meta_competence import DECAY, MetaCompetence
+from reweight.options import VETO_COMPETENCE
 
 K, D, STEPS = 3, 5, 40  # the runs draw STEPS batches and train on the first ones
 
@@ -103,7 +104,7 @@ def test_until_competent_the_veto_does_not_act(monkeypatch, net):
     """Never competent (threshold out of reach): the run is the one whose veto is switched off, bit for bit;
     competent from a step on: the same up to that step, and the veto acts after it."""
     _, never, accuracy, _ = _run(40, net, veto_competence=0.99, veto_evidence=0.05)
-    _, default, _, _ = _run(40, net, veto_evidence=0.05)
+    _, default, _, _ = _run(40, net, veto_evidence=0.05, veto_competence=0)
     threshold = 0.3
     levels = _reference_levels(accuracy)
     opens = next(t for t, level in enumerate(levels) if level >= threshold)
@@ -181,15 +182,33 @@ def test_targets_that_are_not_class_labels_are_refused_at_the_first_batch():
     meta = [(meta[0][0], torch.randn(12, K))]
     rw = MetaReweighter(model, opt, meta, net="lossnet", loss_fn=own_loss, veto_competence=0.4)
     x, t = torch.randn(8, D), torch.randn(8, K)
-    with pytest.raises(ValueError, match="veto_competence applies where the veto waits"):
+    with pytest.raises(ValueError, match="veto_competence reads the model's accuracy on the meta set, which needs class"):
         rw.step(x, t, model(x))
     assert rw.step_count == 0 and rw.meta_competence is not None
 
 
-def test_off_by_default_and_the_state_says_so():
+def test_the_default_waits_where_the_veto_waits_for_evidence_on_class_labels():
+    """0.45 where the veto waits for evidence on class labels (known at construction under "class", else settled by
+    the first batch), 0 where nothing waits or the targets are not class labels."""
     model, opt, meta = _parts()
-    rw = MetaReweighter(model, opt, meta)
-    assert rw.options.veto_competence == 0 and rw.meta_competence is None
     x, y = _blobs(8, 3, 0.0)
-    rw.step(x, y, model(x))
-    assert rw.state_dict()["meta_competence"] is None
+    assert VETO_COMPETENCE == 0.45
+    cases = [({}, VETO_COMPETENCE, VETO_COMPETENCE), ({"net": "lossnet"}, None, VETO_COMPETENCE),
+             ({"veto": math.inf}, 0.0, 0.0), ({"veto_evidence": 0}, 0.0, 0.0), ({"net": "l2rw"}, 0.0, 0.0),
+             ({"veto_competence": 0}, 0.0, 0.0), ({"veto_competence": 0.2}, 0.2, 0.2)]  # fmt: skip
+    for kwargs, at_construction, settled in cases:
+        rw = MetaReweighter(model, opt, meta, seed=0, **kwargs)
+        assert rw.options.veto_competence == at_construction, kwargs
+        rw.step(x, y, model(x))
+        assert rw.options.veto_competence == settled, kwargs
+        assert (rw.meta_competence is not None) == bool(settled), kwargs
+        assert rw.meta_competence is None or rw.meta_competence.threshold == settled
+        assert (rw.state_dict()["meta_competence"] is None) == (not settled)
+
+    def own_loss(z, t):
+        return (z - t).pow(2).mean(1) if t.is_floating_point() else F.cross_entropy(z, t, reduction="none")
+
+    rw = MetaReweighter(model, opt, [(meta[0][0], torch.randn(12, K))], net="lossnet", loss_fn=own_loss, seed=0)
+    t = torch.randn(8, K)
+    rw.step(x, t, model(x))  # regression targets: nothing waits
+    assert rw.options.veto_competence == 0 and rw.meta_competence is None
