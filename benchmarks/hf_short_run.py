@@ -44,6 +44,7 @@ CONFIGS = {
     "veto not waiting for evidence": {"veto_evidence": 0},
     "adamw mirrored": {"virtual_step": "optimizer", "veto_competence": 0},
     "veto waiting for competence": {"veto_competence": 0.45},
+    "veto not waiting for competence": {"veto_competence": 0},
 }
 
 

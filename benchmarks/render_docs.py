@@ -938,7 +938,9 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "gated~cls20m3", "gated~cls20m3f"],
             ["cls20", "cls20m3", "cls20m3f"], SEEDS5, "bnwide", fit=True,
         ),
-        "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
+        "defaults-matrix-600": lambda: defaults_matrix.report(
+            defaults_matrix.TABLE, "defaults", 600, options=defaults_matrix.BEFORE_COMPETENCE
+        ),
         "veto-holdout": lambda: _holdout(
             table, S3, [(VETO_GATED, "gated~cls20"), (VETO_LOSSNET, "lossnet~ess20")], VETO_VARIANTS, list(range(10))
         ),

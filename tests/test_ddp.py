@@ -129,7 +129,7 @@ def _ids(index: int, rank: int | None) -> torch.Tensor:
 
 def _train(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     """Train for ``STEPS`` steps as rank ``rank`` of a DDP group, or (``rank=None``) as one process on all data."""
-    config = dict(config)
+    config = {"veto_competence": 0, **config}  # the random labels here never make the model competent
     momentum = config.pop("momentum", 0.0)
     train_scale = config.pop("train_scale", 1.0)
     meta_opt = torch.optim.SGD if config.pop("meta_sgd", False) else torch.optim.Adam
