@@ -30,10 +30,11 @@ def _blobs(n: int, seed: int, noise: float):
     return x, torch.where(flip, torch.randint(0, K, (n,), generator=g), y)
 
 
-def _run(steps: int, net: str = "gated", **kwargs):
+def _run(steps: int, net: str = "gated", start: int = 0, resume: tuple | None = None, **kwargs):
     """Plain SGD on noisy blobs with one meta batch (the whole meta set, so that the meta accuracy at each update
-    is the model's on that set before its step). Returns the reweighter, the weights per step and the meta
-    accuracy per step read independently (before the step)."""
+    is the model's on that set before its step), over steps ``start .. steps - 1`` (``resume``: the model's, the
+    optimizer's and the reweighter's states to start from). Returns the reweighter, the weights per step, the meta
+    accuracy per step read independently (before the step), and the model and its optimizer."""
     torch.manual_seed(0)
     model = nn.Linear(D, K)
     with torch.no_grad():
@@ -43,8 +44,11 @@ def _run(steps: int, net: str = "gated", **kwargs):
     xm, ym = _blobs(60, 1, 0.0)
     x, y = _blobs(32 * STEPS, 2, 0.6)
     rw = MetaReweighter(model, opt, [(xm, ym)], net=net, meta_warmup=0, veto_warmup=0, seed=0, **kwargs)
+    if resume is not None:
+        for obj, state in zip((model, opt, rw), resume):
+            obj.load_state_dict(copy.deepcopy(state))
     weights, accuracy = [], []
-    for t in range(steps):
+    for t in range(start, steps):
         with torch.no_grad():
             accuracy.append((model(xm).argmax(1) == ym).double().mean().item())
         xb, yb = x[32 * t : 32 * (t + 1)], y[32 * t : 32 * (t + 1)]
@@ -119,35 +123,19 @@ def test_until_competent_the_veto_does_not_act(monkeypatch, net):
 
 
 def test_an_exact_resume_and_an_older_state():
-    rw, straight, _, _ = _run(30, veto_competence=0.3, veto_evidence=0.05)
-    first, _, _, (model, opt) = _run(15, veto_competence=0.3, veto_evidence=0.05)
-    state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(first.state_dict()))
-    assert set(state[2]["meta_competence"]) == {"level", "shown"}
-    # the resumed half draws the second half of the batches: rebuild them as _run does
-    torch.manual_seed(0)
-    xm, ym = _blobs(60, 1, 0.0)
-    x, y = _blobs(32 * STEPS, 2, 0.6)
-    model2 = nn.Linear(D, K)
-    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
-    rw2 = MetaReweighter(model2, opt2, [(xm, ym)], net="gated", meta_warmup=0, veto_warmup=0, seed=0,
-                         veto_competence=0.3, veto_evidence=0.05)  # fmt: skip
-    model2.load_state_dict(state[0])
-    opt2.load_state_dict(state[1])
-    rw2.load_state_dict(state[2])
-    for t in range(15, 30):
-        xb, yb = x[32 * t : 32 * (t + 1)], y[32 * t : 32 * (t + 1)]
-        logits = model2(xb)
-        w = rw2.step(xb, yb, logits)
-        opt2.zero_grad()
-        (w * F.cross_entropy(logits, yb, reduction="none")).mean().backward()
-        opt2.step()
-        assert torch.equal(w, straight[t]), t
-    assert rw2.meta_competence.level.item() == rw.meta_competence.level.item()
-    old = {k: v for k, v in state[2].items() if k != "meta_competence"} | {"version": 3}
-    rw2.load_state_dict(old)  # version 3's veto did not wait for competence: a resumed run's does not either
-    assert bool(rw2.meta_competence.shown) and rw2.meta_competence.level is None
+    kwargs = {"veto_competence": 0.3, "veto_evidence": 0.05}
+    rw, straight, _, _ = _run(30, **kwargs)
+    first, _, _, (model, opt) = _run(15, **kwargs)
+    state = first.state_dict()
+    assert set(state["meta_competence"]) == {"level", "shown"}
+    resumed, rest, _, _ = _run(30, start=15, resume=(model.state_dict(), opt.state_dict(), state), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(rest, straight[15:])) and len(rest) == 15
+    assert resumed.meta_competence.level.item() == rw.meta_competence.level.item()
+    old = {k: v for k, v in state.items() if k != "meta_competence"} | {"version": 3}
+    resumed.load_state_dict(old)  # version 3's veto did not wait for competence: a resumed run's does not either
+    assert bool(resumed.meta_competence.shown) and resumed.meta_competence.level is None
     with pytest.raises(ValueError, match="meta_competence"):
-        rw2.load_state_dict({**state[2], "meta_competence": {"level": math.nan, "shown": True}})
+        resumed.load_state_dict({**state, "meta_competence": {"level": math.nan, "shown": True}})
 
 
 def _parts():
