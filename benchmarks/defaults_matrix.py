@@ -49,7 +49,7 @@ from reweight.virtual_step import ADAPTIVE  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent / "results" / "defaults_matrix.jsonl"
 # The configurations that set a veto on top of the library's defaults do not wait for the model's competence on the
-# meta set (veto_competence 0), as their rows ran before the defaults did; "competence" is the defaults since.
+# meta set (veto_competence 0, named: the defaults' while it was tried as the default), as their rows ran.
 CONFIGS = {
     "defaults": {},
     "earlier": {
@@ -141,9 +141,8 @@ SPELLED["mirror"] = {
     **SPELLED["defaults"],
     "virtual_step": "Adam / AdamW's step mirrored (each coordinate over its second moment), else SGD",
 }
-BEFORE_COMPETENCE = dict(SPELLED["defaults"])  # the defaults' rows before the veto waited for competence
+BEFORE_COMPETENCE = dict(SPELLED["defaults"])  # the defaults (the veto does not wait for competence)
 SPELLED["competence"] = {**BEFORE_COMPETENCE, "veto_competence": 0.45}
-SPELLED["defaults"]["veto_competence"] = "0.45 where the veto waits for evidence on class labels, else 0"
 SPELLED["placebo"] = {"weights": f"1 + {JITTER:g} z, z ~ N(0, 1) from seed + 1000"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)

@@ -32,7 +32,7 @@ from transformers.utils import logging  # noqa: E402
 
 from reweight.integrations.transformers import ReweightTrainer  # noqa: E402
 
-# every configuration but "defaults" and the wait for competence runs without that wait, as before it was a default
+# the configurations that set the veto run without the wait for competence, named (it was tried as the default)
 CONFIGS = {
     "plain": None,
     "defaults": {},

@@ -76,7 +76,7 @@ def run(setting: str, method: str, seed: int) -> dict:
         meta = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(d["meta_x"], d["meta_y"]), batch_size=50, shuffle=True
         )
-        # the stored rows ran before the veto waited for the model's competence on the meta set (veto_competence 0)
+        # without the wait for the model's competence on the meta set, named (it was tried as the default)
         rw = MetaReweighter(model, opt, meta, seed=seed, **{"veto_competence": 0, **kwargs})
     g = torch.Generator().manual_seed(seed)
     for _ in range(EPOCHS):

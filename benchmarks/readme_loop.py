@@ -60,7 +60,7 @@ def run(seed: int, noise: float, lr: float, net: str | None, **options) -> tuple
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     train_loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     meta_loader = DataLoader(TensorDataset(xm, ym), batch_size=50, shuffle=True)
-    # the stored rows ran before the veto waited for the model's competence on the meta set (veto_competence 0)
+    # without the wait for the model's competence on the meta set, named (it was tried as the default)
     options = {"veto_competence": 0, **options}
     reweighter = None if net is None else MetaReweighter(model, optimizer, meta_loader, net=net, **options)
     for _ in range(EPOCHS):

@@ -806,6 +806,11 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
              *(f"{m}~cls20v05cweq80f" for m in ("logitnet", "metainfonet", "gated")), "l2rw~l2cls40"],
             SEEDS5, "gentle", ("cls20v05cweq80f", "ess20v05we", "l2cls40"), "plain", default=FADE,
         ),
+        "competence-guide-pairs": lambda: _twin_spread(
+            [(f"{m}: waiting for competence - defaults", table, f"{m}~{v}k45", (table, SAME_MACHINE), f"{m}~{v}")
+             for m, v in (*((m, "cls20v05cweq80f") for m in LOGIT_NETS), ("lossnet", "ess20v05we"))],
+            both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"], SEEDS5, holdout=0, below=(3, 5),
+        ),
         "guide-before-fade": lambda: acc.guide_report(
             table, both, ["flip1-40", "flip2-40", "uniform-40", "uniform-60"],
             ["standard", "finetune", "lossnet~ess20v05we",
@@ -938,9 +943,7 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, ["flip1-40", "uniform-40"], ["standard", "gated~cls20", "gated~cls20m3", "gated~cls20m3f"],
             ["cls20", "cls20m3", "cls20m3f"], SEEDS5, "bnwide", fit=True,
         ),
-        "defaults-matrix-600": lambda: defaults_matrix.report(
-            defaults_matrix.TABLE, "defaults", 600, options=defaults_matrix.BEFORE_COMPETENCE
-        ),
+        "defaults-matrix-600": lambda: defaults_matrix.report(defaults_matrix.TABLE, "defaults", 600),
         "veto-holdout": lambda: _holdout(
             table, S3, [(VETO_GATED, "gated~cls20"), (VETO_LOSSNET, "lossnet~ess20")], VETO_VARIANTS, list(range(10))
         ),
@@ -1345,11 +1348,12 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             "rest",
         ),
         "competence-gentle-pairs": lambda: _twin_spread(
-            [("waiting for competence - today's", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
-            both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40"], list(range(80, 90)), below=(3, 5),
+            [("waiting for competence - defaults", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
+            both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"], list(range(80, 90)),
+            below=(3, 5),
         ),
         "competence-bn-pairs": lambda: _twin_spread(
-            [("waiting for competence - today's", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
+            [("waiting for competence - defaults", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
             ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
         ),
         "competence-bn-stability": lambda: _stability_rows(

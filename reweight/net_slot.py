@@ -84,8 +84,8 @@ class NetSlot:
         # that a state loaded before that batch keeps its own
         gated = options.vetoes and (options.veto_evidence is None or options.veto_evidence > 0)
         self.evidence = NoiseEvidence(options.veto_evidence or VETO_EVIDENCE, group) if gated else None
-        competent = gated and (options.veto_competence is None or options.veto_competence > 0)  # None: as the wait
-        self.competence = MetaCompetence(options.veto_competence or VETO_COMPETENCE, group) if competent else None
+        threshold = VETO_COMPETENCE if options.veto_competence is None else options.veto_competence  # None: pending
+        self.competence = MetaCompetence(threshold, group) if gated and threshold > 0 else None
         self._history_unchecked = options.loss_history and options.net == "lossnet" and not is_class_cross_entropy(
             options.loss_fn
         )  # the library's cross-entropy was warned about at construction

@@ -103,7 +103,7 @@ class MetaReweighter:
         veto_evidence: the veto acts once the meta set shows label noise: a moving share of the training losses above
             their class's meta 0.9-quantile, beyond chance, reaches it (default: 0.05 on class labels, else 0).
         veto_competence: and once the model's chance-corrected accuracy on the meta batches (a moving average)
-            reaches it (:mod:`reweight.meta_competence`) (default: 0.45 where the veto waits on class labels, else 0).
+            reaches it, on class labels (:mod:`reweight.meta_competence`) (default: ``None``: 0, off; 0.45 measured).
         loss_history: the nets that read the loss also read each sample's moving average of its past losses, which
             tells a memorised noisy sample from a clean one; :meth:`step` then needs ``sample_ids``; measured safe
             with the gated net, not with LossNet alone (:mod:`reweight.loss_history`) (default: ``False``).
