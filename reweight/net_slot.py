@@ -92,7 +92,7 @@ class NetSlot:
 
     def settle(self, options: ReweighterOptions) -> None:
         """Adopt ``options`` in which the first batch (or a loaded state) settled ``net="auto"``,
-        ``normalization="auto"`` or ``veto_evidence=None`` (a no-op afterwards)."""
+        ``normalization="auto"``, ``veto_evidence=None`` or ``veto_competence=None`` (a no-op afterwards)."""
         fields = ("net", "normalization", "min_ess", "veto_evidence", "veto_competence")
         if any(getattr(options, f) != getattr(self.options, f) for f in fields):
             self.options = options
