@@ -45,6 +45,8 @@ CONFIGS = {
     "adamw mirrored": {"virtual_step": "optimizer", "veto_competence": 0},
     "veto waiting for competence": {"veto_competence": 0.45},
     "veto not waiting for competence": {"veto_competence": 0},
+    "vetoed share to the batch": {"veto_share": "batch", "veto_competence": 0},
+    "vetoed share to the class": {"veto_share": "class", "veto_competence": 0},
 }
 
 

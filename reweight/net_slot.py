@@ -301,14 +301,16 @@ class NetSlot:
             raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
         return raw, penalty
 
-    def normalize(self, raw: Tensor, net_inputs: tuple[Any, ...], keep: Tensor | None = None) -> Tensor:
+    def normalize(
+        self, raw: Tensor, net_inputs: tuple[Any, ...], keep: Tensor | None = None, mode: str | None = None
+    ) -> Tensor:
         """Normalise the raw weights of the batch whose net inputs are ``(losses, logits, targets, ...)``, then
         apply the ``min_ess`` floor (:meth:`floor_ess`) over the samples in ``keep`` (all when ``None``).
 
         ``"sum"``: the raw weights over their sum over every rank, times the global batch size, with Algorithm
         1's delta guard (a zero sum gives zeros); ``"class"``: the same within each class of the targets
-        (:func:`class_normalize`); ``"none"``: ``raw``. No host sync."""
-        mode = self.options.normalization
+        (:func:`class_normalize`); ``"none"``: ``raw``; ``mode``: another than the options'. No host sync."""
+        mode = mode or self.options.normalization
         if mode == "sum":
             total = self.group.sum_differentiable(raw.sum())
             raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
@@ -365,7 +367,8 @@ class NetSlot:
         """``weights`` with the samples whose coefficient ``c_i = dL_meta/dw_i``, times the warm-up factor of
         ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
         set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
-        floor); ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
+        floor; under ``"class"`` with ``veto_share="batch"`` over the whole batch: a class loses its vetoed share);
+        ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
         The coefficients are first :meth:`centered` within the batch's :meth:`veto_group`, if any. Under
         ``veto_evidence`` nothing is vetoed until the evidence of label noise is shown (and under
         ``veto_competence`` the model's competence on the meta set). No host sync."""
@@ -373,7 +376,8 @@ class NetSlot:
         if group is not None:
             unit = self.centered(unit, weights, net_inputs, group)
         scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
-        vetoed = self.normalize(weights * (unit * scale <= self.options.veto).to(weights.dtype), net_inputs)
+        share = "sum" if self.options.veto_share == "batch" and self.options.normalization == "class" else None
+        vetoed = self.normalize(weights * (unit * scale <= self.options.veto).to(weights.dtype), net_inputs, mode=share)
         if self.evidence is None:
             return vetoed
         shown = self.evidence.shown  # observed at this meta update, before the veto reads it

@@ -100,6 +100,8 @@ class MetaReweighter:
             waits for the net (default: ``None``: ``meta_warmup`` while the veto acts; ``0``: from the first step).
         veto_center: the veto reads ``c_i`` less its class's weighted mean (with ``True`` under ``"sum"``: on class
             labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
+        veto_share: under ``"class"``, who takes a vetoed sample's share of the loss: its class's other samples
+            (``"class"``) or the whole batch (``"batch"``) (default: ``None``: ``"class"``).
         veto_evidence: the veto acts once the meta set shows label noise: a moving share of the training losses above
             their class's meta 0.9-quantile, beyond chance, reaches it (default: 0.05 on class labels, else 0).
         veto_competence: and once the model's chance-corrected accuracy on the meta batches (a moving average)
@@ -122,8 +124,8 @@ class MetaReweighter:
             once (``WeakMetaGradientWarning``) when the meta-gradient stays too small to learn; ``None`` silences it.
         process_group: the data-parallel group of a model whose DDP wrapper the reweighter does not see (Lightning's
             strategies hand over the bare module) (default: ``None``: a ``DistributedDataParallel`` model's, else none).
-        seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout,
-            MetaInfoNet's sampling); drawn from torch's global RNG when ``None`` (default: ``None``).
+        seed: seed of the reweighter's own randomness (meta-batch order, look-ahead dropout, MetaInfoNet's sampling);
+            drawn from torch's global RNG when ``None`` (default: ``None``).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -166,6 +168,7 @@ class MetaReweighter:
         veto: float | None = None,
         veto_warmup: int | None = None,
         veto_center: bool | None = None,
+        veto_share: Literal["class", "batch"] | None = None,
         veto_evidence: float | None = None,
         veto_competence: float | None = None,
         loss_history: bool = False,
@@ -183,9 +186,9 @@ class MetaReweighter:
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
             min_ess_until_evidence=min_ess_until_evidence, veto=veto, veto_warmup=veto_warmup, veto_center=veto_center,
-            veto_evidence=veto_evidence, veto_competence=veto_competence, loss_history=loss_history, loss_fn=loss_fn,
-            meta_loss_fn=meta_loss_fn, logits_fn=logits_fn, num_classes=num_classes, on_nonfinite=on_nonfinite,
-            seed=seed, collapse_threshold=collapse_threshold,
+            veto_share=veto_share, veto_evidence=veto_evidence, veto_competence=veto_competence,
+            loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
+            num_classes=num_classes, on_nonfinite=on_nonfinite, seed=seed, collapse_threshold=collapse_threshold,
         )  # fmt: skip
         module, optimized = unwrap_model(model), {id(p) for g in optimizer.param_groups for p in g["params"]}
         names = lookahead_parameter_names(module, options.lookahead)
@@ -276,8 +279,7 @@ class MetaReweighter:
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self._generator))
 
-    def _draw_rank_seed(self) -> int:
-        """A seed that differs across data-parallel ranks (each rank draws its own meta batches)."""
+    def _draw_rank_seed(self) -> int:  # a seed that differs across data-parallel ranks (each draws its meta batches)
         return (self._draw_seed() + 1_000_003 * self._group.rank) % 2**62
 
     def _params_now(self) -> dict[str, Tensor]:
@@ -297,23 +299,22 @@ class MetaReweighter:
         head_features = self._head.features_for(logits, inputs) if self._head is not None else None
         params = self._params_now()
         meta_inputs, meta_targets = meta if meta is not None else self._next_meta_batch()
-        reuse = self._reuse_outputs and logits.requires_grad
         groups = self._lookahead_params.groups
         step = plan_virtual_step(params, self.optimizer, self.virtual_step, self.lookahead_lr, groups)
         return MetaProblem(
             model=self.module, params=params, step=step, inputs=inputs, targets=targets,
             weights=weights.detach().to(logits.dtype), meta_inputs=meta_inputs, meta_targets=meta_targets,
             loss_fn=self.loss_fn, meta_loss_fn=naming_batch(self.meta_loss_fn, "meta batch", "meta_loss_fn"),
-            train_logits=logits if reuse else None, group=self._group, head=self._head, head_features=head_features,
-            logits_fn=self.logits_fn,
+            train_logits=logits if self._reuse_outputs and logits.requires_grad else None, group=self._group,
+            head=self._head, head_features=head_features, logits_fn=self.logits_fn,
         )  # fmt: skip
 
     def _meta_update(
         self, inputs: Inputs, targets: Tensor, logits: Tensor, net_inputs: tuple[Any, ...],
         meta: tuple[Inputs, Tensor] | None, pending: Tensor | None,
     ) -> tuple[bool, Tensor | None, Tensor | None]:
-        """One meta update, mutating only the weighting net and its optimizer; checks ``pending`` (the
-        training losses' deferred finite flag) with its own.
+        """One meta update, mutating only the weighting net and its optimizer; checks ``pending`` (the training
+        losses' deferred finite flag) with its own.
 
         Returns whether it was applied (``False`` when skipped on a non-finite value), L2RW's weights, and the
         coefficients over their global sum of magnitudes for the net's ``veto`` (``None`` without one).
