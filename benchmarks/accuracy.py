@@ -352,11 +352,17 @@ VARIANTS: dict[str, dict] = {
                            "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05, "veto_competence": 0.45,
                            "net_kwargs": {"uniform_start": True}},
     # the default of the nets that read the logits (cls20v05cweq80f) with a vetoed sample's share of the loss spread
-    # over the whole batch instead of its class's other samples (veto_share="batch")
+    # over the whole batch instead of its class's kept samples (veto_refill=1; the rows' key spells it
+    # veto_share="batch", the option's first name), and with the class's kept samples scaled up by at most 2 for it,
+    # the batch taking the rest (veto_refill=2)
     "cls20v05cweq80fb": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
                          "min_ess_until_evidence": 0.8, "min_ess_fade": True, "normalization": "class", "veto": 0.5,
-                         "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05, "veto_share": "batch",
+                         "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05, "veto_refill": 1.0,
                          "net_kwargs": {"uniform_start": True}},
+    "cls20v05cweq80fr2": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2,
+                          "min_ess_until_evidence": 0.8, "min_ess_fade": True, "normalization": "class", "veto": 0.5,
+                          "veto_center": True, "veto_warmup": 300, "veto_evidence": 0.05, "veto_refill": 2.0,
+                          "net_kwargs": {"uniform_start": True}},
     "ess20v05wek45": {"meta_lr": 1e-3, "meta_decoupled": True, "meta_warmup": 300, "min_ess": 0.2, "veto": 0.5,
                       "veto_warmup": 300, "veto_evidence": 0.05, "veto_competence": 0.45,
                       "net_kwargs": {"uniform_start": True}},
@@ -370,7 +376,7 @@ VARIANTS: dict[str, dict] = {
 # meta update (veto_evidence 0; the key names it only where the veto waits for evidence of label noise), with the
 # floor min_ess until then too (min_ess_until_evidence 0; the key names it only where it is above min_ess), and
 # not waiting for the model's competence on the meta set (veto_competence 0; the key names it only where it waits),
-# and giving a vetoed sample's share to its class (veto_share "class"; the key names it only where the batch takes it).
+# and giving a vetoed sample's share to its class (veto_refill inf; the key names it only where it is finite).
 for _variant in VARIANTS.values():
     _variant.setdefault("min_ess", 0.0)
     _variant.setdefault("normalization", "sum")
@@ -380,7 +386,7 @@ for _variant in VARIANTS.values():
     _variant.setdefault("veto_evidence", 0.0)
     _variant.setdefault("min_ess_until_evidence", 0.0)
     _variant.setdefault("veto_competence", 0.0)
-    _variant.setdefault("veto_share", "class")
+    _variant.setdefault("veto_refill", math.inf)
 
 
 # Screened shapes of the meta lr's rise, as a factor on the library's linear warm-up over 300 steps at 3e-3
@@ -534,7 +540,7 @@ def _train(
         kwargs = reweighter_kwargs(rw_kwargs or {})
         if net == "l2rw" and kwargs.get("veto") == math.inf:  # the pinned "no veto": L2RW's rule is its own
             del kwargs["veto"], kwargs["veto_warmup"], kwargs["veto_center"], kwargs["veto_evidence"]
-            del kwargs["min_ess_until_evidence"], kwargs["veto_share"]
+            del kwargs["min_ess_until_evidence"], kwargs["veto_refill"]
         net_kwargs = {**(net_kwargs or {}), **kwargs.pop("net_kwargs", {})} or None
         rw_seed = seed + kwargs.pop("seed_offset", 0)
         kwargs.pop("min_ess_fade", None)  # the key's marker of the fading floor (the library's since it fades)
@@ -828,7 +834,7 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
     fade = kwargs.pop("min_ess_fade", False)
     latch = kwargs.pop("evidence_latch", None)
     competence = kwargs.pop("veto_competence", 0)
-    share = kwargs.pop("veto_share", "class")
+    refill = kwargs.pop("veto_refill", math.inf)
     if until_evidence is None:  # the library's default
         until_evidence = MIN_ESS_UNTIL_EVIDENCE
     opts = resolve_preset(kwargs.pop("preset", "exact"), kwargs)
@@ -860,8 +866,11 @@ def reweighter_options(method: str, variant: str, net_kwargs: dict | None, main_
         if veto_center:  # in the key when the veto reads centred coefficients (rows without it read them as they are)
             # the ess20v05c rows ("sum", veto_center=True) centred on the batch: they keep the key True
             opts["veto_center"] = True if opts.get("normalization") == "class" else "within each class on class labels"
-        if share == "batch" and opts.get("normalization") == "class":  # in the key when the batch takes the share
-            opts["veto_share"] = share
+        if math.isfinite(refill) and opts.get("normalization") == "class":  # in the key when the batch takes a share
+            if refill == 1:  # the whole share: the key's spelling from the option's first name
+                opts["veto_share"] = "batch"
+            else:
+                opts["veto_refill"] = refill
         if veto_evidence:  # in the key when the veto waits for evidence of label noise (rows without it did not)
             opts["veto_evidence"] = veto_evidence
             if latch:  # in the key when the evidence read at the look-ahead latches after the warm-up (earlier: not)

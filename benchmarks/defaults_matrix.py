@@ -68,16 +68,19 @@ CONFIGS = {
     # L2RW with the floor it has within classes (0.4) on every task, also under "sum" (LoRA, regression)
     "l2rw-floor40": {},
     # the defaults with the meta-gradient's veto at the batch's mean |c| (the nets; L2RW's rule is a veto at 0)
-    "veto10": {"veto": 1.0, "veto_warmup": 0, "min_ess_until_evidence": 0, "veto_competence": 0, "veto_share": "class"},
+    "veto10": {
+        "veto": 1.0, "veto_warmup": 0, "min_ess_until_evidence": 0, "veto_competence": 0, "veto_refill": math.inf
+    },
     # the defaults with the veto reading the coefficients at the net's warm-up factor over its 300 steps
     "veto-warmup": {
         "veto_warmup": 300, "veto_center": False, "min_ess_until_evidence": 0, "veto_competence": 0,
-        "veto_share": "class",
+        "veto_refill": math.inf,
     },
     # the defaults with the veto reading each coefficient against its class's (batch's) weighted mean (run when
     # veto_center=True meant the batch's mean under "sum" on class labels too, commits 8503372 to dd35f17)
     "veto-center": {
-        "veto_center": True, "veto_warmup": 0, "min_ess_until_evidence": 0, "veto_competence": 0, "veto_share": "class"
+        "veto_center": True, "veto_warmup": 0, "min_ess_until_evidence": 0, "veto_competence": 0,
+        "veto_refill": math.inf,
     },
     # the gated net with the workarounds the vit task's probes pointed to: the weights normalised over the batch
     # (the veto kept), or no veto (the class normalisation kept)
@@ -85,13 +88,15 @@ CONFIGS = {
     "noveto": {"veto": math.inf},
     # the defaults with virtual_step="optimizer" for the tasks trained with Adam / AdamW: the look-ahead mirrors
     # their step (the plain SGD step, the default, for the tasks trained with SGD)
-    "mirror": {"virtual_step": "optimizer", "veto_competence": 0, "veto_share": "class"},
+    "mirror": {"virtual_step": "optimizer", "veto_competence": 0, "veto_refill": math.inf},
     # the defaults with the veto waiting, latched, for the model's chance-corrected accuracy on the meta batches
     # (a moving average) to reach 0.45 as well as for the evidence (veto_competence; L2RW has no veto)
-    "competence": {"veto_competence": 0.45, "veto_share": "class"},
+    "competence": {"veto_competence": 0.45, "veto_refill": math.inf},
     # the defaults with a vetoed sample's share of the loss spread over the whole batch under normalization="class"
-    # instead of its class's other samples (veto_share="batch"; the nets that read the logits)
-    "share": {"veto_share": "batch", "veto_competence": 0},
+    # instead of its class's kept samples (veto_refill=1, first named veto_share="batch"), or with the class's kept
+    # samples scaled up by at most 2 for it and the batch taking the rest (veto_refill=2; the nets that read the logits)
+    "share": {"veto_refill": 1.0, "veto_competence": 0},
+    "refill2": {"veto_refill": 2.0, "veto_competence": 0},
     # a placebo: plain training with each sample's loss weighted by 1 + 0.01 z, z standard normal drawn apart from
     # everything else (seed + 1000): how far a run moves under a perturbation that carries no information
     "placebo": {},
@@ -152,6 +157,7 @@ SPELLED["mirror"] = {
 BEFORE_COMPETENCE = dict(SPELLED["defaults"])  # the defaults (the veto does not wait for competence)
 SPELLED["competence"] = {**BEFORE_COMPETENCE, "veto_competence": 0.45}
 SPELLED["share"] = {**BEFORE_COMPETENCE, "veto_share": "batch (under normalization=class)"}
+SPELLED["refill2"] = {**BEFORE_COMPETENCE, "veto_refill": "2 (under normalization=class)"}
 SPELLED["placebo"] = {"weights": f"1 + {JITTER:g} z, z ~ N(0, 1) from seed + 1000"}
 # L2RW has no net and runs the library's defaults in every configuration, except that those measured before its
 # default normalisation became "class" under cross-entropy keep the "sum" they ran with (their keys say so)
@@ -427,8 +433,8 @@ NETS_FOR = {
 def nets_for(task: str, config: str) -> list[str]:
     """The nets a configuration runs on ``task`` (``"history"``: the nets that read the loss; ``"l2rw-floor40"``:
     L2RW; ``"veto10"``, ``"veto-warmup"`` and ``"veto-center"``: the nets, not L2RW; ``"sum"`` and ``"noveto"``:
-    the gated net; ``"competence"``: the nets on the tasks with class labels; ``"share"``: the nets that read the
-    logits)."""
+    the gated net; ``"competence"``: the nets on the tasks with class labels; ``"share"``, ``"refill2"``: the nets
+    that read the logits)."""
     if config == "l2rw-floor40":
         return ["l2rw"]
     if config in ("veto10", "veto-warmup", "veto-center"):
@@ -437,7 +443,7 @@ def nets_for(task: str, config: str) -> list[str]:
         return ["gated"]
     if config == "placebo":
         return ["jitter"]
-    if config == "share":  # the share goes elsewhere only under normalization="class": the nets that read the logits
+    if config in ("share", "refill2"):  # only under normalization="class": the nets that read the logits
         return [n for n in NETS_FOR[task] if n in ("metainfonet", "gated")]
     if config == "competence":  # the wait reads the meta set's accuracy: class labels, the nets with a veto
         return [] if task in ("lora", "reg") else [n for n in NETS_FOR[task] if n != "l2rw"]

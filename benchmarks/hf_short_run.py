@@ -45,8 +45,9 @@ CONFIGS = {
     "adamw mirrored": {"virtual_step": "optimizer", "veto_competence": 0},
     "veto waiting for competence": {"veto_competence": 0.45},
     "veto not waiting for competence": {"veto_competence": 0},
-    "vetoed share to the batch": {"veto_share": "batch", "veto_competence": 0},
-    "vetoed share to the class": {"veto_share": "class", "veto_competence": 0},
+    "vetoed share to the batch": {"veto_refill": 1, "veto_competence": 0},
+    "vetoed share refilled up to 2x": {"veto_refill": 2, "veto_competence": 0},
+    "vetoed share to the class": {"veto_refill": math.inf, "veto_competence": 0},
 }
 
 

@@ -1360,6 +1360,26 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fk45"], ["cls20v05cweq80f", "cls20v05cweq80fk45"],
             list(range(60, 70)), holdout=10,
         ),
+        "defaults-matrix-share": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["share"]
+        ),
+        "defaults-matrix-share-rest": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["share"], "rest"
+        ),
+        "share-gentle-pairs": lambda: _twin_spread(
+            [("share to the batch - defaults", table, "gated~cls20v05cweq80fb", table, "gated~cls20v05cweq80f")],
+            both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"], list(range(80, 90)),
+            below=(3, 5),
+        ),
+        "share-bn-pairs": lambda: _twin_spread(
+            [("share to the batch - defaults", table, "gated~cls20v05cweq80fb", table, "gated~cls20v05cweq80f")],
+            ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
+        ),
+        "share-bn-stability": lambda: _stability_rows(
+            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fb"], ["cls20v05cweq80f", "cls20v05cweq80fb"],
+            list(range(60, 70)), holdout=10,
+        ),
+        "hf-short-run-share": lambda: (HERE / "results" / "hf_short_run_share.md").read_text().strip(),
         "hf-short-run-competence": lambda: (HERE / "results" / "hf_short_run_competence.md").read_text().strip(),
         "hf-short-run-mirror": lambda: (HERE / "results" / "hf_short_run_mirror.md").read_text().strip(),
         "defaults-matrix-vit-workarounds": lambda: defaults_matrix.report(defaults_matrix.TABLE, "sum", 600)

@@ -63,6 +63,19 @@ def class_normalize(raw: Tensor, members: Tensor, group: DataParallelGroup) -> T
     return (scaled * scale).sum(1)  # not a matmul: autocast would run it in half precision
 
 
+def refill_classes(kept: Tensor, before: Tensor, members: Tensor, cap: float, group: DataParallelGroup) -> Tensor:
+    """``kept`` (the class-normalised weights ``before`` the veto, the vetoed samples at zero) with each class's kept
+    samples scaled up by at most ``cap`` to take their class's vetoed share of the loss, then every weight over the
+    global batch's sum times its size: ``cap=inf`` leaves each class its share, ``cap=1`` gives the batch every
+    vetoed share. No host sync."""
+    with torch.no_grad():
+        sums = group.sum_differentiable(torch.stack([(members * w[:, None]).sum(0) for w in (before, kept)]))
+        fill = torch.where(sums[1] > 0, (sums[0] / torch.where(sums[1] > 0, sums[1], 1.0)).clamp(max=cap), 0.0)
+    filled = kept * (members * fill).sum(1)
+    total = group.sum_differentiable(filled.sum())
+    return filled * (filled.shape[0] * group.world_size / (total + (total == 0).to(filled.dtype)))
+
+
 class NetSlot:
     """Holds :attr:`net` and :attr:`optimizer` (both ``None`` for L2RW, and for a named net that reads logits
     until :meth:`build` is given the class count).
@@ -301,16 +314,14 @@ class NetSlot:
             raise ValueError(f"the weighting net returned shape {tuple(raw.shape)}, expected {tuple(losses.shape)}")
         return raw, penalty
 
-    def normalize(
-        self, raw: Tensor, net_inputs: tuple[Any, ...], keep: Tensor | None = None, mode: str | None = None
-    ) -> Tensor:
+    def normalize(self, raw: Tensor, net_inputs: tuple[Any, ...], keep: Tensor | None = None) -> Tensor:
         """Normalise the raw weights of the batch whose net inputs are ``(losses, logits, targets, ...)``, then
         apply the ``min_ess`` floor (:meth:`floor_ess`) over the samples in ``keep`` (all when ``None``).
 
         ``"sum"``: the raw weights over their sum over every rank, times the global batch size, with Algorithm
         1's delta guard (a zero sum gives zeros); ``"class"``: the same within each class of the targets
-        (:func:`class_normalize`); ``"none"``: ``raw``; ``mode``: another than the options'. No host sync."""
-        mode = mode or self.options.normalization
+        (:func:`class_normalize`); ``"none"``: ``raw``. No host sync."""
+        mode = self.options.normalization
         if mode == "sum":
             total = self.group.sum_differentiable(raw.sum())
             raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
@@ -366,9 +377,9 @@ class NetSlot:
     def vetoed(self, weights: Tensor, unit: Tensor, net_inputs: tuple[Any, ...], step: int) -> Tensor:
         """``weights`` with the samples whose coefficient ``c_i = dL_meta/dw_i``, times the warm-up factor of
         ``step`` (:meth:`ReweighterOptions.veto_factor`), is above ``veto`` times the global batch's mean ``|c|``
-        set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, with its
-        floor; under ``"class"`` with ``veto_share="batch"`` over the whole batch: a class loses its vetoed share);
-        ``unit``: the coefficients over their global sum of magnitudes, as :meth:`update` returns them.
+        set to zero (weighting them up raises the meta loss), normalised again (:meth:`normalize`, or under
+        ``"class"`` with a finite ``veto_refill`` :func:`refill_classes`; then the floor); ``unit``: the coefficients
+        over their global sum of magnitudes, as :meth:`update` returns them.
         The coefficients are first :meth:`centered` within the batch's :meth:`veto_group`, if any. Under
         ``veto_evidence`` nothing is vetoed until the evidence of label noise is shown (and under
         ``veto_competence`` the model's competence on the meta set). No host sync."""
@@ -376,8 +387,12 @@ class NetSlot:
         if group is not None:
             unit = self.centered(unit, weights, net_inputs, group)
         scale = unit.numel() * self.group.world_size * self.options.veto_factor(step)
-        share = "sum" if self.options.veto_share == "batch" and self.options.normalization == "class" else None
-        vetoed = self.normalize(weights * (unit * scale <= self.options.veto).to(weights.dtype), net_inputs, mode=share)
+        kept = weights * (unit * scale <= self.options.veto).to(weights.dtype)
+        if self.options.normalization == "class" and math.isfinite(self.options.veto_refill):
+            members = class_members(net_inputs[2], net_inputs[1].shape[-1], kept.dtype)
+            vetoed = self.floor_ess(refill_classes(kept, weights, members, self.options.veto_refill, self.group))
+        else:
+            vetoed = self.normalize(kept, net_inputs)
         if self.evidence is None:
             return vetoed
         shown = self.evidence.shown  # observed at this meta update, before the veto reads it

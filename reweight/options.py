@@ -105,10 +105,9 @@ VETO_WARMUP = None
 # ("sum") keeps the coefficients as they are: within its classes (veto_center=True) it was lower on the stability
 # benchmark's meta set, and within the batch it separated less on the LoRA task (results, "The veto within each class").
 VETO_CENTER = None
-# veto_share=None: "class": under normalization="class" a vetoed sample's share of the loss goes to its class's other
-# samples; "batch": to the whole batch, in proportion to the kept weights ("sum" and "none" are the same either way).
-VETO_SHARE = "class"
-VETO_SHARES = ("class", "batch")
+# veto_refill=None: math.inf: under normalization="class" a class's kept samples take its whole vetoed share of the
+# loss; a finite value caps how far they are scaled up for it, the whole batch taking the rest (1: all of it).
+VETO_REFILL = math.inf
 # veto_evidence=None: 0.05 on class labels (known under normalization="class", else settled by the first batch),
 # else 0 (the veto from the first update); the veto waits until the meta set shows label noise (noise_evidence).
 # Against the veto from the first update, on clean samples held out beside the meta set (MNIST-1D both protocols,
@@ -192,7 +191,7 @@ class ReweighterOptions:
     veto: float  # math.inf: none
     veto_warmup: int  # steps over which the veto reads the coefficients at the warm-up factor (0: none)
     veto_center: bool | None  # the veto reads c_i less its class's (batch's) weighted mean; None: under "class"
-    veto_share: str  # under "class", who takes a vetoed sample's share of the loss: its class or the whole batch
+    veto_refill: float  # under "class", how far a class's kept samples are scaled up to take its vetoed share
     veto_evidence: float | None  # the veto acts once the evidence reaches it (0: at once); None: the first batch's
     veto_competence: float | None  # and once the chance-corrected meta accuracy reaches it; None: the first batch's
     loss_history: bool
@@ -388,11 +387,13 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         raise TypeError(f"veto_center must be a bool or None, got {type(veto_center).__name__}")
     if veto_center and _is_l2rw(a["net"]):
         raise ValueError("veto_center does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
-    veto_share = VETO_SHARE if a["veto_share"] is None else a["veto_share"]
-    if not isinstance(veto_share, str) or veto_share not in VETO_SHARES:
-        raise ValueError(f"veto_share must be one of {VETO_SHARES} or None, got {veto_share!r}")
-    if a["veto_share"] is not None and _is_l2rw(a["net"]):
-        raise ValueError("veto_share does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
+    refill = VETO_REFILL if a["veto_refill"] is None else a["veto_refill"]
+    if isinstance(refill, bool) or not isinstance(refill, numbers.Real):
+        raise TypeError(f"veto_refill must be a number or None, got {type(refill).__name__}")
+    if not float(refill) >= 1:
+        raise ValueError(f"veto_refill must be >= 1 (math.inf: a class keeps its whole share), got {refill!r}")
+    if a["veto_refill"] is not None and _is_l2rw(a["net"]):
+        raise ValueError("veto_refill does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
     evidence = a["veto_evidence"]
     if evidence is None:  # 0 here; VETO_EVIDENCE on class labels (below, or the first batch)
         evidence = 0.0
@@ -452,7 +453,7 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         veto=veto,
         veto_warmup=veto_warmup,
         veto_center=veto_center,
-        veto_share=veto_share,
+        veto_refill=float(refill),
         veto_evidence=float(evidence),
         veto_competence=None if competence is None else float(competence),
         loss_history=a["loss_history"],

@@ -100,8 +100,8 @@ class MetaReweighter:
             waits for the net (default: ``None``: ``meta_warmup`` while the veto acts; ``0``: from the first step).
         veto_center: the veto reads ``c_i`` less its class's weighted mean (with ``True`` under ``"sum"``: on class
             labels, else the batch's), not how the meta batch would shift the classes (default: ``None``: ``"class"``).
-        veto_share: under ``"class"``, who takes a vetoed sample's share of the loss: its class's other samples
-            (``"class"``) or the whole batch (``"batch"``) (default: ``None``: ``"class"``).
+        veto_refill: under ``"class"``, at most how far a class's kept samples are scaled up to take its vetoed share
+            of the loss, the whole batch taking the rest (``1``: all of it) (default: ``None``: ``math.inf``).
         veto_evidence: the veto acts once the meta set shows label noise: a moving share of the training losses above
             their class's meta 0.9-quantile, beyond chance, reaches it (default: 0.05 on class labels, else 0).
         veto_competence: and once the model's chance-corrected accuracy on the meta batches (a moving average)
@@ -168,7 +168,7 @@ class MetaReweighter:
         veto: float | None = None,
         veto_warmup: int | None = None,
         veto_center: bool | None = None,
-        veto_share: Literal["class", "batch"] | None = None,
+        veto_refill: float | None = None,
         veto_evidence: float | None = None,
         veto_competence: float | None = None,
         loss_history: bool = False,
@@ -186,7 +186,7 @@ class MetaReweighter:
             lookahead=lookahead, normalization=normalization, virtual_step=virtual_step, lookahead_lr=lookahead_lr,
             meta_optimizer=meta_optimizer, meta_warmup=meta_warmup, meta_follows_lr=meta_follows_lr, min_ess=min_ess,
             min_ess_until_evidence=min_ess_until_evidence, veto=veto, veto_warmup=veto_warmup, veto_center=veto_center,
-            veto_share=veto_share, veto_evidence=veto_evidence, veto_competence=veto_competence,
+            veto_refill=veto_refill, veto_evidence=veto_evidence, veto_competence=veto_competence,
             loss_history=loss_history, loss_fn=loss_fn, meta_loss_fn=meta_loss_fn, logits_fn=logits_fn,
             num_classes=num_classes, on_nonfinite=on_nonfinite, seed=seed, collapse_threshold=collapse_threshold,
         )  # fmt: skip

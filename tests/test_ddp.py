@@ -89,6 +89,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "veto_evidence": 0,
     },
     "lossnet_veto_center": {"net": "lossnet", "meta_sgd": True, "veto": 0.5, "veto_center": True, "veto_evidence": 0},
+    # a class's kept samples take its vetoed share up to 1.2 times their weights, the global batch the rest
+    "logitnet_class_veto_refill": {
+        "net": "logitnet", "meta_sgd": True, "normalization": "class", "veto": 0.5, "veto_center": True,
+        "veto_evidence": 0, "veto_refill": 1.2,
+    },
     # the veto waiting for evidence of label noise: the global meta batch's quantile and the global batch's share
     # (training inputs scaled up so that their losses exceed the meta batch's and the threshold is reached within
     # the run: the veto then acts)
