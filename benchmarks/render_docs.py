@@ -1367,19 +1367,30 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["share"], "rest"
         ),
         "share-gentle-pairs": lambda: _twin_spread(
-            [("share to the batch - defaults", table, "gated~cls20v05cweq80fb", table, "gated~cls20v05cweq80f")],
+            [("refill 1 - defaults", table, "gated~cls20v05cweq80fb", table, "gated~cls20v05cweq80f")],
+            ["mnist1d"], ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"],
+            list(range(80, 90)), below=(3, 5),
+        ),
+        "defaults-matrix-refill2": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["refill2"]
+        ),
+        "defaults-matrix-refill2-rest": lambda: defaults_matrix.compare(
+            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["refill2"], "rest"
+        ),
+        "refill2-gentle-pairs": lambda: _twin_spread(
+            [("refill 2 - defaults", table, "gated~cls20v05cweq80fr2", table, "gated~cls20v05cweq80f")],
             both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"], list(range(80, 90)),
             below=(3, 5),
         ),
-        "share-bn-pairs": lambda: _twin_spread(
-            [("share to the batch - defaults", table, "gated~cls20v05cweq80fb", table, "gated~cls20v05cweq80f")],
+        "refill2-bn-pairs": lambda: _twin_spread(
+            [("refill 2 - defaults", table, "gated~cls20v05cweq80fr2", table, "gated~cls20v05cweq80f")],
             ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
         ),
-        "share-bn-stability": lambda: _stability_rows(
-            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fb"], ["cls20v05cweq80f", "cls20v05cweq80fb"],
+        "refill2-bn-stability": lambda: _stability_rows(
+            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fr2"], ["cls20v05cweq80f", "cls20v05cweq80fr2"],
             list(range(60, 70)), holdout=10,
         ),
-        "hf-short-run-share": lambda: (HERE / "results" / "hf_short_run_share.md").read_text().strip(),
+        "hf-short-run-refill": lambda: (HERE / "results" / "hf_short_run_refill.md").read_text().strip(),
         "hf-short-run-competence": lambda: (HERE / "results" / "hf_short_run_competence.md").read_text().strip(),
         "hf-short-run-mirror": lambda: (HERE / "results" / "hf_short_run_mirror.md").read_text().strip(),
         "defaults-matrix-vit-workarounds": lambda: defaults_matrix.report(defaults_matrix.TABLE, "sum", 600)
