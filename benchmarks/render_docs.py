@@ -42,6 +42,8 @@ PAGES = (
     "docs/llm_finetuning.md", "README.md",
 )
 S3 = ["flip1-40", "flip2-40", "uniform-40"]
+DEFAULT_VARIANT = "cls20v05cweq80f"  # the default of the nets that read the logits, as the accuracy variants spell it
+WAIT = "waiting for competence"  # veto_competence=0.45 (variant cls20v05cweq80fk45), tried as the default
 S4 = ["flip1-40", "flip2-40", "uniform-40", "lt-50"]
 NOISE4 = ["flip1-40", "flip2-40", "uniform-40", "uniform-60"]
 S6 = ["flip1-20", "flip1-40", "flip2-40", "uniform-40", "uniform-60", "lt-50"]
@@ -84,6 +86,32 @@ def _stability_rows(table: Path, settings, rows, variants, seeds, model="bn", fi
     cells = acc._cells(table, seeds, "paper", tuple(dict.fromkeys(["default", *variants])), model, holdout)
     text = _tradeoff.stability_table(cells, "mnist1d", settings, rows, fit=fit)
     return text + "\n" + acc._note(cells, "mnist1d", settings, rows)
+
+
+def _matrix_against_default(config: str, metric: str = "held") -> str:
+    """The 600-step matrix runs of a configuration tried as the default against the default's, paired by seed."""
+    spelled = defaults_matrix.SPELLED[config]
+    return defaults_matrix.compare(defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, spelled, metric)
+
+
+def _gentle_against_default(table: Path, label: str, variant: str, datasets=("mnist1d", "mnist1d-2pct")) -> str:
+    """The gated net's held-out runs (seeds 80-89) of a variant tried as the default against the default's, per cell
+    of the gentle protocol."""
+    settings = ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"]
+    pair = (f"{label} - defaults", table, f"gated~{variant}", table, f"gated~{DEFAULT_VARIANT}")
+    return _twin_spread([pair], list(datasets), settings, list(range(80, 90)), below=(3, 5))
+
+
+def _bn_against_default(table: Path, label: str, variant: str) -> str:
+    """The same on the BatchNorm CNN's paper schedule (held-out, seeds 60-69)."""
+    pair = (f"{label} - defaults", table, f"gated~{variant}", table, f"gated~{DEFAULT_VARIANT}")
+    return _twin_spread([pair], ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5))
+
+
+def _bn_stability_against_default(table: Path, variant: str) -> str:
+    """The stability table of the default and a variant on the same held-out BatchNorm runs."""
+    rows = [f"gated~{DEFAULT_VARIANT}", f"gated~{variant}"]
+    return _stability_rows(table, S3, rows, [DEFAULT_VARIANT, variant], list(range(60, 70)), holdout=10)
 
 
 def _paired_rows(table: Path, settings, pairs, variants, seeds, model="bn") -> str:
@@ -1340,56 +1368,20 @@ def renderers(table: Path = acc.TABLE, sc: Path = step_cost.TABLE) -> dict[str, 
             defaults_matrix.TABLE, 600, defaults_matrix.SPELLED["defaults"], defaults_matrix.SPELLED["mirror"], "rest"
         ),
         "defaults-matrix-placebo": lambda: defaults_matrix.placebo_spread(defaults_matrix.TABLE, 600),
-        "defaults-matrix-competence": lambda: defaults_matrix.compare(
-            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["competence"]
-        ),
-        "defaults-matrix-competence-rest": lambda: defaults_matrix.compare(
-            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["competence"],
-            "rest",
-        ),
-        "competence-gentle-pairs": lambda: _twin_spread(
-            [("waiting for competence - defaults", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
-            both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"], list(range(80, 90)),
-            below=(3, 5),
-        ),
-        "competence-bn-pairs": lambda: _twin_spread(
-            [("waiting for competence - defaults", table, "gated~cls20v05cweq80fk45", table, "gated~cls20v05cweq80f")],
-            ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
-        ),
-        "competence-bn-stability": lambda: _stability_rows(
-            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fk45"], ["cls20v05cweq80f", "cls20v05cweq80fk45"],
-            list(range(60, 70)), holdout=10,
-        ),
-        "defaults-matrix-share": lambda: defaults_matrix.compare(
-            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["share"]
-        ),
-        "defaults-matrix-share-rest": lambda: defaults_matrix.compare(
-            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["share"], "rest"
-        ),
-        "share-gentle-pairs": lambda: _twin_spread(
-            [("refill 1 - defaults", table, "gated~cls20v05cweq80fb", table, "gated~cls20v05cweq80f")],
-            ["mnist1d"], ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"],
-            list(range(80, 90)), below=(3, 5),
-        ),
-        "defaults-matrix-refill2": lambda: defaults_matrix.compare(
-            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["refill2"]
-        ),
-        "defaults-matrix-refill2-rest": lambda: defaults_matrix.compare(
-            defaults_matrix.TABLE, 600, defaults_matrix.BEFORE_COMPETENCE, defaults_matrix.SPELLED["refill2"], "rest"
-        ),
-        "refill2-gentle-pairs": lambda: _twin_spread(
-            [("refill 2 - defaults", table, "gated~cls20v05cweq80fr2", table, "gated~cls20v05cweq80f")],
-            both, ["uniform-0", "lt-10", "flip1-40", "flip2-40", "uniform-40", "uniform-60"], list(range(80, 90)),
-            below=(3, 5),
-        ),
-        "refill2-bn-pairs": lambda: _twin_spread(
-            [("refill 2 - defaults", table, "gated~cls20v05cweq80fr2", table, "gated~cls20v05cweq80f")],
-            ["mnist1d"], S3, list(range(60, 70)), "paper", "bn", below=(3, 5),
-        ),
-        "refill2-bn-stability": lambda: _stability_rows(
-            table, S3, ["gated~cls20v05cweq80f", "gated~cls20v05cweq80fr2"], ["cls20v05cweq80f", "cls20v05cweq80fr2"],
-            list(range(60, 70)), holdout=10,
-        ),
+        "defaults-matrix-competence": lambda: _matrix_against_default("competence"),
+        "defaults-matrix-competence-rest": lambda: _matrix_against_default("competence", "rest"),
+        "competence-gentle-pairs": lambda: _gentle_against_default(table, WAIT, "cls20v05cweq80fk45"),
+        "competence-bn-pairs": lambda: _bn_against_default(table, WAIT, "cls20v05cweq80fk45"),
+        "competence-bn-stability": lambda: _bn_stability_against_default(table, "cls20v05cweq80fk45"),
+        "defaults-matrix-share": lambda: _matrix_against_default("share"),
+        "defaults-matrix-share-rest": lambda: _matrix_against_default("share", "rest"),
+        "share-gentle-pairs": lambda: _gentle_against_default(table, "refill 1", "cls20v05cweq80fb", ["mnist1d"]),
+        "defaults-matrix-refill2": lambda: _matrix_against_default("refill2"),
+        "defaults-matrix-refill2-rest": lambda: _matrix_against_default("refill2", "rest"),
+        "defaults-matrix-refill2-test": lambda: _matrix_against_default("refill2", "test"),
+        "refill2-gentle-pairs": lambda: _gentle_against_default(table, "refill 2", "cls20v05cweq80fr2"),
+        "refill2-bn-pairs": lambda: _bn_against_default(table, "refill 2", "cls20v05cweq80fr2"),
+        "refill2-bn-stability": lambda: _bn_stability_against_default(table, "cls20v05cweq80fr2"),
         "hf-short-run-refill": lambda: (HERE / "results" / "hf_short_run_refill.md").read_text().strip(),
         "hf-short-run-competence": lambda: (HERE / "results" / "hf_short_run_competence.md").read_text().strip(),
         "hf-short-run-mirror": lambda: (HERE / "results" / "hf_short_run_mirror.md").read_text().strip(),
