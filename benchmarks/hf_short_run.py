@@ -63,6 +63,8 @@ def accuracy(net: str, seed: int, options: dict | None, data, epochs: float = 6)
         if options is None:
             trainer = Trainer(model=task.tiny_bert(seed), args=args, train_dataset=train)
         else:
+            if net == "lossnet":  # normalised over the batch ("sum"): where the refill is refused, it changes nothing
+                options = {k: v for k, v in options.items() if k != "veto_refill"}
             trainer = ReweightTrainer(
                 model=task.tiny_bert(seed), args=args, train_dataset=train, meta_dataset=meta,
                 reweight_kwargs={"net": net, "seed": seed, **options},

@@ -6,6 +6,7 @@ mean-reduced loss is reported where it is made, never turned into a silent wrong
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -114,6 +115,11 @@ def step_losses(
         options = settled
         if options.requires_logits:  # the gated net: the logits' checks it would have had
             check_batch(inputs, targets, logits, net=str(options.net), num_classes=num_classes)
+    if math.isfinite(options.veto_refill) and options.normalization != "class":
+        raise ValueError(
+            "veto_refill applies under normalization='class'; these targets are not class labels (integer class "
+            "indices of (batch, K >= 2) logits), so the weights are normalised over the batch: drop veto_refill"
+        )
     if options.veto_competence and not (options.normalization == "class" or is_class_labels(logits, targets)):
         raise ValueError(
             "veto_competence reads the model's accuracy on the meta set, which needs class labels (integer class "

@@ -105,11 +105,10 @@ VETO_WARMUP = None
 # ("sum") keeps the coefficients as they are: within its classes (veto_center=True) it was lower on the stability
 # benchmark's meta set, and within the batch it separated less on the LoRA task (results, "The veto within each class").
 VETO_CENTER = None
-# veto_refill=None: math.inf: under normalization="class" a class's kept samples take its whole vetoed share of the
-# loss; a finite value caps how far they are scaled up for it, the whole batch taking the rest (1: all of it). At 2
-# a ViT from scratch went from 12.3 points below plain training to 0.8 below (held-out halves, ten seeds) and
-# MNIST-1D's gentle protocol was level, but the BatchNorm CNN lost 2.2 under Flip-1; at 1 MNIST-1D lost 1.9 under
-# Flip-1, so neither is the default (docs/robustness.md, "Where a vetoed sample's share goes").
+# veto_refill=None: inf: under "class" a class's kept samples take its whole vetoed share; a finite value caps how far
+# they are scaled up for it, the batch taking the rest (1: all). At 2 a ViT from scratch went from 12.3 points below
+# plain training to 0.8 below (held-out halves, ten seeds), MNIST-1D's gentle protocol level, but the BatchNorm CNN
+# lost 2.2 under Flip-1; at 1 MNIST-1D lost 1.9 (docs/robustness.md, "Where a vetoed sample's share goes").
 VETO_REFILL = math.inf
 # veto_evidence=None: 0.05 on class labels (known under normalization="class", else settled by the first batch),
 # else 0 (the veto from the first update); the veto waits until the meta set shows label noise (noise_evidence).
@@ -392,8 +391,6 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         raise TypeError(f"veto_refill must be a number or None, got {type(refill).__name__}")
     if not float(refill) >= 1:
         raise ValueError(f"veto_refill must be >= 1 (math.inf: a class keeps its whole share), got {refill!r}")
-    if a["veto_refill"] is not None and _is_l2rw(a["net"]):
-        raise ValueError("veto_refill does not apply to net='l2rw': it has no veto (its weights are the clamped c)")
     evidence = a["veto_evidence"]
     if evidence is None:  # 0 here; VETO_EVIDENCE on class labels (below, or the first batch)
         evidence = 0.0
@@ -479,6 +476,9 @@ def resolve_options(model: Any, optimizer: Any, **arguments: Any) -> ReweighterO
         options = dataclasses.replace(options, min_ess_until_evidence=until_evidence(options))
     if a["min_ess"] is None and options.is_l2rw and options.normalization in ("class", "auto"):
         options = dataclasses.replace(options, min_ess=L2RW_MIN_ESS if options.normalization == "class" else None)
+    if math.isfinite(options.veto_refill) and not (options.vetoes and options.normalization in ("class", "auto")):
+        raise ValueError(f"veto_refill applies where the veto acts under normalization='class'; here net={net!r}, veto="
+                         f"{options.veto!r}, normalization={options.normalization!r}: drop veto_refill")  # fmt: skip
     check_history(options)
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not any(id(p) in optimized for p in unwrap_model(model).parameters()):

@@ -1,6 +1,7 @@
 """Who takes a vetoed sample's share of the loss under ``normalization="class"`` (``veto_refill``): its class's
 kept samples (``math.inf``, the default), the whole batch (``1``), or the class up to a cap and the batch the rest,
-against a written-out reference; ``"sum"`` and runs without a veto unaffected; the refusals."""
+against a written-out reference; the refusals where it cannot act (no veto, ``"sum"``, ``"none"``, L2RW, targets
+other than class labels)."""
 
 from __future__ import annotations
 
@@ -88,12 +89,19 @@ def test_refill_against_a_written_out_reference(net: str) -> None:
     assert not torch.allclose(by_class, runs[1.45]) and not torch.allclose(runs[1.0], runs[1.45])
 
 
-def test_no_effect_without_a_veto_or_under_sum() -> None:
-    """Without a veto nothing is vetoed; under ``"sum"`` (LossNet's) the batch takes every share anyway."""
-    for options in ({"veto": math.inf, "normalization": "class"}, {"net": "lossnet"}):
-        a = _weights(4, veto_refill=math.inf, **options)
-        b = _weights(4, veto_refill=1, **options)
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
+def test_refused_where_it_cannot_act_at_the_first_batch() -> None:
+    """Under a loss of the user's the first batch settles the normalisation: on targets other than class labels
+    it is ``"sum"``, where the batch takes every share anyway, and ``veto_refill`` is refused before any change."""
+    model = nn.Linear(D, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = [(torch.randn(8, D), torch.randn(8))]
+    mse = lambda out, y: (out.squeeze(-1) - y) ** 2  # noqa: E731
+    rw = MetaReweighter(model, opt, meta, loss_fn=mse, veto_refill=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(6, D)
+    with pytest.raises(ValueError, match="veto_refill applies under normalization='class'; these targets are not"):
+        rw.step(x, torch.randn(6), model(x))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 @pytest.mark.parametrize(
@@ -103,7 +111,10 @@ def test_no_effect_without_a_veto_or_under_sum() -> None:
         ({"veto_refill": math.nan}, ValueError, "veto_refill must be >= 1"),
         ({"veto_refill": "batch"}, TypeError, "veto_refill must be a number or None"),
         ({"veto_refill": True}, TypeError, "veto_refill must be a number or None"),
-        ({"net": "l2rw", "veto_refill": 1}, ValueError, "veto_refill does not apply to net='l2rw'"),
+        ({"net": "l2rw", "veto_refill": 1}, ValueError, "veto_refill applies where the veto acts"),
+        ({"net": "lossnet", "veto_refill": 2}, ValueError, r"veto_refill applies .* normalization='sum'"),
+        ({"veto": math.inf, "veto_refill": 2}, ValueError, r"veto_refill applies .* veto=inf"),
+        ({"normalization": "none", "veto_refill": 2}, ValueError, "veto_refill applies where the veto acts"),
     ],
 )
 def test_refused(kwargs: dict, error: type, match: str) -> None:
