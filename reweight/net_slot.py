@@ -63,22 +63,24 @@ def class_normalize(raw: Tensor, members: Tensor, group: DataParallelGroup) -> T
     return (scaled * scale).sum(1)  # not a matmul: autocast would run it in half precision
 
 
+def sum_normalize(raw: Tensor, group: DataParallelGroup) -> Tensor:
+    """``raw`` over its global sum times the global batch size (a zero sum gives zeros: Algorithm 1's delta guard)."""
+    total = group.sum_differentiable(raw.sum())
+    return raw * (raw.shape[0] * group.world_size / (total + (total == 0).to(raw.dtype)))
+
+
 def refill_classes(kept: Tensor, before: Tensor, members: Tensor, cap: float, group: DataParallelGroup) -> Tensor:
     """``kept`` (the class-normalised weights ``before`` the veto, the vetoed samples at zero) with each class's kept
-    samples scaled up by at most ``cap`` to take their class's vetoed share of the loss, then every weight over the
-    global batch's sum times its size: ``cap=inf`` leaves each class its share, ``cap=1`` gives the batch every
-    vetoed share. No host sync."""
+    samples scaled up by at most ``cap`` to take their class's vetoed share, then :func:`sum_normalize`'d: ``cap=inf``
+    leaves each class its share, ``cap=1`` gives the batch every vetoed share. No host sync."""
     with torch.no_grad():
         sums = group.sum_differentiable(torch.stack([(members * w[:, None]).sum(0) for w in (before, kept)]))
         fill = torch.where(sums[1] > 0, (sums[0] / torch.where(sums[1] > 0, sums[1], 1.0)).clamp(max=cap), 0.0)
-    filled = kept * (members * fill).sum(1)
-    total = group.sum_differentiable(filled.sum())
-    return filled * (filled.shape[0] * group.world_size / (total + (total == 0).to(filled.dtype)))
+    return sum_normalize(kept * (members * fill).sum(1), group)
 
 
 class NetSlot:
-    """Holds :attr:`net` and :attr:`optimizer` (both ``None`` for L2RW, and for a named net that reads logits
-    until :meth:`build` is given the class count).
+    """Holds :attr:`net` and :attr:`optimizer` (``None`` for L2RW, and for a net reading logits until :meth:`build`).
 
     Args:
         options: the reweighter's options (``net``, ``net_kwargs``, ``meta_optimizer``).
@@ -318,13 +320,11 @@ class NetSlot:
         """Normalise the raw weights of the batch whose net inputs are ``(losses, logits, targets, ...)``, then
         apply the ``min_ess`` floor (:meth:`floor_ess`) over the samples in ``keep`` (all when ``None``).
 
-        ``"sum"``: the raw weights over their sum over every rank, times the global batch size, with Algorithm
-        1's delta guard (a zero sum gives zeros); ``"class"``: the same within each class of the targets
+        ``"sum"``: :func:`sum_normalize`; ``"class"``: the same within each class of the targets
         (:func:`class_normalize`); ``"none"``: ``raw``. No host sync."""
         mode = self.options.normalization
         if mode == "sum":
-            total = self.group.sum_differentiable(raw.sum())
-            raw = raw * (raw.shape[0] * self.group.world_size / (total + (total == 0).to(raw.dtype)))
+            raw = sum_normalize(raw, self.group)
         elif mode == "class":
             raw = class_normalize(raw, class_members(net_inputs[2], net_inputs[1].shape[-1], raw.dtype), self.group)
         return self.floor_ess(raw, keep)
